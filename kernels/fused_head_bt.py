@@ -1,0 +1,44 @@
+"""Fused per-component head + Bradley–Terry loss: one program per pair computes both scores, the loss
+terms and the gradients of both hidden rows while W[c] is hot. dW comes from the segmented reduction in
+multihead.py (rows sorted by head), which avoids per-row atomics on a few hot heads."""
+import triton
+import triton.language as tl
+
+from .bt_loss import _bt_row_terms
+
+
+@triton.jit
+def _fused_head_bt_kernel(XC, XR, IDS, W, BIAS, WT, MU, LOSS, GD, NLS, GA, GB, DXC, DXR,
+                          H, center, scale,
+                          HAS_W: tl.constexpr, HAS_MU: tl.constexpr, GRAD: tl.constexpr,
+                          BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.load(IDS + row)
+    acc_c = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc_r = tl.zeros([BLOCK_H], dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs = h0 + tl.arange(0, BLOCK_H)
+        m = offs < H
+        w = tl.load(W + c * H + offs, mask=m, other=0.0)
+        acc_c += tl.load(XC + row * H + offs, mask=m, other=0.0).to(tl.float32) * w
+        acc_r += tl.load(XR + row * H + offs, mask=m, other=0.0).to(tl.float32) * w
+    bias = tl.load(BIAS + c)
+    rc = tl.sum(acc_c, axis=0) + bias
+    rr = tl.sum(acc_r, axis=0) + bias
+    wt = tl.load(WT + row) if HAS_W else 1.0
+    mu = tl.load(MU + row) if HAS_MU else 0.0
+    loss, gd, nls, s = _bt_row_terms(rc, rr, wt, mu, center)
+    tl.store(LOSS + row, loss)
+    tl.store(GD + row, gd)
+    tl.store(NLS + row, nls)
+    if GRAD:
+        ga = scale * (gd + 2.0 * center * s)  # dL/d r_chosen
+        gb = scale * (-gd + 2.0 * center * s)  # dL/d r_rejected
+        tl.store(GA + row, ga)
+        tl.store(GB + row, gb)
+        for h0 in range(0, H, BLOCK_H):
+            offs = h0 + tl.arange(0, BLOCK_H)
+            m = offs < H
+            w = tl.load(W + c * H + offs, mask=m, other=0.0)
+            tl.store(DXC + row * H + offs, (ga * w).to(DXC.dtype.element_ty), mask=m)
+            tl.store(DXR + row * H + offs, (gb * w).to(DXR.dtype.element_ty), mask=m)
