@@ -54,10 +54,10 @@ def head_ids(ids: torch.Tensor, n: int, C: int) -> torch.Tensor:
 def heads(W, b, H: int):
     tensor(W, "W", 2)
     tensor(b, "b", 1)
-    size("W", W.shape[1], H, "hidden size (dim 1)")
-    size("b", b.shape[0], W.shape[0], "length (number of heads C)")
     if W.shape[0] == 0:
         raise ValueError("W: needs at least one head (C >= 1)")
+    size("W", W.shape[1], H, "hidden size (dim 1)")
+    size("b", b.shape[0], W.shape[0], "length (number of heads C)")
 
 
 def optional_rows(x, name: str, B: int):
