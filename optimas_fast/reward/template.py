@@ -1,0 +1,102 @@
+"""Text template and token cache: (component, inputs, outputs) -> prefix token ids + suffix token ids.
+
+Layout (the prefix is shared by every candidate output of one input, which is what prefix sharing exploits):
+
+    prefix = [BOS/CLS] + tokens(description + separator + inputs) [+ SEP for encoders]
+    suffix = tokens(outputs) [+ SEP for encoders]
+
+The two halves are tokenised separately (and cached separately), so a prefix's ids never depend on the
+suffix it is paired with. Truncation only ever shortens the prefix body; an output that does not fit on its
+own is an error, because silently cutting the thing being scored would change what the reward means.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TemplateConfig:
+    max_length: int = 512  # longest row in tokens (prefix + suffix, special tokens included)
+    prefix_format: str = "{description}\n\nInputs:\n{inputs}\n\nOutputs:\n"  # description + inputs -> prefix
+    truncation_side: str = "left"  # which end of an over-long prefix body to drop: "left" keeps the inputs' end
+    # (closest to the outputs), "right" keeps the description and the inputs' start
+    min_prefix_tokens: int = 1  # a row must keep at least this many prefix-body tokens, else it is an error
+
+    def validate(self) -> None:
+        if not isinstance(self.max_length, int) or self.max_length < 4:
+            raise ValueError(f"TemplateConfig.max_length must be an int >= 4, got {self.max_length!r}")
+        if self.truncation_side not in ("left", "right"):
+            raise ValueError(f"TemplateConfig.truncation_side must be 'left' or 'right', got {self.truncation_side!r}")
+        if "{inputs}" not in self.prefix_format:
+            raise ValueError("TemplateConfig.prefix_format must contain '{inputs}'")
+
+
+@dataclass(frozen=True)
+class Tokenised:
+    """One request after the template: ids ready for the scheduler."""
+
+    head_id: int  # index of the component's head
+    prefix: tuple[int, ...]  # prefix ids incl. leading special tokens (after truncation)
+    suffix: tuple[int, ...]  # suffix ids incl. trailing special tokens
+    prefix_key: int  # interned id of `prefix` (equal prefixes -> equal keys)
+    truncated: int  # prefix-body tokens dropped by truncation
+
+
+class TokenCache:
+    """Applies the template and caches token ids per distinct text (each string is tokenised once).
+
+    Why cache: during optimisation the same inputs are scored against thousands of candidate outputs and the
+    same pairs are revisited every epoch; tokenisation is pure-Python-ish and otherwise dominates small steps.
+    """
+
+    def __init__(self, tokenizer: Any, config: TemplateConfig, is_encoder: bool):
+        config.validate()
+        self.tokenizer = tokenizer
+        self.config = config
+        self.is_encoder = is_encoder
+        cls_or_bos = tokenizer.cls_token_id if is_encoder else tokenizer.bos_token_id
+        self.lead: tuple[int, ...] = (cls_or_bos,) if cls_or_bos is not None else ()
+        sep = tokenizer.sep_token_id if is_encoder else None
+        self.sep: tuple[int, ...] = (sep,) if sep is not None else ()
+        self._text_ids: dict[str, tuple[int, ...]] = {}
+        self._prefix_keys: dict[tuple[int, ...], int] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def _ids(self, text: str) -> tuple[int, ...]:
+        ids = self._text_ids.get(text)
+        if ids is None:
+            self.misses += 1
+            ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            self._text_ids[text] = ids
+        else:
+            self.hits += 1
+        return ids
+
+    def prefix_text(self, description: str, inputs: str) -> str:
+        return self.config.prefix_format.format(description=description, inputs=inputs)
+
+    def encode(self, head_id: int, description: str, inputs: str, outputs: str) -> Tokenised:
+        body = self._ids(self.prefix_text(description, inputs))
+        suffix = self._ids(outputs) + self.sep
+        fixed = len(self.lead) + len(self.sep) + len(suffix)
+        room = self.config.max_length - fixed
+        if room < self.config.min_prefix_tokens:
+            raise ValueError(
+                f"outputs text is {len(suffix)} tokens: with the template it needs {fixed + self.config.min_prefix_tokens}"
+                f" > max_length={self.config.max_length}; the suffix is never truncated: raise max_length or "
+                "shorten the outputs")
+        dropped = max(0, len(body) - room)
+        if dropped:
+            body = body[dropped:] if self.config.truncation_side == "left" else body[: len(body) - dropped]
+        prefix = self.lead + body + self.sep
+        key = self._prefix_keys.setdefault(prefix, len(self._prefix_keys))
+        return Tokenised(head_id, prefix, suffix, key, dropped)
+
+    def clear(self) -> None:
+        self._text_ids.clear()
+        self._prefix_keys.clear()
