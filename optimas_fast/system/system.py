@@ -21,7 +21,8 @@ the call path, never through shared state, so concurrent runs cannot see each ot
 
 Errors inside a run (a component raising, a wrong output set, a failing metric) never propagate: the
 trace records them (``trace.error``, ``trace.failed_component``, ``trace.traceback``) and a failed run
-scores 0. Wrong *arguments* (unknown override address, non-dict example) raise at once.
+scores 0. Wrong *arguments* (unknown override address, non-dict example) raise at once, and so does
+``optimas_fast.lm.errors.BudgetExceeded``: a budget stop ends the evaluation, it is no example's failure.
 
 State: ``state_dict()`` is a JSON-safe dict of every variable (Weights tensors as base64 safetensors
 bytes, see ``variables.py``) plus a signature of the system; ``load_state_dict`` checks the signature
@@ -42,6 +43,7 @@ import traceback as tb
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from optimas_fast.lm.errors import BudgetExceeded
 from optimas_fast.system.component import Component, ComponentError
 from optimas_fast.system.context import usage_scope
 from optimas_fast.system.trace import EvalResult, Step, Trace
@@ -348,6 +350,8 @@ class System:
                 try:
                     outputs = self._call(c, inputs, var)
                     err = None
+                except BudgetExceeded:
+                    raise  # a budget stop ends the whole run/evaluation cleanly; it is no example's fault
                 except Exception as exc:  # noqa: BLE001 — a failed component is recorded, never propagated
                     outputs, err = None, f"component '{name}': {type(exc).__name__}: {exc}"
                     trace.traceback = tb.format_exc()
@@ -398,6 +402,8 @@ class System:
         def one(example: Any) -> Trace:
             try:
                 return self.run(example, overrides, seed=seed)
+            except BudgetExceeded:
+                raise
             except Exception as exc:  # noqa: BLE001 — e.g. an example that is not a dict
                 return Trace(example=example if isinstance(example, Mapping) else {"example": example},
                              fields={}, steps=[], score=0.0, error=f"example: {type(exc).__name__}: {exc}",
