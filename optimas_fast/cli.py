@@ -5,11 +5,10 @@ import argparse
 import logging
 import sys
 
+from optimas_fast import demo
+
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    # Until the full loop lands, the demo exercises the fast ops on every available backend.
-    from optimas_fast.ops import demo
-
     return demo.main()
 
 

@@ -43,7 +43,7 @@ def head_ids(ids: torch.Tensor, n: int, C: int) -> torch.Tensor:
     size("head_ids", ids.shape[0], n, "length")
     if n:
         # One host-device sync on CUDA; a wrong id would otherwise read outside W.
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(ids))  # one pass over the ids
         if lo < 0:
             raise ValueError(f"head_ids: negative head id {lo}")
         if hi >= C:
@@ -97,7 +97,7 @@ def lengths(lengths_, B: int, T: int) -> torch.Tensor:
     tensor(lengths_, "lengths", 1, floating=False)
     size("lengths", lengths_.shape[0], B, "length")
     if B:
-        lo, hi = int(lengths_.min()), int(lengths_.max())
+        lo, hi = (int(v) for v in torch.aminmax(lengths_))
         if lo < 1:
             raise ValueError(f"lengths: every length must be >= 1, got {lo}")
         if hi > T:
