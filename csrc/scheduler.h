@@ -1,8 +1,67 @@
-// Token-budget scheduler for reward-model scoring requests (see optimas_fast/scheduler.py).
+// Token-budget scheduler for reward-model scoring requests (Python face: optimas_fast/scheduler.py,
+// which also holds a pure-Python twin of this planner and documents the exact algorithm).
+//
+// A request is (head id, prefix token ids, suffix token ids). The planner
+//   1. de-duplicates identical requests (same head, prefix and suffix; the first one represents),
+//   2. groups representatives that share a non-empty prefix (groups of >= 2 only),
+//   3. packs representatives into batches under a token budget and a row cap, longest first.
+// Token sequences are identified by a 64-bit content hash; on the token path every hash match is
+// confirmed by comparing the tokens, so different requests are never merged.
 #pragma once
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+#include <vector>
+
 namespace optimas {
+
+// What the planner reads. Lengths are always given; token contents (flat + offsets) or caller-made
+// hashes may be absent. All pointers stay owned by the caller.
+struct PlanInput {
+  int64_t n = 0;
+  const int64_t* head = nullptr;     // (n)
+  const int64_t* plen = nullptr;     // (n) prefix lengths
+  const int64_t* slen = nullptr;     // (n) suffix lengths
+  const int64_t* ptok = nullptr;     // flat prefix tokens, or null (no contents)
+  const int64_t* poff = nullptr;     // (n+1) offsets into ptok
+  const int64_t* stok = nullptr;     // flat suffix tokens, or null
+  const int64_t* soff = nullptr;     // (n+1) offsets into stok
+  const uint64_t* phash = nullptr;   // (n) caller prefix hashes (used when ptok is null), or null
+  const uint64_t* shash = nullptr;   // (n) caller suffix hashes, or null
+  uint64_t hash_mask = ~0ull;        // tests only: drop hash bits to force collisions
+};
+
+struct PlanConfig {
+  int64_t token_budget = 0;  // max budget-counted tokens per batch (see scheduler.py)
+  int64_t max_rows = 0;      // max rows per batch
+  bool packed = false;       // false: rows x max_len counts; true: sum of lengths counts
+  bool share_prefix = false; // batch members of one prefix group together, prefix counted once
+  bool by_length = true;     // false: arrival order (the baseline the benchmark compares against)
+};
+
+// Columnar result; the names match the keys of the dict handed to Python.
+struct PlanOutput {
+  std::vector<int64_t> dedup;               // (n) representative of each request
+  std::vector<int64_t> prefix_group;        // (n) group id or -1
+  std::vector<int64_t> group_offsets;       // (G+1)
+  std::vector<int64_t> group_members;       // (M) representatives, ascending within a group
+  std::vector<int64_t> group_prefix_len;    // (G)
+  std::vector<int64_t> batch_offsets;       // (B+1) into rows
+  std::vector<int64_t> rows;                // (R) representative indices
+  std::vector<int64_t> row_lengths;         // (R) tokens each row brings to its batch
+  std::vector<int64_t> batch_max_len;       // (B)
+  std::vector<int64_t> batch_prefix_group;  // (B) -1 or the shared group
+  std::vector<int64_t> batch_prefix_len;    // (B)
+  std::vector<int64_t> batch_tokens;        // (B) budget-counted size
+  std::vector<uint8_t> batch_oversized;     // (B)
+};
+
+// 64-bit content hash of a token sequence (the same function scheduler.hash_tokens exposes).
+uint64_t hash_token_seq(const int64_t* t, int64_t n);
+
+// Pure C++, no Python calls: safe to run without the GIL.
+PlanOutput plan(const PlanInput& in, const PlanConfig& cfg);
+
 // Adds the scheduler's classes/functions to the extension module.
 void bind_scheduler(pybind11::module_& m);
 }  // namespace optimas
