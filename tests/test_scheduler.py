@@ -110,6 +110,11 @@ def check_plan(plan: Plan, reqs, cfg):
             cost = P + (sum(grown) if packed else len(grown) * max(grown))
             assert len(grown) > cfg["max_rows"] or cost > budget
         prev = (pool, b.max_len, b.oversized, b.rows.tolist(), expected)
+    if cfg["order"] == "arrival":  # rows keep input order within each pool
+        pools = defaultdict(list)
+        for b in plan.batches:
+            pools[b.prefix_group].extend(b.rows.tolist())
+        assert all(r == sorted(r) for r in pools.values())
     if cfg["share_prefix"]:
         assert shared_batch_of == {r: gid[r] for r in reps if r in gid}, "groups batched with their prefix"
     # fan-out and accounting
