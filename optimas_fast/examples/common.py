@@ -81,10 +81,14 @@ class LMComponent(Component):
         return self.lms[name]
 
     def complete(self, lm: LM, prompts: Sequence, **kwargs) -> list[str]:
-        """One completion text per prompt (``""`` for an empty reply; the caller decides the fallback)."""
+        """One completion text per prompt (``""`` for an empty reply: the caller decides the fallback; a failed
+        request raises, so the run records it as this example's failure)."""
         out = self.generate(lm, prompts, n=1, **kwargs)
         texts = []
         for row in out:
+            if row and row[0].finish_reason == "error":
+                # a failed request (LM built with on_error="record") fails this example, visibly
+                raise RuntimeError(f"LM request failed: {getattr(row[0], 'error', None)}")
             text = row[0].text if row and isinstance(row[0].text, str) else ""
             texts.append(text.strip())
         return texts

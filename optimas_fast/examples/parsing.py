@@ -70,11 +70,14 @@ def extract_short_answer(text: str, max_words: int = 12) -> str:
         return ""
     part = _after_answer_tag(text).strip()
     line = next((ln.strip() for ln in part.splitlines() if ln.strip()), "")
-    # cut at the first sentence end that is not inside an abbreviation/number like "U.S." or "3.5"
-    m = re.search(r"(?<![A-Z0-9])[.!?](\s|$)", line)
+    # cut at the first sentence end: punctuation then a space or the end, except after a lone capital
+    # (initials and abbreviations like "U.S." or "J. K."); "3.5" has no space after the dot
+    m = re.search(r"(?<!\b[A-Z])[.!?](\s|$)", line)
     if m:
         line = line[: m.start()]
-    line = line.strip().strip("\"'*` ").rstrip(",;:")
+    line = line.strip().strip("*` ").rstrip(",;:")
+    if len(line) >= 2 and line[0] == line[-1] and line[0] in "\"'":
+        line = line[1:-1].strip()
     words = line.split()
     return " ".join(words[:max_words])
 

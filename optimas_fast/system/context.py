@@ -14,6 +14,11 @@ from typing import Iterable, Iterator
 
 from optimas_fast.lm.base import Completion, Usage
 
+try:  # the LM layer's ledger attribution (optimas_fast.lm.usage); absent in early checkouts of that layer
+    from optimas_fast.lm.usage import usage_scope as _lm_usage_scope
+except ImportError:  # pragma: no cover - only while optimas_fast.lm.usage does not exist
+    _lm_usage_scope = None
+
 __all__ = ["RunContext", "current_run", "record_usage", "usage_scope"]
 
 
@@ -51,10 +56,15 @@ def record_usage(completions: Iterable) -> None:
 
 @contextlib.contextmanager
 def usage_scope(component: str, seed: int | None = None) -> Iterator[RunContext]:
-    """Makes a fresh RunContext current for the duration of one component call."""
+    """Makes a fresh RunContext current for the duration of one component call, and enters the LM layer's
+    ``usage_scope(component)`` so that its ledger (per-component totals, budgets) attributes the calls too."""
     ctx = RunContext(component=component, seed=seed)
     token = _RUN.set(ctx)
     try:
-        yield ctx
+        if _lm_usage_scope is None:
+            yield ctx
+        else:
+            with _lm_usage_scope(component):
+                yield ctx
     finally:
         _RUN.reset(token)
