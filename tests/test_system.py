@@ -1,4 +1,5 @@
 """System API: variables, components, DAG validation and order, runs, overrides under threads, state, evaluate."""
+import contextvars
 import json
 import random
 import threading
@@ -376,6 +377,17 @@ def test_evaluate_error_accounting(seed):
             assert result.errors[i] is None and result.scores[i] == float(i % 2 == 0)
     assert result.mean == pytest.approx(sum(result.scores) / n)
     assert result.summary()["failed"] == 6
+    # contextvars set by the caller reach the worker threads (the LM layer's ledger and budget live there)
+    marker = contextvars.ContextVar("marker", default=None)
+    seen = []
+    probe = Component("p", inputs=["x"], outputs=["out"],
+                      fn=lambda x, variable: seen.append(marker.get()) or {"out": 0})
+    token = marker.set("caller")
+    try:
+        System([probe], metric, ["out"]).evaluate([{"x": i} for i in range(6)], workers=3)
+    finally:
+        marker.reset(token)
+    assert seen == ["caller"] * 6
     with pytest.raises(ValueError, match="workers"):
         system.evaluate(examples, workers=0)
 
@@ -458,3 +470,20 @@ def test_state_for_a_different_system_is_rejected(gen):
         target.load_state_dict(bad)
     with pytest.raises(TypeError, match="expected a dict"):
         target.load_state_dict("state")
+
+
+def test_budget_stop_is_not_an_example_failure(seed):
+    from optimas_fast.lm.errors import BudgetExceeded
+
+    stop_at = random.Random(seed).randint(0, 4)
+
+    def fa(x, variable):
+        if x == stop_at:
+            raise BudgetExceeded("max_calls", used=3, requested=1, maximum=3)
+        return {"out": x}
+
+    system = System([Component("a", inputs=["x"], outputs=["out"], fn=fa)], exact, ["out"])
+    with pytest.raises(BudgetExceeded, match="max_calls"):
+        system.run({"x": stop_at, "gold": 0})
+    with pytest.raises(BudgetExceeded):
+        system.evaluate([{"x": i, "gold": i} for i in range(5)], workers=2)

@@ -31,6 +31,7 @@ any, so a failed load leaves the system unchanged.
 """
 from __future__ import annotations
 
+import contextvars
 import heapq
 import json
 import logging
@@ -412,8 +413,11 @@ class System:
         if workers == 1 or len(examples) <= 1:
             traces = [one(e) for e in examples]
         else:
+            # each task runs in a copy of the caller's context, so contextvars set around evaluate (the LM
+            # layer's current ledger and budget, for one) apply inside the worker threads too
             with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="optimas-eval") as pool:
-                traces = list(pool.map(one, examples))
+                futures = [pool.submit(contextvars.copy_context().run, one, e) for e in examples]
+                traces = [f.result() for f in futures]
         for i, t in enumerate(traces):
             if t.error is not None:
                 log.warning("evaluate: example %d failed: %s", i, t.error)
