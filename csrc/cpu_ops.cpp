@@ -14,7 +14,47 @@ namespace {
 
 // ---- element loads / stores: hidden states may be fp32, bf16 or fp16; math is fp32 ----
 struct BF16 { uint16_t v; };
-using F16 = _Float16;
+#if defined(__FLT16_MAX__)
+using F16 = _Float16;  // GCC >= 12 / clang on x86-64: hardware (F16C) or compiler conversions
+inline float half_to_float(F16 h) { return static_cast<float>(h); }
+inline F16 float_to_half(float x) { return static_cast<F16>(x); }
+#else
+// Older compilers (e.g. GCC 11, Ubuntu 22.04) have no _Float16: convert by hand, round to nearest even.
+struct F16 { uint16_t v; };
+inline float half_to_float(F16 h) {
+  uint32_t sign = (h.v & 0x8000u) << 16, exp = (h.v >> 10) & 0x1fu, man = h.v & 0x3ffu, u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);  // inf / NaN
+  } else if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do { man <<= 1; ++e; } while (!(man & 0x400u));
+      u = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+    }
+  } else {
+    u = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline F16 float_to_half(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  uint32_t sign = (u >> 16) & 0x8000u, ax = u & 0x7fffffffu;
+  if (ax > 0x7f800000u) return {static_cast<uint16_t>(sign | 0x7e00u)};  // NaN
+  if (ax >= 0x477ff000u) return {static_cast<uint16_t>(sign | 0x7c00u)};  // overflow -> inf
+  if (ax < 0x38800000u) {  // subnormal or zero in half
+    float f;
+    std::memcpy(&f, &ax, 4);
+    return {static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(f * 16777216.f)))};
+  }
+  uint32_t r = ax + 0xfffu + ((ax >> 13) & 1u) - (112u << 23);  // rebias, round to nearest even
+  return {static_cast<uint16_t>(sign | (r >> 13))};
+}
+#endif
 
 inline float load(const float* p, int64_t i) { return p[i]; }
 inline float load(const BF16* p, int64_t i) {
@@ -23,7 +63,7 @@ inline float load(const BF16* p, int64_t i) {
   std::memcpy(&f, &u, 4);
   return f;
 }
-inline float load(const F16* p, int64_t i) { return static_cast<float>(p[i]); }
+inline float load(const F16* p, int64_t i) { return half_to_float(p[i]); }
 
 inline void store(float* p, int64_t i, float x) { p[i] = x; }
 inline void store(BF16* p, int64_t i, float x) {
@@ -36,7 +76,7 @@ inline void store(BF16* p, int64_t i, float x) {
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
   p[i].v = static_cast<uint16_t>(u >> 16);
 }
-inline void store(F16* p, int64_t i, float x) { p[i] = static_cast<F16>(x); }
+inline void store(F16* p, int64_t i, float x) { p[i] = float_to_half(x); }
 
 // Below this many multiply-adds a parallel region costs more than it saves (~5 us fork/join on
 // this 2-core box vs ~0.3 ns per FMA).
