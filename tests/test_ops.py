@@ -134,7 +134,7 @@ def test_bt_loss_matches_reference(gen, backend, B, reduction):
     # at the scale of those terms.
     denom = float(w.sum()) if reduction == "mean" else 1.0
     hint = float((upstream.abs() * (w + 0.2 * (rc + rr).abs())).max()) / denom
-    hint = max(hint, float(expected.abs().sum()) / float(w.sum()))  # weight: (nls_j - L) / sum(w)
+    hint = max(hint, float(expected.detach().abs().sum()) / float(w.sum()))  # weight: (nls_j - L) / sum(w)
     for name, g, e in zip(("r_chosen", "r_rejected", "weight", "margin"), got, want):
         close(g, e, 1e-5, f"grad {name}", hint)
 
