@@ -80,12 +80,21 @@ def tiny_reward_model(components: dict, seed: int, hidden: int = 32):
 
 def run_digest(result_system: System, history: list, rm: Any) -> dict:
     """What must match between an uninterrupted run and a killed-and-resumed one (wall times excluded)."""
+    from optimas_fast.reward.checkpoint import stable_parameters
+
     h = hashlib.sha256()
-    for k, v in sorted(rm.net.state_dict().items()):
+    # stable names (component names, not the head keys, which a checkpoint load renumbers)
+    for k, v in sorted(stable_parameters(rm).items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    drop = {"seconds"}
-    hist = [{k: v for k, v in rec.items() if k not in drop} for rec in history]
+    def strip(x):  # wall times differ between runs by nature
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k != "seconds"}
+        if isinstance(x, list):
+            return [strip(v) for v in x]
+        return x
+
+    hist = strip(history)
     return {"variables": result_system.state_dict()["variables"], "history": hist, "lrf_sha256": h.hexdigest(),
             "lrf_step": rm.trainer.step if rm.trainer is not None else 0}
 
@@ -95,7 +104,7 @@ def synthetic_config(seed: int, iterations: int):
 
     return OptimasConfig.from_dict({
         "seed": seed, "iterations": iterations, "batch_size": 8, "initial_examples": 16, "initial_epochs": 6,
-        "lr": 1e-3, "head_lr": 1e-2, "batch_pairs": 32, "adapt_steps": 8, "cooldown": 0, "optimizer_inputs": 4,
+        "lr": 1e-3, "head_lr": 1e-2, "batch_pairs": 32, "adapt_steps": 8, "cooldown": 1, "optimizer_inputs": 4,
         "selection_temperature": 0.1, "holdout_fraction": 0.2, "val_workers": 1,
         "collect": {"num_candidates": 4, "workers": 1},
     })

