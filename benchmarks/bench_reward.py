@@ -1,0 +1,243 @@
+"""LRF engine benchmark: optimas-fast RewardModel vs the reference way of training/scoring a reward model.
+
+Baseline (the reference implementation's way): AutoModelForSequenceClassification with num_labels = C,
+chosen and rejected as two separate forward passes padded to the longest row of the batch, batch size 2, the
+classification head applied to every token (decoders) and the component's logit picked afterwards; token
+ids are prepared before the clock starts (as the reference's dataset.map does).
+
+Ours: RewardModel.train / RewardModel.score on the same pairs / rows with the same backbone weights:
+dedupe of candidates shared by several pairs, chosen+rejected in one call, scheduler batches, prefix
+sharing on the decoder (KV cache of the shared prefix), multi-head ops on gathered states only.
+
+Workloads (synthetic, deterministic): each input has K candidates with distinct hidden qualities; pairs are
+all ordered pairs (the Optimas construction), margin = quality gap. Quality is visible in the candidate text
+(counts of marker words), so both trainers can learn it.
+
+    python benchmarks/bench_reward.py              # CPU-sized defaults (< 10 min on 2 cores)
+    python benchmarks/bench_reward.py --full       # the issue's sizes (512 pairs, 64 x 32 pool): long on CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification,
+)
+
+from optimas_fast.reward import (  # noqa: E402
+    DEFAULT_BACKBONE, PreferencePair, RewardConfig, RewardModel, TemplateConfig, backend_report, load_backbone,
+)
+
+FILLER = ("the of and to in is was for on that with as by at from it an be this are which or have has not "
+          "were but had their more one all been also its other can new two time first used may into such "
+          "system model data result study group method high number based between use each both value over "
+          "under during while where these those than most some many well only after before same large small "
+          "paper answer question evidence patient trial effect level cell gene protein sample rate risk").split()
+COMPONENTS = ("answer", "context", "reason")
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(FILLER) for _ in range(n))
+
+
+def candidate(rng: random.Random, q: int, n_tokens: int) -> str:
+    marks = ["excellent"] * q + ["poor"] * (5 - q)
+    body = marks + words(rng, max(1, n_tokens - len(marks))).split()
+    rng.shuffle(body)
+    return " ".join(body)
+
+
+def make_pairs(rng: random.Random, n_inputs: int, k: int, prefix_tok: int, suffix_tok: int):
+    pairs = []
+    for i in range(n_inputs):
+        comp, inp = COMPONENTS[i % len(COMPONENTS)], f"case {i}: " + words(rng, prefix_tok)
+        cands = [(q, candidate(rng, q, suffix_tok)) for q in rng.sample(range(6), k)]
+        for qa, ta in cands:
+            for qb, tb in cands:
+                if qa > qb:
+                    pairs.append(PreferencePair(comp, inp, ta, tb, (qa - qb) / 5))
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------ baseline
+class Baseline:
+    """The reference trainer's computation, stripped of Trainer overhead (which only makes it slower)."""
+
+    def __init__(self, model, tok, rm: RewardModel):
+        self.model, self.tok, self.rm = model, tok, rm  # rm: same template text and head ids
+
+    def ids(self, comp: str, inputs: str, outputs: str) -> list[int]:
+        t = self.rm.tokenise(comp, inputs, outputs)  # identical token ids to ours: same work per row
+        return list(t.prefix + t.suffix)
+
+    def _pad(self, seqs):
+        T = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), T), self.tok.pad_token_id, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, : len(s)] = torch.tensor(s)
+        return ids, (ids != self.tok.pad_token_id).long()
+
+    def logits(self, seqs, heads):
+        ids, mask = self._pad(seqs)
+        out = self.model(input_ids=ids, attention_mask=mask).logits  # (2, C): head on every token for decoders
+        return out[torch.arange(len(seqs)), torch.tensor(heads)]
+
+    def train(self, pairs, epochs: int, lr: float, seed: int) -> float:
+        data = [(self.ids(p.component, p.inputs, p.chosen), self.ids(p.component, p.inputs, p.rejected),
+                 self.rm.head_id(p.component), p.margin) for p in pairs]
+        opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
+        self.model.train()
+        g = random.Random(seed)
+        t0 = time.perf_counter()
+        for _ in range(epochs):
+            order = list(range(len(data)))
+            g.shuffle(order)
+            for i in range(0, len(order), 2):
+                batch = [data[j] for j in order[i: i + 2]]
+                heads = [b[2] for b in batch]
+                rc = self.logits([b[0] for b in batch], heads)  # pass 1: chosen
+                rr = self.logits([b[1] for b in batch], heads)  # pass 2: rejected
+                m = torch.tensor([b[3] for b in batch])
+                loss = -(m * F.logsigmoid(rc - rr)).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def score(self, rows) -> tuple[torch.Tensor, float]:
+        self.model.eval()
+        t0 = time.perf_counter()
+        data = [(self.ids(*r), self.rm.head_id(r[0])) for r in rows]
+        out = []
+        for i in range(0, len(data), 2):
+            b = data[i: i + 2]
+            out.append(self.logits([x[0] for x in b], [x[1] for x in b]))
+        return torch.cat(out), time.perf_counter() - t0
+
+    def accuracy(self, pairs) -> float:
+        rows = [(p.component, p.inputs, p.chosen) for p in pairs] + [(p.component, p.inputs, p.rejected) for p in pairs]
+        s, _ = self.score(rows)
+        n = len(pairs)
+        return float((s[:n] > s[n:]).float().mean())
+
+
+# ------------------------------------------------------------------------------------------------ set-ups
+def encoder_pair(seed: int, max_len: int):
+    torch.manual_seed(seed)
+    backbone, tok = load_backbone(DEFAULT_BACKBONE)
+    path = backbone.config._name_or_path
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(COMPONENTS), local_files_only=True)
+    rm = RewardModel(backbone, list(COMPONENTS), tokenizer=tok,
+                     config=RewardConfig(seed=seed, template=TemplateConfig(max_length=max_len)))
+    return "MiniLM-L6 encoder (pretrained, 22.7M)", rm, Baseline(base, tok, rm)
+
+
+def decoder_pair(seed: int, max_len: int, hidden: int = 384, layers: int = 6):
+    _, tok = load_backbone(DEFAULT_BACKBONE)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                      max_position_embeddings=max(1024, max_len), num_labels=len(COMPONENTS),
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    base = LlamaForSequenceClassification(cfg)
+    backbone = type(base.model)(cfg)
+    backbone.load_state_dict(base.model.state_dict())  # identical backbone weights on both sides
+    rm = RewardModel(backbone, list(COMPONENTS), tokenizer=tok,
+                     config=RewardConfig(seed=seed, template=TemplateConfig(max_length=max_len)))
+    with torch.no_grad():  # identical heads too: scores must then agree with the baseline's (checked)
+        for i, key in enumerate(rm.net.head_keys):
+            rm.net.head_weight[key].copy_(base.score.weight[i])
+            rm.net.head_bias[key].zero_()
+    n = sum(p.numel() for p in backbone.parameters()) / 1e6
+    return f"Llama-like decoder (random init, hidden {hidden}, {layers} layers, {n:.1f}M)", rm, Baseline(base, tok, rm)
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def bench_training(name, rm, base, train, held, epochs, lr, batch_pairs, seed):
+    base.score([(p.component, p.inputs, p.chosen) for p in train[:2]])  # warm-up, untimed
+    rm.score([(p.component, p.inputs, p.chosen) for p in train[:2]])
+    t_base = base.train(train, epochs, lr, seed)
+    acc_base = base.accuracy(held)
+    t0 = time.perf_counter()
+    rm.train(train, epochs=epochs, lr=lr, batch_pairs=batch_pairs)
+    t_ours = time.perf_counter() - t0
+    acc_ours = rm.evaluate(held)["accuracy"]
+    n = len(train) * epochs
+    return {"backbone": name, "pairs": len(train), "epochs": epochs, "baseline_pairs_per_s": n / t_base,
+            "ours_pairs_per_s": n / t_ours, "speedup": t_base / t_ours, "heldout_acc_baseline": acc_base,
+            "heldout_acc_ours": acc_ours, "heldout_pairs": len(held)}
+
+
+def bench_scoring(name, rm, base, n_inputs, n_cands, prefix_tok, suffix_tok, seed):
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_inputs):
+        inp = f"case {i}: " + words(rng, prefix_tok)
+        rows += [(COMPONENTS[i % 3], inp, candidate(rng, rng.randint(0, 5), suffix_tok) + f" v{j}")
+                 for j in range(n_cands)]
+    base.score(rows[:2])  # warm-up both (first-call allocator / kernel selection costs)
+    rm.score(rows[:2])
+    s_base, t_base = base.score(rows)
+    rm.tokens.clear()  # cold token cache: tokenisation is inside our timing
+    s_ours, rep = rm.score_with_report(rows)
+    # decoders: same weights, same heads, same last-token read-out -> same scores (prefix sharing is exact);
+    # encoders: the baseline reads BERT's pooler, we mean-pool (by design), so there is nothing to compare
+    err = float((s_base - s_ours).abs().max()) if not rm.is_encoder else None
+    return {"backbone": name, "rows": len(rows), "baseline_rows_per_s": len(rows) / t_base,
+            "ours_rows_per_s": len(rows) / rep.seconds, "speedup": t_base / rep.seconds,
+            "max_abs_score_diff_vs_baseline": err, "prefix_sharing": rep.prefix_sharing,
+            "tokens_ours": rep.tokens_encoded, "tokens_naive": rep.tokens_naive}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="the issue's sizes (slow on CPU)")
+    ap.add_argument("--train-inputs", type=int, default=4, help="inputs with K candidates each (pairs = K(K-1)/2 each)")
+    ap.add_argument("--k", type=int, default=5, help="candidates per training input")
+    ap.add_argument("--heldout-inputs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--score-inputs", type=int, default=2)
+    ap.add_argument("--score-cands", type=int, default=32)
+    ap.add_argument("--only", choices=["encoder", "decoder"], default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="write results here")
+    args = ap.parse_args()
+    if args.full:
+        args.train_inputs, args.heldout_inputs, args.score_inputs = 52, 13, 64  # 52 x 10 = 520 pairs
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    train = make_pairs(rng, args.train_inputs, args.k, 300, 60)
+    held = make_pairs(rng, args.heldout_inputs, args.k, 300, 60)
+    results = {"device": "cpu", "threads": torch.get_num_threads(), "backends": backend_report(),
+               "training": [], "scoring": []}
+    print(f"threads={torch.get_num_threads()} train pairs={len(train)} held-out pairs={len(held)}")
+    setups = [("encoder", encoder_pair, 5e-5), ("decoder", decoder_pair, 3e-4)]
+    for kind, make, lr in setups:
+        if args.only and args.only != kind:
+            continue
+        name, rm, base = make(args.seed, 512)
+        r = bench_training(name, rm, base, train, held, args.epochs, lr, batch_pairs=2 * args.k * (args.k - 1) // 2,
+                           seed=args.seed)
+        results["training"].append(r)
+        print(json.dumps(r))
+        name, rm, base = make(args.seed, 512)  # fresh weights: scores must agree with the baseline's
+        r = bench_scoring(name, rm, base, args.score_inputs, args.score_cands, 400, 40, args.seed)
+        results["scoring"].append(r)
+        print(json.dumps(r))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
