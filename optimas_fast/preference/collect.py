@@ -93,8 +93,9 @@ def _perturbed(w: Weights, noise: float, gen: torch.Generator) -> Weights:
 
 def _variant_of(var: Variable, rng: random.Random, prompt_pool: Sequence[str], noise: float) -> Variable | None:
     if isinstance(var, Choice):
-        picks = [c for c in var.sample(min(var.size(), 4), rng) if c != var]
-        return picks[0] if picks else None
+        # sample() returns the whole space, in order, when asked for all of it: pick at random among those
+        picks = [c for c in var.sample(min(var.size(), 8), rng) if c != var]
+        return rng.choice(picks) if picks else None
     if isinstance(var, Prompt):
         pool = [p for p in prompt_pool if p != var.text]
         return Prompt(rng.choice(pool)) if pool else None
