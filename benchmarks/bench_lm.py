@@ -1,0 +1,105 @@
+"""Embedded LM throughput: batched generation vs one prompt at a time, and the cache-hit rerun.
+
+    python benchmarks/bench_lm.py                                   # fp32 and bf16, batch 16, 32 new tokens
+    python benchmarks/bench_lm.py --dtypes bfloat16 --max-tokens 64
+    python benchmarks/bench_lm.py --rerun-example pubmedqa --rerun-n 20   # + cached rerun of a full evaluation
+
+Throughput: the same 16 chat prompts, greedy, the same ``max_tokens``; "one at a time" calls
+``generate([p])`` for each prompt in turn, "batched" calls ``generate(prompts)`` once (one left-padded
+batch). Tokens/s counts generated tokens (``completion_tokens``, EOS included) over wall time. The
+completion cache is off for this part.
+
+Rerun: ``evaluate`` of an example system twice on a fresh cache file; the second run uses a new cache
+object on the same file (empty memory layer), so its hits come from SQLite as in a new process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import git_rev, machine  # noqa: E402
+
+from optimas_fast.lm import EmbeddedLM, LMCache, UsageLedger  # noqa: E402
+
+TOPICS = ["the moon", "bread", "volcanoes", "honey bees", "the Roman empire", "rain", "chess", "coffee",
+          "octopuses", "glaciers", "the piano", "tea", "lightning", "deserts", "whales", "paper"]
+
+
+def prompts(k: int) -> list:
+    return [[{"role": "user", "content": f"Write two sentences about {TOPICS[i % len(TOPICS)]}."}] for i in range(k)]
+
+
+def throughput(dtype: str, batch: int, max_tokens: int) -> dict:
+    lm = EmbeddedLM(dtype=dtype, batch_size=batch, cache=None, ledger=UsageLedger())
+    ps = prompts(batch)
+    lm.generate(ps[:2], max_tokens=4)  # warm-up: kernels, allocator, batcher thread
+    t0 = time.perf_counter()
+    single = [lm.generate([p], max_tokens=max_tokens)[0][0] for p in ps]
+    t_single = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    batched = [r[0] for r in lm.generate(ps, max_tokens=max_tokens)]
+    t_batched = time.perf_counter() - t0
+    n_single = sum(c.usage.completion_tokens for c in single)
+    n_batched = sum(c.usage.completion_tokens for c in batched)
+    same = sum(a.text == b.text for a, b in zip(single, batched))
+    return {"dtype": dtype, "batch": batch, "max_tokens": max_tokens,
+            "single_tok": n_single, "single_s": t_single, "single_tps": n_single / t_single,
+            "batched_tok": n_batched, "batched_s": t_batched, "batched_tps": n_batched / t_batched,
+            "speedup": (n_batched / t_batched) / (n_single / t_single), "same_text": same}
+
+
+def cache_rerun(example: str, n: int, workers: int) -> dict:
+    """Full evaluation of an example system, then the same with every LM call served from the cache."""
+    from optimas_fast.examples import load_example  # the example systems (another layer's module)
+
+    path = os.path.join(tempfile.mkdtemp(prefix="bench-lm-"), "cache.sqlite")
+    lm = EmbeddedLM(cache=path, ledger=UsageLedger())
+    system, split = load_example(example, lm)
+    test = split.test[:n] if n > 0 else split.test
+    t0 = time.perf_counter()
+    first = system.evaluate(test, workers=workers)
+    t_first = time.perf_counter() - t0
+    lm.cache = LMCache(path)  # a fresh memory layer: hits come from the SQLite file
+    calls_before = lm.ledger.total.calls
+    t0 = time.perf_counter()
+    second = system.evaluate(test, workers=workers)
+    t_second = time.perf_counter() - t0
+    s1, s2 = first.summary(), second.summary()
+    return {"example": example, "n": len(test), "first_s": t_first, "rerun_s": t_second,
+            "speedup": t_first / t_second, "rerun_backend_calls": lm.ledger.total.calls - calls_before,
+            "score_first": s1.get("mean"), "score_rerun": s2.get("mean")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="compute dtypes to measure")
+    ap.add_argument("--batch", type=int, default=16, help="prompts per batch")
+    ap.add_argument("--max-tokens", type=int, default=32, help="new tokens per prompt (greedy)")
+    ap.add_argument("--rerun-example", default=None, help="also time a cached rerun of this example system")
+    ap.add_argument("--rerun-n", type=int, default=20, help="test examples for the rerun (0 = whole split)")
+    ap.add_argument("--workers", type=int, default=16, help="evaluation threads for the rerun")
+    args = ap.parse_args()
+
+    print(f"machine: {machine()}")
+    print(f"git: {git_rev()}  load average: {os.getloadavg()[0]:.1f}")
+    print("\n| dtype | batch | max_tokens | one-at-a-time tok/s | batched tok/s | speedup | "
+          "tokens (single / batched) | same text |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for dtype in args.dtypes.split(","):
+        r = throughput(dtype, args.batch, args.max_tokens)
+        print(f"| {r['dtype']} | {r['batch']} | {r['max_tokens']} | {r['single_tps']:.1f} ({r['single_s']:.1f} s) | "
+              f"{r['batched_tps']:.1f} ({r['batched_s']:.1f} s) | **{r['speedup']:.1f}x** | "
+              f"{r['single_tok']} / {r['batched_tok']} | {r['same_text']}/{r['batch']} |", flush=True)
+    if args.rerun_example:
+        r = cache_rerun(args.rerun_example, args.rerun_n, args.workers)
+        print(f"\ncache rerun, {r['example']} ({r['n']} test examples, {args.workers} workers): first "
+              f"{r['first_s']:.2f} s, rerun {r['rerun_s']:.3f} s -> **{r['speedup']:.0f}x**; backend calls in "
+              f"the rerun: {r['rerun_backend_calls']}; score {r['score_first']} -> {r['score_rerun']}")
+
+
+if __name__ == "__main__":
+    main()
