@@ -1,25 +1,311 @@
-"""Command-line entry point: `optimas-fast demo | bench | ...`."""
+"""Command line: ``optimas-fast demo | run CONFIG.yaml | eval RUN_DIR_OR_CONFIG | resume RUN_DIR``.
+
+A run config (YAML) has these top-level keys (all optional except ``system``):
+
+    system: amazon            # one of pubmedqa, hotpotqa, amazon, synthetic (a tiny test system, no LM)
+    data: {dir: null, seed: 0, train: null, val: null, test: null}   # split seed and size caps
+    lm: embedded              # make_lm spec of the components' LM ("embedded", "openai:<model>@<url>", "hf:<path>")
+    lms: null                 # or several named LMs {name: spec}: components use the first, model choices range over all
+    proposer: null            # LM writing prompt proposals (default: the components' LM)
+    reward: {backbone: minilm, max_length: 256}   # LRF backbone: minilm, a local HF directory, or tiny-random (tests)
+    loop: {...}               # optimas_fast.optimize.OptimasConfig fields (iterations, batch_size, budget, ...)
+    output: runs/my-run       # run directory (run_state.json, LRF checkpoint, report.json/png, system_state.json)
+
+A bad key or value stops with a message naming the key and what is allowed.
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
 
-from optimas_fast import demo
+import yaml
+
+from optimas_fast.optimize.config import ConfigError, OptimasConfig
+
+log = logging.getLogger("optimas_fast.cli")
+
+SYSTEMS = ("pubmedqa", "hotpotqa", "amazon", "synthetic")
+TOP_KEYS = ("system", "data", "lm", "lms", "proposer", "reward", "loop", "output")
+DATA_KEYS = ("dir", "seed", "train", "val", "test")
+REWARD_KEYS = ("backbone", "max_length")
+CONFIG_NAME = "config.yaml"
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    return demo.main()
+# ----------------------------------------------------------------------------------------------- config
+@dataclass
+class RunConfig:
+    system: str  # which system to optimize
+    data: dict  # dir, seed, train/val/test caps
+    lm: Any  # make_lm spec of the components' LM
+    lms: dict | None  # several named LM specs
+    proposer: Any  # make_lm spec of the proposer (None: the components' LM)
+    reward: dict  # backbone, max_length
+    loop: OptimasConfig  # the loop settings
+    output: str | None  # run directory
+    raw: dict  # the config as given (copied into the run directory)
+
+
+def _check_keys(d: Any, allowed: tuple, where: str) -> dict:
+    if d is None:
+        return {}
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(d).__name__}")
+    bad = sorted(k for k in d if k not in allowed)
+    if bad:
+        raise ConfigError(f"unknown key {', '.join(repr(f'{where}.{k}' if where else k) for k in bad)}; "
+                          f"allowed keys{' under ' + where if where else ''}: {list(allowed)}")
+    return dict(d)
+
+
+def parse_config(raw: Any) -> RunConfig:
+    """Validates a config dict (see the module docstring); ConfigError names the bad key."""
+    raw = _check_keys(raw, TOP_KEYS, "")
+    system = raw.get("system")
+    if system not in SYSTEMS:
+        raise ConfigError(f"system must be one of {list(SYSTEMS)}, got {system!r}")
+    data = _check_keys(raw.get("data"), DATA_KEYS, "data")
+    for k in ("train", "val", "test"):
+        v = data.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"data.{k} must be an int >= 1 or null, got {v!r}")
+    if not isinstance(data.get("seed", 0), int):
+        raise ConfigError(f"data.seed must be an int, got {data.get('seed')!r}")
+    reward = _check_keys(raw.get("reward"), REWARD_KEYS, "reward")
+    backbone = reward.get("backbone", "minilm")
+    if not isinstance(backbone, str) or not (backbone in ("minilm", "tiny-random") or os.path.isdir(backbone)):
+        raise ConfigError(f"reward.backbone must be 'minilm', 'tiny-random' or an existing model directory, "
+                          f"got {backbone!r}")
+    ml = reward.get("max_length", 256)
+    if isinstance(ml, bool) or not isinstance(ml, int) or ml < 16:
+        raise ConfigError(f"reward.max_length must be an int >= 16, got {ml!r}")
+    lms = raw.get("lms")
+    if lms is not None and (not isinstance(lms, Mapping) or not lms):
+        raise ConfigError(f"lms must be a non-empty mapping name -> LM spec, got {lms!r}")
+    for k in ("lm", "proposer"):
+        v = raw.get(k)
+        if v is not None and not isinstance(v, (str, Mapping)):
+            raise ConfigError(f"{k} must be an LM spec string (e.g. 'embedded', 'openai:<model>@<url>') or a mapping, "
+                              f"got {v!r}")
+    try:
+        loop = OptimasConfig.from_dict(raw.get("loop") or {}, prefix="loop.")
+    except ConfigError as exc:  # value errors name the field without its section: add it
+        msg = str(exc)
+        raise ConfigError(msg if "'loop." in msg or msg.startswith("loop.") else f"loop.{msg}") from None
+    out = raw.get("output")
+    if out is not None and not isinstance(out, str):
+        raise ConfigError(f"output must be a directory path, got {out!r}")
+    return RunConfig(system, data, raw.get("lm", "embedded"), dict(lms) if lms else None, raw.get("proposer"),
+                     {"backbone": backbone, "max_length": ml}, loop, out, raw)
+
+
+def load_config(path: str | os.PathLike) -> RunConfig:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    return parse_config(raw)
+
+
+# ----------------------------------------------------------------------------------------------- building
+def build(cfg: RunConfig):
+    """(system, split, reward model, proposer LM) for a config."""
+    if cfg.system == "synthetic":
+        from optimas_fast.optimize.testing import build_synthetic
+
+        system, _, train, val = build_synthetic(cfg.data.get("seed", 0))
+        split = _Split(train, val, val)
+        lms = {}
+        proposer = None
+    else:
+        from optimas_fast.examples import load_example
+        from optimas_fast.lm import make_lm
+
+        lms = {name: make_lm(spec) for name, spec in cfg.lms.items()} if cfg.lms else make_lm(cfg.lm)
+        system, split = load_example(cfg.system, lms, data_dir=cfg.data.get("dir"), seed=cfg.data.get("seed", 0))
+        first = next(iter(lms.values())) if isinstance(lms, dict) else lms
+        proposer = make_lm(cfg.proposer) if cfg.proposer is not None else first
+    split = _Split(*(getattr(split, k)[: cfg.data[k]] if cfg.data.get(k) else getattr(split, k)
+                     for k in ("train", "val", "test")))
+    comps = {n: system.components[n].description or n for n in system.order if system.components[n].variables()}
+    if cfg.reward["backbone"] == "tiny-random":
+        from optimas_fast.optimize.testing import tiny_reward_model
+
+        rm = tiny_reward_model(comps, cfg.loop.seed)
+    else:
+        from optimas_fast.reward import RewardConfig, RewardModel, TemplateConfig
+
+        rm = RewardModel(cfg.reward["backbone"], comps, config=RewardConfig(
+            seed=cfg.loop.seed, template=TemplateConfig(max_length=cfg.reward["max_length"])))
+    return system, split, rm, proposer
+
+
+@dataclass
+class _Split:
+    train: list
+    val: list
+    test: list
+
+
+def evaluate_with_bar(system, examples, *, desc: str, workers: int, seed: int, progress: bool = True):
+    """``system.evaluate`` in chunks, with a tqdm bar (ETA) over examples; returns the list of scores."""
+    from tqdm.auto import tqdm
+
+    scores = []
+    chunk = max(1, 2 * workers)
+    with tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar:
+        for i in range(0, len(examples), chunk):
+            res = system.evaluate(examples[i:i + chunk], workers=workers, seed=seed)
+            scores += res.scores
+            bar.update(len(res.scores))
+    return scores
+
+
+def _fmt(ci: Mapping) -> str:
+    return f"{ci['mean']:.3f} (95% CI {ci['lo']:.3f}-{ci['hi']:.3f}, n={ci['n']})"
+
+
+# ----------------------------------------------------------------------------------------------- commands
+def run_config(cfg: RunConfig, out: str | None, resume: bool = False, progress: bool = True,
+               test_before: bool = True) -> dict:
+    """Runs (or resumes) the loop of ``cfg`` in ``out``, evaluates on the test split before and after, writes
+    the report, and returns its test section."""
+    from optimas_fast.optimize import Optimas
+    from optimas_fast.report import bootstrap_ci, write_report
+
+    out_dir = Path(out or cfg.output or f"optimas-run-{time.strftime('%Y%m%d-%H%M%S')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (out_dir / CONFIG_NAME).write_text(yaml.safe_dump(cfg.raw, sort_keys=False), encoding="utf-8")
+    t0 = time.perf_counter()
+    system, split, rm, proposer = build(cfg)
+    workers = cfg.loop.val_workers
+    extra: dict[str, Any] = {"system": cfg.system,
+                             "split_sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)}}
+    before_file = out_dir / "test_before.json"
+    if test_before and split.test:
+        if before_file.exists():  # measured by the interrupted session already
+            before = json.loads(before_file.read_text())
+        else:
+            before = evaluate_with_bar(system, split.test, desc="test (before)", workers=workers, seed=cfg.loop.seed,
+                                       progress=progress)
+            before_file.write_text(json.dumps(before))
+        extra["test_before"] = bootstrap_ci(before, seed=cfg.loop.seed)
+        print(f"test score before: {_fmt(extra['test_before'])}", flush=True)
+    loop = Optimas(rm, proposer, cfg.loop, progress=progress)
+    res = loop.optimize(system, split.train, split.val, run_dir=out_dir, resume_from=out_dir if resume else None)
+    if split.test:
+        after = evaluate_with_bar(system, split.test, desc="test (after)", workers=workers, seed=cfg.loop.seed,
+                                  progress=progress)
+        extra["test_after"] = bootstrap_ci(after, seed=cfg.loop.seed)
+        print(f"test score after:  {_fmt(extra['test_after'])}", flush=True)
+    extra["total_wall_seconds"] = time.perf_counter() - t0
+    write_report(out_dir, extra=extra)
+    print(f"validation: {res.initial_val:.3f} -> {res.best_val:.3f}"
+          f"{'' if res.stopped is None else f' (stopped: {res.stopped})'}")
+    print(f"output: {out_dir}/ (report.json, report.png, system_state.json, {CONFIG_NAME}, run_state.json, LRF "
+          f"checkpoint)")
+    return extra
+
+
+def _cmd_run(args) -> int:
+    cfg = load_config(args.config)
+    run_config(cfg, args.out, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_resume(args) -> int:
+    d = Path(args.run_dir)
+    if not (d / CONFIG_NAME).is_file():
+        raise ConfigError(f"{d} has no {CONFIG_NAME}: not a directory written by 'optimas-fast run' or 'demo'")
+    cfg = load_config(d / CONFIG_NAME)
+    run_config(cfg, str(d), resume=True, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from optimas_fast.report import bootstrap_ci
+
+    target = Path(args.target)
+    state = None
+    if target.is_dir():
+        cfg = load_config(target / CONFIG_NAME)
+        state = target / "system_state.json"
+        if not state.is_file():
+            raise ConfigError(f"{target} has no system_state.json yet (the run has not finished)")
+    else:
+        cfg = load_config(target)
+    system, split, _, _ = build(cfg)
+    if args.state:
+        state = Path(args.state)
+    if state is not None:
+        system.load_state(state)
+    examples = getattr(split, args.split)
+    scores = evaluate_with_bar(system, examples, desc=f"eval ({args.split})", workers=cfg.loop.val_workers,
+                               seed=cfg.loop.seed, progress=not args.no_progress)
+    ci = bootstrap_ci(scores, seed=cfg.loop.seed)
+    print(f"{cfg.system} {args.split} score{' (optimized)' if state else ' (unoptimized)'}: {_fmt(ci)}")
+    if args.json:
+        print(json.dumps(ci))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from optimas_fast import demo
+
+    return demo.main(out=args.out, quick=args.quick, progress=not args.no_progress)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optimas-fast", description="Optimas: optimize compound AI systems with "
+                                     "local reward functions.", epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("demo", help="offline demo: optimize the Amazon example with the embedded LM (<= 15 min, CPU)")
+    p.add_argument("--out", default=None, help="output directory (default: ./optimas-demo-<time>)")
+    p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test of a few minutes)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+    p = sub.add_parser("run", help="run the loop from a YAML config", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="YAML config file (see above)")
+    p.add_argument("--out", default=None, help="run directory (overrides the config's 'output')")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("eval", help="evaluate a finished run directory (optimized) or a config (unoptimized)")
+    p.add_argument("target", help="a run directory (uses its system_state.json) or a YAML config")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split (default test)")
+    p.add_argument("--state", default=None, help="a system_state.json to load instead")
+    p.add_argument("--json", action="store_true", help="also print the score and CI as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("resume", help="continue a killed or stopped run from its last checkpoint")
+    p.add_argument("run_dir", help="the run directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_resume)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="optimas-fast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="offline demo on this machine (no GPU, no network needed)")
-    p.set_defaults(func=_cmd_demo)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return args.func(args)
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"optimas-fast {args.command}: invalid config: {exc}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"optimas-fast {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
