@@ -1,0 +1,93 @@
+"""CLI: --help on every command, strict config errors (key + allowed values), run / eval / resume end to end
+on the synthetic system with a tiny random LRF, and the report files."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from optimas_fast import cli
+from optimas_fast.optimize import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("command", [[], ["demo"], ["run"], ["eval"], ["resume"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(command + ["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: optimas-fast" in out
+    if command == ["run"]:
+        assert "system:" in out and "loop:" in out  # the config format is documented in --help
+
+
+@pytest.mark.parametrize("raw, key, allowed", [
+    ({"system": "amazn"}, "system", "['pubmedqa', 'hotpotqa', 'amazon', 'synthetic']"),
+    ({"system": "synthetic", "sytem": 1}, "'sytem'", "'system'"),
+    ({"system": "synthetic", "data": {"trian": 3}}, "'data.trian'", "'train'"),
+    ({"system": "synthetic", "data": {"train": 0}}, "data.train", ">= 1"),
+    ({"system": "synthetic", "reward": {"backbone": "bert-huge"}}, "reward.backbone", "'minilm', 'tiny-random'"),
+    ({"system": "synthetic", "reward": {"max_len": 3}}, "'reward.max_len'", "'max_length'"),
+    ({"system": "synthetic", "loop": {"iterations": -1}}, "loop.iterations", ">= 0"),
+    ({"system": "synthetic", "loop": {"collect": {"strategy": "x"}}}, "collect.strategy", "'variables'"),
+    ({"system": "synthetic", "loop": {"budget": {"max_usd": -2}}}, "budget.max_usd", ">= 0"),
+    ({"system": "synthetic", "lms": []}, "lms", "mapping"),
+    ({"system": "synthetic", "lm": 3}, "lm", "'embedded'"),
+    (["system", "amazon"], "must be a mapping", ""),
+])
+def test_parse_config_errors(raw, key, allowed):
+    with pytest.raises(ConfigError) as exc:
+        cli.parse_config(raw)
+    assert key in str(exc.value) and allowed in str(exc.value), str(exc.value)
+
+
+def test_invalid_config_file_exits_2_with_the_key(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("system: synthetic\nloop: {batch_sise: 3}\n")
+    assert cli.main(["run", str(bad), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "loop.batch_sise" in err and "batch_size" in err
+    (tmp_path / "broken.yaml").write_text("system: [unclosed\n")
+    assert cli.main(["run", str(tmp_path / "broken.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert cli.main(["run", str(tmp_path / "missing.yaml")]) == 2
+    assert cli.main(["resume", str(tmp_path)]) == 2
+    assert "config.yaml" in capsys.readouterr().err
+
+
+def test_run_eval_resume_synthetic(tmp_path, seed, capsys):
+    cfg = {"system": "synthetic", "data": {"seed": seed % 1000}, "reward": {"backbone": "tiny-random"},
+           "loop": {"seed": seed % 1000, "iterations": 2, "batch_size": 8, "initial_examples": 16,
+                    "initial_epochs": 6, "lr": 1e-3, "head_lr": 1e-2, "batch_pairs": 32, "adapt_steps": 8,
+                    "val_workers": 1, "collect": {"workers": 1}}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert cli.main(["run", str(path), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "test score before" in printed and "test score after" in printed and str(out) in printed
+    report = json.loads((out / "report.json").read_text())
+    for key in ("config", "iterations", "best_val", "initial_val", "usage", "wall_seconds", "test_before",
+                "test_after", "final_variables"):
+        assert key in report, key
+    assert [h["iteration"] for h in report["iterations"]] == [0, 1, 2]
+    assert report["test_after"]["lo"] <= report["test_after"]["mean"] <= report["test_after"]["hi"]
+    assert (out / "report.png").stat().st_size > 1000
+    assert (out / "system_state.json").is_file() and (out / "config.yaml").is_file()
+    assert cli.main(["eval", str(out), "--split", "val", "--no-progress", "--json"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(lines[-1])["mean"] == pytest.approx(report["best_val"])
+    # resume of a finished run: nothing new, same result
+    assert cli.main(["resume", str(out), "--no-progress"]) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["iterations"] == report["iterations"]
