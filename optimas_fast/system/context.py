@@ -14,10 +14,7 @@ from typing import Iterable, Iterator
 
 from optimas_fast.lm.base import Completion, Usage
 
-try:  # the LM layer's ledger attribution (optimas_fast.lm.usage); absent in early checkouts of that layer
-    from optimas_fast.lm.usage import usage_scope as _lm_usage_scope
-except ImportError:  # pragma: no cover - only while optimas_fast.lm.usage does not exist
-    _lm_usage_scope = None
+from optimas_fast.lm.usage import usage_scope as _lm_usage_scope
 
 __all__ = ["RunContext", "current_run", "record_usage", "usage_scope"]
 
@@ -61,10 +58,7 @@ def usage_scope(component: str, seed: int | None = None) -> Iterator[RunContext]
     ctx = RunContext(component=component, seed=seed)
     token = _RUN.set(ctx)
     try:
-        if _lm_usage_scope is None:
+        with _lm_usage_scope(component):
             yield ctx
-        else:
-            with _lm_usage_scope(component):
-                yield ctx
     finally:
         _RUN.reset(token)
