@@ -161,7 +161,7 @@ def evaluate_with_bar(system, examples, *, desc: str, workers: int, seed: int, p
     from tqdm.auto import tqdm
 
     scores = []
-    chunk = max(1, 2 * workers)
+    chunk = max(1, workers)  # one LM batch per chunk; the bar moves (and estimates) per chunk
     with tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar:
         for i in range(0, len(examples), chunk):
             res = system.evaluate(examples[i:i + chunk], workers=workers, seed=seed)
