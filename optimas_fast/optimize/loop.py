@@ -328,7 +328,12 @@ class Optimas:
         comp = system.components[name]
         inputs = self.store.inputs(name)[-4 * cfg.optimizer_inputs:]
         proposals = []
-        if inputs:
+        # a head that has never seen a training pair scores at random: optimizing against it is noise that
+        # the gate would reject at the price of a validation pass, so wait for its first pairs
+        trained = bool(self.store.pairs(name))
+        if not trained:
+            log.info("iteration %d: %s's head has no training pairs yet; not optimizing it", t, name)
+        if inputs and trained:
             for address, var in comp.variables().items():
                 opt = self.optimizers[var.kind]
                 proposals.append(opt.optimize(comp, inputs, self.rm, OptimizerBudget(max_inputs=cfg.optimizer_inputs),
@@ -348,7 +353,8 @@ class Optimas:
                  "accepted" if accepted else ("rejected" if changed else "no change"))
         self.history.append({"iteration": t, "component": name, "probabilities": probs, "gaps": dict(self.gaps),
                              "collect": _collect_summary(res), "adapt_loss": adapt_loss, "alignment": alignment,
-                             "retrained": retrained, "proposals": [p.summary() for p in proposals],
+                             "retrained": retrained, "head_trained": trained,
+                             "proposals": [p.summary() for p in proposals],
                              "val_score": val, "best_val": self.best_val, "accepted": accepted if changed else None,
                              "usage": self.ledger.state_dict()["total"], "seconds": time.perf_counter() - t0})
 
