@@ -27,6 +27,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from optimas_fast import demo
 from optimas_fast.optimize.config import ConfigError, OptimasConfig
 
 log = logging.getLogger("optimas_fast.cli")
@@ -260,9 +261,15 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from optimas_fast import demo
-
-    return demo.main(out=args.out, quick=args.quick, progress=not args.no_progress)
+    raw = demo.demo_config(args.out, args.quick)
+    print(demo.banner(raw), flush=True)
+    t0 = time.perf_counter()
+    extra = run_config(parse_config(raw), raw["output"], progress=not args.no_progress)
+    before, after = extra.get("test_before"), extra.get("test_after")
+    if before and after:
+        print(f"test accuracy: {before['mean']:.3f} -> {after['mean']:.3f} ({after['mean'] - before['mean']:+.3f}); "
+              f"total {time.perf_counter() - t0:.0f} s")
+    return 0
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -12,10 +12,7 @@ the test score before and after, with 95% bootstrap intervals, and where the out
 """
 from __future__ import annotations
 
-import logging
 import time
-
-log = logging.getLogger("optimas_fast.demo")
 
 DEMO_CONFIG = {
     "system": "amazon",
@@ -54,20 +51,13 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def main(out: str | None = None, quick: bool = False, progress: bool = True) -> int:
-    from optimas_fast.cli import parse_config, run_config
-
+def demo_config(out: str | None = None, quick: bool = False) -> dict:
+    """The demo's run config (see ``optimas_fast.cli`` for the format); ``quick`` shrinks it to a smoke test."""
     raw = _merge(DEMO_CONFIG, QUICK) if quick else DEMO_CONFIG
-    out = out or f"optimas-demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    raw = dict(raw, output=out)
-    cfg = parse_config(raw)
-    print("optimas-fast demo: Amazon next-item system, embedded SmolLM2-135M, MiniLM LRF, "
-          f"split train {raw['data']['train']} / val {raw['data']['val']} / test {raw['data']['test']}, "
-          f"{raw['loop']['iterations']} iterations (first run converts the embedded model: ~20 s)", flush=True)
-    t0 = time.perf_counter()
-    extra = run_config(cfg, out, progress=progress)
-    before, after = extra.get("test_before"), extra.get("test_after")
-    if before and after:
-        print(f"test accuracy: {before['mean']:.3f} -> {after['mean']:.3f} "
-              f"(+{after['mean'] - before['mean']:.3f}); total {time.perf_counter() - t0:.0f} s")
-    return 0
+    return dict(raw, output=out or f"optimas-demo-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def banner(raw: dict) -> str:
+    return ("optimas-fast demo: Amazon next-item system, embedded SmolLM2-135M, MiniLM LRF, "
+            f"split train {raw['data']['train']} / val {raw['data']['val']} / test {raw['data']['test']}, "
+            f"{raw['loop']['iterations']} iterations (a first run converts the embedded model: ~20 s)")
