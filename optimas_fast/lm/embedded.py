@@ -8,7 +8,8 @@ directory in well under a second. The conversion is done once per machine even w
 starting together: they serialise on a lock file and the directory appears atomically (rename).
 
 The dequantised weights are stored in fp32 so the conversion is exact (logits equal the GGUF load's);
-the compute dtype is chosen at load (``dtype="auto"``: bf16 on CPUs with native bf16, see hf_local).
+the compute dtype is chosen at load (``dtype="auto"``: fp32 on the CPU for batch-independent outputs;
+``dtype="bfloat16"`` is ~1.5x faster on CPUs with native bf16, see ``hf_local.resolve_dtype``).
 Nothing is ever fetched from a hub: ``HF_HUB_OFFLINE=1`` is set while loading.
 """
 from __future__ import annotations
@@ -129,7 +130,7 @@ class EmbeddedLM(HFLocalLM):
     def __init__(
         self,
         *,
-        dtype: Any = "auto",  # compute dtype: "auto" = bf16 on CPUs with native bf16, else fp32
+        dtype: Any = "auto",  # compute dtype: "auto" = fp32 on CPU (reproducible), "bfloat16" = ~1.5x faster
         device: str = "cpu",  # the model is tiny: the CPU is the intended device
         batch_size: int = 16,  # requests decoded together (16 gives ~7x one-at-a-time here)
         batch_wait_ms: float = 5.0,  # how long a lone request waits for others to batch with

@@ -38,8 +38,7 @@ logger = logging.getLogger(__name__)
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where bf16 GEMMs run
-    about twice as fast as fp32 (measured: 175 vs 121 tokens/s batched on this project's CI CPU)."""
+    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -49,7 +48,14 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_dtype(dtype: Any, device: str):
-    """'auto' -> bf16 where the hardware runs it natively, else fp32; also accepts names and torch dtypes."""
+    """'auto' -> fp32 on the CPU, bf16 (else fp16) on CUDA; also accepts names and torch dtypes.
+
+    Why fp32 on the CPU although bf16 decodes ~1.5x faster there (measured on the CI CPU, which has
+    AVX512-BF16: 175 vs 121 tokens/s batched, 26 vs 17 one at a time): in bf16 the padding of a batch
+    changes greedy outputs (7 of 16 prompts differed between batched and one-at-a-time decoding in
+    benchmarks/bench_lm.py, 0 of 16 in fp32), so results would depend on which requests happened to share
+    a batch. Pass dtype="bfloat16" to trade that for speed.
+    """
     import torch
 
     if isinstance(dtype, torch.dtype):
@@ -57,7 +63,7 @@ def resolve_dtype(dtype: Any, device: str):
     if dtype == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.float32
     names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in names:
@@ -136,7 +142,7 @@ class HFLocalLM(LM):
         model_or_path: Any,
         *,
         tokenizer: Any = None,  # required when passing a loaded model; loaded from the path otherwise
-        dtype: Any = "auto",  # "auto" (bf16 where native, else fp32), "float32", "bfloat16", or a torch.dtype
+        dtype: Any = "auto",  # "auto" (fp32 on CPU, bf16 on CUDA; see resolve_dtype), a name, or a torch.dtype
         device: str = "cpu",  # "cpu", "cuda", "cuda:1", ...
         batch_size: int = 16,  # most requests decoded together
         batch_wait_ms: float = 5.0,  # how long a lone request waits for others to batch with
