@@ -91,3 +91,28 @@ def test_run_eval_resume_synthetic(tmp_path, seed, capsys):
     assert cli.main(["resume", str(out), "--no-progress"]) == 0
     again = json.loads((out / "report.json").read_text())
     assert again["iterations"] == report["iterations"]
+
+
+def test_bootstrap_ci_and_report_cleaning(seed, tmp_path):
+    import random
+
+    from optimas_fast.report import bootstrap_ci, build_report, plot_report
+
+    rng = random.Random(seed)
+    scores = [float(rng.random() < 0.6) for _ in range(rng.randint(5, 60))]
+    ci = bootstrap_ci(scores, seed=seed)
+    assert ci["n"] == len(scores) and ci["lo"] <= ci["mean"] <= ci["hi"]
+    assert ci["mean"] == pytest.approx(sum(scores) / len(scores))
+    assert bootstrap_ci([1.0] * 7) == {"n": 7, "mean": 1.0, "lo": 1.0, "hi": 1.0}
+    assert bootstrap_ci([])["mean"] is None
+    state = {"history": [{"iteration": 0, "component": None, "val_score": float("nan"), "best_val": 0.2,
+                          "accepted": None, "alignment": {"a": {"accuracy": float("nan")}}},
+                         {"iteration": 1, "component": "a", "val_score": 0.1, "best_val": 0.2, "accepted": False,
+                          "alignment": {"a": {"accuracy": 0.7}}}],
+             "system": {"variables": {"a": {"kind": "choice", "value": {"k": 1}, "space": {"k": [1]}}}}}
+    report = build_report(state, {"test_after": {"mean": float("inf")}})
+    text = json.dumps(report, allow_nan=False)  # strict JSON: NaN/inf became null
+    assert report["rejected"] == 1 and report["final_variables"]["a"]["value"] == {"k": 1}
+    assert '"test_after": {"mean": null}' in text
+    plot_report(report, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
