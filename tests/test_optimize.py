@@ -272,3 +272,32 @@ def test_bad_component_list_and_empty_data(seed, tmp_path):
         Optimas(rm, None, {"iterations": 1})
     with pytest.raises(FileNotFoundError, match="run_state.json"):
         Optimas(rm, None, synthetic_config(seed, 1)).optimize(system, train, val, resume_from=tmp_path / "nothing")
+
+
+def test_prompt_only_component_gets_seeded_variants_and_is_optimized(seed, tmp_path):
+    # a temperature-0 prompt component has one output per input unless its prompt varies: the loop seeds
+    # proposer rewrites so that it gets pairs, then the prompt optimizer can move it
+    import re
+
+    from optimas_fast.system import Prompt
+    from optimas_fast.system.testing import ScriptedLM
+
+    target = random.Random(seed).randint(1, 3)
+    proposer = ScriptedLM(lambda prompt, i: f"Please answer with number {i + 1} now.")
+
+    def fn(x, variable):
+        m = re.search(r"\d+", variable.text)
+        return {"y": f"number {m.group(0) if m else 0}"}
+
+    comp = Component("writer", inputs=["x"], outputs=["y"], description="writes a number",
+                     variable=Prompt("Answer."), fn=fn)
+    metric = lambda ex, pred: 1.0 - abs(int(pred["y"].split()[1]) - target) / 4  # noqa: E731
+    system = System([comp], metric, ["y"], inputs=["x"])
+    data = [{"id": i, "x": f"q{i}"} for i in range(20)]
+    cfg = synthetic_config(seed, 2)
+    res = Optimas(tiny_reward_model({"writer": "writes a number"}, seed), proposer, cfg).optimize(
+        system, data[:14], data[14:], run_dir=tmp_path / "run")
+    assert res.history[0]["collect"]["writer"]["pairs"] > 0
+    assert system.components["writer"].variable.text == f"Please answer with number {target} now."
+    state = load_run_state(tmp_path / "run")
+    assert state["optimizers"]["prompt"]["seeds"]["writer"]

@@ -202,3 +202,20 @@ def test_choice_with_a_real_tiny_reward_model_scores_10k_rows(seed):
         assert alone[1].item() == pytest.approx(p.incumbent_score, abs=1e-4)
     finally:
         torch.set_num_threads(torch_threads)
+
+
+def test_prompt_seed_pool_feeds_collection_and_candidates(seed):
+    lm = ScriptedLM(lambda prompt, i: f"Rewrite number {i} of the instruction.")
+    comp = Component("c", inputs=["q"], outputs=["y"], variable=Prompt("Answer the question."),
+                     fn=lambda q, variable: {"y": variable.text})
+    opt = PromptOptimizer(lm, PromptConfig(num_proposals=2))
+    texts = opt.seed_pool(comp, "c", {"q": "x"}, 3, random.Random(seed))
+    assert texts == [f"Rewrite number {i} of the instruction." for i in range(3)]
+    assert opt.pool()["c"] == texts and not opt.history
+    # the optimizer scores the unscored seeds too (the proposer repeats them: no new proposal)
+    rm = FakeRM(lambda c, x, y: float("number 2" in y))
+    p = opt.optimize(comp, [{"q": 1}, {"q": 2}], rm, rng=random.Random(seed))
+    assert p.variable.text == "Rewrite number 2 of the instruction."
+    again = PromptOptimizer(lm)
+    again.load_state_dict(opt.state_dict())
+    assert again.seeds == opt.seeds and again.pool() == opt.pool()

@@ -278,6 +278,7 @@ class Optimas:
             self.initial_val = self.best_val = self._evaluate(system, valset)
             log.info("initial validation score %.4f", self.initial_val)
             n = min(cfg.initial_examples or len(trainset), len(trainset))
+            self._seed_prompts(system, trainset, targets, rng)
             collected = {}
             pairs = []
             for name in targets:
@@ -308,6 +309,20 @@ class Optimas:
                              "seconds": time.perf_counter() - t0})
         self._checkpoint(system, run_dir, 0)
         return True
+
+    def _seed_prompts(self, system, trainset, targets, rng) -> None:
+        """Unscored proposer rewrites of every optimized Prompt, so prompt components get candidates to compare."""
+        if self.proposer is None:
+            return
+        prompt_opt = self.optimizers["prompt"]
+        n = self.config.collect.num_candidates - 1
+        for name in targets:
+            comp = system.components[name]
+            for address, var in comp.variables().items():
+                if var.kind == "prompt" and not prompt_opt.pool().get(address):
+                    example = {f: trainset[0].get(f, "") for f in comp.inputs}
+                    texts = prompt_opt.seed_pool(comp, address, example, n, rng)
+                    log.info("seeded %d prompt variants for %s", len(texts), address)
 
     def _iteration(self, system, trainset, valset, targets, t) -> None:
         cfg = self.config

@@ -78,10 +78,25 @@ class PromptOptimizer(Optimizer):
         self.config = config or PromptConfig()
         self.config.validate()
         self.history: dict[str, list[tuple[str, float]]] = {}  # address -> [(instruction, score)]
+        self.seeds: dict[str, list[str]] = {}  # address -> unscored rewrites (preference-collection variants)
 
     def pool(self) -> dict[str, list[str]]:
-        """Instructions seen per address (preference collection draws Prompt variants from them)."""
-        return {a: [t for t, _ in h] for a, h in self.history.items()}
+        """Instructions known per address, scored or not (preference collection draws Prompt variants here)."""
+        out = {a: list(v) for a, v in self.seeds.items()}
+        for a, h in self.history.items():
+            out.setdefault(a, [])
+            out[a] += [t for t, _ in h if t not in out[a]]
+        return out
+
+    def seed_pool(self, component: Component, address: str, example: Mapping[str, Any], n: int,
+                  rng: random.Random) -> list[str]:
+        """Ask the proposer for ``n`` rewrites of the current instruction, without scores: a Prompt's "search
+        space" for preference collection before the optimizer has run (else a temperature-0 prompt component
+        has a single candidate output and never gets pairs)."""
+        address, _, current = resolve_address(component, address)
+        texts = self.propose(component, address, current.text, component.format_inputs(example, 400), n, rng)
+        self.seeds.setdefault(address, []).extend(t for t in texts if t not in self.seeds.get(address, []))
+        return texts
 
     def propose(self, component: Component, address: str, current: str, example: str, n: int,
                 rng: random.Random) -> list[str]:
@@ -92,7 +107,7 @@ class PromptOptimizer(Optimizer):
             out = self.proposer.generate([meta_prompt(component, current, hist, example)], n=n,
                                          temperature=self.config.temperature, max_tokens=self.config.max_tokens,
                                          seed=rng.randrange(2**31))
-        seen = {current} | {t for t, _ in self.history.get(address, [])}
+        seen = {current} | {t for t, _ in self.history.get(address, [])} | set(self.seeds.get(address, []))
         props = []
         for c in out[0]:
             text = parse_instruction(c.text, self.config.max_chars)
@@ -114,7 +129,10 @@ class PromptOptimizer(Optimizer):
         xs = self._inputs(inputs, budget.max_inputs or self.config.max_inputs, rng)
         n = min(self.config.num_proposals, budget.max_candidates or self.config.num_proposals)
         texts = self.propose(component, address, current.text, component.format_inputs(xs[0], 400), n, rng)
-        cands = [current] + [Prompt(t) for t in texts]  # incumbent first: ties keep it
+        scored = {t for t, _ in self.history.get(address, [])}
+        unscored = [t for t in self.seeds.get(address, []) if t not in scored and t != current.text]
+        # incumbent first (ties keep it), then the new proposals, then seeded rewrites never scored yet
+        cands = [current] + [Prompt(t) for t in texts + unscored]
         outputs = [run_batch(component, xs, override_for(key, c)) for c in cands]
         mat = score_matrix(component, reward_model, xs, outputs)  # (1 + proposals, inputs)
         means = [mean(row) for row in mat]
@@ -131,7 +149,9 @@ class PromptOptimizer(Optimizer):
                         seconds=self._clock() - t0, info={"proposals": len(texts)})
 
     def state_dict(self) -> dict:
-        return {"history": {a: [[t, s] for t, s in h] for a, h in self.history.items()}}
+        return {"history": {a: [[t, s] for t, s in h] for a, h in self.history.items()},
+                "seeds": {a: list(v) for a, v in self.seeds.items()}}
 
     def load_state_dict(self, state: Mapping) -> None:
         self.history = {a: [(t, float(s)) for t, s in h] for a, h in state.get("history", {}).items()}
+        self.seeds = {a: list(v) for a, v in state.get("seeds", {}).items()}
