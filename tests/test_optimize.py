@@ -301,3 +301,18 @@ def test_prompt_only_component_gets_seeded_variants_and_is_optimized(seed, tmp_p
     assert system.components["writer"].variable.text == f"Please answer with number {target} now."
     state = load_run_state(tmp_path / "run")
     assert state["optimizers"]["prompt"]["seeds"]["writer"]
+
+
+def test_resume_after_a_budget_stop_continues_with_a_raised_budget(seed, tmp_path):
+    data = [{"id": i, "x": f"q{i}-{seed}"} for i in range(12)]
+    cfg = synthetic_config(seed, 3)
+    cfg.budget.max_calls = 60
+    rm = tiny_reward_model({"pick_a": "echo"}, seed)
+    res = Optimas(rm, None, cfg).optimize(_lm_system(CountingLM()), data[:8], data[8:], run_dir=tmp_path / "run")
+    assert res.stopped and load_run_state(tmp_path / "run")["iteration"] < 3
+    cfg2 = synthetic_config(seed, 3)
+    cfg2.budget.max_calls = 100_000
+    res2 = Optimas(tiny_reward_model({"pick_a": "echo"}, seed), None, cfg2).optimize(
+        _lm_system(CountingLM()), data[:8], data[8:], resume_from=tmp_path / "run")
+    assert res2.stopped is None and load_run_state(tmp_path / "run")["iteration"] == 3
+    assert [h["iteration"] for h in res2.history] == [0, 1, 2, 3]

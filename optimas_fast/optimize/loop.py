@@ -223,6 +223,8 @@ class Optimas:
             start = 0
             if resume_from is not None:
                 start = self._restore(system, load_run_state(run_dir), run_dir)
+                # resuming is a request to go on: this config's budget applies (it may have been raised)
+                self.ledger.budget, self.stopped = Budget(b.max_calls, b.max_tokens, b.max_usd), None
                 log.info("resumed %s at iteration %d (best val %.4f)", run_dir, start, self.best_val)
             else:
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -241,7 +243,6 @@ class Optimas:
                 try:
                     self._iteration(system, trainset, valset, targets, t)
                 except BudgetExceeded as exc:
-                    self.stopped = f"budget: {exc.limit} exhausted" if hasattr(exc, "limit") else f"budget: {exc}"
                     log.warning("iteration %d stopped by the budget (%s): restoring iteration %d", t, exc, t - 1)
                     usage, elapsed = self.ledger.state_dict(), self._elapsed()
                     self._restore(system, load_run_state(run_dir), run_dir)
