@@ -275,9 +275,12 @@ class Optimas:
         cfg = self.config
         t0 = time.perf_counter()
         rng = random.Random(f"{cfg.seed}:0")
+        bar = _bar(self.progress, 2 + len(targets), 0, "initial (val, pairs, LRF)")
         try:
             self.initial_val = self.best_val = self._evaluate(system, valset)
             log.info("initial validation score %.4f", self.initial_val)
+            if bar is not None:
+                bar.update(1)
             n = min(cfg.initial_examples or len(trainset), len(trainset))
             self._seed_prompts(system, trainset, targets, rng)
             collected = {}
@@ -288,6 +291,8 @@ class Optimas:
                 self.gaps[name] = res.mean_gap
                 pairs += res.train_pairs
                 collected[name] = _collect_summary(res)
+                if bar is not None:
+                    bar.update(1)
             losses = []
             if pairs:
                 hist = self.rm.train(pairs, epochs=cfg.initial_epochs, **self._train_kwargs())
@@ -295,6 +300,9 @@ class Optimas:
             else:
                 log.warning("initial collection produced no training pairs: the LRF starts untrained")
             alignment, retrained = self._alignment(targets)
+            if bar is not None:
+                bar.update(1)
+                bar.close()
         except BudgetExceeded as exc:
             self.stopped = f"budget: {getattr(exc, 'limit', exc)} exhausted"
             log.warning("the budget ran out during the initial phase (%s): nothing was optimized", exc)
