@@ -323,6 +323,10 @@ def test_example_arguments_are_checked():
         load_example("mnist", ScriptedLM(["x"]))
     with pytest.raises(TypeError, match="lms"):
         build_pubmedqa_system(lms=42)
+
+
+@needs_data
+def test_example_embedder_argument_is_checked():
     with pytest.raises(ValueError, match="no embedder"):
         load_example("pubmedqa", ScriptedLM(["x"]), embedder=HashEmbedder(8), data_dir=SHARED_DATA)
 
