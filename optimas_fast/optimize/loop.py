@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from optimas_fast.lm.cache import default_cache_dir
 from optimas_fast.lm.errors import BudgetExceeded
 from optimas_fast.lm.usage import Budget, UsageLedger, set_default_ledger
 from optimas_fast.optimizers import (
@@ -141,7 +142,10 @@ class Optimas:
                 "recent": list(self.recent), "best_val": self.best_val, "initial_val": self.initial_val,
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "history": self.history, "usage": self.ledger.state_dict(), "elapsed": self._elapsed(),
-                "config": self.config.to_dict(), "stopped": self.stopped}
+                "config": self.config.to_dict(), "stopped": self.stopped,
+                # the LM completion cache lives outside the run (SQLite, shared across runs); a resumed run
+                # replays identical LM calls from it when it points at the same place
+                "lm_cache_dir": str(default_cache_dir())}
 
     def _restore(self, system: System, state: dict, run_dir: Path) -> int:
         system.load_state_dict(state["system"])
