@@ -1,7 +1,7 @@
 """`optimas-fast demo`: the Optimas loop on the Amazon next-item example, offline, on this machine's CPU.
 
 What it runs: the embedded SmolLM2-135M-Instruct for the LM components, the MiniLM-L6 LRF (all heads on one
-backbone), a small seeded split (train 24 / val 12 / test 24 by default), and a few loop iterations over the
+backbone), a small seeded split (train 20 / val 10 / test 20 by default), and a few loop iterations over the
 two components downstream of the summariser (``candidate_scorer``: Weights + Choice; ``final_decider``:
 Prompt + Choice). The summariser's prompt is left alone: changing it would re-run the slowest LM step for
 every candidate, which does not fit the 15-minute target on two cores.
@@ -16,23 +16,23 @@ import time
 
 DEMO_CONFIG = {
     "system": "amazon",
-    "data": {"seed": 0, "train": 24, "val": 12, "test": 24},
+    "data": {"seed": 0, "train": 20, "val": 10, "test": 20},
     "lm": "embedded",
     "reward": {"backbone": "minilm", "max_length": 256},
     "loop": {
         "seed": 0,
         "iterations": 4,
-        "batch_size": 6,
-        "initial_examples": 12,
+        "batch_size": 5,
+        "initial_examples": 8,
         "initial_epochs": 2,
         "lr": 5e-5,
         "batch_pairs": 16,
         "adapt_steps": 4,
         "cooldown": 1,
         "optimizer_inputs": 6,
-        "val_workers": 12,
+        "val_workers": 10,
         "components": ["candidate_scorer", "final_decider"],
-        "collect": {"num_candidates": 3, "rollouts": 1, "workers": 12},
+        "collect": {"num_candidates": 3, "rollouts": 1, "workers": 10},
         "prompt": {"num_proposals": 2, "max_tokens": 48, "max_inputs": 4},
         "weights": {"population": 4, "steps": 2, "max_inputs": 6},
         "budget": {"max_seconds": 600},
