@@ -13,17 +13,33 @@ Workloads (synthetic, deterministic): each input has K candidates with distinct 
 all ordered pairs (the Optimas construction), margin = quality gap. Quality is visible in the candidate text
 (counts of marker words), so both trainers can learn it.
 
-    python benchmarks/bench_reward.py              # CPU-sized defaults (< 10 min on 2 cores)
-    python benchmarks/bench_reward.py --full       # the issue's sizes (512 pairs, 64 x 32 pool): long on CPU
+Fair accuracy comparison. The baseline takes one AdamW step per 2 pairs at lr; ours takes one step per
+input's pairs (K(K-1)/2 = 10 for K = 5, whose 5 unique rows go through the backbone in one call), i.e. ~5x
+fewer updates per epoch. Ours therefore runs at lr * sqrt(batch_pairs / 2): the square-root scaling rule for
+Adam-type optimizers (Malladi et al., "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms",
+NeurIPS 2022). Held-out accuracy is measured on several hundred pairs (--heldout-inputs x 10) for both, with
+a 95% cluster-bootstrap CI over held-out inputs (pairs of one input are correlated) for each accuracy and for
+the paired difference ours - baseline. Held-out scoring is untimed.
+
+Scoring precision. Ours scores with RewardConfig defaults (score_amp="auto": bf16 autocast on CPUs with native
+bf16 GEMMs, e.g. avx512_bf16); the same pool is also scored in fp32 (score_amp="none") on --check-inputs
+inputs, which gives the fp32 speed and the bf16-vs-fp32 agreement (max |diff|, overall Spearman, mean
+within-input Spearman, top-1 agreement). The baseline is always fp32, batch 2, transformers' default attention.
+
+    python benchmarks/bench_reward.py              # CPU-sized defaults
+    python benchmarks/bench_reward.py --full       # the issue's sizes (520 pairs, 400 held-out, 64 x 32 pool)
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
+import sys
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -35,7 +51,11 @@ from transformers import (  # noqa: E402
 
 from optimas_fast.reward import (  # noqa: E402
     DEFAULT_BACKBONE, PreferencePair, RewardConfig, RewardModel, TemplateConfig, backend_report, load_backbone,
+    spearman,
 )
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import machine  # noqa: E402
 
 FILLER = ("the of and to in is was for on that with as by at from it an be this are which or have has not "
           "were but had their more one all been also its other can new two time first used may into such "
@@ -91,13 +111,14 @@ class Baseline:
         out = self.model(input_ids=ids, attention_mask=mask).logits  # (2, C): head on every token for decoders
         return out[torch.arange(len(seqs)), torch.tensor(heads)]
 
-    def train(self, pairs, epochs: int, lr: float, seed: int) -> float:
+    def train(self, pairs, epochs: int, lr: float, seed: int) -> tuple[float, int]:
         data = [(self.ids(p.component, p.inputs, p.chosen), self.ids(p.component, p.inputs, p.rejected),
                  self.rm.head_id(p.component), p.margin) for p in pairs]
         opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
         self.model.train()
         g = random.Random(seed)
         t0 = time.perf_counter()
+        steps = 0
         for _ in range(epochs):
             order = list(range(len(data)))
             g.shuffle(order)
@@ -111,7 +132,8 @@ class Baseline:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        return time.perf_counter() - t0
+                steps += 1
+        return time.perf_counter() - t0, steps
 
     @torch.inference_mode()
     def score(self, rows) -> tuple[torch.Tensor, float]:
@@ -124,11 +146,22 @@ class Baseline:
             out.append(self.logits([x[0] for x in b], [x[1] for x in b]))
         return torch.cat(out), time.perf_counter() - t0
 
-    def accuracy(self, pairs) -> float:
-        rows = [(p.component, p.inputs, p.chosen) for p in pairs] + [(p.component, p.inputs, p.rejected) for p in pairs]
-        s, _ = self.score(rows)
-        n = len(pairs)
-        return float((s[:n] > s[n:]).float().mean())
+    @torch.inference_mode()
+    def correct(self, pairs, batch: int = 16) -> np.ndarray:
+        """Per-pair 1 / 0.5 / 0 (tie) for the held-out set; untimed, so unique rows in larger batches
+        (same math as batch 2: padded positions are masked out)."""
+        self.model.eval()
+        rows = sorted({(p.component, p.inputs, o) for p in pairs for o in (p.chosen, p.rejected)})
+        data = [(self.ids(*r), self.rm.head_id(r[0])) for r in rows]
+        order = sorted(range(len(data)), key=lambda i: len(data[i][0]))
+        score = {}
+        for i in range(0, len(order), batch):
+            b = [data[j] for j in order[i: i + batch]]
+            for j, v in zip(order[i: i + batch], self.logits([x[0] for x in b], [x[1] for x in b]).tolist()):
+                score[rows[j]] = v
+        d = np.array([score[(p.component, p.inputs, p.chosen)] - score[(p.component, p.inputs, p.rejected)]
+                      for p in pairs])
+        return (d > 0) + 0.5 * (d == 0)
 
 
 # ------------------------------------------------------------------------------------------------ set-ups
@@ -163,22 +196,51 @@ def decoder_pair(seed: int, max_len: int, hidden: int = 384, layers: int = 6):
 
 
 # ------------------------------------------------------------------------------------------------ runs
+def ours_correct(rm: RewardModel, pairs) -> np.ndarray:
+    n = len(pairs)
+    s = rm.score([(p.component, p.inputs, p.chosen) for p in pairs]
+                 + [(p.component, p.inputs, p.rejected) for p in pairs]).double().numpy()
+    d = s[:n] - s[n:]
+    return (d > 0) + 0.5 * (d == 0)
+
+
+def cluster_bootstrap(groups: np.ndarray, a: np.ndarray, b: np.ndarray, reps: int = 4000, seed: int = 0) -> dict:
+    """95% percentile CIs of mean(a), mean(b) and mean(a - b), resampling whole groups (held-out inputs)."""
+    ids = np.unique(groups)
+    members = [np.flatnonzero(groups == g) for g in ids]
+    sa, sb, cnt = (np.array([x[m].sum() for m in members]) for x in (a, b, np.ones_like(a)))
+    rng = np.random.default_rng(seed)
+    pick = rng.integers(0, len(ids), size=(reps, len(ids)))  # (reps, G)
+    n = cnt[pick].sum(1)
+    ma, mb = sa[pick].sum(1) / n, sb[pick].sum(1) / n
+    q = lambda x: [float(np.percentile(x, 2.5)), float(np.percentile(x, 97.5))]  # noqa: E731
+    return {"a": q(ma), "b": q(mb), "diff": q(ma - mb)}
+
+
 def bench_training(name, rm, base, train, held, epochs, lr, batch_pairs, seed):
     base.score([(p.component, p.inputs, p.chosen) for p in train[:2]])  # warm-up, untimed
     rm.score([(p.component, p.inputs, p.chosen) for p in train[:2]])
-    t_base = base.train(train, epochs, lr, seed)
-    acc_base = base.accuracy(held)
+    t_base, steps_base = base.train(train, epochs, lr, seed)
+    c_base = base.correct(held)
+    lr_ours = lr * math.sqrt(batch_pairs / 2)  # square-root rule for Adam: batch 2 -> batch_pairs
     t0 = time.perf_counter()
-    rm.train(train, epochs=epochs, lr=lr, batch_pairs=batch_pairs)
+    hist = rm.train(train, epochs=epochs, lr=lr_ours, batch_pairs=batch_pairs)
     t_ours = time.perf_counter() - t0
-    acc_ours = rm.evaluate(held)["accuracy"]
+    c_ours = ours_correct(rm, held)
+    groups = np.array([hash((p.component, p.inputs)) for p in held])
+    ci = cluster_bootstrap(groups, c_ours, c_base, seed=seed)
     n = len(train) * epochs
-    return {"backbone": name, "pairs": len(train), "epochs": epochs, "baseline_pairs_per_s": n / t_base,
-            "ours_pairs_per_s": n / t_ours, "speedup": t_base / t_ours, "heldout_acc_baseline": acc_base,
-            "heldout_acc_ours": acc_ours, "heldout_pairs": len(held)}
+    return {"backbone": name, "pairs": len(train), "epochs": epochs, "baseline_steps": steps_base,
+            "ours_steps": len(hist), "baseline_lr": lr, "ours_lr": lr_ours, "ours_batch_pairs": batch_pairs,
+            "baseline_pairs_per_s": n / t_base, "ours_pairs_per_s": n / t_ours, "speedup": t_base / t_ours,
+            "baseline_seconds": t_base, "ours_seconds": t_ours, "heldout_pairs": len(held),
+            "heldout_inputs": len(set(groups.tolist())), "heldout_acc_baseline": float(c_base.mean()),
+            "heldout_acc_ours": float(c_ours.mean()), "acc_ci95_baseline": ci["b"], "acc_ci95_ours": ci["a"],
+            "acc_diff_ours_minus_baseline": float(c_ours.mean() - c_base.mean()), "acc_diff_ci95": ci["diff"],
+            "score_amp_ours_eval": "bf16" if rm.uses_bf16(True) else "fp32"}
 
 
-def bench_scoring(name, rm, base, n_inputs, n_cands, prefix_tok, suffix_tok, seed):
+def bench_scoring(name, rm, base, n_inputs, n_cands, prefix_tok, suffix_tok, seed, check_inputs):
     rng = random.Random(seed)
     rows = []
     for i in range(n_inputs):
@@ -190,13 +252,33 @@ def bench_scoring(name, rm, base, n_inputs, n_cands, prefix_tok, suffix_tok, see
     s_base, t_base = base.score(rows)
     rm.tokens.clear()  # cold token cache: tokenisation is inside our timing
     s_ours, rep = rm.score_with_report(rows)
+    # the same pool (first check_inputs inputs) in fp32: fp32 speed and bf16-vs-fp32 agreement
+    n_chk = min(check_inputs, n_inputs) * n_cands
+    amp = rm.config.score_amp
+    rm.config.score_amp = "none"
+    rm.score(rows[:2])
+    rm.tokens.clear()
+    s32, rep32 = rm.score_with_report(rows[:n_chk])
+    rm.config.score_amp = amp
+    sub = s_ours[:n_chk]
+    within = [spearman(sub[i: i + n_cands].tolist(), s32[i: i + n_cands].tolist()) for i in range(0, n_chk, n_cands)]
+    top1 = np.mean([int(sub[i: i + n_cands].argmax()) == int(s32[i: i + n_cands].argmax())
+                    for i in range(0, n_chk, n_cands)])
     # decoders: same weights, same heads, same last-token read-out -> same scores (prefix sharing is exact);
     # encoders: the baseline reads BERT's pooler, we mean-pool (by design), so there is nothing to compare
-    err = float((s_base - s_ours).abs().max()) if not rm.is_encoder else None
+    err = float((s_base[:n_chk] - s32).abs().max()) if not rm.is_encoder else None
     return {"backbone": name, "rows": len(rows), "baseline_rows_per_s": len(rows) / t_base,
-            "ours_rows_per_s": len(rows) / rep.seconds, "speedup": t_base / rep.seconds,
-            "max_abs_score_diff_vs_baseline": err, "prefix_sharing": rep.prefix_sharing,
-            "tokens_ours": rep.tokens_encoded, "tokens_naive": rep.tokens_naive}
+            "ours_rows_per_s": len(rows) / rep.seconds, "speedup": t_base / rep.seconds, "ours_amp": rep.amp,
+            "ours_attention": rep.attention,
+            "baseline_attention": str(getattr(base.model.config, "_attn_implementation", "unknown")),
+            "baseline_seconds": t_base, "ours_seconds": rep.seconds,
+            "fp32_check_rows": n_chk, "ours_fp32_rows_per_s": n_chk / rep32.seconds,
+            "speedup_fp32": (n_chk / rep32.seconds) / (len(rows) / t_base),
+            "bf16_vs_fp32_max_abs_diff": float((sub - s32).abs().max()), "fp32_score_std": float(s32.std()),
+            "bf16_vs_fp32_spearman": spearman(sub.tolist(), s32.tolist()),
+            "bf16_vs_fp32_mean_within_input_spearman": float(np.mean(within)), "bf16_vs_fp32_top1_agreement": float(top1),
+            "max_abs_score_diff_fp32_vs_baseline": err, "prefix_sharing": rep.prefix_sharing,
+            "tokens_ours": rep.tokens_encoded, "tokens_naive": rep.tokens_naive, "backbone_calls": rep.n_batches}
 
 
 def main():
@@ -204,36 +286,45 @@ def main():
     ap.add_argument("--full", action="store_true", help="the issue's sizes (slow on CPU)")
     ap.add_argument("--train-inputs", type=int, default=4, help="inputs with K candidates each (pairs = K(K-1)/2 each)")
     ap.add_argument("--k", type=int, default=5, help="candidates per training input")
-    ap.add_argument("--heldout-inputs", type=int, default=3)
+    ap.add_argument("--heldout-inputs", type=int, default=40, help="held-out inputs (K(K-1)/2 pairs each)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--score-inputs", type=int, default=2)
     ap.add_argument("--score-cands", type=int, default=32)
+    ap.add_argument("--check-inputs", type=int, default=8, help="pool inputs also scored in fp32 (agreement check)")
+    ap.add_argument("--skip", action="append", default=[], choices=["training", "scoring"])
     ap.add_argument("--only", choices=["encoder", "decoder"], default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
     if args.full:
-        args.train_inputs, args.heldout_inputs, args.score_inputs = 52, 13, 64  # 52 x 10 = 520 pairs
+        args.train_inputs, args.heldout_inputs, args.score_inputs = 52, 40, 64  # 520 train / 400 held-out pairs
+    t_start, load_start = time.perf_counter(), os.getloadavg()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     train = make_pairs(rng, args.train_inputs, args.k, 300, 60)
     held = make_pairs(rng, args.heldout_inputs, args.k, 300, 60)
-    results = {"device": "cpu", "threads": torch.get_num_threads(), "backends": backend_report(),
-               "training": [], "scoring": []}
-    print(f"threads={torch.get_num_threads()} train pairs={len(train)} held-out pairs={len(held)}")
+    results = {"machine": machine(), "argv": sys.argv[1:], "load_average_start": load_start,
+               "backends": backend_report(), "training": [], "scoring": []}
+    print(f"{results['machine']}\nload average at start: {load_start}\n"
+          f"train pairs={len(train)} held-out pairs={len(held)} pool={args.score_inputs}x{args.score_cands}", flush=True)
     setups = [("encoder", encoder_pair, 5e-5), ("decoder", decoder_pair, 3e-4)]
     for kind, make, lr in setups:
         if args.only and args.only != kind:
             continue
-        name, rm, base = make(args.seed, 512)
-        r = bench_training(name, rm, base, train, held, args.epochs, lr, batch_pairs=2 * args.k * (args.k - 1) // 2,
-                           seed=args.seed)
-        results["training"].append(r)
-        print(json.dumps(r))
-        name, rm, base = make(args.seed, 512)  # fresh weights: scores must agree with the baseline's
-        r = bench_scoring(name, rm, base, args.score_inputs, args.score_cands, 400, 40, args.seed)
-        results["scoring"].append(r)
-        print(json.dumps(r))
+        if "training" not in args.skip:
+            name, rm, base = make(args.seed, 512)
+            r = bench_training(name, rm, base, train, held, args.epochs, lr, batch_pairs=args.k * (args.k - 1) // 2,
+                               seed=args.seed)
+            results["training"].append(r)
+            print(json.dumps(r), flush=True)
+        if "scoring" not in args.skip:
+            name, rm, base = make(args.seed, 512)  # fresh weights: scores must agree with the baseline's
+            r = bench_scoring(name, rm, base, args.score_inputs, args.score_cands, 400, 40, args.seed, args.check_inputs)
+            results["scoring"].append(r)
+            print(json.dumps(r), flush=True)
+    results["load_average_end"] = os.getloadavg()
+    results["wall_seconds"] = time.perf_counter() - t_start
+    print(f"load average at end: {results['load_average_end']}; wall {results['wall_seconds']:.0f} s", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

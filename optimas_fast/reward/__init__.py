@@ -13,12 +13,14 @@ from .checkpoint import describe as describe_checkpoint
 from .data import Candidate, PreferencePair, ScoreRequest
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .metrics import spearman
-from .model import DEFAULT_BACKBONE, LoraSettings, RewardConfig, RewardModel, ScoreReport, load_backbone
+from .model import (
+    DEFAULT_BACKBONE, LoraSettings, RewardConfig, RewardModel, ScoreReport, cpu_has_native_bf16, load_backbone,
+)
 from .template import TemplateConfig
 from .trainer import TrainConfig
 
 __all__ = [
     "DEFAULT_BACKBONE", "Candidate", "DistInfo", "LoraSettings", "PreferencePair", "RewardConfig", "RewardModel",
     "ScoreReport", "ScoreRequest", "TemplateConfig", "TrainConfig", "backend_report", "cleanup_distributed",
-    "describe_checkpoint", "init_distributed", "load_backbone", "spearman",
+    "cpu_has_native_bf16", "describe_checkpoint", "init_distributed", "load_backbone", "spearman",
 ]

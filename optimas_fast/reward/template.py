@@ -12,6 +12,7 @@ own is an error, because silently cutting the thing being scored would change wh
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,21 +52,42 @@ class TokenCache:
 
     Why cache: during optimisation the same inputs are scored against thousands of candidate outputs and the
     same pairs are revisited every epoch; tokenisation is pure-Python-ish and otherwise dominates small steps.
+
+    Bounded: ``max_entries`` (None = unbounded) caps the text -> ids entries and, separately, the interned
+    prefixes; the least recently used entry goes first. Prefix keys come from a counter that never reuses a
+    value, so an evicted and re-seen prefix gets a fresh key: it can only cost sharing/dedupe inside one call
+    (equal prefixes with different keys run as separate groups, still exact), never merge two different
+    prefixes. Memory: an entry is its text's ids as a tuple (~8 bytes per token) plus the key string.
     """
 
-    def __init__(self, tokenizer: Any, config: TemplateConfig, is_encoder: bool):
+    def __init__(self, tokenizer: Any, config: TemplateConfig, is_encoder: bool, max_entries: int | None = None):
         config.validate()
+        if max_entries is not None and (isinstance(max_entries, bool) or not isinstance(max_entries, int)
+                                        or max_entries < 1):
+            raise ValueError(f"token cache max_entries must be an int >= 1 or None, got {max_entries!r}")
         self.tokenizer = tokenizer
         self.config = config
         self.is_encoder = is_encoder
+        self.max_entries = max_entries
         cls_or_bos = tokenizer.cls_token_id if is_encoder else tokenizer.bos_token_id
         self.lead: tuple[int, ...] = (cls_or_bos,) if cls_or_bos is not None else ()
         sep = tokenizer.sep_token_id if is_encoder else None
         self.sep: tuple[int, ...] = (sep,) if sep is not None else ()
-        self._text_ids: dict[str, tuple[int, ...]] = {}
-        self._prefix_keys: dict[tuple[int, ...], int] = {}
+        self._text_ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._prefix_keys: OrderedDict[tuple[int, ...], int] = OrderedDict()
+        self._next_key = 0
         self.hits = 0
         self.misses = 0
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._text_ids)
+
+    def _trim(self, d: OrderedDict) -> None:
+        if self.max_entries is not None:
+            while len(d) > self.max_entries:
+                d.popitem(last=False)  # least recently used
+                self.evictions += 1
 
     def _ids(self, text: str) -> tuple[int, ...]:
         ids = self._text_ids.get(text)
@@ -73,9 +95,21 @@ class TokenCache:
             self.misses += 1
             ids = tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             self._text_ids[text] = ids
+            self._trim(self._text_ids)
         else:
             self.hits += 1
+            self._text_ids.move_to_end(text)
         return ids
+
+    def _prefix_key(self, prefix: tuple[int, ...]) -> int:
+        key = self._prefix_keys.get(prefix)
+        if key is None:
+            key = self._prefix_keys[prefix] = self._next_key
+            self._next_key += 1
+            self._trim(self._prefix_keys)
+        else:
+            self._prefix_keys.move_to_end(prefix)
+        return key
 
     def prefix_text(self, description: str, inputs: str) -> str:
         return self.config.prefix_format.format(description=description, inputs=inputs)
@@ -94,7 +128,7 @@ class TokenCache:
         if dropped:
             body = body[dropped:] if self.config.truncation_side == "left" else body[: len(body) - dropped]
         prefix = self.lead + body + self.sep
-        key = self._prefix_keys.setdefault(prefix, len(self._prefix_keys))
+        key = self._prefix_key(prefix)
         return Tokenised(head_id, prefix, suffix, key, dropped)
 
     def clear(self) -> None:
