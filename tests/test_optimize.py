@@ -194,18 +194,34 @@ def test_alignment_monitor_retrains_a_misaligned_head(seed, tmp_path, caplog):
     assert all(len(c) == 1 for c in calls[1:])
 
 
-def test_tie_accepts_the_proposal(seed, tmp_path):
-    # a constant metric: every proposal ties with the incumbent on validation and is accepted
+def test_tie_keeps_the_incumbent(seed, tmp_path):
+    # a constant metric: every proposal ties with the incumbent on validation and is rejected
     system, _, train, val = build_synthetic(seed)
-    system.metric = lambda ex, pred: 0.5 + 0.5 * (pred["b"] == "circle" and pred["a"] == "red")
+    system.metric = lambda ex, pred: 0.5
+    before = system.state_dict()["variables"]
     rm = tiny_reward_model(COMPONENTS, seed)
-    cfg = synthetic_config(seed, 4)
-    res = Optimas(rm, None, cfg).optimize(system, train, val, run_dir=tmp_path / "run")
-    decided = [h for h in res.history[1:] if h["accepted"] is not None]
-    for h in decided:
-        assert h["accepted"] == (h["val_score"] >= res.history[0]["best_val"] or h["val_score"] >= h["best_val"])
-    ties = [h for h in decided if h["val_score"] == pytest.approx(0.5)]
-    assert all(h["accepted"] for h in ties)
+    res = Optimas(rm, None, synthetic_config(seed, 4)).optimize(system, train, val, run_dir=tmp_path / "run")
+    assert system.state_dict()["variables"] == before
+    assert all(h["accepted"] in (None, False) for h in res.history[1:])
+    assert all(g["val_score"] == 0.5 and not g["accepted"] for h in res.history[1:] for g in h["gate"])
+
+
+def test_gate_judges_each_variable_on_its_own(seed, tmp_path):
+    # two variables of one component: only "good" matters to the metric; a change of "noise" proposed in the
+    # same iteration must not ride along with the useful change
+    from optimas_fast.system import Choice as Ch
+
+    comp = Component("pick", inputs=["x"], outputs=["y"], description="picks",
+                     variable={"good": Ch(level=[0, 1, 2, 3]), "noise": Ch(level=[0, 1, 2, 3])},
+                     fn=lambda x, variable: {"y": f"{variable['good']['level']} {variable['noise']['level']}"})
+    system = System([comp], lambda ex, pred: int(pred["y"].split()[0]) / 3, ["y"], inputs=["x"])
+    data = [{"id": i, "x": f"q{i}"} for i in range(20)]
+    res = Optimas(tiny_reward_model({"pick": "picks"}, seed), None, synthetic_config(seed, 3)).optimize(
+        system, data[:14], data[14:], run_dir=tmp_path / "run")
+    assert system.variables()["pick.good"]["level"] == 3
+    assert system.variables()["pick.noise"]["level"] == 0  # never accepted: it never changes the score
+    accepted = [g["address"] for h in res.history[1:] for g in h["gate"] if g["accepted"]]
+    assert accepted and set(accepted) == {"pick.good"}
 
 
 # ------------------------------------------------------------------------------------------ selection

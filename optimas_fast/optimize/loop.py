@@ -17,10 +17,11 @@ Iteration t = 1..T:
    reward; a head below ``alignment_threshold`` (with enough held-out pairs) logs a warning and is
    re-trained on its stored pairs;
 5. optimize each of the component's variables against its head (prompt / choice / weights optimizer);
-6. validation gate: if anything changed, evaluate the system with the proposals on the validation set.
-   **Tie rule**: accept when the score is >= the best so far (a tie accepts: the proposal already beat the
-   incumbent under the LRF on the same inputs, so the LRF breaks the tie); else revert. LRF updates are
-   kept either way;
+6. validation gate: each changed variable (in order of its LRF gain) is evaluated on the validation set on
+   top of the changes accepted before it, and kept only if the score is **strictly higher** than the best so
+   far. **Tie rule**: a tie keeps the incumbent (a change the validation set cannot tell apart from the
+   current configuration is not worth the drift: on small validation sets most ties are changes to
+   variables that the current configuration does not even use). LRF updates are kept either way;
 7. checkpoint the run state atomically (see ``state.py``).
 
 Budgets: LM calls / tokens / $ are enforced by the LM layer's ledger (``BudgetExceeded`` before anything is
@@ -366,16 +367,20 @@ class Optimas:
                 opt = self.optimizers[var.kind]
                 proposals.append(opt.optimize(comp, inputs, self.rm, OptimizerBudget(max_inputs=cfg.optimizer_inputs),
                                               address=address, rng=random.Random(f"{cfg.seed}:{t}:{address}")))
-        changed = [p for p in proposals if p.changed]
-        val, accepted = None, False
-        if changed:
-            overrides = {p.address: p.variable for p in changed}
-            val = self._evaluate(system, valset, overrides)
-            accepted = val >= self.best_val  # tie rule: a tie accepts (see the module docstring)
-            if accepted:
-                for p in changed:
-                    system.set_variable(p.address, p.variable)
-                self.best_val = val
+        # validation gate, one variable at a time in order of LRF gain, each on top of those accepted before
+        # it: a change that does not help on its own (e.g. the prompt of a policy that no longer calls the
+        # LM) cannot ride along with one that does
+        changed = sorted((p for p in proposals if p.changed), key=lambda p: -(p.score - p.incumbent_score))
+        gate = []
+        for p in changed:
+            v = self._evaluate(system, valset, {p.address: p.variable})
+            ok = v > self.best_val  # tie rule: a tie keeps the incumbent (see the module docstring)
+            if ok:
+                system.set_variable(p.address, p.variable)
+                self.best_val = v
+            gate.append({"address": p.address, "val_score": v, "accepted": ok})
+        val = max((g["val_score"] for g in gate), default=None)
+        accepted = any(g["accepted"] for g in gate)
         log.info("iteration %d: %s, %d proposal(s) changed, val %s, best %.4f, %s", t, name, len(changed),
                  "-" if val is None else f"{val:.4f}", self.best_val,
                  "accepted" if accepted else ("rejected" if changed else "no change"))
@@ -384,6 +389,7 @@ class Optimas:
                              "retrained": retrained, "head_trained": trained,
                              "proposals": [p.summary() for p in proposals],
                              "val_score": val, "best_val": self.best_val, "accepted": accepted if changed else None,
+                             "gate": gate,
                              "usage": self.ledger.state_dict()["total"], "seconds": time.perf_counter() - t0})
 
 
