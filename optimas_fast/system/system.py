@@ -37,13 +37,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 import threading
 import time
 import traceback as tb
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from optimas_fast._io import atomic_write_text
 from optimas_fast.lm.errors import BudgetExceeded
 from optimas_fast.system.component import Component, ComponentError
 from optimas_fast.system.context import usage_scope
@@ -483,19 +483,11 @@ class System:
             self.set_variable(addr, var)
 
     def save_state(self, path: str | os.PathLike) -> None:
-        """Writes ``state_dict()`` as JSON atomically (temp file + rename)."""
+        """Writes ``state_dict()`` as JSON atomically (temp file, fsync, rename)."""
         path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".state-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.state_dict(), f, indent=1, sort_keys=True)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_text(path, json.dumps(self.state_dict(), indent=1, sort_keys=True))
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Reads a JSON state written by ``save_state``."""
