@@ -141,11 +141,18 @@ void multihead_score_fwd(DType dt, int64_t N, int64_t H, int64_t C, const void* 
   (void)C;
   dispatch(dt, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    const T* x = static_cast<const T*>(hidden);
-#pragma omp parallel for schedule(static) if (N * H > kParallelWork)
-    for (int64_t n = 0; n < N; ++n) {
-      int64_t c = ids[n];
-      out[n] = dot(x + n * H, W + c * H, H) + b[c];
+    // Locals, not the lambda's by-reference captures: a store to out[n] could otherwise alias them and
+    // force reloads in the hot loop.
+    const T* __restrict x = static_cast<const T*>(hidden);
+    const int64_t* __restrict id = ids;
+    const float* __restrict w = W;
+    const float* __restrict bias = b;
+    float* __restrict o = out;
+    const int64_t rows = N, hs = H;
+#pragma omp parallel for schedule(static) if (rows * hs > kParallelWork)
+    for (int64_t n = 0; n < rows; ++n) {
+      const int64_t c = id[n];
+      o[n] = dot(x + n * hs, w + c * hs, hs) + bias[c];
     }
   });
 }
