@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from optimas_fast._io import atomic_write_text
 from optimas_fast.optimize.state import load_run_state
 
 __all__ = ["build_report", "write_report", "plot_report", "bootstrap_ci"]
@@ -120,9 +121,7 @@ def write_report(run_dir: str | os.PathLike, state: Mapping[str, Any] | None = N
     if state is None:
         state = load_run_state(run_dir)
     report = build_report(state, extra)
-    tmp = run_dir / ".report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, run_dir / "report.json")
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1, sort_keys=True))
     if png:
         try:
             plot_report(report, run_dir / "report.png")

@@ -19,9 +19,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from optimas_fast._io import atomic_write_text
 
 __all__ = ["RUN_STATE", "STATE_FORMAT", "save_run_state", "load_run_state", "lrf_dir_name"]
 
@@ -31,28 +32,6 @@ STATE_FORMAT = "optimas_fast.run_state/1"
 
 def lrf_dir_name(iteration: int) -> str:
     return f"lrf-{iteration:06d}"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(str(path.parent), os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
 
 
 def save_run_state(run_dir: str | os.PathLike, state: dict, reward_model: Any, iteration: int) -> None:
@@ -65,7 +44,7 @@ def save_run_state(run_dir: str | os.PathLike, state: dict, reward_model: Any, i
         shutil.rmtree(target)
     reward_model.save(target)
     state = dict(state, format=STATE_FORMAT, iteration=iteration, lrf_checkpoint=name)
-    _atomic_write_text(run_dir / RUN_STATE, json.dumps(state, sort_keys=True))
+    atomic_write_text(run_dir / RUN_STATE, json.dumps(state, sort_keys=True))
     for old in run_dir.glob("lrf-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
