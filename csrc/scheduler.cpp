@@ -278,7 +278,8 @@ void check_flat(const py::array& tok, const py::array& off, const int64_t* lens,
   const int64_t* o = vec_ptr(off, (std::string(name) + "_offsets").c_str(), n + 1);
   check(o[0] == 0 && o[n] == ti.shape[0], std::string(name) + ": offsets must run from 0 to the token count");
   for (int64_t i = 0; i < n; ++i)
-    check(o[i + 1] - o[i] == lens[i] && lens[i] >= 0, std::string(name) + ": offsets disagree with the lengths");
+    if (!(o[i + 1] - o[i] == lens[i] && lens[i] >= 0))  // message built only on failure (per-row loop)
+      check(false, std::string(name) + ": offsets disagree with the lengths");
   *tok_out = static_cast<const int64_t*>(ti.ptr);
   *off_out = o;
 }
