@@ -195,3 +195,17 @@ class Optimizer:
     @staticmethod
     def _clock() -> float:
         return time.perf_counter()
+
+    def _start(self, component: Component, budget: OptimizerBudget | None, address: str | None,
+               rng: random.Random | None, expected: type):
+        """The common opening of every ``optimize``: start the clock, default and check the budget, find the
+        variable and check its type. Returns (t0, rng, budget, address, key, current variable)."""
+        t0 = self._clock()
+        rng = rng or random.Random(0)
+        budget = budget or OptimizerBudget()
+        budget.validate()
+        address, key, current = resolve_address(component, address)
+        if not isinstance(current, expected):
+            raise TypeError(f"{type(self).__name__}: variable {address!r} is a {current.kind}, "
+                            f"not {'weights' if self.kind == 'weights' else 'a ' + self.kind}")
+        return t0, rng, budget, address, key, current

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from optimas_fast.optimizers.base import (
-    Optimizer, OptimizerBudget, Proposal, mean, override_for, pick_best, resolve_address, run_batch, score_matrix,
+    Optimizer, OptimizerBudget, Proposal, mean, override_for, pick_best, run_batch, score_matrix,
 )
 from optimas_fast.system import Choice, Component
 
@@ -41,13 +41,7 @@ class ChoiceOptimizer(Optimizer):
     def optimize(self, component: Component, inputs: Sequence[Mapping[str, Any]], reward_model: Any,
                  budget: OptimizerBudget | None = None, *, address: str | None = None,
                  rng: random.Random | None = None) -> Proposal:
-        t0 = self._clock()
-        rng = rng or random.Random(0)
-        budget = budget or OptimizerBudget()
-        budget.validate()
-        address, key, current = resolve_address(component, address)
-        if not isinstance(current, Choice):
-            raise TypeError(f"ChoiceOptimizer: variable {address!r} is a {current.kind}, not a choice")
+        t0, rng, budget, address, key, current = self._start(component, budget, address, rng, Choice)
         xs = self._inputs(inputs, budget.max_inputs or self.config.max_inputs, rng)
         cap = min(self.config.max_candidates, budget.max_candidates or self.config.max_candidates)
         if budget.max_rows is not None:

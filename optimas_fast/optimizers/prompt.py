@@ -119,13 +119,7 @@ class PromptOptimizer(Optimizer):
     def optimize(self, component: Component, inputs: Sequence[Mapping[str, Any]], reward_model: Any,
                  budget: OptimizerBudget | None = None, *, address: str | None = None,
                  rng: random.Random | None = None) -> Proposal:
-        t0 = self._clock()
-        rng = rng or random.Random(0)
-        budget = budget or OptimizerBudget()
-        budget.validate()
-        address, key, current = resolve_address(component, address)
-        if not isinstance(current, Prompt):
-            raise TypeError(f"PromptOptimizer: variable {address!r} is a {current.kind}, not a prompt")
+        t0, rng, budget, address, key, current = self._start(component, budget, address, rng, Prompt)
         xs = self._inputs(inputs, budget.max_inputs or self.config.max_inputs, rng)
         n = min(self.config.num_proposals, budget.max_candidates or self.config.num_proposals)
         texts = self.propose(component, address, current.text, component.format_inputs(xs[0], 400), n, rng)

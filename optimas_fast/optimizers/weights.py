@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from optimas_fast.optimizers.base import (
-    Optimizer, OptimizerBudget, Proposal, mean, override_for, pick_best, resolve_address, run_batch, score_matrix,
+    Optimizer, OptimizerBudget, Proposal, mean, override_for, pick_best, run_batch, score_matrix,
 )
 from optimas_fast.system import Component, Weights
 
@@ -93,13 +93,7 @@ class WeightsOptimizer(Optimizer):
     def optimize(self, component: Component, inputs: Sequence[Mapping[str, Any]], reward_model: Any,
                  budget: OptimizerBudget | None = None, *, address: str | None = None,
                  rng: random.Random | None = None) -> Proposal:
-        t0 = self._clock()
-        rng = rng or random.Random(0)
-        budget = budget or OptimizerBudget()
-        budget.validate()
-        address, key, current = resolve_address(component, address)
-        if not isinstance(current, Weights):
-            raise TypeError(f"WeightsOptimizer: variable {address!r} is a {current.kind}, not weights")
+        t0, rng, budget, address, key, current = self._start(component, budget, address, rng, Weights)
         if current.module is None:
             raise NotImplementedError(f"WeightsOptimizer: {address!r} is a path-based Weights ({current.path}); "
                                       "only in-process torch modules are optimized (LoRA via peft is not implemented)")
