@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import sqlite3
 import threading
 import time
@@ -57,6 +58,12 @@ def cache_key(identity: Mapping[str, Any], prompt: Any, params: Mapping[str, Any
     payload = {"id": dict(identity), "prompt": prompt, "params": dict(params), "sample": int(sample_index)}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _is_busy(err: sqlite3.Error) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED: another connection holds a lock; retrying later succeeds."""
+    msg = str(err).lower()
+    return "locked" in msg or "busy" in msg
 
 
 def _is_corruption(err: sqlite3.Error) -> bool:
@@ -97,7 +104,9 @@ class LMCache:
         if self._conn is not None and self._conn_pid == os.getpid():
             return self._conn
         self._conn = None  # inherited across fork: never reuse it
-        for attempt in range(2):  # second attempt after moving a corrupt file aside
+        busy_deadline = time.monotonic() + self.busy_timeout_s
+        moved_aside = False  # a corrupt file is moved aside once, then the open is tried again
+        while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, check_same_thread=False,
@@ -120,15 +129,20 @@ class LMCache:
                     self._inode = None
                 return conn
             except sqlite3.DatabaseError as e:
-                if attempt == 0 and _is_corruption(e) and self.path.exists():
+                if _is_busy(e) and time.monotonic() < busy_deadline:
+                    # Another process is creating the file or switching it to WAL right now (a brand-new
+                    # cache opened by two processes at once): wait for it instead of giving up on the disk.
+                    time.sleep(0.02 + 0.05 * random.random())
+                    continue
+                if not moved_aside and _is_corruption(e) and self.path.exists():
                     self._move_aside(e)
+                    moved_aside = True
                     continue
                 self._disable(f"cannot open the LM cache at {self.path}: {e}")
                 return None
             except OSError as e:
                 self._disable(f"cannot create the LM cache directory {self.path.parent}: {e}")
                 return None
-        return None
 
     def _disable(self, reason: str) -> None:
         self._disabled_reason = reason
