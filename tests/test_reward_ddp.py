@@ -2,6 +2,7 @@
 on the same pairs as a single process; the weights must agree within float tolerance."""
 from __future__ import annotations
 
+import gc
 import os
 import random
 
@@ -51,6 +52,10 @@ def _worker(rank: int, init_file: str, seed: int, out: str) -> None:
         state = _train(rm, pairs)
         if info.rank == 0:
             torch.save({"state": state, "step": rm.trainer.step, "ddp": rm.trainer._ddp is not None}, out)
+        # The DDP reducer must be freed while its process group is alive, not at interpreter exit after
+        # the group is gone (a gloo rank can abort then).
+        del rm
+        gc.collect()
     finally:
         cleanup_distributed()
 
