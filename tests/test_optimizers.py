@@ -115,6 +115,23 @@ def test_prompt_optimizer_needs_a_proposer_and_a_prompt():
         PromptOptimizer(ScriptedLM(["x y z"])).optimize(comp, [], FakeRM(lambda *a: 0))
 
 
+def test_prompt_proposals_that_parrot_the_meta_prompt_are_dropped(seed):
+    # replies seen from SmolLM2-135M: a continuation of the meta-prompt and a quote of the example inputs
+    rng = random.Random(seed)
+    qtext = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega"]) for _ in range(12))
+    replies = ["A component of an AI pipeline: A video, how to make it in 1 minute.",
+               f"Question: {qtext}",
+               "Answer the question with a short phrase from the text.",  # a rewrite sharing words: kept
+               "Instructions tried so far, from worst to best score: none"]
+    lm = ScriptedLM(lambda prompt, i: replies[i % len(replies)])
+    comp = Component("c", inputs=["question"], outputs=["y"], variable=Prompt("Answer the question with a short phrase."),
+                     fn=lambda question, variable: {"y": question}, description="Answers a question.")
+    opt = PromptOptimizer(lm, PromptConfig(num_proposals=4))
+    p = opt.optimize(comp, [{"question": qtext}], FakeRM(lambda *a: 0.0), rng=rng)
+    assert [c["value"] for c in p.candidates] == ["Answer the question with a short phrase.",
+                                                  "Answer the question with a short phrase from the text."]
+
+
 @pytest.mark.parametrize("text, expected", [
     ("Instruction: Do the thing well.", "Do the thing well."),
     ('"Quote me on this one."\n\nExtra explanation.', "Quote me on this one."),

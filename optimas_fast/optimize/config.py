@@ -55,6 +55,9 @@ class OptimasConfig:
     gap_ema: float = 0.5  # weight of the fresh gap in each component's running preference gap
     optimizer_inputs: int = 8  # stored inputs the optimizers score candidates on
     alignment_threshold: float = 0.55  # a head whose held-out pairwise accuracy falls below this is re-trained
+    # ... or whose alignment (mean within-input Spearman rho between its scores and the measured global
+    # rewards of held-out candidates) falls below this; None judges by accuracy only
+    min_spearman: float | None = 0.1
     min_alignment_pairs: int = 4  # held-out pairs a head needs before the monitor judges it
     retrain_epochs: int = 2  # epochs of the re-training of a misaligned head on its stored pairs
     holdout_fraction: float = 0.2  # share of training examples whose pairs are held out for the monitor
@@ -93,6 +96,10 @@ class OptimasConfig:
             raise ConfigError(f"gap_ema must be in (0, 1], got {self.gap_ema!r}")
         if not (isinstance(self.alignment_threshold, (int, float)) and 0 <= self.alignment_threshold <= 1):
             raise ConfigError(f"alignment_threshold must be in [0, 1], got {self.alignment_threshold!r}")
+        if self.min_spearman is not None and not (isinstance(self.min_spearman, (int, float))
+                                                  and not isinstance(self.min_spearman, bool)
+                                                  and -1 <= self.min_spearman <= 1):
+            raise ConfigError(f"min_spearman must be in [-1, 1] or null, got {self.min_spearman!r}")
         if not (isinstance(self.holdout_fraction, (int, float)) and 0 <= self.holdout_fraction < 1):
             raise ConfigError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
         if self.components is not None and (not isinstance(self.components, list)

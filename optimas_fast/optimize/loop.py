@@ -14,8 +14,8 @@ Iteration t = 1..T:
    never trained on);
 3. adapt the LRF on the fresh pairs plus replay (optimizer state kept across iterations);
 4. alignment monitor: every head's held-out pairwise accuracy and rank correlation with the measured
-   reward; a head below ``alignment_threshold`` (with enough held-out pairs) logs a warning and is
-   re-trained on its stored pairs;
+   reward; a head below ``alignment_threshold`` (accuracy) or ``min_spearman`` (rank correlation), with
+   enough held-out pairs, logs a warning and is re-trained on its stored pairs;
 5. optimize each of the component's variables against its head (prompt / choice / weights optimizer);
 6. validation gate: each changed variable (in order of its LRF gain) is evaluated on the validation set on
    top of the changes accepted before it, and kept only if the score is **strictly higher** than the best so
@@ -27,7 +27,9 @@ Iteration t = 1..T:
 Budgets: LM calls / tokens / $ are enforced by the LM layer's ledger (``BudgetExceeded`` before anything is
 sent); wall time is checked at iteration boundaries. A budget hit inside an iteration abandons that
 iteration: the system and LRF are restored from the last checkpoint (the usage stays counted) and the run
-stops with ``stopped`` saying why. Everything is deterministic given ``config.seed``.
+stops with ``stopped`` saying why. A budget hit during the initial phase saves the starting point (phase
+"initial"); resuming runs the initial phase again, its earlier LM calls replayed from the cache. Everything
+is deterministic given ``config.seed``.
 """
 from __future__ import annotations
 
@@ -176,12 +178,17 @@ class Optimas:
         retrained = []
         for comp in targets:
             m = per.get(comp)
-            if not m or m["n_pairs"] < cfg.min_alignment_pairs or not m["accuracy"] < cfg.alignment_threshold:
+            if not m or m["n_pairs"] < cfg.min_alignment_pairs:
+                continue
+            low_acc = m["accuracy"] < cfg.alignment_threshold
+            # NaN alignment (no held-out group with two distinct rewards) is no evidence either way
+            low_rho = cfg.min_spearman is not None and m["alignment"] < cfg.min_spearman
+            if not (low_acc or low_rho):
                 continue
             train_pairs = self.store.pairs(comp, held_out=False)
-            log.warning("alignment monitor: head %r held-out accuracy %.3f < %.3f (alignment %.3f); re-training it "
-                        "on its %d stored pairs", comp, m["accuracy"], cfg.alignment_threshold,
-                        m["alignment"], len(train_pairs))
+            log.warning("alignment monitor: head %r held-out accuracy %.3f (threshold %.3f), alignment (Spearman) "
+                        "%.3f (threshold %s); re-training it on its %d stored pairs", comp, m["accuracy"],
+                        cfg.alignment_threshold, m["alignment"], cfg.min_spearman, len(train_pairs))
             if train_pairs:
                 self.rm.train(train_pairs, epochs=cfg.retrain_epochs, **self._train_kwargs())
                 retrained.append(comp)
@@ -227,10 +234,18 @@ class Optimas:
         try:
             start = 0
             if resume_from is not None:
-                start = self._restore(system, load_run_state(run_dir), run_dir)
+                state = load_run_state(run_dir)
+                start = self._restore(system, state, run_dir)
                 # resuming is a request to go on: this config's budget applies (it may have been raised)
                 self.ledger.budget, self.stopped = Budget(b.max_calls, b.max_tokens, b.max_usd), None
-                log.info("resumed %s at iteration %d (best val %.4f)", run_dir, start, self.best_val)
+                if state.get("phase") == "initial":
+                    # a budget stopped the initial phase: run it again from the saved starting point; the
+                    # calls it had made replay from the LM cache (free) when the cache is the same
+                    log.info("resumed %s: the initial phase had not finished, running it again", run_dir)
+                    if not self._initial(system, trainset, valset, targets, run_dir):
+                        return self._finish(system, run_dir)
+                else:
+                    log.info("resumed %s at iteration %d (best val %.4f)", run_dir, start, self.best_val)
             else:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 if not self._initial(system, trainset, valset, targets, run_dir):
@@ -266,8 +281,8 @@ class Optimas:
         finally:
             set_default_ledger(previous_ledger)
 
-    def _checkpoint(self, system: System, run_dir: Path, iteration: int) -> None:
-        save_run_state(run_dir, self._snapshot(system), self.rm, iteration)
+    def _checkpoint(self, system: System, run_dir: Path, iteration: int, phase: str = "loop") -> None:
+        save_run_state(run_dir, dict(self._snapshot(system), phase=phase), self.rm, iteration)
 
     def _finish(self, system: System, run_dir: Path) -> OptimasResult:
         system.save_state(run_dir / "system_state.json")
@@ -280,6 +295,7 @@ class Optimas:
         cfg = self.config
         t0 = time.perf_counter()
         rng = random.Random(f"{cfg.seed}:0")
+        fresh_optimizer_states = {o.kind: o.state_dict() for o in self.optimizers.values()}
         bar = _bar(self.progress, 2 + len(targets), 0, "initial (val, pairs, LRF)")
         try:
             self.initial_val = self.best_val = self._evaluate(system, valset)
@@ -310,9 +326,16 @@ class Optimas:
                 bar.close()
         except BudgetExceeded as exc:
             self.stopped = f"budget: {getattr(exc, 'limit', exc)} exhausted"
-            log.warning("the budget ran out during the initial phase (%s): nothing was optimized", exc)
-            if math.isnan(self.best_val):
-                self.best_val = self.initial_val = float("nan")
+            log.warning("the budget ran out during the initial phase (%s): nothing was optimized; `resume` with a "
+                        "larger budget runs the initial phase again", exc)
+            # save the starting point (the system is untouched: collection runs on overrides, and the LRF is
+            # only trained after every LM call of the phase), with the usage spent, so the run can resume
+            self.store = PairStore(cfg.max_groups, cfg.holdout_fraction)
+            self.gaps, self.history = {}, []
+            self.best_val = self.initial_val = float("nan")
+            for o in self.optimizers.values():
+                o.load_state_dict(fresh_optimizer_states[o.kind])
+            self._checkpoint(system, run_dir, 0, phase="initial")
             return False
         self.history.append({"iteration": 0, "component": None, "val_score": self.initial_val,
                              "best_val": self.best_val, "accepted": None, "collect": collected,

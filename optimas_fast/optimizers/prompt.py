@@ -21,7 +21,7 @@ from optimas_fast.optimizers.base import (
 )
 from optimas_fast.system import Component, Prompt
 
-__all__ = ["PromptConfig", "PromptOptimizer", "parse_instruction", "meta_prompt"]
+__all__ = ["PromptConfig", "PromptOptimizer", "parse_instruction", "meta_prompt", "echoes"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,19 @@ def parse_instruction(text: str, max_chars: int = 500) -> str | None:
     if len(text) > max_chars:
         text = text[:max_chars].rsplit(" ", 1)[0]
     return text if len(text.split()) >= 3 else None
+
+
+def _ngrams(text: str, n: int = 5) -> set[tuple[str, ...]]:
+    w = re.findall(r"[a-z0-9]+", text.lower())
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+
+def echoes(proposal: str, context: str, allowed: str, n: int = 5) -> bool:
+    """True when ``proposal`` copies a run of ``n`` words from ``context`` (the meta-prompt's own wording or
+    the example inputs) that does not occur in ``allowed`` (the instructions it may rewrite). Small proposer
+    models often answer a meta-prompt by continuing it ("A component of an AI pipeline: ...") or by quoting
+    the example; such a reply is not an instruction and must not reach the validation gate."""
+    return bool((_ngrams(proposal, n) & _ngrams(context, n)) - _ngrams(allowed, n))
 
 
 def meta_prompt(component: Component, current: str, history: Sequence[tuple[str, float]], example: str) -> list[dict]:
@@ -108,12 +121,21 @@ class PromptOptimizer(Optimizer):
                                          temperature=self.config.temperature, max_tokens=self.config.max_tokens,
                                          seed=rng.randrange(2**31))
         seen = {current} | {t for t, _ in self.history.get(address, [])} | set(self.seeds.get(address, []))
-        props = []
+        # what a reply may legitimately reuse (the instructions) vs what it must not parrot (everything else
+        # the proposer was shown)
+        shown = " ".join(m["content"] for m in meta_prompt(component, current, hist, example))
+        allowed = " ".join([current, *(t for t, _ in hist)])
+        props, echoed = [], 0
         for c in out[0]:
             text = parse_instruction(c.text, self.config.max_chars)
+            if text and echoes(text, shown, allowed):
+                echoed += 1
+                continue
             if text and text not in seen:
                 seen.add(text)
                 props.append(text)
+        if echoed:
+            log.info("prompt proposals for %s: dropped %d that copy the meta-prompt or the example", address, echoed)
         return props
 
     def optimize(self, component: Component, inputs: Sequence[Mapping[str, Any]], reward_model: Any,
