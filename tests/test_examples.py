@@ -11,6 +11,7 @@ import torch
 
 from conftest import SHARED_DATA
 from optimas_fast.examples import (
+    PubMedQAConfig,
     build_amazon_system,
     build_hotpotqa_system,
     build_pubmedqa_system,
@@ -214,6 +215,32 @@ def test_pubmedqa_end_to_end_scripted(seed):
     assert system.variables()["answer_model"].space["model"] == ["small", "big"]
     trace = system.run({**examples[0], "answer": "maybe"}, overrides={"answer_model": {"model": "big"}})
     assert trace["answer_model"].outputs == {"draft_answer": "maybe"}
+
+
+@needs_data
+def test_pubmedqa_solver_policy_fallback_and_length(seed):
+    rng = random.Random(seed)
+    ex = rng.choice(load_pubmedqa())
+    seen_max_tokens = []
+
+    class Recording(ScriptedLM):
+        def generate(self, prompts, **kw):
+            seen_max_tokens.append(kw.get("max_tokens"))
+            return super().generate(prompts, **kw)
+
+    # no reply ever names a label: the answer comes from the policy's fallback alone
+    system = build_pubmedqa_system(Recording(lambda p, i: "The study " + random_text(rng, 8)))
+    policy = system.variables()["solver.policy"]
+    assert policy.value == {"max_tokens": 8, "fallback": ""}  # the start: shortest reply, no fallback
+    assert set(policy.space["fallback"]) == {"", "yes", "no", "maybe"}
+    assert system.run(ex)["solver"].outputs == {"answer": ""}
+    for label in ("yes", "no", "maybe"):
+        trace = system.run(ex, overrides={"solver.policy": {"max_tokens": 32, "fallback": label}})
+        assert trace["solver"].outputs == {"answer": label}
+        assert trace.score == float(label == ex["answer"])
+    assert seen_max_tokens[-1] == 32 and 8 in seen_max_tokens
+    with pytest.raises(ValueError, match="solver_max_tokens"):
+        build_pubmedqa_system(ScriptedLM(lambda p, i: "x"), PubMedQAConfig(solver_max_tokens=(0,)))
 
 
 @needs_data

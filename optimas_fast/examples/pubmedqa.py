@@ -3,11 +3,14 @@
 - ``context_analyst`` (Prompt): reads the abstract and writes the findings that bear on the question.
 - ``answer_model`` (Choice over LM names and decoding settings): drafts an answer with a reason, using
   the chosen LM, temperature and length; the model-selection knob of the system.
-- ``solver`` (Prompt): commits to one label from the question, the findings and the draft.
+- ``solver`` (Prompt + Choice): commits to one label from the question, the findings and the draft. Its
+  ``policy`` Choice holds two decoding knobs: ``max_tokens`` (reply length: a small model often opens with
+  "The study ..." and only names the label later) and ``fallback`` (the label given when neither the reply
+  nor the draft holds one: "" = none, which scores 0, or a fixed label: the "abstention policy" of the
+  system). The starting configuration is the shortest reply and no fallback (``config.fallback_label``).
 
 Parsing: the solver's label is the first yes/no/maybe word of its reply (after an "Answer:" marker if
-any); if there is none it falls back to the draft's label, then to ``config.fallback_label`` (default
-"": scored wrong, so an unparsable reply is a visible failure, not a lucky guess).
+any); if there is none it falls back to the draft's label, then to the policy's ``fallback``.
 """
 from __future__ import annotations
 
@@ -28,10 +31,10 @@ LABELS = ("yes", "no", "maybe")
 class PubMedQAConfig:
     max_context_chars: int = 1500  # abstract cut to fit a small model's context window (~400 tokens)
     analyst_max_tokens: int = 64  # findings are two sentences
-    solver_max_tokens: int = 8  # one word is enough; small models add filler
+    solver_max_tokens: tuple = (8, 32)  # solver reply lengths offered to its policy Choice (first: the start)
     temperatures: tuple = (0.0, 0.7)  # decoding settings offered to the answer-model Choice
     draft_max_tokens: tuple = (32, 64)  # draft lengths offered to the answer-model Choice
-    fallback_label: str = ""  # label when neither solver nor draft reply holds one ("" scores 0)
+    fallback_label: str = ""  # the policy's starting fallback ("" = none: an unparsable reply scores 0)
 
 
 ANALYST_PROMPT = (
@@ -84,19 +87,23 @@ class Solver(LMComponent):
     description = "Gives the final answer to the research question: exactly one of yes, no or maybe."
 
     def __init__(self, lms: Mapping[str, LM], config: PubMedQAConfig):
-        super().__init__(lms, name="solver", variable=Prompt(SOLVER_PROMPT))
+        fallbacks = [config.fallback_label] + [f for f in ("",) + LABELS if f != config.fallback_label]
+        policy = Choice({"max_tokens": config.solver_max_tokens[0], "fallback": config.fallback_label},
+                        max_tokens=list(config.solver_max_tokens), fallback=fallbacks)
+        super().__init__(lms, name="solver", variable={"prompt": Prompt(SOLVER_PROMPT), "policy": policy})
         self.config = config
 
-    def forward_batch(self, batch: Sequence[Mapping[str, Any]], variable: Prompt) -> list[dict]:
+    def forward_batch(self, batch: Sequence[Mapping[str, Any]], variable: Mapping[str, Any]) -> list[dict]:
+        policy = variable["policy"]
         prompts = [
-            chat(variable.text, f"Question: {b['question']}\nFindings: {b['summary']}\n"
-                                f"Draft answer: {b['draft_answer']}\nAnswer (yes, no or maybe):")
+            chat(variable["prompt"].text, f"Question: {b['question']}\nFindings: {b['summary']}\n"
+                                          f"Draft answer: {b['draft_answer']}\nAnswer (yes, no or maybe):")
             for b in batch
         ]
-        texts = self.complete(self.lm(), prompts, max_tokens=self.config.solver_max_tokens, temperature=0.0)
+        texts = self.complete(self.lm(), prompts, max_tokens=int(policy["max_tokens"]), temperature=0.0)
         out = []
         for b, text in zip(batch, texts):
-            label = parse_label(text, LABELS) or parse_label(b["draft_answer"], LABELS) or self.config.fallback_label
+            label = parse_label(text, LABELS) or parse_label(b["draft_answer"], LABELS) or policy["fallback"]
             out.append({"answer": label})
         return out
 
@@ -113,6 +120,10 @@ def build_pubmedqa_system(lms: LM | Mapping[str, LM] | str | None = None,
     config = config or PubMedQAConfig()
     if config.fallback_label not in LABELS + ("",):
         raise ValueError(f"PubMedQAConfig.fallback_label must be one of {LABELS} or '', got {config.fallback_label!r}")
+    if (not isinstance(config.solver_max_tokens, (tuple, list)) or not config.solver_max_tokens
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in config.solver_max_tokens)):
+        raise ValueError(f"PubMedQAConfig.solver_max_tokens must be a non-empty tuple of ints >= 1, "
+                         f"got {config.solver_max_tokens!r}")
     lms = resolve_lms(lms)
     components = [ContextAnalyst(lms, config), AnswerModel(lms, config), Solver(lms, config)]
     return System(components, pubmedqa_metric, ["answer"], inputs=["question", "context"], name="pubmedqa")
