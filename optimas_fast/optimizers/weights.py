@@ -12,8 +12,8 @@ Gaussian search distribution over the parameters, which needs nothing but forwar
     best-of-N: the incumbent, every candidate evaluated, and the final theta compete on the same inputs.
 
 This works for any module whose forward produces the component's outputs (the Amazon example's scorer).
-Fine-tuning a Hugging Face causal LM with LoRA (peft) is not implemented here: a path-based ``Weights``
-variable raises a clear error (see the report's "missing" notes).
+A Hugging Face causal LM with a LoRA adapter (``LoRAComponent`` with a ``Weights(LoRAAdapter)`` variable) is
+optimized by best-of-N sampling + DPO instead (``optimizers/lora.py`` documents the choice).
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 from optimas_fast.optimizers.base import (
     Optimizer, OptimizerBudget, Proposal, mean, override_for, pick_best, run_batch, score_matrix,
 )
+from optimas_fast.optimizers.lora import LoRAAdapter, LoRAComponent, optimize_lora
 from optimas_fast.system import Component, Weights
 
 __all__ = ["WeightsConfig", "WeightsOptimizer"]
@@ -38,12 +39,24 @@ class WeightsConfig:
     sigma: float = 0.02  # perturbation std, relative to each tensor's std
     lr: float = 0.5  # step size on the (relative) ES gradient
     max_inputs: int = 8  # stored inputs each candidate runs on
+    # LoRA on a causal LM (a Weights(LoRAAdapter) variable; see optimizers/lora.py): best-of-N + DPO
+    lora_samples: int = 4  # completions sampled per stored input (best vs worst become a DPO pair)
+    lora_temperature: float = 1.0  # sampling temperature of those completions
+    lora_steps: int = 8  # Adam steps on the adapter per optimize call
+    lora_lr: float = 1e-3  # adapter learning rate
+    lora_beta: float = 0.1  # DPO temperature (strength of the implicit KL leash to the incumbent)
 
     def validate(self) -> None:
-        for name in ("population", "steps", "max_inputs"):
+        for name in ("population", "steps", "max_inputs", "lora_steps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"weights.{name} must be an int >= 1, got {v!r}")
+        if isinstance(self.lora_samples, bool) or not isinstance(self.lora_samples, int) or self.lora_samples < 2:
+            raise ValueError(f"weights.lora_samples must be an int >= 2, got {self.lora_samples!r}")
+        for name in ("lora_temperature", "lora_lr", "lora_beta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"weights.{name} must be a number > 0, got {v!r}")
         if self.population % 2:
             raise ValueError(f"weights.population must be even (antithetic pairs), got {self.population}")
         if not self.sigma > 0 or not self.lr > 0:
@@ -96,9 +109,20 @@ class WeightsOptimizer(Optimizer):
         t0, rng, budget, address, key, current = self._start(component, budget, address, rng, Weights)
         if current.module is None:
             raise NotImplementedError(f"WeightsOptimizer: {address!r} is a path-based Weights ({current.path}); "
-                                      "only in-process torch modules are optimized (LoRA via peft is not implemented)")
+                                      "it optimizes in-process modules: a torch module (ES) or a LoRAAdapter of a "
+                                      "LoRAComponent (best-of-N + DPO, optimas_fast.optimizers.lora)")
         cfg = self.config
         xs = self._inputs(inputs, budget.max_inputs or cfg.max_inputs, rng)
+        if isinstance(current.module, LoRAAdapter):
+            if not isinstance(component, LoRAComponent):
+                raise TypeError(f"WeightsOptimizer: {address!r} holds a LoRAAdapter but component "
+                                f"'{component.name}' is not a LoRAComponent (its policy generates the samples)")
+            cands, scores, info = optimize_lora(component, xs, key, current, reward_model, cfg, rng)
+            best = pick_best(scores)  # ties keep the incumbent
+            return Proposal(address, cands[best], current, scores[best], scores[0],
+                            [{"value": "incumbent" if i == 0 else "dpo", "score": s} for i, s in enumerate(scores)],
+                            n_rows=len(xs) * (cfg.lora_samples + len(cands)), n_inputs=len(xs),
+                            seconds=self._clock() - t0, info=info)
         gen = torch.Generator().manual_seed(rng.randrange(2**31))
         theta, scale = _flat(current.module)
         pool: list[tuple[Weights, float]] = []  # every evaluated candidate with its mean score
