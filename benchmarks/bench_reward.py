@@ -21,10 +21,11 @@ NeurIPS 2022). Held-out accuracy is measured on several hundred pairs (--heldout
 a 95% cluster-bootstrap CI over held-out inputs (pairs of one input are correlated) for each accuracy and for
 the paired difference ours - baseline. Held-out scoring is untimed.
 
-Scoring precision. Ours scores with RewardConfig defaults (score_amp="auto": bf16 autocast on CPUs with native
-bf16 GEMMs, e.g. avx512_bf16); the same pool is also scored in fp32 (score_amp="none") on --check-inputs
-inputs, which gives the fp32 speed and the bf16-vs-fp32 agreement (max |diff|, overall Spearman, mean
-within-input Spearman, top-1 agreement). The baseline is always fp32, batch 2, transformers' default attention.
+Scoring precision. Ours scores with RewardConfig defaults (score_amp="auto": bf16 on CPUs with native bf16
+GEMMs, e.g. avx512_bf16, through a bf16 copy of the backbone, score_weights="cast"); the same pool is also
+scored in fp32 (score_amp="none") and with bf16 autocast over the fp32 weights (score_weights="autocast") on
+--check-inputs inputs, which gives their speeds and their agreement with fp32 (max |diff|, overall
+Spearman, mean within-input Spearman, top-1 agreement). The baseline is always fp32, batch 2, transformers' default attention.
 
     python benchmarks/bench_reward.py              # CPU-sized defaults
     python benchmarks/bench_reward.py --full       # the issue's sizes (520 pairs, 400 held-out, 64 x 32 pool)
@@ -164,6 +165,36 @@ class Baseline:
         return (d > 0) + 0.5 * (d == 0)
 
 
+# ------------------------------------------------------------------------------------------------ TRL
+def bench_trl(model, base: Baseline, train, held, epochs: int, lr: float, seed: int) -> dict:
+    """The same pairs through TRL's RewardTrainer (second baseline): its own collator puts chosen and rejected
+    of 2 pairs in one padded forward pass, one reward head (num_labels=1), linear LR decay, AdamW; token ids
+    are the same as ours (pre-tokenised columns, so its tokeniser never runs inside the clock)."""
+    import tempfile
+
+    from datasets import Dataset
+    from trl import RewardConfig as TRLConfig
+    from trl import RewardTrainer
+
+    rows = [{"chosen_ids": base.ids(p.component, p.inputs, p.chosen),
+             "rejected_ids": base.ids(p.component, p.inputs, p.rejected)} for p in train]
+    with tempfile.TemporaryDirectory() as out:
+        args = TRLConfig(output_dir=out, per_device_train_batch_size=2, num_train_epochs=epochs, learning_rate=lr,
+                         save_strategy="no", report_to=[], seed=seed, max_length=None, use_cpu=True,
+                         disable_tqdm=True, logging_steps=10**9, dataloader_num_workers=0)
+        trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                processing_class=base.tok)
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+    trl_base = Baseline(model, base.tok, base.rm)
+    trl_base.logits = lambda seqs, heads: Baseline.logits(trl_base, seqs, [0] * len(seqs))  # one head
+    correct = trl_base.correct(held)
+    n = len(train) * epochs
+    return {"trl_pairs_per_s": n / seconds, "trl_seconds": seconds, "trl_heldout_acc": float(correct.mean()),
+            "trl_steps": int(trainer.state.global_step)}, correct
+
+
 # ------------------------------------------------------------------------------------------------ set-ups
 def encoder_pair(seed: int, max_len: int):
     torch.manual_seed(seed)
@@ -195,6 +226,20 @@ def decoder_pair(seed: int, max_len: int, hidden: int = 384, layers: int = 6):
     return f"Llama-like decoder (random init, hidden {hidden}, {layers} layers, {n:.1f}M)", rm, Baseline(base, tok, rm)
 
 
+def trl_twin(model, seed: int):
+    """A num_labels=1 copy of a baseline model (same backbone weights) for TRL, made before any training."""
+    import copy
+
+    cfg = copy.deepcopy(model.config)
+    cfg.num_labels = 1
+    torch.manual_seed(seed)
+    twin = type(model)(cfg)
+    missing, _ = twin.load_state_dict({k: v for k, v in model.state_dict().items()
+                                       if not k.startswith(("classifier.", "score."))}, strict=False)
+    assert all(k.startswith(("classifier.", "score.")) for k in missing), missing
+    return twin
+
+
 # ------------------------------------------------------------------------------------------------ runs
 def ours_correct(rm: RewardModel, pairs) -> np.ndarray:
     n = len(pairs)
@@ -217,7 +262,7 @@ def cluster_bootstrap(groups: np.ndarray, a: np.ndarray, b: np.ndarray, reps: in
     return {"a": q(ma), "b": q(mb), "diff": q(ma - mb)}
 
 
-def bench_training(name, rm, base, train, held, epochs, lr, batch_pairs, seed):
+def bench_training(name, rm, base, train, held, epochs, lr, batch_pairs, seed, trl_model=None):
     base.score([(p.component, p.inputs, p.chosen) for p in train[:2]])  # warm-up, untimed
     rm.score([(p.component, p.inputs, p.chosen) for p in train[:2]])
     t_base, steps_base = base.train(train, epochs, lr, seed)
@@ -230,7 +275,12 @@ def bench_training(name, rm, base, train, held, epochs, lr, batch_pairs, seed):
     groups = np.array([hash((p.component, p.inputs)) for p in held])
     ci = cluster_bootstrap(groups, c_ours, c_base, seed=seed)
     n = len(train) * epochs
-    return {"backbone": name, "pairs": len(train), "epochs": epochs, "baseline_steps": steps_base,
+    trl = {}
+    if trl_model is not None:
+        trl, c_trl = bench_trl(trl_model, base, train, held, epochs, lr, seed)
+        trl["speedup_vs_trl"] = trl["trl_seconds"] / t_ours
+        trl["acc_diff_ours_minus_trl_ci95"] = cluster_bootstrap(groups, c_ours, c_trl, seed=seed)["diff"]
+    return {**trl, "backbone": name, "pairs": len(train), "epochs": epochs, "baseline_steps": steps_base,
             "ours_steps": len(hist), "baseline_lr": lr, "ours_lr": lr_ours, "ours_batch_pairs": batch_pairs,
             "baseline_pairs_per_s": n / t_base, "ours_pairs_per_s": n / t_ours, "speedup": t_base / t_ours,
             "baseline_seconds": t_base, "ours_seconds": t_ours, "heldout_pairs": len(held),
@@ -260,6 +310,18 @@ def bench_scoring(name, rm, base, n_inputs, n_cands, prefix_tok, suffix_tok, see
     rm.tokens.clear()
     s32, rep32 = rm.score_with_report(rows[:n_chk])
     rm.config.score_amp = amp
+    # the same subset with bf16 autocast over the fp32 weights (score_weights="autocast") instead of the
+    # default bf16 weight copy: its speed and its agreement with fp32, side by side with the default's
+    weights = rm.config.score_weights
+    rm.config.score_weights = "autocast"
+    rm.score(rows[:2])
+    rm.tokens.clear()
+    s_ac, rep_ac = rm.score_with_report(rows[:n_chk])
+    rm.config.score_weights = weights
+    rm.tokens.clear()
+    t0 = time.perf_counter()
+    rm.score(rows[:n_chk])  # the default on the subset, timed like the autocast run
+    t_cast_chk = time.perf_counter() - t0
     sub = s_ours[:n_chk]
     within = [spearman(sub[i: i + n_cands].tolist(), s32[i: i + n_cands].tolist()) for i in range(0, n_chk, n_cands)]
     top1 = np.mean([int(sub[i: i + n_cands].argmax()) == int(s32[i: i + n_cands].argmax())
@@ -277,6 +339,11 @@ def bench_scoring(name, rm, base, n_inputs, n_cands, prefix_tok, suffix_tok, see
             "bf16_vs_fp32_max_abs_diff": float((sub - s32).abs().max()), "fp32_score_std": float(s32.std()),
             "bf16_vs_fp32_spearman": spearman(sub.tolist(), s32.tolist()),
             "bf16_vs_fp32_mean_within_input_spearman": float(np.mean(within)), "bf16_vs_fp32_top1_agreement": float(top1),
+            "ours_score_weights": rm.config.score_weights,
+            "autocast_rows_per_s": n_chk / rep_ac.seconds, "default_rows_per_s_same_subset": n_chk / t_cast_chk,
+            "autocast_vs_fp32_max_abs_diff": float((s_ac - s32).abs().max()),
+            "autocast_vs_fp32_mean_within_input_spearman": float(np.mean(
+                [spearman(s_ac[i: i + n_cands].tolist(), s32[i: i + n_cands].tolist()) for i in range(0, n_chk, n_cands)])),
             "max_abs_score_diff_fp32_vs_baseline": err, "prefix_sharing": rep.prefix_sharing,
             "tokens_ours": rep.tokens_encoded, "tokens_naive": rep.tokens_naive, "backbone_calls": rep.n_batches}
 
@@ -293,6 +360,7 @@ def main():
     ap.add_argument("--check-inputs", type=int, default=8, help="pool inputs also scored in fp32 (agreement check)")
     ap.add_argument("--skip", action="append", default=[], choices=["training", "scoring"])
     ap.add_argument("--only", choices=["encoder", "decoder"], default=None)
+    ap.add_argument("--trl", action="store_true", help="also train through TRL's RewardTrainer (needs `pip install trl`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args()
@@ -313,8 +381,9 @@ def main():
             continue
         if "training" not in args.skip:
             name, rm, base = make(args.seed, 512)
+            trl_model = trl_twin(base.model, args.seed) if args.trl else None
             r = bench_training(name, rm, base, train, held, args.epochs, lr, batch_pairs=args.k * (args.k - 1) // 2,
-                               seed=args.seed)
+                               seed=args.seed, trl_model=trl_model)
             results["training"].append(r)
             print(json.dumps(r), flush=True)
         if "scoring" not in args.skip:
