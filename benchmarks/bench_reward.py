@@ -290,6 +290,20 @@ def bench_training(name, rm, base, train, held, epochs, lr, batch_pairs, seed, t
             "score_amp_ours_eval": "bf16" if rm.uses_bf16(True) else "fp32"}
 
 
+def score_with(rm: RewardModel, rows, **config):
+    """score_with_report with RewardConfig fields temporarily set (warmed up, cold token cache)."""
+    saved = {k: getattr(rm.config, k) for k in config}
+    for k, v in config.items():
+        setattr(rm.config, k, v)
+    try:
+        rm.score(rows[:2])
+        rm.tokens.clear()
+        return rm.score_with_report(rows)
+    finally:
+        for k, v in saved.items():
+            setattr(rm.config, k, v)
+
+
 def bench_scoring(name, rm, base, n_inputs, n_cands, prefix_tok, suffix_tok, seed, check_inputs):
     rng = random.Random(seed)
     rows = []
@@ -302,26 +316,13 @@ def bench_scoring(name, rm, base, n_inputs, n_cands, prefix_tok, suffix_tok, see
     s_base, t_base = base.score(rows)
     rm.tokens.clear()  # cold token cache: tokenisation is inside our timing
     s_ours, rep = rm.score_with_report(rows)
-    # the same pool (first check_inputs inputs) in fp32: fp32 speed and bf16-vs-fp32 agreement
+    # the same pool (first check_inputs inputs) in fp32, and with bf16 autocast over the fp32 weights instead
+    # of the default bf16 weight copy: their speeds and their agreement with fp32, beside the default's
     n_chk = min(check_inputs, n_inputs) * n_cands
-    amp = rm.config.score_amp
-    rm.config.score_amp = "none"
-    rm.score(rows[:2])
-    rm.tokens.clear()
-    s32, rep32 = rm.score_with_report(rows[:n_chk])
-    rm.config.score_amp = amp
-    # the same subset with bf16 autocast over the fp32 weights (score_weights="autocast") instead of the
-    # default bf16 weight copy: its speed and its agreement with fp32, side by side with the default's
-    weights = rm.config.score_weights
-    rm.config.score_weights = "autocast"
-    rm.score(rows[:2])
-    rm.tokens.clear()
-    s_ac, rep_ac = rm.score_with_report(rows[:n_chk])
-    rm.config.score_weights = weights
-    rm.tokens.clear()
-    t0 = time.perf_counter()
-    rm.score(rows[:n_chk])  # the default on the subset, timed like the autocast run
-    t_cast_chk = time.perf_counter() - t0
+    s32, rep32 = score_with(rm, rows[:n_chk], score_amp="none")
+    s_ac, rep_ac = score_with(rm, rows[:n_chk], score_weights="autocast")
+    _, rep_chk = score_with(rm, rows[:n_chk])  # the default on the subset, timed like the other two
+    t_cast_chk = rep_chk.seconds
     sub = s_ours[:n_chk]
     within = [spearman(sub[i: i + n_cands].tolist(), s32[i: i + n_cands].tolist()) for i in range(0, n_chk, n_cands)]
     top1 = np.mean([int(sub[i: i + n_cands].argmax()) == int(s32[i: i + n_cands].argmax())

@@ -171,21 +171,27 @@ def test_wall_time_budget_stops_cleanly(seed, tmp_path):
     assert len(res.history) == 1
 
 
+def monitored_model(seed, accuracy, alignment):
+    """A tiny reward model whose held-out metrics always read (accuracy, alignment) for every head."""
+    rm = tiny_reward_model(COMPONENTS, seed)
+    real = rm.evaluate
+
+    def fixed(pairs, candidates=None):
+        out = real(pairs, candidates)
+        for m in out["per_component"].values():
+            m["accuracy"], m["alignment"] = accuracy, alignment
+        return out
+
+    rm.evaluate = fixed
+    return rm
+
+
 @pytest.mark.parametrize("signal", ["accuracy", "alignment"])
 def test_alignment_monitor_retrains_a_misaligned_head(signal, seed, tmp_path, caplog):
     # either signal alone triggers the re-training: low pairwise accuracy, or a low rank correlation between
     # the head's scores and the measured global rewards (with accuracy looking fine)
     system, _, train, val = build_synthetic(seed)
-    rm = tiny_reward_model(COMPONENTS, seed)
-    real = rm.evaluate
-
-    def pessimistic(pairs, candidates=None):
-        out = real(pairs, candidates)
-        for m in out["per_component"].values():
-            m["accuracy"], m["alignment"] = (0.1, 0.9) if signal == "accuracy" else (0.9, -0.5)
-        return out
-
-    rm.evaluate = pessimistic
+    rm = monitored_model(seed, *((0.1, 0.9) if signal == "accuracy" else (0.9, -0.5)))
     calls = []
     real_train = rm.train
     rm.train = lambda pairs, **kw: calls.append({p.component for p in pairs}) or real_train(pairs, **kw)
@@ -200,16 +206,7 @@ def test_alignment_monitor_retrains_a_misaligned_head(signal, seed, tmp_path, ca
 
 def test_alignment_monitor_leaves_aligned_heads_alone(seed, tmp_path):
     system, _, train, val = build_synthetic(seed)
-    rm = tiny_reward_model(COMPONENTS, seed)
-    real = rm.evaluate
-
-    def fine(pairs, candidates=None):
-        out = real(pairs, candidates)
-        for m in out["per_component"].values():
-            m["accuracy"], m["alignment"] = 0.9, float("nan")  # NaN rho: no evidence, no re-training
-        return out
-
-    rm.evaluate = fine
+    rm = monitored_model(seed, 0.9, float("nan"))  # NaN rho: no evidence, no re-training
     res = Optimas(rm, None, synthetic_config(seed, 1)).optimize(system, train, val, run_dir=tmp_path / "run")
     assert all(not h["retrained"] for h in res.history)
 
