@@ -532,6 +532,33 @@ def test_lora_backbone_trains_adapters_only(tokenizer, seed):
             assert torch.equal(p, frozen[n]), n
 
 
+def test_lora_checkpoint_round_trip_is_bit_exact(tokenizer, seed, tmp_path):
+    pytest.importorskip("peft", reason="LoRA is the optional extra `lora` (pip install peft)")
+    from optimas_fast.reward import LoraSettings
+
+    rng = random.Random(seed)
+    rm = make_model("decoder", tokenizer, seed, components=("a", "b"), lora=LoraSettings(r=4, alpha=8))
+    rm.train(separable_pairs(rng, 4), epochs=1, lr=1e-2, batch_pairs=4)
+    rm.save(tmp_path / "ck")
+    reqs = random_requests(rng, 3, 3, comps=("a", "b"))
+    at_save = rm.score(reqs)
+    # into a fresh LoRA model with other random adapters and heads: the checkpoint overwrites all of it
+    other = make_model("decoder", tokenizer, seed + 1, components=("a", "b"), lora=LoraSettings(r=4, alpha=8))
+    assert not torch.equal(other.score(reqs), rm.score(reqs))
+    other.load_state(tmp_path / "ck")
+    _assert_same_state(rm, other)
+    assert torch.equal(other.score(reqs), rm.score(reqs))
+    more = separable_pairs(rng, 2)  # and training goes on identically (adapter moments restored)
+    rm.adapt(more, steps=2, batch_pairs=4)
+    other.adapt(more, steps=2, batch_pairs=4)
+    _assert_same_state(rm, other)
+    rebuilt = RewardModel.load(tmp_path / "ck")  # from the directory alone: LoRA settings come from it
+    assert rebuilt.config.lora is not None and torch.equal(rebuilt.score(reqs), at_save)
+    plain = make_model("decoder", tokenizer, seed, components=("a", "b"))  # no adapters: a clear error
+    with pytest.raises(ValueError, match="another backbone"):
+        plain.load_state(tmp_path / "ck")
+
+
 def test_scheduler_fallback_plans_like_native(tokenizer, seed, monkeypatch):
     rng = random.Random(seed)
     rm = make_model("decoder", tokenizer, seed)
