@@ -182,6 +182,15 @@ def test_greedy_samples_share_one_request(server):
     assert sum(c.usage.calls for r in out for c in r) == 1
 
 
+def test_cache_key_tells_servers_apart_without_credentials():
+    a = OpenAIClient("http://user:hunter2@127.0.0.1:8000/v1?token=s3cret", "default", cache=False)
+    b = OpenAIClient("http://127.0.0.1:8001/v1/", "default", cache=False)
+    same = OpenAIClient("http://127.0.0.1:8000/v1", "default", cache=False)
+    ida, idb = json.dumps(a.cache_identity()), json.dumps(b.cache_identity())
+    assert ida != idb and a.cache_identity() == same.cache_identity()
+    assert "hunter2" not in ida and "s3cret" not in ida and "user" not in ida
+
+
 def test_api_key_never_reaches_the_cache(server, tmp_path, monkeypatch):
     secret = "sk-test-" + "".join(random.choices("abcdef0123456789", k=24))
     monkeypatch.setenv("OPENAI_API_KEY", secret)

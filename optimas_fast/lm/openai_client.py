@@ -127,9 +127,15 @@ class OpenAIClient(LM):
 
     # --- LM hooks -------------------------------------------------------------------------------
     def cache_identity(self) -> dict:
-        # the base URL is left out on purpose: the same model behind two URLs shares entries, and URLs
-        # can carry credentials; the route matters (chat and completions prompt differently)
-        return {"backend": "openai", "model": self.model, "mode": self.mode, "extra": self.extra_body}
+        # the server is part of the identity: local servers often report generic model names ("default",
+        # "local-model"), so two servers would otherwise share entries for different weights. Only scheme,
+        # host, port and path are kept: user:password@ and query strings can carry credentials. The route
+        # matters too (chat and completions prompt differently).
+        u = urllib.parse.urlparse(self.base_url)
+        host = u.hostname or ""
+        server = f"{u.scheme}://{host}{f':{u.port}' if u.port else ''}{u.path.rstrip('/')}"
+        return {"backend": "openai", "server": server, "model": self.model, "mode": self.mode,
+                "extra": self.extra_body}
 
     def _generate(self, requests: list[Request], params: SamplingParams) -> list[Completion | Exception]:
         if self.mode == "completions":
