@@ -60,6 +60,8 @@ def config_for(system, args):
     raw["loop"]["seed"] = args.seed
     raw["loop"]["components"] = TARGETS[system]
     raw["loop"]["budget"] = {"max_seconds": args.max_seconds}
+    if args.gate_confidence is not None:
+        raw["loop"]["gate_confidence"] = args.gate_confidence
     return raw
 
 
@@ -139,6 +141,8 @@ def main(argv=None) -> int:
     p.add_argument("--test", type=int, default=24)
     p.add_argument("--iterations", type=int, default=4)
     p.add_argument("--max-seconds", type=float, default=900, help="wall budget of each Optimas loop")
+    p.add_argument("--gate-confidence", type=float, default=None,
+                   help="loop.gate_confidence (paired-bootstrap validation gate); default: off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="/tmp/optimas-bench")
     p.add_argument("--json", default=None, help="append one JSON line per result here")

@@ -17,6 +17,7 @@ import torch
 from optimas_fast.lm.base import LM
 from optimas_fast.lm.types import Completion, Usage
 from optimas_fast.optimize import ConfigError, Optimas, OptimasConfig, load_run_state, select_component
+from optimas_fast.optimize.loop import prob_better
 from optimas_fast.optimize.testing import build_synthetic, run_digest, synthetic_config, tiny_reward_model
 from optimas_fast.reward.checkpoint import stable_parameters
 from optimas_fast.system import Choice, Component, System
@@ -63,6 +64,31 @@ def test_loop_finds_the_known_optimum(seed, tmp_path):
     assert (tmp_path / "run" / state["lrf_checkpoint"] / "manifest.json").is_file()
     assert (tmp_path / "run" / "system_state.json").is_file()
     assert len(list((tmp_path / "run").glob("lrf-*"))) == 1  # older checkpoints are removed
+
+
+def test_paired_gate_still_finds_the_optimum_and_records_its_evidence(seed, tmp_path):
+    res, optimum, _ = _run(seed, tmp_path / "run", gate_confidence=0.9)
+    found = {name: var.value["level"] for name, var in res.system.variables().items()}
+    assert found == optimum
+    gates = [g for h in res.history[1:] for g in h["gate"]]
+    accepted = [g for g in gates if g["accepted"]]
+    assert accepted and all(g["p_better"] >= 0.9 for g in accepted)
+    assert load_run_state(tmp_path / "run")["best_scores"]  # the incumbent's per-example scores persist
+
+
+def test_prob_better_is_a_paired_bootstrap(seed):
+    rng = random.Random(seed)
+    n = rng.randint(15, 40)
+    old = [rng.random() for _ in range(n)]
+    assert prob_better([x + 0.2 for x in old], old, random.Random(seed)) == 1.0
+    assert prob_better([x - 0.2 for x in old], old, random.Random(seed)) == 0.0
+    assert prob_better(list(old), old, random.Random(seed)) == 0.5  # identical: every resample ties
+    one = list(old)
+    one[rng.randrange(n)] += 1.0  # a single-example gain: higher mean, weak evidence
+    p = prob_better(one, old, random.Random(seed))
+    assert 0.5 < p < 0.9
+    with pytest.raises(ValueError, match="same examples"):
+        prob_better(old[:-1], old, random.Random(seed))
 
 
 def test_same_seed_same_run_in_process(seed, tmp_path):
@@ -281,6 +307,7 @@ def test_selection_is_deterministic_given_rng_seed(seed):
     ({"gap_ema": 0}, "gap_ema", "(0, 1]"),
     ({"alignment_threshold": 2}, "alignment_threshold", "[0, 1]"),
     ({"min_spearman": 1.5}, "min_spearman", "[-1, 1]"),
+    ({"gate_confidence": 1.0}, "gate_confidence", "[0.5, 1)"),
     ({"weights": {"population": 3}}, "weights.population", "even"),
     ({"prompt": {"temperature": 5}}, "prompt.temperature", "[0, 2]"),
     ({"choice": {"max_candidates": 0}}, "choice.max_candidates", ">= 1"),

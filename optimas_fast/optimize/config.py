@@ -63,6 +63,10 @@ class OptimasConfig:
     holdout_fraction: float = 0.2  # share of training examples whose pairs are held out for the monitor
     max_groups: int = 512  # stored candidate groups per component (FIFO)
     val_workers: int = 4  # threads of the validation evaluation
+    # validation gate: None = accept any strictly higher mean; a number in (0.5, 1) = also require that a
+    # paired bootstrap over the validation examples finds the change better in at least that share of
+    # resamples (e.g. 0.9: guards small validation sets against noise-level "gains")
+    gate_confidence: float | None = None
     components: list | None = None  # components to optimize (None: every component with a variable)
     collect: CollectConfig = field(default_factory=CollectConfig)  # preference collection
     prompt: PromptConfig = field(default_factory=PromptConfig)  # prompt optimizer
@@ -96,6 +100,10 @@ class OptimasConfig:
             raise ConfigError(f"gap_ema must be in (0, 1], got {self.gap_ema!r}")
         if not (isinstance(self.alignment_threshold, (int, float)) and 0 <= self.alignment_threshold <= 1):
             raise ConfigError(f"alignment_threshold must be in [0, 1], got {self.alignment_threshold!r}")
+        if self.gate_confidence is not None and not (isinstance(self.gate_confidence, (int, float))
+                                                     and not isinstance(self.gate_confidence, bool)
+                                                     and 0.5 <= self.gate_confidence < 1):
+            raise ConfigError(f"gate_confidence must be in [0.5, 1) or null, got {self.gate_confidence!r}")
         if self.min_spearman is not None and not (isinstance(self.min_spearman, (int, float))
                                                   and not isinstance(self.min_spearman, bool)
                                                   and -1 <= self.min_spearman <= 1):

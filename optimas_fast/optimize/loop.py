@@ -21,7 +21,10 @@ Iteration t = 1..T:
    top of the changes accepted before it, and kept only if the score is **strictly higher** than the best so
    far. **Tie rule**: a tie keeps the incumbent (a change the validation set cannot tell apart from the
    current configuration is not worth the drift: on small validation sets most ties are changes to
-   variables that the current configuration does not even use). LRF updates are kept either way;
+   variables that the current configuration does not even use). With ``gate_confidence`` set, a higher
+   score must also be likely to be real: in a paired bootstrap over the validation examples the change must
+   beat the incumbent in at least that share of resamples (small validation sets make single-example
+   gains common; a proposer that writes noise then gets it accepted). LRF updates are kept either way;
 7. checkpoint the run state atomically (see ``state.py``).
 
 Budgets: LM calls / tokens / $ are enforced by the LM layer's ledger (``BudgetExceeded`` before anything is
@@ -54,7 +57,7 @@ from optimas_fast.optimize.state import load_run_state, save_run_state
 from optimas_fast.preference import CollectResult, PairStore, collect_preferences, example_key
 from optimas_fast.system import System
 
-__all__ = ["Optimas", "OptimasResult", "select_component"]
+__all__ = ["Optimas", "OptimasResult", "select_component", "prob_better"]
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +127,10 @@ class Optimas:
                 raise ValueError(f"config.components: {n!r} has no variable to optimize; allowed: {with_vars}")
         return [n for n in system.order if n in cfg.components]
 
-    def _evaluate(self, system: System, valset: Sequence[Mapping], overrides=None) -> float:
+    def _evaluate(self, system: System, valset: Sequence[Mapping], overrides=None) -> tuple[float, list[float]]:
+        """Validation mean and per-example scores (the gate's paired test needs them)."""
         res = system.evaluate(valset, workers=self.config.val_workers, overrides=overrides, seed=self.config.seed)
-        return res.mean
+        return res.mean, list(res.scores)
 
     def _collect(self, system, name, trainset, idx, rng) -> CollectResult:
         prompt_opt = self.optimizers["prompt"]
@@ -143,6 +147,7 @@ class Optimas:
     def _snapshot(self, system: System) -> dict:
         return {"system": system.state_dict(), "store": self.store.state_dict(), "gaps": dict(self.gaps),
                 "recent": list(self.recent), "best_val": self.best_val, "initial_val": self.initial_val,
+                "best_scores": self.best_scores,
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "history": self.history, "usage": self.ledger.state_dict(), "elapsed": self._elapsed(),
                 "config": self.config.to_dict(), "stopped": self.stopped,
@@ -157,6 +162,7 @@ class Optimas:
         self.gaps = dict(state["gaps"])
         self.recent = list(state["recent"])
         self.best_val, self.initial_val = state["best_val"], state["initial_val"]
+        self.best_scores = state.get("best_scores")  # absent in states written before the paired gate
         for k, o in self.optimizers.items():
             o.load_state_dict(state["optimizers"].get(k, {}))
         self.history = state["history"]
@@ -227,6 +233,7 @@ class Optimas:
         self.recent: list[str] = []
         self.history: list[dict] = []
         self.best_val = self.initial_val = float("nan")
+        self.best_scores: list[float] | None = None  # per-example validation scores of the incumbent
         self.elapsed = 0.0
         self.stopped: str | None = None
         previous_ledger = set_default_ledger(self.ledger)  # evaluate()'s worker threads see the default ledger
@@ -298,7 +305,8 @@ class Optimas:
         fresh_optimizer_states = {o.kind: o.state_dict() for o in self.optimizers.values()}
         bar = _bar(self.progress, 2 + len(targets), 0, "initial (val, pairs, LRF)")
         try:
-            self.initial_val = self.best_val = self._evaluate(system, valset)
+            self.initial_val, self.best_scores = self._evaluate(system, valset)
+            self.best_val = self.initial_val
             log.info("initial validation score %.4f", self.initial_val)
             if bar is not None:
                 bar.update(1)
@@ -333,6 +341,7 @@ class Optimas:
             self.store = PairStore(cfg.max_groups, cfg.holdout_fraction)
             self.gaps, self.history = {}, []
             self.best_val = self.initial_val = float("nan")
+            self.best_scores = None
             for o in self.optimizers.values():
                 o.load_state_dict(fresh_optimizer_states[o.kind])
             self._checkpoint(system, run_dir, 0, phase="initial")
@@ -396,12 +405,16 @@ class Optimas:
         changed = sorted((p for p in proposals if p.changed), key=lambda p: -(p.score - p.incumbent_score))
         gate = []
         for p in changed:
-            v = self._evaluate(system, valset, {p.address: p.variable})
+            v, scores = self._evaluate(system, valset, {p.address: p.variable})
             ok = v > self.best_val  # tie rule: a tie keeps the incumbent (see the module docstring)
+            entry = {"address": p.address, "val_score": v}
+            if ok and cfg.gate_confidence is not None and self.best_scores is not None:
+                entry["p_better"] = prob_better(scores, self.best_scores, random.Random(f"{cfg.seed}:{t}:gate"))
+                ok = entry["p_better"] >= cfg.gate_confidence
             if ok:
                 system.set_variable(p.address, p.variable)
-                self.best_val = v
-            gate.append({"address": p.address, "val_score": v, "accepted": ok})
+                self.best_val, self.best_scores = v, scores
+            gate.append({**entry, "accepted": ok})
         val = max((g["val_score"] for g in gate), default=None)
         accepted = any(g["accepted"] for g in gate)
         log.info("iteration %d: %s, %d proposal(s) changed, val %s, best %.4f, %s", t, name, len(changed),
@@ -414,6 +427,19 @@ class Optimas:
                              "val_score": val, "best_val": self.best_val, "accepted": accepted if changed else None,
                              "gate": gate,
                              "usage": self.ledger.state_dict()["total"], "seconds": time.perf_counter() - t0})
+
+
+def prob_better(new: Sequence[float], old: Sequence[float], rng: random.Random, n_boot: int = 2000) -> float:
+    """Paired bootstrap: the share of resamples of the validation examples in which ``new`` scores a higher
+    mean than ``old`` (ties count half). Per-example pairs keep the comparison on the same examples."""
+    d = [a - b for a, b in zip(new, old)]
+    if len(d) != len(old) or not d:
+        raise ValueError(f"prob_better: {len(new)} and {len(old)} scores: the gate needs the same examples")
+    n, wins = len(d), 0.0
+    for _ in range(n_boot):
+        total = sum(d[rng.randrange(n)] for _ in range(n))
+        wins += 1.0 if total > 0 else (0.5 if total == 0 else 0.0)
+    return wins / n_boot
 
 
 def _collect_summary(res: CollectResult) -> dict:
