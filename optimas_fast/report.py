@@ -7,7 +7,7 @@ scores of the best candidates and the incumbent), the validation score and wheth
 Extra sections (e.g. the CLI's test-set scores) are merged in with ``extra``.
 
 report.png: (left) validation score per iteration with accepted changes marked and the best-so-far line;
-(right) each head's held-out pairwise accuracy per iteration (the alignment monitor).
+(right) each head's held-out pairwise accuracy and Spearman alignment per iteration (the alignment monitor).
 """
 from __future__ import annotations
 
@@ -98,14 +98,18 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike) -> None:
     heads: dict[str, list] = {}
     for h in its:
         for comp, m in (h.get("alignment") or {}).items():
-            heads.setdefault(comp, []).append((h["iteration"], m.get("accuracy")))
-    for comp, pts in sorted(heads.items()):
-        pts = [(x, y) for x, y in pts if y is not None]
-        if pts:
-            ax2.plot(*zip(*pts), marker=".", label=comp)
-    ax2.set_ylim(-0.05, 1.05)
+            heads.setdefault(comp, []).append((h["iteration"], m.get("accuracy"), m.get("alignment")))
+    for i, (comp, pts) in enumerate(sorted(heads.items())):
+        color = f"C{i % 10}"
+        acc = [(x, a) for x, a, _ in pts if a is not None]
+        rho = [(x, r) for x, _, r in pts if r is not None]
+        if acc:
+            ax2.plot(*zip(*acc), marker=".", color=color, label=f"{comp} accuracy")
+        if rho:  # the monitor's second signal: rank correlation with the measured global reward
+            ax2.plot(*zip(*rho), marker="x", linestyle="--", color=color, label=f"{comp} Spearman")
+    ax2.set_ylim(-1.05, 1.05)
     ax2.set_xlabel("iteration")
-    ax2.set_ylabel("held-out pairwise accuracy")
+    ax2.set_ylabel("held-out accuracy (solid) / Spearman (dashed)")
     ax2.set_title("per-head alignment (LRF monitor)")
     if heads:
         ax2.legend(fontsize=8)
