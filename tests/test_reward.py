@@ -475,6 +475,20 @@ def test_attention_implementation_is_applied_and_exact(kind, tokenizer, seed):
     assert kept.hf_config._attn_implementation  # left as the backbone was built
 
 
+def test_token_budget_defaults_by_device(tokenizer, seed):
+    rm = make_model("decoder", tokenizer, seed)
+    assert rm.config.token_budget is None and rm.device.type == "cpu" and rm.token_budget == 4096
+    rng = random.Random(seed)
+    reqs = random_requests(rng, n_inputs=5, n_cands=8)
+    default = rm.score(reqs)
+    rm.config.token_budget = 64  # many small calls: the same scores
+    torch.testing.assert_close(rm.score(reqs), default, atol=2e-5, rtol=1e-4)
+    assert rm.token_budget == 64 and rm.last_report.n_batches > 1
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="token_budget"):
+            make_model("decoder", tokenizer, seed, token_budget=bad)
+
+
 def test_new_options_reject_bad_values(tokenizer, seed):
     with pytest.raises(ValueError, match="score_amp"):
         make_model("decoder", tokenizer, seed, score_amp="fp16")
