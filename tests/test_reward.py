@@ -393,10 +393,12 @@ def test_bf16_autocast_runs_on_cpu(tokenizer, seed):
 # independent <= 0.0011 x std. The bounds below leave ~6-10x headroom.
 BF16_VS_FP32_REL = 0.02
 BF16_SELF_REL = 0.01
-# the bf16 weight copy (score_weights="cast") also rounds the residual stream to bf16: after a little
-# training (the weight-copy test below, encoder, seeds 0-9) its max |diff| vs fp32 was 0.6-3.6% of the
-# scores' std where autocast's was < 0.03%; Spearman stays >= 0.99
+# the bf16 weight copy (score_weights="cast") also rounds the residual stream to bf16: untrained, 36-row
+# pools, seeds 0-29: max |diff| vs fp32 <= 3.0% of the scores' std (encoder; decoder 2.7%), batched vs
+# per-row <= 0.87%, Spearman >= 0.998; after a little training (the weight-copy test below, encoder, seeds
+# 0-9) 0.6-3.6% where autocast's was < 0.03%. Bounds with ~3x headroom:
 BF16_CAST_VS_FP32_REL = 0.1
+BF16_CAST_SELF_REL = 0.03
 
 
 @pytest.mark.parametrize("weights", ["cast", "autocast"])
@@ -411,13 +413,15 @@ def test_bf16_scoring_agrees_with_fp32(kind, weights, tokenizer, seed):
     assert s16.dtype == torch.float32 and torch.isfinite(s16).all()
     spread = float(s32.std())
     assert spread > 0
-    assert float((s16 - s32).abs().max()) <= BF16_VS_FP32_REL * spread
+    vs_fp32, self_rel = (BF16_CAST_VS_FP32_REL, BF16_CAST_SELF_REL) if weights == "cast" else (
+        BF16_VS_FP32_REL, BF16_SELF_REL)
+    assert float((s16 - s32).abs().max()) <= vs_fp32 * spread
     assert spearman(s16.tolist(), s32.tolist()) >= 0.99
     # scheduler batching (and, decoders, prefix sharing) stays exact up to bf16 rounding
     naive = torch.cat([rm.score([r]) for r in reqs])
-    assert float((s16 - naive).abs().max()) <= BF16_SELF_REL * spread
+    assert float((s16 - naive).abs().max()) <= self_rel * spread
     rm.config.prefix_sharing = False
-    assert float((s16 - rm.score(reqs)).abs().max()) <= BF16_SELF_REL * spread
+    assert float((s16 - rm.score(reqs)).abs().max()) <= self_rel * spread
 
 
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
@@ -435,15 +439,12 @@ def test_bf16_weight_copy_follows_training_and_loading(kind, tokenizer, seed, tm
     pairs = [PreferencePair(c, i, o, reqs[(k + 1) % len(reqs)][2], 1.0) for k, (c, i, o) in enumerate(reqs)]
     rm.train(pairs, epochs=2, lr=1e-3)
     after = rm.score(reqs)
-    assert rm._cast_backbone[1] is not copy_before
-    ref = rm.config.score_amp
-    rm.config.score_amp = "none"
-    after32 = rm.score(reqs)  # fp32 scores of the trained weights
-    rm.config.score_amp = ref
-    spread = float(after32.std())
-    assert float((after - after32).abs().max()) <= BF16_CAST_VS_FP32_REL * spread
-    assert spearman(after.tolist(), after32.tolist()) >= 0.95
-    assert float((after - before).abs().max()) > BF16_CAST_VS_FP32_REL * spread  # training moved the scores
+    assert rm._cast_backbone[1] is not copy_before and not torch.equal(after, before)
+    # exactly what a bf16 copy of the trained weights gives when made from scratch: not stale in any row
+    rm.save(tmp_path / "after")
+    fresh = make_model(kind, tokenizer, seed + 1, score_amp="bf16", score_weights="cast")
+    fresh.load_state(tmp_path / "after")
+    torch.testing.assert_close(fresh.score(reqs), after, atol=0, rtol=0)
     rm.load_state(tmp_path / "before")  # loading copies into the parameters: the copy follows again
     torch.testing.assert_close(rm.score(reqs), before, atol=0, rtol=0)
 
