@@ -77,10 +77,10 @@ def candidate(rng: random.Random, q: int, n_tokens: int) -> str:
     return " ".join(body)
 
 
-def make_pairs(rng: random.Random, n_inputs: int, k: int, prefix_tok: int, suffix_tok: int):
+def make_pairs(rng: random.Random, n_inputs: int, k: int, prefix_tok: int, suffix_tok: int, n_components: int = 3):
     pairs = []
     for i in range(n_inputs):
-        comp, inp = COMPONENTS[i % len(COMPONENTS)], f"case {i}: " + words(rng, prefix_tok)
+        comp, inp = COMPONENTS[i % n_components], f"case {i}: " + words(rng, prefix_tok)
         cands = [(q, candidate(rng, q, suffix_tok)) for q in rng.sample(range(6), k)]
         for qa, ta in cands:
             for qb, tb in cands:
@@ -262,27 +262,36 @@ def cluster_bootstrap(groups: np.ndarray, a: np.ndarray, b: np.ndarray, reps: in
     return {"a": q(ma), "b": q(mb), "diff": q(ma - mb)}
 
 
-def bench_training(name, rm, base, train, held, epochs, lr, batch_pairs, seed, trl_model=None):
+def bench_training(name, rm, base, train, held, epochs, lr, batch_pairs, seed, trl_model=None, ours_epochs=None,
+                   head_lr_mult=None):
+    """``ours_epochs`` (default: ``epochs``) lets ours train longer than the baselines: speedups are then
+    throughput ratios (pairs/s) and the ``*_wall_ratio`` fields compare total training times."""
+    ours_epochs = ours_epochs or epochs
     base.score([(p.component, p.inputs, p.chosen) for p in train[:2]])  # warm-up, untimed
     rm.score([(p.component, p.inputs, p.chosen) for p in train[:2]])
     t_base, steps_base = base.train(train, epochs, lr, seed)
     c_base = base.correct(held)
     lr_ours = lr * math.sqrt(batch_pairs / 2)  # square-root rule for Adam: batch 2 -> batch_pairs
     t0 = time.perf_counter()
-    hist = rm.train(train, epochs=epochs, lr=lr_ours, batch_pairs=batch_pairs)
+    extra = {} if head_lr_mult is None else {"head_lr": head_lr_mult * lr_ours}
+    hist = rm.train(train, epochs=ours_epochs, lr=lr_ours, batch_pairs=batch_pairs, **extra)
     t_ours = time.perf_counter() - t0
     c_ours = ours_correct(rm, held)
     groups = np.array([hash((p.component, p.inputs)) for p in held])
     ci = cluster_bootstrap(groups, c_ours, c_base, seed=seed)
-    n = len(train) * epochs
+    n, n_ours = len(train) * epochs, len(train) * ours_epochs
     trl = {}
     if trl_model is not None:
         trl, c_trl = bench_trl(trl_model, base, train, held, epochs, lr, seed)
-        trl["speedup_vs_trl"] = trl["trl_seconds"] / t_ours
+        trl["speedup_vs_trl"] = (n_ours / t_ours) / trl["trl_pairs_per_s"]
+        trl["trl_wall_ratio"] = trl["trl_seconds"] / t_ours
         trl["acc_diff_ours_minus_trl_ci95"] = cluster_bootstrap(groups, c_ours, c_trl, seed=seed)["diff"]
-    return {**trl, "backbone": name, "pairs": len(train), "epochs": epochs, "baseline_steps": steps_base,
+    return {**trl, "backbone": name, "pairs": len(train), "epochs": epochs, "ours_epochs": ours_epochs,
+            "ours_head_lr_mult": head_lr_mult if head_lr_mult is not None else "default (20)",
+            "baseline_steps": steps_base,
             "ours_steps": len(hist), "baseline_lr": lr, "ours_lr": lr_ours, "ours_batch_pairs": batch_pairs,
-            "baseline_pairs_per_s": n / t_base, "ours_pairs_per_s": n / t_ours, "speedup": t_base / t_ours,
+            "baseline_pairs_per_s": n / t_base, "ours_pairs_per_s": n_ours / t_ours,
+            "speedup": (n_ours / t_ours) / (n / t_base), "baseline_wall_ratio": t_base / t_ours,
             "baseline_seconds": t_base, "ours_seconds": t_ours, "heldout_pairs": len(held),
             "heldout_inputs": len(set(groups.tolist())), "heldout_acc_baseline": float(c_base.mean()),
             "heldout_acc_ours": float(c_ours.mean()), "acc_ci95_baseline": ci["b"], "acc_ci95_ours": ci["a"],
@@ -356,6 +365,11 @@ def main():
     ap.add_argument("--k", type=int, default=5, help="candidates per training input")
     ap.add_argument("--heldout-inputs", type=int, default=40, help="held-out inputs (K(K-1)/2 pairs each)")
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--ours-epochs", type=int, default=None, help="epochs for ours (default: --epochs)")
+    ap.add_argument("--train-components", type=int, default=3, choices=[1, 2, 3],
+                    help="components the training pairs spread over (1: every pair on one head, as TRL's single head)")
+    ap.add_argument("--head-lr-mult", type=float, default=None,
+                    help="ours: head learning rate = this x backbone lr (default: the library's 20)")
     ap.add_argument("--score-inputs", type=int, default=2)
     ap.add_argument("--score-cands", type=int, default=32)
     ap.add_argument("--check-inputs", type=int, default=8, help="pool inputs also scored in fp32 (agreement check)")
@@ -370,8 +384,8 @@ def main():
     t_start, load_start = time.perf_counter(), os.getloadavg()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    train = make_pairs(rng, args.train_inputs, args.k, 300, 60)
-    held = make_pairs(rng, args.heldout_inputs, args.k, 300, 60)
+    train = make_pairs(rng, args.train_inputs, args.k, 300, 60, args.train_components)
+    held = make_pairs(rng, args.heldout_inputs, args.k, 300, 60, args.train_components)
     results = {"machine": machine(), "argv": sys.argv[1:], "load_average_start": load_start,
                "backends": backend_report(), "training": [], "scoring": []}
     print(f"{results['machine']}\nload average at start: {load_start}\n"
@@ -384,7 +398,8 @@ def main():
             name, rm, base = make(args.seed, 512)
             trl_model = trl_twin(base.model, args.seed) if args.trl else None
             r = bench_training(name, rm, base, train, held, args.epochs, lr, batch_pairs=args.k * (args.k - 1) // 2,
-                               seed=args.seed, trl_model=trl_model)
+                               seed=args.seed, trl_model=trl_model, ours_epochs=args.ours_epochs,
+                               head_lr_mult=args.head_lr_mult)
             results["training"].append(r)
             print(json.dumps(r), flush=True)
         if "scoring" not in args.skip:
