@@ -116,13 +116,11 @@ def test_seeded_sampling_is_reproducible(seed):
     ad = policy.adapter()
     prompts = [x["q"] for x in inputs]
     a = policy.generate(prompts, ad, max_new_tokens=5, temperature=1.0, n=3, seed=seed)
-    b = policy.generate(prompts[::-1], ad, max_new_tokens=5, temperature=1.0, n=3, seed=seed)[::-1]
     assert len(a) == len(prompts) and all(len(r) == 3 for r in a)
     c = policy.generate(prompts, ad, max_new_tokens=5, temperature=1.0, n=3, seed=seed + 1)
     assert a == policy.generate(prompts, ad, max_new_tokens=5, temperature=1.0, n=3, seed=seed)
     assert a != c
     assert len({t for row in a for t in row}) > 1  # sampling, not greedy
-    assert b is not None  # reversed order: each row has its own generators, but they follow row position
 
 
 def test_bad_lora_inputs_have_clear_errors(seed):
