@@ -24,7 +24,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from optimas_fast.lm.base import LM, Request, SamplingParams, cut_at_stop
 from optimas_fast.lm.cache import LMCache, resolve_cache
@@ -261,12 +261,8 @@ class HFLocalLM(LM):
 
         params = items[0].params
         pad = self.tokenizer.pad_token_id
-        width = max(len(it.ids) for it in items)
-        input_ids = torch.full((len(items), width), pad, dtype=torch.long)  # (B, T) left-padded
-        attention = torch.zeros((len(items), width), dtype=torch.long)  # (B, T)
-        for row, it in enumerate(items):
-            input_ids[row, width - len(it.ids):] = torch.tensor(it.ids, dtype=torch.long)
-            attention[row, width - len(it.ids):] = 1
+        input_ids, attention = left_pad([it.ids for it in items], pad)  # (B, T) each
+        width = input_ids.shape[1]
         kwargs: dict[str, Any] = dict(
             max_new_tokens=params.max_tokens, do_sample=False, pad_token_id=pad,
             eos_token_id=sorted(self.eos_ids) or None,
@@ -302,6 +298,20 @@ class HFLocalLM(LM):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, dtype={self.dtype}, device={self.device!r})"
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int):
+    """Token id rows left-padded to one width (decoder-only batches must end at the same column):
+    (ids (B, T), attention mask (B, T)), both long, on the CPU."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+    for row, s in enumerate(seqs):
+        ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[row, width - len(s):] = 1
+    return ids, mask
 
 
 class _GumbelSampler:

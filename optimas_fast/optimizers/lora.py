@@ -109,20 +109,16 @@ class LoRAPolicy:
 
     def generate(self, prompts: Sequence[str], adapter: LoRAAdapter, *, max_new_tokens: int = 32,
                  temperature: float = 0.0, n: int = 1, seed: int | None = None) -> list[list[str]]:
-        """``n`` completions per prompt (greedy when temperature is 0; else seeded Gumbel sampling, one
-        generator per (prompt, sample), so results do not depend on batching or on the global RNG)."""
+        """``n`` completions per prompt (greedy when temperature is 0; else Gumbel sampling with one generator
+        per row, drawn in row order from ``seed``: the same call with the same seed gives the same samples,
+        and the global RNG is never touched)."""
         from transformers import LogitsProcessorList
 
-        from optimas_fast.lm.hf_local import _GumbelSampler
+        from optimas_fast.lm.hf_local import _GumbelSampler, left_pad
 
         rows = [p for p in prompts for _ in range(n)]
-        ids = [self._encode(p) for p in rows]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)  # (B, T) left-padded
-        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T)
-        for i, x in enumerate(ids):
-            input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
-            mask[i, width - len(x):] = 1
+        input_ids, mask = left_pad([self._encode(p) for p in rows], self.pad_id)  # (B, T) each
+        width = input_ids.shape[1]
         kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
                                   eos_token_id=self.eos_id, temperature=None, top_p=None, top_k=None)
         if temperature > 0:
@@ -151,14 +147,14 @@ class LoRAPolicy:
             starts.append(len(pi))
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)  # (B, T) right-padded
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T): real tokens
         target = torch.zeros((len(seqs), width), dtype=torch.bool)  # (B, T): completion positions
         for i, (s, st) in enumerate(zip(seqs, starts)):
             ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, :len(s)] = 1
             target[i, st:len(s)] = True
         ids, target = ids.to(self.device), target.to(self.device)
-        logits = self.model(input_ids=ids, attention_mask=(torch.arange(width, device=self.device)[None]
-                                                          < torch.tensor([len(s) for s in seqs],
-                                                                         device=self.device)[:, None]).long()).logits
+        logits = self.model(input_ids=ids, attention_mask=mask.to(self.device)).logits  # (B, T, V)
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V): token t+1 given tokens <= t
         tok = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
         return (tok * target[:, 1:]).sum(-1)  # (B,)
