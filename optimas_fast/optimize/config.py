@@ -100,14 +100,17 @@ class OptimasConfig:
             raise ConfigError(f"gap_ema must be in (0, 1], got {self.gap_ema!r}")
         if not (isinstance(self.alignment_threshold, (int, float)) and 0 <= self.alignment_threshold <= 1):
             raise ConfigError(f"alignment_threshold must be in [0, 1], got {self.alignment_threshold!r}")
-        if self.gate_confidence is not None and not (isinstance(self.gate_confidence, (int, float))
-                                                     and not isinstance(self.gate_confidence, bool)
-                                                     and 0.5 <= self.gate_confidence < 1):
-            raise ConfigError(f"gate_confidence must be in [0.5, 1) or null, got {self.gate_confidence!r}")
-        if self.min_spearman is not None and not (isinstance(self.min_spearman, (int, float))
-                                                  and not isinstance(self.min_spearman, bool)
-                                                  and -1 <= self.min_spearman <= 1):
-            raise ConfigError(f"min_spearman must be in [-1, 1] or null, got {self.min_spearman!r}")
+        def number_or_null(name, lo, hi, hi_open):
+            v = getattr(self, name)
+            if v is None:
+                return
+            inside = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v and (
+                v < hi if hi_open else v <= hi)
+            if not inside:
+                raise ConfigError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'} or null, got {v!r}")
+
+        number_or_null("gate_confidence", 0.5, 1, hi_open=True)
+        number_or_null("min_spearman", -1, 1, hi_open=False)
         if not (isinstance(self.holdout_fraction, (int, float)) and 0 <= self.holdout_fraction < 1):
             raise ConfigError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
         if self.components is not None and (not isinstance(self.components, list)

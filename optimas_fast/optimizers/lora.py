@@ -186,8 +186,10 @@ def _adapter_of(variable: Weights) -> LoRAAdapter:
 
 def optimize_lora(component: LoRAComponent, xs: Sequence[Mapping[str, Any]], key: str | None, current: Weights,
                   reward_model: Any, cfg: Any, rng: random.Random) -> tuple[list[Weights], list[float], dict]:
-    """Best-of-N + DPO (module docstring); ``cfg`` is the ``WeightsConfig`` (its ``lora_*`` fields). Returns (candidates [incumbent, trained], their mean LRF scores,
-    info); scoring goes through the shared run/score helpers so rows stay aligned with their inputs."""
+    """Best-of-N + DPO (module docstring); ``cfg`` is the ``WeightsConfig`` (its ``lora_*`` fields).
+
+    Returns (candidates [incumbent, trained], their mean LRF scores, info); scoring goes through the shared
+    run/score helpers so rows stay aligned with their inputs."""
     from optimas_fast.optimizers.base import mean, override_for, run_batch, score_matrix
 
     policy, incumbent = component.policy, _adapter_of(current)
