@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from . import _backend as B
+from . import hf_export
 from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from .data import as_requests
 from .template import TemplateConfig, TokenCache, Tokenised
@@ -515,6 +516,19 @@ class RewardModel:
         model = cls(backbone, manifest["components"], tokenizer=tok, config=config, device=device)
         load_checkpoint(model, path)
         return model
+
+    def export_hf(self, path: str | os.PathLike) -> dict:
+        """A standard Hugging Face checkpoint (see reward/hf_export.py): decoders with last-token pooling as
+        ``*ForSequenceClassification`` (per-head bias dropped, LoRA merged), others as backbone + heads."""
+        return hf_export.export_hf(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        config: RewardConfig | None = None) -> "RewardModel":
+        """Load an ``export_hf`` directory, or a plain HF decoder ``*ForSequenceClassification`` reward model
+        (its score layer becomes the heads; template ``"{inputs}"`` unless ``config`` says otherwise)."""
+        return hf_export.load_pretrained(path, build=cls, config=config if config is not None else RewardConfig(),
+                                         config_given=config is not None, device=device)
 
 
 def reward_config_to_dict(c: RewardConfig) -> dict:
