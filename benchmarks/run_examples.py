@@ -77,7 +77,7 @@ def optimas_run(system_name, args, out):
     t1 = time.perf_counter()
     res = Optimas(rm, proposer, cfg.loop, progress=True).optimize(system, split.train, split.val, run_dir=out)
     loop_seconds = time.perf_counter() - t1
-    after = evaluate_with_bar(system, split.test, desc=f"{system_name} test after", workers=cfg.loop.val_workers,
+    after = evaluate_with_bar(res.system, split.test, desc=f"{system_name} test after", workers=cfg.loop.val_workers,
                               seed=cfg.loop.seed)
     extra = {"test_before": bootstrap_ci(before, seed=args.seed), "test_after": bootstrap_ci(after, seed=args.seed),
              "test_diff": paired_diff_ci(before, after, seed=args.seed)}

@@ -205,7 +205,7 @@ def run_config(cfg: RunConfig, out: str | None, resume: bool = False, progress: 
     loop = Optimas(rm, proposer, cfg.loop, progress=progress)
     res = loop.optimize(system, split.train, split.val, run_dir=out_dir, resume_from=out_dir if resume else None)
     if split.test:
-        after = evaluate_with_bar(system, split.test, desc="test (after)", workers=workers, seed=cfg.loop.seed,
+        after = evaluate_with_bar(res.system, split.test, desc="test (after)", workers=workers, seed=cfg.loop.seed,
                                   progress=progress)
         extra["test_after"] = bootstrap_ci(after, seed=cfg.loop.seed)
         print(f"test score after:  {_fmt(extra['test_after'])}", flush=True)

@@ -66,6 +66,28 @@ def test_loop_finds_the_known_optimum(seed, tmp_path):
     assert len(list((tmp_path / "run").glob("lrf-*"))) == 1  # older checkpoints are removed
 
 
+def test_optimize_returns_a_new_system_and_leaves_its_input_as_it_was(seed, tmp_path):
+    # DSPy's convention: the optimizer returns the optimized program, the student stays as it was
+    system, optimum, train, val = build_synthetic(seed)
+    before = json.dumps(system.state_dict(), sort_keys=True)
+    res = Optimas(tiny_reward_model(COMPONENTS, seed), None, synthetic_config(seed, 6)).optimize(
+        system, train, val, run_dir=tmp_path / "run")
+    assert json.dumps(system.state_dict(), sort_keys=True) == before
+    assert res.system is not system
+    found = {name: var.value["level"] for name, var in res.system.variables().items()}
+    assert found == optimum and res.system.state_dict() != system.state_dict()
+    # the accepted changes are what the run saved; the input still scores as before
+    saved = json.loads((tmp_path / "run" / "system_state.json").read_text())
+    assert saved["variables"] == res.system.state_dict()["variables"]
+    assert system.evaluate(val).mean == pytest.approx(res.initial_val)
+    assert res.system.evaluate(val).mean == pytest.approx(res.best_val)
+    # resuming from the run also leaves its input alone
+    res2 = Optimas(tiny_reward_model(COMPONENTS, seed), None, synthetic_config(seed, 6)).optimize(
+        system, train, val, resume_from=tmp_path / "run")
+    assert json.dumps(system.state_dict(), sort_keys=True) == before
+    assert res2.system.state_dict() == res.system.state_dict()
+
+
 def test_paired_gate_still_finds_the_optimum_and_records_its_evidence(seed, tmp_path):
     res, optimum, _ = _run(seed, tmp_path / "run", gate_confidence=0.9)
     found = {name: var.value["level"] for name, var in res.system.variables().items()}
@@ -244,7 +266,7 @@ def test_tie_keeps_the_incumbent(seed, tmp_path):
     before = system.state_dict()["variables"]
     rm = tiny_reward_model(COMPONENTS, seed)
     res = Optimas(rm, None, synthetic_config(seed, 4)).optimize(system, train, val, run_dir=tmp_path / "run")
-    assert system.state_dict()["variables"] == before
+    assert res.system.state_dict()["variables"] == before
     assert all(h["accepted"] in (None, False) for h in res.history[1:])
     assert all(g["val_score"] == 0.5 and not g["accepted"] for h in res.history[1:] for g in h["gate"])
 
@@ -261,8 +283,8 @@ def test_gate_judges_each_variable_on_its_own(seed, tmp_path):
     data = [{"id": i, "x": f"q{i}"} for i in range(20)]
     res = Optimas(tiny_reward_model({"pick": "picks"}, seed), None, synthetic_config(seed, 3)).optimize(
         system, data[:14], data[14:], run_dir=tmp_path / "run")
-    assert system.variables()["pick.good"]["level"] == 3
-    assert system.variables()["pick.noise"]["level"] == 0  # never accepted: it never changes the score
+    assert res.system.variables()["pick.good"]["level"] == 3
+    assert res.system.variables()["pick.noise"]["level"] == 0  # never accepted: it never changes the score
     accepted = [g["address"] for h in res.history[1:] for g in h["gate"] if g["accepted"]]
     assert accepted and set(accepted) == {"pick.good"}
 
@@ -359,7 +381,7 @@ def test_prompt_only_component_gets_seeded_variants_and_is_optimized(seed, tmp_p
     res = Optimas(tiny_reward_model({"writer": "writes a number"}, seed), proposer, cfg).optimize(
         system, data[:14], data[14:], run_dir=tmp_path / "run")
     assert res.history[0]["collect"]["writer"]["pairs"] > 0
-    assert system.components["writer"].variable.text == f"Please answer with number {target} now."
+    assert res.system.components["writer"].variable.text == f"Please answer with number {target} now."
     state = load_run_state(tmp_path / "run")
     assert state["optimizers"]["prompt"]["seeds"]["writer"]
 

@@ -447,6 +447,29 @@ def test_state_round_trip_every_variable_type(gen, tmp_path):
         again.load_state(tmp_path / "bad.json")
 
 
+def test_copy_has_independent_variables_and_shares_the_rest(gen):
+    src = make_stateful(gen)
+    lm = ScriptedLM(["hi"])
+    src.components["a"].lm = lm  # a resource a component holds: shared, never copied
+    before = json.dumps(src.state_dict(), sort_keys=True)
+    dst = src.copy()
+    assert dst.state_dict() == src.state_dict() and dst.order == src.order
+    assert dst.components["a"] is not src.components["a"] and dst.components["a"].lm is lm
+    # every kind of change to the copy: set a Prompt / Choice / multi-variable key, load Weights in place
+    dst.set_variable("a", "changed")
+    dst.set_variable("b", {"k": 2, "mode": "q"})
+    dst.set_variable("d.trust", {"t": "scorer"})
+    other = make_stateful(torch.Generator().manual_seed(gen.initial_seed() + 1))
+    dst.load_state_dict({**dst.state_dict(), "variables": {**dst.state_dict()["variables"],
+                                                           "c": other.state_dict()["variables"]["c"]}})
+    with torch.no_grad():
+        next(dst.components["c"].variable.module.parameters()).add_(1.0)
+    assert json.dumps(src.state_dict(), sort_keys=True) == before
+    assert dst.state_dict()["variables"]["a"] != src.state_dict()["variables"]["a"]
+    assert dst.components["c"].variable.module is not src.components["c"].variable.module
+    assert dst.run({"x": "q", "gold": "q"}).score == 1.0 and src.run({"x": "q", "gold": "q"}).score == 1.0
+
+
 def test_state_for_a_different_system_is_rejected(gen):
     state = make_stateful(gen).state_dict()
     other = make_chain()

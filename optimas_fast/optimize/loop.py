@@ -2,6 +2,11 @@
 
     result = Optimas(reward_model, proposer_lm, OptimasConfig(iterations=10)).optimize(
         system, trainset, valset, run_dir="runs/x")          # resume: ..., resume_from="runs/x"
+    optimized = result.system                                # a new System; ``system`` is left as it was
+
+``optimize`` follows DSPy's convention: it works on ``system.copy()`` (independent variables; LM clients,
+caches and indexes shared) and returns that copy in ``result.system``, so the system passed in keeps its
+configuration. The reward model is the loop's own and is trained in place.
 
 Start (iteration 0): measure the validation score of the initial configuration, collect preference pairs
 for every optimized component on ``initial_examples`` training examples, and train the LRF on them.
@@ -64,7 +69,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class OptimasResult:
-    system: System  # the optimized system (its variables set to the accepted configuration)
+    system: System  # the optimized system: a copy of the input with the accepted configuration (input unchanged)
     history: list[dict]  # one record per iteration (0 = initial training)
     initial_val: float  # validation score of the starting configuration
     best_val: float  # validation score of the returned configuration
@@ -215,6 +220,8 @@ class Optimas:
     # ------------------------------------------------------------------------------------------ the loop
     def optimize(self, system: System, trainset: Sequence[Mapping], valset: Sequence[Mapping], *,
                  run_dir: str | Path | None = None, resume_from: str | Path | None = None) -> OptimasResult:
+        """Runs (or, with ``resume_from``, continues) the loop and returns an ``OptimasResult`` whose
+        ``system`` is the optimized copy of ``system``; ``system`` itself is not changed."""
         cfg = self.config
         trainset, valset = list(trainset), list(valset)
         if not trainset or not valset:
@@ -223,6 +230,7 @@ class Optimas:
             run_dir = Path(resume_from)
         run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="optimas-run-"))
         targets = self._targets(system)
+        system = system.copy()  # the caller's system stays as it was (DSPy's convention); we return the copy
         for name in targets:
             if name not in self.rm.components:
                 self.rm.add_component(name, system.components[name].description or name)

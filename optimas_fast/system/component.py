@@ -20,12 +20,13 @@ variable, ``"component.key"`` for one of several. Optimizers and overrides use a
 """
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any, Callable, Mapping, Sequence
 
 from optimas_fast.lm.base import LM, Completion
 from optimas_fast.system.context import current_run, record_usage
-from optimas_fast.system.variables import Variable
+from optimas_fast.system.variables import Variable, Weights
 
 __all__ = ["Component", "ComponentError", "format_value"]
 
@@ -141,6 +142,17 @@ class Component:
         if self._single:
             return {self.name: v for v in self._variables.values()}
         return {f"{self.name}.{k}": v for k, v in self._variables.items()}
+
+    def copy(self) -> "Component":
+        """A copy whose variables are independent of this component's: setting or loading a variable on one
+        never shows on the other. Prompt and Choice values are immutable and shared; a module-held
+        ``Weights`` is deep-copied (``Weights.copy``), since loading a state writes into its module. Every
+        other attribute (LM clients, caches, indexes, policies) is shared: it is not optimizable state, and
+        it may be large or uncopyable (locks, connections). Subclasses holding other mutable per-run state
+        override this."""
+        new = copy.copy(self)
+        new._variables = {k: (v.copy() if isinstance(v, Weights) else v) for k, v in self._variables.items()}
+        return new
 
     def variable_kinds(self) -> str | dict[str, str] | None:
         if self._single:

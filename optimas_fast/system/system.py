@@ -32,6 +32,7 @@ any, so a failed load leaves the system unchanged.
 from __future__ import annotations
 
 import contextvars
+import copy
 import heapq
 import json
 import logging
@@ -227,6 +228,15 @@ class System:
             c.variable = c.resolve_variable(value)
         else:
             c.variable = c.resolve_variable({key: value})
+
+    def copy(self) -> "System":
+        """An independent copy for optimizing (DSPy's convention: the optimizer returns a new program and
+        leaves its input as it was). Each component is ``Component.copy()``: variables are independent,
+        while LM clients, caches, indexes and models are shared; the graph and the metric are shared (never
+        changed after construction)."""
+        new = copy.copy(self)
+        new.components = {name: c.copy() for name, c in self.components.items()}
+        return new
 
     # ----------------------------------------------------------------------------------------------
     # running
