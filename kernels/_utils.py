@@ -1,4 +1,11 @@
-"""Launch settings from one place: block sizes and warps derived from the problem size."""
+"""Launch settings from one place: block sizes, warps and grid splits derived from the problem size.
+
+Every launcher in optimas_fast/ops/_triton.py takes its constants from here; no kernel call site picks a
+block size or a warp count of its own."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
 import triton
 
 
@@ -20,3 +27,38 @@ def num_warps(block: int) -> int:
 def row_block(B: int) -> int:
     """Elements per program for 1-D row-wise kernels (bt_loss)."""
     return min(triton.next_power_of_2(max(B, 16)), 1024)
+
+
+class RowLaunch(NamedTuple):
+    """One program per row, looping over the hidden dimension (multihead, fused loss, last token)."""
+
+    block_h: int  # columns per step (BLOCK_H)
+    num_warps: int
+
+
+def row_launch(H: int) -> RowLaunch:
+    blk = hidden_block(H)
+    return RowLaunch(blk, num_warps(blk))
+
+
+class SegmentLaunch(NamedTuple):
+    """The segmented dW reduction: grid (C, cdiv(H, block_h), split)."""
+
+    block_h: int  # columns per program (BLOCK_H)
+    split: int  # programs sharing one head's rows (SPLIT): one atomic add per program and column
+    num_warps: int
+
+
+# Column blocks of the dW reduction stay at <= 1024: each program holds one fp32 accumulator per column
+# and the grid gets its parallelism from (heads x column blocks x split), not from wide rows.
+SEGMENT_MAX_BLOCK = 1024
+SEGMENT_MAX_SPLIT = 64
+SEGMENT_ROWS_PER_PROGRAM = 32  # fewest rows a program sums before its one atomic add (on average)
+
+
+def segment_launch(N: int, C: int, H: int) -> SegmentLaunch:
+    """Enough programs to fill the machine even when one head owns every row (C = 1), while each
+    program still sums many rows before its one atomic add."""
+    blk = min(hidden_block(H), SEGMENT_MAX_BLOCK)
+    split = max(1, min(SEGMENT_MAX_SPLIT, N // max(C * SEGMENT_ROWS_PER_PROGRAM, 1)))
+    return SegmentLaunch(blk, split, num_warps(blk))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import triton
 
-from optimas_fast.kernels._utils import hidden_block, num_warps, row_block
+from optimas_fast.kernels._utils import row_block, row_launch, segment_launch
 from optimas_fast.kernels.bt_loss import _bt_loss_fwd_kernel
 from optimas_fast.kernels.fused_head_bt import _fused_head_bt_kernel
 from optimas_fast.kernels.last_token import _last_token_bwd_kernel, _last_token_fwd_kernel
@@ -32,8 +32,8 @@ def multihead_score_fwd(hidden, ids, W32, b32):
     N, H = hidden.shape
     out = torch.empty(N, dtype=torch.float32, device=hidden.device)
     if N:
-        blk = hidden_block(H)
-        _multihead_fwd_kernel[(N,)](hidden, ids, W32, b32, out, H, BLOCK_H=blk, num_warps=num_warps(blk))
+        lc = row_launch(H)
+        _multihead_fwd_kernel[(N,)](hidden, ids, W32, b32, out, H, BLOCK_H=lc.block_h, num_warps=lc.num_warps)
     return out
 
 
@@ -46,13 +46,10 @@ def _segment_dw(C, H, ids, xa, ga, xb=None, gb=None):
     order = torch.argsort(ids, stable=True)  # (N,) rows grouped by head
     offsets = torch.zeros(C + 1, dtype=torch.int64, device=ids.device)
     offsets[1:] = torch.cumsum(torch.bincount(ids, minlength=C), 0)
-    blk = min(hidden_block(H), 1024)
-    # Enough programs to fill the machine even when one head owns every row (C = 1), while each
-    # program still sums many rows before its one atomic add.
-    split = max(1, min(64, N // max(C * 32, 1)))
-    grid = (C, triton.cdiv(H, blk), split)
+    lc = segment_launch(N, C, H)
+    grid = (C, triton.cdiv(H, lc.block_h), lc.split)
     _segment_dw_kernel[grid](xa, ga, xb if xb is not None else xa, gb if gb is not None else ga, order, offsets,
-                             dW, H, split, HAS_B=xb is not None, BLOCK_H=blk, num_warps=num_warps(blk))
+                             dW, H, lc.split, HAS_B=xb is not None, BLOCK_H=lc.block_h, num_warps=lc.num_warps)
     return dW
 
 
@@ -64,8 +61,8 @@ def multihead_score_bwd(hidden, ids, W32, g, need_hidden, need_W, need_b):
     if need_hidden:
         dh = torch.empty_like(hidden)
         if N:
-            blk = hidden_block(H)
-            _multihead_dx_kernel[(N,)](g, ids, W32, dh, H, BLOCK_H=blk, num_warps=num_warps(blk))
+            lc = row_launch(H)
+            _multihead_dx_kernel[(N,)](g, ids, W32, dh, H, BLOCK_H=lc.block_h, num_warps=lc.num_warps)
     if need_W:
         dW = _segment_dw(C, H, ids, hidden, g)
     if need_b:
@@ -81,11 +78,11 @@ def fused_head_bt(hc, hr, ids, W32, b32, w, mu, center, scale, need_grad):
     loss, gd, nls, ga, gb = (torch.empty(B, dtype=torch.float32, device=dev) for _ in range(5))
     dhc = torch.empty_like(hc) if need_grad else hc
     dhr = torch.empty_like(hr) if need_grad else hr
-    blk = hidden_block(H)
+    lc = row_launch(H)
     _fused_head_bt_kernel[(B,)](
         hc, hr, ids, W32, b32, w if w is not None else loss, mu if mu is not None else loss,
         loss, gd, nls, ga, gb, dhc, dhr, H, center, scale,
-        HAS_W=w is not None, HAS_MU=mu is not None, GRAD=need_grad, BLOCK_H=blk, num_warps=num_warps(blk))
+        HAS_W=w is not None, HAS_MU=mu is not None, GRAD=need_grad, BLOCK_H=lc.block_h, num_warps=lc.num_warps)
     if not need_grad:
         return loss, gd, nls, None, None, None, None
     dW = _segment_dw(C, H, ids, hc, ga, hr, gb)
@@ -97,8 +94,8 @@ def last_token_fwd(hidden, pos):
     B, T, H = hidden.shape
     out = torch.empty(B, H, dtype=hidden.dtype, device=hidden.device)
     if B:
-        blk = hidden_block(H)
-        _last_token_fwd_kernel[(B,)](hidden, pos, out, T, H, BLOCK_H=blk, num_warps=num_warps(blk))
+        lc = row_launch(H)
+        _last_token_fwd_kernel[(B,)](hidden, pos, out, T, H, BLOCK_H=lc.block_h, num_warps=lc.num_warps)
     return out
 
 
@@ -106,6 +103,6 @@ def last_token_bwd(grad_out, pos, T):
     B, H = grad_out.shape
     grad = torch.zeros(B, T, H, dtype=grad_out.dtype, device=grad_out.device)
     if B:
-        blk = hidden_block(H)
-        _last_token_bwd_kernel[(B,)](grad_out, pos, grad, T, H, BLOCK_H=blk, num_warps=num_warps(blk))
+        lc = row_launch(H)
+        _last_token_bwd_kernel[(B,)](grad_out, pos, grad, T, H, BLOCK_H=lc.block_h, num_warps=lc.num_warps)
     return grad

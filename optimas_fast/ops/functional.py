@@ -8,6 +8,7 @@ an error: a NaN reward is something the caller must see, not a crash). float64 r
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -27,6 +28,15 @@ def _is_one(g: torch.Tensor) -> bool:
     return g.device.type == "cpu" and g.numel() == 1 and float(g) == 1.0
 
 
+def _grads(ctx, *grads):
+    """What ``backward`` returns: None for the options object (every Function's first argument), then each
+    tensor input's gradient in forward's order, None where autograd did not ask for it."""
+    need = ctx.needs_input_grad[1:]
+    if len(grads) != len(need):
+        raise RuntimeError(f"backward produced {len(grads)} gradients for {len(need)} tensor inputs")
+    return (None, *(g if n else None for g, n in zip(grads, need)))
+
+
 def _mean_denominator(w, B, reduction):
     """(S, 1/S) for the mean (S = sum of weights, or B), (1, 1) for sum."""
     if reduction != "mean":
@@ -40,16 +50,28 @@ def _mean_denominator(w, B, reduction):
 # --------------------------------------------------------------------------------------------------
 # bt_loss
 # --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class BTOptions:
+    """The non-tensor arguments of BTLossFunction, passed as one object so that backward returns one
+    None for them instead of a run of Nones lined up by position."""
+
+    center: float  # lambda >= 0
+    reduction: str  # "mean" | "sum" | "none"
+    impl: str  # backend module: "cpp" | "triton"
+
+
 class BTLossFunction(torch.autograd.Function):
+    """apply(opts, r_chosen (B,), r_rejected (B,), weight (B,) | None, margin (B,) | None)."""
+
     @staticmethod
-    def forward(ctx, rc, rr, w, mu, center, reduction, impl_name):
-        impl = _impl(impl_name)
-        rows, gd, nls = impl.bt_loss_rows(rc, rr, w, mu, center)  # (B,) each, f32
-        S, scale = _mean_denominator(w, rc.shape[0], reduction)
-        out = rows if reduction == "none" else rows.sum() * scale
-        s = (rc.detach().float() + rr.detach().float()) if center else None  # (B,), only for centering
-        ctx.save_for_backward(gd, nls, s, out if w is not None and reduction == "mean" else None)
-        ctx.center, ctx.reduction, ctx.scale, ctx.dtypes = center, reduction, scale, (rc.dtype, rr.dtype)
+    def forward(ctx, opts: BTOptions, rc, rr, w, mu):
+        impl = _impl(opts.impl)
+        rows, gd, nls = impl.bt_loss_rows(rc, rr, w, mu, opts.center)  # (B,) each, f32
+        S, scale = _mean_denominator(w, rc.shape[0], opts.reduction)
+        out = rows if opts.reduction == "none" else rows.sum() * scale
+        s = (rc.detach().float() + rr.detach().float()) if opts.center else None  # (B,), only for centering
+        ctx.save_for_backward(gd, nls, s, out if w is not None and opts.reduction == "mean" else None)
+        ctx.opts, ctx.scale, ctx.dtypes = opts, scale, (rc.dtype, rr.dtype)
         return out
 
     @staticmethod
@@ -57,16 +79,13 @@ class BTLossFunction(torch.autograd.Function):
     def backward(ctx, g):
         gd, nls, s, L = ctx.saved_tensors
         f = g.float() * ctx.scale  # scalar, or (B,) for reduction="none"
-        cs = 2.0 * ctx.center * s if s is not None else 0.0
+        cs = 2.0 * ctx.opts.center * s if s is not None else 0.0
         ga = (f * (gd + cs)).to(ctx.dtypes[0])
         gb = (f * (cs - gd)).to(ctx.dtypes[1])
-        gw = gmu = None
-        if ctx.needs_input_grad[2]:
-            # d/dw_j of sum_i l_i / sum_i w_i = nls_j / S - L / S  (weighted mean); nls_j for sum/none
-            gw = f * (nls - L) if L is not None else f * nls
-        if ctx.needs_input_grad[3]:
-            gmu = -f * gd
-        return ga, gb, gw, gmu, None, None, None
+        # d/dw_j of sum_i l_i / sum_i w_i = nls_j / S - L / S  (weighted mean); nls_j for sum/none
+        gw = (f * (nls - L) if L is not None else f * nls) if ctx.needs_input_grad[3] else None
+        gmu = -f * gd if ctx.needs_input_grad[4] else None
+        return _grads(ctx, ga, gb, gw, gmu)
 
 
 def bt_loss(r_chosen, r_rejected, weight=None, margin=None, center: float = 0.0, reduction: str = "mean",
@@ -92,31 +111,41 @@ def bt_loss(r_chosen, r_rejected, weight=None, margin=None, center: float = 0.0,
     name = select(r_chosen.device, torch.promote_types(r_chosen.dtype, r_rejected.dtype), backend)
     if name == "torch":
         return ref.bt_loss(r_chosen, r_rejected, weight, margin, center, reduction)
-    return BTLossFunction.apply(r_chosen, r_rejected, weight, margin, center, reduction, name)
+    return BTLossFunction.apply(BTOptions(center, reduction, name), r_chosen, r_rejected, weight, margin)
 
 
 # --------------------------------------------------------------------------------------------------
 # multihead_score
 # --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class HeadOptions:
+    """The non-differentiable arguments of MultiheadScoreFunction."""
+
+    head_ids: torch.Tensor  # (N,) int64, contiguous, validated in [0, C)
+    impl: str  # "cpp" | "triton"
+
+
 class MultiheadScoreFunction(torch.autograd.Function):
+    """apply(opts, hidden (N, H), W (C, H), b (C,)) -> scores (N,)."""
+
     @staticmethod
-    def forward(ctx, hidden, ids, W, b, impl_name):
-        impl = _impl(impl_name)
+    def forward(ctx, opts: HeadOptions, hidden, W, b):
+        impl = _impl(opts.impl)
         W32 = W.detach().to(torch.float32).contiguous()  # (C, H): heads are small, fp32 math
         b32 = b.detach().to(torch.float32).contiguous()  # (C,)
-        out = impl.multihead_score_fwd(hidden, ids, W32, b32)  # (N,) f32
-        ctx.save_for_backward(hidden, ids, W32)
-        ctx.impl, ctx.w_dtype, ctx.b_dtype = impl_name, W.dtype, b.dtype
+        out = impl.multihead_score_fwd(hidden, opts.head_ids, W32, b32)  # (N,) f32
+        ctx.save_for_backward(hidden, opts.head_ids, W32)
+        ctx.impl, ctx.w_dtype, ctx.b_dtype = opts.impl, W.dtype, b.dtype
         return out.to(torch.promote_types(hidden.dtype, W.dtype))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         hidden, ids, W32 = ctx.saved_tensors
-        need_h, _, need_W, need_b, _ = ctx.needs_input_grad
+        _, need_h, need_W, need_b = ctx.needs_input_grad
         dh, dW, db = _impl(ctx.impl).multihead_score_bwd(hidden, ids, W32, g, need_h, need_W, need_b)
-        return (dh, None, dW.to(ctx.w_dtype) if dW is not None else None,
-                db.to(ctx.b_dtype) if db is not None else None, None)
+        return _grads(ctx, dh, dW.to(ctx.w_dtype) if dW is not None else None,
+                      db.to(ctx.b_dtype) if db is not None else None)
 
 
 def multihead_score(hidden, head_ids, W, b, *, backend: str | None = None):
@@ -134,28 +163,41 @@ def multihead_score(hidden, head_ids, W, b, *, backend: str | None = None):
     name = select(hidden.device, hidden.dtype, backend)
     if name == "torch":
         return ref.multihead_score(hidden, ids, W, b)
-    return MultiheadScoreFunction.apply(hidden.contiguous(), ids, W, b, name)
+    return MultiheadScoreFunction.apply(HeadOptions(ids, name), hidden.contiguous(), W, b)
 
 
 # --------------------------------------------------------------------------------------------------
 # fused_head_bt_loss
 # --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class FusedOptions:
+    """The non-differentiable arguments of FusedHeadBTFunction."""
+
+    head_ids: torch.Tensor  # (B,) int64, contiguous, validated in [0, C)
+    center: float  # lambda >= 0
+    reduction: str  # "mean" | "sum"
+    impl: str  # "cpp" | "triton"
+
+
 class FusedHeadBTFunction(torch.autograd.Function):
-    """Forward computes the loss AND every gradient in one pass over the hidden states (the rows are
+    """apply(opts, h_chosen (B, H), h_rejected (B, H), W (C, H), b (C,), weight (B,) | None, margin (B,) | None).
+
+    Forward computes the loss AND every gradient in one pass over the hidden states (the rows are
     in cache once); backward only scales them by the upstream gradient. Saved for backward: the
     gradients themselves (same size as the inputs, which are not saved) and O(B) row terms."""
 
     @staticmethod
-    def forward(ctx, hc, hr, ids, W, b, w, mu, center, reduction, impl_name):
-        impl = _impl(impl_name)
-        need_grad = any(ctx.needs_input_grad[i] for i in (0, 1, 3, 4))
+    def forward(ctx, opts: FusedOptions, hc, hr, W, b, w, mu):
+        impl = _impl(opts.impl)
+        need_grad = any(ctx.needs_input_grad[1:5])  # h_chosen, h_rejected, W, b
         W32 = W.detach().to(torch.float32).contiguous()  # (C, H)
         b32 = b.detach().to(torch.float32).contiguous()  # (C,)
-        B = hc.shape[0]
-        _, scale = _mean_denominator(w, B, reduction)
-        rows, gd, nls, dhc, dhr, dW, db = impl.fused_head_bt(hc, hr, ids, W32, b32, w, mu, center, scale, need_grad)
+        _, scale = _mean_denominator(w, hc.shape[0], opts.reduction)
+        rows, gd, nls, dhc, dhr, dW, db = impl.fused_head_bt(hc, hr, opts.head_ids, W32, b32, w, mu, opts.center,
+                                                             scale, need_grad)
         out = rows.sum() * scale  # () f32
-        ctx.save_for_backward(dhc, dhr, dW, db, gd, nls, out if (w is not None and reduction == "mean") else None)
+        ctx.save_for_backward(dhc, dhr, dW, db, gd, nls,
+                              out if (w is not None and opts.reduction == "mean") else None)
         ctx.scale, ctx.w_dtype, ctx.b_dtype = scale, W.dtype, b.dtype
         return out
 
@@ -163,18 +205,13 @@ class FusedHeadBTFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         dhc, dhr, dW, db, gd, nls, L = ctx.saved_tensors
-        n = ctx.needs_input_grad
         if not _is_one(g):
             dhc, dhr, dW, db = (None if t is None else t * g.to(t.dtype) for t in (dhc, dhr, dW, db))
-        gw = gmu = None
         f = g.float() * ctx.scale
-        if n[5]:
-            gw = f * (nls - L) if L is not None else f * nls
-        if n[6]:
-            gmu = -f * gd
-        return (dhc if n[0] else None, dhr if n[1] else None, None,
-                dW.to(ctx.w_dtype) if n[3] else None, db.to(ctx.b_dtype) if n[4] else None,
-                gw, gmu, None, None, None)
+        gw = (f * (nls - L) if L is not None else f * nls) if ctx.needs_input_grad[5] else None
+        gmu = -f * gd if ctx.needs_input_grad[6] else None
+        return _grads(ctx, dhc, dhr, None if dW is None else dW.to(ctx.w_dtype),
+                      None if db is None else db.to(ctx.b_dtype), gw, gmu)
 
 
 def fused_head_bt_loss(h_chosen, h_rejected, head_ids, W, b, weight=None, margin=None, center: float = 0.0,
@@ -207,23 +244,35 @@ def fused_head_bt_loss(h_chosen, h_rejected, head_ids, W, b, weight=None, margin
     name = select(h_chosen.device, h_chosen.dtype, backend)
     if name == "torch":
         return ref.fused_head_bt_loss(h_chosen, h_rejected, ids, W, b, weight, margin, center, reduction)
-    return FusedHeadBTFunction.apply(h_chosen.contiguous(), h_rejected.contiguous(), ids, W, b, weight, margin,
-                                     center, reduction, name)
+    return FusedHeadBTFunction.apply(FusedOptions(ids, center, reduction, name), h_chosen.contiguous(),
+                                     h_rejected.contiguous(), W, b, weight, margin)
 
 
 # --------------------------------------------------------------------------------------------------
 # last_token_hidden
 # --------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class GatherOptions:
+    """The non-differentiable arguments of LastTokenFunction."""
+
+    positions: torch.Tensor  # (B,) int64: each row's last real token
+    sparse_grad: bool  # return the gradient of hidden as a sparse COO tensor
+    impl: str  # "torch" | "cpp" | "triton"
+
+
 class LastTokenFunction(torch.autograd.Function):
+    """apply(opts, hidden (B, T, H)) -> (B, H)."""
+
     @staticmethod
-    def forward(ctx, hidden, pos, sparse_grad, impl_name):
+    def forward(ctx, opts: GatherOptions, hidden):
         B, T, H = hidden.shape
-        if impl_name == "torch":
+        pos = opts.positions
+        if opts.impl == "torch":
             out = hidden[torch.arange(B, device=hidden.device), pos]  # (B, H)
         else:
-            out = _impl(impl_name).last_token_fwd(hidden, pos)  # (B, H)
+            out = _impl(opts.impl).last_token_fwd(hidden, pos)  # (B, H)
         ctx.save_for_backward(pos)
-        ctx.shape, ctx.sparse, ctx.impl = (B, T, H), sparse_grad, impl_name
+        ctx.shape, ctx.sparse, ctx.impl = (B, T, H), opts.sparse_grad, opts.impl
         return out
 
     @staticmethod
@@ -235,13 +284,13 @@ class LastTokenFunction(torch.autograd.Function):
         if ctx.sparse:
             # (B, T, H) hybrid COO: B sparse (row, position) entries with dense H-vectors; no B*T*H buffer.
             idx = torch.stack([torch.arange(B, device=g.device), pos])  # (2, B)
-            return torch.sparse_coo_tensor(idx, g, (B, T, H), is_coalesced=True,
-                                           check_invariants=False), None, None, None
-        if ctx.impl == "torch":
+            grad = torch.sparse_coo_tensor(idx, g, (B, T, H), is_coalesced=True, check_invariants=False)
+        elif ctx.impl == "torch":
             grad = g.new_zeros(B, T, H)
             grad[torch.arange(B, device=g.device), pos] = g
-            return grad, None, None, None
-        return _impl(ctx.impl).last_token_bwd(g, pos, T), None, None, None
+        else:
+            grad = _impl(ctx.impl).last_token_bwd(g, pos, T)  # (B, T, H)
+        return _grads(ctx, grad)
 
 
 def last_token_hidden(hidden, lengths, padding_side: str = "right", *, sparse_grad: bool = False,
@@ -264,4 +313,4 @@ def last_token_hidden(hidden, lengths, padding_side: str = "right", *, sparse_gr
     name = select(hidden.device, hidden.dtype, backend)
     if name == "torch" and not sparse_grad:
         return ref.last_token_hidden(hidden, lengths, padding_side)
-    return LastTokenFunction.apply(hidden.contiguous(), pos, sparse_grad, name)
+    return LastTokenFunction.apply(GatherOptions(pos, sparse_grad, name), hidden.contiguous())
