@@ -2,9 +2,15 @@
 
 A run config (YAML) has these top-level keys (all optional except ``system``):
 
-    system: amazon            # one of pubmedqa, hotpotqa, amazon, synthetic (a tiny test system, no LM)
-    data: {dir: null, seed: 0, train: null, val: null, test: null}   # split seed and size caps
+    system: amazon            # a built-in example (pubmedqa, hotpotqa, amazon; synthetic: a tiny test system, no LM)
+                              # or your own pipeline: "package.module:factory", a callable returning a System
+                              # (imported from the current directory or sys.path; called with lm= and/or lms=
+                              # when it declares those parameters)
+    data: {dir: null, seed: 0, train: null, val: null, test: null}   # split seed and size caps (ints), or
+                              # JSONL files {train: FILE, val: FILE, test: FILE} (one example dict a line: the
+                              # system's input fields plus what the metric reads; paths relative to this file)
     lm: embedded              # make_lm spec of the components' LM ("embedded", "openai:<model>@<url>", "hf:<path>")
+                              # or {factory: "package.module:callable"} returning an optimas_fast.lm.LM
     lms: null                 # or several named LMs {name: spec}: components use the first, model choices range over all
     proposer: null            # LM writing prompt proposals (default: the components' LM)
     reward: {backbone: minilm, max_length: 256}   # LRF backbone: minilm, a local HF directory, or tiny-random (tests)
@@ -16,9 +22,12 @@ A bad key or value stops with a message naming the key and what is allowed.
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -33,6 +42,8 @@ from optimas_fast.optimize.config import ConfigError, OptimasConfig
 log = logging.getLogger("optimas_fast.cli")
 
 SYSTEMS = ("pubmedqa", "hotpotqa", "amazon", "synthetic")
+# "package.module:factory" (the attribute may be dotted: "module:Class.build")
+FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 TOP_KEYS = ("system", "data", "lm", "lms", "proposer", "reward", "loop", "output")
 DATA_KEYS = ("dir", "seed", "train", "val", "test")
 REWARD_KEYS = ("backbone", "max_length")
@@ -42,8 +53,8 @@ CONFIG_NAME = "config.yaml"
 # ----------------------------------------------------------------------------------------------- config
 @dataclass
 class RunConfig:
-    system: str  # which system to optimize
-    data: dict  # dir, seed, train/val/test caps
+    system: str  # a built-in system name, or "package.module:factory"
+    data: dict  # dir, seed, train/val/test caps (ints) or absolute JSONL paths (str)
     lm: Any  # make_lm spec of the components' LM
     lms: dict | None  # several named LM specs
     proposer: Any  # make_lm spec of the proposer (None: the components' LM)
@@ -65,17 +76,56 @@ def _check_keys(d: Any, allowed: tuple, where: str) -> dict:
     return dict(d)
 
 
-def parse_config(raw: Any) -> RunConfig:
-    """Validates a config dict (see the module docstring); ConfigError names the bad key."""
-    raw = _check_keys(raw, TOP_KEYS, "")
-    system = raw.get("system")
-    if system not in SYSTEMS:
-        raise ConfigError(f"system must be one of {list(SYSTEMS)}, got {system!r}")
-    data = _check_keys(raw.get("data"), DATA_KEYS, "data")
+def is_factory_spec(system: Any) -> bool:
+    """True for a ``"package.module:factory"`` system (or LM) spec."""
+    return isinstance(system, str) and FACTORY_RE.match(system) is not None
+
+
+def _parse_data(data: dict, system: str, base_dir: Path) -> dict:
+    """Size caps (ints) or JSONL files (str, resolved against ``base_dir`` to absolute paths)."""
+    files = {k: data[k] for k in ("train", "val", "test") if isinstance(data.get(k), str)}
+    if not files:
+        for k in ("train", "val", "test"):
+            v = data.get(k)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ConfigError(f"data.{k} must be an int >= 1 (a size cap), a JSONL file path or null, got {v!r}")
+        if is_factory_spec(system):
+            raise ConfigError(f"system {system!r} (your own pipeline) needs its data as JSONL files: "
+                              f"data: {{train: FILE, val: FILE, test: FILE}}")
+        return data
     for k in ("train", "val", "test"):
         v = data.get(k)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise ConfigError(f"data.{k} must be an int >= 1 or null, got {v!r}")
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"data.{k}: give every split as a JSONL file path (or leave test out), not a mix of "
+                              f"files and size caps; got {v!r}")
+    missing = [k for k in ("train", "val") if k not in files]
+    if missing:
+        raise ConfigError(f"data.{missing[0]}: a JSONL file is required when the data are files "
+                          f"(data: {{train: FILE, val: FILE, test: FILE}})")
+    if data.get("dir") is not None:
+        raise ConfigError("data.dir is the built-in examples' data folder; it cannot be combined with JSONL files")
+    out = dict(data)
+    for k, v in files.items():
+        path = (base_dir / v).resolve()
+        if not path.is_file():
+            raise ConfigError(f"data.{k}: file {path} not found")
+        out[k] = str(path)
+    return out
+
+
+def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> RunConfig:
+    """Validates a config dict (see the module docstring); ConfigError names the bad key. Relative data file
+    paths are resolved against ``base_dir`` (the config file's folder; default the current directory), and
+    the returned ``raw`` holds them absolute, so the copy in the run directory works from anywhere."""
+    raw = _check_keys(raw, TOP_KEYS, "")
+    system = raw.get("system")
+    if system not in SYSTEMS and not is_factory_spec(system):
+        raise ConfigError(f"system must be one of {list(SYSTEMS)} or 'package.module:factory' (a callable returning "
+                          f"a System), got {system!r}")
+    data = _parse_data(_check_keys(raw.get("data"), DATA_KEYS, "data"), system,
+                       Path(base_dir) if base_dir is not None else Path.cwd())
+    if data.get("train") is not None and isinstance(data["train"], str):
+        raw = dict(raw, data=data)  # the absolute paths travel with the config
     if not isinstance(data.get("seed", 0), int):
         raise ConfigError(f"data.seed must be an int, got {data.get('seed')!r}")
     reward = _check_keys(raw.get("reward"), REWARD_KEYS, "reward")
@@ -94,6 +144,11 @@ def parse_config(raw: Any) -> RunConfig:
         if v is not None and not isinstance(v, (str, Mapping)):
             raise ConfigError(f"{k} must be an LM spec string (e.g. 'embedded', 'openai:<model>@<url>') or a mapping, "
                               f"got {v!r}")
+    for where, v in [("lm", raw.get("lm")), ("proposer", raw.get("proposer"))] + [
+            (f"lms.{n}", v) for n, v in (lms or {}).items()]:
+        if isinstance(v, Mapping) and "factory" in v and (set(v) != {"factory"} or not is_factory_spec(v["factory"])):
+            raise ConfigError(f"{where}: an LM factory is {{factory: 'package.module:callable'}} and nothing else, "
+                              f"got {dict(v)!r}")
     try:
         loop = OptimasConfig.from_dict(raw.get("loop") or {}, prefix="loop.")
     except ConfigError as exc:  # value errors name the field without its section: add it
@@ -114,30 +169,174 @@ def load_config(path: str | os.PathLike) -> RunConfig:
         raise ConfigError(f"config file {path} not found") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    return parse_config(raw)
+    return parse_config(raw, base_dir=Path(path).resolve().parent)
+
+
+# ----------------------------------------------------------------------------------------------- your own
+def resolve_factory(spec: str, where: str = "system") -> Any:
+    """The object named by ``"package.module:attr"``, imported from the current directory or ``sys.path``;
+    ConfigError naming the spec when the module does not import or has no such attribute."""
+    if not is_factory_spec(spec):
+        raise ConfigError(f"{where}: {spec!r} is not 'package.module:callable'")
+    module_name, _, attr = spec.partition(":")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:  # console scripts do not put the current directory on the path
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ConfigError(f"{where}: cannot import module {module_name!r} of {spec!r}: no module {exc.name!r} "
+                              f"in the current directory ({cwd}) or on sys.path") from None
+        raise ConfigError(f"{where}: importing module {module_name!r} of {spec!r} failed: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 — the user's module raised while importing: say so in one line
+        raise ConfigError(f"{where}: importing module {module_name!r} of {spec!r} failed: "
+                          f"{type(exc).__name__}: {exc}") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"{where}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no attribute "
+                              f"{attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_own_system(spec: str, make_lms) -> Any:
+    """Calls the factory ``spec`` (see the module docstring). ``make_lms()`` builds the configured LMs and is
+    only called when the factory declares an ``lm`` or ``lms`` parameter (LMs can be slow to load).
+    Returns (system, lms or None)."""
+    from optimas_fast.system import System
+
+    factory = resolve_factory(spec)
+    if not callable(factory):
+        raise ConfigError(f"system: {spec!r} is a {type(factory).__name__}, not a callable returning a System")
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        params = {}
+    wants = [n for n in ("lm", "lms") if n in params]
+    required = [n for n, p in params.items() if n not in ("lm", "lms") and p.default is p.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if required:
+        raise ConfigError(f"system: factory {spec!r} has required parameters {required}; it is called with lm= "
+                          f"and/or lms= only (give the others defaults)")
+    lms = make_lms() if wants else None
+    kwargs = {}
+    if "lm" in wants:
+        kwargs["lm"] = next(iter(lms.values()))
+    if "lms" in wants:
+        kwargs["lms"] = lms
+    try:
+        system = factory(**kwargs)
+    except ConfigError:
+        raise
+    except Exception as exc:  # noqa: BLE001 — one clear line; the traceback goes to the debug log
+        log.debug("factory %s failed", spec, exc_info=True)
+        raise ConfigError(f"system: factory {spec!r} raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(system, System):
+        raise ConfigError(f"system: factory {spec!r} returned a {type(system).__name__}, not an "
+                          f"optimas_fast.system.System")
+    return system, lms
+
+
+def make_lm_spec(spec: Any, where: str):
+    """``make_lm`` plus the ``{factory: "package.module:callable"}`` form (a callable returning an LM, or an
+    LM object)."""
+    from optimas_fast.lm import LM, make_lm
+
+    if isinstance(spec, Mapping) and "factory" in spec:
+        obj = resolve_factory(spec["factory"], where)
+        lm = obj() if callable(obj) and not isinstance(obj, LM) else obj
+        if not isinstance(lm, LM):
+            raise ConfigError(f"{where}: factory {spec['factory']!r} gave a {type(lm).__name__}, not an "
+                              f"optimas_fast.lm.LM")
+        return lm
+    try:
+        return make_lm(spec)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def load_jsonl(path: str | os.PathLike, *, required: tuple = (), where: str = "") -> list[dict]:
+    """Examples from a JSONL file: one JSON object a line (blank lines skipped). ConfigError naming the file
+    and line for a line that is not JSON, not an object, or lacks a ``required`` field."""
+    label = f"{where}: " if where else ""
+    rows = []
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{label}cannot read {path}: {exc.strerror or exc}") from None
+    with f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{label}{path} line {i}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{label}{path} line {i}: expected a JSON object (one example), got "
+                                  f"{type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise ConfigError(f"{label}{path} line {i}: missing field(s) {missing} that the system reads "
+                                  f"(its inputs: {list(required)})")
+            rows.append(row)
+    if not rows:
+        raise ConfigError(f"{label}{path} has no examples")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------- building
 def build(cfg: RunConfig):
     """(system, split, reward model, proposer LM) for a config."""
+    files = isinstance(cfg.data.get("train"), str)
+    first = None
+
+    def make_lms():
+        if cfg.lms:
+            return {name: make_lm_spec(spec, f"lms.{name}") for name, spec in cfg.lms.items()}
+        lm = make_lm_spec(cfg.lm, "lm")
+        return {getattr(lm, "name", "lm"): lm}
+
     if cfg.system == "synthetic":
         from optimas_fast.optimize.testing import build_synthetic
 
         system, _, train, val = build_synthetic(cfg.data.get("seed", 0))
         split = _Split(train, val, val)
-        lms = {}
         proposer = None
+    elif is_factory_spec(cfg.system):
+        system, lms = build_own_system(cfg.system, make_lms)
+        split = None
+        if lms:
+            first = next(iter(lms.values()))
+        elif "lm" in cfg.raw or cfg.lms:
+            # the factory brings its own LMs; an LM in the config is the proposer's
+            first = next(iter(make_lms().values()))
+        proposer = make_lm_spec(cfg.proposer, "proposer") if cfg.proposer is not None else first
     else:
         from optimas_fast.examples import load_example
-        from optimas_fast.lm import make_lm
 
-        lms = {name: make_lm(spec) for name, spec in cfg.lms.items()} if cfg.lms else make_lm(cfg.lm)
+        lms = make_lms()
+        lms = lms if cfg.lms else next(iter(lms.values()))
         system, split = load_example(cfg.system, lms, data_dir=cfg.data.get("dir"), seed=cfg.data.get("seed", 0))
         first = next(iter(lms.values())) if isinstance(lms, dict) else lms
-        proposer = make_lm(cfg.proposer) if cfg.proposer is not None else first
-    split = _Split(*(getattr(split, k)[: cfg.data[k]] if cfg.data.get(k) else getattr(split, k)
-                     for k in ("train", "val", "test")))
+        proposer = make_lm_spec(cfg.proposer, "proposer") if cfg.proposer is not None else first
+    if files:
+        split = _Split(*(load_jsonl(cfg.data[k], required=system.inputs, where=f"data.{k}") if cfg.data.get(k) else []
+                         for k in ("train", "val", "test")))
+    else:
+        split = _Split(*(getattr(split, k)[: cfg.data[k]] if cfg.data.get(k) else getattr(split, k)
+                         for k in ("train", "val", "test")))
     comps = {n: system.components[n].description or n for n in system.order if system.components[n].variables()}
+    if not comps:
+        raise ConfigError(f"system {cfg.system!r}: no component has a variable to optimize")
+    targets = cfg.loop.components or list(comps)
+    prompts = [a for n in targets if n in system.components
+               for a, v in system.components[n].variables().items() if v.kind == "prompt"]
+    if prompts and proposer is None and cfg.system != "synthetic":
+        raise ConfigError(f"system {cfg.system!r} optimizes Prompt variables {prompts}: give 'proposer:' (an LM spec) "
+                          f"or 'lm:', or a factory that takes lm=")
     if cfg.reward["backbone"] == "tiny-random":
         from optimas_fast.optimize.testing import tiny_reward_model
 
@@ -184,11 +383,14 @@ def run_config(cfg: RunConfig, out: str | None, resume: bool = False, progress: 
     from optimas_fast.report import bootstrap_ci, write_report
 
     out_dir = Path(out or cfg.output or f"optimas-run-{time.strftime('%Y%m%d-%H%M%S')}")
+    t0 = time.perf_counter()
+    system, split, rm, proposer = build(cfg)  # first: a config that cannot build leaves no run directory behind
+    if not split.train or not split.val:
+        raise ConfigError(f"the train and val splits must not be empty (got {len(split.train)} and {len(split.val)} "
+                          f"examples)")
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out_dir / CONFIG_NAME).write_text(yaml.safe_dump(cfg.raw, sort_keys=False), encoding="utf-8")
-    t0 = time.perf_counter()
-    system, split, rm, proposer = build(cfg)
     workers = cfg.loop.val_workers
     extra: dict[str, Any] = {"system": cfg.system,
                              "split_sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)}}

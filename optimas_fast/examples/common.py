@@ -1,12 +1,13 @@
-"""Pieces shared by the example systems: LM resolution, chat prompts, and a batched LM component base."""
+"""Pieces shared by the example systems: LM resolution and chat prompts. ``LMComponent`` (the batched LM
+component base) lives in ``optimas_fast.system``; it is re-exported here for existing imports."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Mapping
 
 import optimas_fast.lm as lm_pkg
 from optimas_fast.lm.base import LM
-from optimas_fast.system.component import Component
+from optimas_fast.system.lm_component import LMComponent
 
 __all__ = ["resolve_lms", "chat", "LMComponent", "clip"]
 
@@ -53,42 +54,3 @@ def clip(text: str, max_chars: int) -> str:
 def chat(instruction: str, body: str) -> list[dict]:
     """A two-message chat: the instruction as the system message, the fields as the user message."""
     return [{"role": "system", "content": instruction}, {"role": "user", "content": body}]
-
-
-class LMComponent(Component):
-    """A component whose core is batched: ``forward_batch(list of inputs, variable) -> list of outputs``.
-
-    ``forward`` is the batch of one. Subclasses implement ``forward_batch``; LM calls go through
-    ``self.generate`` so the run's seed and usage accounting apply.
-    """
-
-    def __init__(self, lms: Mapping[str, LM], **kwargs):
-        super().__init__(**kwargs)
-        self.lms = dict(lms)
-
-    def forward(self, variable: Any = None, **inputs) -> dict:
-        return self.forward_batch([inputs], variable)[0]
-
-    def forward_batch(self, batch: Sequence[Mapping[str, Any]], variable: Any) -> list[dict]:
-        raise NotImplementedError
-
-    def lm(self, name: str | None = None) -> LM:
-        """The LM called ``name`` (the first one when None); a clear error for an unknown name."""
-        if name is None:
-            return next(iter(self.lms.values()))
-        if name not in self.lms:
-            raise ValueError(f"component '{self.name}': no LM named {name!r} (have {sorted(self.lms)})")
-        return self.lms[name]
-
-    def complete(self, lm: LM, prompts: Sequence, **kwargs) -> list[str]:
-        """One completion text per prompt (``""`` for an empty reply: the caller decides the fallback; a failed
-        request raises, so the run records it as this example's failure)."""
-        out = self.generate(lm, prompts, n=1, **kwargs)
-        texts = []
-        for row in out:
-            if row and row[0].finish_reason == "error":
-                # a failed request (LM built with on_error="record") fails this example, visibly
-                raise RuntimeError(f"LM request failed: {getattr(row[0], 'error', None)}")
-            text = row[0].text if row and isinstance(row[0].text, str) else ""
-            texts.append(text.strip())
-        return texts

@@ -4,6 +4,7 @@ See ``system.py`` for the run/evaluate/override/state API and ``component.py`` f
 """
 from optimas_fast.system.component import Component, ComponentError, format_value
 from optimas_fast.system.context import RunContext, current_run, record_usage
+from optimas_fast.system.lm_component import LMComponent
 from optimas_fast.system.system import STATE_FORMAT, System
 from optimas_fast.system.trace import EvalResult, Step, Trace
 from optimas_fast.system.variables import Choice, Prompt, Variable, Weights, variable_from_state
@@ -12,6 +13,7 @@ __all__ = [
     "Component",
     "ComponentError",
     "format_value",
+    "LMComponent",
     "RunContext",
     "current_run",
     "record_usage",
