@@ -1,5 +1,5 @@
-// Token-budget scheduler for reward-model scoring requests (Python face: optimas_fast/scheduler.py,
-// which also holds a pure-Python twin of this planner and documents the exact algorithm).
+// Token-budget scheduler for reward-model scoring requests (Python face: optimas_fast/scheduler.py;
+// the exact algorithm, step for step in plain Python, is optimas_fast/scheduler_reference.py).
 //
 // A request is (head id, prefix token ids, suffix token ids). The planner
 //   1. de-duplicates identical requests (same head, prefix and suffix; the first one represents),
@@ -15,20 +15,36 @@
 
 namespace optimas {
 
-// What the planner reads. Lengths are always given; token contents (flat + offsets) or caller-made
+// One side (the prefixes or the suffixes) of n requests, as a table of token sequences plus, for
+// each request, the index of its sequence in the table. Sequences are views: int32 or int64 tokens
+// that stay owned by the caller. Several requests may name one sequence (the request-list ingest
+// does that for a prefix object passed many times), which lets the planner hash it once.
+struct SeqTable {
+  std::vector<const void*> ptr;  // (S) first token of each sequence
+  std::vector<int64_t> len;      // (S) tokens in each sequence
+  std::vector<uint8_t> wide;     // (S) 1: int64 tokens, 0: int32 tokens
+  std::vector<int64_t> of;       // (n) sequence of each request; empty means request i -> sequence i
+  int64_t seq(int64_t i) const { return of.empty() ? i : of[i]; }
+  int64_t size() const { return static_cast<int64_t>(len.size()); }
+  void add(const void* p, int64_t n, bool is_wide) {
+    ptr.push_back(p);
+    len.push_back(n);
+    wide.push_back(is_wide ? 1 : 0);
+  }
+};
+
+// What the planner reads. Lengths are always given; token contents (two tables) or caller-made
 // hashes may be absent. All pointers stay owned by the caller.
 struct PlanInput {
   int64_t n = 0;
-  const int64_t* head = nullptr;     // (n)
-  const int64_t* plen = nullptr;     // (n) prefix lengths
-  const int64_t* slen = nullptr;     // (n) suffix lengths
-  const int64_t* ptok = nullptr;     // flat prefix tokens, or null (no contents)
-  const int64_t* poff = nullptr;     // (n+1) offsets into ptok
-  const int64_t* stok = nullptr;     // flat suffix tokens, or null
-  const int64_t* soff = nullptr;     // (n+1) offsets into stok
-  const uint64_t* phash = nullptr;   // (n) caller prefix hashes (used when ptok is null), or null
-  const uint64_t* shash = nullptr;   // (n) caller suffix hashes, or null
-  uint64_t hash_mask = ~0ull;        // tests only: drop hash bits to force collisions
+  const int64_t* head = nullptr;    // (n)
+  const int64_t* plen = nullptr;    // (n) prefix lengths
+  const int64_t* slen = nullptr;    // (n) suffix lengths
+  const SeqTable* pseq = nullptr;   // prefix contents, or null (no contents)
+  const SeqTable* sseq = nullptr;   // suffix contents (given together with pseq)
+  const uint64_t* phash = nullptr;  // (n) caller prefix hashes (used when pseq is null), or null
+  const uint64_t* shash = nullptr;  // (n) caller suffix hashes, or null
+  uint64_t hash_mask = ~0ull;       // tests only: drop hash bits to force collisions
 };
 
 struct PlanConfig {
@@ -56,12 +72,14 @@ struct PlanOutput {
   std::vector<uint8_t> batch_oversized;     // (B)
 };
 
-// 64-bit content hash of a token sequence (the same function scheduler.hash_tokens exposes).
+// 64-bit content hash of a token sequence, defined on the token values (int32 and int64 buffers
+// holding the same ids hash alike); scheduler.hash_tokens exposes it.
 uint64_t hash_token_seq(const int64_t* t, int64_t n);
+uint64_t hash_token_seq(const int32_t* t, int64_t n);
 
 // Pure C++, no Python calls: safe to run without the GIL.
 PlanOutput plan(const PlanInput& in, const PlanConfig& cfg);
 
-// Adds the scheduler's classes/functions to the extension module.
+// Adds the scheduler's functions to the extension module (called from bindings.cpp).
 void bind_scheduler(pybind11::module_& m);
 }  // namespace optimas

@@ -27,22 +27,30 @@ prefix group) and ``l_r`` the tokens row r brings (its whole sequence; only its 
 A row of a shared-prefix batch may have an empty suffix (``l_r = 0``): its score is read at the
 prefix's last token. Everything is deterministic for a given input: no step depends on hash order.
 
-Two input forms:
+Three input forms, one algorithm (all give the same Plan for the same requests):
 
-* ``plan(requests)`` -- a list of request tuples. Token contents are hashed in C++ (64-bit, see
-  :func:`hash_tokens`) and every hash match is confirmed by comparing tokens, so two different
-  requests are never merged.
+* ``plan(requests)`` -- a list of request tuples, read in one pass in C++: exact ints, lists/tuples of
+  ints and 1-D integer numpy arrays need no Python call (int32/int64 arrays are not even copied), and
+  a prefix object passed for many requests is recognised by identity and hashed once.
+* ``plan_flat(head_ids, prefix_tokens, prefix_offsets, suffix_tokens, suffix_offsets)`` -- the
+  engine's form: request i's prefix is ``prefix_tokens[prefix_offsets[i]:prefix_offsets[i+1]]``
+  (int32 or int64 tokens, int64 offsets of length N+1), likewise its suffix; no per-request Python
+  work at all.
+
+  On both token forms the contents are hashed in C++ (64-bit, see :func:`hash_tokens`) and every hash
+  match is confirmed by comparing tokens, so two different requests are never merged. The buffers are
+  read in place while planning runs without the GIL: do not modify them from another thread meanwhile.
 * ``plan_arrays(head_ids, prefix_lens, suffix_lens, prefix_hashes=None, suffix_hashes=None)`` -- the
-  columnar fast form for very many requests (1M plans in well under a second): lengths and,
-  optionally, per-request content hashes as 1-D arrays. Here a hash *is* the sequence's identity
-  (there are no tokens to confirm it): requests are identical when head, both lengths and both hashes
-  agree, and share a prefix when prefix length and prefix hash agree. Make the hashes with
-  :func:`hash_tokens` (once per distinct prefix, e.g. per prompt template) or any 64-bit hash you
-  trust. Without ``prefix_hashes`` there are no prefix groups; without ``suffix_hashes`` there is no
-  de-duplication.
+  columnar form for callers that already hold content hashes: lengths and, optionally, per-request
+  hashes as 1-D arrays. Here a hash *is* the sequence's identity (there are no tokens to confirm it):
+  requests are identical when head, both lengths and both hashes agree, and share a prefix when
+  prefix length and prefix hash agree. Make the hashes with :func:`hash_tokens` (once per distinct
+  prefix, e.g. per prompt template) or any 64-bit hash you trust. Without ``prefix_hashes`` there are
+  no prefix groups; without ``suffix_hashes`` there is no de-duplication.
 
 ``backend="cpp"`` (default) runs the C++ planner with the GIL released; ``backend="python"`` runs the
-pure-Python twin below, which produces identical plans (tests check this) and is the benchmark baseline.
+pure-Python twin in :mod:`optimas_fast.scheduler_reference`, which produces identical plans (tests check
+this) and is the benchmark baseline.
 """
 from __future__ import annotations
 
@@ -50,11 +58,12 @@ import logging
 import numbers
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 
 from optimas_fast._native import native
+from optimas_fast.scheduler_reference import as_tokens, flatten_requests, head_id, plan_python
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +72,7 @@ __all__ = ["Batch", "Plan", "PrefixGroup", "Scheduler", "SchedulerConfig", "hash
 _INT32_MAX = 2**31 - 1  # cu_seqlens are int32, so no batch (nor single request) may exceed this
 _INT64_MAX = 2**63 - 1
 _MASK64 = 2**64 - 1
+_TOKEN_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 _COLUMNS = (
@@ -260,12 +270,37 @@ class Scheduler:
         self._hash_mask = _MASK64
 
     def plan(self, requests: Iterable[tuple[int, Any, Any]]) -> Plan:
-        """Plans a list of ``(head_id, prefix_ids, suffix_ids)`` requests."""
-        cols = _flatten_requests(requests)
-        return self._run(cols)
+        """Plans a list of ``(head_id, prefix_ids, suffix_ids)`` requests (token ids: lists/tuples of
+        ints, 1-D integer numpy arrays or CPU tensors)."""
+        if isinstance(requests, (str, bytes, dict)) or not isinstance(requests, Iterable):
+            raise TypeError(f"requests: expected a list of (head_id, prefix_ids, suffix_ids), got {type(requests).__name__}")
+        reqs = requests if isinstance(requests, (list, tuple)) else list(requests)
+        if self.config.backend == "cpp":
+            # One C++ pass reads and checks every request; as_tokens/head_id (the reference's checkers)
+            # are called back only for unusual items, so errors read the same on both backends.
+            return self._finish(native().sched_plan_requests(reqs, as_tokens, head_id, hash_mask=self._hash_mask,
+                                                             **self._kw()))
+        return self._finish(plan_python(flatten_requests(reqs), **self._kw()))
+
+    def plan_flat(self, head_ids, prefix_tokens, prefix_offsets, suffix_tokens, suffix_offsets) -> Plan:
+        """Plans N requests given as flat token buffers (the engine's form; same plan as :meth:`plan`).
+
+        Args:
+            head_ids: (N,) integer array, each request's head.
+            prefix_tokens: (Tp,) int32 or int64 token ids of all prefixes, back to back.
+            prefix_offsets: (N+1,) int64, non-decreasing: request i's prefix is
+                ``prefix_tokens[prefix_offsets[i]:prefix_offsets[i+1]]``.
+            suffix_tokens, suffix_offsets: the same for the suffixes.
+        """
+        cols = _flat_columns(head_ids, prefix_tokens, prefix_offsets, suffix_tokens, suffix_offsets)
+        if self.config.backend == "cpp":
+            return self._finish(native().sched_plan_flat(
+                cols["head_ids"], cols["prefix_tokens"], cols["prefix_offsets"], cols["suffix_tokens"],
+                cols["suffix_offsets"], hash_mask=self._hash_mask, **self._kw()))
+        return self._finish(plan_python(cols, **self._kw()))
 
     def plan_arrays(self, head_ids, prefix_lens, suffix_lens, prefix_hashes=None, suffix_hashes=None) -> Plan:
-        """Columnar fast form: (N,) integer arrays of head ids and prefix/suffix lengths, and optionally
+        """Columnar form: (N,) integer arrays of head ids and prefix/suffix lengths, and optionally
         (N,) 64-bit content hashes of each prefix and suffix (int64 or uint64; see the module docstring)."""
         head = _int_column(head_ids, "head_ids", None)
         n = len(head)
@@ -277,20 +312,18 @@ class Scheduler:
                              "are different requests)")
         cols["prefix_hashes"] = None if prefix_hashes is None else _hash_column(prefix_hashes, "prefix_hashes", n)
         cols["suffix_hashes"] = None if suffix_hashes is None else _hash_column(suffix_hashes, "suffix_hashes", n)
-        return self._run(cols)
+        if self.config.backend == "cpp":
+            return self._finish(native().sched_plan(cols["head_ids"], cols["prefix_lens"], cols["suffix_lens"],
+                                                    cols["prefix_hashes"], cols["suffix_hashes"], **self._kw()))
+        return self._finish(plan_python(cols, **self._kw()))
 
-    def _run(self, cols: dict) -> Plan:
+    def _kw(self) -> dict:
         c = self.config
-        kw = dict(token_budget=c.token_budget, max_rows=c.max_rows, packed=c.mode == "packed",
-                  share_prefix=bool(c.share_prefix), by_length=c.order == "length")
-        if c.backend == "cpp":
-            out = native().sched_plan(
-                cols["head_ids"], cols["prefix_lens"], cols["suffix_lens"], cols.get("prefix_tokens"),
-                cols.get("prefix_offsets"), cols.get("suffix_tokens"), cols.get("suffix_offsets"),
-                cols.get("prefix_hashes"), cols.get("suffix_hashes"), hash_mask=self._hash_mask, **kw)
-        else:
-            out = plan_python(cols, **kw)
-        plan = Plan(out, c)
+        return dict(token_budget=c.token_budget, max_rows=c.max_rows, packed=c.mode == "packed",
+                    share_prefix=bool(c.share_prefix), by_length=c.order == "length")
+
+    def _finish(self, out: dict) -> Plan:
+        plan = Plan(out, self.config)
         log.debug("scheduler: %r", plan)
         return plan
 
@@ -340,80 +373,52 @@ def _check_request_columns(cols: dict) -> None:
         raise ValueError(f"requests: request {i} has more than 2**31 - 1 tokens")
 
 
-def _as_tokens(x, name: str) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        a = x
-    elif isinstance(x, (list, tuple, range)):
-        if len(x) == 0:
-            return _EMPTY
-        a = np.asarray(x)
-    elif hasattr(x, "__array__") and not isinstance(x, (str, bytes)):  # e.g. a CPU torch tensor
-        a = np.asarray(x)
-    else:
-        raise TypeError(f"{name}: expected a list of token ids or a 1-D integer array, got {type(x).__name__}")
-    if a.dtype.kind not in "iu":
-        raise TypeError(f"{name}: token ids must be integers, got dtype {a.dtype}")
+def _token_buffer(x, name: str) -> np.ndarray:
+    """A 1-D C-contiguous int32/int64 token buffer (no dtype conversion: a wrong dtype is the caller's bug)."""
+    a = np.asarray(x)
+    if a.size == 0 and not isinstance(x, np.ndarray):
+        a = _EMPTY  # an empty list comes out as float64
+    if a.dtype not in _TOKEN_DTYPES:
+        raise TypeError(f"{name}: expected int32 or int64 token ids, got dtype {a.dtype}")
     if a.ndim != 1:
-        raise ValueError(f"{name}: expected a 1-D sequence of token ids, got shape {a.shape}")
-    if a.dtype.kind == "u" and a.size and int(a.max()) > _INT64_MAX:
-        raise ValueError(f"{name}: token ids above 2**63 - 1")
-    return a
+        raise ValueError(f"{name}: expected a 1-D array, got shape {a.shape}")
+    return np.ascontiguousarray(a)
 
 
-def _flatten_requests(requests) -> dict:
-    if isinstance(requests, (str, bytes, dict)) or not isinstance(requests, Iterable):
-        raise TypeError(f"requests: expected a list of (head_id, prefix_ids, suffix_ids), got {type(requests).__name__}")
-    reqs = requests if isinstance(requests, Sequence) else list(requests)
-    n = len(reqs)
-    head = np.empty(n, dtype=np.int64)
-    pparts, sparts = [], []
-    for i, r in enumerate(reqs):
-        if not isinstance(r, (tuple, list)):
-            raise TypeError(f"requests[{i}]: expected a (head_id, prefix_ids, suffix_ids) tuple, got {type(r).__name__}")
-        if len(r) != 3:
-            raise ValueError(f"requests[{i}]: expected 3 items (head_id, prefix_ids, suffix_ids), got {len(r)}")
-        h, p, s = r
-        if isinstance(h, (bool, np.bool_)) or not isinstance(h, numbers.Integral):
-            raise TypeError(f"requests[{i}]: head_id must be an int, got {type(h).__name__}")
-        if h < 0 or h > _INT64_MAX:
-            raise ValueError(f"requests[{i}]: head_id must be >= 0, got {h}")
-        head[i] = h
-        pparts.append(_as_tokens(p, f"requests[{i}] prefix_ids"))
-        sparts.append(_as_tokens(s, f"requests[{i}] suffix_ids"))
+def _flat_columns(head_ids, prefix_tokens, prefix_offsets, suffix_tokens, suffix_offsets) -> dict:
+    """Validated columns of the flat form (all vectorised: no per-request Python work)."""
+    head = _int_column(head_ids, "head_ids", None)
+    n = len(head)
     cols = {"head_ids": head}
-    for side, parts in (("prefix", pparts), ("suffix", sparts)):
-        lens = np.fromiter((len(a) for a in parts), dtype=np.int64, count=n)  # (N,)
-        off = np.zeros(n + 1, dtype=np.int64)  # (N+1,)
-        np.cumsum(lens, out=off[1:])
-        flat = np.concatenate(parts).astype(np.int64, copy=False) if n and off[-1] else _EMPTY  # (T,)
-        if flat.size and flat.min() < 0:
-            i = int(np.searchsorted(off, int(np.argmax(flat < 0)), side="right") - 1)
-            raise ValueError(f"requests[{i}] {side}_ids: token ids must be >= 0")
-        cols[f"{side}_lens"], cols[f"{side}_offsets"], cols[f"{side}_tokens"] = lens, off, np.ascontiguousarray(flat)
+    for side, tok, off in (("prefix", prefix_tokens, prefix_offsets), ("suffix", suffix_tokens, suffix_offsets)):
+        t = _token_buffer(tok, f"{side}_tokens")
+        o = np.asarray(off)
+        name = f"{side}_offsets"
+        if o.dtype.kind not in "iu":
+            raise TypeError(f"{name}: expected integer offsets, got dtype {o.dtype}")
+        if o.ndim != 1 or len(o) != n + 1:
+            raise ValueError(f"{name}: expected shape ({n + 1},) (one more than the {n} head_ids), got {o.shape}")
+        o = np.ascontiguousarray(o, dtype=np.int64)
+        if o[0] < 0:
+            raise ValueError(f"{name}: must be >= 0, got {int(o[0])} at index 0")
+        lens = np.diff(o)  # (N,)
+        if lens.size and lens.min() < 0:
+            i = int(np.argmax(lens < 0))
+            raise ValueError(f"{name}: must not decrease, got {int(o[i])} then {int(o[i + 1])} at index {i + 1}")
+        if o[-1] > len(t):
+            raise ValueError(f"{name}: ends at {int(o[-1])}, past the end of {side}_tokens ({len(t)} tokens)")
+        used = t[o[0]:o[-1]]  # (T,) the tokens the requests cover
+        if used.size and used.min() < 0:
+            pos = int(o[0] + np.argmax(used < 0))
+            i = int(np.searchsorted(o, pos, side="right") - 1)
+            raise ValueError(f"{side}_tokens: token ids must be >= 0, got {int(t[pos])} at position {pos} (request {i})")
+        cols[f"{side}_lens"], cols[f"{side}_offsets"], cols[f"{side}_tokens"] = lens, o, t
     _check_request_columns(cols)
     return cols
 
 
 # ------------------------------------------------------------------------------------------------
-# Content hash (the C++ one; the Python twin exists for tests and machines without the extension)
-
-_K0, _K1, _K2, _K3 = 0x243F6A8885A308D3, 0x9E3779B97F4A7C15, 0x87C37B91114253D5, 0x4CF5AD432745937F
-
-
-def _fmix64(k: int) -> int:
-    k ^= k >> 33
-    k = (k * 0xFF51AFD7ED558CCD) & _MASK64
-    k ^= k >> 33
-    k = (k * 0xC4CEB9FE1A85EC53) & _MASK64
-    return k ^ (k >> 33)
-
-
-def _hash_seq_py(tokens: Sequence[int]) -> int:
-    h = _K0 ^ ((len(tokens) * _K1) & _MASK64)
-    for t in tokens:
-        h ^= (t * _K2) & _MASK64
-        h = ((((h << 31) | (h >> 33)) & _MASK64) * _K3) & _MASK64
-    return _fmix64(h)
+# Content hash (the C++ one; scheduler_reference.hash_seq is its Python twin)
 
 
 def hash_token_arrays(tokens, offsets) -> np.ndarray:
@@ -430,122 +435,8 @@ def hash_tokens(sequences: Iterable) -> np.ndarray:
 
     These are the hashes the planner uses internally; pass them to ``Scheduler.plan_arrays``.
     """
-    parts = [_as_tokens(s, f"sequences[{i}]") for i, s in enumerate(sequences)]
+    parts = [as_tokens(s, f"sequences[{i}]") for i, s in enumerate(sequences)]
     off = np.zeros(len(parts) + 1, dtype=np.int64)
     np.cumsum([len(p) for p in parts], out=off[1:])
     flat = np.concatenate(parts).astype(np.int64, copy=False) if off[-1] else _EMPTY
     return hash_token_arrays(flat, off)
-
-
-# ------------------------------------------------------------------------------------------------
-# The pure-Python planner: the same algorithm as csrc/scheduler.cpp, step for step, in plain Python
-# (dicts and sorted), with exact keys instead of hashes. Tests require identical output.
-
-
-def plan_python(cols: dict, *, token_budget: int, max_rows: int, packed: bool, share_prefix: bool,
-                by_length: bool) -> dict[str, np.ndarray]:
-    heads = cols["head_ids"].tolist()
-    pl, sl = cols["prefix_lens"].tolist(), cols["suffix_lens"].tolist()
-    n = len(heads)
-    # Identity of each prefix/suffix: its tokens, or (length, caller hash) on the columnar path.
-    if cols.get("prefix_tokens") is not None:
-        pt, po = cols["prefix_tokens"].tolist(), cols["prefix_offsets"].tolist()
-        st, so = cols["suffix_tokens"].tolist(), cols["suffix_offsets"].tolist()
-        pkey = [tuple(pt[po[i]:po[i + 1]]) for i in range(n)]
-        skey = [tuple(st[so[i]:so[i + 1]]) for i in range(n)]
-    else:
-        ph, sh = cols.get("prefix_hashes"), cols.get("suffix_hashes")
-        pkey = None if ph is None else list(zip(pl, ph.tolist()))
-        skey = None if sh is None else list(zip(sl, sh.tolist()))
-
-    # 1. de-duplication
-    dedup = list(range(n))
-    if pkey is not None and skey is not None:
-        seen: dict = {}
-        for i in range(n):
-            dedup[i] = seen.setdefault((heads[i], pkey[i], skey[i]), i)
-
-    # 2. prefix groups (representatives, non-empty prefix, >= 2 members)
-    first, count = [-1] * n, [0] * n
-    if pkey is not None:
-        seen = {}
-        for i in range(n):
-            if dedup[i] == i and pl[i] > 0:
-                f = first[i] = seen.setdefault(pkey[i], i)
-                count[f] += 1
-    gid, G = [-1] * n, 0
-    for i in range(n):
-        if first[i] == i and count[i] >= 2:
-            gid[i], G = G, G + 1
-    prefix_group = [gid[first[dedup[i]]] if first[dedup[i]] >= 0 else -1 for i in range(n)]
-    members: list[list[int]] = [[] for _ in range(G)]
-    for i in range(n):
-        if dedup[i] == i and prefix_group[i] >= 0:
-            members[prefix_group[i]].append(i)
-    group_prefix_len = [pl[m[0]] for m in members]
-
-    # 3. pools and order
-    share = share_prefix and G > 0
-    units = [i for i in range(n) if dedup[i] == i]
-    pool = {u: (prefix_group[u] if prefix_group[u] >= 0 else G) if share else 0 for u in units}
-    rowlen = {u: sl[u] if share and prefix_group[u] >= 0 else pl[u] + sl[u] for u in units}
-    if by_length:
-        units.sort(key=lambda u: (pool[u], -rowlen[u], u))
-    else:
-        units.sort(key=lambda u: (pool[u], u))
-
-    # 4. greedy next-fit
-    rows, row_lengths, boff = [], [], [0]
-    bmax, bgroup, bplen, btok, bover = [], [], [], [], []
-
-    def emit(p, P, maxlen, tok, over):
-        boff.append(len(rows))
-        bmax.append(maxlen)
-        bgroup.append(p if share and p < G else -1)
-        bplen.append(P)
-        btok.append(tok)
-        bover.append(over)
-
-    cur_rows = cur_max = cur_sum = 0
-    cur_pool = -1
-    for u in units:
-        p = pool[u]
-        P = group_prefix_len[p] if share and p < G else 0
-        if p != cur_pool:
-            if cur_rows:
-                Pc = group_prefix_len[cur_pool] if share and cur_pool < G else 0
-                emit(cur_pool, Pc, cur_max, Pc + (cur_sum if packed else cur_rows * cur_max), False)
-                cur_rows = cur_max = cur_sum = 0
-            cur_pool = p
-        L = rowlen[u]
-        if P + L > token_budget:  # alone over budget: own batch, flagged
-            if cur_rows:
-                emit(p, P, cur_max, P + (cur_sum if packed else cur_rows * cur_max), False)
-                cur_rows = cur_max = cur_sum = 0
-            rows.append(u)
-            row_lengths.append(L)
-            emit(p, P, L, P + L, True)
-            continue
-        cost = P + (cur_sum + L if packed else (cur_rows + 1) * max(cur_max, L))
-        if cur_rows and (cur_rows + 1 > max_rows or cost > token_budget):
-            emit(p, P, cur_max, P + (cur_sum if packed else cur_rows * cur_max), False)
-            cur_rows = cur_max = cur_sum = 0
-        rows.append(u)
-        row_lengths.append(L)
-        cur_rows += 1
-        cur_max = max(cur_max, L)
-        cur_sum += L
-    if cur_rows:
-        P = group_prefix_len[cur_pool] if share and cur_pool < G else 0
-        emit(cur_pool, P, cur_max, P + (cur_sum if packed else cur_rows * cur_max), False)
-
-    i64 = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
-    group_offsets = np.zeros(G + 1, dtype=np.int64)
-    np.cumsum([len(m) for m in members], out=group_offsets[1:])
-    return {
-        "dedup": i64(dedup), "prefix_group": i64(prefix_group), "group_offsets": group_offsets,
-        "group_members": i64([i for m in members for i in m]), "group_prefix_len": i64(group_prefix_len),
-        "batch_offsets": i64(boff), "rows": i64(rows), "row_lengths": i64(row_lengths), "batch_max_len": i64(bmax),
-        "batch_prefix_group": i64(bgroup), "batch_prefix_len": i64(bplen), "batch_tokens": i64(btok),
-        "batch_oversized": np.asarray(bover, dtype=bool),
-    }

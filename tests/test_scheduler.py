@@ -1,6 +1,6 @@
-"""Scheduler tests: C++ planner == pure-Python planner, and the plan's properties checked from scratch
-against the raw requests (dedup map, prefix groups, budgets, ordering, fan-out), plus edge cases and
-every bad input."""
+"""Scheduler tests: C++ planner == pure-Python planner (optimas_fast.scheduler_reference), on every input
+form (request lists, flat buffers, columns), and the plan's properties checked from scratch against the
+raw requests (dedup map, prefix groups, budgets, ordering, fan-out), plus edge cases and every bad input."""
 from collections import defaultdict
 
 import numpy as np
@@ -8,7 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from optimas_fast.scheduler import Plan, Scheduler, _hash_seq_py, hash_token_arrays, hash_tokens
+from optimas_fast.scheduler import Plan, Scheduler, hash_token_arrays, hash_tokens
+from optimas_fast.scheduler_reference import hash_seq
 
 MODES = ("padded", "packed")
 _SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -23,10 +24,29 @@ def both(token_budget, max_rows, mode="padded", share_prefix=False, order="lengt
             Scheduler(token_budget, max_rows, mode, share_prefix, order=order, backend="python"))
 
 
+def flat(reqs, dtype=np.int32, gap=0):
+    """The flat form of a request list: head ids and, per side, one token buffer + (N+1,) offsets. `gap`
+    leaves that many unused tokens in front of the first request and behind the last."""
+    head = np.array([r[0] for r in reqs], dtype=np.int64)
+    out = [head]
+    for side in (1, 2):
+        lens = np.array([len(r[side]) for r in reqs], dtype=np.int64)
+        off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64) + gap
+        tok = np.full(int(off[-1]) + gap, 9999, dtype=dtype)
+        for i, r in enumerate(reqs):
+            tok[off[i]:off[i + 1]] = r[side]
+        out += [tok, off]
+    return tuple(out)
+
+
 def plan_both(reqs, *args, **kw):
+    """Plans with both backends and every token input form; all must agree. Returns the C++ plan."""
     cpp, py = both(*args, **kw)
-    a, b = cpp.plan(reqs), py.plan(reqs)
-    assert_same(a, b)
+    a = cpp.plan(reqs)
+    assert_same(a, py.plan(reqs))
+    f = flat(reqs)
+    assert_same(a, cpp.plan_flat(*f))
+    assert_same(a, py.plan_flat(*f))
     return a
 
 
@@ -194,6 +214,7 @@ def test_hash_collisions_never_merge_different_requests(seed, mask, share_prefix
     cpp._hash_mask = mask
     a = cpp.plan(reqs)
     assert_same(a, py.plan(reqs))
+    assert_same(a, cpp.plan_flat(*flat(reqs)))
     check_plan(a, reqs, dict(token_budget=25, max_rows=4, mode="padded", share_prefix=share_prefix, order="length"))
 
 
@@ -262,7 +283,7 @@ def test_hash_tokens_matches_python_twin(seed):
     seqs = [rng.integers(0, 2**40, rng.integers(0, 50)).tolist() for _ in range(41)] + [[], [0], [2**63 - 1]]
     h = hash_tokens(seqs)
     assert h.dtype == np.uint64 and h.shape == (len(seqs),)
-    assert h.tolist() == [_hash_seq_py(s) for s in seqs]
+    assert h.tolist() == [hash_seq(s) for s in seqs]
     flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs])
     off = np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
     np.testing.assert_array_equal(hash_token_arrays(flat, off), h)
@@ -271,6 +292,78 @@ def test_hash_tokens_matches_python_twin(seed):
 
 # ------------------------------------------------------------------------------------------------
 # inputs, edge cases, determinism
+
+
+def _as_form(seq, form, rng):
+    """One token sequence in one of the input forms plan() accepts."""
+    if form == 0:
+        return list(seq)
+    if form == 1:
+        return tuple(seq)
+    if form == 2:  # every numpy integer dtype
+        return np.asarray(seq, dtype=(np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64,
+                                      np.uint64)[rng.integers(0, 8)])
+    if form == 3:  # strided view
+        return np.repeat(np.asarray(seq, dtype=np.int64), 2)[::2]
+    if form == 4:  # non-native byte order
+        return np.asarray(seq, dtype=">i4")
+    return [np.int64(t) for t in seq]  # numpy scalars: the Python checker's path
+
+
+@_SETTINGS
+@given(reqs=request_lists(), cfg=configs, data=st.data())
+def test_every_request_form_plans_like_the_reference(reqs, cfg, data):
+    """Requests whose sequences come in mixed forms, with prefix objects shared between requests (the
+    C++ ingest hashes a shared object once) or equal but distinct: the C++ plan equals the reference's."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    shared: dict = {}
+    mixed = []
+    for h, p, s_ in reqs:
+        if rng.random() < 0.5:  # reuse one object for equal prefixes
+            pre = shared.setdefault(tuple(p), _as_form(p, int(rng.integers(0, 6)), rng))
+        else:
+            pre = _as_form(p, int(rng.integers(0, 6)), rng)
+        mixed.append((np.int64(h) if rng.random() < 0.2 else h, pre, _as_form(s_, int(rng.integers(0, 6)), rng)))
+    cpp, py = both(cfg["token_budget"], cfg["max_rows"], cfg["mode"], cfg["share_prefix"], order=cfg["order"])
+    ref = py.plan(reqs)
+    assert_same(cpp.plan(mixed), ref)
+    assert_same(py.plan(mixed), ref)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("gap", [0, 3])
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_plan_flat_matches_plan(seed, dtype, gap, share_prefix):
+    """plan_flat on int32/int64 buffers (with unused tokens around them) == plan on the same requests."""
+    rng = np.random.default_rng(seed)
+    reqs = random_requests(rng, 777, vocab=30, max_prefix=20, max_suffix=40, n_prefixes=7, n_heads=4)
+    for mode in MODES:
+        cpp, py = both(int(rng.integers(60, 300)), int(rng.integers(2, 12)), mode, share_prefix)
+        f = flat(reqs, dtype, gap)
+        a = cpp.plan_flat(*f)
+        assert_same(a, cpp.plan(reqs))
+        assert_same(a, py.plan_flat(*f))
+        cfg = dict(token_budget=cpp.config.token_budget, max_rows=cpp.config.max_rows, mode=mode,
+                   share_prefix=share_prefix, order="length")
+        check_plan(a, reqs, cfg)
+    # array-likes and any integer offsets dtype are accepted
+    head, pt, po, st_, so = flat(reqs[:20], dtype)
+    assert_same(Scheduler(100, 4).plan_flat(head.tolist(), pt, po.astype(np.int32), st_.tolist(), so),
+                Scheduler(100, 4).plan(reqs[:20]))
+
+
+def test_shared_prefix_objects_plan_like_copies(seed):
+    """One prefix object for many requests (hashed once) plans exactly like equal copies."""
+    rng = np.random.default_rng(seed)
+    prompts = [rng.integers(0, 1000, int(rng.integers(1, 50))) for _ in range(13)]
+    reqs = [(int(rng.integers(0, 3)), prompts[int(rng.integers(0, 13))], rng.integers(0, 1000, int(rng.integers(1, 30))))
+            for _ in range(2000)]
+    copies = [(h, p.copy(), s_.astype(np.int32)) for h, p, s_ in reqs]
+    s = Scheduler(512, 16, "packed", True)
+    assert_same(s.plan(reqs), s.plan(copies))
+    assert_same(s.plan(reqs), Scheduler(512, 16, "packed", True, backend="python").plan(reqs))
+
+
 
 
 def test_token_input_forms_agree(seed):
@@ -293,7 +386,9 @@ def test_token_input_forms_agree(seed):
 @pytest.mark.parametrize("mode", MODES)
 def test_empty_plan(backend, mode):
     s = Scheduler(100, 4, mode, True, backend=backend)
-    for plan in (s.plan([]), s.plan_arrays([], [], [])):
+    empty_flat = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32),
+                  np.zeros(1, np.int64))
+    for plan in (s.plan([]), s.plan(()), s.plan_arrays([], [], []), s.plan_flat(*empty_flat), s.plan_flat([], [], [0], [], [0])):
         assert plan.n_requests == 0 and len(plan) == 0 and plan.batches == [] and plan.prefix_groups == []
         assert plan.dedup.shape == (0,) and plan.dedup.dtype == np.int64
         assert plan.scatter(np.zeros(0)).shape == (0,)
@@ -427,6 +522,15 @@ def test_bad_config(kwargs, exc, match):
     ([(0, [1], [2]), (0, [3], [2]), (0, [-4], [2])], ValueError, r"requests\[2\] prefix_ids"),
     ([(0, np.array([2**63], dtype=np.uint64), [2])], ValueError, r"requests\[0\] prefix_ids"),
     ([(0, [1], [2]), (0, [], [])], ValueError, "request 1 has no tokens"),
+    ([(0, [1, -2, 1.5], [2])], TypeError, r"requests\[0\] prefix_ids: token ids must be integers"),
+    ([(0, [1], [2**64])], TypeError, r"requests\[0\] suffix_ids: token ids must be integers"),
+    ([(0, [1], [2**63])], ValueError, r"requests\[0\] suffix_ids: token ids above"),
+    ([(0, [1], np.array([3, -1], dtype=np.int32))], ValueError, r"requests\[0\] suffix_ids: token ids must be >= 0"),
+    ([(0, [1], np.array([3, 0, -1, 5])[::2])], ValueError, r"requests\[0\] suffix_ids: token ids must be >= 0"),
+    ([(0, [np.int64(-1)], [1])], ValueError, r"requests\[0\] prefix_ids: token ids must be >= 0"),
+    ([(2**63, [1], [2])], ValueError, r"requests\[0\]: head_id must be at most"),
+    ([(0, [1], [2]), (np.int64(-5), [1], [2])], ValueError, r"requests\[1\]: head_id must be >= 0"),
+    ([[0, [1], [2]], [0, [1], [2], 3]], ValueError, r"requests\[1\]: expected 3 items"),
 ])
 @pytest.mark.parametrize("backend", ["cpp", "python"])
 def test_bad_requests(reqs, exc, match, backend):
@@ -457,6 +561,48 @@ def test_bad_arrays(args, exc, match, backend):
         Scheduler(10, 2, backend=backend).plan_arrays(*args)
 
 
+def _flat4():
+    """A valid flat form of 4 requests: head ids, then (tokens, offsets) per side."""
+    return (np.zeros(4, np.int64), np.arange(6, dtype=np.int32), np.array([0, 1, 3, 3, 6]),
+            np.arange(4, dtype=np.int32), np.array([0, 1, 2, 3, 4]))
+
+
+def _with(i, v):
+    args = list(_flat4())
+    args[i] = v
+    return tuple(args)
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    (_with(0, np.zeros(4)), TypeError, "head_ids: expected integers"),
+    (_with(0, np.zeros((2, 2), np.int64)), ValueError, "head_ids: expected a 1-D"),
+    (_with(0, np.array([0, 0, -1, 0])), ValueError, "head_ids: must be >= 0, got -1 at request 2"),
+    (_with(0, np.zeros(3, np.int64)), ValueError, r"prefix_offsets: expected shape \(4,\) \(one more than the 3"),
+    (_with(1, np.arange(6, dtype=np.float32)), TypeError, "prefix_tokens: expected int32 or int64"),
+    (_with(3, np.arange(4, dtype=np.uint16)), TypeError, "suffix_tokens: expected int32 or int64"),
+    (_with(1, np.arange(6, dtype=np.int32).reshape(2, 3)), ValueError, "prefix_tokens: expected a 1-D"),
+    (_with(2, np.array([0, 1, 3, 3])), ValueError, r"prefix_offsets: expected shape \(5,\)"),
+    (_with(2, np.array([0.0, 1, 3, 3, 6])), TypeError, "prefix_offsets: expected integer offsets"),
+    (_with(2, np.array([[0, 1, 3, 3, 6]])), ValueError, "prefix_offsets: expected shape"),
+    (_with(2, np.array([0, 3, 1, 3, 6])), ValueError, "prefix_offsets: must not decrease, got 3 then 1 at index 2"),
+    (_with(4, np.array([-1, 1, 2, 3, 4])), ValueError, "suffix_offsets: must be >= 0"),
+    (_with(2, np.array([0, 1, 3, 3, 7])), ValueError, r"prefix_offsets: ends at 7, past the end of prefix_tokens \(6"),
+    (_with(3, np.array([0, 1, -2, 3], np.int32)), ValueError, r"suffix_tokens: token ids must be >= 0, got -2 at position 2 \(request 2\)"),
+    (_with(4, np.array([0, 1, 2, 2, 4])), ValueError, "request 2 has no tokens"),
+])
+@pytest.mark.parametrize("backend", ["cpp", "python"])
+def test_bad_flat(args, exc, match, backend):
+    with pytest.raises(exc, match=match):
+        Scheduler(10, 2, backend=backend).plan_flat(*args)
+
+
+def test_flat_ignores_tokens_outside_the_offsets():
+    """Tokens before the first offset or after the last are not the requests': never read, never checked."""
+    head, pt, po, st_, so = _flat4()
+    pt2 = np.concatenate([[-7, -7], pt, [-7]]).astype(np.int32)
+    assert_same(Scheduler(10, 2).plan_flat(head, pt2, po + 2, st_, so), Scheduler(10, 2).plan_flat(*_flat4()))
+
+
 def test_bad_scatter_and_hash_inputs():
     plan = Scheduler(10, 2).plan([(0, [1], [2]), (0, [1], [2]), (1, [], [3])])
     with pytest.raises(ValueError, match="row_scores: expected 2 rows"):
@@ -478,14 +624,23 @@ def test_native_binding_rechecks_buffers():
     C = native()
     h = np.zeros(2, np.int64)
     ln = np.ones(2, np.int64)
-    tok = np.arange(2, dtype=np.int64)
+    tok = np.arange(2, dtype=np.int32)
     good_off = np.array([0, 1, 2], np.int64)
-    kw = dict(token_budget=10, max_rows=2, packed=False, share_prefix=False, by_length=True, hash_mask=2**64 - 1)
-    with pytest.raises(ValueError, match="offsets"):
-        C.sched_plan(h, ln, ln, tok, np.array([0, 1, 5], np.int64), tok, good_off, None, None, **kw)
+    kw = dict(token_budget=10, max_rows=2, packed=False, share_prefix=False, by_length=True)
+    mask = dict(hash_mask=2**64 - 1)
+    with pytest.raises(ValueError, match="prefix_offsets"):
+        C.sched_plan_flat(h, tok, np.array([0, 1, 5], np.int64), tok, good_off, **kw, **mask)
+    with pytest.raises(ValueError, match="suffix_offsets"):
+        C.sched_plan_flat(h, tok, good_off, tok, np.array([0, 2, 1], np.int64), **kw, **mask)
+    with pytest.raises(ValueError, match="prefix_offsets"):
+        C.sched_plan_flat(h, tok, good_off[:2], tok, good_off, **kw, **mask)
+    with pytest.raises(TypeError, match="prefix_tokens"):
+        C.sched_plan_flat(h, tok.astype(np.float32), good_off, tok, good_off, **kw, **mask)
     with pytest.raises(ValueError, match="token_budget"):
-        C.sched_plan(h, ln, ln, None, None, None, None, None, None, **{**kw, "token_budget": 0})
+        C.sched_plan(h, ln, ln, None, None, **{**kw, "token_budget": 0})
     with pytest.raises(TypeError, match="head_ids"):
-        C.sched_plan(h.astype(np.int32), ln, ln, None, None, None, None, None, None, **kw)
+        C.sched_plan(h.astype(np.int32), ln, ln, None, None, **kw)
     with pytest.raises(ValueError, match="prefix_lens"):
-        C.sched_plan(h, ln[:1], ln, None, None, None, None, None, None, **kw)
+        C.sched_plan(h, ln[:1], ln, None, None, **kw)
+    with pytest.raises(ValueError, match="requests: expected a list"):
+        C.sched_plan_requests(iter([]), None, None, **kw, **mask)
