@@ -179,6 +179,7 @@ def resolve_factory(spec: str, where: str = "system") -> Any:
     if not is_factory_spec(spec):
         raise ConfigError(f"{where}: {spec!r} is not 'package.module:callable'")
     module_name, _, attr = spec.partition(":")
+    importlib.invalidate_caches()  # a module written since the last import (e.g. by a test) must be found
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:  # console scripts do not put the current directory on the path
         sys.path.insert(0, cwd)
@@ -356,18 +357,59 @@ class _Split:
     test: list
 
 
-def evaluate_with_bar(system, examples, *, desc: str, workers: int, seed: int, progress: bool = True):
-    """``system.evaluate`` in chunks, with a tqdm bar (ETA) over examples; returns the list of scores."""
+def evaluate_with_bar(system, examples, *, desc: str, workers: int, seed: int, progress: bool = True,
+                      stats: dict | None = None, **eval_kwargs):
+    """``system.evaluate`` in chunks, with a tqdm bar (ETA) over examples; returns the list of scores.
+    ``eval_kwargs`` go to ``evaluate`` (e.g. ``best_of``, ``reward``); ``stats``, when given, receives the LM
+    calls and tokens the traces recorded and the wall seconds."""
     from tqdm.auto import tqdm
 
     scores = []
+    calls = tokens = 0
+    t0 = time.perf_counter()
     chunk = max(1, workers)  # one LM batch per chunk; the bar moves (and estimates) per chunk
     with tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar:
         for i in range(0, len(examples), chunk):
-            res = system.evaluate(examples[i:i + chunk], workers=workers, seed=seed)
+            res = system.evaluate(examples[i:i + chunk], workers=workers, seed=seed, **eval_kwargs)
             scores += res.scores
+            for t in res.traces:
+                u = t.usage
+                calls += u.calls
+                tokens += u.prompt_tokens + u.completion_tokens
             bar.update(len(res.scores))
+    if stats is not None:
+        stats.update(lm_calls=calls, lm_tokens=tokens, seconds=time.perf_counter() - t0)
     return scores
+
+
+def parse_best_of(specs: list[str] | None, system, targets: list[str] | None) -> dict[str, int]:
+    """``--best-of`` values: ``N`` (every optimizable LM component; ``targets`` narrows them to the run's
+    optimized ones) or ``name=N``, repeatable, later ones winning. ConfigError naming a bad value."""
+    from optimas_fast.system import LMComponent
+
+    out: dict[str, int] = {}
+    lm_comps = [n for n in system.order if isinstance(system.components[n], LMComponent)
+                and system.components[n].variables() and (targets is None or n in targets)]
+    for spec in specs or []:
+        name, eq, value = spec.rpartition("=")
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1 or value.strip() != str(n):
+            raise ConfigError(f"--best-of {spec!r}: N must be an int >= 1 (as 'N' or 'component=N')")
+        if not eq:
+            if not lm_comps:
+                raise ConfigError(f"--best-of {spec!r}: system has no optimizable LM component; name one with "
+                                  f"'component=N' (components: {list(system.order)})")
+            out.update({c: n for c in lm_comps})
+        elif name not in system.components:
+            raise ConfigError(f"--best-of {spec!r}: no component {name!r} (components: {list(system.order)})")
+        elif not system.components[name].variables():
+            raise ConfigError(f"--best-of {spec!r}: {name!r} has no variable, so the LRF has no head for it")
+        else:
+            out[name] = n
+    return out
 
 
 def _fmt(ci: Mapping) -> str:
@@ -436,6 +478,7 @@ def _cmd_resume(args) -> int:
 
 
 def _cmd_eval(args) -> int:
+    from optimas_fast.optimize.state import RUN_STATE, load_run_state
     from optimas_fast.report import bootstrap_ci
 
     target = Path(args.target)
@@ -447,18 +490,32 @@ def _cmd_eval(args) -> int:
             raise ConfigError(f"{target} has no system_state.json yet (the run has not finished)")
     else:
         cfg = load_config(target)
-    system, split, _, _ = build(cfg)
+    if args.best_of and not (target.is_dir() and (target / RUN_STATE).is_file()):
+        raise ConfigError(f"--best-of scores candidates with the run's trained LRF: give a run directory "
+                          f"(with {RUN_STATE}), not {target}")
+    system, split, rm, _ = build(cfg)
     if args.state:
         state = Path(args.state)
     if state is not None:
         system.load_state(state)
+    best_of = parse_best_of(args.best_of, system, cfg.loop.components)
+    eval_kwargs: dict[str, Any] = {}
+    if best_of:
+        run_state = load_run_state(target)
+        rm.load_state(target / run_state["lrf_checkpoint"])  # the LRF as the run left it
+        eval_kwargs = {"best_of": best_of, "reward": rm, "best_of_temperature": args.best_of_temperature}
     examples = getattr(split, args.split)
+    stats: dict = {}
     scores = evaluate_with_bar(system, examples, desc=f"eval ({args.split})", workers=cfg.loop.val_workers,
-                               seed=cfg.loop.seed, progress=not args.no_progress)
+                               seed=cfg.loop.seed, progress=not args.no_progress, stats=stats, **eval_kwargs)
     ci = bootstrap_ci(scores, seed=cfg.loop.seed)
-    print(f"{cfg.system} {args.split} score{' (optimized)' if state else ' (unoptimized)'}: {_fmt(ci)}")
+    how = " (optimized)" if state else " (unoptimized)"
+    if best_of:
+        how += " best-of " + ", ".join(f"{n}={k}" for n, k in best_of.items())
+    print(f"{cfg.system} {args.split} score{how}: {_fmt(ci)}; {stats['lm_calls']} LM calls, "
+          f"{stats['seconds']:.1f} s")
     if args.json:
-        print(json.dumps(ci))
+        print(json.dumps(dict(ci, best_of=best_of, **stats)))
     return 0
 
 
@@ -494,6 +551,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="a run directory (uses its system_state.json) or a YAML config")
     p.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split (default test)")
     p.add_argument("--state", default=None, help="a system_state.json to load instead")
+    p.add_argument("--best-of", action="append", metavar="N|COMPONENT=N", default=None,
+                   help="reward-guided best-of-N with the run's LRF: N for every optimizable LM component, or "
+                        "COMPONENT=N (repeatable)")
+    p.add_argument("--best-of-temperature", type=float, default=0.7,
+                   help="sampling temperature of best-of-N candidates 2..N (default 0.7)")
     p.add_argument("--json", action="store_true", help="also print the score and CI as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)

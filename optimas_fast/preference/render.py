@@ -8,13 +8,12 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from optimas_fast.system import Component
+from optimas_fast.system.component import REWARD_INPUT_CHARS as MAX_INPUT_CHARS
+from optimas_fast.system.component import REWARD_OUTPUT_CHARS as MAX_OUTPUT_CHARS
 
 __all__ = ["render_inputs", "render_outputs", "MAX_INPUT_CHARS", "MAX_OUTPUT_CHARS"]
 
-# Per-field caps: the LRF template keeps at most 512 tokens, and an over-long *output* is an error there
-# (the scored text is never truncated silently), so outputs are capped well below that here.
-MAX_INPUT_CHARS = 1200
-MAX_OUTPUT_CHARS = 600
+# The per-field caps live with Component (best-of-N scoring in System renders rows the same way).
 
 
 def render_inputs(component: Component, inputs: Mapping[str, Any], max_chars: int = MAX_INPUT_CHARS) -> str:

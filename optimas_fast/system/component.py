@@ -28,7 +28,13 @@ from optimas_fast.lm.base import LM, Completion
 from optimas_fast.system.context import current_run, record_usage
 from optimas_fast.system.variables import Variable, Weights
 
-__all__ = ["Component", "ComponentError", "format_value"]
+__all__ = ["Component", "ComponentError", "format_value", "REWARD_INPUT_CHARS", "REWARD_OUTPUT_CHARS"]
+
+# Per-field caps of the text an LRF sees (``preference.render`` and best-of-N scoring both use them): the LRF
+# template keeps at most 512 tokens, and an over-long *output* is an error there (the scored text is never
+# truncated silently), so outputs are capped well below that.
+REWARD_INPUT_CHARS = 1200
+REWARD_OUTPUT_CHARS = 600
 
 
 class ComponentError(ValueError):
@@ -234,12 +240,16 @@ class Component:
     # ----------------------------------------------------------------------------------------------
     # LM helper
     def generate(self, lm: LM, prompts: Sequence, **kwargs) -> list[list[Completion]]:
-        """``lm.generate`` with the run's sampling seed and usage recorded for this component's step."""
+        """``lm.generate`` with the run's sampling seed (and, for best-of-N candidates, its sampling temperature)
+        and usage recorded for this component's step."""
         if not isinstance(lm, LM):
             raise TypeError(f"component '{self.name}': expected an optimas_fast.lm.LM, got {type(lm).__name__}")
         ctx = current_run()
         if kwargs.get("seed") is None and ctx is not None and ctx.seed is not None:
             kwargs["seed"] = ctx.seed
+        if ctx is not None and ctx.temperature is not None and (kwargs.get("temperature") or 0.0) < ctx.temperature:
+            # a best-of-N candidate: greedy decoding would give N identical outputs, so sample (seeded)
+            kwargs["temperature"] = ctx.temperature
         out = lm.generate(list(prompts), **kwargs)
         record_usage(out)
         return out

@@ -25,6 +25,7 @@ class RunContext:
 
     component: str  # name of the component being called
     seed: int | None = None  # sampling seed for LM calls (distinct rollouts get distinct seeds)
+    temperature: float | None = None  # best-of-N sampling: LM calls sample at least this hot (None: as asked)
     usage: Usage = field(default_factory=Usage)  # LM usage recorded during this component call
 
 
@@ -52,10 +53,10 @@ def record_usage(completions: Iterable) -> None:
 
 
 @contextlib.contextmanager
-def usage_scope(component: str, seed: int | None = None) -> Iterator[RunContext]:
+def usage_scope(component: str, seed: int | None = None, temperature: float | None = None) -> Iterator[RunContext]:
     """Makes a fresh RunContext current for the duration of one component call, and enters the LM layer's
     ``usage_scope(component)`` so that its ledger (per-component totals, budgets) attributes the calls too."""
-    ctx = RunContext(component=component, seed=seed)
+    ctx = RunContext(component=component, seed=seed, temperature=temperature)
     token = _RUN.set(ctx)
     try:
         with _lm_usage_scope(component):

@@ -32,6 +32,7 @@ class Step:
     usage: Usage = field(default_factory=Usage)  # LM usage recorded during the call
     error: str | None = None  # "ExcType: message" when the call failed
     reused: bool = False  # copied from an earlier trace (run_downstream) rather than executed here
+    best_of: dict | None = None  # best-of-N: {"n", "candidates" (distinct outputs), "scores", "chosen", "failed"}
 
     def to_dict(self) -> dict:
         return {
@@ -43,6 +44,7 @@ class Step:
             "usage": vars(self.usage).copy(),
             "error": self.error,
             "reused": self.reused,
+            **({"best_of": self.best_of} if self.best_of is not None else {}),
         }
 
 
