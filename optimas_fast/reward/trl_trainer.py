@@ -236,7 +236,7 @@ def lr_lambda(kind: str, step: int, warmup: int, total: int) -> float:
 
 # ------------------------------------------------------------------------------------------------ data
 def to_pairs(source: Any, what: str, tokenizer: Any = None, components: Any = None,
-             data_format: str = "auto") -> PairSet:
+             data_format: str = "auto", component: str | None = None) -> PairSet:
     """A PairSet from PreferencePairs / tuples (the engine's own pairs), a PairSet, a ``datasets.Dataset`` /
     ``DatasetDict``, rows, or files / folders (``formats.load_pairs``: TRL, reference-Optimas, own format)."""
     if source is None:
@@ -246,7 +246,7 @@ def to_pairs(source: Any, what: str, tokenizer: Any = None, components: Any = No
     if isinstance(source, (list, tuple)) and source and isinstance(source[0], (PreferencePair, tuple, list)):
         pairs = as_pairs(source, what)
         return PairSet(pairs, {p.component: p.component for p in pairs}, margin_kind="weight")
-    return load_pairs(source, format=data_format, components=components, tokenizer=tokenizer)
+    return load_pairs(source, format=data_format, components=components, tokenizer=tokenizer, component=component)
 
 
 def _tokenizer_of(model: Any) -> Any:
