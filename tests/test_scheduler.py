@@ -352,6 +352,21 @@ def test_plan_flat_matches_plan(seed, dtype, gap, share_prefix):
                 Scheduler(100, 4).plan(reqs[:20]))
 
 
+def test_large_token_ids_on_every_path(seed):
+    """Ids past one CPython digit (2**30), past int32 (lists then take the int64 path) and up to 2**63 - 1."""
+    rng = np.random.default_rng(seed)
+    big = [2**30 + 1, 2**31 - 1, 2**31, 2**40 + 7, 2**63 - 1]
+    pool = [[int(x) for x in rng.choice(big + [0, 5], int(rng.integers(1, 6)))] for _ in range(6)]
+    reqs = [(int(rng.integers(0, 2)), pool[int(rng.integers(0, 6))], pool[int(rng.integers(0, 6))]) for _ in range(120)]
+    forms = [(h, tuple(p), np.asarray(s_, dtype=np.uint64)) for h, p, s_ in reqs]
+    cpp, py = both(40, 4, "packed", True)
+    ref = py.plan(reqs)
+    for r in (reqs, forms):
+        assert_same(cpp.plan(r), ref)
+    assert_same(cpp.plan_flat(*flat(reqs, np.int64)), ref)
+    check_plan(ref, reqs, dict(token_budget=40, max_rows=4, mode="packed", share_prefix=True, order="length"))
+
+
 def test_shared_prefix_objects_plan_like_copies(seed):
     """One prefix object for many requests (hashed once) plans exactly like equal copies."""
     rng = np.random.default_rng(seed)
