@@ -37,6 +37,7 @@ from typing import Any, Mapping
 import yaml
 
 from optimas_fast import demo
+from optimas_fast.cli_reward import add_reward_parser
 from optimas_fast.optimize.config import ConfigError, OptimasConfig
 
 log = logging.getLogger("optimas_fast.cli")
@@ -563,6 +564,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the run directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_resume)
+    add_reward_parser(sub)  # reward train | eval | score | export (optimas_fast/cli_reward.py)
     return parser
 
 
