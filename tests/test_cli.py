@@ -116,3 +116,74 @@ def test_bootstrap_ci_and_report_cleaning(seed, tmp_path):
     assert '"test_after": {"mean": null}' in text
     plot_report(report, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------------------------- slow, end to end
+def _strip(x):
+    """A run's record without what differs between processes by nature (wall times, replayed LM usage)."""
+    if isinstance(x, dict):
+        return {k: _strip(v) for k, v in x.items() if k not in ("seconds", "usage", "elapsed")}
+    return [_strip(v) for v in x] if isinstance(x, list) else x
+
+
+def _lrf_digest(run_dir):
+    from optimas_fast.optimize import load_run_state
+    from optimas_fast.optimize.testing import tiny_reward_model
+    from optimas_fast.reward.checkpoint import stable_parameters
+
+    rm = tiny_reward_model({"extract": "x", "route": "y"}, 12345)  # overwritten by the checkpoint
+    rm.load_state(run_dir / load_run_state(run_dir)["lrf_checkpoint"])
+    return {k: v.detach().clone() for k, v in stable_parameters(rm).items()}
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_of_an_example_resumes_to_the_same_final_state(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    raw = yaml.safe_load((repo / "examples" / "own_pipeline.yaml").read_text())
+    raw["loop"]["iterations"] = 4
+    raw["data"] = {k: str(repo / "examples" / "own_pipeline_data" / f"{k}.jsonl") for k in ("train", "val", "test")}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def cli_cmd(*args):
+        return [sys.executable, "-m", "optimas_fast.cli", *args, "--no-progress"]
+
+    full = subprocess.Popen(cli_cmd("run", str(config), "--out", str(tmp_path / "full")), env=env, cwd=repo,
+                            stdout=subprocess.DEVNULL)
+    victim = subprocess.Popen(cli_cmd("run", str(config), "--out", str(tmp_path / "killed")), env=env, cwd=repo,
+                              stdout=subprocess.DEVNULL)
+    state_file = tmp_path / "killed" / "run_state.json"
+    deadline, killed_at = time.time() + 240, None
+    while time.time() < deadline and victim.poll() is None:
+        if state_file.exists():
+            it = json.loads(state_file.read_text())["iteration"]  # replaced atomically: always whole
+            if it >= 2:
+                victim.send_signal(signal.SIGKILL)
+                killed_at = it
+                break
+        time.sleep(0.02)
+    victim.wait(timeout=60)
+    assert killed_at is not None, "the run finished or stalled before it could be killed"
+    assert victim.returncode == -signal.SIGKILL
+    assert json.loads(state_file.read_text())["iteration"] < 4 and not (tmp_path / "killed" / "report.json").exists()
+    subprocess.run(cli_cmd("resume", str(tmp_path / "killed")), env=env, cwd=repo, check=True, timeout=300,
+                   stdout=subprocess.DEVNULL)
+    assert full.wait(timeout=300) == 0
+    a, b = (json.loads((tmp_path / d / "run_state.json").read_text()) for d in ("full", "killed"))
+    assert a["iteration"] == b["iteration"] == 4
+    assert _strip(a["history"]) == _strip(b["history"]) and a["best_val"] == b["best_val"]
+    assert a["system"] == b["system"]
+    sa, sb = (json.loads((tmp_path / d / "system_state.json").read_text()) for d in ("full", "killed"))
+    assert sa == sb
+    la, lb = _lrf_digest(tmp_path / "full"), _lrf_digest(tmp_path / "killed")
+    assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
+    ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("full", "killed"))
+    assert ra["test_before"] == rb["test_before"] and ra["test_after"] == rb["test_after"]
