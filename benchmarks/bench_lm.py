@@ -3,6 +3,12 @@
     python benchmarks/bench_lm.py                                   # fp32 and bf16, batch 16, 32 new tokens
     python benchmarks/bench_lm.py --dtypes bfloat16 --max-tokens 64
     python benchmarks/bench_lm.py --rerun-example pubmedqa --rerun-n 20   # + cached rerun of a full evaluation
+    python benchmarks/bench_lm.py --engines llamacpp,hf-fp32,hf-bf16      # engine comparison (load, 1 / 10 callers)
+
+Engines (``--engines``): the same 16 chat prompts, greedy, ``max_tokens`` new tokens, cache off, on each
+engine: model load time (from nothing, HF conversion excluded: it is cached once per machine), one caller
+sending the prompts one after another, and 10 concurrent callers (threads) each sending its prompts one at a
+time, which is how the example systems call an LM (``System.evaluate(workers=...)``).
 
 Throughput: the same 16 chat prompts, greedy, the same ``max_tokens``; "one at a time" calls
 ``generate([p])`` for each prompt in turn, "batched" calls ``generate(prompts)`` once (one left-padded
@@ -24,6 +30,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import git_rev, machine  # noqa: E402
 
 from optimas_fast.lm import EmbeddedLM, LMCache, UsageLedger  # noqa: E402
+from optimas_fast.lm.llamacpp import LlamaCppLM  # noqa: E402
 
 TOPICS = ["the moon", "bread", "volcanoes", "honey bees", "the Roman empire", "rain", "chess", "coffee",
           "octopuses", "glaciers", "the piano", "tea", "lightning", "deserts", "whales", "paper"]
@@ -50,6 +57,40 @@ def throughput(dtype: str, batch: int, max_tokens: int) -> dict:
             "single_tok": n_single, "single_s": t_single, "single_tps": n_single / t_single,
             "batched_tok": n_batched, "batched_s": t_batched, "batched_tps": n_batched / t_batched,
             "speedup": (n_batched / t_batched) / (n_single / t_single), "same_text": same}
+
+
+def _engine(name: str):
+    if name == "llamacpp":
+        return LlamaCppLM(cache=None, ledger=UsageLedger())
+    if name in ("hf-fp32", "hf-bf16"):
+        return EmbeddedLM(dtype="float32" if name == "hf-fp32" else "bfloat16", cache=None, ledger=UsageLedger())
+    raise SystemExit(f"--engines: unknown engine {name!r} (llamacpp, hf-fp32, hf-bf16)")
+
+
+def engine_compare(name: str, max_tokens: int, callers: int = 10) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
+    t0 = time.perf_counter()
+    lm = _engine(name)
+    t_load = time.perf_counter() - t0
+    ps = prompts(16)
+    lm.generate(ps[:1], max_tokens=4)  # warm-up
+    t0 = time.perf_counter()
+    one = [lm.generate([p], max_tokens=max_tokens)[0][0] for p in ps]
+    t_one = time.perf_counter() - t0
+    work = [prompts(16)[i::callers] for i in range(callers)]  # every caller sends its share, one at a time
+
+    def caller(mine):
+        return [lm.generate([p], max_tokens=max_tokens, seed=7)[0][0] for p in mine]
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(callers) as ex:
+        many = [c for part in ex.map(caller, work) for c in part]
+    t_many = time.perf_counter() - t0
+    n_one = sum(c.usage.completion_tokens for c in one)
+    n_many = sum(c.usage.completion_tokens for c in many)
+    return {"engine": name, "load_s": t_load, "one_tps": n_one / t_one, "one_s": t_one,
+            "many_tps": n_many / t_many, "many_s": t_many, "callers": callers}
 
 
 def cache_rerun(example: str, n: int, workers: int) -> dict:
@@ -82,10 +123,19 @@ def main() -> None:
     ap.add_argument("--rerun-example", default=None, help="also time a cached rerun of this example system")
     ap.add_argument("--rerun-n", type=int, default=20, help="test examples for the rerun (0 = whole split)")
     ap.add_argument("--workers", type=int, default=16, help="evaluation threads for the rerun")
+    ap.add_argument("--engines", default=None, help="compare engines instead: llamacpp,hf-fp32,hf-bf16")
     args = ap.parse_args()
 
     print(f"machine: {machine()}")
     print(f"git: {git_rev()}  load average: {os.getloadavg()[0]:.1f}")
+    if args.engines:
+        print(f"\n| engine | load s | 1 caller tok/s | 10 callers tok/s | (16 prompts, {args.max_tokens} new tokens) |")
+        print("|---|---:|---:|---:|---|")
+        for name in args.engines.split(","):
+            r = engine_compare(name, args.max_tokens)
+            print(f"| {r['engine']} | {r['load_s']:.2f} | {r['one_tps']:.1f} ({r['one_s']:.1f} s) | "
+                  f"{r['many_tps']:.1f} ({r['many_s']:.1f} s) | |", flush=True)
+        return
     print("\n| dtype | batch | max_tokens | one-at-a-time tok/s | batched tok/s | speedup | "
           "tokens (single / batched) | same text |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -24,6 +24,7 @@ from optimas_fast.lm.errors import (
 )
 from optimas_fast.lm.factory import make_lm
 from optimas_fast.lm.hf_local import HFLocalLM
+from optimas_fast.lm.llamacpp import LlamaCppLM
 from optimas_fast.lm.openai_client import OpenAIClient
 from optimas_fast.lm.usage import (
     UNSCOPED,
@@ -40,6 +41,7 @@ from optimas_fast.lm.usage import (
 from optimas_fast.lm.vllm_engine import VLLMEngine
 
 __all__ = [
+    "LlamaCppLM",
     "LM", "Completion", "Usage", "Message", "Prompt", "Request", "SamplingParams",
     "LMCache", "cache_key", "default_cache_dir", "resolve_cache",
     "EmbeddedLM", "HFLocalLM", "OpenAIClient", "VLLMEngine", "make_lm",

@@ -2,11 +2,13 @@
 
 Strings:
     "embedded"                           the offline default (SmolLM2-135M-Instruct, CPU), shared per process
+    "llamacpp"                           the same embedded GGUF run by llama.cpp in-process, shared per process
+    "llamacpp:<file.gguf>"               any GGUF file through llama.cpp
     "openai:<model>"                     api.openai.com (or $OPENAI_BASE_URL), key from $OPENAI_API_KEY
     "openai:<model>@<base_url>"          any OpenAI-compatible server, e.g. openai:qwen@http://127.0.0.1:8000/v1
     "hf:<path or hub id>"                a local Hugging Face causal LM
     "vllm:<model>"                       vLLM in-process (optional extra)
-Dicts: {"backend": "openai" | "embedded" | "hf" | "vllm", ...constructor keyword arguments}, e.g.
+Dicts: {"backend": "openai" | "embedded" | "llamacpp" | "hf" | "vllm", ...constructor keyword arguments}, e.g.
     {"backend": "openai", "model": "gpt-4o-mini", "max_concurrency": 16}
     {"backend": "hf", "path": "/models/qwen", "dtype": "float32"}
 Keyword arguments to ``make_lm`` override the spec's. An ``LM`` instance is returned unchanged.
@@ -19,20 +21,21 @@ from typing import Any, Mapping
 from optimas_fast.lm.base import LM
 from optimas_fast.lm.embedded import EmbeddedLM
 from optimas_fast.lm.hf_local import HFLocalLM
+from optimas_fast.lm.llamacpp import LlamaCppLM
 from optimas_fast.lm.openai_client import OpenAIClient
 from optimas_fast.lm.vllm_engine import VLLMEngine
 
 __all__ = ["make_lm", "BACKENDS"]
 
-BACKENDS = ("embedded", "openai", "hf", "vllm")
-_FORMS = ("'embedded', 'openai:<model>', 'openai:<model>@<base_url>', 'hf:<path>', 'vllm:<model>', "
-          "or a dict with 'backend'")
+BACKENDS = ("embedded", "llamacpp", "openai", "hf", "vllm")
+_FORMS = ("'embedded', 'llamacpp', 'llamacpp:<file.gguf>', 'openai:<model>', 'openai:<model>@<base_url>', "
+          "'hf:<path>', 'vllm:<model>', or a dict with 'backend'")
 
 
 def _parse_string(spec: str) -> dict:
     spec = spec.strip()
-    if spec == "embedded":
-        return {"backend": "embedded"}
+    if spec in ("embedded", "llamacpp"):
+        return {"backend": spec}
     backend, sep, rest = spec.partition(":")
     if not sep or backend not in BACKENDS or not rest:
         raise ValueError(f"make_lm: cannot parse spec {spec!r}; expected {_FORMS}")
@@ -46,6 +49,8 @@ def _parse_string(spec: str) -> dict:
         return {"backend": "hf", "path": rest}
     if backend == "vllm":
         return {"backend": "vllm", "model": rest}
+    if backend == "llamacpp":
+        return {"backend": "llamacpp", "gguf_path": rest}
     raise ValueError(f"make_lm: backend {backend!r} takes no argument; use 'embedded'")
 
 
@@ -67,6 +72,8 @@ def make_lm(spec: Any, **overrides: Any) -> LM:
     backend = cfg.pop("backend")
     if backend == "embedded":
         return EmbeddedLM.shared(**cfg)  # one model load per process, whichever component asks
+    if backend == "llamacpp":
+        return LlamaCppLM.shared(**cfg)  # one model load per process per settings
     if backend == "openai":
         if "model" not in cfg:
             raise ValueError("make_lm: backend 'openai' needs 'model'")
