@@ -96,6 +96,9 @@ def test_trl_explicit_every_file_type(tmp_path, seed, kind):
     assert ps.prefix_format == "{inputs}"  # the engine then scores prompt + response, as TRL does
     assert ps.reports[0].layouts == {"explicit": 6}
     assert as_pairs(ps) == list(ps)  # trainable as is
+    head = ps[:2]  # a slice keeps what the trainer needs to know
+    assert isinstance(head, PairSet) and list(head) == list(ps)[:2] and head.prefix_format == "{inputs}"
+    assert (head.components, head.margin_kind) == (ps.components, ps.margin_kind) and ps[0] == list(ps)[0]
 
 
 def test_trl_dataset_and_saved_dataset_dict_with_splits(tmp_path, seed):

@@ -130,6 +130,14 @@ class PairSet(list):
         self.prefix_format = prefix_format
         self.reports = list(reports)
 
+    def __getitem__(self, index):
+        """A slice is a PairSet with the same components, margin kind and template (the reports stay the
+        source's); an index is a PreferencePair."""
+        if isinstance(index, slice):
+            return PairSet(super().__getitem__(index), self.components, self.margin_kind, self.prefix_format,
+                           self.reports)
+        return super().__getitem__(index)
+
     @property
     def format(self) -> str:
         kinds = {r.format for r in self.reports}
