@@ -700,6 +700,9 @@ class RequestIngest {
       if (es == 8 ? any_negative(reinterpret_cast<const int64_t*>(p), n)
                   : any_negative(reinterpret_cast<const int32_t*>(p), n))
         negative(i, side);
+      // A reference of our own: planning runs without the GIL, and another thread could drop the
+      // caller's last one meanwhile (e.g. by clearing the request list).
+      views_.push_back(py::reinterpret_borrow<py::object>(o));
       t.add(p, n, es == 8);
       return;
     }
@@ -730,6 +733,7 @@ class RequestIngest {
 
   py::handle as_tokens_, head_id_;
   py::list keep_;  // arrays made by the Python checker, alive until planning ends
+  std::vector<py::object> views_;  // arrays read in place, alive until planning ends
   PtrCache pcache_, scache_;
   Arena<int32_t> a32_;
   Arena<int64_t> a64_;

@@ -493,6 +493,14 @@ def test_planning_from_threads_is_consistent(seed):
     with ThreadPoolExecutor(3) as ex:
         for plan in ex.map(lambda _: s.plan_arrays(*args), range(3)):
             assert_same(plan, ref)
+    # the token forms too (their buffers are read in place while the GIL is released)
+    reqs = random_requests(rng, 3000, vocab=20, max_prefix=30, max_suffix=60, n_prefixes=10)
+    reqs = [(h, np.asarray(p, dtype=np.int64), np.asarray(s_, dtype=np.int32)) for h, p, s_ in reqs]
+    f = flat(reqs)
+    ref = s.plan(reqs)
+    with ThreadPoolExecutor(3) as ex:
+        for k, plan in enumerate(ex.map(lambda k: s.plan(reqs) if k % 2 else s.plan_flat(*f), range(4))):
+            assert_same(plan, ref)
 
 
 # ------------------------------------------------------------------------------------------------
