@@ -2,6 +2,13 @@
 so that any failure can be replayed (OPTIMAS_TEST_SEED=<n> pytest ...)."""
 import os
 import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 
 # Must happen before anything imports triton: on a machine without CUDA the Triton kernels run on the
 # CPU under the interpreter, which is how CI checks them against their references.
@@ -52,3 +59,57 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# A real OpenAI-compatible server for the LM client tests: llama.cpp's own server (llama-cpp-python[server], in the
+# test extra) serving the embedded SmolLM2 GGUF on a free loopback port, started once per test session.
+_SERVER_START_S = 120  # bounded start: a server that is not answering by then fails the tests with its log tail
+_SERVER_LIFETIME_S = 1800  # bounded life: the server exits by itself even if this process is killed
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    """Base URL (``http://127.0.0.1:<port>/v1``) of a running ``python -m llama_cpp.server``."""
+    from optimas_fast.lm.embedded import find_embedded_gguf
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(find_embedded_gguf()), "--host", "127.0.0.1",
+           "--port", str(port), "--n_ctx", "2048", "--n_threads", "2", "--model_alias", "smollm2",
+           "--verbose", "False"]
+    # `timeout` bounds the server's life even if pytest dies without running the teardown
+    proc = subprocess.Popen(["timeout", "-s", "KILL", str(_SERVER_LIFETIME_S), *cmd], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + _SERVER_START_S
+    try:
+        while True:
+            try:
+                with opener.open(f"{url}/models", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                with open(log.name, errors="replace") as f:
+                    tail = f.read()[-3000:]
+                pytest.fail(f"llama_cpp.server did not come up on {url} within {_SERVER_START_S} s "
+                            f"(exit code {proc.poll()}); log tail:\n{tail}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        log.close()
+        os.unlink(log.name)
