@@ -62,3 +62,22 @@ def segment_launch(N: int, C: int, H: int) -> SegmentLaunch:
     blk = min(hidden_block(H), SEGMENT_MAX_BLOCK)
     split = max(1, min(SEGMENT_MAX_SPLIT, N // max(C * SEGMENT_ROWS_PER_PROGRAM, 1)))
     return SegmentLaunch(blk, split, num_warps(blk))
+
+
+class SortedRowsLaunch(NamedTuple):
+    """The one-pass fused loss over head-sorted rows: grid (programs,), each a contiguous run of rows."""
+
+    programs: int
+    rows_per_program: int
+
+
+# Programs per multiprocessor for the one-pass kernel: 4 x 16 warps (H = 4096) fills an SM's 64 warp slots,
+# and each program's run stays long (B=16384 on 132 SMs: 31 rows) so its dW flushes (one atomic per column
+# per head change) stay ~3% of the row traffic.
+SORTED_PROGRAMS_PER_SM = 4
+
+
+def sorted_rows_launch(B: int, multiprocessors: int) -> SortedRowsLaunch:
+    programs = max(1, min(B, multiprocessors * SORTED_PROGRAMS_PER_SM))
+    rows = -(-B // programs)  # ceil
+    return SortedRowsLaunch(-(-B // rows), rows)

@@ -17,7 +17,7 @@ from optimas_fast.ops._backend import BackendUnavailableError, select
 # magnitude. Half-precision tolerances come from rounding the stored gradients (2^-8 for bf16).
 DTYPES = [(torch.float32, 2e-4), (torch.float16, 2e-3), (torch.bfloat16, 1.6e-2)]
 CPP_SHAPES = list(itertools.product((1, 7, 1000), (1, 33, 384, 1000), (1, 3, 17)))  # (B, H, C)
-TRITON_SHAPES = [(1, 1, 1), (7, 33, 3), (13, 70, 17)]
+TRITON_SHAPES = [(1, 1, 1), (7, 33, 3), (13, 70, 17), (3, 4100, 2)]  # the last: two column blocks
 
 
 def close(actual, expected, tol, what="", scale_hint=0.0):
