@@ -32,7 +32,7 @@ from optimas_fast.lm.errors import MissingDependencyError
 from optimas_fast.lm.types import Completion, Prompt, Usage
 from optimas_fast.lm.usage import UsageLedger
 
-__all__ = ["HFLocalLM", "resolve_dtype", "cpu_has_native_bf16"]
+__all__ = ["HFLocalLM", "GumbelSampler", "left_pad", "resolve_dtype", "cpu_has_native_bf16"]
 
 logger = logging.getLogger(__name__)
 
@@ -275,7 +275,7 @@ class HFLocalLM(LM):
                 g = torch.Generator(device=self.device)
                 g.manual_seed(it.request.seed if it.request.seed is not None else self._seed_rng.randrange(2**31))
                 gens.append(g)
-            kwargs["logits_processor"] = LogitsProcessorList([_GumbelSampler(gens, params.temperature)])
+            kwargs["logits_processor"] = LogitsProcessorList([GumbelSampler(gens, params.temperature)])
         if params.stop:
             kwargs["stop_strings"] = list(params.stop)
             kwargs["tokenizer"] = self.tokenizer
@@ -314,9 +314,10 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int):
     return ids, mask
 
 
-class _GumbelSampler:
+class GumbelSampler:
     """Turns greedy decoding into per-row temperature sampling: argmax(logits / T + Gumbel noise) is a
-    sample from softmax(logits / T); each row draws its noise from its own generator."""
+    sample from softmax(logits / T); each row draws its noise from its own generator. A ``transformers``
+    logits processor (the HF backend and the LoRA policy both decode with it), public for that reason."""
 
     def __init__(self, generators, temperature: float):
         self.generators = generators

@@ -36,6 +36,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from optimas_fast.lm.hf_local import GumbelSampler, left_pad
+from optimas_fast.optimizers.base import mean, override_for, run_batch, score_matrix
 from optimas_fast.system import Component, Weights
 
 __all__ = ["LoRAPolicy", "LoRAAdapter", "LoRAComponent", "optimize_lora"]
@@ -114,8 +116,6 @@ class LoRAPolicy:
         and the global RNG is never touched)."""
         from transformers import LogitsProcessorList
 
-        from optimas_fast.lm.hf_local import _GumbelSampler, left_pad
-
         rows = [p for p in prompts for _ in range(n)]
         input_ids, mask = left_pad([self._encode(p) for p in rows], self.pad_id)  # (B, T) each
         width = input_ids.shape[1]
@@ -124,7 +124,7 @@ class LoRAPolicy:
         if temperature > 0:
             base = random.Random(f"lora-sample:{seed}")
             gens = [torch.Generator().manual_seed(base.randrange(2**31)) for _ in rows]
-            kw["logits_processor"] = LogitsProcessorList([_GumbelSampler(gens, temperature)])
+            kw["logits_processor"] = LogitsProcessorList([GumbelSampler(gens, temperature)])
         with self.lock, torch.inference_mode():
             self.load(adapter)
             out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device), **kw)
@@ -190,8 +190,6 @@ def optimize_lora(component: LoRAComponent, xs: Sequence[Mapping[str, Any]], key
 
     Returns (candidates [incumbent, trained], their mean LRF scores, info); scoring goes through the shared
     run/score helpers so rows stay aligned with their inputs."""
-    from optimas_fast.optimizers.base import mean, override_for, run_batch, score_matrix
-
     policy, incumbent = component.policy, _adapter_of(current)
     prompts = [component.prompt_fn(x) for x in xs]
     samples = policy.generate(prompts, incumbent, max_new_tokens=component.max_new_tokens,
