@@ -11,6 +11,9 @@ Implementations, side by side in one group per (op, mode, device, shape, dtype):
             C-label Hugging Face head computes)
   hf_head   last_token_hidden only: the Hugging Face sequence-classification way, a C-way head on every
             token of (B, T, H), then the last token's row and the component's column
+  kernel    CUDA only, multihead_score and fused_head_bt_loss: the Triton launchers alone
+            (optimas_fast/ops/_triton.py), without the public op's argument checks (which sync with the
+            host: head-id range, weights) and autograd: the kernels' own share of the copy bandwidth
 
 Throughput in each result's extra_info: rows/s, GB/s and the fraction of the device's measured copy
 bandwidth (a torch clone of a large buffer, bytes read + written, measured once per session). The bytes
@@ -71,6 +74,18 @@ def _cases() -> list[Case]:
 
 CASES = _cases()
 MODES = ["fwd", "fwdbwd"]
+
+
+def with_impls(impls, cuda_only=()):
+    """(case, impl) parameters: every implementation on every case, `cuda_only` ones on CUDA cases only."""
+    return [pytest.param(c, i, id=f"{c.id}-{i}") for c in CASES for i in (*impls, *cuda_only)
+            if i not in cuda_only or c.device == "cuda"]
+
+
+def _triton_impl():
+    from optimas_fast.ops import _triton  # imports triton: only for the CUDA kernel-only timings
+
+    return _triton
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -188,9 +203,8 @@ def _bt_eager(rc, rr, w, mu):
     return ref.bt_loss(rc, rr, w, mu, 0.1)
 
 
-@pytest.mark.parametrize("impl", ["ours", "eager", "compile"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case,impl", with_impls(["ours", "eager", "compile"]))
 def test_bt_loss(benchmark, copy_bandwidth, case, mode, impl):
     """Bytes: read r+, r- (dtype) and w, mu (fp32); fwd+bwd also writes d r+, d r-."""
     hc, hr, ids, W, b, w, mu, _ = _pair_inputs(case)
@@ -220,23 +234,32 @@ def _all_heads(x, ids, W, b):
     return (F.linear(x, W.to(x.dtype), b.to(x.dtype)))[rows, ids].float()  # (N, C) logits, then (N,)
 
 
-@pytest.mark.parametrize("impl", ["ours", "eager", "compile", "all_heads"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case,impl", with_impls(["ours", "eager", "compile", "all_heads"], cuda_only=["kernel"]))
 def test_multihead_score(benchmark, copy_bandwidth, case, mode, impl):
     """Bytes: fwd reads hidden (N, H) once; fwd+bwd also reads it again for dW and writes d hidden."""
     hc, _, ids, W0, b0, _, _, up = _pair_inputs(case)
     grad = mode == "fwdbwd"
     x, W, b = _leaf(hc, grad), _leaf(W0, grad), _leaf(b0, grad)
-    fn = {"ours": lambda *a: ops.multihead_score(*a, backend=case.fast_backend), "eager": ref.multihead_score,
-          "compile": _compiled(ref.multihead_score), "all_heads": _all_heads}[impl]
+    if impl == "kernel":
+        tri = _triton_impl()
+        W32, b32 = W0.float().contiguous(), b0.float().contiguous()
 
-    def step():
-        out = fn(x, ids, W, b)  # (N,)
-        if grad:
-            _clear(x, W, b)
-            out.backward(up.to(out.dtype))
-        return out
+        def step():
+            out = tri.multihead_score_fwd(hc, ids, W32, b32)  # (N,) f32
+            if grad:
+                tri.multihead_score_bwd(hc, ids, W32, up, True, True, True)
+            return out
+    else:
+        fn = {"ours": lambda *a: ops.multihead_score(*a, backend=case.fast_backend), "eager": ref.multihead_score,
+              "compile": _compiled(ref.multihead_score), "all_heads": _all_heads}[impl]
+
+        def step():
+            out = fn(x, ids, W, b)  # (N,)
+            if grad:
+                _clear(x, W, b)
+                out.backward(up.to(out.dtype))
+            return out
 
     nbytes = case.B * case.H * _esize(case) * (3 if grad else 1)
     expected = ref.multihead_score(hc.float(), ids, W0, b0)
@@ -249,23 +272,30 @@ def _fused_eager(hc, hr, ids, W, b, w, mu):
     return ref.fused_head_bt_loss(hc, hr, ids, W, b, w, mu, 0.01)
 
 
-@pytest.mark.parametrize("impl", ["ours", "eager", "compile"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case,impl", with_impls(["ours", "eager", "compile"], cuda_only=["kernel"]))
 def test_fused_head_bt_loss(benchmark, copy_bandwidth, case, mode, impl):
     """Bytes: read h+, h- (B, H) once; fwd+bwd also writes d h+, d h- (W, b, O(B) terms are negligible)."""
     hc0, hr0, ids, W0, b0, w, mu, _ = _pair_inputs(case)
     grad = mode == "fwdbwd"
     hc, hr, W, b = (_leaf(t, grad) for t in (hc0, hr0, W0, b0))
-    fn = {"ours": lambda *a: ops.fused_head_bt_loss(*a, 0.01, backend=case.fast_backend), "eager": _fused_eager,
-          "compile": _compiled(_fused_eager)}[impl]
+    if impl == "kernel":
+        tri = _triton_impl()
+        W32, b32, scale = W0.float().contiguous(), b0.float().contiguous(), 1.0 / float(w.sum())
 
-    def step():
-        out = fn(hc, hr, ids, W, b, w, mu)
-        if grad:
-            _clear(hc, hr, W, b)
-            out.backward()
-        return out
+        def step():  # the forward computes every gradient too when asked (need_grad): that is fwd+bwd
+            rows = tri.fused_head_bt(hc0, hr0, ids, W32, b32, w, mu, 0.01, scale, grad)[0]  # (B,) f32
+            return rows.sum() * scale
+    else:
+        fn = {"ours": lambda *a: ops.fused_head_bt_loss(*a, 0.01, backend=case.fast_backend), "eager": _fused_eager,
+              "compile": _compiled(_fused_eager)}[impl]
+
+        def step():
+            out = fn(hc, hr, ids, W, b, w, mu)
+            if grad:
+                _clear(hc, hr, W, b)
+                out.backward()
+            return out
 
     nbytes = case.B * case.H * _esize(case) * (4 if grad else 2)
     expected = _fused_eager(hc0.float(), hr0.float(), ids, W0, b0, w, mu)
@@ -297,9 +327,8 @@ def _hf_head(hidden, lengths, ids, W, b):
     return logits[rows, lengths - 1, ids].float()  # (B,)
 
 
-@pytest.mark.parametrize("impl", ["ours", "eager", "compile", "hf_head"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case,impl", with_impls(["ours", "eager", "compile", "hf_head"]))
 def test_last_token_hidden(benchmark, copy_bandwidth, case, mode, impl):
     """The gather path: scores from full sequences, last_token_hidden then multihead_score (ours) vs the
     all-token head. Bytes: fwd reads the B last-token rows; fwd+bwd also writes the dense (B, T, H) gradient
