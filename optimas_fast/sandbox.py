@@ -26,6 +26,9 @@ Isolation modes, picked once per process by probing (``sandbox_mode()``):
   tmpfs; only the run's working directory is writable. The child is PID 1's child in its own PID
   namespace, so killing that namespace's init kills every process the code started, including ones
   that left the process group (``setsid``).
+- ``"uid"`` (root, but namespaces refused, e.g. a container without CAP_SYS_ADMIN): the fresh uid, rlimits and
+  the timeout; after the run every process of that uid is killed (``kill(-1)`` as that uid). The network
+  is NOT disabled; files are protected by ordinary permissions only (world-writable /tmp stays writable).
 - ``"userns"`` (not root, unprivileged user namespaces allowed): the same namespaces and read-only
   filesystem inside a user namespace mapping the caller's own uid; the code runs as the caller's uid.
   RLIMIT_NPROC counts all of that uid's processes, so the limit is set to the uid's current count plus
@@ -96,6 +99,7 @@ class SandboxResult:
 # ======================================================================================================
 # caller side
 _MODE_LOCK = threading.Lock()
+_PROBE_LOCK = threading.Lock()  # one probe at a time: the first callers of several threads wait for it
 _MODE: str | None = None
 _PYTHON: dict[str, str] = {}
 _UIDS_IN_USE: set[int] = set()
@@ -140,6 +144,11 @@ def _python_candidates() -> list[str]:
 
 def _select() -> tuple[str, str]:
     """(mode, default interpreter), probed once per process by running a trivial program in each mode."""
+    with _PROBE_LOCK:
+        return _select_locked()
+
+
+def _select_locked() -> tuple[str, str]:
     global _MODE
     with _MODE_LOCK:
         if _MODE is not None:
@@ -239,7 +248,8 @@ def _run(mode: str, code: str, python: str, *, timeout_s: float, memory_mb: int,
         os.chmod(script, 0o644)
         if drop:
             os.chown(work, uid, gid)
-        nproc = max_procs if mode != "userns" else _count_user_procs(uid) + max_procs
+        # RLIMIT_NPROC counts every process of the real uid: with the caller's own uid, add what it runs already
+        nproc = max_procs if drop else _count_user_procs(uid) + max_procs
         child_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": work,
                      "TMPDIR": work, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
         read_fd, write_fd = os.pipe()

@@ -181,7 +181,8 @@ def test_system_end_to_end_with_a_scripted_lm(seed, monkeypatch):
     problems = rng.sample(PROBLEMS, 4)
     good, fixable = {problems[0]["id"], problems[1]["id"]}, {problems[2]["id"]}
     script = Script(good, fixable)
-    system = build_codegen_system(ScriptedLM(script))
+    lm = ScriptedLM(script)
+    system = build_codegen_system(lm)
     sandbox_calls = []
     real = codegen.run_python
     monkeypatch.setattr(codegen, "run_python", lambda code, **kw: sandbox_calls.append(code) or real(code, **kw))
@@ -191,6 +192,8 @@ def test_system_end_to_end_with_a_scripted_lm(seed, monkeypatch):
     # revise on failure: good problems pass their tests and stay; the fixable one is revised to the right code
     assert result.scores == [1.0, 1.0, 1.0, 0.0]
     assert len(sandbox_calls) == 8  # executor + metric per problem, every one in the sandbox
+    assert {kw["stop"][0] for _, kw in lm.calls} == {"\n```\n"}  # replies end with their first code block
+    assert {kw["temperature"] for _, kw in lm.calls} == {0.0}
     for p, trace in zip(problems, result.traces):
         steps = {s.component: s for s in trace.steps}
         assert [s.component for s in trace.steps] == system.order

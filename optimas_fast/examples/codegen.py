@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from optimas_fast.examples.common import LMComponent, chat, clip, resolve_lms
+from optimas_fast.examples.common import chat, clip, resolve_lms
 from optimas_fast.examples.data import RowError, _check_json, _load_rows, _need
 from optimas_fast.lm.base import LM
 from optimas_fast.sandbox import run_python
-from optimas_fast.system import Choice, Component, Prompt, System
+from optimas_fast.system import Choice, Component, LMComponent, Prompt, System
 
 __all__ = [
     "CodegenConfig",
@@ -62,8 +62,9 @@ HUMANEVAL_FILES = ("HumanEval.jsonl.gz", "HumanEval.jsonl")
 @dataclass
 class CodegenConfig:
     code_max_tokens: int = 320  # a HumanEval solution is 5-30 lines
-    tests_max_tokens: int = 192  # a handful of one-line asserts
+    tests_max_tokens: int = 160  # a handful of one-line asserts
     revise_max_tokens: int = 320
+    stop: tuple = ("\n```\n",)  # the end of the first code block: small models explain their code at length after it
     max_prompt_chars: int = 2000  # problem text cut to this (a small model's context)
     num_tests: tuple = (3, 1, 5)  # test counts offered to the test generator's Choice (first: the start)
     test_sources: tuple = ("lm", "docstring", "both")  # where tests come from (first: the start)
@@ -306,7 +307,8 @@ class CodeGenerator(LMComponent):
     def forward_batch(self, batch: Sequence[Mapping[str, Any]], variable: Prompt) -> list[dict]:
         prompts = [chat(variable.text, f"```python\n{clip(b['prompt'], self.config.max_prompt_chars)}\n```")
                    for b in batch]
-        texts = self.complete(self.lm(), prompts, max_tokens=self.config.code_max_tokens, temperature=0.0)
+        texts = self.complete(self.lm(), prompts, max_tokens=self.config.code_max_tokens, temperature=0.0,
+                              stop=list(self.config.stop) or None)
         return [{"code": assemble_program(b["prompt"], extract_code(t, b["entry_point"]), b["entry_point"])}
                 for b, t in zip(batch, texts)]
 
@@ -329,7 +331,8 @@ class TestGenerator(LMComponent):
             prompts = [chat(variable["prompt"].text,
                             f"```python\n{clip(b['prompt'], self.config.max_prompt_chars)}\n```\n"
                             f"Write {n} assert statements that test {b['entry_point']}.") for b in batch]
-            texts = self.complete(self.lm(), prompts, max_tokens=self.config.tests_max_tokens, temperature=0.0)
+            texts = self.complete(self.lm(), prompts, max_tokens=self.config.tests_max_tokens, temperature=0.0,
+                                  stop=list(self.config.stop) or None)
             lm_tests = [parse_tests(t, b["entry_point"]) for b, t in zip(batch, texts)]
         out = []
         for b, from_lm in zip(batch, lm_tests):
@@ -391,7 +394,8 @@ class FinalCodeGenerator(LMComponent):
                                 f"Current code:\n```python\n{clip(b['code'], self.config.max_prompt_chars)}\n```\n"
                                 f"Tests passed: {report.get('passed', 0)} of {report.get('total', 0)}\n"
                                 f"Failures:\n{failures}"))
-        texts = self.complete(self.lm(), prompts, max_tokens=self.config.revise_max_tokens, temperature=0.0)
+        texts = self.complete(self.lm(), prompts, max_tokens=self.config.revise_max_tokens, temperature=0.0,
+                              stop=list(self.config.stop) or None)
         for i, text in zip(todo, texts):
             b = batch[i]
             code = extract_code(text, b["entry_point"])
