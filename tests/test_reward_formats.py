@@ -113,6 +113,13 @@ def test_trl_dataset_and_saved_dataset_dict_with_splits(tmp_path, seed):
             load_pairs(src)
         with pytest.raises(PairFormatError, match="no split 'dev'"):
             load_pairs(src, split="dev")
+    splits = tmp_path / "splits"  # a folder of TRL files: the stems are splits
+    splits.mkdir()
+    _write(splits / "train.jsonl", train)
+    _write(splits / "test.csv", test)
+    assert [p.chosen for p in load_pairs(splits, split="test")] == [r["chosen"] for r in test]
+    with pytest.raises(PairFormatError, match=r"has splits \['test', 'train'\]: pass split="):
+        load_pairs(splits)
     datasets.Dataset.from_list(train).save_to_disk(str(tmp_path / "one"))
     assert len(load_pairs(tmp_path / "one")) == 5
     with pytest.raises(PairFormatError, match="split='train' given, but the source has no splits"):
@@ -165,7 +172,11 @@ def test_implicit_prompt_token_split_reproduces_the_whole_tokenisation(tok, seed
     rng = random.Random(seed)
     rows = [{"chosen": "The answer is yes, because the trial showed it.",
              "rejected": "The answer is no, because it did not."},
-            {"chosen": "Overall: unbelievable", "rejected": "Overall: unbeaten"}]
+            {"chosen": "Overall: unbelievable", "rejected": "Overall: unbeaten"},
+            # WordPiece: 'hyper ##gly ...' vs 'hyper ##lip ...' share a token mid-word, and 'glycemia' alone
+            # tokenises differently, so the split backs off to the word before
+            {"chosen": "Risk of hyperglycemia", "rejected": "Risk of hyperlipidemia"}]
+    n_fixed = len(rows)
     for _ in range(20):
         prefix = _text(rng, rng.randint(1, 8)) + rng.choice([" ", ", ", ": "])
         rows.append({"chosen": prefix + _text(rng, 4) + " yes", "rejected": prefix + _text(rng, 4) + " no"})
@@ -179,8 +190,10 @@ def test_implicit_prompt_token_split_reproduces_the_whole_tokenisation(tok, seed
         a, b = ids(r["chosen"]), ids(r["rejected"])
         while common < min(len(a), len(b)) - 1 and a[common] == b[common]:
             common += 1
-        assert len(ids(p.inputs)) == common  # the longest common token prefix (MiniLM's splits are clean)
+        if r in rows[n_fixed:]:  # whole words differ: the split is the longest common token prefix
+            assert len(ids(p.inputs)) == common
     assert ps[0].inputs == "The answer is"
+    assert ps[2].inputs == "Risk of" and ps[2].chosen == " hyperglycemia"  # not "Risk of hyper" + "glycemia"
 
 
 class _SlowWordTokenizer:
@@ -297,6 +310,9 @@ def test_optimas_sources_dataset_dict_folder_and_component_column(tmp_path, seed
     assert load_pairs(dd).components == {"answer": "answer", "critic": "critic"}  # else the name
     with pytest.raises(PairFormatError, match="keyed by component"):
         load_pairs(dd, split="train")
+    with pytest.raises(PairFormatError, match=r"\['critic'\] row 0: field 'component': 'answer' in a table keyed "
+                                              r"by component 'critic'"):
+        load_pairs({"answer": a, "critic": [{**c[0], "component": "answer"}]})
 
 
 def test_optimas_ties_and_negative_margins(tmp_path):

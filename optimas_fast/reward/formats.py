@@ -771,6 +771,8 @@ def load_pairs(source: Any, format: str = "auto", components: Any = None, *, tok
                                   "one or none")
             elif fmt == "optimas":
                 comp_name = r.component(t.key if t.key is not None else default_comp)
+                if t.key is not None and comp_name != t.key:
+                    raise r.error("component", f"{comp_name!r} in a table keyed by component {t.key!r}")
                 p, status = _optimas_pair(r, comp_name, json_mode, ties, negative_margin)
                 layout = "json" if json_mode.get("context") else "text"
                 rep.ties_dropped += status == "tie"
