@@ -57,7 +57,7 @@ def _existing(paths: Sequence[str], flag: str) -> list[str]:
     return list(paths)
 
 
-def _positive(kind, name: str):
+def _positive(kind):
     def parse(text: str):
         try:
             v = kind(text)
@@ -347,10 +347,10 @@ def add_reward_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--backbone", default="minilm", help="'minilm' (default) or a local Hugging Face model directory")
     t.add_argument("--out", required=True, metavar="DIR", help="output directory (checkpoints, final model, report)")
     t.add_argument("--config", metavar="YAML", help="RewardConfig (TRL) arguments as a YAML mapping")
-    t.add_argument("--epochs", type=_positive(float, "--epochs"), help="num_train_epochs")
-    t.add_argument("--lr", type=_positive(float, "--lr"), help="learning_rate")
-    t.add_argument("--batch-size", type=_positive(int, "--batch-size"), help="per_device_train_batch_size")
-    t.add_argument("--max-length", type=_positive(int, "--max-length"), help="max_length (tokens per row)")
+    t.add_argument("--epochs", type=_positive(float), help="num_train_epochs")
+    t.add_argument("--lr", type=_positive(float), help="learning_rate")
+    t.add_argument("--batch-size", type=_positive(int), help="per_device_train_batch_size")
+    t.add_argument("--max-length", type=_positive(int), help="max_length (tokens per row)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast training (default: the engine's: bf16 on CUDA, fp32 on CPU)")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
