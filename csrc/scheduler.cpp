@@ -545,14 +545,17 @@ class RequestIngest {
     check(PyList_Check(rs) || PyTuple_Check(rs), "requests: expected a list or tuple");
     const int64_t n = PySequence_Fast_GET_SIZE(rs);
     check(n <= kMaxRequests, "requests: at most 2**31 - 2 requests per plan");
-    PyObject** items = PySequence_Fast_ITEMS(rs);
     head.resize(n);
     plen.resize(n);
     slen.resize(n);
     pre.of.resize(n);
     suf.of.resize(n);
+    // The Python checkers called back for unusual items run arbitrary code: hold our own references to
+    // what we read, and re-read the list (it could even change size) instead of keeping its item array.
     for (int64_t i = 0; i < n; ++i) {
-      PyObject* r = items[i];
+      check(PySequence_Fast_GET_SIZE(rs) == n, "requests: changed while being read");
+      const py::object req = py::reinterpret_borrow<py::object>(PySequence_Fast_ITEMS(rs)[i]);
+      PyObject* r = req.ptr();
       if (!PyTuple_Check(r) && !PyList_Check(r))
         throw py::type_error("requests[" + std::to_string(i) + "]: expected a (head_id, prefix_ids, suffix_ids) tuple, got " +
                              type_name(r));
@@ -561,9 +564,11 @@ class RequestIngest {
                               "]: expected 3 items (head_id, prefix_ids, suffix_ids), got " +
                               std::to_string(PySequence_Fast_GET_SIZE(r)));
       PyObject** f = PySequence_Fast_ITEMS(r);
-      head[i] = head_of(f[0], i);
-      const int64_t p = pre.of[i] = seq_of(f[1], pre, pcache_, i, "prefix_ids");
-      const int64_t s = suf.of[i] = seq_of(f[2], suf, scache_, i, "suffix_ids");
+      const py::object h = py::reinterpret_borrow<py::object>(f[0]), pr = py::reinterpret_borrow<py::object>(f[1]),
+                       su = py::reinterpret_borrow<py::object>(f[2]);
+      head[i] = head_of(h.ptr(), i);
+      const int64_t p = pre.of[i] = seq_of(pr, pre, pcache_, i, "prefix_ids");
+      const int64_t s = suf.of[i] = seq_of(su, suf, scache_, i, "suffix_ids");
       plen[i] = pre.len[p];
       slen[i] = suf.len[s];
       const int64_t total = plen[i] + slen[i];
@@ -576,13 +581,16 @@ class RequestIngest {
 
  private:
   // Direct-mapped cache: object address -> sequence index (a miss only costs a new table entry).
+  // A slot holds a reference to its object, so that no other object can reuse the address while the
+  // slot names it.
   struct PtrCache {
     static constexpr int kBits = 12;
-    std::vector<std::pair<PyObject*, int64_t>> slots = std::vector<std::pair<PyObject*, int64_t>>(1 << kBits,
-                                                                                                  {nullptr, -1});
-    std::pair<PyObject*, int64_t>& at(PyObject* o) {
-      return slots[(reinterpret_cast<uintptr_t>(o) >> 4) * kK1 >> (64 - kBits)];
-    }
+    struct Slot {
+      py::object obj;
+      int64_t seq = -1;
+    };
+    std::vector<Slot> slots = std::vector<Slot>(1 << kBits);
+    Slot& at(PyObject* o) { return slots[(reinterpret_cast<uintptr_t>(o) >> 4) * kK1 >> (64 - kBits)]; }
   };
 
   int64_t head_of(PyObject* h, int64_t i) {
@@ -594,9 +602,9 @@ class RequestIngest {
     return head_id_(py::handle(h), i).cast<int64_t>();  // validates (raises) or converts, e.g. numpy ints
   }
 
-  int64_t seq_of(PyObject* o, SeqTable& t, PtrCache& cache, int64_t i, const char* side) {
-    auto& slot = cache.at(o);
-    if (slot.first == o) return slot.second;
+  int64_t seq_of(const py::object& obj, SeqTable& t, PtrCache& cache, int64_t i, const char* side) {
+    PyObject* o = obj.ptr();
+    if (auto& slot = cache.at(o); slot.obj.ptr() == o) return slot.seq;
     const int64_t s = t.size();
     if (!(PyList_Check(o) || PyTuple_Check(o)) || !from_list(o, t, i, side)) {
       if (py::isinstance<py::array>(o) && is_plain_int_array(o)) {
@@ -607,7 +615,9 @@ class RequestIngest {
         from_array(a.ptr(), t, i, side);
       }
     }
-    slot = {o, s};
+    auto& slot = cache.at(o);
+    slot.obj = obj;
+    slot.seq = s;
     return s;
   }
 

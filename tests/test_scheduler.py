@@ -626,6 +626,23 @@ def test_flat_ignores_tokens_outside_the_offsets():
     assert_same(Scheduler(10, 2).plan_flat(head, pt2, po + 2, st_, so), Scheduler(10, 2).plan_flat(*_flat4()))
 
 
+def test_request_list_changed_by_a_checker_callback():
+    """An item whose __array__ clears the request list (the C++ ingest calls back into Python for such
+    items): a clear error, never a read of freed objects."""
+    class Clears:
+        def __init__(self, reqs):
+            self.reqs = reqs
+
+        def __array__(self, dtype=None, copy=None):
+            self.reqs.clear()
+            return np.array([1, 2])
+
+    reqs = [(0, [1], [2])]
+    reqs += [(0, Clears(reqs), [3]), (1, [5], np.array([6, 7]))]
+    with pytest.raises(ValueError, match="requests: changed while being read"):
+        Scheduler(10, 2).plan(reqs)
+
+
 def test_bad_scatter_and_hash_inputs():
     plan = Scheduler(10, 2).plan([(0, [1], [2]), (0, [1], [2]), (1, [], [3])])
     with pytest.raises(ValueError, match="row_scores: expected 2 rows"):
