@@ -233,3 +233,47 @@ def test_state_round_trips():
         bad["variables"]["final_code_generator.policy"]["space"]["revise"] = ["never"]
         bad["variables"]["final_code_generator.policy"]["value"]["revise"] = "never"
         other.load_state_dict(bad)
+
+
+@pytest.mark.slow
+def test_optimas_loop_runs_on_the_codegen_system(seed, tmp_path):
+    """Two iterations of the loop on a few problems with a scripted LM and a tiny random LRF: it runs end to
+    end, never accepts a worse validation score, and leaves the input system as it was. Here the LM's tests are
+    wrong and its revisions break the code, so the starting configuration (revise on failure) scores 0 and the
+    discrete knobs (revise never, docstring tests) are what can repair it."""
+    from optimas_fast.optimize import Optimas, OptimasConfig
+    from optimas_fast.optimize.testing import tiny_reward_model
+
+    def reply(text, i):
+        if text.startswith(TESTS_PROMPT):
+            e = problem_of(text)["entry_point"]
+            return f"assert {e} is None or {e}(0) == object()"  # fails on any function
+        if text.startswith(REVISE_PROMPT):
+            e = problem_of(text)["entry_point"]
+            return fence(f"def {e}(*args):\n    return None")  # compiles, and is wrong
+        if text.startswith(CODE_PROMPT):
+            p = problem_of(text)
+            return fence(p["prompt"] + p["canonical_solution"])
+        return "Write the function carefully and test it."  # the proposer's requests
+
+    rng = random.Random(seed)
+    problems = rng.sample(PROBLEMS, 8)
+    train, val = problems[:5], problems[5:]
+    system = build_codegen_system(ScriptedLM(reply))
+    before = system.state_dict()
+    assert system.evaluate(val, workers=3).scores == [0.0] * 3
+    comps = {n: system.components[n].description for n in system.order if system.components[n].variables()}
+    cfg = OptimasConfig.from_dict({
+        "seed": seed % 1000, "iterations": 2, "batch_size": 3, "initial_examples": 4, "initial_epochs": 1,
+        "batch_pairs": 8, "adapt_steps": 2, "cooldown": 0, "optimizer_inputs": 3, "val_workers": 3,
+        "components": ["test_generator", "final_code_generator"],
+        "collect": {"num_candidates": 3, "rollouts": 1, "workers": 3},
+        "prompt": {"num_proposals": 1, "max_tokens": 16, "max_inputs": 2}})
+    res = Optimas(tiny_reward_model(comps, seed % 1000), ScriptedLM(reply), cfg).optimize(
+        system, train, val, run_dir=tmp_path / "run")
+    assert system.state_dict() == before  # the input is untouched
+    assert len(res.history) == 3 and res.best_val >= res.initial_val == 0.0
+    assert res.system.evaluate(val, workers=3).mean == pytest.approx(res.best_val)
+    restored = build_codegen_system(ScriptedLM(reply))
+    restored.load_state_dict(json.loads(json.dumps(res.system.state_dict())))
+    assert restored.state_dict() == res.system.state_dict()
