@@ -38,11 +38,12 @@ import yaml
 
 from optimas_fast import demo
 from optimas_fast.cli_reward import add_reward_parser
+from optimas_fast.examples import EXAMPLES
 from optimas_fast.optimize.config import ConfigError, OptimasConfig
 
 log = logging.getLogger("optimas_fast.cli")
 
-SYSTEMS = ("pubmedqa", "hotpotqa", "amazon", "synthetic")
+SYSTEMS = (*EXAMPLES, "synthetic")  # the built-in examples (optimas_fast.examples) and the loop's test system
 # "package.module:factory" (the attribute may be dotted: "module:Class.build")
 FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 TOP_KEYS = ("system", "data", "lm", "lms", "proposer", "reward", "loop", "output")

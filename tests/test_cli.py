@@ -32,7 +32,8 @@ def test_help(command, capsys):
 
 
 @pytest.mark.parametrize("raw, key, allowed", [
-    ({"system": "amazn"}, "system", "['pubmedqa', 'hotpotqa', 'amazon', 'synthetic']"),
+    ({"system": "amazn"}, "system must be one of ['pubmedqa', 'hotpotqa', 'amazon', ", "'synthetic'] or "
+                                                                                     "'package.module:factory'"),
     ({"system": "synthetic", "sytem": 1}, "'sytem'", "'system'"),
     ({"system": "synthetic", "data": {"trian": 3}}, "'data.trian'", "'train'"),
     ({"system": "synthetic", "data": {"train": 0}}, "data.train", ">= 1"),
