@@ -74,8 +74,9 @@ def main(argv=None) -> int:
     system, split = load_example("codegen", lm, seed=args.seed)
     test, train, val = split.test[: args.test], split.train[: args.train], split.val[: args.val]
     before, sec, calls = evaluate(system, test, args.workers, args.seed)
-    row = {"system": "codegen", "lm": args.lm, "test_n": len(test), "before": bootstrap_ci(before.scores, seed=args.seed),
-           "before_seconds": round(sec, 1), "before_lm_calls": calls, "before_errors": sum(e is not None for e in before.errors),
+    row = {"system": "codegen", "lm": args.lm, "test_n": len(test),
+           "before": bootstrap_ci(before.scores, seed=args.seed), "before_seconds": round(sec, 1),
+           "before_lm_calls": calls, "before_errors": sum(e is not None for e in before.errors),
            "tests_per_problem": sum(len(t.fields.get("tests", [])) for t in before.traces) / max(1, len(test))}
     print(f"unoptimised: pass rate {row['before']['mean']:.3f} on {len(test)} problems in {sec:.0f}s", file=sys.stderr)
     if args.iterations > 0:

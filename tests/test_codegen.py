@@ -89,8 +89,9 @@ def test_humaneval_loads_and_splits_deterministically(seed):
 def test_malformed_humaneval_rows(tmp_path):
     good = dict(PROBLEMS[0])
     row = {"task_id": good["id"], **{k: good[k] for k in ("prompt", "entry_point", "canonical_solution", "test")}}
-    cases = [({**row, "entry_point": "not an identifier"}, "entry_point"), ({k: v for k, v in row.items() if k != "test"},
-             "missing field 'test'"), ({**row, "prompt": 5}, "'prompt' must be str"), ("{not json", "not valid JSON")]
+    cases = [({**row, "entry_point": "not an identifier"}, "entry_point"),
+             ({k: v for k, v in row.items() if k != "test"}, "missing field 'test'"),
+             ({**row, "prompt": 5}, "'prompt' must be str"), ("{not json", "not valid JSON")]
     for bad, message in cases:
         text = json.dumps(row) + "\n" + (bad if isinstance(bad, str) else json.dumps(bad)) + "\n"
         (tmp_path / "HumanEval.jsonl").write_text(text)

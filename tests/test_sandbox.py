@@ -142,7 +142,8 @@ def test_environment_secret_is_not_inherited(monkeypatch):
     assert not res.ok and res.kind == "exit" and "KeyError: 'SECRET_TOKEN'" in res.reason
     assert secret not in res.stdout + res.stderr
     # nor can it be read from the caller's /proc entry, nor is anything of the caller's environment there
-    res = run_bounded(f"import os\nprint(dict(os.environ))\ntry:\n    print(open('/proc/{os.getpid()}/environ').read())\n"
+    res = run_bounded(f"import os\nprint(dict(os.environ))\ntry:\n"
+                      f"    print(open('/proc/{os.getpid()}/environ').read())\n"
                       "except OSError as e:\n    print('denied', e)\n", timeout_s=10)
     assert secret not in res.stdout + res.stderr
     assert "SECRET_TOKEN" not in res.stdout
@@ -168,8 +169,8 @@ def test_socket_connection_fails():
 
 
 def test_output_is_bounded():
-    res = run_bounded("import sys\nfor _ in range(200):\n    sys.stdout.write('x' * 100000)\nprint('end', file=sys.stderr)",
-                      timeout_s=20, max_output_bytes=1000)
+    res = run_bounded("import sys\nfor _ in range(200):\n    sys.stdout.write('x' * 100000)\n"
+                      "print('end', file=sys.stderr)", timeout_s=20, max_output_bytes=1000)
     assert res.ok and len(res.stdout) == 1000 and res.truncated and res.stderr == "end\n"
     assert_healthy(res)
 
@@ -236,8 +237,10 @@ def _run_as_nobody(src, tmp_path):
         "spec = importlib.util.spec_from_file_location('sbx', sys.argv[1])\n"
         "m = importlib.util.module_from_spec(spec); sys.modules['sbx'] = m; spec.loader.exec_module(m)\n"
         "out = {'mode': m.sandbox_mode()}\n"
-        "for name, code in [('ok', 'print(6 * 7)'), ('net', \"import socket; socket.create_connection(('127.0.0.1', 9), 1)\"),\n"
-        "                   ('tmp', \"open('/tmp/optimas-nonroot-escape', 'w')\"), ('bomb', 'import os\\nwhile True:\\n    os.fork()\\n')]:\n"
+        "for name, code in [('ok', 'print(6 * 7)'),\n"
+        "                   ('net', \"import socket; socket.create_connection(('127.0.0.1', 9), 1)\"),\n"
+        "                   ('tmp', \"open('/tmp/optimas-nonroot-escape', 'w')\"),\n"
+        "                   ('bomb', 'import os\\nwhile True:\\n    os.fork()\\n')]:\n"
         "    r = m.run_python(code, timeout_s=5, max_procs=8)\n"
         "    out[name] = [r.ok, r.kind, r.stdout]\n"
         "print(json.dumps(out))\n")

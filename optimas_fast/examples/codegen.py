@@ -148,7 +148,7 @@ def _compiles(code: str) -> bool:
     try:
         compile(code, "<candidate>", "exec")  # parses only; nothing runs
         return True
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, MemoryError, RecursionError):  # the last two: pathological nesting
         return False
 
 
@@ -214,7 +214,8 @@ def parse_tests(reply: str, entry_point: str) -> list[str]:
     return out
 
 
-_ARROW = re.compile(r"^\s*(?P<call>[A-Za-z_]\w*\s*\(.*\))\s*(?:==>|=>|➞|->|==|returns|should return)\s*(?P<want>.+?)\s*$")
+_ARROW = re.compile(r"^\s*(?P<call>[A-Za-z_]\w*\s*\(.*\))\s*(?:==>|=>|➞|->|==|returns|should return)"
+                    r"\s*(?P<want>.+?)\s*$")
 
 
 def docstring_tests(prompt: str, entry_point: str) -> list[str]:
