@@ -19,7 +19,8 @@ signatures (demos and everything else as they were).
 ``DSPyLM`` is a ``dspy.BaseLM`` whose calls go through this project's LM layer (``optimas_fast.lm``): the
 completion cache, the usage ledger (per predictor, since each call runs in its component's usage scope), the
 cost report and the run's budgets cover every call DSPy makes. It plugs into DSPy's 3.4 engine contract
-(``complete(Request) -> Response``), so DSPy's own cache and retries are off for it (ours apply instead).
+(a ``dspy.LM`` with a custom engine: ``complete(Request) -> Response``), so DSPy's own cache and retries are
+off for it (ours apply instead).
 """
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ except ImportError as exc:  # pragma: no cover - the extra is part of the test i
     raise ImportError("optimas_fast.dspy needs dspy: pip install 'optimas-fast[dspy]'") from exc
 from dspy.clients.base_lm import LM_CLASS_STATE_KEY
 from dspy.clients.engines.base import validate_request
+from dspy.lm15 import Config as _Config
 from dspy.lm15 import Message as _Message
+from dspy.lm15 import Request as _Request
 from dspy.lm15 import Response as _Response
 from dspy.lm15 import Usage as _Usage
 from dspy.lm15 import response_to_events
@@ -58,20 +61,46 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 
 # --------------------------------------------------------------------------------------------- the LM
 class _Engine:
-    """DSPy's engine contract (``dspy.clients.engines.base.Engine``) over a DSPyLM's optimas_fast LM."""
+    """DSPy's engine contract (``complete(Request) -> Response``, see ``dspy.clients.engines.base``) over an
+    optimas_fast LM: DSPy renders the prompt and parses the reply; the LM layer does the call."""
 
-    def __init__(self, owner: "DSPyLM"):
-        self.owner = owner
+    def __init__(self, backend: LM):
+        self.backend = backend
 
     def complete(self, request):
         validate_request(request)
-        return self.owner._complete(request)
+        messages = []
+        if request.system is not None:
+            messages.append({"role": "system", "content": _text(request.system)})
+        for m in request.messages:
+            text = m.text
+            if text is None:
+                raise ValueError(f"DSPyLM: a {m.role} message with non-text parts cannot go to an optimas_fast LM "
+                                 "(text only)")
+            messages.append({"role": _ROLES.get(m.role, "user"), "content": text})
+        cfg = request.config  # DSPy fills it from the call's config and the LM's defaults (lm.kwargs)
+        temperature = float(cfg.temperature) if cfg.temperature is not None else 0.0
+        seed, ctx = cfg.seed, current_run()
+        if seed is None and ctx is not None:
+            seed = ctx.seed  # the running step's seed: distinct rollouts sample differently
+        hot = getattr(ctx, "temperature", None)  # best-of-N candidates sample at least this hot
+        if hot is not None:
+            temperature = max(temperature, float(hot))
+        out = self.backend.generate([messages], n=1, temperature=temperature, max_tokens=int(cfg.max_tokens or 256),
+                                    stop=list(cfg.stop) or None, seed=seed)
+        record_usage(out)  # the running step's usage (generate itself updated the ledger)
+        c = out[0][0]
+        if c.finish_reason == "error":
+            raise RuntimeError(f"DSPyLM: the LM call failed: {c.error}")
+        return _Response(id=None, model=request.model, message=_Message.assistant(c.text),
+                         finish_reason="length" if c.finish_reason == "length" else "stop",
+                         usage=_Usage(input_tokens=c.usage.prompt_tokens, output_tokens=c.usage.completion_tokens))
 
     def stream(self, request):
         return response_to_events(self.complete(request))
 
     def close(self) -> None:
-        pass
+        pass  # the backend is shared (make_lm("embedded") is one model per process): never closed here
 
 
 class _AsyncEngine:
@@ -96,7 +125,7 @@ def _text(parts: Any) -> str:
     return "".join(getattr(p, "text", "") or "" for p in parts)
 
 
-class DSPyLM(dspy.BaseLM):
+class DSPyLM(dspy.LM):
     """A dspy LM whose calls go through an ``optimas_fast.lm.LM``: cache, usage ledger, cost, budgets.
 
     Args:
@@ -104,10 +133,12 @@ class DSPyLM(dspy.BaseLM):
             ``"hf:<path>"``, ``"vllm:<model>"``, or a dict with ``backend``).
         temperature, max_tokens: defaults for calls that do not set them (DSPy's ``lm.kwargs``).
 
-    A call's seed is the running system step's seed (distinct rollouts sample differently) unless the
-    request sets one. ``n > 1`` at temperature > 0 asks DSPy for separate candidates; they share the seed
-    and so are equal unless the LM's own cache key tells them apart: use temperature 0 with n = 1.
-    Saving a predictor that holds a DSPyLM records the spec (an LM built from an instance cannot be saved).
+    A ``dspy.LM`` (so a ``dspy.BaseLM``) with a custom engine, DSPy's public route for its own engines.
+    DSPy's response cache and retries are off for it: the backend has its own (a second cache would hide
+    calls from our accounting; a second retry loop would multiply attempts). A call's seed is the running
+    system step's seed unless the request sets one. ``n > 1`` candidates of one call share that seed (equal
+    at temperature 0; use n = 1). Saving a predictor that holds a DSPyLM records its spec (one built from an
+    LM instance cannot be saved).
     """
 
     def __init__(self, lm: LM | str | Mapping = "embedded", *, temperature: float = 0.0, max_tokens: int = 256,
@@ -117,48 +148,10 @@ class DSPyLM(dspy.BaseLM):
                             f"got {type(lm).__name__}")
         self.backend = make_lm(lm)
         self.spec = None if isinstance(lm, LM) else (lm if isinstance(lm, str) else dict(lm))
-        # DSPy's cache and retries stay off: the backend has its own (a second cache would hide our usage
-        # accounting; a second retry loop would multiply attempts)
+        engine = _Engine(self.backend)
         super().__init__(f"optimas_fast/{self.backend.name}", model_type="chat", temperature=temperature,
-                         max_tokens=max_tokens, cache=False, num_retries=0, **kwargs)
-        self._engine_spec = _Engine(self)
-        self._async_engine_spec = _AsyncEngine(self._engine_spec)
-        self._cache_responses = False
-
-    def _complete(self, request):
-        messages = []
-        if request.system is not None:
-            messages.append({"role": "system", "content": _text(request.system)})
-        for m in request.messages:
-            text = m.text
-            if text is None:
-                raise ValueError(f"DSPyLM: a {m.role} message with non-text parts cannot go to an optimas_fast LM "
-                                 "(text only)")
-            messages.append({"role": _ROLES.get(m.role, "user"), "content": text})
-        cfg = request.config
-        temperature = cfg.temperature if cfg.temperature is not None else (self.kwargs.get("temperature") or 0.0)
-        max_tokens = cfg.max_tokens or self.kwargs.get("max_tokens") or 256
-        seed, ctx = cfg.seed, current_run()
-        if seed is None and ctx is not None:
-            seed = ctx.seed
-        hot = getattr(ctx, "temperature", None)  # best-of-N candidates sample at least this hot
-        if hot is not None:
-            temperature = max(float(temperature), float(hot))
-        out = self.backend.generate([messages], n=1, temperature=float(temperature), max_tokens=int(max_tokens),
-                                    stop=list(cfg.stop) or None, seed=seed)
-        record_usage(out)  # the running step's usage (the ledger was updated by generate itself)
-        c = out[0][0]
-        if c.finish_reason == "error":
-            raise RuntimeError(f"DSPyLM: the LM call failed: {c.error}")
-        return _Response(id=None, model=request.model, message=_Message.assistant(c.text),
-                         finish_reason="length" if c.finish_reason == "length" else "stop",
-                         usage=_Usage(input_tokens=c.usage.prompt_tokens, output_tokens=c.usage.completion_tokens))
-
-    def copy(self, **kwargs):
-        new = super().copy(**kwargs)
-        new._engine_spec = _Engine(new)
-        new._async_engine_spec = _AsyncEngine(new._engine_spec)
-        return new
+                         max_tokens=max_tokens, cache=False, num_retries=0, engine=engine,
+                         async_engine=_AsyncEngine(engine), **kwargs)
 
     def dump_state(self) -> dict:
         if self.spec is None:
@@ -180,28 +173,33 @@ class DSPyLM(dspy.BaseLM):
 
 class _DSPyBackedLM(LM):
     """An optimas_fast LM over any other dspy LM (e.g. ``dspy.LM("openai/gpt-4o-mini")`` from
-    ``dspy.configure``), so that its calls too go through our cache, ledger and budgets. Token counts are
-    estimated (~4 characters a token): a legacy dspy LM returns texts, not usage."""
+    ``dspy.configure``), so that its calls too go through our cache, ledger and budgets. It sends DSPy's
+    canonical ``dspy.lm15.Request``; token counts are the LM's reported usage, else estimated (~4 characters
+    a token)."""
 
     def __init__(self, dspy_lm: Any):
         self.dspy_lm = dspy_lm
         self.name = f"dspy:{getattr(dspy_lm, 'model', type(dspy_lm).__name__)}"
 
+    def _request(self, prompt: Any, params: SamplingParams):
+        chat = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        system = "\n\n".join(m["content"] for m in chat if m["role"] == "system") or None
+        messages = [_Message.assistant(m["content"]) if m["role"] == "assistant" else _Message.user(m["content"])
+                    for m in chat if m["role"] != "system"]
+        config = _Config(temperature=params.temperature, max_tokens=params.max_tokens, stop=tuple(params.stop))
+        return _Request(model=self.dspy_lm.model, messages=tuple(messages), system=system, config=config)
+
     def _generate(self, requests: list[Request], params: SamplingParams) -> list[Completion | Exception]:
         out: list[Completion | Exception] = []
         for r in requests:
-            kwargs = {"temperature": params.temperature, "max_tokens": params.max_tokens}
-            if params.stop:
-                kwargs["stop"] = list(params.stop)
             try:
-                if isinstance(r.prompt, str):
-                    replies = self.dspy_lm(r.prompt, **kwargs)
-                else:
-                    replies = self.dspy_lm(messages=list(r.prompt), **kwargs)
-                reply = replies[0] if replies else ""
-                text = reply.get("text", "") if isinstance(reply, Mapping) else str(reply)
-                out.append(Completion(text or "", Usage(prompt_tokens=self.estimate_prompt_tokens(r.prompt),
-                                                        completion_tokens=len(text or "") // 4 + 1)))
+                response = self.dspy_lm(self._request(r.prompt, params))
+                text = response.text or ""
+                u = response.usage
+                out.append(Completion(text, Usage(
+                    prompt_tokens=u.input_tokens if u.input_tokens is not None else self.estimate_prompt_tokens(r.prompt),
+                    completion_tokens=u.output_tokens if u.output_tokens is not None else len(text) // 4 + 1),
+                    finish_reason="length" if response.finish_reason == "length" else "stop"))
             except Exception as exc:  # noqa: BLE001 — LM.generate accounts and raises (or records) it
                 out.append(exc)
         return out

@@ -90,7 +90,7 @@ def examples(rows):
 
 
 def settings(seed: int, **extra) -> dict:
-    s = dict(seed=seed, iterations=2, batch_size=4, initial_examples=6, initial_epochs=6, lr=1e-3, head_lr=1e-2,
+    s = dict(seed=seed, iterations=1, batch_size=4, initial_examples=6, initial_epochs=6, lr=1e-3, head_lr=1e-2,
              batch_pairs=16, adapt_steps=4, optimizer_inputs=4, val_workers=2,
              collect={"num_candidates": 3, "workers": 2}, prompt={"num_proposals": 4})
     s.update(extra)
@@ -230,5 +230,29 @@ def test_dspy_lm_request_shape(seed):
     # saved with the program when built from a spec; an instance-built one says why it cannot be
     with pytest.raises(TypeError, match="cannot be saved"):
         lm.dump_state()
+    spec = "openai:fake-model@http://127.0.0.1:9/v1"  # built, never called
+    program = dspy.Predict("question -> answer")
+    program.lm = DSPyLM(spec, max_tokens=48)
+    loaded = dspy.Predict("question -> answer")
+    loaded.load_state(program.dump_state(), allow_unsafe_lm_state=True)
+    assert isinstance(loaded.lm, DSPyLM) and loaded.lm.spec == spec and loaded.lm.kwargs["max_tokens"] == 48
+    assert loaded.lm.backend.name == program.lm.backend.name
     with pytest.raises(TypeError, match=r"DSPyLM\(lm\)"):
         DSPyLM(3)
+
+
+def test_configured_dspy_lm_goes_through_the_lm_layer(rows, seed):
+    """lm=None: dspy.settings.lm is used, and a plain dspy LM (here DSPy's DummyLM) is wrapped so that its calls
+    too are accounted in the run's ledger (and cached, and under the budget)."""
+    from dspy.utils.dummies import DummyLM
+
+    dummy = DummyLM({"starting with the field `[[ ## query ## ]]`": {"query": "a query"},
+                     "starting with the field `[[ ## reasoning ## ]]`": {"reasoning": "r", "answer": "x"}})
+    opt = OptimasOptimizer(exact_match, reward=tiny_reward_model({}, seed),
+                           **settings(seed, iterations=0, initial_examples=2, initial_epochs=1))
+    with dspy.context(lm=dummy):
+        compiled = opt.compile(QA(), trainset=examples(rows[:3]))
+    usage = opt.result.usage
+    assert usage["by_component"]["rewrite"]["calls"] >= 3 and usage["by_component"]["answer"]["calls"] >= 3
+    assert any(m.startswith("dspy:dummy") for m in usage["by_model"])
+    assert instructions(compiled) == instructions(QA())

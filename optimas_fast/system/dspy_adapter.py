@@ -28,6 +28,9 @@ How it works:
   as usual (a fresh list per run); the metric is called as DSPy's evaluator does, ``metric(example,
   prediction, None)``, with the program's own Prediction.
 
+- Reward-guided best-of-N (``run/evaluate(best_of={predictor: N}, reward=rm)``) works as in ``System``: each
+  call of that predictor is the best of N single-predictor calls by the reward.
+
 Not supported: ``run(start_from=..., given=...)`` (the program's forward decides the data flow; rollouts go
 through ``run_downstream``) and async programs (``aforward``).
 """
