@@ -126,6 +126,7 @@ def test_export(work, trained, tmp_path):
     assert (tmp_path / "hf" / "config.json").is_file()
 
 
+@pytest.mark.slow  # two training subprocesses (~15 s on an idle 2-core box)
 def test_killed_train_resumes_to_the_same_final_step(work, tmp_path):
     out = tmp_path / "rm"
     cfg = tmp_path / "cfg.yaml"

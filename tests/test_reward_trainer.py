@@ -372,6 +372,7 @@ def test_existing_reward_model_and_seq_cls_object(tokenizer, tmp_path, seed):
     assert tr.train().global_step == 2
 
 
+@pytest.mark.slow  # a subprocess (imports torch / transformers / datasets afresh)
 def test_trl_documentation_script_runs_with_only_the_import_changed(tokenizer, tmp_path, seed):
     """The script as TRL's docs write it (model path + tokenizer, a Dataset with prompt/chosen/rejected,
     RewardConfig(...), train(), save_model()), with `from trl import` replaced by `from optimas_fast.trl import`."""

@@ -403,7 +403,8 @@ class RewardTrainer:
         if args.eval_strategy != "no" and not self.eval_pairs:
             raise ValueError(f"RewardTrainingArguments.eval_strategy={args.eval_strategy!r} needs an eval_dataset")
         self.state = self._fresh_state()
-        self._tb = None
+        self._tb = None  # tensorboard writer, made on the first log when report_to has "tensorboard"
+        self._order: tuple[int | None, list[int]] = (None, [])  # (epoch, its pair order), cached
 
     # --------------------------------------------------------------------------------------- building
     def _engine_config(self) -> RewardConfig:
@@ -478,8 +479,10 @@ class RewardTrainer:
 
     def _epoch_order(self, epoch: int) -> list[int]:
         # a permutation per epoch from (seed, epoch) alone: a resumed run sees the same batches
-        g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.train_pairs), generator=g).tolist()
+        if self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.args.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.train_pairs), generator=g).tolist())
+        return self._order[1]
 
     def _batch(self, step: int, spe: int) -> list[PreferencePair]:
         epoch, k = divmod(step, spe)
