@@ -3,6 +3,10 @@
     python benchmarks/bench_ops.py            # all three CPU comparisons (~1-2 min on 2 cores)
     python benchmarks/bench_ops.py --gpu      # also the Triton-vs-torch CUDA comparison
 
+Results also go to benchmarks/_out/bench_ops.json (with the machine description). The pytest-benchmark suite
+(benchmarks/test_bench_ops.py) covers every op, dtype and baseline; this script keeps the three headline
+comparisons of the README, and the peak-memory one that a timing suite cannot show.
+
 1. fused_head_bt_loss fwd+bwd, cpp vs the eager torch reference (gather -> per-row head -> logsigmoid ->
    mean, autograd), B=4096 pairs, H=1024, C=16, float32.
 2. The same loss from full [B,T,H] hidden states, ours (last_token_hidden + fused loss) vs the Hugging Face
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import git_rev, machine, timeit  # noqa: E402
+from _common import git_rev, machine, timeit, write_results  # noqa: E402
 
 import optimas_fast.ops as ops  # noqa: E402
 from optimas_fast.ops import reference as ref  # noqa: E402
@@ -187,12 +191,14 @@ def main():
     print(f"3. multihead_score N={r3['N']} H={r3['H']} C={r3['C']} fp32: all heads + gather "
           f"{r3['all_heads_ms']:.2f} ms, cpp {r3['cpp_ms']:.2f} ms -> {r3['speedup']:.1f}x "
           f"({r3['cpp_GBps']:.1f} GB/s of hidden states read)")
+    results = {"fused": r1, "sequences": r2, "multihead": r3}
     if args.gpu:
-        r4 = bench_gpu()
+        r4 = results["gpu"] = bench_gpu()
         print(f"4. CUDA {torch.cuda.get_device_name(0)} fused fwd+bwd bf16 B={r4['B']} H={r4['H']} C={r4['C']}: "
               f"torch {r4['torch_ms']:.3f} ms, triton {r4['triton_ms']:.3f} ms -> {r4['speedup']:.1f}x; "
               f"{r4['triton_GBps']:.0f} GB/s = {100 * r4['fraction_of_copy_bw']:.0f}% of copy bandwidth "
               f"({r4['copy_GBps']:.0f} GB/s)")
+    print(f"results: {write_results('bench_ops', results)}")
 
 
 if __name__ == "__main__":

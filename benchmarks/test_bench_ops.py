@@ -137,7 +137,8 @@ def run_benchmark(benchmark, copy_bandwidth, case: Case, group: str, impl: str, 
     benchmark.group = group
     benchmark.extra_info.update(impl=impl, device=dev, dtype=str(case.dtype).replace("torch.", ""),
                                 shape={"B": case.B, "H": case.H, "C": case.C, "T": case.T, "BT": case.BT},
-                                rows=rows, bytes=nbytes, backend=case.fast_backend if impl == "ours" else "torch")
+                                rows=rows, bytes=nbytes,
+                                backend={"ours": case.fast_backend, "kernel": "triton"}.get(impl, "torch"))
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # --benchmark-disable: ran once, nothing measured
@@ -180,18 +181,20 @@ def _compiled(fn):
 
 @functools.lru_cache(maxsize=2)
 def _pair_inputs(case: Case):
-    """Inputs on the case's device (fixed seed: the same rows for every implementation)."""
-    g = torch.Generator().manual_seed(0)
+    """Inputs drawn on the case's device (a CPU draw of the CUDA sizes takes seconds); fixed seed: the same
+    rows for every implementation."""
+    dev = case.device
+    g = torch.Generator(device=dev).manual_seed(0)
     B, H, C = case.B, case.H, case.C
-    hc = torch.randn(B, H, generator=g).to(case.dtype)  # (B, H)
-    hr = torch.randn(B, H, generator=g).to(case.dtype)  # (B, H)
-    ids = torch.randint(0, C, (B,), generator=g)  # (B,)
-    W = torch.randn(C, H, generator=g) / H**0.5  # (C, H) fp32 heads, as RewardNet keeps them
-    b = torch.randn(C, generator=g)  # (C,)
-    w = torch.rand(B, generator=g) + 0.05  # (B,)
-    mu = torch.randn(B, generator=g) * 0.3  # (B,)
-    up = torch.randn(B, generator=g)  # (B,) upstream gradient for per-row outputs
-    return tuple(t.to(case.device) for t in (hc, hr, ids, W, b, w, mu, up))
+    hc = torch.randn(B, H, generator=g, device=dev).to(case.dtype)  # (B, H)
+    hr = torch.randn(B, H, generator=g, device=dev).to(case.dtype)  # (B, H)
+    ids = torch.randint(0, C, (B,), generator=g, device=dev)  # (B,)
+    W = torch.randn(C, H, generator=g, device=dev) / H**0.5  # (C, H) fp32 heads, as RewardNet keeps them
+    b = torch.randn(C, generator=g, device=dev)  # (C,)
+    w = torch.rand(B, generator=g, device=dev) + 0.05  # (B,)
+    mu = torch.randn(B, generator=g, device=dev) * 0.3  # (B,)
+    up = torch.randn(B, generator=g, device=dev)  # (B,) upstream gradient for per-row outputs
+    return hc, hr, ids, W, b, w, mu, up
 
 
 def _esize(case: Case) -> int:
@@ -306,15 +309,16 @@ def test_fused_head_bt_loss(benchmark, copy_bandwidth, case, mode, impl):
 # ------------------------------------------------------------------------------------------- last_token_hidden
 @functools.lru_cache(maxsize=1)
 def _seq_inputs(case: Case):
-    g = torch.Generator().manual_seed(1)
+    dev = case.device
+    g = torch.Generator(device=dev).manual_seed(1)
     B, T, H, C = case.BT, case.T, case.H, case.C
-    hidden = torch.randn(B, T, H, generator=g).to(case.dtype)  # (B, T, H) backbone output, right padded
-    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)  # (B,)
-    ids = torch.randint(0, C, (B,), generator=g)  # (B,)
-    W = torch.randn(C, H, generator=g) / H**0.5  # (C, H)
-    b = torch.randn(C, generator=g)  # (C,)
-    up = torch.randn(B, generator=g)  # (B,)
-    return tuple(t.to(case.device) for t in (hidden, lengths, ids, W, b, up))
+    hidden = torch.randn(B, T, H, generator=g, device=dev).to(case.dtype)  # (B, T, H) backbone output, right padded
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g, device=dev)  # (B,)
+    ids = torch.randint(0, C, (B,), generator=g, device=dev)  # (B,)
+    W = torch.randn(C, H, generator=g, device=dev) / H**0.5  # (C, H)
+    b = torch.randn(C, generator=g, device=dev)  # (C,)
+    up = torch.randn(B, generator=g, device=dev)  # (B,)
+    return hidden, lengths, ids, W, b, up
 
 
 def _gather_eager(hidden, lengths, ids, W, b):
