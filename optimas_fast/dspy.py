@@ -196,10 +196,10 @@ class _DSPyBackedLM(LM):
                 response = self.dspy_lm(self._request(r.prompt, params))
                 text = response.text or ""
                 u = response.usage
-                out.append(Completion(text, Usage(
-                    prompt_tokens=u.input_tokens if u.input_tokens is not None else self.estimate_prompt_tokens(r.prompt),
-                    completion_tokens=u.output_tokens if u.output_tokens is not None else len(text) // 4 + 1),
-                    finish_reason="length" if response.finish_reason == "length" else "stop"))
+                p_tok = u.input_tokens if u.input_tokens is not None else self.estimate_prompt_tokens(r.prompt)
+                c_tok = u.output_tokens if u.output_tokens is not None else len(text) // 4 + 1
+                out.append(Completion(text, Usage(prompt_tokens=p_tok, completion_tokens=c_tok),
+                                      finish_reason="length" if response.finish_reason == "length" else "stop"))
             except Exception as exc:  # noqa: BLE001 — LM.generate accounts and raises (or records) it
                 out.append(exc)
         return out

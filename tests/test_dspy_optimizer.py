@@ -117,6 +117,8 @@ def test_compile_optimizes_and_round_trips(rows, seed, tmp_path):
     # the student is untouched: instructions, demos, everything DSPy saves
     assert student.dump_state() == before
     assert compiled is not student and compiled._compiled
+    for program in (student, compiled):  # the run's hooks live on its private working copy only
+        assert all("forward" not in vars(p) for _, p in program.named_predictors())
     # optimization changed the answerer's instructions to a good proposal and the metric with them
     res = opt.result
     assert res.initial_val == 0.0 and res.best_val == 1.0, res.history

@@ -153,6 +153,11 @@ def test_overrides_are_run_scoped_and_thread_safe(seed):
     # run_component: one predictor alone, with a candidate instruction (what the optimizers call)
     out = system.run_component("answer", {"question": "q", "query": "Q"}, variable="Be exact.")
     assert out["answer"] == "Be exact. | Q" and set(out) == {"reasoning", "answer"}
+    # the optimizers' batches: rows on threads, results in row order, each with the candidate's instruction
+    comp = system.components["answer"]
+    rows = [{"question": f"q{i}", "query": f"Q{rng.randrange(10**6)}"} for i in range(7)]
+    outs = comp.forward_batch(rows, Prompt("Batch exact."))
+    assert [o["answer"] for o in outs] == [f"Batch exact. | {r['query']}" for r in rows]
     # state and copy: variables are independent, the program's own instructions never change
     other = system.copy()
     other.set_variable("answer", "Copy instruction.")

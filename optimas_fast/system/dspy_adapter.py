@@ -39,13 +39,13 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
-import logging
 import math
 import re
 import time
 import traceback as tb
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from optimas_fast.lm.errors import BudgetExceeded
 from optimas_fast.system.component import Component
@@ -55,8 +55,6 @@ from optimas_fast.system.trace import Step, Trace
 from optimas_fast.system.variables import Prompt
 
 __all__ = ["PredictorComponent", "ProgramSystem", "component_name"]
-
-log = logging.getLogger(__name__)
 
 
 def _dspy():
@@ -206,18 +204,32 @@ class PredictorComponent(Component):
         self.program = program
         self.lm = lm  # a dspy LM for its calls (None: the ambient dspy.settings.lm)
 
+    #: threads of ``forward_batch``: concurrent calls let a batching LM backend (the embedded engine, a server)
+    #: decode the optimizers' (candidate, input) rows together instead of one at a time
+    batch_workers: int = 8
+
     def forward(self, variable: Prompt, **inputs) -> dict:
         dspy = _dspy()
+        settings: dict[str, Any] = {"trace": None}  # nobody reads a lone call's DSPy trace: keep none
+        if self.lm is not None:
+            settings["lm"] = self.lm
         token = _RUN.set(_Run(self.program, {self.name: variable}, record=False))
         try:
-            if self.lm is not None:
-                with dspy.context(lm=self.lm):
-                    prediction = self.predictor(**inputs)
-            else:
+            with dspy.context(**settings):
                 prediction = self.predictor(**inputs)
         finally:
             _RUN.reset(token)
         return {f: prediction.get(f) for f in self.outputs}
+
+    def forward_batch(self, batch: Sequence[Mapping[str, Any]], variable: Prompt) -> list[dict]:
+        """``forward`` on every row, on up to ``batch_workers`` threads (each in a copy of the caller's context:
+        the usage scope, ledger and seed follow); results in row order; the first failure raises."""
+        if len(batch) <= 1 or self.batch_workers <= 1:
+            return [self.forward(variable, **row) for row in batch]
+        with ThreadPoolExecutor(min(self.batch_workers, len(batch)), thread_name_prefix="optimas-dspy") as pool:
+            futures = [pool.submit(contextvars.copy_context().run, functools.partial(self.forward, variable, **row))
+                       for row in batch]
+            return [f.result() for f in futures]
 
 
 class ProgramSystem(System):
