@@ -521,8 +521,8 @@ def unique_main(args) -> dict:
         ours = runs["ours"]
         groups = np.arange(len(ours["correct"]))  # one pair per question: pairs are the resampling unit
         c = {s: np.array(r["correct"]) for s, r in runs.items()}
-        summary = {"kind": kind, "backbone": ours["backbone"], "rho": ours["rho"], "prompt_tokens": ours["prompt_tokens"],
-                   "response_tokens": ours["response_tokens"], "pairs": ours["pairs"],
+        summary = {"kind": kind, "backbone": ours["backbone"], "rho": ours["rho"],
+                   "prompt_tokens": ours["prompt_tokens"], "response_tokens": ours["response_tokens"], "pairs": ours["pairs"],
                    "heldout_pairs": ours["heldout_pairs"], "batch_pairs": args.batch_pairs, "epochs": args.epochs}
         for s, r in runs.items():
             ci = cluster_bootstrap(groups, c["ours"], c[s], seed=args.seed)  # a = ours, b = this system
