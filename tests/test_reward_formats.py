@@ -507,3 +507,25 @@ def test_several_sources_merge(tmp_path, seed):
     with pytest.raises(ValueError, match="two descriptions"):
         merge_pair_sets([load_pairs(o, components={"default": "x"}), load_pairs(own, components={"default": "y"})])
     assert math.isclose(load_pairs([o, own])[0].margin, 1.0)
+
+
+def test_loaded_pairs_train_a_reward_model(tmp_path, seed, tok):
+    """Pairs from a file go straight into RewardModel.train (tiny random BERT; the template from the PairSet)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from optimas_fast.reward import RewardConfig, RewardModel, TemplateConfig
+
+    ps = load_pairs(_write(tmp_path / "t.jsonl", _trl_rows(random.Random(seed), 6)), tokenizer=tok)
+    torch.manual_seed(seed)
+    backbone = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=64))
+    rm = RewardModel(backbone, ps.components, tokenizer=tok,
+                     config=RewardConfig(seed=seed, template=TemplateConfig(max_length=64,
+                                                                            prefix_format=ps.prefix_format)))
+    rm.train(ps[:4], epochs=1, lr=1e-4, batch_pairs=2)
+    assert rm.last_train_report.pairs_used == 4 and rm.last_train_report.steps == 2
+    # the prompt is the whole prefix body: description and field labels are not added for TRL data
+    t = rm.tokenise("default", ps[0].inputs, ps[0].chosen)
+    assert list(t.prefix) == [tok.cls_token_id] + tok(ps[0].inputs, add_special_tokens=False)["input_ids"] + \
+        [tok.sep_token_id]
