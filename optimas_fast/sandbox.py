@@ -22,8 +22,10 @@ Isolation modes, picked once per process by probing (``sandbox_mode()``):
   as the uid is unique to the run, concurrent runs do not share one budget. The network namespace has
   only a down loopback, so every connection fails ("Network is unreachable"). The whole filesystem is
   read-only in the child's mount namespace (``mount_setattr``, Linux >= 5.12), and the world-writable
-  directories (/tmp, /var/tmp, /dev/shm, /run/lock, /dev/mqueue) are covered by empty root-owned
-  tmpfs; only the run's working directory is writable. The child is PID 1's child in its own PID
+  directories (/tmp, /var/tmp, /dev/shm, /run/lock, /dev/mqueue) are covered by empty read-only
+  tmpfs; only the run's working directory is writable. The interpreter must be executable by that uid:
+  the caller's when it is, else the system's ``python3`` (a pyenv under /root, mode 0700, is not; the
+  code needs the standard library only). The child is PID 1's child in its own PID
   namespace, so killing that namespace's init kills every process the code started, including ones
   that left the process group (``setsid``).
 - ``"uid"`` (root, but namespaces refused, e.g. a container without CAP_SYS_ADMIN): the fresh uid, rlimits and
@@ -69,7 +71,7 @@ MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
 AT_FDCWD, AT_RECURSIVE = -100, 0x8000
 SYS_MOUNT_SETATTR = 442  # the same number on every architecture (new syscalls are unified since 5.x)
-PR_SET_NO_NEW_PRIVS = 38
+PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 38, 36
 # world-writable directories covered by an empty root-owned tmpfs in the child's mount namespace
 WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue")
 SETUP_FAILED = 125  # supervisor exit code when setting the sandbox up failed (the report says why)
@@ -573,6 +575,15 @@ def _kill_leftovers(cfg: dict, init: int) -> None:
             os.killpg(init, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+        # the supervisor is a subreaper: the killed orphans are its children now; reap them so that none is
+        # left as a zombie (bounded: in plain mode a setsid escapee may still be alive)
+        until = time.monotonic() + 2.0
+        while time.monotonic() < until:
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    time.sleep(0.01)
+            except ChildProcessError:
+                break
 
 
 def _supervise(cfg: dict) -> int:
@@ -581,9 +592,11 @@ def _supervise(cfg: dict) -> int:
     if cfg["mode"] in ("root", "uid"):
         isolation.append(f"uid {cfg['uid']}")
     try:
-        _libc()
+        ctypes, libc = _libc()
         if cfg["mode"] in ("root", "userns"):
             _setup_namespaces(cfg, isolation)
+        else:  # no PID namespace: orphans of the program reparent to us (and are reaped by us), not to init
+            _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)", ctypes)
         init = os.fork()
         if init == 0:
             _init(cfg, report_fd, isolation)

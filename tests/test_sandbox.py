@@ -13,6 +13,7 @@ import uuid
 
 import pytest
 
+from optimas_fast import sandbox
 from optimas_fast.sandbox import SandboxError, run_python, sandbox_mode
 
 ISOLATED = sandbox_mode() in ("root", "userns")  # network and filesystem isolation need namespaces
@@ -260,3 +261,22 @@ def _run_as_nobody(src, tmp_path):
         assert out["mode"] == "plain"
     assert not os.path.exists("/tmp/optimas-nonroot-escape") or out["mode"] == "plain"
     assert procs_of(65534) == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the 'uid' fallback is root's (namespaces refused)")
+def test_uid_fallback_mode_contains_fork_bombs_and_escapees():
+    """Root without namespaces (a container without CAP_SYS_ADMIN): the fresh uid alone bounds the processes,
+    and every process of that uid, including a setsid escapee, is killed after the run."""
+    python = sandbox._select()[1]
+    kw = dict(timeout_s=3.0, memory_mb=256, max_procs=8, cpu_s=None, file_size_mb=1, max_open_files=32,
+              max_output_bytes=4096, env=None)
+    res = sandbox._run("uid", "import os; print(os.getuid())", python, **kw)
+    assert res.ok and res.stdout == f"{res.uid}\n" and "netns" not in res.isolation
+    bomb = sandbox._run("uid", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
+                        "        pass\n", python, **kw)
+    assert not bomb.ok and bomb.kind == "timeout" and bomb.procs is not None and bomb.procs <= 8
+    assert_healthy(bomb)
+    escapee = sandbox._run("uid", "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(120)\n"
+                           "print('done')\n", python, **kw)
+    assert escapee.ok and escapee.stdout == "done\n"
+    assert_healthy(escapee)
