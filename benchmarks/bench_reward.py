@@ -65,8 +65,9 @@ from transformers import (  # noqa: E402
 
 from optimas_fast.reward import (  # noqa: E402
     DEFAULT_BACKBONE, PreferencePair, RewardConfig, RewardModel, TemplateConfig, backend_report, cpu_has_native_bf16,
-    load_backbone, load_pairs, spearman,
+    load_backbone, spearman,
 )
+from optimas_fast.reward.formats import load_pairs  # noqa: E402
 from optimas_fast.reward.template import TokenCache  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

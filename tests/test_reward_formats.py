@@ -523,8 +523,8 @@ def test_loaded_pairs_train_a_reward_model(tmp_path, seed, tok):
     rm = RewardModel(backbone, ps.components, tokenizer=tok,
                      config=RewardConfig(seed=seed, template=TemplateConfig(max_length=64,
                                                                             prefix_format=ps.prefix_format)))
-    rm.train(ps[:4], epochs=1, lr=1e-4, batch_pairs=2)
-    assert rm.last_train_report.pairs_used == 4 and rm.last_train_report.steps == 2
+    hist = rm.train(ps[:4], epochs=1, lr=1e-4, batch_pairs=2)
+    assert [h["pairs"] for h in hist] == [2, 2] and all(math.isfinite(h["loss"]) for h in hist)
     # the prompt is the whole prefix body: description and field labels are not added for TRL data
     t = rm.tokenise("default", ps[0].inputs, ps[0].chosen)
     assert list(t.prefix) == [tok.cls_token_id] + tok(ps[0].inputs, add_special_tokens=False)["input_ids"] + \
