@@ -411,3 +411,24 @@ def test_trl_documentation_script_runs_with_only_the_import_changed(tokenizer, t
     model = RewardModel.load(out)  # save_model wrote the final model into output_dir
     assert model.components == ["default"]
     assert TrlNameTrainer is RewardTrainer and RewardConfig is RewardTrainingArguments
+
+
+def test_optimas_format_trains_per_component_with_margin_weights(tokenizer, tmp_path, seed):
+    """Reference-Optimas rows (context / response_chosen / response_rejected / scores, a component column) go
+    through formats.load_pairs: one head per component, margins = score differences used as pair weights."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(16):
+        comp = rng.choice(["answer", "rationale"])
+        rows.append({"component": comp, "context": json.dumps({"question": " ".join(rng.sample(WORDS, 4))}),
+                     "response_chosen": json.dumps({"text": rng.choice(GOOD)}),
+                     "response_rejected": json.dumps({"text": rng.choice(BAD)}),
+                     "score_chosen": 1.0, "score_rejected": round(rng.uniform(0.0, 0.9), 2)})
+    tr = make_trainer(tokenizer, seed, tmp_path, rows, max_steps=2, save_strategy="no")
+    assert tr.margin_kind == "weight" and not tr.subtract_margin
+    assert sorted(tr.model.components) == sorted({r["component"] for r in rows})
+    real_train, seen = tr.model.train, []
+    tr.model.train = lambda batch, **kw: seen.append(kw) or real_train(batch, **kw)
+    assert tr.train().global_step == 2
+    assert [(kw["weighting"], kw["subtract_margin"]) for kw in seen] == [("margin", False)] * 2
+    assert sorted({p.margin for p in tr.train_pairs}) == sorted({1.0 - r["score_rejected"] for r in rows})
