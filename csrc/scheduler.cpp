@@ -72,6 +72,7 @@ class FirstSeen {
   }
   // Pulls a key's first slot into cache ahead of use: probes are random reads, and issuing them a
   // few keys early overlaps the cache misses (dedup of 1M requests: ~70 ms -> ~25 ms).
+  void clear() { std::fill(slots_.begin(), slots_.end(), Slot{0, -1}); }
   void prefetch(uint64_t h) const { __builtin_prefetch(&slots_[h & mask_]); }
   template <typename Eq>
   int64_t find_or_insert(uint64_t h, int64_t i, Eq&& eq) {
@@ -104,11 +105,12 @@ inline bool equal_values(const A* a, const B* b, int64_t n) {
 
 // Token-by-token equality of sequences a and b of one table (int32 and int64 views may be mixed).
 bool same_seq(const SeqTable& t, int64_t a, int64_t b) {
-  const int64_t n = t.len[a];
-  if (n != t.len[b]) return false;
-  if (t.ptr[a] == t.ptr[b] && t.wide[a] == t.wide[b]) return true;
-  const void *pa = t.ptr[a], *pb = t.ptr[b];
-  switch (t.wide[a] * 2 + t.wide[b]) {
+  const int64_t n = t.len(a);
+  if (n != t.len(b)) return false;
+  const void *pa = t.ptr(a), *pb = t.ptr(b);
+  const bool wa = t.wide(a), wb = t.wide(b);
+  if (pa == pb && wa == wb) return true;
+  switch (wa * 2 + wb) {
     case 0: return std::memcmp(pa, pb, n * sizeof(int32_t)) == 0;
     case 3: return std::memcmp(pa, pb, n * sizeof(int64_t)) == 0;
     case 1: return equal_values(static_cast<const int32_t*>(pa), static_cast<const int64_t*>(pb), n);
@@ -117,17 +119,19 @@ bool same_seq(const SeqTable& t, int64_t a, int64_t b) {
 }
 
 inline uint64_t seq_hash(const SeqTable& t, int64_t s) {
-  return t.wide[s] ? hash_seq(static_cast<const int64_t*>(t.ptr[s]), t.len[s])
-                   : hash_seq(static_cast<const int32_t*>(t.ptr[s]), t.len[s]);
+  return t.wide(s) ? hash_seq(static_cast<const int64_t*>(t.ptr(s)), t.len(s))
+                   : hash_seq(static_cast<const int32_t*>(t.ptr(s)), t.len(s));
 }
 
 // A cheap look at a sequence (length, first, middle and last token) to find an earlier equal one.
 inline uint64_t fingerprint(const SeqTable& t, int64_t s) {
-  const int64_t n = t.len[s];
+  const int64_t n = t.len(s);
   if (n == 0) return 0;
+  const void* p = t.ptr(s);
+  const bool w = t.wide(s);
   auto v = [&](int64_t k) {
-    return t.wide[s] ? static_cast<uint64_t>(static_cast<const int64_t*>(t.ptr[s])[k])
-                     : static_cast<uint64_t>(static_cast<const int32_t*>(t.ptr[s])[k]);
+    return w ? static_cast<uint64_t>(static_cast<const int64_t*>(p)[k])
+             : static_cast<uint64_t>(static_cast<const int32_t*>(p)[k]);
   };
   return fmix64(static_cast<uint64_t>(n) * kK1 ^ v(0) ^ rotl(v(n / 2), 21) ^ rotl(v(n - 1), 42));
 }
@@ -207,20 +211,24 @@ PlanOutput plan(const PlanInput& in, const PlanConfig& cfg) {
   std::vector<uint64_t> ph(group_on ? n : 0), sh(dedup_on ? n : 0);
   std::vector<int64_t> pc(tokens ? n : 0), sc(tokens ? n : 0);  // canonical sequence ids (token path)
   if (tokens) {
-    std::vector<uint64_t> h;
-    std::vector<int64_t> canon;
-    hash_table(*in.pseq, in.hash_mask, h, canon);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t s = in.pseq->seq(i);
-      ph[i] = h[s];
-      pc[i] = canon[s];
-    }
-    hash_table(*in.sseq, in.hash_mask, h, canon);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t s = in.sseq->seq(i);
-      sh[i] = h[s];
-      sc[i] = canon[s];
-    }
+    // Per request: its sequence's hash and canonical id (the table's own arrays when request i is
+    // sequence i, as in the flat form: no copy, less fresh memory to fault in).
+    auto per_request = [n](const SeqTable& t, uint64_t mask, std::vector<uint64_t>& hr, std::vector<int64_t>& cr) {
+      std::vector<uint64_t> h;
+      std::vector<int64_t> canon;
+      hash_table(t, mask, h, canon);
+      if (t.of.empty()) {
+        hr.swap(h);
+        cr.swap(canon);
+        return;
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        hr[i] = h[t.of[i]];
+        cr[i] = canon[t.of[i]];
+      }
+    };
+    per_request(*in.pseq, in.hash_mask, ph, pc);
+    per_request(*in.sseq, in.hash_mask, sh, sc);
   } else {
     for (int64_t i = 0; i < n && group_on; ++i) ph[i] = in.phash[i];
     for (int64_t i = 0; i < n && dedup_on; ++i) sh[i] = in.shash[i];
@@ -234,13 +242,13 @@ PlanOutput plan(const PlanInput& in, const PlanConfig& cfg) {
 
   // ---- 2. de-duplication: the first identical request represents ----
   out.dedup.resize(n);
+  std::vector<uint64_t> key(dedup_on || group_on ? n : 0);  // probe keys, reused by steps 2 and 3
+  FirstSeen seen(dedup_on || group_on ? n : 0);
   if (dedup_on) {
-    std::vector<uint64_t> key(n);
     for (int64_t i = 0; i < n; ++i)
       key[i] = fmix64(ph[i] ^ rotl(sh[i], 21) ^ (static_cast<uint64_t>(in.head[i]) * kK1) ^
                       rotl(static_cast<uint64_t>(in.plen[i]) * 0xC2B2AE3D27D4EB4Full, 43) ^
                       static_cast<uint64_t>(in.slen[i]));
-    FirstSeen seen(n);
     for (int64_t i = 0; i < n; ++i) {
       if (i + kPrefetch < n) seen.prefetch(key[i + kPrefetch]);
       out.dedup[i] = seen.find_or_insert(key[i], i, [&](int64_t j) {
@@ -257,9 +265,8 @@ PlanOutput plan(const PlanInput& in, const PlanConfig& cfg) {
   // ---- 3. prefix groups: representatives with one non-empty prefix, groups of >= 2 only ----
   std::vector<int64_t> first(n, -1), count(n, 0);  // first rep with the same prefix; members per first
   if (group_on) {
-    std::vector<uint64_t> key(n);
     for (int64_t i = 0; i < n; ++i) key[i] = fmix64(ph[i] ^ (static_cast<uint64_t>(in.plen[i]) * kK1));
-    FirstSeen seen(n);
+    if (dedup_on) seen.clear();
     for (int64_t i = 0; i < n; ++i) {
       if (i + kPrefetch < n) seen.prefetch(key[i + kPrefetch]);
       if (out.dedup[i] != i || in.plen[i] == 0) continue;
@@ -446,17 +453,16 @@ void flat_table(const py::array& tok, const py::array& off, int64_t n, const std
   const int64_t T = ti.shape[0];
   const int64_t* o = vec_ptr(off, (name + "_offsets").c_str(), n + 1);
   check(o[0] >= 0 && o[n] <= T, name + "_offsets: must stay within the " + std::to_string(T) + " tokens");
-  const char* base = static_cast<const char*>(ti.ptr);
-  const int64_t elem = wide ? 8 : 4;
-  table.ptr.resize(n);
-  table.len.resize(n);
-  table.wide.assign(n, wide ? 1 : 0);
+  table.flat = true;
+  table.base = static_cast<const char*>(ti.ptr);
+  table.off = o;
+  table.nflat = n;
+  table.flat_wide = wide;
   lens.resize(n);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t l = o[i + 1] - o[i];
     if (l < 0) check(false, name + "_offsets: must not decrease");  // message built only on failure
-    table.ptr[i] = base + o[i] * elem;
-    table.len[i] = lens[i] = l;
+    lens[i] = l;
   }
 }
 
@@ -569,8 +575,8 @@ class RequestIngest {
       head[i] = head_of(h.ptr(), i);
       const int64_t p = pre.of[i] = seq_of(pr, pre, pcache_, i, "prefix_ids");
       const int64_t s = suf.of[i] = seq_of(su, suf, scache_, i, "suffix_ids");
-      plen[i] = pre.len[p];
-      slen[i] = suf.len[s];
+      plen[i] = pre.len(p);
+      slen[i] = suf.len(s);
       const int64_t total = plen[i] + slen[i];
       if (total < 1 || total > kInt32Max)
         throw py::value_error("requests: request " + std::to_string(i) +

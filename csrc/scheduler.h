@@ -16,20 +16,33 @@
 namespace optimas {
 
 // One side (the prefixes or the suffixes) of n requests, as a table of token sequences plus, for
-// each request, the index of its sequence in the table. Sequences are views: int32 or int64 tokens
-// that stay owned by the caller. Several requests may name one sequence (the request-list ingest
-// does that for a prefix object passed many times), which lets the planner hash it once.
+// each request, the index of its sequence in the table. Sequences are views (int32 or int64 tokens
+// that stay owned by the caller), held either as one flat buffer + offsets (sequence s is
+// base[off[s]:off[s+1]], every sequence of one width: the flat form, nothing allocated per request)
+// or as a list of views (the request-list form). There several requests may name one sequence (a
+// prefix object passed many times), which lets the planner hash it once.
 struct SeqTable {
-  std::vector<const void*> ptr;  // (S) first token of each sequence
-  std::vector<int64_t> len;      // (S) tokens in each sequence
-  std::vector<uint8_t> wide;     // (S) 1: int64 tokens, 0: int32 tokens
-  std::vector<int64_t> of;       // (n) sequence of each request; empty means request i -> sequence i
+  // flat buffer
+  bool flat = false;
+  const char* base = nullptr;
+  const int64_t* off = nullptr;  // (S+1)
+  int64_t nflat = 0;
+  bool flat_wide = false;
+  // list of views
+  std::vector<const void*> ptrs;  // (S) first token of each sequence
+  std::vector<int64_t> lens;      // (S) tokens in each sequence
+  std::vector<uint8_t> wides;     // (S) 1: int64 tokens, 0: int32 tokens
+  std::vector<int64_t> of;        // (n) sequence of each request; empty means request i -> sequence i
+
   int64_t seq(int64_t i) const { return of.empty() ? i : of[i]; }
-  int64_t size() const { return static_cast<int64_t>(len.size()); }
+  int64_t size() const { return flat ? nflat : static_cast<int64_t>(lens.size()); }
+  const void* ptr(int64_t s) const { return flat ? base + off[s] * (flat_wide ? 8 : 4) : ptrs[s]; }
+  int64_t len(int64_t s) const { return flat ? off[s + 1] - off[s] : lens[s]; }
+  bool wide(int64_t s) const { return flat ? flat_wide : wides[s] != 0; }
   void add(const void* p, int64_t n, bool is_wide) {
-    ptr.push_back(p);
-    len.push_back(n);
-    wide.push_back(is_wide ? 1 : 0);
+    ptrs.push_back(p);
+    lens.push_back(n);
+    wides.push_back(is_wide ? 1 : 0);
   }
 };
 
