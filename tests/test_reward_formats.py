@@ -5,10 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import random
 import re
 
 import pytest
+from conftest import SHARED_DATA
 
 datasets = pytest.importorskip("datasets")  # a declared dependency: CI installs it (this only names it)
 import pyarrow as pa  # noqa: E402
@@ -529,3 +531,32 @@ def test_loaded_pairs_train_a_reward_model(tmp_path, seed, tok):
     t = rm.tokenise("default", ps[0].inputs, ps[0].chosen)
     assert list(t.prefix) == [tok.cls_token_id] + tok(ps[0].inputs, add_special_tokens=False)["input_ids"] + \
         [tok.sep_token_id]
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason=f"shared data folder {SHARED_DATA} is absent")
+def test_unique_pair_generator(tmp_path, monkeypatch):
+    """benchmarks/make_unique_pairs.py: one pair per question, every prompt and response once, gold vs wrong
+    label, a seeded disjoint split, and TRL's explicit format that load_pairs reads."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                             "benchmarks"))
+    import make_unique_pairs as mup
+
+    with open(os.path.join(SHARED_DATA, "pubmedqa_train.jsonl")) as f:
+        records = [json.loads(line) for line in f][:60]
+    words = lambda text: len(text.split())  # noqa: E731  (a cheap token count; the script uses MiniLM's)
+    rows, skipped = mup.make_rows(records, seed=3, count=words, max_prompt_tokens=250)
+    assert len(rows) == 60 and not any(skipped.values())  # every record has a label and several sentences
+    texts = [r[k] for r in rows for k in ("prompt", "chosen", "rejected")]
+    assert len(set(texts)) == len(texts)  # nothing for dedupe or cross-pair prefix sharing to reuse
+    for rec, r in zip(records, rows):
+        gold = rec["groundtruth"]
+        assert r["chosen"].startswith(f"Answer: {gold}. ") and not r["rejected"].startswith(f"Answer: {gold}.")
+        assert words(r["prompt"]) <= 250 or r["prompt"].count(". ") <= 2
+        assert mup.sentences(rec["context"][-1])[-1][:40] in r["prompt"]  # the conclusion is never cut
+    assert mup.make_rows(records, seed=3, count=words)[0] == mup.make_rows(records, seed=3, count=words)[0]
+    train, held = mup.split_rows(rows, 0.2, seed=3)
+    assert len(held) == 12 and not {r["prompt"] for r in train} & {r["prompt"] for r in held}
+    assert mup.split_rows(rows, 0.2, seed=3) == (train, held) and mup.split_rows(rows, 0.2, seed=4) != (train, held)
+    mup.write_jsonl(str(tmp_path / "train.jsonl"), train)
+    ps = load_pairs(tmp_path / "train.jsonl")
+    assert ps.reports[0].layouts == {"explicit": len(train)} and ps[0].inputs == train[0]["prompt"]
