@@ -259,6 +259,8 @@ class OptimasOptimizer:
         progress: tqdm bars on stderr.
         **loop_settings: ``OptimasConfig`` fields (``iterations``, ``batch_size``, ``seed``, ``collect={...}``,
             ``budget={"max_calls": ...}``, ...); an unknown name is a ``ConfigError`` listing the valid ones.
+            ``components=[...]`` (which predictors to optimize) takes component names (the predictor's path
+            without ``.predict``: ``answer``) or DSPy's paths (``answer.predict``).
 
     After ``compile``, ``self.result`` is the loop's ``OptimasResult`` (history, validation scores, usage).
     """
@@ -309,7 +311,11 @@ class OptimasOptimizer:
         proposer = self.proposer if self.proposer is not None else lm.backend
         system = ProgramSystem(student, self.metric, lm=lm, name=type(student).__name__)
         rm = self._reward_model(system)
-        loop = Optimas(rm, proposer, dataclasses.replace(self.config), progress=self.progress)
+        config = dataclasses.replace(self.config)
+        if config.components is not None:  # DSPy's predictor paths ("answer.predict") name components too
+            by_path = {path: name for name, path in system.predictor_paths().items()}
+            config.components = [by_path.get(n, n) for n in config.components]
+        loop = Optimas(rm, proposer, config, progress=self.progress)
         self.result = loop.optimize(system, train, val, run_dir=self.run_dir)
         optimized = student.deepcopy()
         instructions = {c.dspy_name: c.variable.text for c in self.result.system.components.values()}

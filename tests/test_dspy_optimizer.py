@@ -251,10 +251,15 @@ def test_configured_dspy_lm_goes_through_the_lm_layer(rows, seed):
     dummy = DummyLM({"starting with the field `[[ ## query ## ]]`": {"query": "a query"},
                      "starting with the field `[[ ## reasoning ## ]]`": {"reasoning": "r", "answer": "x"}})
     opt = OptimasOptimizer(exact_match, reward=tiny_reward_model({}, seed),
-                           **settings(seed, iterations=0, initial_examples=2, initial_epochs=1))
+                           **settings(seed, iterations=0, initial_examples=2, initial_epochs=1,
+                                      components=["answer.predict"]))  # DSPy's path names the component
     with dspy.context(lm=dummy):
         compiled = opt.compile(QA(), trainset=examples(rows[:3]))
     usage = opt.result.usage
     assert usage["by_component"]["rewrite"]["calls"] >= 3 and usage["by_component"]["answer"]["calls"] >= 3
     assert any(m.startswith("dspy:dummy") for m in usage["by_model"])
     assert instructions(compiled) == instructions(QA())
+    assert set(opt.result.history[0]["collect"]) == {"answer"}  # only the named predictor was a target
+    with pytest.raises(ValueError, match=r"config.components: no component 'nope'.*allowed"):
+        OptimasOptimizer(exact_match, lm=InstructionLM({}), reward=tiny_reward_model({}, seed),
+                         components=["nope"]).compile(QA(), trainset=examples(rows[:2]))
