@@ -309,13 +309,13 @@ def _folder_tables(path: Path) -> tuple[list[_Table], Path | None]:
 
 def _memory_tables(obj: Any, name: str) -> list[_Table]:
     if _is_dataset(obj):
-        return [_Table(name, _dataset_rows(obj), list(obj.column_names))]
+        return [_Table(name, _dataset_rows(obj), list(obj.column_names or []) or None)]
     if _is_dataset_dict(obj) or isinstance(obj, Mapping):
         tables = []
         for k, v in obj.items():
             sub = f"{name}[{k!r}]"
             if _is_dataset(v):
-                tables.append(_Table(sub, _dataset_rows(v), list(v.column_names), key=k))
+                tables.append(_Table(sub, _dataset_rows(v), list(v.column_names or []) or None, key=k))
             elif isinstance(v, Sequence) and not isinstance(v, (str, bytes)):
                 tables.append(_Table(sub, _list_rows(v, sub), None, key=k))
             else:
@@ -526,7 +526,7 @@ def _token_split(tokenizer: Any, chosen: str, rejected: str, max_backoff: int = 
     return 0
 
 
-def _trl_pair(r: _Row, tokenizer: Any, default_component: str) -> tuple[PreferencePair, str, bool]:
+def _trl_pair(r: _Row, tokenizer: Any, default_component: str) -> tuple[PreferencePair, str]:
     comp = r.component(default_component)
     chosen_v, rejected_v = r.get("chosen"), r.get("rejected")
     explicit = r.has("prompt")
@@ -555,14 +555,13 @@ def _trl_pair(r: _Row, tokenizer: Any, default_component: str) -> tuple[Preferen
             inputs, chosen, rejected = chosen[:cut], chosen[cut:], rejected[cut:]
             layout = "implicit"
     _check_pair(r, chosen, rejected)
-    has_margin = r.has("margin")
     margin = 1.0
-    if has_margin:
+    if r.has("margin"):
         margin = r.number("margin")
         if margin < 0:
             raise r.error("margin", f"is {margin} < 0: a subtracted margin must be >= 0 here (PreferencePair "
                           "margins are >= 0); drop the row or swap chosen and rejected")
-    return PreferencePair(comp, inputs, chosen, rejected, margin), layout, has_margin
+    return PreferencePair(comp, inputs, chosen, rejected, margin), layout
 
 
 # ------------------------------------------------------------------------------------------------ Optimas rows
@@ -693,6 +692,65 @@ def _first_row(table: _Table) -> tuple[_Table, dict | None]:
     return table, first[1]
 
 
+def _select_split(tables: list[_Table], fmt: str, split: str | None, name: str) -> list[_Table]:
+    """Named tables are components for optimas data and splits otherwise: pick ``split`` (needed if several)."""
+    keyed = [t for t in tables if t.key is not None]
+    if fmt == "optimas" or not keyed:
+        if split is not None and keyed:
+            raise PairFormatError(name, None, f"split={split!r} given, but optimas data is keyed by component "
+                                  f"({[t.key for t in keyed]}), not by split")
+        if split is not None:
+            raise PairFormatError(name, None, f"split={split!r} given, but the source has no splits")
+        return tables
+    keys = [t.key for t in keyed]
+    if split is None:
+        if len(keys) > 1:
+            raise PairFormatError(name, None, f"has splits {keys}: pass split= to pick one")
+        return tables
+    if split not in keys:
+        raise PairFormatError(name, None, f"no split {split!r}; it has {keys}")
+    return [t for t in tables if t.key == split]
+
+
+_USED_COLUMNS = {"trl": {"prompt", "chosen", "rejected", "margin", "component", "component_name"},
+                 "optimas": set(OPTIMAS_COLUMNS) | {"component", "component_name"},
+                 "pairs": set(PAIRS_COLUMNS) | {"margin"}}
+
+
+def _read_table(t: _Table, fmt: str, out: list, comps: dict | None, tokenizer: Any, default_comp: str,
+                ties: str, negative_margin: str) -> LoadReport:
+    """Validates and converts one table's rows, appending its pairs to ``out``; returns its report."""
+    rep = LoadReport(t.name, fmt, ignored_columns=sorted(c for c in t.schema if c not in _USED_COLUMNS[fmt]))
+    json_mode: dict = {}  # optimas: column -> holds JSON objects (decided by its first row)
+    layouts: Counter = Counter()
+    for label, row in t.rows:
+        r = _Row(t, label, row)
+        rep.rows += 1
+        if fmt == "trl":
+            p, layout = _trl_pair(r, tokenizer, default_comp)
+        elif fmt == "optimas":
+            comp_name = r.component(t.key if t.key is not None else default_comp)
+            if t.key is not None and comp_name != t.key:
+                raise r.error("component", f"{comp_name!r} in a table keyed by component {t.key!r}")
+            p, status = _optimas_pair(r, comp_name, json_mode, ties, negative_margin)
+            layout = "json" if json_mode.get("context") else "text"
+            rep.ties_dropped += status == "tie"
+            rep.swapped += status == "swapped"
+        else:
+            p, layout = _pairs_pair(r), "pairs"
+        layouts[layout] += 1
+        if p is None:
+            continue
+        if comps is not None and p.component not in comps:
+            raise r.error("component", f"{p.component!r} is not in the given components {sorted(comps)}")
+        out.append(p)
+        rep.pairs += 1
+    rep.layouts = dict(layouts)
+    if rep.ties_dropped or rep.swapped:
+        logger.warning("%s: dropped %d tied pairs, swapped %d inverted pairs", t.name, rep.ties_dropped, rep.swapped)
+    return rep
+
+
 def load_pairs(source: Any, format: str = "auto", components: Any = None, *, tokenizer: Any = None,
                split: str | None = None, component: str | None = None, ties: str = "drop",
                negative_margin: str = "error") -> PairSet:
@@ -732,65 +790,12 @@ def load_pairs(source: Any, format: str = "auto", components: Any = None, *, tok
     if len(kinds) > 1:
         raise PairFormatError(name, None, f"its tables hold different layouts {sorted(kinds)}; load them separately")
     fmt = kinds.pop()
-    keyed = [t for t in tables if t.key is not None]
-    if fmt == "optimas" or not keyed:
-        if split is not None and keyed:
-            raise PairFormatError(name, None, f"split={split!r} given, but optimas data is keyed by component "
-                                  f"({[t.key for t in keyed]}), not by split")
-        if split is not None and not keyed:
-            raise PairFormatError(name, None, f"split={split!r} given, but the source has no splits")
-    else:  # names are splits
-        keys = [t.key for t in keyed]
-        if split is None:
-            if len(keys) > 1:
-                raise PairFormatError(name, None, f"has splits {keys}: pass split= to pick one")
-        elif split not in keys:
-            raise PairFormatError(name, None, f"no split {split!r}; it has {keys}")
-        else:
-            tables = [t for t in tables if t.key == split]
+    tables = _select_split(tables, fmt, split, name)  # TRL / own pairs: one table from here on
     default_comp = component or (next(iter(comps)) if comps and len(comps) == 1 else DEFAULT_COMPONENT)
     pairs: list[PreferencePair] = []
-    reports, subtract_seen, plain_seen = [], False, False
+    reports = []
     for t in tables:
-        rep = LoadReport(t.name, fmt)
-        used = {"trl": {"prompt", "chosen", "rejected", "margin", "component", "component_name"},
-                "optimas": set(OPTIMAS_COLUMNS) | {"component", "component_name"},
-                "pairs": set(PAIRS_COLUMNS) | {"margin"}}[fmt]
-        rep.ignored_columns = sorted(c for c in t.schema if c not in used)
-        json_mode: dict = {}
-        layouts: Counter = Counter()
-        for label, row in t.rows:
-            r = _Row(t, label, row)
-            rep.rows += 1
-            if fmt == "trl":
-                p, layout, has_margin = _trl_pair(r, tokenizer, default_comp)
-                subtract_seen |= has_margin
-                plain_seen |= not has_margin
-                if subtract_seen and plain_seen:
-                    raise r.error("margin", "some tables have a margin column and some do not: give every table "
-                                  "one or none")
-            elif fmt == "optimas":
-                comp_name = r.component(t.key if t.key is not None else default_comp)
-                if t.key is not None and comp_name != t.key:
-                    raise r.error("component", f"{comp_name!r} in a table keyed by component {t.key!r}")
-                p, status = _optimas_pair(r, comp_name, json_mode, ties, negative_margin)
-                layout = "json" if json_mode.get("context") else "text"
-                rep.ties_dropped += status == "tie"
-                rep.swapped += status == "swapped"
-            else:
-                p, layout = _pairs_pair(r), "pairs"
-            layouts[layout] += 1
-            if p is None:
-                continue
-            if comps is not None and p.component not in comps:
-                raise r.error("component", f"{p.component!r} is not in the given components {sorted(comps)}")
-            pairs.append(p)
-            rep.pairs += 1
-        rep.layouts = dict(layouts)
-        if rep.ties_dropped or rep.swapped:
-            logger.warning("%s: dropped %d tied pairs, swapped %d inverted pairs", t.name, rep.ties_dropped,
-                           rep.swapped)
-        reports.append(rep)
+        reports.append(_read_table(t, fmt, pairs, comps, tokenizer, default_comp, ties, negative_margin))
     if not pairs:
         raise PairFormatError(name, None, f"no usable pairs ({sum(r.rows for r in reports)} rows, "
                               f"{sum(r.ties_dropped for r in reports)} ties dropped)")
@@ -798,7 +803,7 @@ def load_pairs(source: Any, format: str = "auto", components: Any = None, *, tok
     descriptions = {c: (comps or {}).get(c, c) for c in seen}
     if comps:  # keep the caller's order, and its components without pairs (they still get a head)
         descriptions = {**comps, **descriptions}
-    kind = "weight" if fmt != "trl" else ("subtract" if subtract_seen else "none")
+    kind = "weight" if fmt != "trl" else ("subtract" if any("margin" in t.schema for t in tables) else "none")
     return PairSet(pairs, descriptions, kind, "{inputs}" if fmt == "trl" else None, reports)
 
 
