@@ -226,6 +226,28 @@ def test_conversational_rows_use_the_chat_template(chat_tok):
         assert ps.reports[0].layouts == {layout: 1}
 
 
+def test_conversational_rows_with_smollm2s_chat_template(tok):
+    """The embedded SmolLM2's own ChatML template (read from the GGUF's metadata: no model conversion), which
+    injects a default system message: the rendered prompt carries it and every response starts after it."""
+    import copy
+
+    import gguf
+
+    from optimas_fast.lm.embedded import find_embedded_gguf
+
+    field = gguf.GGUFReader(str(find_embedded_gguf())).fields["tokenizer.chat_template"]
+    t = copy.deepcopy(tok)
+    t.chat_template = bytes(field.parts[field.data[0]]).decode()
+    user = [{"role": "user", "content": "Is aspirin safe?"}]
+    ps = load_pairs([{"chosen": user + [{"role": "assistant", "content": "Mostly, yes."}],
+                      "rejected": user + [{"role": "assistant", "content": "Never."}]}], tokenizer=t)
+    p = ps[0]
+    assert p.inputs.startswith("<|im_start|>system\n") and p.inputs.endswith("<|im_start|>assistant\n")
+    assert (p.chosen, p.rejected) == ("Mostly, yes.<|im_end|>\n", "Never.<|im_end|>\n")
+    assert p.inputs + p.chosen == t.apply_chat_template(user + [{"role": "assistant", "content": "Mostly, yes."}],
+                                                        tokenize=False)
+
+
 def test_conversational_rows_need_a_chat_template(tok, chat_tok):
     row = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
            "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
