@@ -563,8 +563,8 @@ class RequestIngest {
       const py::object req = py::reinterpret_borrow<py::object>(PySequence_Fast_ITEMS(rs)[i]);
       PyObject* r = req.ptr();
       if (!PyTuple_Check(r) && !PyList_Check(r))
-        throw py::type_error("requests[" + std::to_string(i) + "]: expected a (head_id, prefix_ids, suffix_ids) tuple, got " +
-                             type_name(r));
+        throw py::type_error("requests[" + std::to_string(i) +
+                             "]: expected a (head_id, prefix_ids, suffix_ids) tuple, got " + type_name(r));
       if (PySequence_Fast_GET_SIZE(r) != 3)
         throw py::value_error("requests[" + std::to_string(i) +
                               "]: expected 3 items (head_id, prefix_ids, suffix_ids), got " +
@@ -730,8 +730,10 @@ class RequestIngest {
           : es == 4 ? *reinterpret_cast<const int32_t*>(p) : *reinterpret_cast<const int64_t*>(p);
         if (v < 0) negative(i, side);
       } else {
-        const uint64_t u = es == 1 ? *reinterpret_cast<const uint8_t*>(p) : es == 2 ? *reinterpret_cast<const uint16_t*>(p)
-                         : es == 4 ? *reinterpret_cast<const uint32_t*>(p) : *reinterpret_cast<const uint64_t*>(p);
+        const uint64_t u = es == 1   ? *reinterpret_cast<const uint8_t*>(p)
+                           : es == 2 ? *reinterpret_cast<const uint16_t*>(p)
+                           : es == 4 ? *reinterpret_cast<const uint32_t*>(p)
+                                     : *reinterpret_cast<const uint64_t*>(p);
         if (u > static_cast<uint64_t>(INT64_MAX)) throw py::value_error(name(i, side) + ": token ids above 2**63 - 1");
         v = static_cast<int64_t>(u);
       }

@@ -371,8 +371,8 @@ def test_shared_prefix_objects_plan_like_copies(seed):
     """One prefix object for many requests (hashed once) plans exactly like equal copies."""
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, 1000, int(rng.integers(1, 50))) for _ in range(13)]
-    reqs = [(int(rng.integers(0, 3)), prompts[int(rng.integers(0, 13))], rng.integers(0, 1000, int(rng.integers(1, 30))))
-            for _ in range(2000)]
+    reqs = [(int(rng.integers(0, 3)), prompts[int(rng.integers(0, 13))],
+             rng.integers(0, 1000, int(rng.integers(1, 30)))) for _ in range(2000)]
     copies = [(h, p.copy(), s_.astype(np.int32)) for h, p, s_ in reqs]
     s = Scheduler(512, 16, "packed", True)
     assert_same(s.plan(reqs), s.plan(copies))
@@ -403,7 +403,8 @@ def test_empty_plan(backend, mode):
     s = Scheduler(100, 4, mode, True, backend=backend)
     empty_flat = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32),
                   np.zeros(1, np.int64))
-    for plan in (s.plan([]), s.plan(()), s.plan_arrays([], [], []), s.plan_flat(*empty_flat), s.plan_flat([], [], [0], [], [0])):
+    for plan in (s.plan([]), s.plan(()), s.plan_arrays([], [], []), s.plan_flat(*empty_flat),
+                 s.plan_flat([], [], [0], [], [0])):
         assert plan.n_requests == 0 and len(plan) == 0 and plan.batches == [] and plan.prefix_groups == []
         assert plan.dedup.shape == (0,) and plan.dedup.dtype == np.int64
         assert plan.scatter(np.zeros(0)).shape == (0,)
@@ -610,7 +611,8 @@ def _with(i, v):
     (_with(2, np.array([0, 3, 1, 3, 6])), ValueError, "prefix_offsets: must not decrease, got 3 then 1 at index 2"),
     (_with(4, np.array([-1, 1, 2, 3, 4])), ValueError, "suffix_offsets: must be >= 0"),
     (_with(2, np.array([0, 1, 3, 3, 7])), ValueError, r"prefix_offsets: ends at 7, past the end of prefix_tokens \(6"),
-    (_with(3, np.array([0, 1, -2, 3], np.int32)), ValueError, r"suffix_tokens: token ids must be >= 0, got -2 at position 2 \(request 2\)"),
+    (_with(3, np.array([0, 1, -2, 3], np.int32)), ValueError,
+     r"suffix_tokens: token ids must be >= 0, got -2 at position 2 \(request 2\)"),
     (_with(4, np.array([0, 1, 2, 2, 4])), ValueError, "request 2 has no tokens"),
 ])
 @pytest.mark.parametrize("backend", ["cpp", "python"])
