@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import zlib
 from typing import Any, Callable, Mapping, Sequence
 
 try:
@@ -64,8 +65,9 @@ class _Engine:
     """DSPy's engine contract (``complete(Request) -> Response``, see ``dspy.clients.engines.base``) over an
     optimas_fast LM: DSPy renders the prompt and parses the reply; the LM layer does the call."""
 
-    def __init__(self, backend: LM):
+    def __init__(self, backend: LM, owner: "DSPyLM | None" = None):
         self.backend = backend
+        self.owner = owner  # the DSPyLM whose kwargs (rollout_id) apply; each copy gets its own engine
 
     def complete(self, request):
         validate_request(request)
@@ -86,6 +88,11 @@ class _Engine:
         hot = getattr(ctx, "temperature", None)  # best-of-N candidates sample at least this hot
         if hot is not None:
             temperature = max(temperature, float(hot))
+        rollout = self.owner.kwargs.get("rollout_id") if self.owner is not None else None
+        if rollout is not None and temperature > 0:
+            # DSPy's lm.copy(rollout_id=k, temperature=1.0) asks for distinct samples: fold k into the seed
+            # (our cache key holds the seed), deterministically across processes
+            seed = zlib.crc32(f"{seed}:{rollout}".encode()) & 0x7FFFFFFF
         out = self.backend.generate([messages], n=1, temperature=temperature, max_tokens=int(cfg.max_tokens or 256),
                                     stop=list(cfg.stop) or None, seed=seed)
         record_usage(out)  # the running step's usage (generate itself updated the ledger)
@@ -136,9 +143,9 @@ class DSPyLM(dspy.LM):
     A ``dspy.LM`` (so a ``dspy.BaseLM``) with a custom engine, DSPy's public route for its own engines.
     DSPy's response cache and retries are off for it: the backend has its own (a second cache would hide
     calls from our accounting; a second retry loop would multiply attempts). A call's seed is the running
-    system step's seed unless the request sets one. ``n > 1`` candidates of one call share that seed (equal
-    at temperature 0; use n = 1). Saving a predictor that holds a DSPyLM records its spec (one built from an
-    LM instance cannot be saved).
+    system step's seed unless the request sets one; ``lm.copy(rollout_id=k)`` at temperature > 0 folds k into
+    it (distinct samples, as DSPy means it). ``n > 1`` candidates of one call share the seed: use n = 1.
+    Saving a predictor that holds a DSPyLM records its spec (one built from an LM instance cannot be saved).
     """
 
     def __init__(self, lm: LM | str | Mapping = "embedded", *, temperature: float = 0.0, max_tokens: int = 256,
@@ -148,10 +155,19 @@ class DSPyLM(dspy.LM):
                             f"got {type(lm).__name__}")
         self.backend = make_lm(lm)
         self.spec = None if isinstance(lm, LM) else (lm if isinstance(lm, str) else dict(lm))
-        engine = _Engine(self.backend)
+        engine = _Engine(self.backend, self)
         super().__init__(f"optimas_fast/{self.backend.name}", model_type="chat", temperature=temperature,
                          max_tokens=max_tokens, cache=False, num_retries=0, engine=engine,
                          async_engine=_AsyncEngine(engine), **kwargs)
+
+    def copy(self, **kwargs: Any) -> "DSPyLM":
+        """``dspy.LM.copy`` with an engine of its own, so the copy's kwargs (``rollout_id``) apply to its calls."""
+        if "engine" in kwargs:
+            return super().copy(**kwargs)
+        engine = _Engine(self.backend)
+        new = super().copy(engine=engine, async_engine=_AsyncEngine(engine), **kwargs)
+        engine.owner = new
+        return new
 
     def dump_state(self) -> dict:
         if self.spec is None:

@@ -229,6 +229,18 @@ def test_dspy_lm_request_shape(seed):
     with usage_scope("x", seed=s), dspy.context(lm=lm):
         dspy.Predict("question -> answer")(question="why not?", config={"max_tokens": 32})
     assert seen[-1][1].seed == s and seen[-1][1].max_tokens == 32
+    # DSPy's distinct-sample idiom: copies with rollout ids at temperature > 0 get distinct seeds; at 0 none
+    seeds = []
+    for k in (1, 2, 1):
+        with dspy.context(lm=lm.copy(rollout_id=k, temperature=1.0)):
+            dspy.Predict("question -> answer")(question="again?")
+        seeds.append(seen[-1][1].seed)
+        assert seen[-1][1].temperature == 1.0
+    assert seeds[0] != seeds[1] and seeds[0] == seeds[2] and None not in seeds
+    with dspy.context(lm=lm.copy(rollout_id=5)), pytest.warns(UserWarning, match="rollout_id has no effect"):
+        dspy.Predict("question -> answer")(question="greedy?")
+    assert seen[-1][1].seed is None and seen[-1][1].temperature == 0.0
+    assert lm.kwargs.get("rollout_id") is None  # copies never change the original
     # saved with the program when built from a spec; an instance-built one says why it cannot be
     with pytest.raises(TypeError, match="cannot be saved"):
         lm.dump_state()
