@@ -467,6 +467,12 @@ def test_bad_rows_in_csv_parquet_and_datasets(tmp_path):
                    tmp_path / "bad.parquet")
     with pytest.raises(PairFormatError, match=r"bad\.parquet row 1: field 'score_rejected': is nan"):
         load_pairs(tmp_path / "bad.parquet")
+    (tmp_path / "bad.json").write_text(json.dumps([dict(TRL_OK), {**TRL_OK, "rejected": 1.5}]))
+    with pytest.raises(PairFormatError, match=r"bad\.json row 1: field 'rejected': must be a string, got float"):
+        load_pairs(tmp_path / "bad.json")
+    (tmp_path / "named.json").write_text(json.dumps({"answer": [dict(OPT_OK), {**OPT_OK, "score_chosen": None}]}))
+    with pytest.raises(PairFormatError, match=r"named\.json\['answer'\] row 1: field 'score_chosen': is null"):
+        load_pairs(tmp_path / "named.json")
     ds = datasets.Dataset.from_list([dict(TRL_OK), dict(TRL_OK), {**TRL_OK, "chosen": ""}])
     with pytest.raises(PairFormatError, match=r"Dataset row 2: field 'chosen': is empty"):
         load_pairs(ds)
