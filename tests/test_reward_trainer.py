@@ -432,3 +432,16 @@ def test_optimas_format_trains_per_component_with_margin_weights(tokenizer, tmp_
     assert tr.train().global_step == 2
     assert [(kw["weighting"], kw["subtract_margin"]) for kw in seen] == [("margin", False)] * 2
     assert sorted({p.margin for p in tr.train_pairs}) == sorted({1.0 - r["score_rejected"] for r in rows})
+
+
+def test_bf16_flag_trains_under_bf16_autocast(tokenizer, tmp_path, seed):
+    rows = trl_rows(random.Random(seed), 8)
+    tr = make_trainer(tokenizer, seed, tmp_path, rows, bf16=True, max_steps=2, save_strategy="no", logging_steps=1)
+    assert tr.model.config.amp == "bf16" and tr.model.uses_bf16(inference=False)
+    before = [p.detach().clone() for p in tr.model.net.parameters()]
+    tr.train()
+    losses = [h["loss"] for h in tr.state["log_history"] if "loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.net.parameters()))
+    fp32 = make_trainer(tokenizer, seed, tmp_path / "fp32", rows, bf16=False, max_steps=1, save_strategy="no")
+    assert fp32.model.config.amp == "none" and not fp32.model.uses_bf16(inference=False)

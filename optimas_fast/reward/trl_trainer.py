@@ -560,11 +560,13 @@ class RewardTrainer:
             self.model.load_state(st["best_model_checkpoint"])
         steps = max(1, st["global_step"])
         train_loss = extra["loss_sum"] / steps
-        metrics = {"train_runtime": run_seconds, "train_samples_per_second":
-                   extra["pairs_seen"] / max(extra["train_seconds"], 1e-9),
-                   "train_steps_per_second": steps / max(extra["train_seconds"], 1e-9), "train_loss": train_loss,
+        done_here = st["global_step"] - start_step  # steps of this call (a resumed run did the rest before)
+        metrics = {"train_runtime": run_seconds,  # transformers' meaning: this call's wall time, evals and saves in
+                   "train_samples_per_second": done_here * self.global_batch / max(run_seconds, 1e-9),
+                   "train_steps_per_second": done_here / max(run_seconds, 1e-9), "train_loss": train_loss,
                    "epoch": st["epoch"], "pairs_used": len(self.train_pairs), "pairs_dropped": self.pairs_dropped,
                    "pairs_truncated": self.pairs_truncated, "steps": st["global_step"],
+                   # ours: pairs per second of optimizer steps alone (no evaluation, no checkpoint writes)
                    "pairs_per_s": extra["pairs_seen"] / max(extra["train_seconds"], 1e-9),
                    # the last logged interval's mean loss (what TRL's log shows last)
                    "final_loss": next((h["loss"] for h in reversed(st["log_history"]) if "loss" in h), train_loss)}
