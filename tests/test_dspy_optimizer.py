@@ -49,7 +49,7 @@ def field(text: str, name: str) -> str:
 class InstructionLM(LM):
     """Scripted through ``_generate`` (so LM.generate's cache, ledger and budget apply): the answerer replies
     with the gold answer only when its instructions say "exact"; the proposer offers good ("exact") and bad
-    rewrites, varying with the sample seed."""
+    rewrites (even / odd sample index), their text varying with the sample seed."""
 
     def __init__(self, gold: dict[str, str], cache=None):
         self.name = "instruction-lm"
@@ -63,9 +63,9 @@ class InstructionLM(LM):
             self.prompts.append(r.prompt)
             system, last = r.prompt[0]["content"], r.prompt[-1]["content"]
             if "You improve instructions" in system:
-                k = (r.seed or 0) % 1000
-                text = (f"Give the exact answer span from the sources, variant {k}." if k % 2 else
-                        f"Answer briefly in your own words, variant {k}.")
+                k = (r.seed or 0) % 1000  # distinct texts per call; every call offers a good and a bad one
+                text = (f"Give the exact answer span from the sources, variant {k}." if r.sample_index % 2 == 0
+                        else f"Answer briefly in your own words, variant {k}.")
             elif "[[ ## answer ## ]]" in system:
                 question = field(last, "question")
                 answer = self.gold.get(question, WRONG) if "exact" in system.split("objective is:")[-1] else WRONG
