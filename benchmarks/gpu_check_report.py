@@ -146,7 +146,8 @@ def summarise(d: str) -> tuple[dict, list[str]]:
     machine = ((workloads or {}).get("machine") or ((bench or {}).get("machine_info") or {}).get("optimas_fast")
                or machine_info())
     result = {"ok": not problems, "problems": problems, "machine": machine, "steps": steps,
-              "gpu_tests": tests, "vllm_gpu_tests": vllm_tests if vllm_tests is not None else "not run (vllm not installed)",
+              "gpu_tests": tests,
+              "vllm_gpu_tests": vllm_tests if vllm_tests is not None else "not run (vllm not installed)",
               "kernel_suite": rows, "bandwidth_target": {"fraction": TARGET, "rows": tgt,
                                                          "met": bool(tgt) and all(t["met"] for t in tgt)},
               "workloads": workloads}
@@ -173,7 +174,8 @@ def markdown(r: dict) -> str:
         lines += ["", f"## GPU tests: {t['tests']} ran, {t['failures']} failed, {t['errors']} errors, "
                       f"{t['skipped']} skipped", ""]
         lines += [f"- {n}" for n in (t["failed_names"] + t["skipped_names"])[:30]]
-    lines += ["", f"vLLM GPU tests: {r['vllm_gpu_tests'] if isinstance(r['vllm_gpu_tests'], str) else str(r['vllm_gpu_tests']['tests']) + ' ran'}"]
+    v = r["vllm_gpu_tests"]
+    lines += ["", f"vLLM GPU tests: {v if isinstance(v, str) else str(v['tests']) + ' ran'}"]
     bt = r["bandwidth_target"]
     lines += ["", f"## Bandwidth target (>= {bt['fraction']:.0%} of measured copy bandwidth, B=16384 H=4096 C=32): "
                   f"{'met' if bt['met'] else 'NOT met'}", "",
@@ -193,7 +195,8 @@ def markdown(r: dict) -> str:
         hf = sp.get("all_heads", sp.get("hf_head"))
         lines.append(f"| {row['group']} | {_f(o.get('median_ms'))} | {_f(o.get('GBps'), '{:.0f}')} | "
                      f"{_f(sp.get('eager'), '{:.2f}x')} | {_f(sp.get('compile'), '{:.2f}x')} | {_f(hf, '{:.2f}x')} | "
-                     f"{_f(o.get('fraction_of_copy_bw'), '{:.0%}')} / {_f(o.get('pipelined_fraction_of_copy_bw'), '{:.0%}')} |")
+                     f"{_f(o.get('fraction_of_copy_bw'), '{:.0%}')} / "
+                     f"{_f(o.get('pipelined_fraction_of_copy_bw'), '{:.0%}')} |")
     w = r.get("workloads")
     if w:
         p, tr = w.get("pool", {}), w.get("train", {})
@@ -207,16 +210,20 @@ def markdown(r: dict) -> str:
                 b = tr.get(key, {})
                 if "pairs_per_s" in b:
                     lines.append(f"| training, pairs/s vs {label} | {_f(ours.get('pairs_per_s'))} | "
-                                 f"{_f(b['pairs_per_s'])} | {_f(ours.get('pairs_per_s', 0) / b['pairs_per_s'], '{:.1f}x')} |")
+                                 f"{_f(b['pairs_per_s'])} | "
+                                 f"{_f(ours.get('pairs_per_s', 0) / b['pairs_per_s'], '{:.1f}x')} |")
                 else:
-                    lines.append(f"| training vs {label} | {_f(ours.get('pairs_per_s'))} | {b.get('skipped', '-')} | - |")
+                    lines.append(f"| training vs {label} | {_f(ours.get('pairs_per_s'))} | "
+                                 f"{b.get('skipped', '-')} | - |")
         if p:
             lines.append(f"| 1 x {p.get('rows')} pool, rows/s vs HF batched ({p.get('hf_dtype')}) | "
-                         f"{_f(p.get('ours_rows_per_s'))} | {_f(p.get('hf_rows_per_s'))} | {_f(p.get('speedup_vs_hf'), '{:.1f}x')} |")
+                         f"{_f(p.get('ours_rows_per_s'))} | {_f(p.get('hf_rows_per_s'))} | "
+                         f"{_f(p.get('speedup_vs_hf'), '{:.1f}x')} |")
             v = p.get("vllm", {})
             if "rows_per_s" in v:
                 lines.append(f"| 1 x {p.get('rows')} pool, rows/s vs vLLM pooling (prefix caching) | "
-                             f"{_f(p.get('ours_rows_per_s'))} | {_f(v['rows_per_s'])} | {_f(p.get('speedup_vs_vllm'), '{:.1f}x')} |")
+                             f"{_f(p.get('ours_rows_per_s'))} | {_f(v['rows_per_s'])} | "
+                             f"{_f(p.get('speedup_vs_vllm'), '{:.1f}x')} |")
             else:
                 lines.append(f"| pool vs vLLM pooling | - | {v.get('skipped', '-')} | - |")
             lines += ["", f"Pool scores, ours vs the HF model (same weights and heads): max |diff| "

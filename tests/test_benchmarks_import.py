@@ -92,7 +92,8 @@ def _junit(path, skipped=0, failed=0, passed=2):
               "</testcase>" for i in range(skipped)]
     cases += [f'<testcase classname="tests.test_gpu_ops" name="f{i}"><failure message="assert 1 == 2"/></testcase>'
               for i in range(failed)]
-    path.write_text(f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{"".join(cases)}</testsuite></testsuites>')
+    suite = f'<testsuite name="pytest">{"".join(cases)}</testsuite>'
+    path.write_text(f'<?xml version="1.0"?><testsuites>{suite}</testsuites>')
 
 
 def _fake_run(d, **junit):
@@ -100,13 +101,15 @@ def _fake_run(d, **junit):
                                  "workloads\t0\t50\t150\tworkloads\n")
     _junit(d / "gpu_tests.xml", **junit)
     bench = {"machine_info": {}, "benchmarks": [
-        {"name": f"test_multihead_score[cuda-large-bfloat16-fwd-{impl}]", "group": "multihead_score fwd cuda-large-bfloat16",
-         "stats": {"median": t}, "extra_info": {"impl": impl, "fraction_of_copy_bw": f, "pipelined_fraction_of_copy_bw": f}}
+        {"name": f"test_multihead_score[cuda-large-bfloat16-{impl}-fwd]",
+         "group": "multihead_score fwd cuda-large-bfloat16", "stats": {"median": t},
+         "extra_info": {"impl": impl, "fraction_of_copy_bw": f, "pipelined_fraction_of_copy_bw": f}}
         for impl, t, f in (("ours", 1e-4, 0.55), ("kernel", 0.8e-4, 0.75), ("eager", 4e-4, 0.19))]}
     (d / "bench_ops.json").write_text(json.dumps(bench))
     (d / "workloads.json").write_text(json.dumps({"machine": {"device": "NVIDIA H200"}, "amp": "bf16", "model": {},
-                                                  "pool": {"rows": 1024, "ours_rows_per_s": 900.0, "hf_rows_per_s": 100.0,
-                                                           "speedup_vs_hf": 9.0, "vllm": {"skipped": "not installed"}},
+                                                  "pool": {"rows": 1024, "ours_rows_per_s": 900.0,
+                                                           "hf_rows_per_s": 100.0, "speedup_vs_hf": 9.0,
+                                                           "vllm": {"skipped": "not installed"}},
                                                   "train": {"ours": {"pairs_per_s": 50.0},
                                                             "reference_way": {"pairs_per_s": 5.0},
                                                             "trl": {"skipped": "trl is not importable"}}}))

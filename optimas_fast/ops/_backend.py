@@ -99,7 +99,8 @@ def backend_info() -> dict:
             info["available"][f"{name}/{dev}"] = ok
             info["why"][f"{name}/{dev}"] = why
         info["available"][f"torch/{dev}"] = dev == "cpu" or torch.cuda.is_available()
-        info["why"][f"torch/{dev}"] = "reference (plain PyTorch)" if info["available"][f"torch/{dev}"] else "no CUDA device"
+        ok = info["available"][f"torch/{dev}"]
+        info["why"][f"torch/{dev}"] = "reference (plain PyTorch)" if ok else "no CUDA device"
         try:
             info["selected"][dev] = select(torch.device(dev), torch.float32)
         except (BackendUnavailableError, TypeError) as e:

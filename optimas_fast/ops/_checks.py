@@ -71,9 +71,12 @@ def optional_rows(x, name: str, B: int):
 def weights(w, B: int, reduction: str):
     w = optional_rows(w, "weight", B)
     if w is not None and B:
-        if bool((w < 0).any()):
+        # the three facts in one host-device sync on CUDA (three bool() reads were three syncs)
+        facts = torch.stack([(w < 0).any().float(), w.sum().float(), w.isnan().any().float()])  # (3,)
+        negative, total, has_nan = facts.tolist()
+        if negative:
             raise ValueError("weight: pair weights must be >= 0")
-        if reduction == "mean" and not bool(w.sum() > 0) and not bool(w.isnan().any()):
+        if reduction == "mean" and not total > 0 and not has_nan:
             raise ValueError("weight: weights sum to 0, so the weighted mean is undefined")
     return w
 
