@@ -5,8 +5,9 @@ rewards s_1..s_K, emit **every** ordered pair (y_i, y_j) with s_i > s_j (the ref
 looked at i < j and so dropped the pairs where the later candidate is better). Candidates with equal
 rewards give no pair. Margin m = s_i - s_j > 0.
 
-Weights: the normalised margin w = m / mean(m), floored at ``floor`` so that no valid pair gets weight 0;
-an empty list gives [] and all-equal margins give 1.0 each, never NaN.
+Weights: ``pair_weights`` is the reward engine's (optimas_fast.reward.pair_weights, re-exported here): the
+normalised margin w = m / mean(m), floored at ``floor`` so that no valid pair gets weight 0; an empty list
+gives [] and all-equal margins give 1.0 each, never NaN.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
-from optimas_fast.reward import Candidate, PreferencePair
+from optimas_fast.reward import Candidate, PreferencePair, pair_weights
 
 __all__ = ["build_pairs", "pair_weights", "PairStore", "is_held_out"]
 
@@ -37,22 +38,6 @@ def build_pairs(component: str, inputs: str, candidates: Sequence[tuple[str, flo
             if si > sj:
                 out.append(PreferencePair(component, inputs, ti, tj, float(si - sj)))
     return out
-
-
-def pair_weights(margins: Sequence[float], floor: float = 0.05) -> list[float]:
-    """w = max(m / mean(m), floor); all-equal margins -> 1.0 each; never 0 for a valid pair, never NaN."""
-    if not floor > 0:
-        raise ValueError(f"pair_weights: floor must be > 0 (else a valid pair can get weight 0), got {floor!r}")
-    ms = [float(m) for m in margins]
-    for m in ms:
-        if not math.isfinite(m) or m < 0:
-            raise ValueError(f"pair_weights: margins must be finite and >= 0, got {m!r}")
-    if not ms:
-        return []
-    mean = sum(ms) / len(ms)
-    if mean <= 0 or max(ms) == min(ms):
-        return [1.0] * len(ms)
-    return [max(m / mean, floor) for m in ms]
 
 
 def is_held_out(key: str, fraction: float) -> bool:

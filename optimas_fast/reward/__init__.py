@@ -7,20 +7,27 @@ prefix-shared scoring of large candidate pools, checkpoints and DDP.
     scores = rm.score([("answer", inputs, candidate) for candidate in pool])
     rm.evaluate(held_out_pairs, candidates)        # accuracy, loss, alignment per component
     rm.save("ckpt/"); RewardModel.load("ckpt/")
+
+Parts (each depends only on those above it): data, template, config -> encoder -> trainer -> checkpoint ->
+model (the RewardModel facade).
 """
-from ._backend import backend_report
 from .checkpoint import describe as describe_checkpoint
-from .data import Candidate, PreferencePair, ScoreRequest
+from .config import LoraSettings, RewardConfig
+from .data import Candidate, PreferencePair, ScoreRequest, pair_weights
 from .distributed import DistInfo, cleanup_distributed, init_distributed
+from .encoder import DEFAULT_BACKBONE, Encoder, Rows, ScoreReport, backend_report, cpu_has_native_bf16, load_backbone
+from .formats import LoadReport, PairFormatError, PairSet, load_pairs, save_pairs
 from .metrics import spearman
-from .model import (
-    DEFAULT_BACKBONE, LoraSettings, RewardConfig, RewardModel, ScoreReport, cpu_has_native_bf16, load_backbone,
-)
+from .model import RewardModel
 from .template import TemplateConfig
-from .trainer import TrainConfig
+from .trainer import OVERLONG_POLICIES, TrainConfig, Trainer, TrainReport
+from .trl_trainer import RewardTrainer, RewardTrainingArguments  # the TRL-style face (optimas_fast.trl)
 
 __all__ = [
-    "DEFAULT_BACKBONE", "Candidate", "DistInfo", "LoraSettings", "PreferencePair", "RewardConfig", "RewardModel",
-    "ScoreReport", "ScoreRequest", "TemplateConfig", "TrainConfig", "backend_report", "cleanup_distributed",
-    "cpu_has_native_bf16", "describe_checkpoint", "init_distributed", "load_backbone", "spearman",
+    "LoadReport", "PairFormatError", "PairSet", "load_pairs", "save_pairs",
+    "DEFAULT_BACKBONE", "OVERLONG_POLICIES", "Candidate", "DistInfo", "Encoder", "LoraSettings", "PreferencePair",
+    "RewardConfig", "RewardModel", "Rows", "ScoreReport", "ScoreRequest", "TemplateConfig", "TrainConfig",
+    "TrainReport", "Trainer", "backend_report", "cleanup_distributed", "cpu_has_native_bf16", "describe_checkpoint",
+    "init_distributed", "load_backbone", "pair_weights", "spearman",
+    "RewardTrainer", "RewardTrainingArguments",
 ]

@@ -42,6 +42,33 @@ def _check_str(value: Any, what: str) -> str:
     return value
 
 
+def pair_weights(margins: Sequence[float], floor: float = 0.05, reference: float | None = None) -> list[float]:
+    """Pair weights from margins (DESIGN.md section 1): the normalised margin, floored, w = max(m / ref, floor).
+
+    ``ref`` is ``reference`` when given (the trainer passes the mean margin of the whole training set, so a
+    batch's weights do not depend on which pairs it happens to hold), else the mean of ``margins``. Never 0 for
+    a valid pair (floor > 0) and never NaN: an empty list gives [], a reference <= 0 (all-zero margins) gives
+    1.0 each, and all-equal margins without a reference give exactly 1.0 each.
+    """
+    if not floor > 0:
+        raise ValueError(f"pair_weights: floor must be > 0 (else a valid pair can get weight 0), got {floor!r}")
+    ms = [float(m) for m in margins]
+    for i, m in enumerate(ms):
+        if not math.isfinite(m) or m < 0:
+            raise ValueError(f"pair_weights: margins[{i}] must be finite and >= 0, got {m!r}")
+    if reference is not None and not math.isfinite(reference):
+        raise ValueError(f"pair_weights: reference must be finite, got {reference!r}")
+    if not ms:
+        return []
+    if reference is None:
+        if max(ms) == min(ms):
+            return [1.0] * len(ms)
+        reference = sum(ms) / len(ms)
+    if reference <= 0:
+        return [1.0] * len(ms)
+    return [max(m / reference, floor) for m in ms]
+
+
 def as_requests(requests: Iterable[Any]) -> list[ScoreRequest]:
     """Accept ScoreRequest objects or (component, inputs, outputs) tuples; validate types."""
     out = []

@@ -14,9 +14,36 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 logger = logging.getLogger(__name__)
+
+
+def plain_backend(tokenizer: Any):
+    """A copy of a fast tokenizer's Rust backend with padding and truncation off (a tokenizer.json may carry
+    either, e.g. MiniLM's pads to 128; ``tokenizer(...)`` switches them per call, the backend does not), or
+    None for a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_padding()
+    plain.no_truncation()
+    return plain
+
+
+def batch_token_ids(tokenizer: Any, texts: Sequence[str], backend: Any = None) -> list[tuple[int, ...]]:
+    """Ids of many texts without special tokens, in one call: the same ids as
+    ``tokenizer(texts, add_special_tokens=False)`` (tests check it). With ``backend`` (``plain_backend(tokenizer)``)
+    the Rust backend is called directly, without building a BatchEncoding (MiniLM, 100k short texts, 2 busy
+    cores: 21 us/text vs 42 through ``__call__``)."""
+    if not texts:
+        return []
+    if backend is not None:
+        return [tuple(e.ids) for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+    return [tuple(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
 @dataclass
@@ -66,6 +93,7 @@ class TokenCache:
                                         or max_entries < 1):
             raise ValueError(f"token cache max_entries must be an int >= 1 or None, got {max_entries!r}")
         self.tokenizer = tokenizer
+        self._backend = plain_backend(tokenizer)  # batched calls go straight to Rust
         self.config = config
         self.is_encoder = is_encoder
         self.max_entries = max_entries
@@ -100,6 +128,29 @@ class TokenCache:
             self.hits += 1
             self._text_ids.move_to_end(text)
         return ids
+
+    def ids_many(self, texts: Sequence[str]) -> list[tuple[int, ...]]:
+        """Token ids of each text (no special tokens): cached ones from the cache, the rest in ONE batched
+        tokenizer call (a fast tokenizer encodes a list in Rust, in parallel). ``texts`` should be distinct:
+        callers dedupe first, and hits/misses count per text here."""
+        out: list = [None] * len(texts)
+        todo: list[int] = []
+        get, move = self._text_ids.get, self._text_ids.move_to_end
+        for i, t in enumerate(texts):
+            ids = get(t)
+            if ids is None:
+                todo.append(i)
+            else:
+                out[i] = ids
+                move(t)
+        self.hits += len(texts) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            new = batch_token_ids(self.tokenizer, [texts[i] for i in todo], self._backend)
+            for i, ids in zip(todo, new):
+                out[i] = self._text_ids[texts[i]] = ids
+            self._trim(self._text_ids)
+        return out
 
     def _prefix_key(self, prefix: tuple[int, ...]) -> int:
         key = self._prefix_keys.get(prefix)

@@ -1,14 +1,18 @@
-"""Training, online adaptation and held-out evaluation of a RewardModel.
+"""Training, online adaptation and held-out evaluation of a reward Encoder (backbone + heads).
 
 One optimisation step on a batch of preference pairs:
 
-    chosen + rejected rows --TokenCache--> tokens --scheduler--> dedupe (a candidate shared by several pairs
-    is encoded once) + prefix groups (the pair's input prefix is encoded once on decoders)
+    chosen + rejected rows (prepared once per train() call: tokenised in batched calls, truncation applied)
+        --scheduler--> dedupe (a candidate shared by several pairs is encoded once) + prefix-group batches
+        (the pair's input prefix is encoded once on decoders)
         --backbone, one call per planned batch (chosen and rejected together)--> unique states (U, H)
         --gather--> h_chosen (B, H), h_rejected (B, H) --ops.fused_head_bt_loss--> loss --> AdamW
 
-The trainer object lives on the model (``model.trainer``): its optimizer state, learning-rate position and
-per-component replay buffers persist across ``train``/``adapt`` calls and go into checkpoints.
+The trainer depends on the encoder only (never on RewardModel). Its optimizer state, learning-rate position,
+RNG and per-component replay buffers persist across ``train``/``adapt`` calls and go into checkpoints through
+``state_dict``/``load_state_dict``. Heads added or removed on the encoder are noticed through
+``Encoder.heads_version`` at the next step: the optimizer is rebuilt over the current parameters, keeping
+the moments of those that remain, and a removed component's replay buffer is dropped.
 
 Multi-process: when ``torch.distributed`` is initialised (``torchrun``; see distributed.py) each rank takes a
 contiguous shard of every global batch and the backbone runs under DistributedDataParallel. Each rank's loss is its
@@ -22,7 +26,7 @@ import math
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -30,14 +34,29 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import _backend as B
-from .data import PreferencePair, as_candidates, as_pairs
+from optimas_fast import ops
+
+from .data import PreferencePair, as_candidates, as_pairs, pair_weights
+from .encoder import Encoder, Rows
 from .metrics import grouped_spearman
 
-if TYPE_CHECKING:  # type names only: the model module imports this one
-    from .model import RewardModel
-
 logger = logging.getLogger(__name__)
+
+OVERLONG_POLICIES = ("truncate_prefix", "drop", "error")
+
+
+@dataclass
+class TrainReport:
+    """What the last ``train()`` call did (``RewardModel.last_train_report``; the CLI and RewardTrainer read it)."""
+
+    pairs_used: int = 0  # distinct pairs trained on (after the overlong policy)
+    pairs_dropped: int = 0  # pairs left out by overlong="drop"
+    pairs_truncated: int = 0  # pairs used with a truncated prefix (overlong="truncate_prefix")
+    steps: int = 0  # optimizer steps taken
+    seconds: float = 0.0  # wall time of the call, tokenising included
+    pairs_per_s: float = 0.0  # pairs processed (pairs_used x epochs) per second
+    final_loss: float = float("nan")  # loss of the last step
+    overlong: str = "truncate_prefix"  # the policy in effect
 
 
 @dataclass
@@ -82,14 +101,6 @@ class TrainConfig:
             raise ValueError(f"center must be a finite float >= 0, got {self.center!r}")
 
 
-def pair_weights(margins: Sequence[float], floor: float, reference: float | None = None) -> list[float]:
-    """Normalised margins, floored: w = max(m / mean_m, floor). All-equal (even all-zero) margins give w = 1."""
-    ref = reference if reference is not None else (float(np.mean(margins)) if len(margins) else 0.0)
-    if ref <= 0:
-        return [1.0] * len(margins)
-    return [max(m / ref, floor) for m in margins]
-
-
 def make_batches(pairs: Sequence[PreferencePair], batch_pairs: int, group_by_input: bool,
                  gen: torch.Generator) -> list[list[int]]:
     """Shuffled batches of pair indices; with group_by_input, pairs of one (component, inputs) stay adjacent."""
@@ -109,49 +120,62 @@ def make_batches(pairs: Sequence[PreferencePair], batch_pairs: int, group_by_inp
 
 class _PairLoss(nn.Module):
     """The loss of one (shard of a) batch as a module, so DDP can wrap it: forward encodes the unique rows
-    through the model's backbone (shared-prefix or independent, as planned) and applies the fused loss."""
+    through the encoder's backbone (shared-prefix or independent, as planned) and applies the fused loss."""
 
-    def __init__(self, model: "RewardModel"):
+    def __init__(self, encoder: Encoder):
         super().__init__()
-        self.net = model.net
-        self._model = (model,)  # a tuple keeps the (non-Module) model out of the module tree
+        self.net = encoder.net
+        self._encoder = (encoder,)  # a tuple keeps the (non-Module) encoder out of the module tree
 
-    def forward(self, pairs: list[PreferencePair], weights: list[float], divisor: float | None,
-                cfg: TrainConfig) -> torch.Tensor:
-        """Loss of ``pairs``: the weighted mean (divisor None), or the row sum / divisor (DDP shards)."""
-        model = self._model[0]
-        toks = [model.tokenise(p.component, p.inputs, p.chosen) for p in pairs]
-        toks += [model.tokenise(p.component, p.inputs, p.rejected) for p in pairs]
-        plan = model.plan(toks)
-        h, pos_of, _ = model.encode_planned(toks, plan)  # (U, H)
-        n = len(pairs)
+    def forward(self, rows: Rows, weights: list[float], margins: list[float] | None, divisor: float | None,
+                center: float) -> torch.Tensor:
+        """Loss of the pairs whose chosen rows are ``rows[:B]`` and rejected rows ``rows[B:]``: the weighted
+        mean (divisor None), or the row sum / divisor (DDP shards)."""
+        enc = self._encoder[0]
+        n = len(rows) // 2
+        plan = enc.plan(rows)
+        h, _ = enc.encode_planned(rows, plan, inference=False)  # (U, H) in plan.rows order
         dev = h.device
-        idx = torch.tensor([pos_of[d] for d in plan.dedup], device=dev)  # (2B,)
+        idx = torch.from_numpy(plan.request_row).to(dev)  # (2B,)
         h_c, h_r = h.index_select(0, idx[:n]), h.index_select(0, idx[n:])  # (B, H) each
-        head_ids = torch.tensor([t.head_id for t in toks[:n]], device=dev)  # (B,)
+        head_ids = torch.from_numpy(rows.head_ids[:n]).to(dev)  # (B,)
         W, b = self.net.stacked_heads()  # (C, H), (C,)
         w = torch.tensor(weights, dtype=torch.float32, device=dev)  # (B,)
-        mu = (torch.tensor([p.margin for p in pairs], dtype=torch.float32, device=dev) * cfg.margin_scale
-              if cfg.subtract_margin else None)
+        mu = torch.tensor(margins, dtype=torch.float32, device=dev) if margins is not None else None  # (B,)
         if divisor is None:
-            return B.fused_head_bt_loss(h_c, h_r, head_ids, W, b, weight=w, margin=mu, center=cfg.center)
-        return B.fused_head_bt_loss(h_c, h_r, head_ids, W, b, weight=w, margin=mu, center=cfg.center,
-                                    reduction="sum") / divisor
+            return ops.fused_head_bt_loss(h_c, h_r, head_ids, W, b, weight=w, margin=mu, center=center)
+        return ops.fused_head_bt_loss(h_c, h_r, head_ids, W, b, weight=w, margin=mu, center=center,
+                                      reduction="sum") / divisor
+
+
+def pair_rows(encoder: Encoder, pairs: Sequence[PreferencePair], check_fit: bool = True) -> Rows:
+    """2B prepared rows: the chosen outputs of ``pairs`` first, then the rejected ones (one batched pass)."""
+    comps = [p.component for p in pairs]
+    ins = [p.inputs for p in pairs]
+    return encoder.prepare(comps + comps, ins + ins, [p.chosen for p in pairs] + [p.rejected for p in pairs],
+                           check_fit=check_fit)
 
 
 class Trainer:
-    """Optimizer, LR position, RNG and replay buffers of one RewardModel (persist across calls)."""
+    """Optimizer, LR position, RNG and replay buffers of one Encoder (persist across calls).
 
-    def __init__(self, model: "RewardModel"):
-        self.model = model
+    Args:
+        encoder: what is trained (its ``net``: backbone + heads).
+        seed: seeds batch shuffling and replay sampling.
+    """
+
+    def __init__(self, encoder: Encoder, seed: int = 1):
+        self.encoder = encoder
         self.cfg = TrainConfig()
         self.optimizer: torch.optim.AdamW | None = None
         self.step = 0  # optimizer steps taken so far (drives the LR schedule)
         self.horizon: int | None = None  # last step of the linear schedule (set by train())
-        self.gen = torch.Generator().manual_seed(model.config.seed + 1)  # batch shuffling and replay sampling
+        self.gen = torch.Generator().manual_seed(seed)  # batch shuffling and replay sampling
         self.replay: dict[str, deque] = {}
-        self._loss_module = _PairLoss(model)
+        self.last_report: TrainReport | None = None
+        self._loss_module = _PairLoss(encoder)
         self._ddp: nn.Module | None = None
+        self._heads_version = encoder.heads_version  # the encoder's heads the optimizer was built over
 
     # --------------------------------------------------------------------------------------- plumbing
     def _apply_overrides(self, overrides: dict) -> None:
@@ -166,7 +190,7 @@ class Trainer:
                 self.replay[c] = deque(self.replay[c], maxlen=self.cfg.replay_size)
 
     def _param_groups(self) -> list[list[tuple[str, nn.Parameter]]]:
-        named = [(n, p) for n, p in self.model.net.named_parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.encoder.net.named_parameters() if p.requires_grad]
         heads = [(n, p) for n, p in named if n.startswith("head_")]
         body = [(n, p) for n, p in named if not n.startswith("head_")]
         return [body, heads]
@@ -174,10 +198,14 @@ class Trainer:
     def _lrs(self) -> tuple[float, float]:
         return self.cfg.lr, self.cfg.head_lr if self.cfg.head_lr is not None else 20.0 * self.cfg.lr
 
-    def sync_params(self, removed: str | None = None) -> None:
-        """Rebuild the optimizer over the current parameters, keeping the state of those that remain."""
-        if removed is not None:
-            self.replay.pop(removed, None)
+    def sync_params(self) -> None:
+        """Follow the encoder's heads: rebuild the optimizer over the current parameters, keeping the state of
+        those that remain, and drop replay buffers of components that are gone. Called by the trainer itself
+        whenever ``encoder.heads_version`` moved; harmless to call at any time."""
+        self._heads_version = self.encoder.heads_version
+        known = set(self.encoder.components)
+        for c in [c for c in self.replay if c not in known]:
+            del self.replay[c]
         self._ddp = None
         if self.optimizer is None:
             return
@@ -190,6 +218,8 @@ class Trainer:
                     self.optimizer.state[p] = old_state[p]
 
     def _ensure_optimizer(self) -> None:
+        if self._heads_version != self.encoder.heads_version:
+            self.sync_params()
         lr_body, lr_head = self._lrs()
         if self.optimizer is None:
             body, heads = self._param_groups()
@@ -216,32 +246,36 @@ class Trainer:
         if self._ddp is None:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
-            dev = self.model.device
+            dev = self.encoder.device
             # find_unused_parameters: encoders' poolers and heads absent from a shard get no gradient
             self._ddp = DDP(self._loss_module, device_ids=[dev.index] if dev.type == "cuda" else None,
                             find_unused_parameters=True)
         return self._ddp
 
     # ------------------------------------------------------------------------------------------ step
-    def _step(self, batch: list[PreferencePair], weights: list[float]) -> float:
-        """One optimizer step on a global batch; returns the (global) loss value."""
-        model = self.model
+    def _step(self, rows: Rows, weights: list[float], margins: list[float]) -> float:
+        """One optimizer step on a global batch (chosen rows, then rejected rows); returns the global loss."""
+        n = len(rows) // 2
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
         if world > 1:
             # ops' mean is sum(rows) / sum(w) (the centering term included), so a shard contributes
             # sum(its rows) / sum(all w); DDP then averages over ranks, which the factor `world` undoes.
-            lo, hi = (len(batch) * rank) // world, (len(batch) * (rank + 1)) // world
-            shard, w_shard, divisor = batch[lo:hi], weights[lo:hi], float(sum(weights)) / world
-            if not shard:  # fewer pairs than ranks: take part in the all-reduce with a zero loss
-                shard, w_shard, divisor = batch[:1], weights[:1], math.inf
+            lo, hi = (n * rank) // world, (n * (rank + 1)) // world
+            divisor = float(sum(weights)) / world
+            if hi == lo:  # fewer pairs than ranks: take part in the all-reduce with a zero loss
+                lo, hi, divisor = 0, 1, math.inf
         else:
-            shard, w_shard, divisor = batch, weights, None
+            lo, hi, divisor = 0, n, None
+        take = np.concatenate([np.arange(lo, hi), np.arange(n + lo, n + hi)])  # (2b,)
+        shard = rows if (lo, hi) == (0, n) else rows.take(take)
+        w_shard = weights[lo:hi]
+        mu = [m * self.cfg.margin_scale for m in margins[lo:hi]] if self.cfg.subtract_margin else None
         self._ensure_optimizer()
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * self.lr_factor(self.step)
-        model.net.train()
-        with model.autocast():
-            loss = self._wrapped()(shard, w_shard, divisor, self.cfg)
+        self.encoder.net.train()
+        with self.encoder.autocast(inference=False):
+            loss = self._wrapped()(shard, w_shard, mu, divisor, self.cfg.center)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}; lower lr or check data")
         self.optimizer.zero_grad(set_to_none=True)
@@ -257,12 +291,17 @@ class Trainer:
             value /= world
         return float(value)
 
+    def _weights(self, margins: list[float], ref: float) -> list[float]:
+        if self.cfg.weighting == "margin":
+            return pair_weights(margins, self.cfg.margin_floor, ref)
+        return [1.0] * len(margins)
+
     def _check_components(self, pairs: Sequence[PreferencePair], what: str) -> None:
-        known = set(self.model.components)
+        known = set(self.encoder.components)
         for i, p in enumerate(pairs):
             if p.component not in known:
                 raise ValueError(f"{what}[{i}] is for unknown component {p.component!r}: known components are "
-                                 f"{self.model.components} (add_component() first)")
+                                 f"{self.encoder.components} (add_component() first)")
 
     def _remember(self, pairs: Sequence[PreferencePair]) -> None:
         if self.cfg.replay_size == 0:
@@ -270,34 +309,84 @@ class Trainer:
         for p in pairs:
             self.replay.setdefault(p.component, deque(maxlen=self.cfg.replay_size)).append(p)
 
+    def _overlong(self, rows: Rows, n: int, policy: str) -> tuple[np.ndarray, int, int]:
+        """(keep (B,) bool, pairs dropped, pairs truncated) under an overlong policy; raises for "error" and for
+        pairs no policy can fit (an outputs text longer than max_length on its own)."""
+        max_len = self.encoder.config.template.max_length
+        full_c, full_r = rows.full_length[:n], rows.full_length[n:]  # (B,) each
+        over = (full_c > max_len) | (full_r > max_len)  # (B,)
+        unfit = rows.unfit[:n] | rows.unfit[n:]  # (B,)
+        if policy == "error" and over.any():
+            i = int(np.argmax(over))
+            raise ValueError(f"pairs[{i}] is longer than max_length={max_len} with overlong='error': chosen row "
+                             f"{int(full_c[i])} tokens, rejected row {int(full_r[i])} tokens (prefix included); use "
+                             "overlong='truncate_prefix' or 'drop', or raise max_length")
+        if policy == "drop":
+            return ~over, int(over.sum()), 0
+        if unfit.any():
+            i = int(np.argmax(unfit))
+            side, k = ("chosen", i) if rows.unfit[i] else ("rejected", n + i)
+            need = int(rows.suffix_lens[k]) + len(self.encoder.tokens.lead) + len(self.encoder.tokens.sep)
+            raise ValueError(f"pairs[{i}].{side}: the outputs text is {int(rows.suffix_lens[k])} tokens and the row "
+                             f"needs at least {need + self.encoder.config.template.min_prefix_tokens} > max_length="
+                             f"{max_len}; the suffix is never truncated: raise max_length, shorten the outputs or "
+                             "use overlong='drop'")
+        truncated = (rows.truncated[:n] > 0) | (rows.truncated[n:] > 0)  # (B,)
+        return np.ones(n, dtype=bool), 0, int(truncated.sum())
+
     # ------------------------------------------------------------------------------------- public API
-    def train(self, pairs, epochs: int = 1, lr: float | None = None, **overrides) -> list[dict]:
+    def train(self, pairs, epochs: int = 1, lr: float | None = None, overlong: str = "truncate_prefix",
+              **overrides) -> list[dict]:
+        """Initial training: ``epochs`` passes over ``pairs`` in shuffled batches of ``batch_pairs``.
+
+        overlong: what to do with pairs longer than ``template.max_length``: "truncate_prefix" (default) cuts
+        the prefix (inputs) to fit, "drop" leaves the pair out, "error" raises a ValueError naming the pair.
+        Returns per-step dicts (epoch, step, loss, pairs, seconds); ``last_report`` says what was done."""
+        t_start = time.perf_counter()
         pairs = as_pairs(pairs)
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+        if overlong not in OVERLONG_POLICIES:
+            raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
         if lr is not None:
             overrides["lr"] = lr
         self._apply_overrides(overrides)
         self._check_components(pairs, "pairs")
-        ref = float(np.mean([p.margin for p in pairs]))
-        n_batches = math.ceil(len(pairs) / self.cfg.batch_pairs)
+        n = len(pairs)
+        rows = pair_rows(self.encoder, pairs, check_fit=False)  # every pair tokenised once, in batched calls
+        keep, dropped, truncated = self._overlong(rows, n, overlong)
+        kept = np.flatnonzero(keep)  # (K,) indices into pairs
+        if not len(kept):
+            raise ValueError(f"every one of the {n} pairs is longer than max_length="
+                             f"{self.encoder.config.template.max_length} and overlong='drop' left none to train on")
+        used = [pairs[i] for i in kept]
+        margins = [p.margin for p in used]
+        ref = float(np.mean(margins))
+        n_batches = math.ceil(len(used) / self.cfg.batch_pairs)
         self.horizon = self.step + epochs * n_batches
         history = []
         for epoch in range(epochs):
-            for batch_idx in make_batches(pairs, self.cfg.batch_pairs, self.cfg.group_by_input, self.gen):
-                batch = [pairs[i] for i in batch_idx]
+            for batch_idx in make_batches(used, self.cfg.batch_pairs, self.cfg.group_by_input, self.gen):
                 t0 = time.perf_counter()
-                w = (pair_weights([p.margin for p in batch], self.cfg.margin_floor, ref)
-                     if self.cfg.weighting == "margin" else [1.0] * len(batch))
-                loss = self._step(batch, w)
-                history.append({"epoch": epoch, "step": self.step, "loss": loss, "pairs": len(batch),
+                src = kept[batch_idx]  # (b,) indices into pairs
+                bm = [margins[i] for i in batch_idx]
+                loss = self._step(rows.take(np.concatenate([src, src + n])), self._weights(bm, ref), bm)
+                history.append({"epoch": epoch, "step": self.step, "loss": loss, "pairs": len(batch_idx),
                                 "seconds": time.perf_counter() - t0})
             logger.info("train epoch %d: mean loss %.4f", epoch,
                         float(np.mean([h["loss"] for h in history if h["epoch"] == epoch])))
-        self._remember(pairs)
+        self._remember(used)
+        seconds = time.perf_counter() - t_start
+        self.last_report = TrainReport(
+            pairs_used=len(used), pairs_dropped=dropped, pairs_truncated=truncated, steps=len(history),
+            seconds=seconds, pairs_per_s=len(used) * epochs / seconds if seconds > 0 else float("nan"),
+            final_loss=history[-1]["loss"], overlong=overlong)
+        logger.info("train: %s", asdict(self.last_report))
         return history
 
     def adapt(self, pairs, steps: int = 1, lr: float | None = None, **overrides) -> list[dict]:
+        """Online adaptation: ``steps`` optimizer steps, each on fresh pairs plus a replay draw (optimizer state
+        kept). Over-long pairs have their prefix truncated (train()'s default policy)."""
         pairs = as_pairs(pairs)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1, got {steps!r}")
@@ -305,6 +394,7 @@ class Trainer:
             overrides["lr"] = lr
         self._apply_overrides(overrides)
         self._check_components(pairs, "pairs")
+        self._ensure_optimizer()  # follows head changes first: a removed component's replay is gone
         pool = [p for buf in self.replay.values() for p in buf]
         n_replay = int(round(self.cfg.batch_pairs * self.cfg.replay_fraction)) if pool else 0
         n_fresh = max(1, self.cfg.batch_pairs - n_replay)
@@ -322,41 +412,47 @@ class Trainer:
                       if n_replay else [])
             batch = fresh + replay
             t0 = time.perf_counter()
-            w = (pair_weights([p.margin for p in batch], self.cfg.margin_floor, ref)
-                 if self.cfg.weighting == "margin" else [1.0] * len(batch))
-            loss = self._step(batch, w)
+            bm = [p.margin for p in batch]
+            loss = self._step(pair_rows(self.encoder, batch), self._weights(bm, ref), bm)
             history.append({"step": self.step, "loss": loss, "fresh": len(fresh), "replay": len(replay),
                             "seconds": time.perf_counter() - t0})
         self._remember(pairs)
         return history
 
     # ----------------------------------------------------------------------------------- persistence
-    def state(self, params: dict[str, nn.Parameter]) -> tuple[dict, dict[str, torch.Tensor]]:
-        """(JSON-able meta, tensors). ``params`` maps stable names (checkpoint.stable_parameters) to the
-        parameters: optimizer moments are stored by name, not position, so they survive head changes."""
+    def state_dict(self) -> dict[str, Any]:
+        """{"meta": JSON-able (config, step, LR position, replay buffers), "tensors": RNG state and optimizer
+        moments}. Moments are stored by the encoder's stable parameter names ("opt::<name>::<slot>"), not by
+        position, so they survive heads being added or removed."""
+        if self._heads_version != self.encoder.heads_version:
+            self.sync_params()
         tensors: dict[str, torch.Tensor] = {"trainer.rng": self.gen.get_state()}
         if self.optimizer is not None:
-            for name, p in params.items():
+            for name, p in self.encoder.stable_parameters().items():
                 for k, v in self.optimizer.state.get(p, {}).items():
                     tensors[f"opt::{name}::{k}"] = torch.as_tensor(v).detach().cpu().contiguous().clone()
         meta = {"config": asdict(self.cfg), "step": self.step, "horizon": self.horizon,
                 "has_optimizer": self.optimizer is not None,
                 "base_lrs": [g["base_lr"] for g in self.optimizer.param_groups] if self.optimizer else None,
                 "replay": {c: [asdict(p) for p in buf] for c, buf in self.replay.items()}}
-        return meta, tensors
+        return {"meta": meta, "tensors": tensors}
 
-    def load_state(self, meta: dict, tensors: dict[str, torch.Tensor], params: dict[str, nn.Parameter]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output into this trainer (the encoder's weights must be loaded already)."""
+        meta, tensors = state["meta"], state["tensors"]
         self.cfg = TrainConfig(**meta["config"])
         self.step, self.horizon = int(meta["step"]), meta["horizon"]
         self.gen.set_state(tensors["trainer.rng"])
         self.replay = {c: deque((PreferencePair(**d) for d in ps), maxlen=self.cfg.replay_size)
                        for c, ps in meta["replay"].items()}
         self.optimizer, self._ddp = None, None
+        self._heads_version = self.encoder.heads_version
         if not meta["has_optimizer"]:
             return
         self._ensure_optimizer()
         for g, lr in zip(self.optimizer.param_groups, meta["base_lrs"]):
             g["base_lr"] = lr
+        params = self.encoder.stable_parameters()
         slots: dict[str, dict[str, torch.Tensor]] = {}
         for k, v in tensors.items():
             if k.startswith("opt::"):
@@ -369,7 +465,7 @@ class Trainer:
                                        for k, v in st.items()}
 
 
-def evaluate(model: "RewardModel", pairs, candidates=None) -> dict:
+def evaluate(encoder: Encoder, pairs, candidates=None) -> dict:
     """Held-out metrics per component and overall.
 
     - accuracy: share of pairs with r(chosen) > r(rejected) (ties count half)
@@ -379,7 +475,7 @@ def evaluate(model: "RewardModel", pairs, candidates=None) -> dict:
     """
     pairs = as_pairs(pairs)
     cands = as_candidates(candidates)
-    known = set(model.components)
+    known = set(encoder.components)
     for i, p in enumerate(pairs):
         if p.component not in known:
             raise ValueError(f"pairs[{i}] is for unknown component {p.component!r}")
@@ -388,15 +484,14 @@ def evaluate(model: "RewardModel", pairs, candidates=None) -> dict:
             raise ValueError(f"candidates[{i}] is for unknown component {c.component!r}")
     reqs = ([(p.component, p.inputs, p.chosen) for p in pairs] + [(p.component, p.inputs, p.rejected) for p in pairs]
             + [(c.component, c.inputs, c.outputs) for c in cands])
-    s = model.score(reqs).double()
+    s = encoder.score(reqs)[0].double()
     n = len(pairs)
     diff = s[:n] - s[n: 2 * n]  # (B,)
     acc = (diff > 0).double() + 0.5 * (diff == 0).double()
     loss = -F.logsigmoid(diff)
     out: dict[str, Any] = {"per_component": {}}
-    comps = [p.component for p in pairs]
     cand_scores = s[2 * n:].tolist()
-    for comp in model.components:
+    for comp in encoder.components:
         sel = torch.tensor([c == comp for c in comps], dtype=torch.bool)
         groups: dict[str, dict] = {}
         for c, sc in zip(cands, cand_scores):

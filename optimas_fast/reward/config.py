@@ -1,0 +1,84 @@
+"""Settings of the reward engine's encoder (backbone + heads): RewardConfig and LoRA settings.
+
+The lowest module of reward/ besides the plain-data ones: the encoder, the trainer, the checkpoint module and
+the RewardModel facade all read a RewardConfig; nothing here imports them.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .template import TemplateConfig
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8  # adapter rank
+    alpha: int = 16  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # adapter dropout (0 keeps training deterministic)
+    target_modules: list[str] | None = None  # module names to adapt; None lets peft pick per architecture
+
+
+@dataclass
+class RewardConfig:
+    template: TemplateConfig = field(default_factory=TemplateConfig)  # text layout + max length
+    architecture: str = "auto"  # "encoder" | "decoder" | "auto" (masked-LM model types are encoders)
+    pooling: str = "auto"  # "auto" | "last" | "mean" | "cls"; auto = mean for encoders, last for decoders
+    prefix_sharing: bool = True  # decoders: encode a shared prefix once (KV cache); ignored for encoders
+    # scheduler: most (padded) tokens per backbone call; None = by device: 16384 on CUDA, 4096 on CPU, where
+    # a call's activations then stay in cache (MiniLM, 453-token rows, 2-core EPYC: 2048-4096 tokens gave
+    # 33.0 / 31.5 rows/s in bf16 vs 30.9 at 16384, and 15.8 / 15.0 vs 13.5 in fp32; RESULTS.md)
+    token_budget: int | None = None
+    max_rows: int = 256  # scheduler: most rows per backbone call
+    amp: str = "auto"  # training autocast: "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "none"
+    # inference autocast for score()/evaluate(): "auto" = bf16 on CUDA and on CPUs with native bf16 matmul
+    # (avx512_bf16 / AMX; see cpu_has_native_bf16), fp32 elsewhere | "bf16" | "none" (fp32). Measured on an
+    # AMD EPYC (avx512_bf16, 2 threads), MiniLM-L6, 440-token rows: see benchmarks/RESULTS.md (LRF engine).
+    score_amp: str = "auto"
+    # how bf16 scoring runs: "cast" = a bf16 copy of the backbone, made once per weight version (re-made only
+    # after training or loading changed a parameter), so no op re-casts fp32 weights or round-trips through
+    # fp32; "autocast" = torch.autocast over the fp32 weights (no extra copy: for a backbone too large to hold
+    # twice). MiniLM-L6, 64 x 453-token rows, 2-core EPYC: cast 13.3 rows/s vs autocast 11.7 (RESULTS.md).
+    score_weights: str = "cast"
+    token_cache_size: int | None = 200_000  # token cache bound (LRU, distinct texts); None = unbounded
+    # backbone attention kernel: "sdpa" (torch scaled_dot_product_attention; MiniLM-L6, 32 x 440-token rows,
+    # CPU: 1.7x faster than "eager" in fp32, 2.1x in bf16), "eager", any name transformers accepts, or None to
+    # keep what the backbone was built with. A backbone that cannot use it raises a ValueError at construction.
+    attn_implementation: str | None = "sdpa"
+    head_init_std: float = 0.02  # std of a new head's weights (bias starts at 0)
+    disable_dropout: bool = True  # reward training is deterministic and matches the reference trainer
+    lora: LoraSettings | None = None  # LoRA on the backbone via peft (optional extra `lora`)
+    seed: int = 0  # seeds head initialisation and the trainer's shuffling
+
+    def validate(self) -> None:
+        if self.architecture not in ("auto", "encoder", "decoder"):
+            raise ValueError(f"config.architecture must be 'auto', 'encoder' or 'decoder', got {self.architecture!r}")
+        if self.pooling not in ("auto", "last", "mean", "cls"):
+            raise ValueError(f"config.pooling must be 'auto', 'last', 'mean' or 'cls', got {self.pooling!r}")
+        if self.amp not in ("auto", "bf16", "none"):
+            raise ValueError(f"config.amp must be 'auto', 'bf16' or 'none', got {self.amp!r}")
+        if self.score_amp not in ("auto", "bf16", "none"):
+            raise ValueError(f"config.score_amp must be 'auto', 'bf16' or 'none', got {self.score_amp!r}")
+        if self.score_weights not in ("cast", "autocast"):
+            raise ValueError(f"config.score_weights must be 'cast' or 'autocast', got {self.score_weights!r}")
+        n = self.token_cache_size
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"config.token_cache_size must be an int >= 1 or None, got {n!r}")
+        a = self.attn_implementation
+        if a is not None and (not isinstance(a, str) or not a):
+            raise ValueError(f"config.attn_implementation must be a non-empty str or None, got {a!r}")
+        b = self.token_budget
+        if (b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1)) or self.max_rows < 1:
+            raise ValueError(f"config.token_budget and config.max_rows must be >= 1, got {b}, {self.max_rows}")
+        self.template.validate()
+
+
+def reward_config_to_dict(c: RewardConfig) -> dict:
+    return asdict(c)
+
+
+def reward_config_from_dict(d: dict) -> RewardConfig:
+    d = dict(d)
+    d["template"] = TemplateConfig(**d["template"])
+    if d.get("lora") is not None:
+        d["lora"] = LoraSettings(**d["lora"])
+    return RewardConfig(**d)
