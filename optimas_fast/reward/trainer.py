@@ -490,6 +490,7 @@ def evaluate(encoder: Encoder, pairs, candidates=None) -> dict:
     acc = (diff > 0).double() + 0.5 * (diff == 0).double()
     loss = -F.logsigmoid(diff)
     out: dict[str, Any] = {"per_component": {}}
+    comps = [p.component for p in pairs]
     cand_scores = s[2 * n:].tolist()
     for comp in encoder.components:
         sel = torch.tensor([c == comp for c in comps], dtype=torch.bool)
