@@ -271,6 +271,10 @@ def test_bad_arguments():
     empty = Trace(example=example("q"), fields={}, steps=[])
     with pytest.raises(ValueError, match="did not call it"):
         system.run_downstream("answer", {"reasoning": "r", "answer": "a"}, empty)
+    # a bare predictor is a program too (DSPy names it "self")
+    bare = ProgramSystem(dspy.Predict("question -> query"), metric, lm=DSPyLM(EchoLM()))
+    assert bare.order == ["self"] and bare.run(example("q"))["self"].outputs["query"].startswith("q / ")
+    assert bare.inputs == ("question",) and bare.run({"question": "q"}).ok  # forward(**kwargs): its fields
     # a dict example works through the forward's parameters
     assert system.run({"question": "q", "answer": "?"}).ok
     assert component_name("hops[0].predict") == "hops_0" and component_name("a.b.predict") == "a_b"

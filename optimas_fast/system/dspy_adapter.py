@@ -278,7 +278,9 @@ class ProgramSystem(System):
         self.producers = {}
         params = [p for p in inspect.signature(type(self.program).forward).parameters.values()
                   if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][1:]  # [1:]: self
-        self.inputs = tuple(p.name for p in params)  # what a dict example must provide
+        # what a dict example must provide: the forward's parameters; a forward(**kwargs) (Predict,
+        # ChainOfThought) takes its first predictor's input fields
+        self.inputs = tuple(p.name for p in params) or tuple(components[0].inputs)
         self.final_outputs = tuple(components[-1].outputs)  # for describe(); the prediction is the forward's
 
     # ----------------------------------------------------------------------------------------------
