@@ -274,7 +274,8 @@ def test_bad_arguments():
     # a bare predictor is a program too (DSPy names it "self")
     bare = ProgramSystem(dspy.Predict("question -> query"), metric, lm=DSPyLM(EchoLM()))
     assert bare.order == ["self"] and bare.run(example("q"))["self"].outputs["query"].startswith("q / ")
-    assert bare.inputs == ("question",) and bare.run({"question": "q"}).ok  # forward(**kwargs): its fields
+    assert bare.inputs == ("question",)  # forward(**kwargs): the predictor's input fields
+    assert bare.run({"question": "q2", "other": 1})["self"].inputs == {"question": "q2"}
     # a dict example works through the forward's parameters
     assert system.run({"question": "q", "answer": "?"}).ok
     assert component_name("hops[0].predict") == "hops_0" and component_name("a.b.predict") == "a_b"
