@@ -452,7 +452,7 @@ def test_bf16_weight_copy_follows_training_and_loading(kind, tokenizer, seed, tm
 def test_score_amp_auto_follows_the_hardware(tokenizer, seed, monkeypatch):
     rm = make_model("decoder", tokenizer, seed, score_amp="auto")
     for native in (True, False):
-        monkeypatch.setattr(model_mod, "_NATIVE_BF16", native)
+        monkeypatch.setattr(encoder_mod, "_NATIVE_BF16", native)
         assert encoder_mod.cpu_has_native_bf16() is native
         assert rm.uses_bf16(inference=True) is native  # scoring: bf16 only with native bf16 GEMMs
         assert rm.uses_bf16(inference=False) is False  # training on CPU stays fp32 (config.amp="auto")
