@@ -51,8 +51,10 @@ from optimas_fast._io import atomic_write_bytes
 
 from .template import TemplateConfig
 
-if TYPE_CHECKING:  # names only: the RewardModel facade calls into this module, never the other way round
-    from .model import RewardConfig, RewardModel
+from .config import RewardConfig
+
+if TYPE_CHECKING:  # a name only: the RewardModel facade calls into this module, never the other way round
+    from .model import RewardModel
 
 logger = logging.getLogger(__name__)
 

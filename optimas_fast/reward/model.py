@@ -21,6 +21,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from . import hf_export
 from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from .config import LoraSettings, RewardConfig, reward_config_from_dict, reward_config_to_dict
 from .encoder import (
@@ -168,6 +169,19 @@ class RewardModel:
         model = cls(backbone, manifest["components"], tokenizer=tok, config=config, device=device)
         model.load_state(path)
         return model
+
+    def export_hf(self, path: str | os.PathLike) -> dict:
+        """A standard Hugging Face checkpoint (see reward/hf_export.py): decoders with last-token pooling as
+        ``*ForSequenceClassification`` (per-head bias dropped, LoRA merged), others as backbone + heads."""
+        return hf_export.export_hf(self, path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
+                        config: RewardConfig | None = None) -> "RewardModel":
+        """Load an ``export_hf`` directory, or a plain HF decoder ``*ForSequenceClassification`` reward model
+        (its score layer becomes the heads; template ``"{inputs}"`` unless ``config`` says otherwise)."""
+        return hf_export.load_pretrained(path, build=cls, config=config if config is not None else RewardConfig(),
+                                         config_given=config is not None, device=device)
 
 
 def _config_from_dict(d: dict):
