@@ -49,9 +49,8 @@ from safetensors.torch import load_file, save_file
 
 from optimas_fast._io import atomic_write_bytes
 
-from .template import TemplateConfig
-
 from .config import RewardConfig
+from .template import TemplateConfig
 
 if TYPE_CHECKING:  # a name only: the RewardModel facade calls into this module, never the other way round
     from .model import RewardModel
