@@ -1,0 +1,121 @@
+"""The shared argument validators (optimas_fast/_validate.py)."""
+
+import math
+import re
+
+import numpy as np
+import pytest
+
+from optimas_fast._validate import check_bool, check_choice, check_int, check_number, is_int, is_number
+
+
+class _MyError(ValueError):
+    pass
+
+
+@pytest.mark.parametrize("v, ok", [(0, True), (-3, True), (2**70, True), (True, False), (False, False),
+                                   (1.0, False), ("1", False), (None, False), (np.int64(3), False)])
+def test_is_int(v, ok):
+    assert is_int(v) is ok
+
+
+@pytest.mark.parametrize("v, ok", [(np.int64(3), True), (np.int32(-1), True), (np.bool_(True), False),
+                                   (True, False), (3, True), (np.float64(1.0), False)])
+def test_is_int_numpy(v, ok):
+    assert is_int(v, numpy=True) is ok
+
+
+@pytest.mark.parametrize("v, ok, ok_finite", [(1, True, True), (0.5, True, True), (math.nan, True, False),
+                                              (math.inf, True, False), (-math.inf, True, False),
+                                              (True, False, False), ("1.0", False, False), (None, False, False)])
+def test_is_number(v, ok, ok_finite):
+    assert is_number(v) is ok
+    assert is_number(v, finite=True) is ok_finite
+
+
+def test_check_int_returns_value_unchanged():
+    assert check_int(5, "n", min=1) == 5
+    assert check_int(None, "n", min=1, allow_none=True) is None
+    assert check_int(16, "n_ctx", min=16) == 16  # min is inclusive
+    assert check_int(4, "k", min=1, max=4) == 4  # max is inclusive
+
+
+@pytest.mark.parametrize("v", [True, False, 1.0, "3", None, np.int64(3), 0, -1])
+def test_check_int_rejects(v):
+    with pytest.raises(ValueError, match=re.escape(f"OpenAIClient: max_concurrency must be an int >= 1, got {v!r}")):
+        check_int(v, "OpenAIClient: max_concurrency", min=1)
+
+
+def test_check_int_messages():
+    with pytest.raises(ValueError, match=re.escape("n_threads must be an int >= 1 or None, got 0")):
+        check_int(0, "n_threads", min=1, allow_none=True)
+    with pytest.raises(ValueError, match=re.escape("data.train must be an int >= 1 or null, got 'x'")):
+        check_int("x", "data.train", min=1, allow_none=True, none="null")
+    with pytest.raises(ValueError, match=re.escape("k must be an int in [1, 4], got 5")):
+        check_int(5, "k", min=1, max=4)
+    with pytest.raises(ValueError, match=re.escape("k must be an int <= 4, got 5")):
+        check_int(5, "k", max=4)
+    with pytest.raises(ValueError, match=re.escape("seed must be an int, got True")):
+        check_int(True, "seed")
+    with pytest.raises(ValueError, match=re.escape("cap must be a size cap, got 0")):
+        check_int(0, "cap", min=1, what="a size cap")
+
+
+def test_check_int_error_class():
+    with pytest.raises(_MyError, match="iterations must be an int >= 0, got -1"):
+        check_int(-1, "iterations", min=0, error=_MyError)
+    with pytest.raises(TypeError, match="x must be an int, got 1.5"):
+        check_int(1.5, "x", error=TypeError)
+
+
+def test_check_number_accepts_and_returns_unchanged():
+    assert check_number(3, "lr", gt=0) == 3 and isinstance(check_number(3, "lr", gt=0), int)
+    assert check_number(2.0, "t", gt=0, max=2) == 2.0
+    assert check_number(0, "w", min=0) == 0
+    assert check_number(None, "m", min=0, allow_none=True) is None
+    assert check_number(math.inf, "timeout", gt=0) == math.inf  # inf is a number unless finite=True
+
+
+@pytest.mark.parametrize("v", [True, "1", None, 0, -1.0, math.nan])
+def test_check_number_rejects(v):
+    with pytest.raises(ValueError, match=re.escape(f"weights.lora_lr must be a number > 0, got {v!r}")):
+        check_number(v, "weights.lora_lr", gt=0)
+
+
+def test_check_number_messages():
+    with pytest.raises(ValueError, match=re.escape("register_price: x must be a finite number >= 0, got inf")):
+        check_number(math.inf, "register_price: x", min=0, finite=True)
+    with pytest.raises(ValueError, match=re.escape("best_of_temperature must be a number in (0, 2], got 0")):
+        check_number(0, "best_of_temperature", gt=0, max=2)
+    with pytest.raises(ValueError, match=re.escape("best_of_temperature must be a number in (0, 2], got 2.5")):
+        check_number(2.5, "best_of_temperature", gt=0, max=2)
+    with pytest.raises(ValueError, match=re.escape("g must be a number in [0.5, 1), got 1")):
+        check_number(1, "g", min=0.5, lt=1)
+    with pytest.raises(ValueError, match=re.escape("budget.max_usd must be a finite number >= 0 or null, got nan")):
+        check_number(math.nan, "budget.max_usd", min=0, finite=True, allow_none=True, none="null")
+    with pytest.raises(_MyError, match=re.escape("h must be in [0, 1] or null, got 'a'")):
+        check_number("a", "h", min=0, max=1, allow_none=True, error=_MyError, what="in [0, 1] or null")
+
+
+def test_check_number_nan_fails_every_bound():
+    for kw in ({"min": 0}, {"max": 0}, {"gt": 0}, {"lt": 0}):
+        with pytest.raises(ValueError, match="got nan"):
+            check_number(math.nan, "v", **kw)
+    assert math.isnan(check_number(math.nan, "v"))  # no bound, not finite=True: a NaN is a float
+
+
+def test_check_bool():
+    assert check_bool(True, "flag") is True and check_bool(None, "flag", allow_none=True) is None
+    for v in (1, 0, "true", None, np.bool_(True)):
+        with pytest.raises(ValueError, match=re.escape(f"A.flag must be a bool, got {v!r}")):
+            check_bool(v, "A.flag")
+    with pytest.raises(TypeError, match=re.escape("bf16 must be a bool or None, got 1")):
+        check_bool(1, "bf16", allow_none=True, error=TypeError)
+
+
+def test_check_choice():
+    assert check_choice("packed", "mode", ("padded", "packed")) == "packed"
+    with pytest.raises(ValueError, match=re.escape("mode must be one of ('padded', 'packed'), got 'pad'")):
+        check_choice("pad", "mode", ("padded", "packed"))
+    with pytest.raises(ValueError, match=r"order must be one of .*, got \[1\]"):
+        check_choice([1], "order", {"length", "arrival"})  # unhashable against a set: an error, not a crash
