@@ -217,8 +217,8 @@ def test_extra_env_is_passed():
     assert "SECRET_TOKEN" not in res.stdout
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK),
-                    reason="needs root (to become an unprivileged user) and a system python3")
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK) or not shutil.which("setpriv"),
+                    reason="needs root (to become an unprivileged user), a system python3 and setpriv (util-linux)")
 def test_unprivileged_caller_gets_user_namespaces():
     """The non-root path: the module run by an unprivileged user (nobody) picks the userns mode where the kernel
     allows it, and still blocks the network and writes outside the working directory; or reports plain mode."""
