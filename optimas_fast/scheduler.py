@@ -55,7 +55,6 @@ this) and is the benchmark baseline.
 from __future__ import annotations
 
 import logging
-import numbers
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Iterable
@@ -63,6 +62,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from optimas_fast._native import native
+from optimas_fast._validate import is_int
 from optimas_fast.scheduler_reference import as_tokens, flatten_requests, head_id, plan_python
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ class SchedulerConfig:
     def __post_init__(self):
         for name in ("token_budget", "max_rows"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            if not is_int(v, numpy=True):
                 raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
         if not 1 <= self.token_budget <= _INT32_MAX:
             raise ValueError(f"token_budget: must be in [1, 2**31 - 1] (cu_seqlens are int32), got {self.token_budget}")

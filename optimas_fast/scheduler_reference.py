@@ -14,10 +14,11 @@ imports the C++ extension.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Sequence
 
 import numpy as np
+
+from optimas_fast._validate import is_int
 
 __all__ = ["as_tokens", "flatten_requests", "hash_seq", "head_id", "plan_python"]
 
@@ -33,7 +34,7 @@ _EMPTY = np.zeros(0, dtype=np.int64)
 
 def head_id(h, i: int) -> int:
     """Request i's head id as an int; TypeError/ValueError naming the request otherwise."""
-    if isinstance(h, (bool, np.bool_)) or not isinstance(h, numbers.Integral):
+    if not is_int(h, numpy=True):  # numpy bools are not Integral
         raise TypeError(f"requests[{i}]: head_id must be an int, got {type(h).__name__}")
     if h < 0:
         raise ValueError(f"requests[{i}]: head_id must be >= 0, got {h}")

@@ -119,3 +119,29 @@ def test_check_choice():
         check_choice("pad", "mode", ("padded", "packed"))
     with pytest.raises(ValueError, match=r"order must be one of .*, got \[1\]"):
         check_choice([1], "order", {"length", "arrival"})  # unhashable against a set: an error, not a crash
+
+
+# ------------------------------------------------------------------------------------------------
+# Call sites that moved onto the validators keep their exception types and messages (a bool is never an int)
+
+
+def _raises(fn, exc, pattern):
+    with pytest.raises(exc, match=pattern) as info:
+        fn()
+    assert type(info.value) is exc  # the same class as before the move, not merely a subclass
+
+
+def test_ops_and_scheduler_sites():
+    import torch
+
+    from optimas_fast import ops
+    from optimas_fast.scheduler import SchedulerConfig
+    from optimas_fast.scheduler_reference import head_id
+
+    _raises(lambda: ops.bt_loss(torch.zeros(2), torch.zeros(2), center=True), TypeError,
+            "center: expected a float, got bool")
+    _raises(lambda: SchedulerConfig(True, 2), TypeError, "token_budget: expected an int, got bool")
+    _raises(lambda: SchedulerConfig(8, 2.0), TypeError, "max_rows: expected an int, got float")
+    assert SchedulerConfig(np.int64(8), 2).token_budget == 8  # numpy ints stay accepted
+    _raises(lambda: head_id(np.bool_(True), 3), TypeError, r"requests\[3\]: head_id must be an int, got bool")
+    assert head_id(np.int64(3), 0) == 3

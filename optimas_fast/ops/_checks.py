@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from optimas_fast._validate import is_number
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 REDUCTIONS = ("mean", "sum", "none")
@@ -88,7 +90,7 @@ def reduction(r: str, allowed=REDUCTIONS):
 
 
 def center(c) -> float:
-    if not isinstance(c, (int, float)) or isinstance(c, bool):
+    if not is_number(c):
         raise TypeError(f"center: expected a float, got {type(c).__name__}")
     c = float(c)
     if c < 0 or c != c:
