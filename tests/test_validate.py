@@ -5,8 +5,14 @@ import re
 
 import numpy as np
 import pytest
+import torch
 
+from optimas_fast import ops
 from optimas_fast._validate import check_bool, check_choice, check_int, check_number, is_int, is_number
+from optimas_fast.lm import Budget, HFLocalLM, LlamaCppLM, LMCache, OpenAIClient, register_price
+from optimas_fast.lm.base import check_sampling
+from optimas_fast.scheduler import SchedulerConfig
+from optimas_fast.scheduler_reference import head_id
 
 
 class _MyError(ValueError):
@@ -132,12 +138,6 @@ def _raises(fn, exc, pattern):
 
 
 def test_ops_and_scheduler_sites():
-    import torch
-
-    from optimas_fast import ops
-    from optimas_fast.scheduler import SchedulerConfig
-    from optimas_fast.scheduler_reference import head_id
-
     _raises(lambda: ops.bt_loss(torch.zeros(2), torch.zeros(2), center=True), TypeError,
             "center: expected a float, got bool")
     _raises(lambda: SchedulerConfig(True, 2), TypeError, "token_budget: expected an int, got bool")
@@ -145,3 +145,29 @@ def test_ops_and_scheduler_sites():
     assert SchedulerConfig(np.int64(8), 2).token_budget == 8  # numpy ints stay accepted
     _raises(lambda: head_id(np.bool_(True), 3), TypeError, r"requests\[3\]: head_id must be an int, got bool")
     assert head_id(np.int64(3), 0) == 3
+
+
+def test_lm_sites():
+    _raises(lambda: check_sampling(True, 0.0, 8, None, None), ValueError, "n must be an int >= 1, got True")
+    _raises(lambda: check_sampling(1, True, 8, None, None), TypeError, "temperature must be a number, got bool")
+    _raises(lambda: check_sampling(1, 0.0, 0, None, None), ValueError, "max_tokens must be an int >= 1, got 0")
+    _raises(lambda: check_sampling(1, 0.0, 8, None, False), TypeError, "seed must be an int or None, got bool")
+    assert check_sampling(2, 1, 8, "x", 3).temperature == 1.0
+    _raises(lambda: register_price("m", True, 1.0), ValueError,
+            "register_price: input_per_mtok must be a finite number >= 0, got True")
+    _raises(lambda: Budget(max_calls=True), TypeError, "Budget: max_calls must be an integer or None, got True")
+    _raises(lambda: LMCache(":memory:", memory_entries=False), ValueError,
+            "LMCache: memory_entries must be an int >= 0, got False")
+    url = "http://127.0.0.1:9/v1"
+    _raises(lambda: OpenAIClient(url, "m", max_concurrency=True), ValueError,
+            "OpenAIClient: max_concurrency must be an int >= 1, got True")
+    _raises(lambda: OpenAIClient(url, "m", max_retries=-1), ValueError,
+            "OpenAIClient: max_retries must be an int >= 0, got -1")
+    _raises(lambda: OpenAIClient(url, "m", backoff_max=True), ValueError,
+            "OpenAIClient: backoff_max must be a number > 0, got True")
+    _raises(lambda: LlamaCppLM(n_ctx=True), ValueError, "LlamaCppLM: n_ctx must be an int >= 16, got True")
+    _raises(lambda: LlamaCppLM(n_threads=0), ValueError, "LlamaCppLM: n_threads must be an int >= 1 or None, got 0")
+    _raises(lambda: HFLocalLM("unused", batch_size=True), ValueError,
+            "HFLocalLM: batch_size must be an int >= 1, got True")
+    _raises(lambda: HFLocalLM("unused", batch_wait_ms=math.nan), ValueError,
+            "HFLocalLM: batch_wait_ms must be a number >= 0, got nan")

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from optimas_fast._validate import check_int, is_int, is_number
 from optimas_fast.lm.cache import LMCache, cache_key
 from optimas_fast.lm.errors import LMAuthError, LMError
 from optimas_fast.lm.types import Completion, Message, Prompt, Usage
@@ -99,14 +100,12 @@ def check_prompts(prompts: Any) -> list[Prompt]:
 
 
 def check_sampling(n: Any, temperature: Any, max_tokens: Any, stop: Any, seed: Any) -> SamplingParams:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    check_int(n, "n", min=1)
+    if not is_number(temperature):
         raise TypeError(f"temperature must be a number, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"temperature must be finite and >= 0, got {temperature!r}")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+    check_int(max_tokens, "max_tokens", min=1)
     if stop is None:
         stop_t: tuple[str, ...] = ()
     elif isinstance(stop, str):
@@ -117,7 +116,7 @@ def check_sampling(n: Any, temperature: Any, max_tokens: Any, stop: Any, seed: A
         raise TypeError(f"stop must be None, a str or a list of str, got {stop!r}")
     if any(s == "" for s in stop_t):
         raise ValueError("stop strings must be non-empty")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+    if seed is not None and not is_int(seed):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     return SamplingParams(float(temperature), max_tokens, stop_t, seed)
 

@@ -30,6 +30,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from optimas_fast._validate import check_int
+
 __all__ = ["LMCache", "cache_key", "resolve_cache", "default_cache_dir", "default_cache_path"]
 
 logger = logging.getLogger(__name__)
@@ -80,8 +82,7 @@ class LMCache:
 
     def __init__(self, path: str | os.PathLike | None = None, *, memory_entries: int = 50_000,
                  busy_timeout_s: float = 30.0):
-        if isinstance(memory_entries, bool) or not isinstance(memory_entries, int) or memory_entries < 0:
-            raise ValueError(f"LMCache: memory_entries must be an int >= 0, got {memory_entries!r}")
+        check_int(memory_entries, "LMCache: memory_entries", min=0)
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"LMCache: path must be a str, os.PathLike or None, got {type(path).__name__}")
         self.memory_only = path == ":memory:"

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from optimas_fast._validate import check_int, check_number
 from optimas_fast.lm.base import LM, Request, SamplingParams, cut_at_stop
 from optimas_fast.lm.cache import LMCache, resolve_cache
 from optimas_fast.lm.errors import MissingDependencyError
@@ -158,10 +159,8 @@ class HFLocalLM(LM):
             import transformers
         except ImportError as e:  # pragma: no cover - both are core dependencies
             raise MissingDependencyError(f"HFLocalLM needs torch and transformers: {e}") from e
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"HFLocalLM: batch_size must be an int >= 1, got {batch_size!r}")
-        if isinstance(batch_wait_ms, bool) or not isinstance(batch_wait_ms, (int, float)) or batch_wait_ms < 0:
-            raise ValueError(f"HFLocalLM: batch_wait_ms must be a number >= 0, got {batch_wait_ms!r}")
+        check_int(batch_size, "HFLocalLM: batch_size", min=1)
+        check_number(batch_wait_ms, "HFLocalLM: batch_wait_ms", min=0)  # NaN is refused too (it was let through)
         if not isinstance(device, str):
             raise TypeError(f"HFLocalLM: device must be a str, got {type(device).__name__}")
         if on_error not in ("raise", "record"):

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from optimas_fast._validate import check_int
 from optimas_fast.lm.base import LM, Request, SamplingParams, cut_at_stop
 from optimas_fast.lm.cache import LMCache, resolve_cache
 from optimas_fast.lm.embedded import find_embedded_gguf
@@ -78,10 +79,8 @@ class LlamaCppLM(LM):
     ):
         if on_error not in ("raise", "record"):
             raise ValueError(f"LlamaCppLM: on_error must be 'raise' or 'record', got {on_error!r}")
-        if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or n_ctx < 16:
-            raise ValueError(f"LlamaCppLM: n_ctx must be an int >= 16, got {n_ctx!r}")
-        if n_threads is not None and (isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1):
-            raise ValueError(f"LlamaCppLM: n_threads must be an int >= 1 or None, got {n_threads!r}")
+        check_int(n_ctx, "LlamaCppLM: n_ctx", min=16)
+        check_int(n_threads, "LlamaCppLM: n_threads", min=1, allow_none=True)
         if gguf_path is None:
             path = find_embedded_gguf()
         else:

@@ -30,6 +30,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from optimas_fast._validate import check_int, check_number
 from optimas_fast.lm.base import LM, Request, SamplingParams, cut_at_stop
 from optimas_fast.lm.cache import LMCache, resolve_cache
 from optimas_fast.lm.errors import LMAuthError, LMRequestError, LMResponseError, LMServerError
@@ -84,13 +85,10 @@ class OpenAIClient(LM):
                              f"got {base_url!r}")
         if not isinstance(model, str) or not model:
             raise TypeError(f"OpenAIClient: model must be a non-empty str, got {model!r}")
-        if isinstance(max_concurrency, bool) or not isinstance(max_concurrency, int) or max_concurrency < 1:
-            raise ValueError(f"OpenAIClient: max_concurrency must be an int >= 1, got {max_concurrency!r}")
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError(f"OpenAIClient: max_retries must be an int >= 0, got {max_retries!r}")
+        check_int(max_concurrency, "OpenAIClient: max_concurrency", min=1)
+        check_int(max_retries, "OpenAIClient: max_retries", min=0)
         for name, v in (("timeout", timeout), ("backoff_base", backoff_base), ("backoff_max", backoff_max)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"OpenAIClient: {name} must be a number > 0, got {v!r}")
+            check_number(v, f"OpenAIClient: {name}", gt=0)
         if mode not in ("chat", "completions"):
             raise ValueError(f"OpenAIClient: mode must be 'chat' or 'completions', got {mode!r}")
         if extra_body is not None and not isinstance(extra_body, dict):

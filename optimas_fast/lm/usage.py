@@ -44,6 +44,7 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
+from optimas_fast._validate import check_number, is_number
 from optimas_fast.lm.types import Usage
 from optimas_fast.lm.errors import BudgetExceeded
 
@@ -89,8 +90,7 @@ def register_price(model: str, input_per_mtok: float, output_per_mtok: float) ->
     if not isinstance(model, str) or not model:
         raise TypeError(f"register_price: model must be a non-empty string, got {model!r}")
     for name, v in (("input_per_mtok", input_per_mtok), ("output_per_mtok", output_per_mtok)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"register_price: {name} must be a finite number >= 0, got {v!r}")
+        check_number(v, f"register_price: {name}", min=0, finite=True)
     with _PRICES_LOCK:
         PRICES[model] = (float(input_per_mtok), float(output_per_mtok))
 
@@ -121,7 +121,7 @@ def cost_usd(model: str, prompt_tokens: int, completion_tokens: int, *, priced: 
 def _check_limit(name: str, v, integer: bool):
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
+    if not is_number(v) or (integer and not float(v).is_integer()):
         raise TypeError(f"Budget: {name} must be {'an integer' if integer else 'a number'} or None, got {v!r}")
     if not math.isfinite(v) or v < 0:
         raise ValueError(f"Budget: {name} must be finite and >= 0, got {v!r}")
