@@ -11,6 +11,7 @@ from optimas_fast import ops
 from optimas_fast._validate import check_bool, check_choice, check_int, check_number, is_int, is_number
 from optimas_fast.lm import Budget, HFLocalLM, LlamaCppLM, LMCache, OpenAIClient, register_price
 from optimas_fast.lm.base import check_sampling
+from optimas_fast.reward.trl_trainer import RewardTrainingArguments
 from optimas_fast.scheduler import SchedulerConfig
 from optimas_fast.scheduler_reference import head_id
 
@@ -171,3 +172,14 @@ def test_lm_sites():
             "HFLocalLM: batch_size must be an int >= 1, got True")
     _raises(lambda: HFLocalLM("unused", batch_wait_ms=math.nan), ValueError,
             "HFLocalLM: batch_wait_ms must be a number >= 0, got nan")
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"per_device_train_batch_size": True}, "per_device_train_batch_size must be an int >= 1, got True"),
+    ({"learning_rate": math.nan}, "learning_rate must be a positive finite number, got nan"),
+    ({"weight_decay": True}, "weight_decay must be a finite number >= 0, got True"),
+    ({"max_length": False}, "max_length must be None or an int >= 4, got False"),
+    ({"seed": 1.0}, "seed must be an int, got 1.0"),
+])
+def test_reward_training_arguments_sites(kw, msg):
+    _raises(lambda: RewardTrainingArguments(**kw), ValueError, re.escape(f"RewardTrainingArguments.{msg}"))

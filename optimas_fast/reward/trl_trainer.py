@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from optimas_fast._io import atomic_write_text, fsync_dir
+from optimas_fast._validate import is_int, is_number
 
 from .data import PreferencePair, as_pairs
 from .formats import PairSet, load_pairs
@@ -131,12 +132,8 @@ def _init_with_names(self, *args, **kwargs):
 RewardTrainingArguments.__init__ = _init_with_names
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+# a NaN or infinite setting is a mistake: every number here must be finite
+_is_num = functools.partial(is_number, finite=True)
 
 
 def _check_args(a: RewardTrainingArguments) -> None:
@@ -146,10 +143,10 @@ def _check_args(a: RewardTrainingArguments) -> None:
 
     need(a.output_dir is None or isinstance(a.output_dir, (str, os.PathLike)), "output_dir", "a path or None")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        need(_is_int(getattr(a, name)) and getattr(a, name) >= 1, name, "an int >= 1")
+        need(is_int(getattr(a, name)) and getattr(a, name) >= 1, name, "an int >= 1")
     need(_is_num(a.learning_rate) and a.learning_rate > 0, "learning_rate", "a positive finite number")
     need(_is_num(a.num_train_epochs) and a.num_train_epochs > 0, "num_train_epochs", "a number > 0")
-    need(_is_int(a.max_steps) and (a.max_steps == -1 or a.max_steps >= 1), "max_steps", "-1 or an int >= 1")
+    need(is_int(a.max_steps) and (a.max_steps == -1 or a.max_steps >= 1), "max_steps", "-1 or an int >= 1")
     need(a.lr_scheduler_type in SCHEDULES, "lr_scheduler_type", f"one of {list(SCHEDULES)}")
     need(_is_num(a.warmup_ratio) and 0 <= a.warmup_ratio <= 1, "warmup_ratio", "a number in [0, 1]")
     need(_is_num(a.warmup_steps) and a.warmup_steps >= 0 and (a.warmup_steps < 1 or float(a.warmup_steps).is_integer()),
@@ -164,7 +161,7 @@ def _check_args(a: RewardTrainingArguments) -> None:
     need(_is_num(a.weight_decay) and a.weight_decay >= 0, "weight_decay", "a finite number >= 0")
     need(a.max_grad_norm is None or (_is_num(a.max_grad_norm) and a.max_grad_norm >= 0), "max_grad_norm",
          "None or a finite number >= 0")
-    need(a.max_length is None or (_is_int(a.max_length) and a.max_length >= 4), "max_length", "None or an int >= 4")
+    need(a.max_length is None or (is_int(a.max_length) and a.max_length >= 4), "max_length", "None or an int >= 4")
     need(a.center_rewards_coefficient is None or (_is_num(a.center_rewards_coefficient)
                                                   and a.center_rewards_coefficient >= 0),
          "center_rewards_coefficient", "None or a finite number >= 0")
@@ -172,7 +169,7 @@ def _check_args(a: RewardTrainingArguments) -> None:
         need(isinstance(getattr(a, name), bool), name, "a bool")
     for name in ("bf16", "greater_is_better", "disable_tqdm"):
         need(getattr(a, name) is None or isinstance(getattr(a, name), bool), name, "a bool or None")
-    need(_is_int(a.seed), "seed", "an int")
+    need(is_int(a.seed), "seed", "an int")
     for name in ("logging_steps", "save_steps"):
         v = getattr(a, name)
         need(_is_num(v) and v > 0 and (v < 1 or float(v).is_integer()), name, "an int >= 1 or a ratio in (0, 1)")
@@ -181,7 +178,7 @@ def _check_args(a: RewardTrainingArguments) -> None:
          "eval_steps", "None, an int >= 1 or a ratio in (0, 1)")
     for name in ("eval_strategy", "save_strategy"):
         need(getattr(a, name) in STRATEGIES, name, f"one of {list(STRATEGIES)}")
-    need(a.save_total_limit is None or (_is_int(a.save_total_limit) and a.save_total_limit >= 1),
+    need(a.save_total_limit is None or (is_int(a.save_total_limit) and a.save_total_limit >= 1),
          "save_total_limit", "None or an int >= 1")
     need(a.metric_for_best_model is None or isinstance(a.metric_for_best_model, str), "metric_for_best_model",
          "a metric name or None")
