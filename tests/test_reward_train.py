@@ -140,3 +140,38 @@ def test_overlong_policies_and_the_train_report(tokenizer, seed):
         rm.train(huge)
     rm.train(ok_only + huge, overlong="drop")
     assert rm.last_train_report.pairs_dropped == 1
+
+
+# ------------------------------------------------------------------------------------------------ packing
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_packed_batches_equal_padded_scores_and_gradients(pooling, tokenizer, seed):
+    rng = random.Random(seed)
+    reqs = [(c, i, o) for c, i, o in random_requests_mixed(rng)]
+    padded = make_model("encoder", tokenizer, seed, components=("a", "b"), pooling=pooling)
+    packed = make_model("encoder", tokenizer, seed, components=("a", "b"), pooling=pooling, packing=True,
+                        pack_tokens=rng.choice([64, 128, 4096]))
+    s_pad, rep_pad = padded.score_with_report(reqs)
+    s_pack, rep_pack = packed.score_with_report(reqs)
+    torch.testing.assert_close(s_pack, s_pad, atol=2e-5, rtol=1e-4)
+    unique_tokens = sum(len(t.prefix) + len(t.suffix) for t in (packed.tokenise(*r) for r in set(reqs)))
+    assert rep_pack.tokens_encoded == unique_tokens < rep_pad.tokens_encoded  # no padding through the backbone
+    pairs = separable_pairs(rng, 4)
+    l_pad = padded.train(pairs, epochs=1, lr=1e-3, batch_pairs=len(pairs))[0]["loss"]
+    l_pack = packed.train(pairs, epochs=1, lr=1e-3, batch_pairs=len(pairs))[0]["loss"]
+    assert l_pack == pytest.approx(l_pad, abs=1e-5)
+    for (n, a), (_, b) in zip(padded.net.named_parameters(), packed.net.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-3, msg=n)
+
+
+def random_requests_mixed(rng):
+    """Rows of very different lengths (padding would waste much), duplicates included."""
+    reqs = [(rng.choice("ab"), f"in {i} " + words(rng, 1, 40), words(rng, 1, 8)) for i in range(14)]
+    return reqs + reqs[:3]
+
+
+def test_packing_needs_a_bert_type_encoder(tokenizer, seed):
+    with pytest.raises(ValueError, match="config.packing=True needs a BERT-type encoder"):
+        make_model("decoder", tokenizer, seed, packing=True)
+    with pytest.raises(ValueError, match="pack_tokens"):
+        make_model("encoder", tokenizer, seed, packing=True, pack_tokens=0)

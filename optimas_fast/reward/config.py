@@ -44,6 +44,12 @@ class RewardConfig:
     # CPU: 1.7x faster than "eager" in fp32, 2.1x in bf16), "eager", any name transformers accepts, or None to
     # keep what the backbone was built with. A backbone that cannot use it raises a ValueError at construction.
     attn_implementation: str | None = "sdpa"
+    # padding-free packed batches (BERT-type encoders): rows concatenated into packs of at most pack_tokens
+    # tokens, attention kept inside each row by a block-diagonal mask (SDPA), positions restarting per row.
+    # Exact (tests). MiniLM-L6, 24 rows of 60-450 tokens in arrival order, 2-core EPYC: 1.74 s vs 2.24 s
+    # padded (66% padding); off by default: the planner's length-sorted padded batches waste far less
+    packing: bool = False
+    pack_tokens: int = 1024  # longest pack: the block-diagonal mask makes attention cost pack_tokens^2
     head_init_std: float = 0.02  # std of a new head's weights (bias starts at 0)
     disable_dropout: bool = True  # reward training is deterministic and matches the reference trainer
     lora: LoraSettings | None = None  # LoRA on the backbone via peft (optional extra `lora`)
@@ -69,6 +75,9 @@ class RewardConfig:
         b = self.token_budget
         if (b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1)) or self.max_rows < 1:
             raise ValueError(f"config.token_budget and config.max_rows must be >= 1, got {b}, {self.max_rows}")
+        p = self.pack_tokens
+        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
+            raise ValueError(f"config.pack_tokens must be an int >= 1, got {p!r}")
         self.template.validate()
 
 

@@ -289,6 +289,11 @@ class Encoder:
                     m.p = 0.0
         if config.lora is not None:
             backbone = _apply_lora(backbone, config.lora)
+        if config.packing and not (self.is_encoder and getattr(hf_config, "model_type", None) == "bert"):
+            # positions restart at 0 per packed row: right for BERT's absolute positions; RoBERTa-style offsets
+            # and decoders' KV-cache prefix sharing would need their own handling
+            raise ValueError(f"config.packing=True needs a BERT-type encoder backbone, got model_type="
+                             f"{getattr(hf_config, 'model_type', None)!r} ({'encoder' if self.is_encoder else 'decoder'})")
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         hidden = int(getattr(hf_config, "hidden_size", 0) or getattr(hf_config, "d_model", 0))
@@ -513,8 +518,12 @@ class Encoder:
     # ------------------------------------------------------------------------------------------ planning
     def plan(self, rows: Rows) -> Plan:
         """The C++ planner over the rows: distinct prefix/suffix ids serve as exact content identities."""
-        sched = Scheduler(token_budget=self.token_budget, max_rows=self.config.max_rows, mode="padded",
-                          share_prefix=self.shares_prefix)
+        if self.config.packing:  # packs of at most pack_tokens (a row longer than that gets a pack of its own)
+            sched = Scheduler(token_budget=min(self.token_budget, self.config.pack_tokens),
+                              max_rows=self.config.max_rows, mode="packed", share_prefix=False)
+        else:
+            sched = Scheduler(token_budget=self.token_budget, max_rows=self.config.max_rows, mode="padded",
+                              share_prefix=self.shares_prefix)
         return sched.plan_arrays(rows.head_ids, rows.prefix_lens, rows.suffix_lens,
                                  prefix_hashes=rows.prefix_of, suffix_hashes=rows.suffix_of)
 
@@ -571,6 +580,39 @@ class Encoder:
         # pool in fp32: a bf16 sum over hundreds of tokens would lose the mean's low bits
         return self._pool(hidden.float(), mask, lens), ids.size
 
+    def encode_packed(self, rows: Rows, idx: np.ndarray, inference: bool) -> tuple[torch.Tensor, int]:
+        """Rows ``idx`` as ONE padding-free pack (1, L): a block-diagonal attention mask keeps every token inside
+        its own row and positions restart at 0 per row, so each row sees exactly what it sees alone. Pooled
+        states (R, H) in fp32, and tokens pushed (no padding)."""
+        R = len(idx)
+        p, s = rows.prefix_of[idx], rows.suffix_of[idx]  # (R,)
+        po, so = rows.prefix_offsets, rows.suffix_offsets
+        lp, ls = po[p + 1] - po[p], so[s + 1] - so[s]  # (R,)
+        L = lp + ls  # (R,)
+        T = int(L.max())
+        grid = _gather_padded(rows.prefix_tokens, po[p], lp, T, -1)  # (R, T), -1 marks padding
+        _gather_padded(rows.suffix_tokens, so[s], ls, T, -1, out=grid, col0=lp)
+        real = grid >= 0  # (R, T)
+        ids = torch.from_numpy(grid[real])[None, :]  # (1, Ltot) the rows back to back
+        seg = torch.from_numpy(np.repeat(np.arange(R, dtype=np.int64), L))  # (Ltot,) row of each token
+        starts = np.zeros(R, dtype=np.int64)
+        np.cumsum(L[:-1], out=starts[1:])
+        pos = torch.from_numpy(np.arange(int(L.sum()), dtype=np.int64) - np.repeat(starts, L))[None, :]  # (1, Ltot)
+        block = (seg[:, None] == seg[None, :])[None, None]  # (1, 1, Ltot, Ltot) True = may attend
+        backbone, ctx = self._forward_backbone(inference)
+        with ctx:
+            hidden = self._run(backbone, input_ids=ids.to(self.device), attention_mask=block.to(self.device),
+                               position_ids=pos.to(self.device)).last_hidden_state[0].float()  # (Ltot, H)
+        seg_d = seg.to(self.device)
+        if self.pooling == "cls":
+            h = hidden.index_select(0, torch.from_numpy(starts).to(self.device))  # (R, H)
+        elif self.pooling == "last":
+            h = hidden.index_select(0, torch.from_numpy(starts + L - 1).to(self.device))  # (R, H)
+        else:  # mean per row: a segment sum over the pack
+            total = torch.zeros(R, hidden.shape[1], device=self.device, dtype=hidden.dtype).index_add(0, seg_d, hidden)
+            h = total / torch.from_numpy(L).to(self.device, hidden.dtype)[:, None]  # (R, H)
+        return h, int(L.sum())
+
     def encode_shared(self, rows: Rows, idx: np.ndarray, inference: bool) -> tuple[torch.Tensor, int]:
         """Decoder rows ``idx`` that all share one prefix (a planner prefix-group batch): the prefix is encoded
         once (KV cache), the suffixes against it. Returns last-suffix-token states (R, H) in fp32."""
@@ -608,7 +650,9 @@ class Encoder:
             idx = plan.rows[off[b]:off[b + 1]]  # (R,) request indices of this batch's rows
             # a planner prefix-group batch shares one prefix; an empty suffix has no last suffix token, so such
             # a batch runs as independent rows
-            if self.shares_prefix and groups[b] >= 0 and len(idx) > 1 and plan.row_lengths[off[b]:off[b + 1]].min() > 0:
+            if self.config.packing:
+                h, n = self.encode_packed(rows, idx, inference)
+            elif self.shares_prefix and groups[b] >= 0 and len(idx) > 1 and plan.row_lengths[off[b]:off[b + 1]].min() > 0:
                 h, n = self.encode_shared(rows, idx, inference)
             else:
                 h, n = self.encode_rows(rows, idx, inference)
