@@ -37,6 +37,7 @@ from typing import Any, Mapping
 import yaml
 
 from optimas_fast import demo
+from optimas_fast._validate import check_int
 from optimas_fast.cli_reward import add_reward_parser
 from optimas_fast.examples import EXAMPLES
 from optimas_fast.optimize.config import ConfigError, OptimasConfig
@@ -88,9 +89,8 @@ def _parse_data(data: dict, system: str, base_dir: Path) -> dict:
     files = {k: data[k] for k in ("train", "val", "test") if isinstance(data.get(k), str)}
     if not files:
         for k in ("train", "val", "test"):
-            v = data.get(k)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ConfigError(f"data.{k} must be an int >= 1 (a size cap), a JSONL file path or null, got {v!r}")
+            check_int(data.get(k), f"data.{k}", min=1, allow_none=True, error=ConfigError,
+                      what="an int >= 1 (a size cap), a JSONL file path or null")
         if is_factory_spec(system):
             raise ConfigError(f"system {system!r} (your own pipeline) needs its data as JSONL files: "
                               f"data: {{train: FILE, val: FILE, test: FILE}}")

@@ -55,6 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from optimas_fast._io import atomic_write_text
+from optimas_fast._validate import check_int, check_number
 from optimas_fast.lm.errors import BudgetExceeded
 from optimas_fast.system.component import REWARD_INPUT_CHARS, REWARD_OUTPUT_CHARS, Component, ComponentError
 from optimas_fast.system.context import usage_scope
@@ -432,8 +433,7 @@ class System:
             if not isinstance(name, str) or name not in self.components:
                 raise ValueError(f"best_of: no component named {name!r} in system '{self.name}' "
                                  f"(has {list(self.components)})")
-            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                raise ValueError(f"best_of[{name!r}] must be an int >= 1, got {n!r}")
+            check_int(n, f"best_of[{name!r}]", min=1)
             if n > 1:
                 plan[name] = n
         if not plan:
@@ -447,8 +447,7 @@ class System:
             missing = [n for n in plan if n not in heads]
             if missing:
                 raise ValueError(f"best_of: the reward model has no head for {missing} (its heads: {list(heads)})")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature <= 2:
-            raise ValueError(f"best_of_temperature must be a number in (0, 2], got {temperature!r}")
+        check_number(temperature, "best_of_temperature", gt=0, max=2)
         return plan
 
     def _best_of(self, c: Component, inputs: dict, var: Any, n: int, seed: int | None, reward: Any,
