@@ -216,7 +216,8 @@ class Rows:
     def row(self, i: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         p, s = int(self.prefix_of[i]), int(self.suffix_of[i])
         po, so = self.prefix_offsets, self.suffix_offsets
-        return (tuple(self.prefix_tokens[po[p]:po[p + 1]].tolist()), tuple(self.suffix_tokens[so[s]:so[s + 1]].tolist()))
+        return (tuple(self.prefix_tokens[po[p]:po[p + 1]].tolist()),
+                tuple(self.suffix_tokens[so[s]:so[s + 1]].tolist()))
 
 
 def _flat(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -292,8 +293,9 @@ class Encoder:
         if config.packing and not (self.is_encoder and getattr(hf_config, "model_type", None) == "bert"):
             # positions restart at 0 per packed row: right for BERT's absolute positions; RoBERTa-style offsets
             # and decoders' KV-cache prefix sharing would need their own handling
+            kind = "encoder" if self.is_encoder else "decoder"
             raise ValueError(f"config.packing=True needs a BERT-type encoder backbone, got model_type="
-                             f"{getattr(hf_config, 'model_type', None)!r} ({'encoder' if self.is_encoder else 'decoder'})")
+                             f"{getattr(hf_config, 'model_type', None)!r} ({kind})")
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         hidden = int(getattr(hf_config, "hidden_size", 0) or getattr(hf_config, "d_model", 0))
@@ -652,7 +654,8 @@ class Encoder:
             # a batch runs as independent rows
             if self.config.packing:
                 h, n = self.encode_packed(rows, idx, inference)
-            elif self.shares_prefix and groups[b] >= 0 and len(idx) > 1 and plan.row_lengths[off[b]:off[b + 1]].min() > 0:
+            elif (self.shares_prefix and groups[b] >= 0 and len(idx) > 1
+                  and plan.row_lengths[off[b]:off[b + 1]].min() > 0):
                 h, n = self.encode_shared(rows, idx, inference)
             else:
                 h, n = self.encode_rows(rows, idx, inference)
@@ -681,7 +684,8 @@ class Encoder:
             self.net.train(was_training)
         seconds = time.perf_counter() - t0
         report = ScoreReport(
-            n_requests=len(rows), n_unique=len(plan.rows), n_batches=len(plan), prefix_sharing=self.prefix_sharing_status(),
+            n_requests=len(rows), n_unique=len(plan.rows), n_batches=len(plan),
+            prefix_sharing=self.prefix_sharing_status(),
             tokens_encoded=n_tok, tokens_naive=int((rows.prefix_lens + rows.suffix_lens).sum()), scheduler="native",
             ops="optimas_fast.ops", amp="bf16" if self.uses_bf16(True) else "fp32",
             attention=str(getattr(self.hf_config, "_attn_implementation", "unknown")), seconds=seconds,

@@ -27,7 +27,7 @@ from .config import LoraSettings, RewardConfig, reward_config_from_dict, reward_
 from .encoder import (
     DEFAULT_BACKBONE, Encoder, RewardNet, Rows, ScoreReport, backend_report, cpu_has_native_bf16, load_backbone,
 )
-from .template import TokenCache, Tokenised
+from .template import Tokenised
 from .trainer import Trainer, TrainReport, evaluate
 
 logger = logging.getLogger(__name__)
