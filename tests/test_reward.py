@@ -2,6 +2,7 @@
 checkpoints, bad inputs. Tiny randomly initialised BERT-like / Llama-like backbones; one slow MiniLM test."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -574,21 +575,37 @@ def test_lora_checkpoint_round_trip_is_bit_exact(tokenizer, seed, tmp_path):
         plain.load_state(tmp_path / "ck")
 
 
-@pytest.mark.parametrize("kind", ["decoder", "encoder"])
-def test_batched_prepare_gives_the_per_row_template_ids(kind, tokenizer, seed):
+def eos_tokenizer(tokenizer, eos="[SEP]"):
+    """The MiniLM tokenizer has no EOS; a copy with one, for the append_eos tests."""
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = eos
+    assert tok.eos_token_id is not None and tok.eos_token_id != tok.pad_token_id
+    return tok
+
+
+@pytest.mark.parametrize("kind,append_eos", [("decoder", False), ("decoder", True), ("encoder", False),
+                                             ("encoder", True)])
+def test_batched_prepare_gives_the_per_row_template_ids(kind, append_eos, tokenizer, seed):
     """prepare (dedupe, batched tokenizer calls, vectorised truncation) == the per-row template, row by row."""
     rng = random.Random(seed)
-    rm = make_model(kind, tokenizer, seed, template=TemplateConfig(max_length=rng.randint(20, 40),
-                                                                   truncation_side=rng.choice(["left", "right"])))
+    tok = eos_tokenizer(tokenizer) if append_eos else tokenizer
+    rm = make_model(kind, tok, seed, template=TemplateConfig(max_length=rng.randint(20, 40), append_eos=append_eos,
+                                                             truncation_side=rng.choice(["left", "right"])))
     reqs = random_requests(rng, n_inputs=6, n_cands=4)
     reqs += [(c, i, o) for c, i, o in reqs[:3]]  # duplicates
     rows = rm.prepare(reqs)
     assert rows.truncated.max() > 0  # some rows were cut: the truncation path ran
+    # decoders with append_eos end every suffix with EOS; encoders end it with SEP either way (EOS ignored)
+    tail = (tok.eos_token_id,) if kind == "decoder" and append_eos else ((tok.sep_token_id,) if kind == "encoder"
+                                                                         else ())
+    assert rm.tokens.appends_eos == (kind == "decoder" and append_eos)
     for k, r in enumerate(reqs):
         t = rm.tokenise(*r)
         assert rows.row(k) == (t.prefix, t.suffix), k
         assert rows.head_ids[k] == t.head_id and rows.truncated[k] == t.truncated
         assert rows.full_length[k] == len(t.prefix) + len(t.suffix) + t.truncated
+        assert t.suffix == tuple(tok(r[2], add_special_tokens=False)["input_ids"]) + tail, k
+        assert len(t.prefix) + len(t.suffix) <= rm.config.template.max_length  # EOS counts toward max_length
     # equal texts share one distinct prefix/suffix id; ids never merge different token sequences
     assert len(set(zip(rows.prefix_of.tolist(), rows.suffix_of.tolist(), rows.head_ids.tolist()))) == len(set(reqs))
     texts = [o for _, _, o in reqs]
@@ -596,6 +613,48 @@ def test_batched_prepare_gives_the_per_row_template_ids(kind, tokenizer, seed):
     assert batch_token_ids(tokenizer, texts) == want
     # the direct Rust path: MiniLM's tokenizer.json pads to 128, which plain_backend must switch off
     assert batch_token_ids(tokenizer, texts, plain_backend(tokenizer)) == want
+
+
+def test_append_eos_scores_the_eos_state_and_counts_toward_max_length(tokenizer, seed, caplog):
+    """Decoder + append_eos: the score is the head on the backbone's state at the appended EOS (a plain forward
+    over the full ids, by hand), prefix sharing stays exact, and the EOS takes a token of max_length."""
+    rng = random.Random(seed)
+    tok = eos_tokenizer(tokenizer)
+    rm = make_model("decoder", tok, seed, components=("a",), template=TemplateConfig(append_eos=True))
+    reqs = random_requests(rng, n_inputs=3, n_cands=3, comps=("a",))
+    shared = rm.score(reqs)
+    key = rm.net.head_keys[0]
+    with torch.no_grad():
+        for k, r in enumerate(reqs):
+            t = rm.tokenise(*r)
+            assert t.suffix[-1] == tok.eos_token_id
+            h = rm.net.backbone(input_ids=torch.tensor([t.prefix + t.suffix])).last_hidden_state[0, -1]  # (H,)
+            assert float(shared[k]) == pytest.approx(float(h @ rm.net.head_weight[key] + rm.net.head_bias[key]),
+                                                     abs=1e-4), k
+    rm.config.prefix_sharing = False
+    torch.testing.assert_close(rm.score(reqs), shared, atol=2e-5, rtol=1e-4)
+    rm.config.template.append_eos = False  # read live: the same model now scores the outputs' last token
+    assert rm.tokenise(*reqs[0]).suffix[-1] != tok.eos_token_id
+    assert not torch.allclose(rm.score(reqs), shared, atol=1e-3)
+    # an outputs text that fits exactly without the EOS no longer fits with it (the suffix is never cut)
+    out = "alpha " * 10
+    n_out = len(tok(out, add_special_tokens=False)["input_ids"])
+    need = len(rm.tokens.lead) + 1 + n_out  # lead (BOS, if any) + min_prefix_tokens=1 + the outputs
+    fits = make_model("decoder", tok, seed, components=("a",), template=TemplateConfig(max_length=need))
+    assert not fits.prepare([("a", "an input", out)]).unfit.any()
+    tight = make_model("decoder", tok, seed, components=("a",), template=TemplateConfig(max_length=need,
+                                                                                      append_eos=True))
+    with pytest.raises(ValueError, match="max_length"):
+        tight.tokenise("a", "an input", out)
+    with pytest.raises(ValueError, match="requests\\[0\\].*max_length"):
+        tight.prepare([("a", "an input", out)])
+    # no EOS in the tokenizer: a warning, and rows end with the outputs (nothing silently made up)
+    with caplog.at_level("WARNING", logger="optimas_fast.reward.template"):
+        plain = make_model("decoder", tokenizer, seed, components=("a",), template=TemplateConfig(append_eos=True))
+    assert "no eos_token_id" in caplog.text and not plain.tokens.appends_eos
+    assert plain.tokenise(*reqs[0]).suffix == tuple(tokenizer(reqs[0][2], add_special_tokens=False)["input_ids"])
+    with pytest.raises(ValueError, match="append_eos"):
+        TemplateConfig(append_eos="yes").validate()
 
 
 def test_decoder_batches_follow_the_planners_prefix_groups(tokenizer, seed):

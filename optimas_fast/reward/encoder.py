@@ -485,7 +485,8 @@ class Encoder:
         outs = self.tokens.ids_many(list(sfx_of))  # distinct outputs
         lead, sep = self.tokens.lead, self.tokens.sep
         tmpl = self.config.template
-        suffix_tokens, suffix_offsets = _flat([o + sep for o in outs])
+        tail = self.tokens.tail  # SEP (encoders) / EOS (decoders with append_eos) / nothing
+        suffix_tokens, suffix_offsets = _flat([o + tail for o in outs])
         body_len = np.fromiter((len(b) for b in bodies), dtype=np.int64, count=len(bodies))  # (Pt,)
         row_text = key_text[pk]  # (N,)
         s_len = np.diff(suffix_offsets)[sk]  # (N,)

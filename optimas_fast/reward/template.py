@@ -3,7 +3,7 @@
 Layout (the prefix is shared by every candidate output of one input, which is what prefix sharing exploits):
 
     prefix = [BOS/CLS] + tokens(description + separator + inputs) [+ SEP for encoders]
-    suffix = tokens(outputs) [+ SEP for encoders]
+    suffix = tokens(outputs) [+ SEP for encoders] [+ EOS for decoders with append_eos]
 
 The two halves are tokenised separately (and cached separately), so a prefix's ids never depend on the
 suffix it is paired with. Truncation only ever shortens the prefix body; an output that does not fit on its
@@ -53,6 +53,12 @@ class TemplateConfig:
     truncation_side: str = "left"  # which end of an over-long prefix body to drop: "left" keeps the inputs' end
     # (closest to the outputs), "right" keeps the description and the inputs' start
     min_prefix_tokens: int = 1  # a row must keep at least this many prefix-body tokens, else it is an error
+    # decoders: end the suffix with the tokenizer's EOS id, so last-token pooling reads a fixed token that has
+    # attended to the whole row (TRL's RewardTrainer appends EOS to prompt + response). It counts toward
+    # max_length and is never truncated, like the rest of the suffix. No effect on encoders (their suffix
+    # already ends with SEP) or on tokenizers without an EOS (a warning says so). Absent from checkpoints
+    # written before it existed: they load with False, the layout they were trained with.
+    append_eos: bool = False
 
     def validate(self) -> None:
         if not isinstance(self.max_length, int) or self.max_length < 4:
@@ -61,6 +67,8 @@ class TemplateConfig:
             raise ValueError(f"TemplateConfig.truncation_side must be 'left' or 'right', got {self.truncation_side!r}")
         if "{inputs}" not in self.prefix_format:
             raise ValueError("TemplateConfig.prefix_format must contain '{inputs}'")
+        if not isinstance(self.append_eos, bool):
+            raise ValueError(f"TemplateConfig.append_eos must be a bool, got {self.append_eos!r}")
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,11 @@ class TokenCache:
         self.lead: tuple[int, ...] = (cls_or_bos,) if cls_or_bos is not None else ()
         sep = tokenizer.sep_token_id if is_encoder else None
         self.sep: tuple[int, ...] = (sep,) if sep is not None else ()
+        eos = None if is_encoder else getattr(tokenizer, "eos_token_id", None)
+        self.eos: tuple[int, ...] = (eos,) if eos is not None else ()  # decoders' EOS, for append_eos
+        if config.append_eos and not is_encoder and not self.eos:
+            logger.warning("TemplateConfig.append_eos=True, but the tokenizer has no eos_token_id: rows end with "
+                           "the outputs' last token (set tokenizer.eos_token to append one)")
         self._text_ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._prefix_keys: OrderedDict[tuple[int, ...], int] = OrderedDict()
         self._next_key = 0
@@ -110,6 +123,19 @@ class TokenCache:
 
     def __len__(self) -> int:
         return len(self._text_ids)
+
+    @property
+    def appends_eos(self) -> bool:
+        """Whether suffixes end with EOS: ``config.append_eos`` on a decoder whose tokenizer has one."""
+        return bool(self.config.append_eos and self.eos)
+
+    @property
+    def tail(self) -> tuple[int, ...]:
+        """Special tokens after the outputs' ids: SEP on encoders, EOS on decoders with append_eos, else none.
+        Read from the config on every call (not at init), so a template edited in place applies at once."""
+        if self.is_encoder:
+            return self.sep
+        return self.eos if self.config.append_eos else ()
 
     def _trim(self, d: OrderedDict) -> None:
         if self.max_entries is not None:
@@ -167,7 +193,7 @@ class TokenCache:
 
     def encode(self, head_id: int, description: str, inputs: str, outputs: str) -> Tokenised:
         body = self._ids(self.prefix_text(description, inputs))
-        suffix = self._ids(outputs) + self.sep
+        suffix = self._ids(outputs) + self.tail
         fixed = len(self.lead) + len(self.sep) + len(suffix)
         room = self.config.max_length - fixed
         if room < self.config.min_prefix_tokens:
