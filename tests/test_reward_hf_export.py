@@ -1,5 +1,6 @@
 """HF export / import of reward models: exact round trips through AutoModelForSequenceClassification (decoders)
 and through RewardModel.from_pretrained + the README's plain-transformers snippet (encoders)."""
+import copy
 import json
 import os
 import random
@@ -7,7 +8,7 @@ import random
 import pytest
 import torch
 
-from optimas_fast.reward import RewardConfig, RewardModel
+from optimas_fast.reward import RewardConfig, RewardModel, TemplateConfig
 from optimas_fast.reward.hf_export import META, export_hf
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda river stone cloud lamp".split()
@@ -98,6 +99,71 @@ def test_decoder_export_matches_auto_model_for_sequence_classification(tokenizer
     for c in ("writer", "judge"):
         sel = [i for i, r in enumerate(rows) if r[0] == c]
         assert torch.equal(torch.argsort(ours[sel]), torch.argsort(expect[sel]))
+
+
+@pytest.mark.parametrize("pad_is_eos", [False, True])
+def test_append_eos_export_scores_at_the_eos_in_hf(tokenizer, seed, tmp_path, pad_is_eos):
+    """append_eos=True (TRL's layout): HF's seq-cls model scores the engine's ids exactly, one row and as a
+    padded batch. When the tokenizer's pad is its EOS, the export pads with another id (HF pools the last
+    non-pad token; with pad == EOS it would skip the EOS: checked, so this test can fail)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = "[SEP]"  # MiniLM's tokenizer has no EOS
+    if pad_is_eos:
+        tok.pad_token = "[SEP]"
+    eos = tok.eos_token_id
+    assert (tok.pad_token_id == eos) == pad_is_eos
+    model = _model("decoder", tok, seed, template=TemplateConfig(append_eos=True))
+    rows = _rows(seed)
+    ours = model.score(rows).double()
+    meta = export_hf(model, tmp_path / "hf")
+    assert meta["template"]["append_eos"] is True and meta["template"]["eos_token_id"] == eos
+    hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
+    pad = hf.config.pad_token_id
+    assert pad != eos and pad == meta["pad_token_id"]
+    assert pad == (tok.unk_token_id if pad_is_eos else tok.pad_token_id)
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf").pad_token_id == pad  # serving pads with what HF pools
+    ids = _engine_ids(model, rows)
+    assert all(x[-1] == eos for x in ids)
+    heads = {c: i for i, c in enumerate(meta["components"])}
+    biases = dict(zip(meta["components"], meta["dropped_bias"]))
+    expect = torch.tensor([float(ours[i]) - biases[c] for i, (c, _, _) in enumerate(rows)], dtype=torch.float64)
+    T = max(map(len, ids))
+    batch = torch.tensor([x + [pad] * (T - len(x)) for x in ids])  # (N, T) right-padded
+    mask = (torch.arange(T)[None] < torch.tensor([len(x) for x in ids])[:, None]).long()  # (N, T)
+
+    def hf_scores(m, input_ids, attention_mask):  # each row's own head's logit
+        with torch.no_grad():
+            logits = m(input_ids=input_ids, attention_mask=attention_mask).logits.double()  # (N, C)
+        return torch.stack([logits[i, heads[c]] for i, (c, _, _) in enumerate(rows)])
+
+    with torch.no_grad():
+        single = torch.tensor([float(hf(input_ids=torch.tensor([x])).logits[0, heads[c]])
+                               for x, (c, _, _) in zip(ids, rows)], dtype=torch.float64)
+    assert torch.allclose(single, expect, atol=1e-4, rtol=0)
+    assert torch.allclose(hf_scores(hf, batch, mask), expect, atol=1e-4, rtol=0)
+    # pad == EOS would pool the token before the EOS: not the engine's score
+    hf.config.pad_token_id = eos
+    eos_padded = torch.where(mask.bool(), batch, torch.full_like(batch, eos))  # (N, T)
+    assert not torch.allclose(hf_scores(hf, eos_padded, mask), expect, atol=1e-3, rtol=0)
+    # and back into the engine: the template keeps append_eos, the scores are the export's
+    back = RewardModel.from_pretrained(tmp_path / "hf")
+    back.config.score_amp = "none"
+    assert back.config.template.append_eos is True and back.tokenise(*rows[0]).suffix[-1] == eos
+    assert torch.allclose(back.score(rows).double(), expect, atol=1e-4, rtol=0)
+
+
+def test_exports_without_append_eos_in_the_meta_load_with_false(tokenizer, seed, tmp_path):
+    model = _model("decoder", tokenizer, seed)
+    meta = export_hf(model, tmp_path / "hf")
+    assert meta["template"]["append_eos"] is False
+    del meta["template"]["append_eos"]  # an export written before the field existed
+    (tmp_path / "hf" / META).write_text(json.dumps(meta))
+    back = RewardModel.from_pretrained(tmp_path / "hf")
+    assert back.config.template.append_eos is False
+    rows = _rows(seed)
+    assert _engine_ids(back, rows) == _engine_ids(model, rows)
 
 
 def test_decoder_export_reloads_into_reward_model(tokenizer, seed, tmp_path):

@@ -22,7 +22,12 @@ way), the components with their descriptions, and the pooling. How a row becomes
 engine does it (``template.TokenCache``)::
 
     prefix text = prefix_format.format(description=..., inputs=...)
-    ids         = [BOS or CLS] + tok(prefix text) [+ SEP] + tok(outputs) [+ SEP]   (two separate calls)
+    ids         = [BOS or CLS] + tok(prefix text) [+ SEP] + tok(outputs) [+ SEP] [+ EOS]   (two separate calls)
+
+(SEP on encoders; EOS on decoders exported with ``template.append_eos`` true, TRL's layout, so the score is
+read at the EOS token. When the tokenizer's pad id is its EOS id, a seq-cls export gets another pad id
+(``pad_token_id`` in the meta, in config.json and in the saved tokenizer): HF pools the last token that is not
+the pad id, which would otherwise skip the EOS.)
 
 Tokenising ``prefix text + outputs`` in one call gives the same ids whenever the tokenizer splits at the
 newline that ends the prefix (byte-level BPE and WordPiece tokenizers do); serving code that needs
@@ -82,13 +87,31 @@ def _pad_id(model: RewardModel) -> int:
     return 0
 
 
+def _export_pad_id(model: RewardModel) -> int:
+    """The seq-cls export's pad id: the engine's, unless it equals the EOS the rows end with (append_eos), which
+    HF's last-non-pad pooling would then skip; then the tokenizer's UNK, else 0 (or 1 if EOS is 0). Any id other
+    than EOS is exact: with append_eos every row's last real token is the EOS."""
+    pad = _pad_id(model)
+    if not model.tokens.appends_eos:
+        return pad
+    eos = model.tokens.eos[0]
+    if pad != eos:
+        return pad
+    unk = model.tokenizer.unk_token_id
+    new = unk if unk is not None and unk != eos else (1 if eos == 0 else 0)
+    logger.info("export: the pad id %d is the EOS that append_eos ends rows with; the export pads with id %d "
+                "(HF pools the last non-pad token)", pad, new)
+    return int(new)
+
+
 def export_layout(model: RewardModel) -> str:
     """``"seq-cls"`` for last-token-pooled decoders (exact in HF), else ``"backbone+heads"``."""
     return "seq-cls" if (not model.is_encoder and model.pooling == "last") else "backbone+heads"
 
 
-def _meta(model: RewardModel, layout: str, biases: list[float]) -> dict:
+def _meta(model: RewardModel, layout: str, biases: list[float], pad_id: int | None) -> dict:
     t = model.config.template
+    eos = bool(model.tokens.appends_eos)  # what the engine does (not the flag alone: encoders ignore it)
     return {
         "format": EXPORT_FORMAT,
         "layout": layout,
@@ -98,9 +121,11 @@ def _meta(model: RewardModel, layout: str, biases: list[float]) -> dict:
         "descriptions": {c: model.descriptions[c] for c in model.components},
         "template": {"prefix_format": t.prefix_format, "max_length": t.max_length,
                      "truncation_side": t.truncation_side, "min_prefix_tokens": t.min_prefix_tokens,
-                     "tokenisation": "lead + tok(prefix text) [+ sep] + tok(outputs) [+ sep], two calls; "
+                     "append_eos": eos, "eos_token_id": model.tokens.eos[0] if eos else None,
+                     "tokenisation": "lead + tok(prefix text) [+ sep] + tok(outputs) [+ sep] [+ eos], two calls; "
                                      "lead = CLS (encoders) or BOS (decoders) when the tokenizer has one, "
-                                     "sep = SEP on encoders only"},
+                                     "sep = SEP on encoders only, eos = EOS on decoders when append_eos"},
+        "pad_token_id": pad_id,
         # seq-cls: the heads' biases are dropped (BT training is invariant to a per-head constant)
         "dropped_bias": biases if layout == "seq-cls" else None,
     }
@@ -141,7 +166,8 @@ def export_hf(model: RewardModel, out_dir: str | os.PathLike) -> dict:
     layout = export_layout(model)
     W, b = (t.detach().to("cpu", torch.float32).clone() for t in model.net.stacked_heads())  # (C, H), (C,)
     backbone = _plain_backbone(model)
-    meta = _meta(model, layout, [float(x) for x in b])
+    pad_id = _export_pad_id(model) if layout == "seq-cls" else None
+    meta = _meta(model, layout, [float(x) for x in b], pad_id)
     names = list(model.components)
 
     def fill(tmp: str) -> None:
@@ -152,7 +178,7 @@ def export_hf(model: RewardModel, out_dir: str | os.PathLike) -> dict:
             cfg.num_labels = len(names)
             cfg.id2label = {i: n for i, n in enumerate(names)}
             cfg.label2id = {n: i for i, n in enumerate(names)}
-            cfg.pad_token_id = _pad_id(model)  # HF pools the last non-pad token, and batches need one
+            cfg.pad_token_id = pad_id  # HF pools the last non-pad token, and batches need one
             cfg.problem_type = "regression"  # reward scores are real numbers, not class logits
             seq = AutoModelForSequenceClassification.from_config(cfg)
             base = getattr(seq, seq.base_model_prefix)
@@ -178,6 +204,8 @@ def export_hf(model: RewardModel, out_dir: str | os.PathLike) -> dict:
             save_file({"weight": W.contiguous(), "bias": b.contiguous()}, os.path.join(tmp, HEADS))
         tok = copy.deepcopy(model.tokenizer)
         tok.truncation_side = model.config.template.truncation_side  # the engine cuts the prefix's start
+        if pad_id is not None and tok.pad_token_id != pad_id:  # a serving side pads with what config.json pools
+            tok.pad_token = tok.convert_ids_to_tokens(pad_id)
         tok.save_pretrained(tmp)
         atomic_write_bytes(os.path.join(tmp, META), json.dumps(meta, indent=1).encode())
 
@@ -209,7 +237,8 @@ def _read_meta(path: str) -> dict | None:
 def _template(meta: dict) -> TemplateConfig:
     t = meta["template"]
     return TemplateConfig(max_length=int(t["max_length"]), prefix_format=t["prefix_format"],
-                          truncation_side=t["truncation_side"], min_prefix_tokens=int(t["min_prefix_tokens"]))
+                          truncation_side=t["truncation_side"], min_prefix_tokens=int(t["min_prefix_tokens"]),
+                          append_eos=bool(t.get("append_eos", False)))  # absent in exports made before it
 
 
 def _seq_cls_parts(path: str) -> tuple[nn.Module, nn.Linear, Any]:
