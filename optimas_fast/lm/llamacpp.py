@@ -13,6 +13,7 @@ temperature 0 is greedy.
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import logging
 import os
@@ -99,6 +100,16 @@ class LlamaCppLM(LM):
         self._lock = threading.Lock()  # one decode at a time: a Llama object is not thread-safe
         self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
                                    verbose=False, seed=0, logits_all=False)
+        # free the model while llama_cpp's module globals still exist: left to garbage collection at interpreter
+        # exit, its finaliser calls a C function already torn down ("'NoneType' object is not callable")
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        """Free the llama.cpp model and context now (idempotent)."""
+        llm = getattr(self, "llm", None)
+        if llm is not None:
+            with self._lock:
+                llm.close()
 
     @classmethod
     def shared(cls, **kwargs) -> "LlamaCppLM":
