@@ -8,13 +8,20 @@ under DistributedDataParallel (see trainer.py); nothing else changes in user cod
     rm.train(pairs, epochs=2)           # every rank passes the same pairs and the same seed
     if info.rank == 0: rm.save("ckpt")
     cleanup_distributed()
+
+``RewardModel.score`` shards too: every rank passes the same requests, encodes only its share of the planned
+batches (``shard_batches``) and gets all N scores back (``gather_row_scores``), equal to one process's.
 """
 from __future__ import annotations
 
+import heapq
 import logging
 import os
+import zlib
 from dataclasses import dataclass
+from typing import Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -62,3 +69,69 @@ def cleanup_distributed() -> None:
         # seen once in a clean-clone CI check).
         dist.barrier()
         dist.destroy_process_group()
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group; (0, 1) when none is initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_batches(batch_tokens: np.ndarray, world_size: int) -> np.ndarray:
+    """Owner rank (B,) int64 of each planned batch, balancing budget tokens across ``world_size`` ranks.
+
+    Greedy longest-first: batches by tokens descending (ties by index), each to the least-loaded rank (ties
+    to the lowest rank). Deterministic, so every rank computes the same assignment from the same plan without
+    communicating; whole batches move, so a prefix-group batch (one shared prefix) stays on one rank. The
+    ranks' loads end within one batch of each other (the least-loaded rank takes every next batch), and with
+    B >= world_size every rank gets at least one batch."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    tokens = np.asarray(batch_tokens, dtype=np.int64)  # (B,)
+    if tokens.ndim != 1:
+        raise ValueError(f"batch_tokens must be 1-D (one entry per batch), got shape {tokens.shape}")
+    owner = np.zeros(len(tokens), dtype=np.int64)  # (B,)
+    if world_size == 1:
+        return owner
+    heap = [(0, r) for r in range(world_size)]  # (load, rank): heapq pops the least load, then lowest rank
+    # a Python step per batch (not per row): batches are few (thousands for a million rows)
+    for b in np.argsort(-tokens, kind="stable").tolist():
+        load, r = heapq.heappop(heap)
+        owner[b] = r
+        heapq.heappush(heap, (load + int(tokens[b]), r))
+    return owner
+
+
+def fingerprint(arrays: Sequence[np.ndarray]) -> int:
+    """CRC32 over the arrays' bytes: ranks compare it to catch different inputs before merging results."""
+    crc = 0
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        crc = zlib.crc32(np.asarray(a.shape, dtype=np.int64).tobytes(), crc)
+        crc = zlib.crc32(a.view(np.uint8).reshape(-1) if a.size else b"", crc)
+    return crc
+
+
+def gather_row_scores(local: np.ndarray, owner_of_row: np.ndarray, key: int) -> np.ndarray:
+    """All ranks' row scores merged into plan-row order (U,), on every rank.
+
+    ``local``: this rank's scores for the rows it owns, in row order; ``owner_of_row`` (U,): the owner rank of
+    every planned row (the same on every rank); ``key``: a fingerprint of the inputs, which must agree (ranks
+    that planned different requests would otherwise merge scores of different rows without noticing)."""
+    rank, world_size = world()
+    parts: list = [None] * world_size
+    # one collective of small pickled arrays (4 bytes per row): the payload is the scores themselves
+    dist.all_gather_object(parts, (int(key), np.ascontiguousarray(local, dtype=np.float32)))
+    keys = [k for k, _ in parts]
+    if any(k != keys[0] for k in keys):
+        raise RuntimeError(f"score under torch.distributed: the ranks passed different requests or settings "
+                           f"(input fingerprints by rank: {keys}); every rank must call score with the same rows")
+    out = np.empty(len(owner_of_row), dtype=np.float32)  # (U,)
+    for r, (_, s) in enumerate(parts):
+        sel = owner_of_row == r  # (U,)
+        if int(sel.sum()) != len(s):
+            raise RuntimeError(f"score under torch.distributed: rank {r} returned {len(s)} scores for "
+                               f"{int(sel.sum())} rows")
+        out[sel] = s
+    return out
