@@ -1,7 +1,8 @@
 """DDP equivalence: 2 CPU ranks with gloo train the same tiny reward model on the same pairs as a single
 process; the weights must agree within float tolerance. The ranks are started two ways: torch.multiprocessing
 (rendezvous through a file), and ``torchrun`` itself (this file is its script: the environment-driven
-``init_distributed()`` path that users take)."""
+``init_distributed()`` path that users take). Sharded scoring: 2 ranks split the planned batches of one pool
+and each returns the same N scores as one process."""
 from __future__ import annotations
 
 import gc
