@@ -4,6 +4,7 @@ schedule and the loss against transformers' and TRL's formulas, accuracy on sepa
 Tiny random Llama / BERT backbones with the MiniLM tokenizer."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -339,6 +340,47 @@ def test_overlong_pairs_are_dropped_and_counted(tokenizer, tmp_path, seed):
     assert (tr.pairs_dropped, len(tr.train_pairs)) == (3, 9)
     m = tr.train().metrics
     assert (m["pairs_used"], m["pairs_dropped"], m["pairs_truncated"]) == (9, 3, 0)
+
+
+def test_trl_data_on_a_decoder_appends_eos_by_default(tokenizer, tmp_path, seed):
+    """TRL appends EOS to prompt + response and a decoder scores there: so does the trainer on TRL data (a
+    tokenizer with an EOS), it counts toward max_length in the drop filter, survives save_model, and
+    append_eos=False turns it off. Encoders and EOS-less tokenizers are left alone (no warning)."""
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = "[SEP]"  # MiniLM's tokenizer has no EOS
+    eos = tok.eos_token_id
+    rng = random.Random(seed)
+    rows = trl_rows(rng, 8)
+    tr = make_trainer(tok, seed, tmp_path / "on", rows, save_strategy="no", max_steps=1)
+    assert tr.append_eos and tr.model.config.template.append_eos
+    p = tr.train_pairs[0]
+    t = tr.model.tokenise(p.component, p.inputs, p.chosen)
+    assert t.suffix == tuple(tok(p.chosen, add_special_tokens=False)["input_ids"]) + (eos,)
+    assert tr.train().global_step == 1
+    tr.save_model(str(tmp_path / "saved"))
+    assert RewardModel.load(tmp_path / "saved").config.template.append_eos is True
+    off = RewardTrainer(model=tiny_llama(tok.vocab_size, seed), train_dataset=dataset(rows), processing_class=tok,
+                        append_eos=False, args=RewardTrainingArguments(output_dir=str(tmp_path / "off"),
+                                                                       save_strategy="no", disable_tqdm=True))
+    assert not off.append_eos and off.model.tokenise(p.component, p.inputs, p.chosen).suffix[-1] != eos
+    # the EOS takes a token of max_length: pairs that fit exactly without it are dropped with it
+    lens = [max(len(x.prefix) + len(x.suffix) for x in (off.model.tokenise(q.component, q.inputs, q.chosen),
+                                                         off.model.tokenise(q.component, q.inputs, q.rejected)))
+            for q in off.train_pairs]
+    cap = max(lens)
+    tight = make_trainer(tok, seed, tmp_path / "tight", rows, save_strategy="no", max_length=cap)
+    assert tight.pairs_dropped == lens.count(cap) > 0
+    # no EOS in the tokenizer, or an encoder: nothing appended, nothing recorded
+    assert not make_trainer(tokenizer, seed, tmp_path / "noeos", rows, save_strategy="no").append_eos
+    enc = make_trainer(tok, seed, tmp_path / "enc", rows, kind="encoder", save_strategy="no")
+    assert not enc.append_eos and not enc.model.config.template.append_eos
+    # an existing RewardModel keeps its own layout unless append_eos is given
+    rm = RewardModel(tiny_llama(tok.vocab_size, seed), ["default"], tokenizer=tok)
+    args = RewardTrainingArguments(output_dir=str(tmp_path / "rm"), save_strategy="no", disable_tqdm=True)
+    assert not RewardTrainer(model=rm, args=args, train_dataset=dataset(rows)).append_eos
+    assert RewardTrainer(model=rm, args=args, train_dataset=dataset(rows), append_eos=True).append_eos
+    with pytest.raises(TypeError, match="append_eos"):
+        RewardTrainer(model=rm, args=args, train_dataset=dataset(rows), append_eos="yes")
 
 
 def test_tensorboard_event_files(tokenizer, tmp_path, seed):

@@ -22,6 +22,11 @@ What matches TRL 1.16 / transformers' Trainer (same meaning, same defaults):
   eval / save by "steps" or "epoch", a final save at the last step, ``save_total_limit`` rotation that keeps the
   newest and the best checkpoint, ``load_best_model_at_end`` with ``metric_for_best_model`` (default "loss").
 
+The text, as TRL tokenises it: TRL-format data (prompt/chosen/rejected) is rendered as prompt + response with
+the EOS token appended (``TemplateConfig.append_eos``, on by default for such data on a decoder whose tokenizer
+has an EOS; ``RewardTrainer(append_eos=False)`` turns it off), so a decoder's score is read at the EOS, as TRL's
+*ForSequenceClassification does; the EOS counts toward ``max_length``, as in TRL's length filter.
+
 What differs (on purpose): the engine renders each row with its template (component description + inputs
 as the prefix, the response as the suffix; decoders encode a shared prompt once), pools like the engine
 (decoders: last token, as HF's *ForSequenceClassification; encoders: mean pooling, where HF's BERT uses the
@@ -345,15 +350,21 @@ class RewardTrainer:
         components: (ours) component name -> description, for the heads' template prefix.
         overlong: (ours) pairs longer than max_length: "drop" (TRL), "truncate_prefix" (the engine's way) or "error".
         data_format: (ours) the formats loader's ``format`` ("auto" | "trl" | "optimas" | "pairs").
+        append_eos: (ours) end each row with the tokenizer's EOS (``TemplateConfig.append_eos``; decoders only).
+            None (default): TRL's behaviour, i.e. on for TRL-format data (prompt + response text) on a decoder
+            whose tokenizer has an EOS, off otherwise. True / False: as given (for an existing ``RewardModel``
+            too, which otherwise keeps its own template).
     """
 
     def __init__(self, model: Any = None, args: RewardTrainingArguments | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, processing_class: Any = None, *, components: Mapping[str, str] | None = None,
-                 overlong: str = "drop", data_format: str = "auto", **unsupported):
+                 overlong: str = "drop", data_format: str = "auto", append_eos: bool | None = None, **unsupported):
         if unsupported:
             raise TypeError(f"RewardTrainer got unsupported argument(s) {', '.join(map(repr, unsupported))}; supported: "
                             "model, args, train_dataset, eval_dataset, processing_class, components, overlong, "
-                            "data_format")
+                            "data_format, append_eos")
+        if append_eos is not None and not isinstance(append_eos, bool):
+            raise TypeError(f"RewardTrainer: append_eos must be True, False or None, got {append_eos!r}")
         if model is None:
             raise ValueError("RewardTrainer: model is required (a backbone name/path, a model object or a RewardModel)")
         if args is None:
@@ -382,7 +393,15 @@ class RewardTrainer:
         for c, d in (self._raw_eval.components.items() if self._raw_eval is not None else ()):
             descriptions.setdefault(c, d)
         self.prefix_format = self._raw_train.prefix_format
+        # TRL appends EOS to prompt + response; only its own format has that text (the engine's component
+        # template is ours), and only a tokenizer with an EOS can (no warning for the ones without)
+        self.append_eos = append_eos if append_eos is not None else (
+            self.prefix_format == "{inputs}" and getattr(tok, "eos_token_id", None) is not None)
+        self._append_eos_given = append_eos is not None
         self.model = self._build_model(model, processing_class, descriptions)
+        if self.model.is_encoder and self.model.config.template.append_eos and not self._append_eos_given:
+            self.model.config.template.append_eos = False  # encoders end with SEP: record what the rows are
+        self.append_eos = self.model.tokens.appends_eos  # what the rows get
         self.processing_class = self.model.tokenizer
         self.train_pairs, self.pairs_dropped, self.pairs_truncated = filter_overlong(
             self.model, self._raw_train, args.max_length, overlong, "train_dataset")
@@ -411,6 +430,7 @@ class RewardTrainer:
             template.max_length = a.max_length
         if self.prefix_format is not None:  # TRL rows: the prompt alone is the prefix, as TRL tokenises it
             template.prefix_format = self.prefix_format
+        template.append_eos = self.append_eos
         amp = "auto" if a.bf16 is None else ("bf16" if a.bf16 else "none")
         return RewardConfig(template=template, disable_dropout=a.disable_dropout, amp=amp, seed=a.seed)
 
@@ -423,6 +443,8 @@ class RewardTrainer:
                     model.add_component(c, d)
             if a.max_length is not None:  # rows follow args.max_length, as they would in TRL
                 model.config.template.max_length = a.max_length
+            if self._append_eos_given:  # otherwise the model keeps the layout it was trained with
+                model.config.template.append_eos = self.append_eos
             if self.prefix_format is not None and model.config.template.prefix_format != self.prefix_format:
                 logger.warning("RewardTrainer: the model's template prefix %r differs from the data's %r; rows "
                                "are rendered with the model's", model.config.template.prefix_format,
