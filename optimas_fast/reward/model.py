@@ -107,12 +107,16 @@ class RewardModel:
         return self.encoder.prefix_sharing_status()
 
     # ------------------------------------------------------------------------------------------- scoring
-    def score(self, requests: Iterable[Any]) -> torch.Tensor:
-        """Rewards (N,) float32 on CPU for (component, inputs, outputs) rows of any mix of components."""
-        return self.score_with_report(requests)[0]
+    def score(self, requests: Iterable[Any], shard: bool = True) -> torch.Tensor:
+        """Rewards (N,) float32 on CPU for (component, inputs, outputs) rows of any mix of components.
 
-    def score_with_report(self, requests: Iterable[Any]) -> tuple[torch.Tensor, ScoreReport]:
-        scores, report = self.encoder.score(requests)
+        Under ``torchrun`` (world size > 1) with ``shard=True`` the planned batches are split across ranks by
+        tokens and the scores gathered: a collective, so every rank must call it with the same requests.
+        ``shard=False`` scores locally (e.g. on rank 0 only)."""
+        return self.score_with_report(requests, shard=shard)[0]
+
+    def score_with_report(self, requests: Iterable[Any], shard: bool = True) -> tuple[torch.Tensor, ScoreReport]:
+        scores, report = self.encoder.score(requests, shard=shard)
         self.last_report = report
         return scores, report
 
