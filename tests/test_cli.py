@@ -3,6 +3,8 @@ on the synthetic system with a tiny random LRF, and the report files."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -188,3 +190,17 @@ def test_sigkilled_cli_run_of_an_example_resumes_to_the_same_final_state(tmp_pat
     assert la.keys() == lb.keys() and all(torch.equal(la[k], lb[k]) for k in la)
     ra, rb = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("full", "killed"))
     assert ra["test_before"] == rb["test_before"] and ra["test_after"] == rb["test_after"]
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_end_to_end(tmp_path):
+    """`optimas-fast demo --quick` exactly as a newcomer runs it (embedded SmolLM2, MiniLM LRF, offline): it exits 0,
+    prints the test accuracy before and after, and leaves the report and the optimized system."""
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "optimas_fast.cli", "demo", "--quick", "--out", str(out),
+                           "--no-progress"], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "test accuracy:" in proc.stdout and "->" in proc.stdout, proc.stdout[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["initial_val"] is not None and report["iterations_done"] is not None, report
+    assert (out / "system_state.json").is_file()
