@@ -9,11 +9,26 @@ import torch
 
 from optimas_fast import ops
 from optimas_fast._validate import check_bool, check_choice, check_int, check_number, is_int, is_number
+from optimas_fast.cli import parse_config
+from optimas_fast.examples.codegen import CodegenConfig, build_codegen_system
+from optimas_fast.examples.data import split_examples
+from optimas_fast.examples.embeddings import HashEmbedder
+from optimas_fast.examples.pubmedqa import PubMedQAConfig, build_pubmedqa_system
 from optimas_fast.lm import Budget, HFLocalLM, LlamaCppLM, LMCache, OpenAIClient, register_price
 from optimas_fast.lm.base import check_sampling
+from optimas_fast.optimize import BudgetConfig, ConfigError, OptimasConfig
+from optimas_fast.optimizers import ChoiceConfig, LoRAPolicy, OptimizerBudget, PromptConfig, WeightsConfig
+from optimas_fast.preference import PairStore
+from optimas_fast.preference.collect import CollectConfig
+from optimas_fast.reward import RewardConfig, TemplateConfig, TrainConfig
+from optimas_fast.reward.data import as_pairs
+from optimas_fast.reward.distributed import shard_batches
+from optimas_fast.reward.template import TokenCache
 from optimas_fast.reward.trl_trainer import RewardTrainingArguments
+from optimas_fast.sandbox import run_python
 from optimas_fast.scheduler import SchedulerConfig
 from optimas_fast.scheduler_reference import head_id
+from optimas_fast.system import Component, System
 
 
 class _MyError(ValueError):
@@ -183,3 +198,22 @@ def test_lm_sites():
 ])
 def test_reward_training_arguments_sites(kw, msg):
     _raises(lambda: RewardTrainingArguments(**kw), ValueError, re.escape(f"RewardTrainingArguments.{msg}"))
+
+
+# The config, system and optimizer layers. "now refused": a bool that was accepted before as 1 / 0.
+
+
+def test_reward_sites():
+    _raises(lambda: RewardConfig(token_cache_size=True).validate(), ValueError,
+            re.escape("config.token_cache_size must be an int >= 1 or None, got True"))
+    _raises(lambda: RewardConfig(token_budget=True).validate(), ValueError, "config.token_budget and config.max_rows must be >= 1")
+    _raises(lambda: RewardConfig(pack_tokens=False).validate(), ValueError, "config.pack_tokens must be an int >= 1, got False")
+    _raises(lambda: as_pairs([("c", "in", "a", "b", True)]), TypeError, r"\[0\]\.margin must be a real number")
+    _raises(lambda: TrainConfig(batch_pairs=True).validate(), ValueError,  # now refused
+            "batch_pairs must be an int >= 1, got True")
+    _raises(lambda: TrainConfig(replay_size=-1).validate(), ValueError, "replay_size must be an int >= 0, got -1")
+    _raises(lambda: TemplateConfig(max_length=True).validate(), ValueError,  # now refused
+            "TemplateConfig.max_length must be an int >= 4, got True")
+    _raises(lambda: TokenCache(None, TemplateConfig(), True, max_entries=True), ValueError,
+            "token cache max_entries must be an int >= 1 or None, got True")
+    _raises(lambda: shard_batches(np.array([3, 2]), True), ValueError, "world_size must be an int >= 1, got True")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from optimas_fast._validate import check_int, is_int
 from .template import TemplateConfig
 
 
@@ -69,17 +70,14 @@ class RewardConfig:
         if self.score_weights not in ("cast", "autocast"):
             raise ValueError(f"config.score_weights must be 'cast' or 'autocast', got {self.score_weights!r}")
         n = self.token_cache_size
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"config.token_cache_size must be an int >= 1 or None, got {n!r}")
+        check_int(n, "config.token_cache_size", min=1, allow_none=True)
         a = self.attn_implementation
         if a is not None and (not isinstance(a, str) or not a):
             raise ValueError(f"config.attn_implementation must be a non-empty str or None, got {a!r}")
         b = self.token_budget
-        if (b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 1)) or self.max_rows < 1:
+        if (b is not None and (not is_int(b) or b < 1)) or self.max_rows < 1:
             raise ValueError(f"config.token_budget and config.max_rows must be >= 1, got {b}, {self.max_rows}")
-        p = self.pack_tokens
-        if isinstance(p, bool) or not isinstance(p, int) or p < 1:
-            raise ValueError(f"config.pack_tokens must be an int >= 1, got {p!r}")
+        check_int(self.pack_tokens, "config.pack_tokens", min=1)
         self.template.validate()
 
 

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+from optimas_fast._validate import is_number
+
 
 @dataclass(frozen=True)
 class ScoreRequest:
@@ -95,7 +97,7 @@ def as_pairs(pairs: Iterable[Any], what: str = "pairs") -> list[PreferencePair]:
             p = PreferencePair(*p)
         for field_name in ("component", "inputs", "chosen", "rejected"):
             _check_str(getattr(p, field_name), f"{what}[{i}].{field_name}")
-        if isinstance(p.margin, bool) or not isinstance(p.margin, (int, float)):
+        if not is_number(p.margin):
             raise TypeError(f"{what}[{i}].margin must be a real number, got {type(p.margin).__name__}")
         if not math.isfinite(p.margin):
             raise ValueError(f"{what}[{i}].margin is {p.margin}: margins must be finite (NaN/inf reward gap?)")

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from optimas_fast._validate import check_int
+
 logger = logging.getLogger(__name__)
 
 
@@ -86,8 +88,7 @@ def shard_batches(batch_tokens: np.ndarray, world_size: int) -> np.ndarray:
     communicating; whole batches move, so a prefix-group batch (one shared prefix) stays on one rank. The
     ranks' loads end within one batch of each other (the least-loaded rank takes every next batch), and with
     B >= world_size every rank gets at least one batch."""
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+    check_int(world_size, "world_size", min=1)
     tokens = np.asarray(batch_tokens, dtype=np.int64)  # (B,)
     if tokens.ndim != 1:
         raise ValueError(f"batch_tokens must be 1-D (one entry per batch), got shape {tokens.shape}")

@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+from optimas_fast._validate import is_number
 from optimas_fast.reward.data import PreferencePair
 from optimas_fast.system.component import format_value
 
@@ -421,7 +422,7 @@ class _Row:
                 v = float(v)
             except ValueError:
                 raise self.error(name, f"must be a number, got {v!r:.40}") from None
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if not is_number(v):
             raise self.error(name, f"must be a number, got {type(v).__name__}")
         v = float(v)
         if not math.isfinite(v):

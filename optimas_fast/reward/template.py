@@ -16,6 +16,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from optimas_fast._validate import check_int
+
 logger = logging.getLogger(__name__)
 
 
@@ -61,8 +63,7 @@ class TemplateConfig:
     append_eos: bool = False
 
     def validate(self) -> None:
-        if not isinstance(self.max_length, int) or self.max_length < 4:
-            raise ValueError(f"TemplateConfig.max_length must be an int >= 4, got {self.max_length!r}")
+        check_int(self.max_length, "TemplateConfig.max_length", min=4)
         if self.truncation_side not in ("left", "right"):
             raise ValueError(f"TemplateConfig.truncation_side must be 'left' or 'right', got {self.truncation_side!r}")
         if "{inputs}" not in self.prefix_format:
@@ -97,9 +98,7 @@ class TokenCache:
 
     def __init__(self, tokenizer: Any, config: TemplateConfig, is_encoder: bool, max_entries: int | None = None):
         config.validate()
-        if max_entries is not None and (isinstance(max_entries, bool) or not isinstance(max_entries, int)
-                                        or max_entries < 1):
-            raise ValueError(f"token cache max_entries must be an int >= 1 or None, got {max_entries!r}")
+        check_int(max_entries, "token cache max_entries", min=1, allow_none=True)
         self.tokenizer = tokenizer
         self._backend = plain_backend(tokenizer)  # batched calls go straight to Rust
         self.config = config

@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from optimas_fast import ops
+from optimas_fast._validate import check_int
 
 from .data import PreferencePair, as_candidates, as_pairs, pair_weights
 from .encoder import Encoder, Rows
@@ -87,10 +88,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be 'constant' or 'linear', got {self.schedule!r}")
         if self.weighting not in ("margin", "uniform"):
             raise ValueError(f"weighting must be 'margin' or 'uniform', got {self.weighting!r}")
-        if not isinstance(self.batch_pairs, int) or self.batch_pairs < 1:
-            raise ValueError(f"batch_pairs must be an int >= 1, got {self.batch_pairs!r}")
-        if not isinstance(self.replay_size, int) or self.replay_size < 0:
-            raise ValueError(f"replay_size must be an int >= 0, got {self.replay_size!r}")
+        check_int(self.batch_pairs, "batch_pairs", min=1)
+        check_int(self.replay_size, "replay_size", min=0)
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
         if not (self.margin_floor > 0):
@@ -344,8 +343,7 @@ class Trainer:
         Returns per-step dicts (epoch, step, loss, pairs, seconds); ``last_report`` says what was done."""
         t_start = time.perf_counter()
         pairs = as_pairs(pairs)
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+        check_int(epochs, "epochs", min=1)
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
         if lr is not None:
@@ -388,8 +386,7 @@ class Trainer:
         """Online adaptation: ``steps`` optimizer steps, each on fresh pairs plus a replay draw (optimizer state
         kept). Over-long pairs have their prefix truncated (train()'s default policy)."""
         pairs = as_pairs(pairs)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+        check_int(steps, "steps", min=1)
         if lr is not None:
             overrides["lr"] = lr
         self._apply_overrides(overrides)
