@@ -55,7 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from optimas_fast._io import atomic_write_text
-from optimas_fast._validate import check_int, check_number
+from optimas_fast._validate import check_int, check_number, is_int
 from optimas_fast.lm.errors import BudgetExceeded
 from optimas_fast.system.component import REWARD_INPUT_CHARS, REWARD_OUTPUT_CHARS, Component, ComponentError
 from optimas_fast.system.context import usage_scope
@@ -510,7 +510,7 @@ class System:
         its error; nothing is dropped, and results are in input order whatever the thread timing.
         ``best_of`` / ``reward`` / ``best_of_temperature``: reward-guided best-of-N, as in ``run``.
         """
-        if not isinstance(workers, int) or workers < 1:
+        if not is_int(workers) or workers < 1:
             raise ValueError(f"evaluate(workers): expected an int >= 1, got {workers!r}")
         examples = list(examples)
         self._resolve_overrides(overrides)  # fail early on bad overrides, not once per example
