@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from optimas_fast._validate import check_int
 from optimas_fast.lm.errors import BudgetExceeded
 from optimas_fast.preference.render import render_inputs, render_outputs
 from optimas_fast.system import Component, Variable
@@ -49,9 +50,7 @@ class OptimizerBudget:
 
     def validate(self) -> None:
         for name in ("max_candidates", "max_inputs", "max_rows"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"OptimizerBudget.{name} must be an int >= 1 or None, got {v!r}")
+            check_int(getattr(self, name), f"OptimizerBudget.{name}", min=1, allow_none=True)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from optimas_fast._validate import check_int
 from optimas_fast.optimizers.base import (
     Optimizer, OptimizerBudget, Proposal, mean, override_for, pick_best, run_batch, score_matrix,
 )
@@ -26,9 +27,7 @@ class ChoiceConfig:
 
     def validate(self) -> None:
         for name in ("max_candidates", "max_inputs"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"choice.{name} must be an int >= 1, got {v!r}")
+            check_int(getattr(self, name), f"choice.{name}", min=1)
 
 
 class ChoiceOptimizer(Optimizer):

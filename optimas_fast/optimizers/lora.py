@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from optimas_fast._validate import check_int
 from optimas_fast.lm.hf_local import GumbelSampler, left_pad
 from optimas_fast.optimizers.base import mean, override_for, run_batch, score_matrix
 from optimas_fast.system import Component, Weights
@@ -68,8 +69,7 @@ class LoRAPolicy:
             import peft
         except ImportError as exc:  # pragma: no cover - exercised only without the extra
             raise ImportError("LoRAPolicy needs peft: pip install 'optimas-fast[lora]'") from exc
-        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-            raise ValueError(f"LoRAPolicy: r must be an int >= 1, got {r!r}")
+        check_int(r, "LoRAPolicy: r", min=1)
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("LoRAPolicy: the tokenizer has neither a pad nor an eos token")
         cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, task_type="CAUSAL_LM",

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from optimas_fast._validate import check_int
 from optimas_fast.lm.base import LM
 from optimas_fast.lm.usage import usage_scope as lm_usage_scope
 from optimas_fast.optimizers.base import (
@@ -37,9 +38,7 @@ class PromptConfig:
 
     def validate(self) -> None:
         for name in ("num_proposals", "max_tokens", "history_size", "max_inputs", "max_chars"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"prompt.{name} must be an int >= 1, got {v!r}")
+            check_int(getattr(self, name), f"prompt.{name}", min=1)
         if not 0 <= self.temperature <= 2:
             raise ValueError(f"prompt.temperature must be in [0, 2], got {self.temperature!r}")
 

@@ -23,6 +23,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from optimas_fast._validate import check_int, check_number
 from optimas_fast.optimizers.base import (
     Optimizer, OptimizerBudget, Proposal, mean, override_for, pick_best, run_batch, score_matrix,
 )
@@ -48,15 +49,10 @@ class WeightsConfig:
 
     def validate(self) -> None:
         for name in ("population", "steps", "max_inputs", "lora_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"weights.{name} must be an int >= 1, got {v!r}")
-        if isinstance(self.lora_samples, bool) or not isinstance(self.lora_samples, int) or self.lora_samples < 2:
-            raise ValueError(f"weights.lora_samples must be an int >= 2, got {self.lora_samples!r}")
+            check_int(getattr(self, name), f"weights.{name}", min=1)
+        check_int(self.lora_samples, "weights.lora_samples", min=2)
         for name in ("lora_temperature", "lora_lr", "lora_beta"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
-                raise ValueError(f"weights.{name} must be a number > 0, got {v!r}")
+            check_number(getattr(self, name), f"weights.{name}", gt=0)
         if self.population % 2:
             raise ValueError(f"weights.population must be even (antithetic pairs), got {self.population}")
         if not self.sigma > 0 or not self.lr > 0:
