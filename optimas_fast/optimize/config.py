@@ -7,11 +7,11 @@ a default.
 from __future__ import annotations
 
 import dataclasses
-import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from optimas_fast._validate import check_int, check_number, is_int, is_number
 from optimas_fast.optimizers.choice import ChoiceConfig
 from optimas_fast.optimizers.prompt import PromptConfig
 from optimas_fast.optimizers.weights import WeightsConfig
@@ -33,10 +33,8 @@ class BudgetConfig:
 
     def validate(self) -> None:
         for name in ("max_calls", "max_tokens", "max_usd", "max_seconds"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
-                                  or v < 0):
-                raise ConfigError(f"budget.{name} must be a number >= 0 or null, got {v!r}")
+            check_number(getattr(self, name), f"budget.{name}", min=0, finite=True, allow_none=True, none="null",
+                         error=ConfigError)
 
 
 @dataclass
@@ -76,9 +74,7 @@ class OptimasConfig:
 
     def validate(self) -> None:
         def pos_int(name, lo=1):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ConfigError(f"{name} must be an int >= {lo}, got {v!r}")
+            check_int(getattr(self, name), name, min=lo, error=ConfigError)
 
         for name in ("iterations",):
             pos_int(name, 0)
@@ -86,33 +82,18 @@ class OptimasConfig:
                      "retrain_epochs", "max_groups", "val_workers", "min_alignment_pairs"):
             pos_int(name)
         pos_int("cooldown", 0)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ConfigError(f"seed must be an int, got {self.seed!r}")
+        check_int(self.seed, "seed", error=ConfigError)
         if self.initial_examples is not None:
             pos_int("initial_examples")
         for name in ("lr", "selection_temperature"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 and math.isfinite(v)):
-                raise ConfigError(f"{name} must be a number > 0, got {v!r}")
-        if self.head_lr is not None and not (isinstance(self.head_lr, (int, float)) and self.head_lr > 0):
-            raise ConfigError(f"head_lr must be a number > 0 or null, got {self.head_lr!r}")
-        if not (isinstance(self.gap_ema, (int, float)) and 0 < self.gap_ema <= 1):
-            raise ConfigError(f"gap_ema must be in (0, 1], got {self.gap_ema!r}")
-        if not (isinstance(self.alignment_threshold, (int, float)) and 0 <= self.alignment_threshold <= 1):
-            raise ConfigError(f"alignment_threshold must be in [0, 1], got {self.alignment_threshold!r}")
-        def number_or_null(name, lo, hi, hi_open):
-            v = getattr(self, name)
-            if v is None:
-                return
-            inside = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v and (
-                v < hi if hi_open else v <= hi)
-            if not inside:
-                raise ConfigError(f"{name} must be in [{lo}, {hi}{')' if hi_open else ']'} or null, got {v!r}")
-
-        number_or_null("gate_confidence", 0.5, 1, hi_open=True)
-        number_or_null("min_spearman", -1, 1, hi_open=False)
-        if not (isinstance(self.holdout_fraction, (int, float)) and 0 <= self.holdout_fraction < 1):
-            raise ConfigError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction!r}")
+            check_number(getattr(self, name), name, gt=0, finite=True, error=ConfigError)
+        check_number(self.head_lr, "head_lr", gt=0, allow_none=True, none="null", error=ConfigError)
+        check_number(self.gap_ema, "gap_ema", gt=0, max=1, error=ConfigError)
+        check_number(self.alignment_threshold, "alignment_threshold", min=0, max=1, error=ConfigError)
+        check_number(self.gate_confidence, "gate_confidence", min=0.5, lt=1, allow_none=True, none="null",
+                     error=ConfigError)
+        check_number(self.min_spearman, "min_spearman", min=-1, max=1, allow_none=True, none="null", error=ConfigError)
+        check_number(self.holdout_fraction, "holdout_fraction", min=0, lt=1, error=ConfigError)
         if self.components is not None and (not isinstance(self.components, list)
                                             or not all(isinstance(c, str) for c in self.components)):
             raise ConfigError(f"components must be a list of component names or null, got {self.components!r}")
@@ -146,9 +127,9 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if tp is type(None):
         return value is None
     if tp is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return is_number(value)
     if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_int(value)
     if tp in (str, bool):
         return isinstance(value, tp)
     if origin in (list, tuple) or tp in (list, tuple):
