@@ -26,6 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from optimas_fast._validate import check_int
 from optimas_fast.lm.errors import BudgetExceeded
 from optimas_fast.preference.pairs import PairStore, build_pairs
 from optimas_fast.preference.render import render_inputs, render_outputs
@@ -48,16 +49,13 @@ class CollectConfig:
     workers: int = 4  # example threads (a batching LM backend decodes concurrent requests together)
 
     def validate(self) -> None:
-        if not isinstance(self.num_candidates, int) or self.num_candidates < 2:
-            raise ValueError(f"num_candidates must be an int >= 2, got {self.num_candidates!r}")
-        if not isinstance(self.rollouts, int) or self.rollouts < 1:
-            raise ValueError(f"rollouts must be an int >= 1, got {self.rollouts!r}")
+        check_int(self.num_candidates, "num_candidates", min=2)
+        check_int(self.rollouts, "rollouts", min=1)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {self.strategy!r}")
         if not self.weights_noise >= 0:
             raise ValueError(f"weights_noise must be >= 0, got {self.weights_noise!r}")
-        if not isinstance(self.workers, int) or self.workers < 1:
-            raise ValueError(f"workers must be an int >= 1, got {self.workers!r}")
+        check_int(self.workers, "workers", min=1)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Iterable, Sequence
 
+from optimas_fast._validate import check_int
 from optimas_fast.reward import Candidate, PreferencePair, pair_weights
 
 __all__ = ["build_pairs", "pair_weights", "PairStore", "is_held_out"]
@@ -65,8 +66,7 @@ class PairStore:
     """
 
     def __init__(self, max_groups: int = 512, holdout_fraction: float = 0.2, max_inputs: int = 256):
-        if not isinstance(max_groups, int) or max_groups < 1:
-            raise ValueError(f"PairStore.max_groups must be an int >= 1, got {max_groups!r}")
+        check_int(max_groups, "PairStore.max_groups", min=1)
         if not 0.0 <= holdout_fraction < 1.0:
             raise ValueError(f"PairStore.holdout_fraction must be in [0, 1), got {holdout_fraction!r}")
         self.max_groups = max_groups
