@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from optimas_fast._validate import is_int
 from optimas_fast.examples.common import chat, clip, resolve_lms
 from optimas_fast.examples.data import RowError, _check_json, _load_rows, _need
 from optimas_fast.lm.base import LM
@@ -421,8 +422,7 @@ def build_codegen_system(lms: LM | Mapping[str, LM] | str | None = None,
     """The HumanEval code-generation system. ``lms``: one LM, a dict name -> LM (the first serves every LM
     component), a ``make_lm`` spec, or None for the embedded default."""
     config = config or CodegenConfig()
-    if not config.num_tests or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
-                                       for n in config.num_tests):
+    if not config.num_tests or not all(is_int(n) and n >= 1 for n in config.num_tests):
         raise ValueError(f"CodegenConfig.num_tests must be a non-empty tuple of ints >= 1, got {config.num_tests!r}")
     if not config.test_sources or not set(config.test_sources) <= {"lm", "docstring", "both"}:
         raise ValueError(f"CodegenConfig.test_sources must be a non-empty subset of ('lm', 'docstring', 'both'), "

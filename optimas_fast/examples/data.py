@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from optimas_fast._validate import is_int
+
 __all__ = [
     "default_data_dir",
     "load_pubmedqa",
@@ -238,7 +240,7 @@ def split_examples(examples: list, seed: int = 0, fractions: tuple[float, float,
     """Deterministic seeded split: the same examples and seed always give the same three lists."""
     if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"split_examples(fractions): expected 3 non-negative fractions summing to 1, got {fractions}")
-    if not isinstance(seed, int):
+    if not is_int(seed):
         raise TypeError(f"split_examples(seed): expected an int, got {type(seed).__name__}")
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)

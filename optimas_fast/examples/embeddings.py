@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from optimas_fast._validate import is_int
+
 __all__ = ["Embedder", "MiniLMEmbedder", "HashEmbedder", "get_minilm", "minilm_path", "tokenize"]
 
 log = logging.getLogger(__name__)
@@ -71,7 +73,7 @@ class _LRU:
 
 class _CachedEmbedder(Embedder):
     def __init__(self, cache_size: int):
-        if not isinstance(cache_size, int) or cache_size < 0:
+        if not is_int(cache_size) or cache_size < 0:
             raise ValueError(f"cache_size: expected an int >= 0, got {cache_size!r}")
         self._cache = _LRU(cache_size)
 
@@ -103,7 +105,7 @@ class HashEmbedder(_CachedEmbedder):
 
     def __init__(self, dim: int = 256, cache_size: int = 100_000):
         super().__init__(cache_size)
-        if not isinstance(dim, int) or dim < 2:
+        if not is_int(dim) or dim < 2:
             raise ValueError(f"HashEmbedder(dim): expected an int >= 2, got {dim!r}")
         self.dim = dim
 

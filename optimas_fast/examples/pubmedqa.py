@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from optimas_fast._validate import is_int
 from optimas_fast.examples.common import LMComponent, chat, clip, resolve_lms
 from optimas_fast.examples.parsing import parse_label
 from optimas_fast.lm.base import LM
@@ -121,7 +122,7 @@ def build_pubmedqa_system(lms: LM | Mapping[str, LM] | str | None = None,
     if config.fallback_label not in LABELS + ("",):
         raise ValueError(f"PubMedQAConfig.fallback_label must be one of {LABELS} or '', got {config.fallback_label!r}")
     if (not isinstance(config.solver_max_tokens, (tuple, list)) or not config.solver_max_tokens
-            or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in config.solver_max_tokens)):
+            or not all(is_int(n) and n >= 1 for n in config.solver_max_tokens)):
         raise ValueError(f"PubMedQAConfig.solver_max_tokens must be a non-empty tuple of ints >= 1, "
                          f"got {config.solver_max_tokens!r}")
     lms = resolve_lms(lms)
