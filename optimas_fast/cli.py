@@ -128,16 +128,14 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> RunConf
                        Path(base_dir) if base_dir is not None else Path.cwd())
     if data.get("train") is not None and isinstance(data["train"], str):
         raw = dict(raw, data=data)  # the absolute paths travel with the config
-    if not isinstance(data.get("seed", 0), int):
-        raise ConfigError(f"data.seed must be an int, got {data.get('seed')!r}")
+    check_int(data.get("seed", 0), "data.seed", error=ConfigError)
     reward = _check_keys(raw.get("reward"), REWARD_KEYS, "reward")
     backbone = reward.get("backbone", "minilm")
     if not isinstance(backbone, str) or not (backbone in ("minilm", "tiny-random") or os.path.isdir(backbone)):
         raise ConfigError(f"reward.backbone must be 'minilm', 'tiny-random' or an existing model directory, "
                           f"got {backbone!r}")
     ml = reward.get("max_length", 256)
-    if isinstance(ml, bool) or not isinstance(ml, int) or ml < 16:
-        raise ConfigError(f"reward.max_length must be an int >= 16, got {ml!r}")
+    check_int(ml, "reward.max_length", min=16, error=ConfigError)
     lms = raw.get("lms")
     if lms is not None and (not isinstance(lms, Mapping) or not lms):
         raise ConfigError(f"lms must be a non-empty mapping name -> LM spec, got {lms!r}")

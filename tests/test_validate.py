@@ -23,6 +23,7 @@ from optimas_fast.preference.collect import CollectConfig
 from optimas_fast.reward import RewardConfig, TemplateConfig, TrainConfig
 from optimas_fast.reward.data import as_pairs
 from optimas_fast.reward.distributed import shard_batches
+from optimas_fast.reward.distributed import shard_batches
 from optimas_fast.reward.template import TokenCache
 from optimas_fast.reward.trl_trainer import RewardTrainingArguments
 from optimas_fast.sandbox import run_python
@@ -217,3 +218,91 @@ def test_reward_sites():
     _raises(lambda: TokenCache(None, TemplateConfig(), True, max_entries=True), ValueError,
             "token cache max_entries must be an int >= 1 or None, got True")
     _raises(lambda: shard_batches(np.array([3, 2]), True), ValueError, "world_size must be an int >= 1, got True")
+    _raises(lambda: shard_batches(np.array([3, 2]), True), ValueError, "world_size must be an int >= 1, got True")
+
+
+def test_system_sites():
+    echo = Component("echo", inputs=["q"], outputs=["out"], description="copies", fn=lambda q, variable: {"out": q})
+    system = System([echo], lambda ex, pred: 1.0, ["out"], inputs=["q"])
+    _raises(lambda: system.evaluate([{"q": "x"}], workers=True), ValueError,  # now refused
+            re.escape("evaluate(workers): expected an int >= 1, got True"))
+    _raises(lambda: system.run({"q": "x"}, best_of={"echo": True}), ValueError,
+            re.escape("best_of['echo'] must be an int >= 1, got True"))
+    _raises(lambda: system.run({"q": "x"}, best_of={"echo": 2}, reward=_Scorer(), best_of_temperature=True),
+            ValueError, re.escape("best_of_temperature must be a number in (0, 2], got True"))
+
+
+class _Scorer:
+    def score(self, rows):
+        return torch.zeros(len(list(rows)))
+
+
+def test_optimizer_sites():
+    _raises(lambda: ChoiceConfig(max_inputs=True).validate(), ValueError, "choice.max_inputs must be an int >= 1")
+    _raises(lambda: OptimizerBudget(max_rows=False).validate(), ValueError,
+            "OptimizerBudget.max_rows must be an int >= 1 or None, got False")
+    _raises(lambda: PromptConfig(max_chars=True).validate(), ValueError, "prompt.max_chars must be an int >= 1")
+    _raises(lambda: WeightsConfig(steps=True).validate(), ValueError, "weights.steps must be an int >= 1, got True")
+    _raises(lambda: WeightsConfig(lora_samples=1).validate(), ValueError, "weights.lora_samples must be an int >= 2")
+    _raises(lambda: WeightsConfig(lora_lr=True).validate(), ValueError, "weights.lora_lr must be a number > 0, got True")
+    _raises(lambda: LoRAPolicy(torch.nn.Linear(1, 1), None, r=True), ValueError,
+            "LoRAPolicy: r must be an int >= 1, got True")
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"iterations": True}, "iterations must be an int >= 0, got True"),
+    ({"cooldown": -1}, "cooldown must be an int >= 0, got -1"),
+    ({"seed": False}, "seed must be an int, got False"),
+    ({"initial_examples": 0}, "initial_examples must be an int >= 1, got 0"),
+    ({"lr": math.inf}, "lr must be a finite number > 0, got inf"),
+    ({"head_lr": True}, re.escape("head_lr must be a number > 0 or null, got True")),  # now refused
+    ({"gap_ema": True}, re.escape("gap_ema must be a number in (0, 1], got True")),  # now refused
+    ({"alignment_threshold": 2}, re.escape("alignment_threshold must be a number in [0, 1], got 2")),
+    ({"gate_confidence": 1.0}, re.escape("gate_confidence must be a number in [0.5, 1) or null, got 1.0")),
+    ({"min_spearman": True}, re.escape("min_spearman must be a number in [-1, 1] or null, got True")),
+    ({"holdout_fraction": math.nan}, re.escape("holdout_fraction must be a number in [0, 1), got nan")),
+])
+def test_optimas_config_sites(kw, match):
+    _raises(lambda: OptimasConfig(**kw).validate(), ConfigError, match)
+
+
+def test_optimas_config_budget_and_types():
+    _raises(lambda: OptimasConfig(budget=BudgetConfig(max_usd=math.nan)).validate(), ConfigError,
+            "budget.max_usd must be a finite number >= 0 or null, got nan")
+    _raises(lambda: OptimasConfig.from_dict({"batch_size": True}), ConfigError, "batch_size")
+    assert OptimasConfig.from_dict({"lr": 1, "gate_confidence": 0.9}).lr == 1  # an int is a fine float
+
+
+def test_preference_sites():
+    _raises(lambda: CollectConfig(num_candidates=True).validate(), ValueError,  # now refused
+            "num_candidates must be an int >= 2, got True")
+    _raises(lambda: CollectConfig(rollouts=True).validate(), ValueError, "rollouts must be an int >= 1, got True")
+    _raises(lambda: CollectConfig(workers=0).validate(), ValueError, "workers must be an int >= 1, got 0")
+    _raises(lambda: PairStore(max_groups=True), ValueError, "PairStore.max_groups must be an int >= 1, got True")
+
+
+def test_example_sites():
+    _raises(lambda: build_pubmedqa_system("embedded", config=PubMedQAConfig(solver_max_tokens=(8, True))), ValueError,
+            "PubMedQAConfig.solver_max_tokens must be a non-empty tuple of ints >= 1")
+    _raises(lambda: build_codegen_system("embedded", config=CodegenConfig(num_tests=(3, False))), ValueError,
+            "CodegenConfig.num_tests must be a non-empty tuple of ints >= 1")
+    _raises(lambda: HashEmbedder(dim=True), ValueError, re.escape("HashEmbedder(dim): expected an int >= 2, got True"))
+    _raises(lambda: HashEmbedder(cache_size=True), ValueError, "cache_size: expected an int >= 0, got True")
+    _raises(lambda: split_examples([1, 2, 3], seed=True), TypeError, re.escape("split_examples(seed): expected an int"))
+
+
+# sandbox.py keeps its own check: its supervisor runs the file as a script, where optimas_fast is not importable
+@pytest.mark.parametrize("kw, name", [({"timeout_s": True}, "timeout_s"), ({"memory_mb": 1.5}, "memory_mb"),
+                                      ({"max_procs": True}, "max_procs"), ({"cpu_s": 0}, "cpu_s")])
+def test_sandbox_checks(kw, name):
+    _raises(lambda: run_python("pass", **kw), ValueError, re.escape(f"run_python({name}): expected a positive number"))
+
+
+@pytest.mark.parametrize("data, reward, match", [
+    ({"train": True}, {}, "data.train must be an int >= 1 (a size cap), a JSONL file path or null, got True"),
+    ({"seed": True}, {}, "data.seed must be an int, got True"),  # now refused
+    ({}, {"max_length": True}, "reward.max_length must be an int >= 16, got True"),
+])
+def test_cli_sites(data, reward, match):
+    _raises(lambda: parse_config({"system": "synthetic", "data": data, "reward": reward}), ConfigError,
+            re.escape(match))
