@@ -207,8 +207,10 @@ def test_reward_training_arguments_sites(kw, msg):
 def test_reward_sites():
     _raises(lambda: RewardConfig(token_cache_size=True).validate(), ValueError,
             re.escape("config.token_cache_size must be an int >= 1 or None, got True"))
-    _raises(lambda: RewardConfig(token_budget=True).validate(), ValueError, "config.token_budget and config.max_rows must be >= 1")
-    _raises(lambda: RewardConfig(pack_tokens=False).validate(), ValueError, "config.pack_tokens must be an int >= 1, got False")
+    _raises(lambda: RewardConfig(token_budget=True).validate(), ValueError,
+            "config.token_budget and config.max_rows must be >= 1")
+    _raises(lambda: RewardConfig(pack_tokens=False).validate(), ValueError,
+            "config.pack_tokens must be an int >= 1, got False")
     _raises(lambda: as_pairs([("c", "in", "a", "b", True)]), TypeError, r"\[0\]\.margin must be a real number")
     _raises(lambda: TrainConfig(batch_pairs=True).validate(), ValueError,  # now refused
             "batch_pairs must be an int >= 1, got True")
@@ -244,7 +246,8 @@ def test_optimizer_sites():
     _raises(lambda: PromptConfig(max_chars=True).validate(), ValueError, "prompt.max_chars must be an int >= 1")
     _raises(lambda: WeightsConfig(steps=True).validate(), ValueError, "weights.steps must be an int >= 1, got True")
     _raises(lambda: WeightsConfig(lora_samples=1).validate(), ValueError, "weights.lora_samples must be an int >= 2")
-    _raises(lambda: WeightsConfig(lora_lr=True).validate(), ValueError, "weights.lora_lr must be a number > 0, got True")
+    _raises(lambda: WeightsConfig(lora_lr=True).validate(), ValueError,
+            "weights.lora_lr must be a number > 0, got True")
     _raises(lambda: LoRAPolicy(torch.nn.Linear(1, 1), None, r=True), ValueError,
             "LoRAPolicy: r must be an int >= 1, got True")
 
