@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
-import math
 import re
 import time
 import traceback as tb
@@ -50,7 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 from optimas_fast.lm.errors import BudgetExceeded
 from optimas_fast.system.component import Component
 from optimas_fast.system.context import usage_scope
-from optimas_fast.system.system import System
+from optimas_fast.system.system import System, score_trace
 from optimas_fast.system.trace import Step, Trace
 from optimas_fast.system.variables import Prompt
 
@@ -367,16 +366,7 @@ class ProgramSystem(System):
             trace.prediction = _prediction_fields(prediction)
             trace.fields.update(trace.prediction)
         if score:
-            trace.score = 0.0
-            if trace.error is None:
-                try:
-                    value = float(self.dspy_metric(example, prediction, None))
-                    if not math.isfinite(value):
-                        raise ValueError(f"metric returned {value}")
-                    trace.score = value
-                except Exception as exc:  # noqa: BLE001 — a metric failure is this example's failure
-                    trace.error = f"metric: {type(exc).__name__}: {exc}"
-                    trace.traceback = tb.format_exc()
+            score_trace(trace, lambda: self.dspy_metric(example, prediction, None))
         trace.seconds = time.perf_counter() - t0
         return trace
 

@@ -74,6 +74,22 @@ BEST_OF_SEED_STRIDE = 7919  # candidate r samples under seed + r * stride (the s
 _SCORE_LOCK = threading.Lock()  # reward models are not thread-safe; scoring is compute-bound anyway
 
 
+def score_trace(trace: Trace, metric: Callable[[], Any]) -> None:
+    """Sets ``trace.score`` from ``metric()`` (0.0 when the run failed); a metric that raises or returns a
+    non-finite value is this example's failure, recorded in ``trace.error``, never propagated."""
+    trace.score = 0.0
+    if trace.error is not None:
+        return
+    try:
+        value = float(metric())
+        if not math.isfinite(value):
+            raise ValueError(f"metric returned {value}")
+        trace.score = value
+    except Exception as exc:  # noqa: BLE001 — a metric failure is this example's failure
+        trace.error = f"metric: {type(exc).__name__}: {exc}"
+        trace.traceback = tb.format_exc()
+
+
 class System:
     """A compound system; see the module docstring.
 
@@ -409,16 +425,7 @@ class System:
                 trace.error = f"final outputs {[f for f in self.final_outputs if f not in fields]} were not produced"
                 trace.prediction = None
         if score:
-            trace.score = 0.0
-            if trace.error is None:
-                try:
-                    value = float(self.metric(example, trace.prediction))
-                    if not math.isfinite(value):
-                        raise ValueError(f"metric returned {value}")
-                    trace.score = value
-                except Exception as exc:  # noqa: BLE001 — a metric failure is this example's failure
-                    trace.error = f"metric: {type(exc).__name__}: {exc}"
-                    trace.traceback = tb.format_exc()
+            score_trace(trace, lambda: self.metric(example, trace.prediction))
         trace.seconds = time.perf_counter() - t0
         return trace
 
