@@ -412,10 +412,14 @@ def _result(report: dict, out: str, err: str, truncated: bool, seconds: float, m
                                  kind="filesize", **common)
         return SandboxResult(False, rc, reason=f"killed by signal {sig} ({name})", kind="signal", **common)
     last = _last_line(err)
-    for needle, kind, label in _HINTS:
-        if needle in last:
-            label = label.format(memory_mb=memory_mb, max_procs=max_procs)
-            return SandboxResult(False, rc, reason=f"{label}: exit code {rc}: {last}", kind=kind, **common)
+    # the last line names the failure; when many processes wrote at once (a fork bomb's children), the
+    # failing traceback can sit a few lines higher, so the recent lines are the fallback
+    recent = "\n".join(err.strip().splitlines()[-40:])
+    for text in (last, recent):
+        for needle, kind, label in _HINTS:
+            if needle in text:
+                label = label.format(memory_mb=memory_mb, max_procs=max_procs)
+                return SandboxResult(False, rc, reason=f"{label}: exit code {rc}: {last}", kind=kind, **common)
     return SandboxResult(False, rc, reason=f"exit code {rc}" + (f": {last}" if last else ""), kind="exit", **common)
 
 
