@@ -414,12 +414,13 @@ def _result(report: dict, out: str, err: str, truncated: bool, seconds: float, m
     last = _last_line(err)
     # the last line names the failure; when many processes wrote at once (a fork bomb's children), the
     # failing traceback can sit a few lines higher, so the recent lines are the fallback
-    recent = "\n".join(err.strip().splitlines()[-40:])
-    for text in (last, recent):
+    recent = [ln.strip()[:300] for ln in reversed(err.strip().splitlines()[-40:]) if ln.strip()]
+    for lines in ([last], recent):
         for needle, kind, label in _HINTS:
-            if needle in text:
+            line = next((ln for ln in lines if needle in ln), None)
+            if line is not None:
                 label = label.format(memory_mb=memory_mb, max_procs=max_procs)
-                return SandboxResult(False, rc, reason=f"{label}: exit code {rc}: {last}", kind=kind, **common)
+                return SandboxResult(False, rc, reason=f"{label}: exit code {rc}: {line}", kind=kind, **common)
     return SandboxResult(False, rc, reason=f"exit code {rc}" + (f": {last}" if last else ""), kind="exit", **common)
 
 
