@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import types
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch
 from optimas_fast.reward import (
     Candidate, PreferencePair, RewardConfig, RewardModel, TemplateConfig, TrainConfig, spearman,
 )
+from optimas_fast.reward import attention
 from optimas_fast.reward import encoder as encoder_mod
 from optimas_fast.reward.checkpoint import stable_parameters
 from optimas_fast.reward.template import TokenCache, batch_token_ids, plain_backend
@@ -470,11 +472,57 @@ def test_attention_implementation_is_applied_and_exact(kind, tokenizer, seed):
     sdpa = make_model(kind, tokenizer, seed)  # default: "sdpa"
     eager = make_model(kind, tokenizer, seed, attn_implementation="eager")
     kept = make_model(kind, tokenizer, seed, attn_implementation=None)
-    assert sdpa.hf_config._attn_implementation == "sdpa" and eager.hf_config._attn_implementation == "eager"
+    # "sdpa" is the engine's SDPA kernel (reward/attention.py), reported under the name the user chose
+    assert sdpa.hf_config._attn_implementation == attention.NAME and eager.hf_config._attn_implementation == "eager"
     s_sdpa, rep = sdpa.score_with_report(reqs)
     assert rep.attention == "sdpa"
     torch.testing.assert_close(s_sdpa, eager.score(reqs), atol=2e-5, rtol=1e-4)  # same math, another kernel
     assert kept.hf_config._attn_implementation  # left as the backbone was built
+    # scoring through the engine's kernel is transformers' own SDPA, bit for bit
+    kept.net.backbone.set_attn_implementation("sdpa")
+    assert torch.equal(s_sdpa, kept.score(reqs))
+
+
+def _qkv(rng: torch.Generator, shape, dtype, kv_heads=None):
+    B, Hq, L, D = shape
+    q = torch.randn(B, Hq, L, D, generator=rng).to(dtype).requires_grad_()
+    k = torch.randn(B, kv_heads or Hq, L, D, generator=rng).to(dtype).requires_grad_()
+    v = torch.randn(B, kv_heads or Hq, L, D, generator=rng).to(dtype).requires_grad_()
+    return q, k, v
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("gqa", [False, True])
+def test_engine_sdpa_runs_bf16_cpu_training_attention_in_fp32(mask_kind, gqa, seed):
+    """bf16 + grad on CPU: output and gradients are fp32 SDPA's on the same (bf16-valued) inputs, cast to
+    bf16; without grad, or in fp32, it is transformers' SDPA unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rng = torch.Generator().manual_seed(seed)
+    B, Hq, L, D = 3, 4, 2 + seed % 13, 8  # odd lengths
+    kv = 2 if gqa else None
+    module = types.SimpleNamespace(is_causal=False, num_key_value_groups=Hq // (kv or Hq), training=True)
+    mask = None
+    if mask_kind != "none":
+        keep = torch.ones(B, 1, L, L, dtype=torch.bool)
+        keep[0, ..., L // 2 + 1:] = False  # a padded row
+        mask = keep if mask_kind == "bool" else torch.zeros(B, 1, L, L).masked_fill(~keep, -1e4).bfloat16()
+    q, k, v = _qkv(rng, (B, Hq, L, D), torch.bfloat16, kv)
+    out, _ = attention._forward(module, q, k, v, mask, scaling=D ** -0.5)
+    assert out.dtype == torch.bfloat16 and out.shape == (B, L, Hq, D)
+    g = torch.randn(out.shape, generator=rng).bfloat16()
+    out.backward(g)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref, _ = sdpa_attention_forward(module, q32, k32, v32, None if mask is None else
+                                    (mask if mask.dtype == torch.bool else mask.float()), scaling=D ** -0.5)
+    ref.backward(g.float())
+    assert torch.equal(out, ref.bfloat16())
+    for t, r in ((q, q32), (k, k32), (v, v32)):
+        assert t.grad.dtype == torch.bfloat16 and torch.equal(t.grad, r.grad.bfloat16())
+    with torch.no_grad():  # scoring: the plain bf16 kernel
+        mine, _ = attention._forward(module, q, k, v, mask, scaling=D ** -0.5)
+        plain, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=D ** -0.5)
+    assert torch.equal(mine, plain)
 
 
 def test_token_budget_defaults_by_device(tokenizer, seed):

@@ -43,6 +43,7 @@ import torch.nn as nn
 from optimas_fast import ops
 from optimas_fast.scheduler import Plan, Scheduler
 
+from . import attention
 from .config import LoraSettings, RewardConfig
 from .data import ScoreRequest
 from .distributed import fingerprint, gather_row_scores, shard_batches, world
@@ -272,6 +273,13 @@ class Encoder:
         self.config = config
         hf_config = backbone.config
         want = config.attn_implementation
+        if want == "sdpa" and hasattr(backbone, "set_attn_implementation"):
+            # SDPA, with bf16 CPU training's attention in fp32 (attention.py: faster there, same scores)
+            try:
+                backbone.set_attn_implementation(attention.register())
+                want = None
+            except (ValueError, ImportError):
+                pass  # an architecture that takes only built-in names: plain "sdpa" below
         if want is not None and getattr(hf_config, "_attn_implementation", None) != want:
             if not hasattr(backbone, "set_attn_implementation"):
                 raise ValueError(f"config.attn_implementation={want!r}: this backbone cannot switch attention "
@@ -321,6 +329,9 @@ class Encoder:
         # bumped by every head added or removed: a trainer compares it with the version its optimizer was
         # built for and re-syncs (the encoder never calls back into a trainer)
         self.heads_version = 0
+        # bumped by whoever changes parameters in place without bumping their version counters (fused AdamW's
+        # kernel does not): part of the bf16 scoring copy's key, next to the counters
+        self.weights_version = 0
         self._cast_backbone: tuple[tuple, nn.Module] | None = None  # (weight versions, bf16 copy) for scoring
         self._backbone_seconds = 0.0  # time inside backbone calls (ScoreReport.host_seconds is the rest)
 
@@ -417,6 +428,11 @@ class Encoder:
         # training stays fp32 on CPU by default; scoring uses bf16 where the CPU has native bf16 GEMMs,
         # measured faster there (RESULTS.md)
         return inference and self.device.type == "cpu" and cpu_has_native_bf16()
+
+    def attention_name(self) -> str:
+        """The backbone's attention implementation as a user names it ("sdpa" for this engine's SDPA kernel)."""
+        name = str(getattr(self.hf_config, "_attn_implementation", "unknown"))
+        return "sdpa" if name == attention.NAME else name
 
     def autocast(self, inference: bool = False):
         if self.uses_bf16(inference):
@@ -541,9 +557,10 @@ class Encoder:
         backbone = self.net.backbone
         if not (inference and self.config.score_weights == "cast" and self.uses_bf16(True)):
             return backbone, self.autocast(inference)
-        # every in-place change of a parameter (optimizer step, load_state's copy_) bumps its version
-        # counter; comparing them all costs microseconds and never serves stale weights
-        key = tuple((id(p), p._version) for p in backbone.parameters())
+        # every in-place change of a parameter through a torch op (load_state's copy_, a user's edit) bumps its
+        # version counter; fused AdamW does not, so the trainer bumps weights_version after each step. Comparing
+        # them all costs microseconds and never serves stale weights
+        key = (self.weights_version, tuple((id(p), p._version) for p in backbone.parameters()))
         if self._cast_backbone is None or self._cast_backbone[0] != key:
             self._cast_backbone = None  # free the old copy before making the new one
             with torch.no_grad():
@@ -714,7 +731,7 @@ class Encoder:
             prefix_sharing=self.prefix_sharing_status(),
             tokens_encoded=n_tok, tokens_naive=int((rows.prefix_lens + rows.suffix_lens).sum()), scheduler="native",
             ops="optimas_fast.ops", amp="bf16" if self.uses_bf16(True) else "fp32",
-            attention=str(getattr(self.hf_config, "_attn_implementation", "unknown")), seconds=seconds,
+            attention=self.attention_name(), seconds=seconds,
             host_seconds=seconds - self._backbone_seconds, rank=rank, world_size=world_size,
             n_batches_total=len(plan))
         return scores, report

@@ -46,6 +46,13 @@ logger = logging.getLogger(__name__)
 OVERLONG_POLICIES = ("truncate_prefix", "drop", "error")
 
 
+def _can_fuse(params) -> bool:
+    """torch's fused AdamW: one kernel over all parameters instead of a loop of small ops per tensor. Measured on
+    a 2-core EPYC, MiniLM-L6's 22.7M parameters: 18 ms per step fused vs 92-95 ms foreach / single-tensor (the
+    same update up to float rounding). It takes floating-point parameters on CPU or CUDA."""
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 @dataclass
 class TrainReport:
     """What the last ``train()`` call did (``RewardModel.last_train_report``; the CLI and RewardTrainer read it)."""
@@ -225,7 +232,7 @@ class Trainer:
             self.optimizer = torch.optim.AdamW(
                 [{"params": [p for _, p in body], "lr": lr_body, "base_lr": lr_body},
                  {"params": [p for _, p in heads], "lr": lr_head, "base_lr": lr_head, "weight_decay": 0.0}],
-                lr=lr_body, weight_decay=self.cfg.weight_decay)
+                lr=lr_body, weight_decay=self.cfg.weight_decay, fused=_can_fuse(p for _, p in body + heads))
         else:  # a new lr passed to train()/adapt() resets the base rates, keeping the moments
             for g, lr in zip(self.optimizer.param_groups, (lr_body, lr_head)):
                 g["base_lr"] = lr
@@ -283,6 +290,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
                                            self.cfg.grad_clip)
         self.optimizer.step()
+        self.encoder.weights_version += 1  # fused AdamW leaves the parameters' version counters as they were
         self.step += 1
         value = loss.detach().float()
         if world > 1:
@@ -455,10 +463,13 @@ class Trainer:
             if k.startswith("opt::"):
                 name, slot = k[len("opt::"):].rsplit("::", 1)
                 slots.setdefault(name, {})[slot] = v
+        fused = bool(self.optimizer.defaults.get("fused"))
         for name, st in slots.items():
             p = params[name]
-            # AdamW keeps `step` on the CPU; the moments live with the parameter
-            self.optimizer.state[p] = {k: (v.clone() if k == "step" else v.to(p.device).clone())
+            # the moments live with the parameter; `step` stays on the CPU, except that fused AdamW keeps it with
+            # the parameter (as torch's own Optimizer.load_state_dict places it)
+            self.optimizer.state[p] = {k: (v.to(p.device, torch.float32).clone() if k == "step" and fused else
+                                           v.clone() if k == "step" else v.to(p.device).clone())
                                        for k, v in st.items()}
 
 
