@@ -31,9 +31,10 @@ Spearman, mean within-input Spearman, top-1 agreement). The baseline is always f
     python benchmarks/bench_reward.py --full       # the issue's sizes (520 pairs, 400 held-out, 64 x 32 pool)
 
 Unique-pair mode (--unique DIR): TRL-style PubMedQA pairs where every pair is unique (make_unique_pairs.py; made
-in DIR when missing), read through optimas_fast.reward.load_pairs, trained three ways at the same data, batch
-size (--batch-pairs), epochs and learning rate: ours (RewardModel.train), TRL's RewardTrainer, and the
-reference's way (batch 2, fp32, chosen and rejected in separate passes, lr / sqrt(batch / 2)). Ours and TRL run
+in DIR when missing), read through optimas_fast.reward.load_pairs, trained at the same data, batch size
+(--batch-pairs), epochs and learning rate: ours (RewardModel.train, the engine's defaults), ours through
+optimas_fast.trl.RewardTrainer (with --trl: a TRL script with its import changed, TRL's arguments, text rows
+from the JSONL), TRL's RewardTrainer (with --trl), and the reference's way (batch 2, fp32, chosen and rejected in separate passes, lr / sqrt(batch / 2)). Ours and TRL run
 bf16 where the CPU has native bf16 (--precision auto), else fp32. Each system runs in its own process so that
 its peak RSS is its own. Reports pairs/s, peak RSS, held-out accuracy with 95% bootstrap intervals (pairs are
 independent: one per question) and rho = 2(P+S)/(P+2S), the token reduction that sharing a pair's prompt allows
@@ -444,6 +445,13 @@ def unique_model(kind: str, system: str, seed: int, decoder: str, max_len: int):
     return f"Llama-like decoder (random init, hidden {hidden}, {layers} layers, ~{n:.0f}M)", model, tok
 
 
+def _trl_rows(path: str, n: int) -> list[dict]:
+    """The first n rows of a TRL-format JSONL file, as a TRL user hands them to RewardTrainer."""
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return rows[:n]
+
+
 def unique_run(args) -> dict:
     """One system on the unique-pair data (runs in its own process: --unique-system)."""
     train = load_pairs(os.path.join(args.unique, "train.jsonl"))
@@ -462,7 +470,29 @@ def unique_run(args) -> dict:
            "epochs": args.epochs, "precision": "bf16" if bf16 else "fp32", "prompt_tokens": P,
            "response_tokens": S, "rho": 2 * (P + S) / (P + 2 * S)}
     B = args.batch_pairs
-    if system == "ours":
+    if system == "ours_trl":
+        # the drop-in path: a TRL script with its import changed (optimas_fast.trl), TRL's arguments as the TRL
+        # baseline gets them; it reads the JSONL itself, so parsing and tokenising are inside our timing
+        import tempfile
+
+        from optimas_fast.trl import RewardConfig as OursTRLConfig
+        from optimas_fast.trl import RewardTrainer as OursTRLTrainer
+
+        with tempfile.TemporaryDirectory() as out_dir:
+            t0 = time.perf_counter()
+            trainer = OursTRLTrainer(
+                model=model, processing_class=tok, train_dataset=_trl_rows(os.path.join(args.unique, "train.jsonl"),
+                                                                           len(train)),
+                args=OursTRLConfig(output_dir=out_dir, per_device_train_batch_size=B, num_train_epochs=args.epochs,
+                                   learning_rate=lr, bf16=bf16, save_strategy="no", report_to=[], seed=args.seed,
+                                   max_length=None, disable_tqdm=True, logging_steps=10**9))
+            trainer.train()
+            seconds = time.perf_counter() - t0
+        out.update(steps=int(trainer.state["global_step"]), lr=lr, batch_pairs=B,
+                   prefix_sharing=trainer.model.prefix_sharing_status(), append_eos=trainer.append_eos,
+                   schedule="TRL default (linear decay), through optimas_fast.trl.RewardTrainer")
+        correct = ours_correct(trainer.model, held)
+    elif system == "ours":
         rm = RewardModel(model, dict(train.components), tokenizer=tok,
                          config=RewardConfig(seed=args.seed, amp="bf16" if bf16 else "none", template=template))
         rm.score([(p.component, p.inputs, p.chosen) for p in train[:2]])  # warm-up, untimed
@@ -500,7 +530,7 @@ def unique_main(args) -> dict:
         print(json.dumps(generate(args.unique, seed=args.seed)), file=sys.stderr, flush=True)
     with open(os.path.join(args.unique, "train.jsonl")) as f:
         n_train = sum(1 for _ in f)
-    systems = ["ours"] + (["trl"] if args.trl else []) + ["reference"]
+    systems = ["ours"] + (["ours_trl", "trl"] if args.trl else []) + ["reference"]
     kinds = [args.only] if args.only else ["encoder", "decoder"]
     results = {"machine": machine(), "argv": sys.argv[1:], "load_average_start": os.getloadavg(), "unique": []}
     print(f"{results['machine']}\nunique pairs from {args.unique} ({n_train} train pairs in the file)", flush=True)
@@ -535,8 +565,13 @@ def unique_main(args) -> dict:
             if s != "ours":
                 summary[f"speedup_vs_{s}"] = ours["pairs_per_s"] / r["pairs_per_s"]
                 summary[f"acc_diff_ours_minus_{s}_ci95"] = ci["diff"]
+            if "ours_trl" in runs and s in ("trl", "reference"):  # the drop-in path against the baselines
+                d = cluster_bootstrap(groups, c["ours_trl"], c[s], seed=args.seed)["diff"]
+                summary[f"ours_trl_speedup_vs_{s}"] = runs["ours_trl"]["pairs_per_s"] / r["pairs_per_s"]
+                summary[f"acc_diff_ours_trl_minus_{s}_ci95"] = d
         targets = {"encoder": {"trl": 1.3, "reference": 2.0}, "decoder": {"trl": 0.8 * ours["rho"], "reference": 4.0}}
-        summary["targets"] = {f"speedup_vs_{s}": t for s, t in targets[kind].items() if s in runs}
+        summary["targets"] = {f"{who}speedup_vs_{s}": t for s, t in targets[kind].items() if s in runs
+                              for who in ("", "ours_trl_") if who == "" or "ours_trl" in runs}
         results["unique"].append(summary)
         print(json.dumps(summary), flush=True)
     results["load_average_end"] = os.getloadavg()
@@ -575,7 +610,7 @@ def main():
     ap.add_argument("--heldout-pairs", type=int, default=0, help="unique mode: first N held-out pairs (0 = all)")
     ap.add_argument("--lr", type=float, default=None, help="unique mode: learning rate (default by backbone)")
     ap.add_argument("--unique-kind", choices=["encoder", "decoder"], help=argparse.SUPPRESS)
-    ap.add_argument("--unique-system", choices=["ours", "trl", "reference"], help=argparse.SUPPRESS)
+    ap.add_argument("--unique-system", choices=["ours", "ours_trl", "trl", "reference"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.unique:
         if args.unique_system:  # a child process: one system, its result as the last stdout line
