@@ -352,7 +352,8 @@ def add_reward_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive(int), help="per_device_train_batch_size")
     t.add_argument("--max-length", type=_positive(int), help="max_length (tokens per row)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast training (default: the engine's: bf16 on CUDA, fp32 on CPU)")
+                   help="bf16 autocast training (default: the engine's: bf16 on CUDA and on CPUs with native bf16 matmul, "
+                        "else fp32)")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     t.add_argument("--overlong", default="drop", **overlong)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -58,6 +58,7 @@ def make_model(kind: str, tokenizer, seed: int, components=("a", "b", "c"), **cf
     # fp32 scoring unless a test asks otherwise: the exactness tests assert fp32 identities, and
     # score_amp="auto" would pick bf16 on CPUs with native bf16 (machine-dependent); bf16 has its own tests
     cfg.setdefault("score_amp", "none")
+    cfg.setdefault("amp", "none")  # fp32 training too (amp="auto" is bf16 on native-bf16 CPUs), for the same reason
     config = RewardConfig(seed=seed, **cfg)
     return RewardModel(build(tokenizer.vocab_size, seed), {c: f"component {c} does {c}" for c in components},
                        tokenizer=tokenizer, config=config)
@@ -452,15 +453,18 @@ def test_bf16_weight_copy_follows_training_and_loading(kind, tokenizer, seed, tm
     torch.testing.assert_close(rm.score(reqs), before, atol=0, rtol=0)
 
 
-def test_score_amp_auto_follows_the_hardware(tokenizer, seed, monkeypatch):
-    rm = make_model("decoder", tokenizer, seed, score_amp="auto")
+def test_amp_auto_follows_the_hardware(tokenizer, seed, monkeypatch):
+    rm = make_model("decoder", tokenizer, seed, score_amp="auto", amp="auto")
     for native in (True, False):
         monkeypatch.setattr(encoder_mod, "_NATIVE_BF16", native)
         assert encoder_mod.cpu_has_native_bf16() is native
         assert rm.uses_bf16(inference=True) is native  # scoring: bf16 only with native bf16 GEMMs
-        assert rm.uses_bf16(inference=False) is False  # training on CPU stays fp32 (config.amp="auto")
+        assert rm.uses_bf16(inference=False) is native  # training too (RESULTS.md: same accuracy, faster)
         _, rep = rm.score_with_report([("a", "in put", "out put")])
         assert rep.amp == ("bf16" if native else "fp32")
+        loss = rm.train([("a", "in put", "good out", "bad out")], epochs=1)[0]["loss"]
+        assert math.isfinite(loss)
+        assert rm.last_train_report.amp == ("bf16" if native else "fp32")
     forced = make_model("decoder", tokenizer, seed, score_amp="bf16", amp="none")
     assert forced.uses_bf16(inference=True) and not forced.uses_bf16(inference=False)
 
@@ -735,3 +739,48 @@ def test_real_minilm_scores_and_trains(seed):
     before = rm.evaluate(pairs)["loss"]
     rm.train(pairs, epochs=2, lr=5e-5, batch_pairs=8)
     assert rm.evaluate(pairs)["loss"] < before
+
+
+@pytest.mark.parametrize("budget", [64, 4096])
+def test_shared_prefix_batches_of_several_groups_equal_independent_rows(budget, tokenizer, seed):
+    """Unique-pair shape (each prompt with 2 responses, prompts of different lengths): consecutive prefix-group
+    batches run as one backbone call over their padded prefixes, then one over their suffixes. Pooled states
+    and every backbone gradient equal independent encoding; the merge makes fewer calls than batches."""
+    rng = random.Random(seed)
+    rm = make_model("decoder", tokenizer, seed)
+    rm.config.token_budget = budget  # 64: runs split by the budget; 4096: everything in one run
+    reqs = []
+    for i in range(7):
+        inp = f"prompt {i}: " + words(rng, 2, 30)
+        reqs += [("a" if i % 2 else "b", inp, words(rng, 1, 9)) for _ in range(2)]
+    reqs.append(("c", "a lone input", "its only output"))  # a batch of one row: encoded alone
+    rows = rm.prepare(reqs)
+    enc = rm.encoder
+    plan = enc.plan(rows)
+    calls = []
+    run = enc._run
+    enc._run = lambda backbone, **kw: calls.append(kw["input_ids"].shape) or run(backbone, **kw)
+    weights = torch.randn(len(plan.rows), rm.net.hidden_size, generator=torch.Generator().manual_seed(seed))
+
+    def states_and_grads():
+        rm.net.zero_grad(set_to_none=True)
+        h, _ = enc.encode_planned(rows, plan, inference=False)  # (U, H) in plan.rows order
+        (h * weights).sum().backward()
+        return h.detach(), {n: p.grad.clone() for n, p in rm.net.backbone.named_parameters() if p.grad is not None}
+
+    h_shared, g_shared = states_and_grads()
+    n_shared_calls = len(calls)
+    rm.config.prefix_sharing = False
+    calls.clear()
+    h_indep, g_indep = states_and_grads()
+    torch.testing.assert_close(h_shared, h_indep, atol=2e-5, rtol=1e-4)
+    assert g_shared.keys() == g_indep.keys() and len(g_shared) > 0
+    for n in g_shared:
+        torch.testing.assert_close(g_shared[n], g_indep[n], atol=2e-5, rtol=1e-4, msg=n)
+    shared_batches = int((plan.batch_prefix_group >= 0).sum())
+    assert shared_batches >= 7  # one per prompt (+ the lone row's, which runs as independent rows)
+    # 2 calls (prefixes, then suffixes) per run of merged batches: fewer than 2 per batch when budget allows
+    if budget == 4096:
+        assert n_shared_calls <= 2 + (len(plan) - 7)
+    else:
+        assert n_shared_calls < 2 * len(plan)

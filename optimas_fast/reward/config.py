@@ -30,7 +30,11 @@ class RewardConfig:
     # 33.0 / 31.5 rows/s in bf16 vs 30.9 at 16384, and 15.8 / 15.0 vs 13.5 in fp32; RESULTS.md)
     token_budget: int | None = None
     max_rows: int = 256  # scheduler: most rows per backbone call
-    amp: str = "auto"  # training autocast: "auto" (bf16 on CUDA, fp32 on CPU) | "bf16" | "none"
+    # training autocast: "auto" = bf16 on CUDA and on CPUs with native bf16 matmul (avx512_bf16 / AMX; see
+    # cpu_has_native_bf16), fp32 elsewhere | "bf16" | "none" (fp32). Chosen by measurement: MiniLM-L6 on
+    # unique 367-token pairs, 2-core EPYC: bf16 1.44x the pairs/s of fp32, held-out accuracy 0.83 both
+    # (benchmarks/RESULTS.md, "Unique-pair reward training")
+    amp: str = "auto"
     # inference autocast for score()/evaluate(): "auto" = bf16 on CUDA and on CPUs with native bf16 matmul
     # (avx512_bf16 / AMX; see cpu_has_native_bf16), fp32 elsewhere | "bf16" | "none" (fp32). Measured on an
     # AMD EPYC (avx512_bf16, 2 threads), MiniLM-L6, 440-token rows: see benchmarks/RESULTS.md (LRF engine).

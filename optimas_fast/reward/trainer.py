@@ -65,6 +65,7 @@ class TrainReport:
     pairs_per_s: float = 0.0  # pairs processed (pairs_used x epochs) per second
     final_loss: float = float("nan")  # loss of the last step
     overlong: str = "truncate_prefix"  # the policy in effect
+    amp: str = "fp32"  # "bf16" (autocast) or "fp32": the precision training ran in (RewardConfig.amp)
 
 
 @dataclass
@@ -386,7 +387,8 @@ class Trainer:
         self.last_report = TrainReport(
             pairs_used=len(used), pairs_dropped=dropped, pairs_truncated=truncated, steps=len(history),
             seconds=seconds, pairs_per_s=len(used) * epochs / seconds if seconds > 0 else float("nan"),
-            final_loss=history[-1]["loss"], overlong=overlong)
+            final_loss=history[-1]["loss"], overlong=overlong,
+            amp="bf16" if self.encoder.uses_bf16(inference=False) else "fp32")
         logger.info("train: %s", asdict(self.last_report))
         return history
 

@@ -30,7 +30,7 @@ has an EOS; ``RewardTrainer(append_eos=False)`` turns it off), so a decoder's sc
 What differs (on purpose): the engine renders each row with its template (component description + inputs
 as the prefix, the response as the suffix; decoders encode a shared prompt once), pools like the engine
 (decoders: last token, as HF's *ForSequenceClassification; encoders: mean pooling, where HF's BERT uses the
-tanh pooler), ``bf16=None`` means the engine's default (bf16 on CUDA as TRL; fp32 training on CPU), and a
+tanh pooler), ``bf16=None`` means the engine's default (bf16 on CUDA, as TRL, and on CPUs with native bf16 matmul), and a
 data set with a ``component`` column trains one head per component (TRL allows one). Any argument that is
 not implemented is a TypeError that lists the supported ones: nothing is silently ignored.
 """
@@ -97,7 +97,7 @@ class RewardTrainingArguments:
     max_length: int | None = 1024  # longest row (prompt + response) in tokens; longer pairs are dropped (TRL)
     center_rewards_coefficient: float | None = None  # lambda of lambda * mean((r+ + r-)^2); None = off
     disable_dropout: bool = True  # dropout off in the backbone (TRL default True)
-    bf16: bool | None = None  # bf16 autocast training; None = the engine's default (bf16 on CUDA, fp32 on CPU)
+    bf16: bool | None = None  # bf16 autocast training; None = the engine's (bf16 on CUDA / native-bf16 CPUs)
     seed: int = 42  # head initialisation and data order
     logging_steps: float = 10  # log the mean train loss every N steps (float < 1: ratio of total steps)
     eval_strategy: str = "no"  # "no" | "steps" | "epoch"
