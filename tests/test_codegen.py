@@ -23,6 +23,7 @@ from optimas_fast.examples.codegen import (
     parse_tests,
     run_tests,
 )
+from optimas_fast.examples.common import clip
 from optimas_fast.examples.data import split_examples
 from optimas_fast.system.testing import ScriptedLM
 
@@ -31,10 +32,17 @@ BY_ID = {p["id"]: p for p in PROBLEMS}
 
 
 def problem_of(text):
-    """The problem a prompt is about (the one whose entry point it defines)."""
-    hits = [p for p in PROBLEMS if f"def {p['entry_point']}(" in text]
-    assert hits, "prompt names no HumanEval problem"
-    return max(hits, key=lambda p: len(p["entry_point"]))
+    """The problem a prompt is about: the one whose (clipped) problem text it quotes. Not the entry point alone:
+    two HumanEval problems (133 and 142) share the entry point ``sum_squares``."""
+    limit = CodegenConfig().max_prompt_chars
+    hits = [p for p in PROBLEMS if clip(p["prompt"], limit) in text]
+    assert hits, "prompt quotes no HumanEval problem"
+    return max(hits, key=lambda p: len(p["prompt"]))
+
+
+def test_problem_of_tells_every_problem_apart():
+    for p in PROBLEMS:  # the test's own helper: a wrong pick would make the end-to-end checks below misfire
+        assert problem_of(f"Write it.\n```python\n{clip(p['prompt'], CodegenConfig().max_prompt_chars)}\n```") is p
 
 
 def fence(code):
