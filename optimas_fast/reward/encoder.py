@@ -671,37 +671,33 @@ class Encoder:
         h = ops.last_token_hidden(hidden, s_lens, padding_side="right").float()  # (R, H)
         return h, p_ids.size + s_ids.size
 
-    def _shared_runs(self, plan: Plan, batches: Sequence[int]) -> list[list[int]]:
-        """Consecutive shared-prefix batches merged into runs of at most token_budget padded tokens and
-        max_rows rows; other batches alone. Why: the planner gives each prefix group its own batch, and with
-        unique pairs (one prompt, two responses) that is two short rows per backbone call. One call over G
-        prefixes then one over their suffixes makes bigger GEMMs and fewer Python layer calls, with the same
-        prefix-token saving."""
-        off, groups = plan.batch_offsets, plan.batch_prefix_group
-        lens = plan.row_lengths
-        runs: list[list[int]] = []
-        cur: list[int] = []
-        cur_g = cur_r = cur_lp = cur_ls = 0
+    def _runs(self, plan: Plan, batches: Sequence[int]) -> list[tuple[list[int], bool]]:
+        """The batches as (run, shared) in order: consecutive shared-prefix batches merged into runs of at most
+        token_budget padded tokens and max_rows rows (shared=True); every other batch alone. A batch is shared
+        when it is a planner prefix-group batch of 2+ rows with non-empty suffixes (an empty suffix has no last
+        suffix token) on a decoder that shares prefixes, without packing. Why merge: the planner gives each
+        prefix group its own batch, and with unique pairs (one prompt, two responses) that is two short rows
+        per backbone call. One call over G prefixes then one over their suffixes makes bigger GEMMs and fewer
+        Python layer calls, with the same prefix-token saving."""
+        off, lens = plan.batch_offsets, plan.row_lengths
         budget, max_rows = self.token_budget, self.config.max_rows
+        runs: list[tuple[list[int], bool]] = []
+        g = r = lp = ls = 0  # the open shared run: prefixes, rows, longest prefix, longest suffix (g=0: none)
         for b in batches:
             a, z = int(off[b]), int(off[b + 1])
-            shared = self.shares_prefix and groups[b] >= 0 and z - a > 1 and lens[a:z].min() > 0
-            if not shared:
-                if cur:
-                    runs.append(cur)
-                    cur = []
-                runs.append([b])
+            if not (not self.config.packing and self.shares_prefix and plan.batch_prefix_group[b] >= 0
+                    and z - a > 1 and lens[a:z].min() > 0):
+                runs.append(([b], False))
+                g = 0
                 continue
-            lp, ls = int(plan.batch_prefix_len[b]), int(lens[a:z].max())  # suffix lengths in such a batch
-            g, r = cur_g + 1, cur_r + (z - a)
-            nlp, nls = max(cur_lp, lp), max(cur_ls, ls)
-            if cur and (g * nlp + r * nls > budget or r > max_rows):
-                runs.append(cur)
-                cur, g, r, nlp, nls = [], 1, z - a, lp, ls
-            cur.append(b)
-            cur_g, cur_r, cur_lp, cur_ls = g, r, nlp, nls
-        if cur:
-            runs.append(cur)
+            blp, bls = int(plan.batch_prefix_len[b]), int(lens[a:z].max())  # row lengths: suffixes here
+            nlp, nls = max(lp, blp), max(ls, bls)
+            if g and (g + 1) * nlp + (r + z - a) * nls <= budget and r + z - a <= max_rows:
+                runs[-1][0].append(b)
+                g, r, lp, ls = g + 1, r + z - a, nlp, nls
+            else:
+                runs.append(([b], True))
+                g, r, lp, ls = 1, z - a, blp, bls
         return runs
 
     def encode_planned(self, rows: Rows, plan: Plan, inference: bool,
@@ -710,17 +706,11 @@ class Encoder:
         their rows in ``plan.rows`` order ((U, H) for all batches), and tokens pushed."""
         hs, tokens = [], 0
         off = plan.batch_offsets
-        groups = plan.batch_prefix_group
-        todo = list(range(len(off) - 1)) if batches is None else list(batches)
-        for run in ([[b] for b in todo] if self.config.packing else self._shared_runs(plan, todo)):
+        for run, shared in self._runs(plan, range(len(off) - 1) if batches is None else batches):
             idx = np.concatenate([plan.rows[off[b]:off[b + 1]] for b in run])  # (R,) request indices, in order
-            b = run[0]
-            # a planner prefix-group batch shares one prefix; an empty suffix has no last suffix token, so such
-            # a batch runs as independent rows
             if self.config.packing:
                 h, n = self.encode_packed(rows, idx, inference)
-            elif (self.shares_prefix and groups[b] >= 0 and len(idx) > 1
-                  and plan.row_lengths[off[b]:off[b + 1]].min() > 0):
+            elif shared:
                 h, n = self.encode_shared(rows, idx, inference)
             else:
                 h, n = self.encode_rows(rows, idx, inference)
