@@ -13,7 +13,7 @@ import tempfile
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
 
-SOURCES = ["csrc/bindings.cpp", "csrc/cpu_ops.cpp", "csrc/scheduler.cpp"]
+SOURCES = ["csrc/bindings.cpp", "csrc/cpu_ops.cpp", "csrc/scheduler.cpp", "csrc/wordpiece.cpp"]
 
 
 def _compiles(compiler: str, flags: list[str]) -> bool:

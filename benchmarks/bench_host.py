@@ -8,7 +8,8 @@ heads, the scatter back). The tokenizer is MiniLM's (a real fast tokenizer), the
 
 Reported: µs per row end to end (wall clock, and this process's CPU time over all its threads: on a shared
 machine the wall clock also counts other processes, so the load average is printed) (the target is <= 10 µs/row at 1M rows with 1k prefixes), split into
-prepare (parse + text dedupe in one pass, batched tokenising, truncation), plan (C++ planner), encode (padding + the null backbone),
+prepare (parse + text dedupe in one pass, batched tokenising -- the native WordPiece for printable-ASCII texts,
+``--tokenizer hf`` for Hugging Face's alone --, truncation), plan (C++ planner), encode (padding + the null backbone),
 and, for the real MiniLM-L6 on a small sample (--minilm-rows), the share of wall time in the backbone.
 
     python benchmarks/bench_host.py                       # 1M rows, 1k prefixes (about 1-2 min, ~2 GB)
@@ -67,6 +68,8 @@ def host_run(args, tok) -> dict:
     cfg = RewardConfig(architecture="encoder", attn_implementation=None, score_amp="none",
                        template=TemplateConfig(max_length=args.max_length), token_cache_size=None, seed=args.seed)
     rm = RewardModel(NullBackbone(), comps, tokenizer=tok, config=cfg, device="cpu")
+    if args.tokenizer == "hf":
+        rm.tokens.native = None  # every text through Hugging Face's Rust tokenizer (the baseline)
     n = len(reqs)
     # stages, each on a cold token cache where tokenising is part of it
     t1 = time.perf_counter()
@@ -111,6 +114,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--minilm-rows", type=int, default=256, help="0 skips the MiniLM backbone-share run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", choices=["native", "hf"], default="native",
+                    help="native: the engine's default (C++ WordPiece for printable-ASCII texts, HF for the rest); "
+                         "hf: every text through Hugging Face's Rust tokenizer")
     args = ap.parse_args()
     _, tok = load_backbone("minilm")
     res = {"host": host_run(args, tok)}
@@ -118,7 +124,7 @@ def main() -> None:
         res["minilm"] = minilm_share(args)
     print(machine(), f"load average {os.getloadavg()}", file=sys.stderr)
     h = res["host"]
-    print(f"host path, null backbone: {h['rows']} rows, {h['prefixes']} prefixes, {h['distinct_outputs']} distinct "
+    print(f"host path, null backbone, {args.tokenizer} tokenizer: {h['rows']} rows, {h['prefixes']} prefixes, {h['distinct_outputs']} distinct "
           f"outputs -> {h['us_per_row_end_to_end']:.2f} us/row end to end (target <= 10; CPU time of this process "
           f"{h['cpu_us_per_row_end_to_end']:.2f} us/row, all threads), host {h['us_per_row_host']:.2f}"
           f" us/row [prepare {h['us_per_row_prepare']:.2f}, plan "

@@ -8,6 +8,7 @@
 #include "checks.h"
 #include "cpu_ops.h"
 #include "scheduler.h"
+#include "wordpiece.h"
 
 namespace py = pybind11;
 using optimas::DType;
@@ -44,7 +45,7 @@ void check_ids(const int64_t* ids, int64_t n, int64_t C) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "optimas-fast native code: CPU kernels and the batch scheduler";
+  m.doc() = "optimas-fast native code: CPU kernels, the batch scheduler and a WordPiece tokenizer";
   m.def("max_threads", &optimas::max_threads, "OpenMP threads the CPU kernels use");
 
   // ---- ops (CPU) ----
@@ -133,4 +134,7 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- scheduler (csrc/scheduler.cpp) ----
   optimas::bind_scheduler(m);
+
+  // ---- WordPiece tokenizer for the reward engine's host path (csrc/wordpiece.cpp) ----
+  optimas::bind_wordpiece(m);
 }

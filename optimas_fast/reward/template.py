@@ -16,7 +16,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from optimas_fast._native import native_available
 from optimas_fast._validate import check_int
+
+from .wordpiece import NativeWordPiece
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,10 @@ class TokenCache:
     value, so an evicted and re-seen prefix gets a fresh key: it can only cost sharing/dedupe inside one call
     (equal prefixes with different keys run as separate groups, still exact), never merge two different
     prefixes. Memory: an entry is its text's ids as a tuple (~8 bytes per token) plus the key string.
+
+    ``native``: for BERT-type tokenizers, the C++ WordPiece (``wordpiece.NativeWordPiece``) that tokenises
+    printable-ASCII texts with Hugging Face's ids at a fraction of the cost; None otherwise. Set it to None
+    to send every text through Hugging Face.
     """
 
     def __init__(self, tokenizer: Any, config: TemplateConfig, is_encoder: bool, max_entries: int | None = None):
@@ -101,6 +108,9 @@ class TokenCache:
         check_int(max_entries, "token cache max_entries", min=1, allow_none=True)
         self.tokenizer = tokenizer
         self._backend = plain_backend(tokenizer)  # batched calls go straight to Rust
+        # BERT-type tokenizers: printable-ASCII texts go through the native WordPiece (same ids, tested),
+        # the rest through Hugging Face
+        self.native = NativeWordPiece.from_tokenizer(tokenizer) if native_available() else None
         self.config = config
         self.is_encoder = is_encoder
         self.max_entries = max_entries
@@ -171,7 +181,12 @@ class TokenCache:
         self.hits += len(texts) - len(todo)
         self.misses += len(todo)
         if todo:
-            new = batch_token_ids(self.tokenizer, [texts[i] for i in todo], self._backend)
+            missing = [texts[i] for i in todo]
+            new = self.native.encode_many(missing) if self.native is not None else [None] * len(todo)
+            rest = [k for k, ids in enumerate(new) if ids is None]
+            if rest:
+                for k, ids in zip(rest, batch_token_ids(self.tokenizer, [missing[k] for k in rest], self._backend)):
+                    new[k] = ids
             for i, ids in zip(todo, new):
                 out[i] = self._text_ids[texts[i]] = ids
             self._trim(self._text_ids)
