@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from optimas_fast.preference import pair_weights as preference_pair_weights
-from optimas_fast.reward import PreferencePair, TemplateConfig, TrainReport, pair_weights
+from optimas_fast.reward import PreferencePair, RewardConfig, RewardModel, TemplateConfig, TrainReport, pair_weights
 from test_reward import make_model, separable_pairs, words  # noqa: F401  (the tokenizer fixture too)
 from test_reward import tokenizer  # noqa: F401
 
@@ -170,8 +170,45 @@ def random_requests_mixed(rng):
     return reqs + reqs[:3]
 
 
-def test_packing_needs_a_bert_type_encoder(tokenizer, seed):
-    with pytest.raises(ValueError, match="config.packing=True needs a BERT-type encoder"):
-        make_model("decoder", tokenizer, seed, packing=True)
+def test_packing_needs_a_supported_backbone(tokenizer, seed):
+    from transformers import GPT2Config, GPT2Model
+
+    gpt2 = GPT2Model(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=512))
+    cfg = RewardConfig(seed=seed, packing=True, architecture="decoder")
+    with pytest.raises(ValueError, match=r"config.packing=True needs a backbone of model_type .*got 'gpt2' \(decoder\)"):
+        RewardModel(gpt2, ["a"], tokenizer=tokenizer, config=cfg)
     with pytest.raises(ValueError, match="pack_tokens"):
         make_model("encoder", tokenizer, seed, packing=True, pack_tokens=0)
+
+
+@pytest.mark.parametrize("prefix_sharing", [True, False])
+def test_decoder_packed_batches_equal_padded_scores_and_gradients(prefix_sharing, tokenizer, seed):
+    """Llama-type decoder, packs of several prefix groups (a prefix once per group, its suffixes after it) and
+    of lone rows, an empty output among them: the same scores, loss and every gradient as padded batches, and
+    only the distinct prefix and suffix tokens through the backbone."""
+    rng = random.Random(seed)
+    reqs = random_requests_mixed(rng)
+    reqs += [(c, i, words(rng, 1, 8)) for c, i, _ in reqs[:6]]  # prefix groups of 2+ rows
+    reqs += [(reqs[0][0], reqs[0][1], "")]  # an empty output: scored at its prefix's last token
+    kw = dict(components=("a", "b"), prefix_sharing=prefix_sharing)
+    padded = make_model("decoder", tokenizer, seed, **kw)
+    packed = make_model("decoder", tokenizer, seed, packing=True, pack_tokens=rng.choice([128, 256, 4096]), **kw)
+    s_pad, rep_pad = padded.score_with_report(reqs)
+    s_pack, rep_pack = packed.score_with_report(reqs)
+    torch.testing.assert_close(s_pack, s_pad, atol=2e-5, rtol=1e-4)
+    toks = [packed.tokenise(*r) for r in dict.fromkeys(reqs)]
+    if prefix_sharing:  # each prefix of a group once per pack: at most, and here below, the rows' tokens
+        lower = sum(len(t.suffix) for t in toks) + sum(len(p) for p in {t.prefix for t in toks})
+        assert lower <= rep_pack.tokens_encoded < sum(len(t.prefix) + len(t.suffix) for t in toks)
+    else:
+        assert rep_pack.tokens_encoded == sum(len(t.prefix) + len(t.suffix) for t in toks)
+    pairs = separable_pairs(rng, 4)
+    l_pad = padded.train(pairs, epochs=1, lr=1e-3, batch_pairs=len(pairs))[0]["loss"]
+    l_pack = packed.train(pairs, epochs=1, lr=1e-3, batch_pairs=len(pairs))[0]["loss"]
+    assert l_pack == pytest.approx(l_pad, abs=1e-5)
+    n_grads = 0
+    for (n, a), (_, b) in zip(padded.net.named_parameters(), packed.net.named_parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-3, msg=n)
+            n_grads += 1
+    assert n_grads > 5

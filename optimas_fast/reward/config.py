@@ -49,12 +49,13 @@ class RewardConfig:
     # CPU: 1.7x faster than "eager" in fp32, 2.1x in bf16), "eager", any name transformers accepts, or None to
     # keep what the backbone was built with. A backbone that cannot use it raises a ValueError at construction.
     attn_implementation: str | None = "sdpa"
-    # padding-free packed batches (BERT-type encoders): rows concatenated into packs of at most pack_tokens
-    # tokens, attention kept inside each row by a block-diagonal mask (SDPA), positions restarting per row.
-    # Exact (tests). Off by default, by measurement (MiniLM-L6 fp32, 2-core EPYC, CPU seconds): against the
-    # planner's length-sorted padded batches (48 rows of 40-400 words: 20% padding) packing is 1.7x SLOWER
-    # (13.2-14.2 s vs 8.0-8.3 s; the dense block mask makes attention cost pack^2); only against unsorted
-    # padding (24 rows, 66% padding) did a 1024-token pack win (1.74 s vs 2.24 s)
+    # padding-free packed batches (BERT-type encoders; Llama/Qwen-type decoders, with prefix sharing): rows
+    # concatenated into packs of at most pack_tokens tokens, attention kept inside each row by a block mask
+    # (SDPA), positions restarting per row; on decoders the rows of one prefix group share one copy of the
+    # prefix inside the pack. Exact (tests). Off by default, by measurement (MiniLM-L6 fp32, 2-core EPYC, CPU
+    # seconds): against the planner's length-sorted padded batches (48 rows of 40-400 words: 20% padding)
+    # packing is 1.7x SLOWER (13.2-14.2 s vs 8.0-8.3 s; the dense block mask makes attention cost pack^2);
+    # only against unsorted padding (24 rows, 66% padding) did a 1024-token pack win (1.74 s vs 2.24 s)
     packing: bool = False
     pack_tokens: int = 1024  # longest pack: the block-diagonal mask makes attention cost pack_tokens^2
     head_init_std: float = 0.02  # std of a new head's weights (bias starts at 0)

@@ -234,6 +234,21 @@ def _flat(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     return flat, off
 
 
+# backbones whose packed forward (position_ids + a 4-D mask) is exactly their padded one (tests: bert, llama)
+PACKABLE_ENCODERS = ("bert",)
+PACKABLE_DECODERS = ("llama", "qwen2", "qwen3")
+
+
+def _spans(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """``concatenate([arange(a, a + n) for a, n in zip(starts, lens)])`` without a Python loop (int64)."""
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, dtype=np.int64)
+    begin = np.zeros(len(lens), dtype=np.int64)
+    np.cumsum(lens[:-1], out=begin[1:])  # where each span starts in the output
+    return np.repeat(starts - begin, lens) + np.arange(total, dtype=np.int64)
+
+
 def _gather_padded(tokens: np.ndarray, starts: np.ndarray, lens: np.ndarray, T: int, pad: int,
                    out: np.ndarray | None = None, col0: np.ndarray | None = None) -> np.ndarray:
     """Writes ``tokens[starts[r] : starts[r] + lens[r]]`` into row r of ``out`` (R, T) from column col0[r]
@@ -302,12 +317,14 @@ class Encoder:
                     m.p = 0.0
         if config.lora is not None:
             backbone = _apply_lora(backbone, config.lora)
-        if config.packing and not (self.is_encoder and getattr(hf_config, "model_type", None) == "bert"):
-            # positions restart at 0 per packed row: right for BERT's absolute positions; RoBERTa-style offsets
-            # and decoders' KV-cache prefix sharing would need their own handling
+        model_type = getattr(hf_config, "model_type", None)
+        if config.packing and model_type not in (PACKABLE_ENCODERS if self.is_encoder else PACKABLE_DECODERS):
+            # packing passes per-row positions and a custom 4-D mask: right for BERT's absolute positions and
+            # for rotary decoders with full attention; RoBERTa-style position offsets or sliding-window layers
+            # would need their own handling
             kind = "encoder" if self.is_encoder else "decoder"
-            raise ValueError(f"config.packing=True needs a BERT-type encoder backbone, got model_type="
-                             f"{getattr(hf_config, 'model_type', None)!r} ({kind})")
+            raise ValueError(f"config.packing=True needs a backbone of model_type {PACKABLE_ENCODERS} (encoders) or "
+                             f"{PACKABLE_DECODERS} (decoders), got {model_type!r} ({kind})")
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         hidden = int(getattr(hf_config, "hidden_size", 0) or getattr(hf_config, "d_model", 0))
@@ -544,7 +561,7 @@ class Encoder:
         """The C++ planner over the rows: distinct prefix/suffix ids serve as exact content identities."""
         if self.config.packing:  # packs of at most pack_tokens (a row longer than that gets a pack of its own)
             sched = Scheduler(token_budget=min(self.token_budget, self.config.pack_tokens),
-                              max_rows=self.config.max_rows, mode="packed", share_prefix=False)
+                              max_rows=self.config.max_rows, mode="packed", share_prefix=self.shares_prefix)
         else:
             sched = Scheduler(token_budget=self.token_budget, max_rows=self.config.max_rows, mode="padded",
                               share_prefix=self.shares_prefix)
@@ -605,38 +622,80 @@ class Encoder:
         # pool in fp32: a bf16 sum over hundreds of tokens would lose the mean's low bits
         return self._pool(hidden.float(), mask, lens), ids.size
 
-    def encode_packed(self, rows: Rows, idx: np.ndarray, inference: bool) -> tuple[torch.Tensor, int]:
-        """Rows ``idx`` as ONE padding-free pack (1, L): a block-diagonal attention mask keeps every token inside
-        its own row and positions restart at 0 per row, so each row sees exactly what it sees alone. Pooled
-        states (R, H) in fp32, and tokens pushed (no padding)."""
+    def encode_packed(self, rows: Rows, idx: np.ndarray, inference: bool,
+                      share: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
+        """Rows ``idx`` as ONE padding-free pack (1, L): pooled states (R, H) in fp32, and tokens pushed (no
+        padding).
+
+        Layout: the pack is a run of *groups*, each a prefix followed by the suffixes of its rows. A row with
+        ``share[k]`` (decoders with prefix sharing: rows of planner prefix groups) joins the group of every
+        other shared row with the same prefix, so that prefix is in the pack once (a prefix tree of depth
+        one); any other row is a group of its own (its prefix, then its suffix). The attention mask keeps each
+        token inside its group; within a group a prefix token is seen by every row of the group and a suffix
+        token only by its own row; decoders add causality. Positions restart at 0 per group and each suffix
+        continues from its prefix's length, so every row sees exactly what it would see alone (tests check
+        scores and gradients against padded batches)."""
         R = len(idx)
-        p, s = rows.prefix_of[idx], rows.suffix_of[idx]  # (R,)
+        dev = self.device
         po, so = rows.prefix_offsets, rows.suffix_offsets
-        lp, ls = po[p + 1] - po[p], so[s + 1] - so[s]  # (R,)
-        L = lp + ls  # (R,)
-        T = int(L.max())
-        grid = _gather_padded(rows.prefix_tokens, po[p], lp, T, -1)  # (R, T), -1 marks padding
-        _gather_padded(rows.suffix_tokens, so[s], ls, T, -1, out=grid, col0=lp)
-        real = grid >= 0  # (R, T)
-        ids = torch.from_numpy(grid[real])[None, :]  # (1, Ltot) the rows back to back
-        seg = torch.from_numpy(np.repeat(np.arange(R, dtype=np.int64), L))  # (Ltot,) row of each token
-        starts = np.zeros(R, dtype=np.int64)
-        np.cumsum(L[:-1], out=starts[1:])
-        pos = torch.from_numpy(np.arange(int(L.sum()), dtype=np.int64) - np.repeat(starts, L))[None, :]  # (1, Ltot)
-        block = (seg[:, None] == seg[None, :])[None, None]  # (1, 1, Ltot, Ltot) True = may attend
+        p, s = rows.prefix_of[idx], rows.suffix_of[idx]  # (R,)
+        ls = so[s + 1] - so[s]  # (R,)
+        alone = -1 - np.arange(R, dtype=np.int64)  # a key no prefix id takes
+        key = alone if share is None else np.where(share, p, alone)  # (R,) group key
+        _, first, grp = np.unique(key, return_index=True, return_inverse=True)  # (G,), (G,), (R,)
+        grp = grp.reshape(-1)
+        order = np.argsort(grp, kind="stable")  # (R,) rows by group, arrival order inside each
+        gp = p[first]  # (G,) each group's prefix
+        lp = po[gp + 1] - po[gp]  # (G,)
+        G = len(gp)
+        # segments in pack order: group g's prefix, then its rows' suffixes
+        n_in = np.bincount(grp, minlength=G)  # (G,) rows per group
+        seg_of_prefix = np.zeros(G, dtype=np.int64)
+        np.cumsum(n_in[:-1] + 1, out=seg_of_prefix[1:])  # (G,) segment index of group g's prefix
+        rank = np.arange(R) - np.repeat(np.cumsum(n_in) - n_in, n_in)  # (R,) place of order[m] in its group
+        seg_of_row = np.empty(R, dtype=np.int64)
+        seg_of_row[order] = seg_of_prefix[grp[order]] + 1 + rank  # (R,) segment index of row k's suffix
+        S = G + R
+        seg_len = np.empty(S, dtype=np.int64)
+        seg_len[seg_of_prefix], seg_len[seg_of_row] = lp, ls
+        seg_off = np.zeros(S + 1, dtype=np.int64)
+        np.cumsum(seg_len, out=seg_off[1:])  # (S+1,) where each segment starts in the pack
+        L = int(seg_off[-1])
+        ids = np.empty(L, dtype=np.int64)  # (L,)
+        ids[_spans(seg_off[seg_of_prefix], lp)] = rows.prefix_tokens[_spans(po[gp], lp)]
+        ids[_spans(seg_off[seg_of_row], ls)] = rows.suffix_tokens[_spans(so[s], ls)]
+        seg_group = np.empty(S, dtype=np.int64)
+        seg_group[seg_of_prefix], seg_group[seg_of_row] = np.arange(G), grp
+        seg_owner = np.empty(S, dtype=np.int64)  # the row a segment belongs to; -1: a shared prefix, seen by
+        seg_owner[seg_of_prefix] = np.where(key[first] >= 0, -1, first)  # every row of its group (and seeing
+        seg_owner[seg_of_row] = np.arange(R)  # only them); a lone row owns its prefix (encoders look both ways)
+        seg_pos0 = np.zeros(S, dtype=np.int64)
+        seg_pos0[seg_of_row] = lp[grp]  # a suffix continues from its prefix's length
+        tok_seg = np.repeat(np.arange(S), seg_len)  # (L,)
+        pos = seg_pos0[tok_seg] + np.arange(L) - seg_off[tok_seg]  # (L,)
+        g_t = torch.from_numpy(seg_group[tok_seg]).to(dev)  # (L,)
+        o_t = torch.from_numpy(seg_owner[tok_seg]).to(dev)  # (L,)
+        allowed = (g_t[:, None] == g_t[None, :]) & ((o_t[None, :] < 0) | (o_t[None, :] == o_t[:, None]))  # (L, L)
+        if not self.is_encoder:
+            allowed &= torch.ones(L, L, dtype=torch.bool, device=dev).tril_()  # causal: key j <= query i
+        mask = allowed[None, None]  # (1, 1, L, L) True = may attend
+        if getattr(self.hf_config, "_attn_implementation", None) == "eager":  # eager adds the mask to the scores
+            mask = torch.zeros(mask.shape, device=dev).masked_fill_(~mask, torch.finfo(torch.float32).min)
         backbone, ctx = self._forward_backbone(inference)
+        kw = {} if self.is_encoder else {"use_cache": False}
         with ctx:
-            hidden = self._run(backbone, input_ids=ids.to(self.device), attention_mask=block.to(self.device),
-                               position_ids=pos.to(self.device)).last_hidden_state[0].float()  # (Ltot, H)
-        seg_d = seg.to(self.device)
+            hidden = self._run(backbone, input_ids=torch.from_numpy(ids)[None].to(dev), attention_mask=mask,
+                               position_ids=torch.from_numpy(pos)[None].to(dev), **kw).last_hidden_state[0]
+        hidden = hidden.float()  # (L, H)
+        if self.pooling == "last":  # a row's last suffix token; an empty suffix reads its prefix's last token
+            last = np.where(ls > 0, seg_off[seg_of_row] + ls - 1, seg_off[seg_of_prefix[grp] + 1] - 1)  # (R,)
+            return hidden.index_select(0, torch.from_numpy(last).to(dev)), L
+        # cls / mean: encoders, where every row is a group of its own (prefix sharing is decoders' only)
         if self.pooling == "cls":
-            h = hidden.index_select(0, torch.from_numpy(starts).to(self.device))  # (R, H)
-        elif self.pooling == "last":
-            h = hidden.index_select(0, torch.from_numpy(starts + L - 1).to(self.device))  # (R, H)
-        else:  # mean per row: a segment sum over the pack
-            total = torch.zeros(R, hidden.shape[1], device=self.device, dtype=hidden.dtype).index_add(0, seg_d, hidden)
-            h = total / torch.from_numpy(L).to(self.device, hidden.dtype)[:, None]  # (R, H)
-        return h, int(L.sum())
+            return hidden.index_select(0, torch.from_numpy(seg_off[seg_of_prefix[grp]]).to(dev)), L  # (R, H)
+        total = torch.zeros(G, hidden.shape[1], device=dev, dtype=hidden.dtype).index_add_(0, g_t, hidden)  # (G, H)
+        n_tok = torch.from_numpy(lp + np.bincount(grp, weights=ls, minlength=G).astype(np.int64)).to(dev, hidden.dtype)
+        return (total / n_tok[:, None]).index_select(0, torch.from_numpy(grp).to(dev)), L  # (R, H)
 
     def encode_shared(self, rows: Rows, idx: np.ndarray, inference: bool) -> tuple[torch.Tensor, int]:
         """Decoder rows ``idx`` from one or more prefix groups (planner prefix-group batches, see
@@ -682,10 +741,22 @@ class Encoder:
         off, lens = plan.batch_offsets, plan.row_lengths
         budget, max_rows = self.token_budget, self.config.max_rows
         runs: list[tuple[list[int], bool]] = []
+        if self.config.packing:  # consecutive packs merged up to the pack budget (unique pairs: 2-row groups)
+            pack = min(budget, self.config.pack_tokens)
+            t = r = 0
+            for b in batches:
+                bt, br = int(plan.batch_tokens[b]), int(off[b + 1] - off[b])
+                if runs and t + bt <= pack and r + br <= max_rows:
+                    runs[-1][0].append(b)
+                    t, r = t + bt, r + br
+                else:
+                    runs.append(([b], False))
+                    t, r = bt, br
+            return runs
         g = r = lp = ls = 0  # the open shared run: prefixes, rows, longest prefix, longest suffix (g=0: none)
         for b in batches:
             a, z = int(off[b]), int(off[b + 1])
-            if not (not self.config.packing and self.shares_prefix and plan.batch_prefix_group[b] >= 0
+            if not (self.shares_prefix and plan.batch_prefix_group[b] >= 0
                     and z - a > 1 and lens[a:z].min() > 0):
                 runs.append(([b], False))
                 g = 0
@@ -709,7 +780,11 @@ class Encoder:
         for run, shared in self._runs(plan, range(len(off) - 1) if batches is None else batches):
             idx = np.concatenate([plan.rows[off[b]:off[b + 1]] for b in run])  # (R,) request indices, in order
             if self.config.packing:
-                h, n = self.encode_packed(rows, idx, inference)
+                share = None
+                if self.shares_prefix:  # rows of planner prefix groups share their prefix inside the pack
+                    share = np.concatenate([np.full(off[b + 1] - off[b], plan.batch_prefix_group[b] >= 0)
+                                            for b in run])  # (R,)
+                h, n = self.encode_packed(rows, idx, inference, share)
             elif shared:
                 h, n = self.encode_shared(rows, idx, inference)
             else:
