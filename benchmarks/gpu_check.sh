@@ -5,7 +5,8 @@
 #
 # Steps, each under a hard `timeout`, all of them within GPU_CHECK_BUDGET seconds (default 480 = 8 min):
 #   flash_attn      pip install flash-attn if it is not importable (short timeout; the check goes on without it)
-#   gpu_tests       pytest -m "gpu and not vllm" tests/  (JUnit XML: any skip or failure fails the check)
+#   gpu_tests       pytest -m "gpu and not vllm and not flash" tests/  (JUnit XML: any skip or failure fails the check)
+#   gpu_tests_flash pytest -m "gpu and flash" tests/     (only where flash-attn imports; then its skips fail too)
 #   gpu_tests_vllm  pytest -m "gpu and vllm" tests/      (only where vllm imports; then its skips fail too)
 #   kernel_suite    the pytest-benchmark kernel suite on CUDA (-k cuda): Triton vs eager vs torch.compile (bf16),
 #                   fraction of measured device copy bandwidth (target >= 70% at B=16384, H=4096, C=32)
@@ -30,7 +31,7 @@ if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 mkdir -p "$OUT"
-rm -f "$OUT"/{steps.tsv,gpu_check.log,gpu_tests.xml,gpu_tests_vllm.xml,bench_ops.json,workloads.json,gpu_check.json,gpu_check.md}
+rm -f "$OUT"/{steps.tsv,gpu_check.log,gpu_tests.xml,gpu_tests_vllm.xml,gpu_tests_flash.xml,bench_ops.json,workloads.json,gpu_check.json,gpu_check.md}
 : > "$OUT/steps.tsv"
 LOG="$OUT/gpu_check.log"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -67,8 +68,15 @@ else
         || echo "gpu_check: flash-attn did not install within its limit; going on without it" | tee -a "$LOG"
 fi
 
-step gpu_tests 160 "pytest -m 'gpu and not vllm' tests/" \
-    "$PY" -m pytest -m "gpu and not vllm" tests/ -q -rfEs -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+step gpu_tests 160 "pytest -m 'gpu and not vllm and not flash' tests/" \
+    "$PY" -m pytest -m "gpu and not vllm and not flash" tests/ -q -rfEs -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+
+if "$PY" -c "import flash_attn" >/dev/null 2>&1; then
+    step gpu_tests_flash 40 "pytest -m 'gpu and flash' tests/" \
+        "$PY" -m pytest -m "gpu and flash" tests/ -q -rfEs -p no:cacheprovider --junitxml="$OUT/gpu_tests_flash.xml"
+else
+    printf 'gpu_tests_flash\t0\t0\t0\tnot run: flash-attn is not installed\n' >> "$OUT/steps.tsv"
+fi
 
 if "$PY" -c "import vllm" >/dev/null 2>&1; then
     step gpu_tests_vllm 60 "pytest -m 'gpu and vllm' tests/" \

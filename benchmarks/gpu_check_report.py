@@ -8,6 +8,7 @@ Inputs in OUT_DIR (each optional; a missing one is reported as missing):
   steps.tsv             name, exit status, seconds, limit per step (written by gpu_check.sh)
   gpu_tests.xml         JUnit XML of `pytest -m "gpu and not vllm"`
   gpu_tests_vllm.xml    JUnit XML of `pytest -m "gpu and vllm"` (only where vllm is installed)
+  gpu_tests_flash.xml   JUnit XML of `pytest -m "gpu and flash"` (only where flash-attn is installed)
   bench_ops.json        pytest-benchmark JSON of the kernel suite on CUDA
   workloads.json        bench_gpu_workloads.py's results
 """
@@ -123,9 +124,10 @@ def summarise(d: str) -> tuple[dict, list[str]]:
             problems.append(f"step {s['name']} {why} after {s['seconds']} s (limit {s['limit']} s)")
     tests = read_junit(os.path.join(d, "gpu_tests.xml"))
     vllm_tests = read_junit(os.path.join(d, "gpu_tests_vllm.xml"))
+    flash_tests = read_junit(os.path.join(d, "gpu_tests_flash.xml"))
     if tests is None:
         problems.append("no GPU test results (gpu_tests.xml is missing)")
-    for label, t in (("gpu tests", tests), ("vllm gpu tests", vllm_tests)):
+    for label, t in (("gpu tests", tests), ("vllm gpu tests", vllm_tests), ("flash-attn gpu tests", flash_tests)):
         if t is None:
             continue
         if t["tests"] == 0:
@@ -148,6 +150,7 @@ def summarise(d: str) -> tuple[dict, list[str]]:
     result = {"ok": not problems, "problems": problems, "machine": machine, "steps": steps,
               "gpu_tests": tests,
               "vllm_gpu_tests": vllm_tests if vllm_tests is not None else "not run (vllm not installed)",
+              "flash_gpu_tests": flash_tests if flash_tests is not None else "not run (flash-attn not installed)",
               "kernel_suite": rows, "bandwidth_target": {"fraction": TARGET, "rows": tgt,
                                                          "met": bool(tgt) and all(t["met"] for t in tgt)},
               "workloads": workloads}

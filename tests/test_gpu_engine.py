@@ -3,7 +3,8 @@ equal to the same model on CPU (tiny random Llama and BERT configs, float32 on b
 agrees with fp32, training under an NCCL process group (world size 1, file:// rendezvous) equals training
 without one, and the vLLM engine's greedy generation equals the transformers engine's (only when vllm
 imports: marked `vllm` too, so that benchmarks/gpu_check.sh runs it only where vllm is installed and never
-counts its skip as a pass)."""
+counts its skip as a pass). Packing on CUDA: SDPA with the block mask, and flash-attn's varlen kernel (marked
+`flash`, the same way)."""
 from __future__ import annotations
 
 import gc
@@ -117,6 +118,34 @@ def test_bf16_on_cuda_agrees_with_fp32(kind, tokenizer, seed):
     # bf16 rounds the residual stream: measured on CPU up to 3% of the score spread (tests/test_reward.py)
     close_scores(bf16, fp32, 0.1)
     assert spearman(bf16.tolist(), fp32.tolist()) > 0.95
+
+
+# ------------------------------------------------------------------------------------------------ packing
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_packed_batches_on_cuda_equal_padded(kind, tokenizer, seed):
+    """Packing on CUDA with SDPA and the explicit block mask (decoders: prefix sharing inside the pack)."""
+    rng = random.Random(seed)
+    reqs = requests(rng, 5, 4)
+    padded = build(kind, tokenizer, seed, "cuda").score(reqs)
+    packed, rep = build(kind, tokenizer, seed, "cuda", packing=True, pack_tokens=256).score_with_report(reqs)
+    close_scores(packed, padded, 1e-3)
+
+
+@pytest.mark.flash
+def test_flash_attention_varlen_packing_equals_padded(tokenizer, seed):
+    """A decoder on transformers' flash-attention-2 path: packs go as position ids alone and flash-attn's varlen
+    kernel runs the rows as segments, against padded SDPA batches, both scoring in bf16 (flash-attn takes fp16 /
+    bf16 only). Marked `flash`: gpu_check.sh runs it where flash-attn imports (it tries `pip install flash-attn`)."""
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+    rng = random.Random(seed)
+    reqs = requests(rng, 6, 3)
+    ref = build("decoder", tokenizer, seed, "cuda", score_amp="bf16").score(reqs)
+    rm = build("decoder", tokenizer, seed, "cuda", score_amp="bf16", packing=True, pack_tokens=256,
+               attn_implementation="flash_attention_2")
+    assert rm.encoder.packs_by_positions()
+    got, rep = rm.score_with_report(reqs)
+    close_scores(got, ref, 0.1)
+    assert spearman(got.tolist(), ref.tolist()) > 0.95
 
 
 # ------------------------------------------------------------------------------------------------ training

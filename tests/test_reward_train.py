@@ -181,11 +181,20 @@ def test_packing_needs_a_supported_backbone(tokenizer, seed):
         make_model("encoder", tokenizer, seed, packing=True, pack_tokens=0)
 
 
-@pytest.mark.parametrize("prefix_sharing", [True, False])
-def test_decoder_packed_batches_equal_padded_scores_and_gradients(prefix_sharing, tokenizer, seed):
+@pytest.mark.parametrize("prefix_sharing,by_positions", [(True, False), (False, False), (True, True)])
+def test_decoder_packed_batches_equal_padded_scores_and_gradients(prefix_sharing, by_positions, tokenizer, seed,
+                                                                  monkeypatch):
     """Llama-type decoder, packs of several prefix groups (a prefix once per group, its suffixes after it) and
     of lone rows, an empty output among them: the same scores, loss and every gradient as padded batches, and
-    only the distinct prefix and suffix tokens through the backbone."""
+    only the distinct prefix and suffix tokens through the backbone. ``by_positions``: the path a flash-attention
+    kernel takes (no mask, rows found from the position ids; no sharing), here through transformers' SDPA mask."""
+    if by_positions:
+        from optimas_fast.reward.encoder import Encoder
+
+        monkeypatch.setattr(Encoder, "packs_by_positions", lambda self: True)
+        prefix_sharing_in_pack = False
+    else:
+        prefix_sharing_in_pack = prefix_sharing
     rng = random.Random(seed)
     reqs = random_requests_mixed(rng)
     reqs += [(c, i, words(rng, 1, 8)) for c, i, _ in reqs[:6]]  # prefix groups of 2+ rows
@@ -197,7 +206,7 @@ def test_decoder_packed_batches_equal_padded_scores_and_gradients(prefix_sharing
     s_pack, rep_pack = packed.score_with_report(reqs)
     torch.testing.assert_close(s_pack, s_pad, atol=2e-5, rtol=1e-4)
     toks = [packed.tokenise(*r) for r in dict.fromkeys(reqs)]
-    if prefix_sharing:  # each prefix of a group once per pack: at most, and here below, the rows' tokens
+    if prefix_sharing_in_pack:  # each prefix of a group once per pack: at most, and here below, the rows' tokens
         lower = sum(len(t.suffix) for t in toks) + sum(len(p) for p in {t.prefix for t in toks})
         assert lower <= rep_pack.tokens_encoded < sum(len(t.prefix) + len(t.suffix) for t in toks)
     else:

@@ -325,6 +325,10 @@ class Encoder:
             kind = "encoder" if self.is_encoder else "decoder"
             raise ValueError(f"config.packing=True needs a backbone of model_type {PACKABLE_ENCODERS} (encoders) or "
                              f"{PACKABLE_DECODERS} (decoders), got {model_type!r} ({kind})")
+        if config.packing and self.is_encoder and "flash" in (getattr(hf_config, "_attn_implementation", None) or ""):
+            raise ValueError("config.packing=True on an encoder needs an attention that takes a block mask (sdpa or "
+                             f"eager), got {hf_config._attn_implementation!r}: transformers' flash-attention path "
+                             "packs only causal decoders")
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         hidden = int(getattr(hf_config, "hidden_size", 0) or getattr(hf_config, "d_model", 0))
@@ -561,7 +565,8 @@ class Encoder:
         """The C++ planner over the rows: distinct prefix/suffix ids serve as exact content identities."""
         if self.config.packing:  # packs of at most pack_tokens (a row longer than that gets a pack of its own)
             sched = Scheduler(token_budget=min(self.token_budget, self.config.pack_tokens),
-                              max_rows=self.config.max_rows, mode="packed", share_prefix=self.shares_prefix)
+                              max_rows=self.config.max_rows, mode="packed",
+                              share_prefix=self.shares_prefix and not self.packs_by_positions())
         else:
             sched = Scheduler(token_budget=self.token_budget, max_rows=self.config.max_rows, mode="padded",
                               share_prefix=self.shares_prefix)
@@ -622,6 +627,13 @@ class Encoder:
         # pool in fp32: a bf16 sum over hundreds of tokens would lose the mean's low bits
         return self._pool(hidden.float(), mask, lens), ids.size
 
+    def packs_by_positions(self) -> bool:
+        """Whether packs go to the backbone as position ids alone (no mask): decoders whose attention is a
+        flash-attention kernel, which runs packed rows as variable-length segments (flash-attn's varlen)
+        and cannot take an arbitrary mask. Everything else gets the explicit block mask (SDPA / eager)."""
+        impl = getattr(self.hf_config, "_attn_implementation", None) or ""
+        return not self.is_encoder and "flash" in impl
+
     def encode_packed(self, rows: Rows, idx: np.ndarray, inference: bool,
                       share: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
         """Rows ``idx`` as ONE padding-free pack (1, L): pooled states (R, H) in fp32, and tokens pushed (no
@@ -634,9 +646,13 @@ class Encoder:
         token inside its group; within a group a prefix token is seen by every row of the group and a suffix
         token only by its own row; decoders add causality. Positions restart at 0 per group and each suffix
         continues from its prefix's length, so every row sees exactly what it would see alone (tests check
-        scores and gradients against padded batches)."""
+        scores and gradients against padded batches). With a flash-attention kernel (``packs_by_positions``)
+        there is no mask and no sharing: each row is its own segment, found by the kernel from the positions."""
         R = len(idx)
         dev = self.device
+        by_positions = self.packs_by_positions()
+        if by_positions:
+            share = None  # a varlen kernel takes segments, not a tree mask: every row a group of its own
         po, so = rows.prefix_offsets, rows.suffix_offsets
         p, s = rows.prefix_of[idx], rows.suffix_of[idx]  # (R,)
         ls = so[s + 1] - so[s]  # (R,)
@@ -674,13 +690,18 @@ class Encoder:
         tok_seg = np.repeat(np.arange(S), seg_len)  # (L,)
         pos = seg_pos0[tok_seg] + np.arange(L) - seg_off[tok_seg]  # (L,)
         g_t = torch.from_numpy(seg_group[tok_seg]).to(dev)  # (L,)
-        o_t = torch.from_numpy(seg_owner[tok_seg]).to(dev)  # (L,)
-        allowed = (g_t[:, None] == g_t[None, :]) & ((o_t[None, :] < 0) | (o_t[None, :] == o_t[:, None]))  # (L, L)
-        if not self.is_encoder:
-            allowed &= torch.ones(L, L, dtype=torch.bool, device=dev).tril_()  # causal: key j <= query i
-        mask = allowed[None, None]  # (1, 1, L, L) True = may attend
-        if getattr(self.hf_config, "_attn_implementation", None) == "eager":  # eager adds the mask to the scores
-            mask = torch.zeros(mask.shape, device=dev).masked_fill_(~mask, torch.finfo(torch.float32).min)
+        if by_positions:
+            # no mask: transformers reads the packed rows off the position ids (each restarts at 0) and gives
+            # a flash-attention kernel their cu_seqlens (varlen), or builds the block-causal mask itself
+            mask = None
+        else:
+            o_t = torch.from_numpy(seg_owner[tok_seg]).to(dev)  # (L,)
+            allowed = (g_t[:, None] == g_t[None, :]) & ((o_t[None, :] < 0) | (o_t[None, :] == o_t[:, None]))  # (L, L)
+            if not self.is_encoder:
+                allowed &= torch.ones(L, L, dtype=torch.bool, device=dev).tril_()  # causal: key j <= query i
+            mask = allowed[None, None]  # (1, 1, L, L) True = may attend
+            if getattr(self.hf_config, "_attn_implementation", None) == "eager":  # eager adds it to the scores
+                mask = torch.zeros(mask.shape, device=dev).masked_fill_(~mask, torch.finfo(torch.float32).min)
         backbone, ctx = self._forward_backbone(inference)
         kw = {} if self.is_encoder else {"use_cache": False}
         with ctx:
