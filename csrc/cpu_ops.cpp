@@ -90,14 +90,45 @@ inline float dot(const T* x, const float* w, int64_t H) {
   return acc;
 }
 
-// Stable pieces of the logistic loss.
-inline float log_sigmoid(float d) { return std::min(d, 0.f) - std::log1p(std::exp(-std::fabs(d))); }
-inline float sigmoid_neg(float d) {  // sigmoid(-d) without overflow
-  if (d >= 0.f) {
-    float e = std::exp(-d);
-    return e / (1.f + e);
-  }
-  return 1.f / (1.f + std::exp(d));
+// Stable pieces of the logistic loss, written so that a loop over rows vectorises: no branches and no libm
+// calls (GCC does not vectorise std::exp / std::log1p without -ffast-math, and the scalar calls made
+// bt_loss_rows ~7x slower than eager PyTorch at 1M rows on the 2-core EPYC). Both functions take the one
+// argument they are used with here; accuracy ~1e-7 relative (tests compare with float64).
+
+// exp(x) for x <= 0 (results below ~1e-38 flush to 0): x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial
+// for e^r (Cephes' expf coefficients), then 2^n through the exponent bits.
+inline float exp_nonpos(float x) {
+  x = std::max(x, -87.0f);
+  float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = std::fma(n, -0.693145751953125f, x);  // ln2 split in two for an exact reduction
+  r = std::fma(n, -1.428606765330187e-06f, r);
+  float p = 1.9875691500e-4f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p * r, r, r) + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+// log1p(e) for e in [0, 1]: log(1 + e) = 2 atanh(z), z = e / (2 + e) in [0, 1/3] (no cancellation for tiny
+// e), an odd series in z to z^15 (truncation < 5e-9).
+inline float log1p_unit(float e) {
+  float z = e / (2.0f + e);
+  float z2 = z * z;
+  float p = 1.0f / 15.0f;
+  p = std::fma(p, z2, 1.0f / 13.0f);
+  p = std::fma(p, z2, 1.0f / 11.0f);
+  p = std::fma(p, z2, 1.0f / 9.0f);
+  p = std::fma(p, z2, 1.0f / 7.0f);
+  p = std::fma(p, z2, 1.0f / 5.0f);
+  p = std::fma(p, z2, 1.0f / 3.0f);
+  p = std::fma(p, z2, 1.0f);
+  return 2.0f * z * p;
 }
 
 struct BTRow {
@@ -106,9 +137,11 @@ struct BTRow {
 inline BTRow bt_row(float rc, float rr, float w, float mu, float center) {
   float d = rc - rr - mu;
   float s = rc + rr;
-  float nls = -log_sigmoid(d);
-  // NaN inputs propagate: sigmoid_neg(NaN) is NaN via the comparisons falling through to exp(NaN).
-  return {w * nls + center * s * s, -w * sigmoid_neg(d), nls, s};
+  float e = exp_nonpos(-std::fabs(d));            // exp(-|d|) in (0, 1]
+  float nls = log1p_unit(e) - std::min(d, 0.f);   // -log sigmoid(d)
+  float sig_neg = (d >= 0.f ? e : 1.f) / (1.f + e);  // sigmoid(-d), either sign without overflow
+  if (d != d) nls = sig_neg = d;  // NaN inputs propagate (the clamps above would hide them)
+  return {w * nls + center * s * s, -w * sig_neg, nls, s};
 }
 
 template <typename F>
@@ -127,7 +160,7 @@ int max_threads() { return omp_get_max_threads(); }
 
 void bt_loss_rows(int64_t B, const float* rc, const float* rr, const float* w, const float* mu,
                   float center, float* loss, float* gd, float* nls) {
-#pragma omp parallel for schedule(static) if (B > kParallelWork)
+#pragma omp parallel for simd schedule(static) if (B > kParallelWork)
   for (int64_t i = 0; i < B; ++i) {
     BTRow r = bt_row(rc[i], rr[i], w ? w[i] : 1.f, mu ? mu[i] : 0.f, center);
     if (loss) loss[i] = r.loss;
