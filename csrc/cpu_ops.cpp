@@ -158,9 +158,50 @@ void dispatch(DType dt, F&& f) {
 
 int max_threads() { return omp_get_max_threads(); }
 
+namespace {
+// Rows [i0, i1) with every output present and the optional inputs fixed at compile time: a plain simd loop
+// with unconditional loads and stores. Measured (2-core EPYC, 4096 rows, one thread): 1.3 ns a row, against
+// 7.3 with `w ? w[i] : 1` / `if (loss)` inside the loop and 13 as an `omp parallel for simd` loop (GCC then
+// vectorises the outlined loop poorly); so the parallel split is by hand, around this function.
+template <bool HasW, bool HasMu>
+__attribute__((noinline)) void bt_rows_span(int64_t i0, int64_t i1, const float* __restrict rc,
+                                            const float* __restrict rr, const float* __restrict w,
+                                            const float* __restrict mu, float center, float* __restrict loss,
+                                            float* __restrict gd, float* __restrict nls) {
+#pragma omp simd
+  for (int64_t i = i0; i < i1; ++i) {
+    BTRow r = bt_row(rc[i], rr[i], HasW ? w[i] : 1.f, HasMu ? mu[i] : 0.f, center);
+    loss[i] = r.loss;
+    gd[i] = r.gd;
+    nls[i] = r.nls;
+  }
+}
+
+template <bool HasW, bool HasMu>
+void bt_rows(int64_t B, const float* rc, const float* rr, const float* w, const float* mu, float center,
+             float* loss, float* gd, float* nls) {
+  if (B <= kParallelWork) {
+    bt_rows_span<HasW, HasMu>(0, B, rc, rr, w, mu, center, loss, gd, nls);
+    return;
+  }
+#pragma omp parallel
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads(), chunk = (B + nt - 1) / nt;
+    const int64_t a = std::min(B, t * chunk), b = std::min(B, a + chunk);
+    bt_rows_span<HasW, HasMu>(a, b, rc, rr, w, mu, center, loss, gd, nls);
+  }
+}
+}  // namespace
+
 void bt_loss_rows(int64_t B, const float* rc, const float* rr, const float* w, const float* mu,
                   float center, float* loss, float* gd, float* nls) {
-#pragma omp parallel for simd schedule(static) if (B > kParallelWork)
+  if (loss && gd && nls) {  // the ops' path: every output wanted
+    if (w && mu) return bt_rows<true, true>(B, rc, rr, w, mu, center, loss, gd, nls);
+    if (w) return bt_rows<true, false>(B, rc, rr, w, mu, center, loss, gd, nls);
+    if (mu) return bt_rows<false, true>(B, rc, rr, w, mu, center, loss, gd, nls);
+    return bt_rows<false, false>(B, rc, rr, w, mu, center, loss, gd, nls);
+  }
+#pragma omp parallel for schedule(static) if (B > kParallelWork)
   for (int64_t i = 0; i < B; ++i) {
     BTRow r = bt_row(rc[i], rr[i], w ? w[i] : 1.f, mu ? mu[i] : 0.f, center);
     if (loss) loss[i] = r.loss;
