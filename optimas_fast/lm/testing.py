@@ -70,7 +70,17 @@ class FakeOpenAIServer:
             def log_message(self, *args):  # keep test output clean
                 pass
 
+            def _done(self):
+                """This request stops counting as in flight (once): before its response is written, because
+                the client may send its next request the moment it has read this one (counting until after
+                the write made a client limited to 1 look like 2 under load)."""
+                if getattr(self, "_in_flight", False):
+                    self._in_flight = False
+                    with outer._lock:
+                        outer._concurrent -= 1
+
             def _send(self, status: int, payload: bytes, ctype: str = "application/json"):
+                self._done()
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(payload)))
@@ -87,11 +97,11 @@ class FakeOpenAIServer:
                     outer._concurrent += 1
                     outer.max_concurrent = max(outer.max_concurrent, outer._concurrent)
                     fault = outer._faults.popleft() if outer._faults else None
+                self._in_flight = True
                 try:
                     self._handle(raw, fault)
                 finally:
-                    with outer._lock:
-                        outer._concurrent -= 1
+                    self._done()  # paths that answer nothing (a dropped connection)
 
             def _handle(self, raw: bytes, fault):
                 try:
@@ -115,6 +125,7 @@ class FakeOpenAIServer:
                     time.sleep(outer.timeout_sleep)
                 elif fault == "drop":
                     self.close_connection = True
+                    self._done()
                     self.connection.shutdown(2)
                     return None
                 elif fault == "non_json":
