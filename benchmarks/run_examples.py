@@ -42,6 +42,7 @@ TARGETS = {
     "amazon": ["candidate_scorer", "final_decider"],  # the summariser's prompt re-runs the slowest LM step
     "pubmedqa": None,
     "hotpotqa": None,
+    "codegen": None,  # bench_best_of.py --systems codegen (run_codegen.py is its optimisation script)
 }
 
 
