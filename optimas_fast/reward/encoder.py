@@ -587,7 +587,7 @@ class Encoder:
         if self.config.packing:  # packs of at most pack_tokens (a row longer than that gets a pack of its own)
             sched = Scheduler(token_budget=min(self.token_budget, self.config.pack_tokens),
                               max_rows=self.config.max_rows, mode="packed",
-                              share_prefix=self.shares_prefix and not self.packs_by_positions())
+                              share_prefix=self.shares_in_packs())
         else:
             sched = Scheduler(token_budget=self.token_budget, max_rows=self.config.max_rows, mode="padded",
                               share_prefix=self.shares_prefix)
@@ -655,6 +655,12 @@ class Encoder:
         impl = getattr(self.hf_config, "_attn_implementation", None) or ""
         return not self.is_encoder and "flash" in impl
 
+    def shares_in_packs(self) -> bool:
+        """Whether rows of a prefix group share one copy of the prefix inside a pack: decoders with prefix
+        sharing and last-token pooling, not on a flash-attention kernel (it takes segments, not a tree mask;
+        cls / mean pooling would average a row's own tokens, which a shared prefix is not)."""
+        return self.shares_prefix and self.pooling == "last" and not self.packs_by_positions()
+
     def encode_packed(self, rows: Rows, idx: np.ndarray, inference: bool,
                       share: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
         """Rows ``idx`` as ONE padding-free pack (1, L): pooled states (R, H) in fp32, and tokens pushed (no
@@ -672,8 +678,8 @@ class Encoder:
         R = len(idx)
         dev = self.device
         by_positions = self.packs_by_positions()
-        if by_positions:
-            share = None  # a varlen kernel takes segments, not a tree mask: every row a group of its own
+        if not self.shares_in_packs():
+            share = None
         po, so = rows.prefix_offsets, rows.suffix_offsets
         p, s = rows.prefix_of[idx], rows.suffix_of[idx]  # (R,)
         ls = so[s + 1] - so[s]  # (R,)
@@ -825,7 +831,7 @@ class Encoder:
             idx = np.concatenate([plan.rows[off[b]:off[b + 1]] for b in run])  # (R,) request indices, in order
             if self.config.packing:
                 share = None
-                if self.shares_prefix:  # rows of planner prefix groups share their prefix inside the pack
+                if self.shares_in_packs():  # rows of planner prefix groups share their prefix inside the pack
                     share = np.concatenate([np.full(off[b + 1] - off[b], plan.batch_prefix_group[b] >= 0)
                                             for b in run])  # (R,)
                 h, n = self.encode_packed(rows, idx, inference, share)
