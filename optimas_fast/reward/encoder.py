@@ -342,7 +342,8 @@ class Encoder:
             kind = "encoder" if self.is_encoder else "decoder"
             raise ValueError(f"config.packing=True needs a backbone of model_type {PACKABLE_ENCODERS} (encoders) or "
                              f"{PACKABLE_DECODERS} (decoders), got {model_type!r} ({kind})")
-        if config.packing and self.is_encoder and "flash" in (getattr(hf_config, "_attn_implementation", None) or ""):
+        self.hf_config = hf_config  # read by _flash_attention and the packing paths
+        if config.packing and self.is_encoder and self._flash_attention():
             raise ValueError("config.packing=True on an encoder needs an attention that takes a block mask (sdpa or "
                              f"eager), got {hf_config._attn_implementation!r}: transformers' flash-attention path "
                              "packs only causal decoders")
@@ -351,7 +352,6 @@ class Encoder:
         hidden = int(getattr(hf_config, "hidden_size", 0) or getattr(hf_config, "d_model", 0))
         if hidden <= 0:
             raise ValueError("cannot read the backbone's hidden size from its config (hidden_size / d_model)")
-        self.hf_config = hf_config
         self.tokenizer = tokenizer
         self.net = RewardNet(backbone, hidden).to(self.device)
         self.tokens = TokenCache(tokenizer, config.template, self.is_encoder, max_entries=config.token_cache_size)
@@ -652,8 +652,11 @@ class Encoder:
         """Whether packs go to the backbone as position ids alone (no mask): decoders whose attention is a
         flash-attention kernel, which runs packed rows as variable-length segments (flash-attn's varlen)
         and cannot take an arbitrary mask. Everything else gets the explicit block mask (SDPA / eager)."""
-        impl = getattr(self.hf_config, "_attn_implementation", None) or ""
-        return not self.is_encoder and "flash" in impl
+        return not self.is_encoder and self._flash_attention()
+
+    def _flash_attention(self) -> bool:
+        """Whether the backbone's attention is a flash-attention kernel (flash_attention_2 / _3, hub kernels)."""
+        return "flash" in (getattr(self.hf_config, "_attn_implementation", None) or "")
 
     def shares_in_packs(self) -> bool:
         """Whether rows of a prefix group share one copy of the prefix inside a pack: decoders with prefix
@@ -667,7 +670,7 @@ class Encoder:
         padding).
 
         Layout: the pack is a run of *groups*, each a prefix followed by the suffixes of its rows. A row with
-        ``share[k]`` (decoders with prefix sharing: rows of planner prefix groups) joins the group of every
+        ``share[k]`` (rows of planner prefix groups, where ``shares_in_packs()``) joins the group of every
         other shared row with the same prefix, so that prefix is in the pack once (a prefix tree of depth
         one); any other row is a group of its own (its prefix, then its suffix). The attention mask keeps each
         token inside its group; within a group a prefix token is seen by every row of the group and a suffix
@@ -830,10 +833,9 @@ class Encoder:
         for run, shared in self._runs(plan, range(len(off) - 1) if batches is None else batches):
             idx = np.concatenate([plan.rows[off[b]:off[b + 1]] for b in run])  # (R,) request indices, in order
             if self.config.packing:
-                share = None
-                if self.shares_in_packs():  # rows of planner prefix groups share their prefix inside the pack
-                    share = np.concatenate([np.full(off[b + 1] - off[b], plan.batch_prefix_group[b] >= 0)
-                                            for b in run])  # (R,)
+                # rows of planner prefix groups (encode_packed decides whether they share inside the pack)
+                share = np.concatenate([np.full(off[b + 1] - off[b], plan.batch_prefix_group[b] >= 0)
+                                        for b in run])  # (R,)
                 h, n = self.encode_packed(rows, idx, inference, share)
             elif shared:
                 h, n = self.encode_shared(rows, idx, inference)
