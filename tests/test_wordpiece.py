@@ -113,14 +113,14 @@ def test_only_berts_pipeline_gets_it(tokenizer):
     assert NativeWordPiece.from_tokenizer(PreTrainedTokenizerFast(tokenizer_object=bpe)) is None
     # a tokenizer built from a bare vocab.txt (transformers 5 builds BERT's pipeline around it) is taken, same ids
     vocab = os.path.join(tokenizer.name_or_path, "vocab.txt")
-    if os.path.isfile(vocab):
-        from_vocab = BertTokenizer(vocab)
-        w = NativeWordPiece.from_tokenizer(from_vocab)
-        if getattr(from_vocab, "is_fast", False):
-            texts = ["Hello, World! It's 3.14 o'clock.", "tokenization of unaffable words"]
-            assert w.encode_many(texts) == hf_ids(from_vocab, texts)
-        else:  # a slow (Python) tokenizer has no tokenizer.json to check
-            assert w is None
+    assert os.path.isfile(vocab), "the MiniLM package ships its vocab.txt"
+    from_vocab = BertTokenizer(vocab)
+    w = NativeWordPiece.from_tokenizer(from_vocab)
+    if getattr(from_vocab, "is_fast", False):
+        texts = ["Hello, World! It's 3.14 o'clock.", "tokenization of unaffable words"]
+        assert w.encode_many(texts) == hf_ids(from_vocab, texts)
+    else:  # a slow (Python) tokenizer (transformers < 5) has no tokenizer.json to check
+        assert w is None
     # not a tokenizer at all
     assert NativeWordPiece.from_tokenizer(object()) is None
     # a cased BERT pipeline (lowercase=False) is taken, and keeps case
