@@ -30,6 +30,22 @@ def timeit(fn, *, warmup: int = 2, reps: int = 10, min_time: float = 0.0) -> flo
     return statistics.median(times)
 
 
+def gemm_peak_flops(dtype, device="cpu", m: int = 4096, k: int = 576, n: int = 1536, reps: int = 10) -> float:
+    """Measured FLOP/s of one (m, k) x (k, n) matmul in ``dtype`` on ``device`` (median of ``reps`` after
+    warm-up): the GEMM bound a backbone's linear layers can reach on these shapes, for "fraction of the
+    bound" next to a throughput. Default shape: a SmolLM2-135M MLP projection over a 4096-token batch."""
+    import torch
+
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+
+    def run():
+        torch.mm(a, b)
+        sync()
+    return 2.0 * m * k * n / timeit(run, warmup=3, reps=reps)
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

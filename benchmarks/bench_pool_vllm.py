@@ -16,8 +16,10 @@ others get them as token-id prompts), in bf16 where the machine has native bf16 
   the pool's order (what a user of HF scoring writes).
 
 Reports rows/s, seconds, the prefix-sharing token reduction rho = (P + S) / (P / K + S) that caching the prompt
-allows (P prompt tokens, S candidate tokens, K candidates per prompt), and the agreement of the scores (max
-|diff| over the score spread). vLLM must be built under ``if __name__ == "__main__"`` (it spawns its engine).
+allows (P prompt tokens, S candidate tokens, K candidates per prompt), the agreement of the scores (max
+|diff| over the score spread), and the physical bound: the rows/s the backbone's FLOPs per row allow at the
+measured GEMM rate of this device and dtype (linear layers over the S candidate tokens and the amortised P / K
+prompt tokens, attention counted at the same rate; no padding), with each engine's fraction of it. vLLM must be built under ``if __name__ == "__main__"`` (it spawns its engine).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, write_results  # noqa: E402
+from _common import gemm_peak_flops, machine, write_results  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "pubmedqa_train.jsonl")
 LABELS = ("yes", "no", "maybe")
@@ -54,6 +56,22 @@ def pool_rows(n_prompts: int, k: int, seed: int) -> list[tuple[str, str, str]]:
             seen.add(cand)
         rows += [("answer", prompt, c) for c in sorted(seen)]
     return rows
+
+
+def flops_per_row(backbone, P: float, S: float, k: int) -> float:
+    """Forward FLOPs one row costs with the prompt shared by its k candidates: 2 x linear weights per token
+    over S + P / k tokens, plus attention (QK and PV: 4 x heads x head_dim per query-key pair) over the
+    candidate's causal context and the prompt's (amortised)."""
+    import torch.nn as nn
+
+    linear = sum(m.weight.numel() for m in backbone.modules() if isinstance(m, nn.Linear))
+    cfg = backbone.config
+    heads, layers = cfg.num_attention_heads, cfg.num_hidden_layers
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    attn = 4.0 * heads * hd * layers  # per query-key pair
+    cand = S * 2.0 * linear + attn * S * (P + (S + 1) / 2)
+    prompt = P * 2.0 * linear + attn * P * (P + 1) / 2
+    return cand + prompt / k
 
 
 def parse_pools(spec: str) -> list[tuple[int, int]]:
@@ -105,6 +123,8 @@ def main() -> None:
                   enable_prefix_caching=True, seed=args.seed)
         print(f"vLLM load: {time.perf_counter() - t0:.1f} s", flush=True)
 
+    peak = gemm_peak_flops(dtype, dev, k=rm.net.hidden_size)
+    print(f"measured GEMM rate ({dtype}, 4096 x {rm.net.hidden_size} x 1536): {peak / 1e9:.0f} GFLOP/s", flush=True)
     results = []
     warm = pool_rows(2, 4, seed=args.seed + 99)  # unrelated prompts: warm-up must not fill the prefix cache for free
     rm.score(warm)
@@ -115,10 +135,14 @@ def main() -> None:
         P = sum(len(t.prefix) for t in toks) / len(toks)
         S = sum(len(t.suffix) for t in toks) / len(toks)
         rho = (P + S) / (P / k + S)
-        rec = {"pool": f"{n_prompts}x{k}", "rows": len(rows), "prompt_tokens": P, "candidate_tokens": S, "rho": rho}
+        bound = peak / flops_per_row(rm.net.backbone, P, S, k)  # rows/s at the GEMM rate
+        rec = {"pool": f"{n_prompts}x{k}", "rows": len(rows), "prompt_tokens": P, "candidate_tokens": S, "rho": rho,
+               "gemm_flops_per_s": peak, "bound_rows_per_s": bound}
         t0 = time.perf_counter()
-        ours = rm.score(rows).double() - bias  # (N,) on the export's scale (bias dropped)
+        ours, rep = rm.score_with_report(rows)
+        ours = ours.double() - bias  # (N,) on the export's scale (bias dropped)
         rec["ours_s"] = time.perf_counter() - t0
+        rec["ours_tokens_encoded"] = rep.tokens_encoded  # incl. padding; the prompt once per batch
         if hf is not None:
             pad = hf.config.pad_token_id
             out = []
@@ -143,12 +167,13 @@ def main() -> None:
         for name in ("ours", "hf", "vllm"):
             if f"{name}_s" in rec:
                 rec[f"{name}_rows_per_s"] = len(rows) / rec[f"{name}_s"]
+                rec[f"{name}_of_bound"] = rec[f"{name}_rows_per_s"] / bound
         results.append(rec)
-        line = " | ".join(f"{n} {rec[f'{n}_rows_per_s']:.1f} rows/s" for n in ("ours", "vllm", "hf")
-                          if f"{n}_rows_per_s" in rec)
+        line = " | ".join(f"{n} {rec[f'{n}_rows_per_s']:.1f} rows/s ({rec[f'{n}_of_bound']:.0%} of bound)"
+                          for n in ("ours", "vllm", "hf") if f"{n}_rows_per_s" in rec)
         vs = "".join(f", ours/{n} {rec['ours_rows_per_s'] / rec[f'{n}_rows_per_s']:.2f}x" for n in ("vllm", "hf")
                      if f"{n}_rows_per_s" in rec)
-        print(f"| {rec['pool']} | P={P:.0f} S={S:.0f} rho={rho:.2f} | {line}{vs} | agreement(max|diff|/spread): "
+        print(f"| {rec['pool']} | P={P:.0f} S={S:.0f} rho={rho:.2f} | bound {bound:.1f} rows/s | {line}{vs} | agreement(max|diff|/spread): "
               f"hf {rec.get('hf_agree', float('nan')):.3f} vllm {rec.get('vllm_agree', float('nan')):.3f} |",
               flush=True)
     print("results:", write_results("bench_pool_vllm", {"args": vars(args), "results": results}))

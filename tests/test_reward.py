@@ -482,9 +482,13 @@ def test_attention_implementation_is_applied_and_exact(kind, tokenizer, seed):
     assert rep.attention == "sdpa"
     torch.testing.assert_close(s_sdpa, eager.score(reqs), atol=2e-5, rtol=1e-4)  # same math, another kernel
     assert kept.hf_config._attn_implementation  # left as the backbone was built
-    # scoring through the engine's kernel is transformers' own SDPA, bit for bit
+    # scoring through the engine's kernel is transformers' own SDPA, bit for bit, apart from decoders'
+    # shared-prefix kernel (other arithmetic: equal within float tolerance, test_shared_prefix_kernel_*)
     kept.net.backbone.set_attn_implementation("sdpa")
-    assert torch.equal(s_sdpa, kept.score(reqs))
+    s_kept = kept.score(reqs)
+    torch.testing.assert_close(s_sdpa, s_kept, atol=2e-5, rtol=1e-4)
+    sdpa.config.shared_prefix_kernel = False
+    assert torch.equal(sdpa.score(reqs), s_kept)
 
 
 def _qkv(rng: torch.Generator, shape, dtype, kv_heads=None):
@@ -784,6 +788,126 @@ def test_shared_prefix_batches_of_several_groups_equal_independent_rows(budget, 
         assert n_shared_calls <= 2 + (len(plan) - 7)
     else:
         assert n_shared_calls < 2 * len(plan)
+
+
+def _decoder_of(arch: str, vocab: int, seed: int):
+    """Tiny random decoders of the kinds the shared-prefix kernel takes: Llama with grouped KV heads (2 query
+    heads per KV head) or one KV head per query head, Qwen3 (q/k norms, explicit head_dim)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=512)
+    if arch == "qwen3":
+        return transformers.Qwen3Model(transformers.Qwen3Config(num_key_value_heads=2, head_dim=8, **common))
+    return transformers.LlamaModel(transformers.LlamaConfig(num_key_value_heads=2 if arch == "llama_gqa" else 4,
+                                                            **common))
+
+
+# group sizes of the rows in one encode_shared call, and whether rows of different groups are interleaved
+SHARED_LAYOUTS = {
+    "one_group": ([9], False),  # a pool: one prompt, many candidates (identity layout, no gather)
+    "equal_groups": ([2] * 5, False),  # unique pairs
+    "uneven_slots": ([4, 3, 4], False),  # padded slots (G * rmax <= 1.5 R)
+    "interleaved": ([3, 2, 3], True),  # slots, rows of the groups mixed
+    "uneven_gather": ([12, 2, 2], False),  # one big group: each row gathers its prefix instead
+}
+
+
+@pytest.mark.parametrize("layout", sorted(SHARED_LAYOUTS))
+@pytest.mark.parametrize("arch", ["llama_gqa", "llama_mha", "qwen3"])
+def test_shared_prefix_kernel_equals_the_per_row_cache(layout, arch, tokenizer, seed, monkeypatch):
+    """Scoring-time shared-prefix attention (each prefix's keys once, suffix block causal, log-sum-exp merge)
+    gives the states of the per-row expanded cache on prompts of different lengths (prefix padding) and
+    candidates of different lengths (suffix padding), in every row layout; it is what ran (a spy), in the
+    layout expected."""
+    rng = random.Random(seed)
+    sizes, mixed = SHARED_LAYOUTS[layout]
+    backbone = _decoder_of(arch, tokenizer.vocab_size, seed)
+    rm = RewardModel(backbone, {"a": "component a"}, tokenizer=tokenizer,
+                     config=RewardConfig(seed=seed, score_amp="none", amp="none"))
+    reqs = []
+    for i, n in enumerate(sizes):
+        inp = f"prompt {i}: " + words(rng, 1 + 7 * i, 12 + 9 * i)
+        outs = {words(rng, 1, 14) for _ in range(4 * n)}
+        reqs += [("a", inp, o) for o in sorted(outs)[:n]]
+    assert len(reqs) == sum(sizes)
+    rows = rm.prepare(reqs)
+    idx = np.arange(len(reqs))
+    if mixed:
+        idx = np.random.default_rng(seed).permutation(idx)
+    enc = rm.encoder
+    made, calls = [], []
+    real_sp, real_fwd = attention.SharedPrefix, attention._shared_forward
+
+    class Spy(real_sp):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    monkeypatch.setattr(attention, "SharedPrefix", Spy)
+    monkeypatch.setattr(attention, "_shared_forward", lambda *a, **k: calls.append(1) or real_fwd(*a, **k))
+    with torch.inference_mode():
+        h_kernel, n_kernel = enc.encode_shared(rows, idx, inference=True)  # (R, H)
+        assert len(made) == 1 and len(calls) == 2  # one per layer
+        assert made[0].grouped == (layout != "uneven_gather")
+        if made[0].grouped:  # plain views exactly when the rows already sit in equal groups, in order
+            assert (made[0].slot is None) == (layout in ("one_group", "equal_groups"))
+        rm.config.shared_prefix_kernel = False
+        h_ref, n_ref = enc.encode_shared(rows, idx, inference=True)
+    assert len(made) == 1 and len(calls) == 2  # the reference path does not touch the kernel
+    assert n_kernel == n_ref
+    torch.testing.assert_close(h_kernel, h_ref, atol=1e-5, rtol=1e-4)
+    # and through score(): the same scores as with the kernel off
+    s_ref = rm.score(reqs)
+    rm.config.shared_prefix_kernel = True
+    torch.testing.assert_close(rm.score(reqs), s_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prefix_kernel_in_bf16_scores_like_the_per_row_cache(tokenizer, seed, monkeypatch):
+    """bf16 scoring (the bf16 copy of the backbone): the kernel's scores agree with the per-row cache's to
+    bf16 rounding (they round attention differently), and the kernel ran."""
+    rng = random.Random(seed)
+    rm = make_model("decoder", tokenizer, seed, components=("a",), score_amp="bf16")
+    prompts = [f"prompt {i}: " + words(rng, 5, 30) for i in range(3)]
+    reqs = [("a", p, f"candidate {j} " + words(rng, 1, 12)) for p in prompts for j in range(6)]
+    calls = []
+    real = attention._shared_forward
+    monkeypatch.setattr(attention, "_shared_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with_kernel = rm.score(reqs)
+    assert calls
+    rm.config.shared_prefix_kernel = False
+    ref = rm.score(reqs)
+    spread = float(ref.max() - ref.min())
+    assert spread > 0
+    assert float((with_kernel - ref).abs().max()) <= 0.05 * spread
+
+
+def test_shared_prefix_kernel_only_scores(tokenizer, seed, monkeypatch):
+    """Training (autograd does not differentiate the flash kernel's log-sum-exp) and backbones on another
+    attention implementation keep the per-row cache; a bad SharedPrefix says which argument is wrong."""
+    rng = random.Random(seed)
+    calls = []
+    real = attention._shared_forward
+    monkeypatch.setattr(attention, "_shared_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rm = make_model("decoder", tokenizer, seed, components=("a",))
+    prompt = "one prompt " + words(rng, 3, 9)
+    reqs = [("a", prompt, o) for o in ("alpha", "beta gamma", "delta epsilon zeta", "eta theta")]
+    rows = rm.prepare(reqs)
+    h, _ = rm.encoder.encode_shared(rows, np.arange(4), inference=False)
+    h.sum().backward()
+    assert not calls
+    eager = make_model("decoder", tokenizer, seed, components=("a",), attn_implementation="eager")
+    assert not eager.encoder._shared_prefix_kernel()
+    eager.score(reqs)
+    assert not calls
+    rm.score(reqs)
+    assert calls  # the same rows do take the kernel when scoring with SDPA
+    k = torch.zeros(2, 1, 5, 4)
+    with pytest.raises(ValueError, match="prefix_lens"):
+        attention.SharedPrefix([(k, k)], np.array([0, 1]), np.array([5, 0]))
+    with pytest.raises(ValueError, match="config.shared_prefix_kernel"):
+        RewardConfig(shared_prefix_kernel=1).validate()
 
 
 def test_preparing_rows_pauses_the_garbage_collector_and_restores_it(tokenizer, seed):

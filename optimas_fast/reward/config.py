@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from optimas_fast._validate import check_int, is_int
+from optimas_fast._validate import check_bool, check_int, is_int
 from .template import TemplateConfig
 
 
@@ -25,6 +25,10 @@ class RewardConfig:
     architecture: str = "auto"  # "encoder" | "decoder" | "auto" (masked-LM model types are encoders)
     pooling: str = "auto"  # "auto" | "last" | "mean" | "cls"; auto = mean for encoders, last for decoders
     prefix_sharing: bool = True  # decoders: encode a shared prefix once (KV cache); ignored for encoders
+    # shared-prefix scoring on the CPU through attention.py's kernel: suffixes attend to each prefix's keys held
+    # once (log-sum-exp merge) instead of a per-row copy of the cache. Same scores (tests); False = the per-row
+    # cache. SmolLM2-135M, 1 prompt x 1024 candidates, bf16, 2-core EPYC: see RESULTS.md ("Shared-prefix kernel")
+    shared_prefix_kernel: bool = True
     # scheduler: most (padded) tokens per backbone call; None = by device: 16384 on CUDA, 4096 on CPU, where
     # a call's activations then stay in cache (MiniLM, 453-token rows, 2-core EPYC: 2048-4096 tokens gave
     # 33.0 / 31.5 rows/s in bf16 vs 30.9 at 16384, and 15.8 / 15.0 vs 13.5 in fp32; RESULTS.md)
@@ -74,6 +78,8 @@ class RewardConfig:
             raise ValueError(f"config.score_amp must be 'auto', 'bf16' or 'none', got {self.score_amp!r}")
         if self.score_weights not in ("cast", "autocast"):
             raise ValueError(f"config.score_weights must be 'cast' or 'autocast', got {self.score_weights!r}")
+        check_bool(self.prefix_sharing, "config.prefix_sharing")
+        check_bool(self.shared_prefix_kernel, "config.shared_prefix_kernel")
         n = self.token_cache_size
         check_int(n, "config.token_cache_size", min=1, allow_none=True)
         a = self.attn_implementation

@@ -266,6 +266,15 @@ def _spans(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return np.repeat(starts - begin, lens) + np.arange(total, dtype=np.int64)
 
 
+def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) per layer of a transformers DynamicCache, each (B, kv_heads, L, d): ``cache.layers``
+    (transformers >= 4.56) or the older key_cache / value_cache lists."""
+    layers = getattr(cache, "layers", None)
+    if layers is not None:
+        return [(layer.keys, layer.values) for layer in layers]
+    return list(zip(cache.key_cache, cache.value_cache))
+
+
 def _gather_padded(tokens: np.ndarray, starts: np.ndarray, lens: np.ndarray, T: int, pad: int,
                    out: np.ndarray | None = None, col0: np.ndarray | None = None) -> np.ndarray:
     """Writes ``tokens[starts[r] : starts[r] + lens[r]]`` into row r of ``out`` (R, T) from column col0[r]
@@ -658,6 +667,18 @@ class Encoder:
         """Whether the backbone's attention is a flash-attention kernel (flash_attention_2 / _3, hub kernels)."""
         return "flash" in (getattr(self.hf_config, "_attn_implementation", None) or "")
 
+    def _shared_prefix_kernel(self) -> bool:
+        """Whether shared-prefix scoring calls go through attention.py's shared-prefix kernel: this engine's
+        SDPA kernel on the CPU, a rotary decoder with full attention in every layer (llama / qwen2 / qwen3).
+        ``config.shared_prefix_kernel=False`` keeps the per-row expanded cache (the reference it is tested
+        against)."""
+        layer_types = getattr(self.hf_config, "layer_types", None) or ()
+        return (self.config.shared_prefix_kernel and attention.shared_prefix_available(self.device)
+                and getattr(self.hf_config, "_attn_implementation", None) == attention.NAME
+                and getattr(self.hf_config, "model_type", None) in PACKABLE_DECODERS
+                and not getattr(self.hf_config, "use_sliding_window", False)
+                and all(t == "full_attention" for t in layer_types))
+
     def shares_in_packs(self) -> bool:
         """Whether rows of a prefix group share one copy of the prefix inside a pack: decoders with prefix
         sharing and last-token pooling, not on a flash-attention kernel (it takes segments, not a tree mask;
@@ -769,13 +790,21 @@ class Encoder:
             out = self._run(backbone, input_ids=p_ids_t, attention_mask=p_mask, use_cache=True)
             # per layer keys/values (G, heads, Lp, d); the output field follows the argument's name
             cache = getattr(out, self._cache_kw)
+            # positions continue from each row's real prefix length (rotary positions ignore the padding)
+            pos = p_lens.index_select(0, gidx)[:, None] + torch.arange(s_ids.shape[1], device=self.device)  # (R, Ls)
+            if inference and self._shared_prefix_kernel() and int(lp.min()) >= 1:
+                # the kernel attends to each prefix once (attention.py); no cache expanded per row
+                sp = attention.SharedPrefix(_cache_layers(cache), inverse, lp)
+                with attention.shared_prefix(sp):
+                    hidden = self._run(backbone, input_ids=s_ids_t, position_ids=pos,
+                                       use_cache=False).last_hidden_state  # (R, Ls, H)
+                h = ops.last_token_hidden(hidden, s_lens, padding_side="right").float()  # (R, H)
+                return h, p_ids.size + s_ids.size
             # one cache row per suffix row: an index gather, differentiable, so training backpropagates
             # through each shared prefix exactly once per batch
             cache.batch_select_indices(gidx)
             # a shorter prefix's padding stays masked: (R, Lp + Ls), the suffix after the padded prefix block
             mask = torch.cat([p_mask.index_select(0, gidx), s_mask], dim=1)
-            # positions continue from each row's real prefix length (rotary positions ignore the padding)
-            pos = p_lens.index_select(0, gidx)[:, None] + torch.arange(s_ids.shape[1], device=self.device)  # (R, Ls)
             hidden = self._run(backbone, input_ids=s_ids_t, attention_mask=mask, position_ids=pos, use_cache=True,
                                **{self._cache_kw: cache}).last_hidden_state  # (R, Ls, H)
         h = ops.last_token_hidden(hidden, s_lens, padding_side="right").float()  # (R, H)
