@@ -120,25 +120,32 @@ def test_multihead_score_matches_reference(gen, backend, shape, dtype, tol):
         close(g, e, tol if name == "hidden" else 2e-4, f"grad {name}")
 
 
+@pytest.mark.parametrize("variant", ["weighted_margin_centered", "plain"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("backend", fast_backends())
 @pytest.mark.parametrize("B", [1, 7, 1000])
-def test_bt_loss_matches_reference(gen, backend, B, reduction):
+def test_bt_loss_matches_reference(gen, backend, B, reduction, variant):
+    """Loss and every gradient against float64, with weights, margins and centering, and without any of them
+    (the kernel and the backward each have a separate path for that case)."""
+    full = variant != "plain"
+    center = 0.1 if full else 0.0
     rc, rr = torch.randn(B, generator=gen) * 3, torch.randn(B, generator=gen) * 3
     w, mu = torch.rand(B, generator=gen) + 0.01, torch.randn(B, generator=gen)
     upstream = torch.randn(B, generator=gen) if reduction == "none" else torch.tensor(1.7)
-    ins = leaves(rc, rr, w, mu)
-    out = ops.bt_loss(*ins, center=0.1, reduction=reduction, backend=backend)
+    ins = leaves(rc, rr, w, mu) if full else leaves(rc, rr)
+    out = ops.bt_loss(*ins, center=center, reduction=reduction, backend=backend)
     got = grads((out * upstream).sum(), ins)
-    r_ins = f64(rc, rr, w, mu)
-    expected = ref.bt_loss(*r_ins, center=0.1, reduction=reduction)
+    r_ins = f64(rc, rr, w, mu) if full else f64(rc, rr)
+    expected = ref.bt_loss(*r_ins, center=center, reduction=reduction)
     want = grads((expected * upstream.double()).sum(), r_ins)
     close(out, expected, 1e-5, "loss")
     # Each gradient is a difference of terms (e.g. -w*sigmoid(-d) + 2*center*s) that may cancel: compare
     # at the scale of those terms.
-    denom = float(w.sum()) if reduction == "mean" else 1.0
-    hint = float((upstream.abs() * (w + 0.2 * (rc + rr).abs())).max()) / denom
-    hint = max(hint, float(expected.detach().abs().sum()) / float(w.sum()))  # weight: (nls_j - L) / sum(w)
+    ww = w if full else torch.ones(B)
+    denom = float(ww.sum()) if reduction == "mean" else 1.0
+    hint = float((upstream.abs() * (ww + 2 * center * (rc + rr).abs())).max()) / denom
+    hint = max(hint, float(expected.detach().abs().sum()) / float(ww.sum()))  # weight: (nls_j - L) / sum(w)
+    assert len(got) == len(ins)
     for name, g, e in zip(("r_chosen", "r_rejected", "weight", "margin"), got, want):
         close(g, e, 1e-5, f"grad {name}", hint)
 
@@ -245,6 +252,7 @@ def test_bt_loss_stable_for_huge_margins(gen, backend):
     ge = torch.autograd.grad(e, r64)
     close(out, e, 1e-5)
     close(gc, ge[0], 1e-5)
+    close(gr, ge[1], 1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", *fast_backends()])

@@ -22,14 +22,20 @@ def _p(t: torch.Tensor | None) -> int:
 
 
 def _f32(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().to(torch.float32).contiguous()
+    """A contiguous float32 view of ``t`` for its data pointer (``t`` itself when it already is one: the three
+    calls of the general path cost ~1.7 us a tensor, a fifth of a small bt_loss)."""
+    if t is None:
+        return None
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t
+    return t.detach().to(torch.float32).contiguous()
 
 
 def bt_loss_rows(rc, rr, w, mu, center):
     """-> loss (B,), gd (B,), nls (B,) in float32 (see csrc/cpu_ops.h)."""
     rc, rr, w, mu = _f32(rc), _f32(rr), _f32(w), _f32(mu)
     B = rc.shape[0]
-    loss, gd, nls = (torch.empty(B, dtype=torch.float32) for _ in range(3))
+    loss, gd, nls = torch.empty(3, B, dtype=torch.float32).unbind(0)  # one allocation, three contiguous rows
     native().bt_loss_rows(B, _p(rc), _p(rr), _p(w), _p(mu), center, _p(loss), _p(gd), _p(nls))
     return loss, gd, nls
 

@@ -68,7 +68,7 @@ class BTLossFunction(torch.autograd.Function):
         impl = _impl(opts.impl)
         rows, gd, nls = impl.bt_loss_rows(rc, rr, w, mu, opts.center)  # (B,) each, f32
         S, scale = _mean_denominator(w, rc.shape[0], opts.reduction)
-        out = rows if opts.reduction == "none" else rows.sum() * scale
+        out = rows if opts.reduction == "none" else rows.sum().mul_(scale)
         s = (rc.detach().float() + rr.detach().float()) if opts.center else None  # (B,), only for centering
         ctx.save_for_backward(gd, nls, s, out if w is not None and opts.reduction == "mean" else None)
         ctx.opts, ctx.scale, ctx.dtypes = opts, scale, (rc.dtype, rr.dtype)
@@ -78,10 +78,15 @@ class BTLossFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g):
         gd, nls, s, L = ctx.saved_tensors
-        f = g.float() * ctx.scale  # scalar, or (B,) for reduction="none"
-        cs = 2.0 * ctx.opts.center * s if s is not None else 0.0
-        ga = (f * (gd + cs)).to(ctx.dtypes[0])
-        gb = (f * (cs - gd)).to(ctx.dtypes[1])
+        # scalar upstream grad on the CPU (the usual loss.backward()): a Python float, so each gradient is one
+        # op (small-B calls are op-count bound: ~4 us an op); (B,) for reduction="none", or on CUDA: a tensor
+        f = float(g) * ctx.scale if g.device.type == "cpu" and g.dim() == 0 else g.float() * ctx.scale
+        if s is not None:
+            cs = 2.0 * ctx.opts.center * s  # (B,)
+            ga, gb = f * (gd + cs), f * (cs - gd)
+        else:
+            ga, gb = gd * f, gd * (-f)
+        ga, gb = ga.to(ctx.dtypes[0]), gb.to(ctx.dtypes[1])
         # d/dw_j of sum_i l_i / sum_i w_i = nls_j / S - L / S  (weighted mean); nls_j for sum/none
         gw = (f * (nls - L) if L is not None else f * nls) if ctx.needs_input_grad[3] else None
         gmu = -f * gd if ctx.needs_input_grad[4] else None
