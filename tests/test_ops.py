@@ -256,6 +256,26 @@ def test_bt_loss_stable_for_huge_margins(gen, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", *fast_backends()])
+def test_pair_weights_are_checked(gen, backend):
+    """A negative weight, or all-zero weights under a mean, is an error naming `weight`; zero weights under a
+    sum are fine; a NaN weight gives a NaN loss (like any NaN input), even next to zeros."""
+    rc, rr = torch.randn(5, generator=gen), torch.randn(5, generator=gen)
+    hc, hr, ids, W, b, _, _ = rand_inputs(gen, 5, 8, 2, torch.float32, False)
+    losses = (lambda w, red: ops.bt_loss(rc, rr, w, reduction=red, backend=backend),
+              lambda w, red: ops.fused_head_bt_loss(hc, hr, ids, W, b, w, reduction=red, backend=backend))
+    for loss in losses:
+        with pytest.raises(ValueError, match="weight: pair weights must be >= 0"):
+            loss(torch.tensor([1.0, 0.5, -0.1, 2.0, 1.0]), "mean")
+        with pytest.raises(ValueError, match="weight: weights sum to 0"):
+            loss(torch.zeros(5), "mean")
+        assert float(loss(torch.zeros(5), "sum")) == 0.0
+        assert torch.isnan(loss(torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0]), "mean"))
+        assert torch.isnan(loss(torch.tensor([0.0, float("nan"), 0.0, 0.0, 0.0]), "mean"))
+        torch.testing.assert_close(loss(torch.tensor([0.0, 0.0, 3.0, 0.0, 0.0]), "mean"),
+                                   loss(torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0]), "sum"))
+
+
+@pytest.mark.parametrize("backend", ["torch", *fast_backends()])
 def test_nan_propagates(gen, backend):
     """Documented behaviour: a NaN input gives a NaN loss/score, never an exception or a silent number."""
     hc, hr, ids, W, b, _, _ = rand_inputs(gen, 6, 10, 2, torch.float32, False)
