@@ -389,6 +389,41 @@ def test_checkpoint_errors(tokenizer, seed, tmp_path):
         rm.load_state(tmp_path / "ck")
 
 
+def test_checkpoint_refuses_another_text_layout(tokenizer, seed, tmp_path, caplog):
+    """Heads score text laid out by the template they were trained with: loading into a model with another
+    prefix format or EOS setting is an error naming the field; other truncation settings are a warning; a
+    checkpoint from before append_eos existed was trained without it; RewardModel.load takes the saved one."""
+    rng = random.Random(seed)
+    reqs = random_requests(rng, n_inputs=2, n_cands=3, comps=("a",))
+    rm = make_model("decoder", tokenizer, seed, components=("a",))
+    rm.save(tmp_path / "ck")
+    other = make_model("decoder", tokenizer, seed, components=("a",),
+                       template=TemplateConfig(prefix_format="Q: {inputs}\nA:"))
+    with pytest.raises(ValueError, match="prefix_format"):
+        other.load_state(tmp_path / "ck")
+    eos = make_model("decoder", tokenizer, seed, components=("a",), template=TemplateConfig(append_eos=True))
+    with pytest.raises(ValueError, match="append_eos"):
+        eos.load_state(tmp_path / "ck")
+    shorter = make_model("decoder", tokenizer, seed + 1, components=("a",), template=TemplateConfig(max_length=256))
+    with caplog.at_level("WARNING", logger="optimas_fast.reward.checkpoint"):
+        shorter.load_state(tmp_path / "ck")
+    assert "max_length" in caplog.text
+    torch.testing.assert_close(shorter.score(reqs), rm.score(reqs))  # short rows: the same scores
+    # a checkpoint written before append_eos existed
+    mpath = tmp_path / "ck" / "manifest.json"
+    manifest = json.loads(mpath.read_text())
+    del manifest["reward_config"]["template"]["append_eos"]
+    mpath.write_text(json.dumps(manifest))
+    fresh = make_model("decoder", tokenizer, seed + 2, components=("a",))
+    fresh.load_state(tmp_path / "ck")
+    torch.testing.assert_close(fresh.score(reqs), rm.score(reqs))
+    with pytest.raises(ValueError, match="append_eos"):
+        eos.load_state(tmp_path / "ck")
+    # RewardModel.load rebuilds with the saved template
+    other.save(tmp_path / "other")
+    torch.testing.assert_close(RewardModel.load(tmp_path / "other").score(reqs), other.score(reqs))
+
+
 # ------------------------------------------------------------------------------------------------ options
 # bf16 *training* is tested in tests/test_reward_train.py (test_bf16_training_on_cpu_learns_like_fp32); the test
 # that stood here under the name "bf16 autocast runs on CPU" only ever scored, in fp32.

@@ -141,6 +141,7 @@ def load_checkpoint(path: str | os.PathLike, encoder: Encoder) -> dict | None:
     if saved_cfg.get("pooling") != cfg.pooling or saved_cfg.get("architecture") != cfg.architecture:
         raise ValueError(f"checkpoint {path!r} used pooling={saved_cfg.get('pooling')!r}, architecture="
                          f"{saved_cfg.get('architecture')!r}; this model has {cfg.pooling!r}, {cfg.architecture!r}")
+    _check_template(path, saved_cfg.get("template") or {}, cfg.template)
     weights = st_load(_read_checked(path, "model.safetensors", manifest))
     tensors = st_load(_read_checked(path, "trainer.safetensors", manifest))
     encoder.load_state_dict({"tensors": weights, "components": manifest["components"],
@@ -149,6 +150,26 @@ def load_checkpoint(path: str | os.PathLike, encoder: Encoder) -> dict | None:
     if manifest["trainer"] is None:
         return None
     return {"meta": manifest["trainer"], "tensors": {k: v for k, v in tensors.items() if k != "model.head_rng"}}
+
+
+def _check_template(path: str, saved: dict, have) -> None:
+    """The heads score text laid out by the template they were trained with: a different layout (prefix
+    format, EOS after the outputs) is a ValueError naming the field; a different max_length or truncation
+    side changes only over-long rows, so it is a warning. Fields a checkpoint predates are skipped (an old
+    checkpoint without append_eos was trained without it)."""
+    defaults = {"append_eos": False}  # absent from checkpoints written before the field existed
+    layout = {k: (saved.get(k, defaults.get(k)), getattr(have, k)) for k in ("prefix_format", "append_eos")
+              if k in saved or k in defaults}
+    wrong = {k: v for k, v in layout.items() if v[0] != v[1]}
+    if wrong:
+        raise ValueError(f"checkpoint {path!r} was trained with another text layout; mismatched template fields "
+                         f"(checkpoint, this model): {wrong}. Build the model with the checkpoint's template "
+                         "(RewardModel.load(path) does), or its scores would be for text it never saw")
+    length = {k: (saved[k], getattr(have, k)) for k in ("max_length", "truncation_side")
+              if k in saved and saved[k] != getattr(have, k)}
+    if length:
+        logger.warning("checkpoint %s was trained with other truncation settings (checkpoint, this model): %s; "
+                       "rows longer than either limit score differently", path, length)
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
