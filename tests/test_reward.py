@@ -899,6 +899,24 @@ def test_shared_prefix_kernel_equals_the_per_row_cache(layout, arch, tokenizer, 
     s_ref = rm.score(reqs)
     rm.config.shared_prefix_kernel = True
     torch.testing.assert_close(rm.score(reqs), s_ref, atol=1e-5, rtol=1e-4)
+    # training: the same states and every backbone gradient (through the prefix's keys/values too)
+    weights = torch.randn(len(idx), rm.net.hidden_size, generator=torch.Generator().manual_seed(seed))
+
+    def states_and_grads(kernel: bool):
+        rm.config.shared_prefix_kernel = kernel
+        rm.net.zero_grad(set_to_none=True)
+        h, _ = enc.encode_shared(rows, idx, inference=False)  # (R, H)
+        (h * weights).sum().backward()
+        return h.detach(), {n: p.grad.clone() for n, p in rm.net.backbone.named_parameters() if p.grad is not None}
+
+    n_calls = len(calls)
+    h_k, g_k = states_and_grads(True)
+    assert len(calls) == n_calls + 2
+    h_r, g_r = states_and_grads(False)
+    torch.testing.assert_close(h_k, h_r, atol=1e-5, rtol=1e-4)
+    assert g_k.keys() == g_r.keys() and len(g_k) > 0
+    for n in g_k:
+        torch.testing.assert_close(g_k[n], g_r[n], atol=2e-5, rtol=1e-4, msg=n)
 
 
 def test_shared_prefix_kernel_in_bf16_scores_like_the_per_row_cache(tokenizer, seed, monkeypatch):
@@ -920,9 +938,9 @@ def test_shared_prefix_kernel_in_bf16_scores_like_the_per_row_cache(tokenizer, s
     assert float((with_kernel - ref).abs().max()) <= 0.05 * spread
 
 
-def test_shared_prefix_kernel_only_scores(tokenizer, seed, monkeypatch):
-    """Training (autograd does not differentiate the flash kernel's log-sum-exp) and backbones on another
-    attention implementation keep the per-row cache; a bad SharedPrefix says which argument is wrong."""
+def test_shared_prefix_kernel_not_on_other_attention(tokenizer, seed, monkeypatch):
+    """Backbones on another attention implementation keep the per-row cache (the kernel is this engine's
+    SDPA's); a bad SharedPrefix says which argument is wrong."""
     rng = random.Random(seed)
     calls = []
     real = attention._shared_forward
@@ -930,10 +948,6 @@ def test_shared_prefix_kernel_only_scores(tokenizer, seed, monkeypatch):
     rm = make_model("decoder", tokenizer, seed, components=("a",))
     prompt = "one prompt " + words(rng, 3, 9)
     reqs = [("a", prompt, o) for o in ("alpha", "beta gamma", "delta epsilon zeta", "eta theta")]
-    rows = rm.prepare(reqs)
-    h, _ = rm.encoder.encode_shared(rows, np.arange(4), inference=False)
-    h.sum().backward()
-    assert not calls
     eager = make_model("decoder", tokenizer, seed, components=("a",), attn_implementation="eager")
     assert not eager.encoder._shared_prefix_kernel()
     eager.score(reqs)

@@ -14,16 +14,18 @@ The kernel is registered with transformers under ``NAME`` (its mask function is 
 dispatches to it through ``config._attn_implementation``; transformers does not write that field into a saved
 ``config.json``, so exported checkpoints still load anywhere with the loader's own default.
 
-Shared-prefix scoring (``shared_prefix``): when a decoder scores many suffixes against a few prefixes, the
+Shared-prefix attention (``shared_prefix``): when a decoder scores or trains on many suffixes against a few prefixes, the
 suffix call passes no KV cache. The kernel instead attends each suffix's queries to its own causal block and,
 separately, to its prefix's keys/values held once per prefix, and merges the two softmaxes exactly by their
-log-sum-exps. Why: expanding the prefix cache to every row (an index copy per layer), appending the suffix
-keys (a cat per layer) and repeating grouped KV heads (a copy per layer) cost as much as the attention itself
-on the CPU; here all rows of a prefix group attend to it as one long query block (rows x query heads per KV
-head x suffix tokens), a large GEMM-shaped problem for the flash kernel, with no copy of the prefix at all.
+log-sum-exps; in training the backward runs the flash kernel's backward on each part with the merged output
+and log-sum-exp (exact). Why: expanding the prefix cache to every row (an index copy per layer), appending
+the suffix keys (a cat per layer) and repeating grouped KV heads (a copy per layer) cost as much as the
+attention itself on the CPU; here all rows of a prefix group attend to it as one long query block (rows x
+query heads per KV head x suffix tokens), a large GEMM-shaped problem for the flash kernel, with no copy of
+the prefix at all.
 Measured with SmolLM2-135M, 1 prompt (396 tokens) x 1024 candidates (44 tokens), bf16, 2-core EPYC: 20.6 vs
-12.7 rows/s for the expanded path (benchmarks/RESULTS.md, "Shared-prefix kernel"). Inference on the CPU only (it reads the flash kernel's log-sum-exp, which autograd does
-not differentiate); training and CUDA keep the expanded cache.
+12.7 rows/s for the expanded path (benchmarks/RESULTS.md, "Shared-prefix kernel"). CPU only (torch's CPU
+flash kernel); CUDA keeps the expanded cache.
 """
 from __future__ import annotations
 
@@ -112,42 +114,104 @@ def shared_prefix(sp: SharedPrefix):
         _SHARED.reset(token)
 
 
+def _to_groups(sp: SharedPrefix, x: torch.Tensor, G: int, kvh: int, fill: float = 0.0) -> torch.Tensor:
+    """(R, h, Ls, ...) per-row tensor -> (G, kvh, r * g * Ls, ...) with each prefix group's rows as one block
+    per KV head (r = slots per group; empty slots hold ``fill``)."""
+    R, h, Ls, *tail = x.shape
+    if sp.slot is not None:
+        x = x.new_full((sp.n_slots, h, Ls, *tail), fill).index_copy_(0, sp.slot, x)
+    r, g = sp.n_slots // G, h // kvh
+    x = x.reshape(G, r, kvh, g, Ls, *tail).permute(0, 2, 1, 3, 4, *range(5, 5 + len(tail)))
+    return x.reshape(G, kvh, r * g * Ls, *tail)
+
+
+def _from_groups(sp: SharedPrefix, x: torch.Tensor, h: int, Ls: int) -> torch.Tensor:
+    """Inverse of ``_to_groups``: (G, kvh, r * g * Ls, ...) -> (R, h, Ls, ...)."""
+    G, kvh, _, *tail = x.shape
+    r, g = sp.n_slots // G, h // kvh
+    x = x.reshape(G, kvh, r, g, Ls, *tail).permute(0, 2, 1, 3, 4, *range(5, 5 + len(tail)))
+    x = x.reshape(G * r, h, Ls, *tail)
+    return x if sp.slot is None else x.index_select(0, sp.slot)
+
+
+class _SharedPrefixAttention(torch.autograd.Function):
+    """apply(sp, scale, query (R, h, Ls, d), key (R, kvh, Ls, d), value, prefix keys (G, kvh, Lp, d),
+    prefix values) -> (R, h, Ls, d): softmax attention of each suffix query over [its prefix ; its own causal
+    block]. Forward: the two parts by torch's CPU flash kernel, merged by log-sum-exp. Backward: the same
+    kernel's backward on each part with the MERGED output and log-sum-exp (each key block's probabilities are
+    exp(s - lse) of the whole softmax, as flash attention's own backward works block by block), so the
+    gradients are exact; a prefix's key/value gradient sums over all its rows inside the one call."""
+
+    @staticmethod
+    def forward(ctx, sp, scale, query, key, value, kp, vp):
+        flash = _cpu_flash()
+        R, h, Ls, d = query.shape
+        G, kvh = kp.shape[0], kp.shape[1]
+        g = h // kvh  # query heads per KV head (GQA); head i reads KV head i // g, as transformers' repeat_kv
+        # own block: causal over the row's suffix (right padding sits after the real tokens, and only real
+        # tokens' states are read, so no padding mask is needed); KV heads repeated: a small (R, h, Ls, d) copy
+        ks = key.repeat_interleave(g, dim=1) if g > 1 else key
+        vs = value.repeat_interleave(g, dim=1) if g > 1 else value
+        o_s, l_s = flash(query, ks, vs, 0.0, True, scale=scale)[:2]  # (R, h, Ls, d), (R, h, Ls) fp32
+        mask = sp.prefix_mask(query.dtype)
+        if sp.group is None:  # slots: each prefix once, its rows' queries as one block per KV head
+            o_p, l_p = flash(_to_groups(sp, query, G, kvh), kp, vp, 0.0, False, attn_mask=mask, scale=scale)[:2]
+            o_p, l_p = _from_groups(sp, o_p, h, Ls), _from_groups(sp, l_p, h, Ls)  # (R, h, Ls, d), (R, h, Ls)
+        else:  # uneven groups: each row against its own prefix's keys (gathered)
+            kr, vr = kp.index_select(0, sp.group), vp.index_select(0, sp.group)  # (R, kvh, Lp, d)
+            o_p, l_p = flash(query.reshape(R, kvh, g * Ls, d), kr, vr, 0.0, False, attn_mask=mask,
+                             scale=scale)[:2]
+            o_p, l_p = o_p.reshape(R, h, Ls, d), l_p.reshape(R, h, Ls)
+        # exact merge of the two softmaxes: weights exp(lse_part - lse_all), in fp32
+        lse = torch.logaddexp(l_p, l_s)  # (R, h, Ls)
+        out = (o_p.float() * (l_p - lse).exp_()[..., None] + o_s.float() * (l_s - lse).exp_()[..., None]
+               ).to(query.dtype)  # (R, h, Ls, d)
+        if any(ctx.needs_input_grad):
+            ctx.save_for_backward(query, ks, vs, kp, vp, out, lse)
+            ctx.sp, ctx.scale, ctx.g = sp, scale, g
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        query, ks, vs, kp, vp, out, lse = ctx.saved_tensors
+        sp, scale, g = ctx.sp, ctx.scale, ctx.g
+        R, h, Ls, d = query.shape
+        G, kvh = kp.shape[0], kp.shape[1]
+        dout = dout.contiguous()
+        dq, dks, dvs = bwd(dout, query, ks, vs, out, lse, 0.0, True, scale=scale)  # own block
+        dkey = dks.reshape(R, kvh, g, Ls, d).sum(2) if g > 1 else dks  # (R, kvh, Ls, d): repeated heads summed
+        dvalue = dvs.reshape(R, kvh, g, Ls, d).sum(2) if g > 1 else dvs
+        mask = sp.prefix_mask(query.dtype)
+        if sp.group is None:
+            dq_g, dkp, dvp = bwd(_to_groups(sp, dout, G, kvh), _to_groups(sp, query, G, kvh), kp, vp,
+                                 _to_groups(sp, out, G, kvh), _to_groups(sp, lse, G, kvh).contiguous(), 0.0, False,
+                                 attn_mask=mask, scale=scale)
+            dq = dq + _from_groups(sp, dq_g, h, Ls)
+        else:
+            kr, vr = kp.index_select(0, sp.group), vp.index_select(0, sp.group)  # (R, kvh, Lp, d)
+            dq_r, dkr, dvr = bwd(dout.reshape(R, kvh, g * Ls, d), query.reshape(R, kvh, g * Ls, d), kr, vr,
+                                 out.reshape(R, kvh, g * Ls, d), lse.reshape(R, kvh, g * Ls), 0.0, False,
+                                 attn_mask=mask, scale=scale)
+            dq = dq + dq_r.reshape(R, h, Ls, d)
+            dkp = torch.zeros_like(kp).index_add_(0, sp.group, dkr)  # (G, kvh, Lp, d): rows summed per prefix
+            dvp = torch.zeros_like(vp).index_add_(0, sp.group, dvr)
+        return None, None, dq, dkey, dvalue, dkp, dvp
+
+
 def _shared_forward(sp: SharedPrefix, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     scaling: float | None) -> torch.Tensor:
     """Attention of suffix queries over [its prefix ; its own causal block]: (R, Ls, heads, d)."""
-    flash = _cpu_flash()
-    if torch.is_autocast_enabled("cpu"):  # as autocast runs SDPA: every input in the autocast dtype (rotary
-        dt = torch.get_autocast_dtype("cpu")  # embeddings leave q, k in fp32 beside a bf16 v)
-        query, key, value = query.to(dt), key.to(dt), value.to(dt)
-    R, h, Ls, d = query.shape
-    kvh = key.shape[1]
-    g = h // kvh  # query heads per KV head (GQA); head i reads KV head i // g, as transformers' repeat_kv
-    scale = scaling if scaling is not None else d ** -0.5
+    # as autocast runs SDPA: inputs and output in the autocast dtype (rotary embeddings leave q, k in fp32
+    # beside a bf16 v); bf16 CPU training computes in fp32, as _forward does (see the module doc)
+    out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    dt = torch.float32 if out_dtype == torch.bfloat16 and torch.is_grad_enabled() else out_dtype
     kp, vp = sp.layers[module.layer_idx]  # (G, kvh, Lp, d)
-    kp, vp = kp.to(query.dtype), vp.to(query.dtype)
-    # own block: causal over the row's suffix (right padding sits after the real tokens, and only real tokens'
-    # states are read, so no padding mask is needed); grouped KV repeated: a small (R, h, Ls, d) copy
-    ks = key.repeat_interleave(g, dim=1) if g > 1 else key
-    vs = value.repeat_interleave(g, dim=1) if g > 1 else value
-    o_s, l_s = flash(query, ks, vs, 0.0, True, scale=scale)[:2]  # (R, h, Ls, d), (R, h, Ls) fp32
-    mask = sp.prefix_mask(query.dtype)
-    if sp.group is None:  # slots: each prefix once, its rows' queries as one block per KV head
-        q = query if sp.slot is None else query.new_zeros(sp.n_slots, h, Ls, d).index_copy_(0, sp.slot, query)
-        G, r = kp.shape[0], sp.n_slots // kp.shape[0]
-        qg = q.reshape(G, r, kvh, g, Ls, d).permute(0, 2, 1, 3, 4, 5).reshape(G, kvh, r * g * Ls, d)
-        o_p, l_p = flash(qg, kp, vp, 0.0, False, attn_mask=mask, scale=scale)[:2]  # (G, kvh, r g Ls, ...)
-        o_p = o_p.reshape(G, kvh, r, g, Ls, d).permute(0, 2, 1, 3, 4, 5).reshape(G * r, h, Ls, d)
-        l_p = l_p.reshape(G, kvh, r, g, Ls).permute(0, 2, 1, 3, 4).reshape(G * r, h, Ls)
-        if sp.slot is not None:
-            o_p, l_p = o_p.index_select(0, sp.slot), l_p.index_select(0, sp.slot)  # (R, h, Ls, d), (R, h, Ls)
-    else:  # uneven groups: each row against its own prefix's keys (gathered)
-        kr, vr = kp.index_select(0, sp.group), vp.index_select(0, sp.group)  # (R, kvh, Lp, d)
-        o_p, l_p = flash(query.reshape(R, kvh, g * Ls, d), kr, vr, 0.0, False, attn_mask=mask, scale=scale)[:2]
-        o_p, l_p = o_p.reshape(R, h, Ls, d), l_p.reshape(R, h, Ls)
-    # exact merge of the two softmaxes: weights exp(lse_part - lse_all), in fp32
-    lse = torch.logaddexp(l_p, l_s)  # (R, h, Ls)
-    out = o_p.float() * (l_p - lse).exp_()[..., None] + o_s.float() * (l_s - lse).exp_()[..., None]
-    return out.to(query.dtype).transpose(1, 2).contiguous()  # (R, Ls, h, d)
+    with torch.autocast("cpu", enabled=False):
+        out = _SharedPrefixAttention.apply(sp, scaling if scaling is not None else query.shape[-1] ** -0.5,
+                                           query.to(dt), key.to(dt), value.to(dt), kp.to(dt), vp.to(dt))
+    return out.to(out_dtype).transpose(1, 2).contiguous()  # (R, Ls, h, d)
 
 
 def _forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

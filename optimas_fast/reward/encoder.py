@@ -668,8 +668,9 @@ class Encoder:
         return "flash" in (getattr(self.hf_config, "_attn_implementation", None) or "")
 
     def _shared_prefix_kernel(self) -> bool:
-        """Whether shared-prefix scoring calls go through attention.py's shared-prefix kernel: this engine's
-        SDPA kernel on the CPU, a rotary decoder with full attention in every layer (llama / qwen2 / qwen3).
+        """Whether shared-prefix calls (scoring and training) go through attention.py's shared-prefix kernel:
+        this engine's SDPA kernel on the CPU, a rotary decoder with full attention in every layer (llama /
+        qwen2 / qwen3).
         ``config.shared_prefix_kernel=False`` keeps the per-row expanded cache (the reference it is tested
         against)."""
         layer_types = getattr(self.hf_config, "layer_types", None) or ()
@@ -792,7 +793,7 @@ class Encoder:
             cache = getattr(out, self._cache_kw)
             # positions continue from each row's real prefix length (rotary positions ignore the padding)
             pos = p_lens.index_select(0, gidx)[:, None] + torch.arange(s_ids.shape[1], device=self.device)  # (R, Ls)
-            if inference and self._shared_prefix_kernel() and int(lp.min()) >= 1:
+            if self._shared_prefix_kernel() and int(lp.min()) >= 1:
                 # the kernel attends to each prefix once (attention.py); no cache expanded per row
                 sp = attention.SharedPrefix(_cache_layers(cache), inverse, lp)
                 with attention.shared_prefix(sp):
