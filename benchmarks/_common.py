@@ -33,7 +33,7 @@ def timeit(fn, *, warmup: int = 2, reps: int = 10, min_time: float = 0.0) -> flo
 def gemm_peak_flops(dtype, device="cpu", m: int = 4096, k: int = 576, n: int = 1536, seconds: float = 1.0) -> float:
     """Peak FLOP/s of one (m, k) x (k, n) matmul in ``dtype`` on ``device``: the fastest of the calls made
     over ``seconds`` after as long a warm-up (the first calls build kernels and ramp the clock: a median of
-    ten measured 0.65x the peak here). The GEMM bound a backbone's linear layers can reach on these shapes,
+    ten read 0.52-0.87x the peak here). The GEMM bound a backbone's linear layers can reach on these shapes,
     for "fraction of the bound" next to a throughput. Default: a SmolLM2-135M MLP projection, 4096 tokens."""
     import torch
 

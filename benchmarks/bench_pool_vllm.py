@@ -19,7 +19,8 @@ Reports rows/s, seconds, the prefix-sharing token reduction rho = (P + S) / (P /
 allows (P prompt tokens, S candidate tokens, K candidates per prompt), the agreement of the scores (max
 |diff| over the score spread), and the physical bound: the rows/s the backbone's FLOPs per row allow at the
 measured GEMM rate of this device and dtype (linear layers over the S candidate tokens and the amortised P / K
-prompt tokens, attention counted at the same rate; no padding), with each engine's fraction of it. vLLM must be built under ``if __name__ == "__main__"`` (it spawns its engine).
+prompt tokens, attention counted at the same rate; no padding), with each engine's fraction of it. vLLM
+must be built under ``if __name__ == "__main__"`` (it spawns its engine).
 """
 from __future__ import annotations
 

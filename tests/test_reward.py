@@ -35,12 +35,12 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(str(gt.get_model_path()), local_files_only=True)
 
 
-def tiny_decoder(vocab: int, seed: int, hidden: int = 32):
+def tiny_decoder(vocab: int, seed: int, hidden: int = 32, kv_heads: int = 2):
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512)
     return LlamaModel(cfg)
 
 
@@ -830,15 +830,14 @@ def test_shared_prefix_batches_of_several_groups_equal_independent_rows(budget, 
 def _decoder_of(arch: str, vocab: int, seed: int):
     """Tiny random decoders of the kinds the shared-prefix kernel takes: Llama with grouped KV heads (2 query
     heads per KV head) or one KV head per query head, Qwen3 (q/k norms, explicit head_dim)."""
-    import transformers
+    if arch != "qwen3":
+        return tiny_decoder(vocab, seed, kv_heads=2 if arch == "llama_gqa" else 4)
+    from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=512)
-    if arch == "qwen3":
-        return transformers.Qwen3Model(transformers.Qwen3Config(num_key_value_heads=2, head_dim=8, **common))
-    return transformers.LlamaModel(transformers.LlamaConfig(num_key_value_heads=2 if arch == "llama_gqa" else 4,
-                                                            **common))
+    return Qwen3Model(Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  max_position_embeddings=512))
 
 
 # group sizes of the rows in one encode_shared call, and whether rows of different groups are interleaved

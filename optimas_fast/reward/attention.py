@@ -14,18 +14,17 @@ The kernel is registered with transformers under ``NAME`` (its mask function is 
 dispatches to it through ``config._attn_implementation``; transformers does not write that field into a saved
 ``config.json``, so exported checkpoints still load anywhere with the loader's own default.
 
-Shared-prefix attention (``shared_prefix``): when a decoder scores or trains on many suffixes against a few prefixes, the
-suffix call passes no KV cache. The kernel instead attends each suffix's queries to its own causal block and,
-separately, to its prefix's keys/values held once per prefix, and merges the two softmaxes exactly by their
-log-sum-exps; in training the backward runs the flash kernel's backward on each part with the merged output
-and log-sum-exp (exact). Why: expanding the prefix cache to every row (an index copy per layer), appending
-the suffix keys (a cat per layer) and repeating grouped KV heads (a copy per layer) cost as much as the
-attention itself on the CPU; here all rows of a prefix group attend to it as one long query block (rows x
-query heads per KV head x suffix tokens), a large GEMM-shaped problem for the flash kernel, with no copy of
-the prefix at all.
-Measured with SmolLM2-135M, 1 prompt (396 tokens) x 1024 candidates (44 tokens), bf16, 2-core EPYC: 20.6 vs
-12.7 rows/s for the expanded path (benchmarks/RESULTS.md, "Shared-prefix kernel"). CPU only (torch's CPU
-flash kernel); CUDA keeps the expanded cache.
+Shared-prefix attention (``shared_prefix``): when a decoder scores or trains on many suffixes against a few
+prefixes, the suffix call passes no KV cache. The kernel instead attends each suffix's queries to its own causal
+block and, separately, to its prefix's keys/values held once per prefix, and merges the two softmaxes exactly by
+their log-sum-exps; in training the backward runs the flash kernel's backward on each part with the merged output
+and log-sum-exp (exact). Why: expanding the prefix cache to every row (an index copy per layer), appending the
+suffix keys (a cat per layer) and repeating grouped KV heads (a copy per layer) cost as much as the attention
+itself on the CPU; here all rows of a prefix group attend to it as one long query block (rows x query heads per KV
+head x suffix tokens), a large GEMM-shaped problem for the flash kernel, with no copy of the prefix at all.
+Measured with SmolLM2-135M, 1 prompt (396 tokens) x 1024 candidates (44 tokens), bf16, 2-core EPYC: 20.6 vs 12.7
+rows/s for the expanded path (benchmarks/RESULTS.md, "Shared-prefix kernel"). CPU only (torch's CPU flash kernel);
+CUDA keeps the expanded cache.
 """
 from __future__ import annotations
 
@@ -114,12 +113,12 @@ def shared_prefix(sp: SharedPrefix):
         _SHARED.reset(token)
 
 
-def _to_groups(sp: SharedPrefix, x: torch.Tensor, G: int, kvh: int, fill: float = 0.0) -> torch.Tensor:
+def _to_groups(sp: SharedPrefix, x: torch.Tensor, G: int, kvh: int) -> torch.Tensor:
     """(R, h, Ls, ...) per-row tensor -> (G, kvh, r * g * Ls, ...) with each prefix group's rows as one block
-    per KV head (r = slots per group; empty slots hold ``fill``)."""
+    per KV head (r = slots per group; empty slots hold zeros: finite, and they add nothing to a gradient)."""
     R, h, Ls, *tail = x.shape
     if sp.slot is not None:
-        x = x.new_full((sp.n_slots, h, Ls, *tail), fill).index_copy_(0, sp.slot, x)
+        x = x.new_zeros((sp.n_slots, h, Ls, *tail)).index_copy_(0, sp.slot, x)
     r, g = sp.n_slots // G, h // kvh
     x = x.reshape(G, r, kvh, g, Ls, *tail).permute(0, 2, 1, 3, 4, *range(5, 5 + len(tail)))
     return x.reshape(G, kvh, r * g * Ls, *tail)

@@ -27,8 +27,8 @@ class RewardConfig:
     prefix_sharing: bool = True  # decoders: encode a shared prefix once (KV cache); ignored for encoders
     # shared-prefix scoring and training on the CPU through attention.py's kernel: suffixes attend to each
     # prefix's keys held once (log-sum-exp merge) instead of a per-row copy of the cache. Same scores and
-    # gradients (tests); False = the per-row cache. SmolLM2-135M, 1 prompt x 1024 candidates, bf16, 2-core EPYC: 20.6 vs 12.7 rows/s (RESULTS.md,
-    # "Shared-prefix kernel")
+    # gradients (tests); False = the per-row cache. SmolLM2-135M, 1 prompt x 1024 candidates, bf16, 2-core
+    # EPYC: 20.6 vs 12.7 rows/s (RESULTS.md, "Shared-prefix kernel")
     shared_prefix_kernel: bool = True
     # scheduler: most (padded) tokens per backbone call; None = by device: 16384 on CUDA, 4096 on CPU, where
     # a call's activations then stay in cache (MiniLM, 453-token rows, 2-core EPYC: 2048-4096 tokens gave

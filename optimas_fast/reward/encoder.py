@@ -670,9 +670,8 @@ class Encoder:
     def _shared_prefix_kernel(self) -> bool:
         """Whether shared-prefix calls (scoring and training) go through attention.py's shared-prefix kernel:
         this engine's SDPA kernel on the CPU, a rotary decoder with full attention in every layer (llama /
-        qwen2 / qwen3).
-        ``config.shared_prefix_kernel=False`` keeps the per-row expanded cache (the reference it is tested
-        against)."""
+        qwen2 / qwen3). ``config.shared_prefix_kernel=False`` keeps the per-row expanded cache (the reference
+        it is tested against)."""
         layer_types = getattr(self.hf_config, "layer_types", None) or ()
         return (self.config.shared_prefix_kernel and attention.shared_prefix_available(self.device)
                 and getattr(self.hf_config, "_attn_implementation", None) == attention.NAME
@@ -799,15 +798,14 @@ class Encoder:
                 with attention.shared_prefix(sp):
                     hidden = self._run(backbone, input_ids=s_ids_t, position_ids=pos,
                                        use_cache=False).last_hidden_state  # (R, Ls, H)
-                h = ops.last_token_hidden(hidden, s_lens, padding_side="right").float()  # (R, H)
-                return h, p_ids.size + s_ids.size
-            # one cache row per suffix row: an index gather, differentiable, so training backpropagates
-            # through each shared prefix exactly once per batch
-            cache.batch_select_indices(gidx)
-            # a shorter prefix's padding stays masked: (R, Lp + Ls), the suffix after the padded prefix block
-            mask = torch.cat([p_mask.index_select(0, gidx), s_mask], dim=1)
-            hidden = self._run(backbone, input_ids=s_ids_t, attention_mask=mask, position_ids=pos, use_cache=True,
-                               **{self._cache_kw: cache}).last_hidden_state  # (R, Ls, H)
+            else:
+                # one cache row per suffix row: an index gather, differentiable, so training backpropagates
+                # through each shared prefix exactly once per batch
+                cache.batch_select_indices(gidx)
+                # a shorter prefix's padding stays masked: (R, Lp + Ls), the suffix after the padded prefix block
+                mask = torch.cat([p_mask.index_select(0, gidx), s_mask], dim=1)
+                hidden = self._run(backbone, input_ids=s_ids_t, attention_mask=mask, position_ids=pos,
+                                   use_cache=True, **{self._cache_kw: cache}).last_hidden_state  # (R, Ls, H)
         h = ops.last_token_hidden(hidden, s_lens, padding_side="right").float()  # (R, H)
         return h, p_ids.size + s_ids.size
 
