@@ -920,7 +920,8 @@ def test_shared_prefix_kernel_equals_the_per_row_cache(layout, arch, tokenizer, 
 
 def test_shared_prefix_kernel_in_bf16_scores_like_the_per_row_cache(tokenizer, seed, monkeypatch):
     """bf16 scoring (the bf16 copy of the backbone): the kernel's scores agree with the per-row cache's to
-    bf16 rounding (they round attention differently), and the kernel ran."""
+    bf16 rounding (they round attention differently), within the bound batched vs per-row bf16 scoring
+    meets, and the kernel ran."""
     rng = random.Random(seed)
     rm = make_model("decoder", tokenizer, seed, components=("a",), score_amp="bf16")
     prompts = [f"prompt {i}: " + words(rng, 5, 30) for i in range(3)]
@@ -932,9 +933,10 @@ def test_shared_prefix_kernel_in_bf16_scores_like_the_per_row_cache(tokenizer, s
     assert calls
     rm.config.shared_prefix_kernel = False
     ref = rm.score(reqs)
-    spread = float(ref.max() - ref.min())
+    spread = float(ref.std())
     assert spread > 0
-    assert float((with_kernel - ref).abs().max()) <= 0.05 * spread
+    # the bound of bf16 self-consistency above (batched vs per-row): seeds 0-7 measured <= 0.0097 x std
+    assert float((with_kernel - ref).abs().max()) <= BF16_CAST_SELF_REL * spread
 
 
 def test_shared_prefix_kernel_not_on_other_attention(tokenizer, seed, monkeypatch):
