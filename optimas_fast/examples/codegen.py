@@ -64,7 +64,7 @@ HUMANEVAL_FILES = ("HumanEval.jsonl.gz", "HumanEval.jsonl")
 class CodegenConfig:
     code_max_tokens: int = 320  # a HumanEval solution is 5-30 lines
     tests_max_tokens: int = 160  # a handful of one-line asserts
-    revise_max_tokens: int = 320
+    revise_max_tokens: int = 320  # the final generator's revised solution (as long as a first one)
     stop: tuple = ("\n```\n",)  # the end of the first code block: small models explain their code at length after it
     max_prompt_chars: int = 2000  # problem text cut to this (a small model's context)
     num_tests: tuple = (3, 1, 5)  # test counts offered to the test generator's Choice (first: the start)
@@ -72,8 +72,8 @@ class CodegenConfig:
     revise: tuple = ("on_failure", "always", "never")  # when the final generator revises (first: the start)
     test_timeout_s: float = 2.0  # per generated test (an alarm inside the sandbox)
     run_timeout_s: float = 10.0  # per sandbox run (code + all tests; the problem's own check)
-    memory_mb: int = 512
-    max_procs: int = 8
+    memory_mb: int = 512  # address-space limit of each sandbox run (MiB)
+    max_procs: int = 8  # most processes a sandbox run may start (a fork bomb stops there)
 
 
 CODE_PROMPT = ("You are an expert Python programmer. Complete the function. Reply with the complete function "
