@@ -34,7 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine_info, write_results  # noqa: E402
 
-from optimas_fast.reward import PreferencePair, RewardConfig, RewardModel, TemplateConfig, spearman  # noqa: E402
+from optimas_fast.reward import PreferencePair, RewardModelConfig, RewardModel, TemplateConfig, spearman  # noqa: E402
 
 COMPONENTS = ("answer", "context", "reason")
 FILLER = ("the of and to in is was for on that with as by at from it an be this are which or have has not "
@@ -92,7 +92,7 @@ def build(size: str, device: str, seed: int, amp: str):
         base = LlamaForSequenceClassification(cfg)
     backbone = copy.deepcopy(base.model)
     rm = RewardModel(backbone, list(COMPONENTS), tokenizer=tok, device=device,
-                     config=RewardConfig(seed=seed, amp=amp, score_amp=amp, prefix_sharing=True,
+                     config=RewardModelConfig(seed=seed, amp=amp, score_amp=amp, prefix_sharing=True,
                                          template=TemplateConfig(max_length=512)))
     heads_setup = "copied from the HF model's score layer"
     try:  # same heads on both sides so scores can be compared (RewardNet keeps one (H,) weight per head)

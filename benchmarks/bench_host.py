@@ -30,7 +30,7 @@ import torch.nn as nn
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine, write_results  # noqa: E402
 
-from optimas_fast.reward import RewardConfig, RewardModel, TemplateConfig, load_backbone  # noqa: E402
+from optimas_fast.reward import RewardModelConfig, RewardModel, TemplateConfig, load_backbone  # noqa: E402
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega river stone cloud lamp answer question because therefore").split()
@@ -65,7 +65,7 @@ def workload(rows: int, prefixes: int, outputs: int | None, components: int, see
 
 def host_run(args, tok) -> dict:
     comps, reqs = workload(args.rows, args.prefixes, args.outputs, args.components, args.seed)
-    cfg = RewardConfig(architecture="encoder", attn_implementation=None, score_amp="none",
+    cfg = RewardModelConfig(architecture="encoder", attn_implementation=None, score_amp="none",
                        template=TemplateConfig(max_length=args.max_length), token_cache_size=None, seed=args.seed)
     rm = RewardModel(NullBackbone(), comps, tokenizer=tok, config=cfg, device="cpu")
     if args.tokenizer == "hf":
@@ -96,7 +96,7 @@ def host_run(args, tok) -> dict:
 def minilm_share(args) -> dict:
     backbone, tok = load_backbone("minilm")
     comps, reqs = workload(args.minilm_rows, max(1, args.minilm_rows // 16), None, 2, args.seed)
-    rm = RewardModel(backbone, comps, tokenizer=tok, config=RewardConfig(seed=args.seed), device="cpu")
+    rm = RewardModel(backbone, comps, tokenizer=tok, config=RewardModelConfig(seed=args.seed), device="cpu")
     rm.score(reqs[:16])  # warm-up (and the bf16 copy, where scoring runs bf16)
     rm.tokens.clear()
     _, rep = rm.score_with_report(reqs)

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine, write_results  # noqa: E402
 
-from optimas_fast.reward import RewardConfig, RewardModel, load_backbone, load_pairs  # noqa: E402
+from optimas_fast.reward import RewardModelConfig, RewardModel, load_backbone, load_pairs  # noqa: E402
 from optimas_fast.reward.template import TemplateConfig  # noqa: E402
 
 MODES = {"encoder": [("padded", dict(packing=False)), ("packed", dict(packing=True))],
@@ -55,7 +55,7 @@ def backbone(kind: str, seed: int):
 def run_mode(kind: str, mode: dict, state: dict, tok, pairs, args) -> tuple[dict, torch.Tensor]:
     net, _ = backbone(kind, args.seed)
     net.load_state_dict(state)
-    cfg = RewardConfig(seed=args.seed, pack_tokens=args.pack_tokens, template=TemplateConfig(max_length=512),
+    cfg = RewardModelConfig(seed=args.seed, pack_tokens=args.pack_tokens, template=TemplateConfig(max_length=512),
                        architecture=kind, **mode)
     rm = RewardModel(net, ["answer"], tokenizer=tok, config=cfg, device="cpu")
     reqs = [r for p in pairs for r in (("answer", p.inputs, p.chosen), ("answer", p.inputs, p.rejected))]

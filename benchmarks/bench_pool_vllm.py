@@ -98,14 +98,14 @@ def main() -> None:
     import torch
 
     from optimas_fast.lm.embedded import ensure_converted
-    from optimas_fast.reward import RewardConfig, RewardModel, cpu_has_native_bf16
+    from optimas_fast.reward import RewardModelConfig, RewardModel, cpu_has_native_bf16
 
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and (torch.cuda.is_available() or cpu_has_native_bf16()))
     dtype = torch.bfloat16 if bf16 else torch.float32
     print(f"machine: {machine()}  load average: {os.getloadavg()[0]:.1f}  dtype: {dtype}", flush=True)
     path = str(ensure_converted())
     rm = RewardModel(path, {"answer": "answers a biomedical question from its abstract"},
-                     config=RewardConfig(score_amp="bf16" if bf16 else "none", seed=args.seed))
+                     config=RewardModelConfig(score_amp="bf16" if bf16 else "none", seed=args.seed))
     export = tempfile.mkdtemp(prefix="pool-export-")
     meta = rm.export_hf(export)
     bias = meta["dropped_bias"][0]

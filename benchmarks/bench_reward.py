@@ -21,7 +21,7 @@ NeurIPS 2022). Held-out accuracy is measured on several hundred pairs (--heldout
 a 95% cluster-bootstrap CI over held-out inputs (pairs of one input are correlated) for each accuracy and for
 the paired difference ours - baseline. Held-out scoring is untimed.
 
-Scoring precision. Ours scores with RewardConfig defaults (score_amp="auto": bf16 on CPUs with native bf16
+Scoring precision. Ours scores with RewardModelConfig defaults (score_amp="auto": bf16 on CPUs with native bf16
 GEMMs, e.g. avx512_bf16, through a bf16 copy of the backbone, score_weights="cast"); the same pool is also
 scored in fp32 (score_amp="none") and with bf16 autocast over the fp32 weights (score_weights="autocast") on
 --check-inputs inputs, which gives their speeds and their agreement with fp32 (max |diff|, overall
@@ -65,7 +65,7 @@ from transformers import (  # noqa: E402
 )
 
 from optimas_fast.reward import (  # noqa: E402
-    DEFAULT_BACKBONE, PreferencePair, RewardConfig, RewardModel, TemplateConfig, backend_report, cpu_has_native_bf16,
+    DEFAULT_BACKBONE, PreferencePair, RewardModelConfig, RewardModel, TemplateConfig, backend_report, cpu_has_native_bf16,
     load_backbone, spearman,
 )
 from optimas_fast.reward.formats import load_pairs  # noqa: E402
@@ -220,7 +220,7 @@ def encoder_pair(seed: int, max_len: int):
     path = backbone.config._name_or_path
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(COMPONENTS), local_files_only=True)
     rm = RewardModel(backbone, list(COMPONENTS), tokenizer=tok,
-                     config=RewardConfig(seed=seed, template=TemplateConfig(max_length=max_len)))
+                     config=RewardModelConfig(seed=seed, template=TemplateConfig(max_length=max_len)))
     return "MiniLM-L6 encoder (pretrained, 22.7M)", rm, Baseline(base, tok, rm)
 
 
@@ -235,7 +235,7 @@ def decoder_pair(seed: int, max_len: int, hidden: int = 384, layers: int = 6):
     backbone = type(base.model)(cfg)
     backbone.load_state_dict(base.model.state_dict())  # identical backbone weights on both sides
     rm = RewardModel(backbone, list(COMPONENTS), tokenizer=tok,
-                     config=RewardConfig(seed=seed, template=TemplateConfig(max_length=max_len)))
+                     config=RewardModelConfig(seed=seed, template=TemplateConfig(max_length=max_len)))
     with torch.no_grad():  # identical heads too: scores must then agree with the baseline's (checked)
         for i, key in enumerate(rm.net.head_keys):
             rm.net.head_weight[key].copy_(base.score.weight[i])
@@ -318,7 +318,7 @@ def bench_training(name, rm, base, train, held, epochs, lr, batch_pairs, seed, t
 
 
 def score_with(rm: RewardModel, rows, **config):
-    """score_with_report with RewardConfig fields temporarily set (warmed up, cold token cache)."""
+    """score_with_report with RewardModelConfig fields temporarily set (warmed up, cold token cache)."""
     saved = {k: getattr(rm.config, k) for k in config}
     for k, v in config.items():
         setattr(rm.config, k, v)
@@ -494,7 +494,7 @@ def unique_run(args) -> dict:
         correct = ours_correct(trainer.model, held)
     elif system == "ours":
         rm = RewardModel(model, dict(train.components), tokenizer=tok,
-                         config=RewardConfig(seed=args.seed, amp="bf16" if bf16 else "none", template=template))
+                         config=RewardModelConfig(seed=args.seed, amp="bf16" if bf16 else "none", template=template))
         rm.score([(p.component, p.inputs, p.chosen) for p in train[:2]])  # warm-up, untimed
         rm.tokens.clear()  # cold token cache: tokenisation is inside our timing
         out["rss_before_train_mib"] = _rss_mib()

@@ -34,7 +34,7 @@ def main() -> None:
     import torch
 
     from optimas_fast.lm.embedded import ensure_converted
-    from optimas_fast.reward import PreferencePair, RewardConfig, RewardModel, cpu_has_native_bf16
+    from optimas_fast.reward import PreferencePair, RewardModelConfig, RewardModel, cpu_has_native_bf16
 
     amp = "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "none"
     print(f"machine: {machine()}  load average: {os.getloadavg()[0]:.1f}  amp: {amp}", flush=True)
@@ -48,7 +48,7 @@ def main() -> None:
             a, b = rnd.sample(answers, 2)
             pairs.append(PreferencePair("answer", rows[p * k][1], a, b, 1.0))
     rm = RewardModel(str(ensure_converted()), {"answer": "answers a biomedical question from its abstract"},
-                     config=RewardConfig(amp=amp, score_amp=amp, seed=args.seed))
+                     config=RewardModelConfig(amp=amp, score_amp=amp, seed=args.seed))
     warm = pool_rows(2, 4, seed=args.seed + 99)
     rm.score(warm)
     rm.train([PreferencePair("answer", warm[0][1], warm[0][2], warm[1][2], 1.0)] * 4, epochs=1, lr=1e-5, batch_pairs=4)

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
            "tests_per_problem": sum(len(t.fields.get("tests", [])) for t in before.traces) / max(1, len(test))}
     print(f"unoptimised: pass rate {row['before']['mean']:.3f} on {len(test)} problems in {sec:.0f}s", file=sys.stderr)
     if args.iterations > 0:
-        from optimas_fast.reward import RewardConfig, RewardModel, TemplateConfig
+        from optimas_fast.reward import RewardModelConfig, RewardModel, TemplateConfig
 
         comps = {n: system.components[n].description for n in system.order if system.components[n].variables()}
         if args.reward == "tiny-random":
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
 
             rm = tiny_reward_model(comps, args.seed)
         else:
-            rm = RewardModel(args.reward, comps, config=RewardConfig(seed=args.seed,
+            rm = RewardModel(args.reward, comps, config=RewardModelConfig(seed=args.seed,
                                                                       template=TemplateConfig(max_length=256)))
         ledger = UsageLedger()
         prev = set_default_ledger(ledger)

@@ -343,9 +343,9 @@ def build(cfg: RunConfig):
 
         rm = tiny_reward_model(comps, cfg.loop.seed)
     else:
-        from optimas_fast.reward import RewardConfig, RewardModel, TemplateConfig
+        from optimas_fast.reward import RewardModelConfig, RewardModel, TemplateConfig
 
-        rm = RewardModel(cfg.reward["backbone"], comps, config=RewardConfig(
+        rm = RewardModel(cfg.reward["backbone"], comps, config=RewardModelConfig(
             seed=cfg.loop.seed, template=TemplateConfig(max_length=cfg.reward["max_length"])))
     return system, split, rm, proposer
 

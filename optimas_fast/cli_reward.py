@@ -104,10 +104,10 @@ def _stderr_line(text: str) -> None:
 
 # ----------------------------------------------------------------------------------------------- train
 def _train_args(a) -> Any:
-    from optimas_fast.reward.trl_trainer import RewardTrainingArguments
+    from optimas_fast.trl import RewardConfig
 
     cfg = _load_yaml(a.config) if a.config else {}
-    names = {f for f in RewardTrainingArguments.__dataclass_fields__}
+    names = {f for f in RewardConfig.__dataclass_fields__}
     bad = sorted(k for k in cfg if k not in names)
     if bad:
         raise UsageError(f"--config {a.config}: unknown key(s) {', '.join(map(repr, bad))}; allowed (TRL RewardConfig "
@@ -122,7 +122,7 @@ def _train_args(a) -> Any:
             cfg[key] = v
     cfg.setdefault("disable_tqdm", a.no_progress)
     try:
-        return RewardTrainingArguments(**cfg)
+        return RewardConfig(**cfg)
     except (TypeError, ValueError) as exc:
         where = f"--config {a.config}" if a.config else "arguments"
         raise UsageError(f"{where}: {exc}") from None

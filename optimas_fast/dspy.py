@@ -46,7 +46,7 @@ from dspy.lm15 import response_to_events
 from optimas_fast.lm.base import LM, Completion, Request, SamplingParams, Usage
 from optimas_fast.lm.factory import make_lm
 from optimas_fast.optimize import ConfigError, Optimas, OptimasConfig, OptimasResult
-from optimas_fast.reward import RewardConfig, RewardModel
+from optimas_fast.reward import RewardModelConfig, RewardModel
 from optimas_fast.system.context import current_run, record_usage
 from optimas_fast.system.dspy_adapter import ProgramSystem
 
@@ -302,7 +302,7 @@ class OptimasOptimizer:
         if not isinstance(self.reward, str):
             return self.reward
         comps = {n: c.description for n, c in system.components.items()}
-        return RewardModel(self.reward, comps, config=RewardConfig(seed=self.config.seed))
+        return RewardModel(self.reward, comps, config=RewardModelConfig(seed=self.config.seed))
 
     def compile(self, student: Any, *, trainset: Sequence, valset: Sequence | None = None) -> Any:
         """An optimized deep copy of ``student`` (which is left as it was).

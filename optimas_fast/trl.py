@@ -3,10 +3,10 @@
     from trl import RewardConfig, RewardTrainer            # before
     from optimas_fast.trl import RewardConfig, RewardTrainer  # after
 
-``RewardConfig`` here is ``optimas_fast.reward.RewardTrainingArguments`` (TRL's field names and defaults), not the
-engine's ``optimas_fast.reward.RewardConfig`` (template, pooling, scoring settings of a RewardModel).
+``RewardConfig`` is the TRL face's arguments (TRL's field names and defaults; defined in
+``optimas_fast.reward.trl_trainer``); the engine's own settings of a RewardModel (template, pooling, scoring) are
+``optimas_fast.reward.RewardModelConfig``.
 """
-from optimas_fast.reward.trl_trainer import RewardTrainer, RewardTrainingArguments
-from optimas_fast.reward.trl_trainer import RewardTrainingArguments as RewardConfig
+from optimas_fast.reward.trl_trainer import RewardConfig, RewardTrainer
 
-__all__ = ["RewardConfig", "RewardTrainer", "RewardTrainingArguments"]
+__all__ = ["RewardConfig", "RewardTrainer"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from optimas_fast.reward import PreferencePair, RewardConfig, RewardModel, init_distributed, spearman
+from optimas_fast.reward import PreferencePair, RewardModelConfig, RewardModel, init_distributed, spearman
 
 pytestmark = pytest.mark.gpu
 
@@ -53,7 +53,7 @@ def build(kind: str, tok, seed: int, device: str, **cfg) -> RewardModel:
     cfg.setdefault("score_amp", "none")  # fp32 on both sides unless a test asks for bf16
     cfg.setdefault("amp", "none")
     return RewardModel(_backbone(kind, tok.vocab_size, seed), COMPONENTS, tokenizer=tok,
-                       config=RewardConfig(seed=seed, **cfg), device=device)
+                       config=RewardModelConfig(seed=seed, **cfg), device=device)
 
 
 def words(rng: random.Random, lo: int, hi: int) -> str:

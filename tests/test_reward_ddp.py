@@ -32,11 +32,11 @@ def _tokenizer_and_llama(seed: int):
 
 
 def _setup(seed: int):
-    from optimas_fast.reward import PreferencePair, RewardConfig, RewardModel
+    from optimas_fast.reward import PreferencePair, RewardModelConfig, RewardModel
 
     tok, backbone = _tokenizer_and_llama(seed)
     # fp32 training: the comparison is exact to fp32 rounding (amp="auto" is bf16 on native-bf16 CPUs)
-    rm = RewardModel(backbone, {"a": "first", "b": "second"}, tokenizer=tok, config=RewardConfig(seed=seed, amp="none"))
+    rm = RewardModel(backbone, {"a": "first", "b": "second"}, tokenizer=tok, config=RewardModelConfig(seed=seed, amp="none"))
     rng = random.Random(seed)
     vocab = "red green blue cyan magenta yellow black white good bad fine poor".split()
     pairs = []
@@ -119,13 +119,13 @@ def _score_models(seed: int):
     """A tiny random Llama (decoder: prefix sharing) and a tiny BERT (encoder), both with heads a and b."""
     from transformers import BertConfig, BertModel
 
-    from optimas_fast.reward import RewardConfig, RewardModel
+    from optimas_fast.reward import RewardModelConfig, RewardModel
 
     tok, llama = _tokenizer_and_llama(seed)
     bert = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                                 num_hidden_layers=2, num_attention_heads=4))
     cfg = dict(seed=seed, token_budget=SCORE_BUDGET, max_rows=SCORE_ROWS, score_amp="none")
-    return {name: RewardModel(bb, {"a": "first", "b": "second"}, tokenizer=tok, config=RewardConfig(**cfg))
+    return {name: RewardModel(bb, {"a": "first", "b": "second"}, tokenizer=tok, config=RewardModelConfig(**cfg))
             for name, bb in (("llama", llama), ("bert", bert))}
 
 

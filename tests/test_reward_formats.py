@@ -544,14 +544,14 @@ def test_loaded_pairs_train_a_reward_model(tmp_path, seed, tok):
     import torch
     from transformers import BertConfig, BertModel
 
-    from optimas_fast.reward import RewardConfig, RewardModel, TemplateConfig
+    from optimas_fast.reward import RewardModelConfig, RewardModel, TemplateConfig
 
     ps = load_pairs(_write(tmp_path / "t.jsonl", _trl_rows(random.Random(seed), 6)), tokenizer=tok)
     torch.manual_seed(seed)
     backbone = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
                                     num_attention_heads=2, intermediate_size=64))
     rm = RewardModel(backbone, ps.components, tokenizer=tok,
-                     config=RewardConfig(seed=seed, template=TemplateConfig(max_length=64,
+                     config=RewardModelConfig(seed=seed, template=TemplateConfig(max_length=64,
                                                                             prefix_format=ps.prefix_format)))
     hist = rm.train(ps[:4], epochs=1, lr=1e-4, batch_pairs=2)
     assert [h["pairs"] for h in hist] == [2, 2] and all(math.isfinite(h["loss"]) for h in hist)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from optimas_fast.reward import RewardConfig, RewardModel, TemplateConfig
+from optimas_fast.reward import RewardModelConfig, RewardModel, TemplateConfig
 from optimas_fast.reward.hf_export import META, export_hf
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda river stone cloud lamp".split()
@@ -43,7 +43,7 @@ def _encoder(vocab, seed, hidden=32):
 def _model(kind, tokenizer, seed, **cfg):
     build = _decoder if kind == "decoder" else _encoder
     cfg.setdefault("score_amp", "none")  # exactness is an fp32 statement
-    config = RewardConfig(seed=seed, **cfg)
+    config = RewardModelConfig(seed=seed, **cfg)
     m = RewardModel(build(tokenizer.vocab_size, seed), {"writer": "writes the answer", "judge": "judges it"},
                     tokenizer=tokenizer, config=config)
     # non-trivial heads with clearly non-zero biases: the export must drop the bias without changing rankings

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from optimas_fast.preference import pair_weights as preference_pair_weights
-from optimas_fast.reward import PreferencePair, RewardConfig, RewardModel, TemplateConfig, TrainReport, pair_weights
+from optimas_fast.reward import PreferencePair, RewardModelConfig, RewardModel, TemplateConfig, TrainReport, pair_weights
 from test_reward import make_model, separable_pairs, words  # noqa: F401  (the tokenizer fixture too)
 from test_reward import tokenizer  # noqa: F401
 
@@ -174,7 +174,7 @@ def test_packing_needs_a_supported_backbone(tokenizer, seed):
     from transformers import GPT2Config, GPT2Model
 
     gpt2 = GPT2Model(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=512))
-    cfg = RewardConfig(seed=seed, packing=True, architecture="decoder")
+    cfg = RewardModelConfig(seed=seed, packing=True, architecture="decoder")
     with pytest.raises(ValueError, match=r"config.packing=True needs a backbone of model_type .*got 'gpt2' \(decoder\)"):
         RewardModel(gpt2, ["a"], tokenizer=tokenizer, config=cfg)
     with pytest.raises(ValueError, match="pack_tokens"):

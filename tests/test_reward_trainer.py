@@ -1,4 +1,4 @@
-"""RewardTrainer / RewardTrainingArguments (the TRL face): TRL 1.16 / transformers defaults and meanings, the LR
+"""RewardTrainer / RewardConfig (the TRL face): TRL 1.16 / transformers defaults and meanings, the LR
 schedule and the loss against transformers' and TRL's formulas, accuracy on separable data, the output_dir layout
 (checkpoint-N/, trainer_state.json), save_total_limit, resume, best checkpoint, tensorboard, bad arguments.
 Tiny random Llama / BERT backbones with the MiniLM tokenizer."""
@@ -20,9 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from optimas_fast.reward import RewardModel
-from optimas_fast.reward.trl_trainer import (
-    RewardTrainer, RewardTrainingArguments, last_checkpoint, lr_lambda, warmup_steps_of,
-)
+from optimas_fast.reward.trl_trainer import RewardTrainer, last_checkpoint, lr_lambda, warmup_steps_of
 from optimas_fast.trl import RewardConfig
 from optimas_fast.trl import RewardTrainer as TrlNameTrainer
 
@@ -93,7 +91,7 @@ def dataset(rows):
 def make_trainer(tokenizer, seed, tmp_path, rows, eval_rows=None, kind="decoder", **kw):
     kw.setdefault("disable_tqdm", True)
     kw.setdefault("bf16", False)
-    args = RewardTrainingArguments(output_dir=str(tmp_path / "out"), seed=seed, **kw)
+    args = RewardConfig(output_dir=str(tmp_path / "out"), seed=seed, **kw)
     build = tiny_llama if kind == "decoder" else tiny_bert
     return RewardTrainer(model=build(tokenizer.vocab_size, seed), args=args, train_dataset=dataset(rows),
                          eval_dataset=dataset(eval_rows) if eval_rows else None, processing_class=tokenizer)
@@ -108,7 +106,7 @@ def fp32_scoring(trainer):
 def test_defaults_are_trl_1_16_and_transformers():
     from transformers import TrainingArguments
 
-    a = RewardTrainingArguments()
+    a = RewardConfig()
     # TRL 1.16's RewardConfig / _BaseConfig overrides of transformers' defaults (trl/trainer/reward_config.py)
     assert (a.learning_rate, a.logging_steps, a.disable_dropout, a.max_length, a.center_rewards_coefficient) == (
         1e-4, 10, True, 1024, None)
@@ -122,9 +120,16 @@ def test_defaults_are_trl_1_16_and_transformers():
         assert ours == hf[name], f"{name}: ours {ours!r} vs transformers {hf[name]!r}"
 
 
-def test_unknown_argument_lists_the_supported_ones():
-    with pytest.raises(TypeError) as e:
+def test_config_is_a_plain_dataclass_and_unknown_arguments_are_named():
+    # one class, one name: the dataclass's own __init__ (none swapped in afterwards), TRL's name
+    assert dataclasses.is_dataclass(RewardConfig) and RewardConfig.__init__.__qualname__ == "RewardConfig.__init__"
+    assert RewardConfig.__module__ == "optimas_fast.reward.trl_trainer"
+    import optimas_fast.reward as engine
+    assert not hasattr(engine, "RewardConfig") and not hasattr(engine, "RewardTrainingArguments")
+    with pytest.raises(TypeError, match="'gradient_checkpointing'"):
         RewardConfig(output_dir="x", gradient_checkpointing=True)
+    with pytest.raises(TypeError) as e:
+        RewardConfig.from_dict({"output_dir": "x", "gradient_checkpointing": True})
     msg = str(e.value)
     assert "'gradient_checkpointing'" in msg
     for name in ("per_device_train_batch_size", "lr_scheduler_type", "center_rewards_coefficient", "report_to"):
@@ -152,7 +157,7 @@ def test_unknown_argument_lists_the_supported_ones():
 ])
 def test_bad_values_name_the_argument(kw, name):
     with pytest.raises(ValueError, match=name):
-        RewardTrainingArguments(output_dir="x", **kw)
+        RewardConfig(output_dir="x", **kw)
 
 
 def test_unknown_trainer_argument_and_missing_data(tokenizer, tmp_path, seed):
@@ -190,10 +195,10 @@ def test_warmup_ratio_and_steps_follow_transformers():
     from transformers import TrainingArguments
 
     for w in (0, 3, 0.25):
-        ours = warmup_steps_of(RewardTrainingArguments(warmup_steps=w), 17)
+        ours = warmup_steps_of(RewardConfig(warmup_steps=w), 17)
         theirs = TrainingArguments(output_dir="unused", warmup_steps=w).get_warmup_steps(17)
         assert ours == theirs, w
-    assert warmup_steps_of(RewardTrainingArguments(warmup_ratio=0.25), 17) == math.ceil(17 * 0.25)
+    assert warmup_steps_of(RewardConfig(warmup_ratio=0.25), 17) == math.ceil(17 * 0.25)
 
 
 def test_trainer_applies_the_schedule_and_trl_loss(tokenizer, tmp_path, seed):
@@ -360,7 +365,7 @@ def test_trl_data_on_a_decoder_appends_eos_by_default(tokenizer, tmp_path, seed)
     tr.save_model(str(tmp_path / "saved"))
     assert RewardModel.load(tmp_path / "saved").config.template.append_eos is True
     off = RewardTrainer(model=tiny_llama(tok.vocab_size, seed), train_dataset=dataset(rows), processing_class=tok,
-                        append_eos=False, args=RewardTrainingArguments(output_dir=str(tmp_path / "off"),
+                        append_eos=False, args=RewardConfig(output_dir=str(tmp_path / "off"),
                                                                        save_strategy="no", disable_tqdm=True))
     assert not off.append_eos and off.model.tokenise(p.component, p.inputs, p.chosen).suffix[-1] != eos
     # the EOS takes a token of max_length: pairs that fit exactly without it are dropped with it
@@ -376,7 +381,7 @@ def test_trl_data_on_a_decoder_appends_eos_by_default(tokenizer, tmp_path, seed)
     assert not enc.append_eos and not enc.model.config.template.append_eos
     # an existing RewardModel keeps its own layout unless append_eos is given
     rm = RewardModel(tiny_llama(tok.vocab_size, seed), ["default"], tokenizer=tok)
-    args = RewardTrainingArguments(output_dir=str(tmp_path / "rm"), save_strategy="no", disable_tqdm=True)
+    args = RewardConfig(output_dir=str(tmp_path / "rm"), save_strategy="no", disable_tqdm=True)
     assert not RewardTrainer(model=rm, args=args, train_dataset=dataset(rows)).append_eos
     assert RewardTrainer(model=rm, args=args, train_dataset=dataset(rows), append_eos=True).append_eos
     with pytest.raises(TypeError, match="append_eos"):
@@ -403,7 +408,7 @@ def test_existing_reward_model_and_seq_cls_object(tokenizer, tmp_path, seed):
 
     rng = random.Random(seed)
     rm = RewardModel(tiny_llama(tokenizer.vocab_size, seed), ["x"], tokenizer=tokenizer)
-    args = RewardTrainingArguments(output_dir=str(tmp_path / "a"), max_steps=2, disable_tqdm=True, save_strategy="no")
+    args = RewardConfig(output_dir=str(tmp_path / "a"), max_steps=2, disable_tqdm=True, save_strategy="no")
     tr = RewardTrainer(model=rm, args=args, train_dataset=dataset(trl_rows(rng, 8)))
     assert tr.model is rm and sorted(rm.components) == ["default", "x"]  # a head added for the data's component
     assert tr.train().global_step == 2
@@ -452,7 +457,7 @@ def test_trl_documentation_script_runs_with_only_the_import_changed(tokenizer, t
     assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
     model = RewardModel.load(out)  # save_model wrote the final model into output_dir
     assert model.components == ["default"]
-    assert TrlNameTrainer is RewardTrainer and RewardConfig is RewardTrainingArguments
+    assert TrlNameTrainer is RewardTrainer
 
 
 def test_optimas_format_trains_per_component_with_margin_weights(tokenizer, tmp_path, seed):

@@ -9,7 +9,6 @@ import torch
 
 from optimas_fast import ops
 from optimas_fast._validate import check_bool, check_choice, check_int, check_number, is_int, is_number
-from optimas_fast.cli import parse_config
 from optimas_fast.examples.codegen import CodegenConfig, build_codegen_system
 from optimas_fast.examples.data import split_examples
 from optimas_fast.examples.embeddings import HashEmbedder
@@ -20,16 +19,17 @@ from optimas_fast.optimize import BudgetConfig, ConfigError, OptimasConfig
 from optimas_fast.optimizers import ChoiceConfig, LoRAPolicy, OptimizerBudget, PromptConfig, WeightsConfig
 from optimas_fast.preference import PairStore
 from optimas_fast.preference.collect import CollectConfig
-from optimas_fast.reward import RewardConfig, TemplateConfig, TrainConfig
+from optimas_fast.reward import RewardModelConfig, TemplateConfig, TrainConfig
 from optimas_fast.reward.data import as_pairs
 from optimas_fast.reward.distributed import shard_batches
 from optimas_fast.reward.distributed import shard_batches
 from optimas_fast.reward.template import TokenCache
-from optimas_fast.reward.trl_trainer import RewardTrainingArguments
+from optimas_fast.run import parse_config
 from optimas_fast.sandbox import run_python
 from optimas_fast.scheduler import SchedulerConfig
 from optimas_fast.scheduler_reference import head_id
 from optimas_fast.system import Component, System
+from optimas_fast.trl import RewardConfig
 
 
 class _MyError(ValueError):
@@ -198,18 +198,18 @@ def test_lm_sites():
     ({"seed": 1.0}, "seed must be an int, got 1.0"),
 ])
 def test_reward_training_arguments_sites(kw, msg):
-    _raises(lambda: RewardTrainingArguments(**kw), ValueError, re.escape(f"RewardTrainingArguments.{msg}"))
+    _raises(lambda: RewardConfig(**kw), ValueError, re.escape(f"RewardConfig.{msg}"))
 
 
 # The config, system and optimizer layers. "now refused": a bool that was accepted before as 1 / 0.
 
 
 def test_reward_sites():
-    _raises(lambda: RewardConfig(token_cache_size=True).validate(), ValueError,
+    _raises(lambda: RewardModelConfig(token_cache_size=True).validate(), ValueError,
             re.escape("config.token_cache_size must be an int >= 1 or None, got True"))
-    _raises(lambda: RewardConfig(token_budget=True).validate(), ValueError,
+    _raises(lambda: RewardModelConfig(token_budget=True).validate(), ValueError,
             "config.token_budget and config.max_rows must be >= 1")
-    _raises(lambda: RewardConfig(pack_tokens=False).validate(), ValueError,
+    _raises(lambda: RewardModelConfig(pack_tokens=False).validate(), ValueError,
             "config.pack_tokens must be an int >= 1, got False")
     _raises(lambda: as_pairs([("c", "in", "a", "b", True)]), TypeError, r"\[0\]\.margin must be a real number")
     _raises(lambda: TrainConfig(batch_pairs=True).validate(), ValueError,  # now refused

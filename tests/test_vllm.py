@@ -68,10 +68,10 @@ def test_exported_reward_model_served_by_the_pooling_runner(model_dir, tmp_path)
     from vllm import LLM, PoolingParams
     from vllm.inputs import TokensPrompt
 
-    from optimas_fast.reward import RewardConfig, RewardModel
+    from optimas_fast.reward import RewardModelConfig, RewardModel
 
     rm = RewardModel(model_dir, {"answer": "answers the question", "judge": "judges the answer"},
-                     config=RewardConfig(score_amp="none", seed=3))
+                     config=RewardModelConfig(score_amp="none", seed=3))
     rows = [("answer", "What is the capital of France?", o) for o in ("Paris.", "London.", "It is Paris.")]
     rows += [("judge", "Is 2 + 2 = 4? Answer: yes", o) for o in ("correct", "wrong")]
     ours = rm.score(rows).double()

@@ -67,7 +67,7 @@ def tiny_reward_model(components: dict, seed: int, hidden: int = 32):
     """A RewardModel on a randomly initialised 2-layer BERT (MiniLM's tokenizer); the global RNG is untouched."""
     from transformers import BertConfig, BertModel
 
-    from optimas_fast.reward import RewardConfig, RewardModel
+    from optimas_fast.reward import RewardModelConfig, RewardModel
 
     tok = _tokenizer()
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
@@ -75,7 +75,7 @@ def tiny_reward_model(components: dict, seed: int, hidden: int = 32):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = BertModel(cfg)
-    return RewardModel(backbone, components, tokenizer=tok, config=RewardConfig(seed=seed), device="cpu")
+    return RewardModel(backbone, components, tokenizer=tok, config=RewardModelConfig(seed=seed), device="cpu")
 
 
 def run_digest(result_system: System, history: list, rm: Any) -> dict:

@@ -12,7 +12,7 @@ Parts (each depends only on those above it): data, template, config -> encoder -
 model (the RewardModel facade).
 """
 from .checkpoint import describe as describe_checkpoint
-from .config import LoraSettings, RewardConfig
+from .config import LoraSettings, RewardModelConfig
 from .data import Candidate, PreferencePair, ScoreRequest, pair_weights
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .encoder import DEFAULT_BACKBONE, Encoder, Rows, ScoreReport, backend_report, cpu_has_native_bf16, load_backbone
@@ -21,13 +21,13 @@ from .metrics import spearman
 from .model import RewardModel
 from .template import TemplateConfig
 from .trainer import OVERLONG_POLICIES, TrainConfig, Trainer, TrainReport
-from .trl_trainer import RewardTrainer, RewardTrainingArguments  # the TRL-style face (optimas_fast.trl)
+from .trl_trainer import RewardTrainer  # the TRL-style face; its arguments: optimas_fast.trl.RewardConfig
 
 __all__ = [
     "LoadReport", "PairFormatError", "PairSet", "load_pairs", "save_pairs",
     "DEFAULT_BACKBONE", "OVERLONG_POLICIES", "Candidate", "DistInfo", "Encoder", "LoraSettings", "PreferencePair",
-    "RewardConfig", "RewardModel", "Rows", "ScoreReport", "ScoreRequest", "TemplateConfig", "TrainConfig",
+    "RewardModelConfig", "RewardModel", "Rows", "ScoreReport", "ScoreRequest", "TemplateConfig", "TrainConfig",
     "TrainReport", "Trainer", "backend_report", "cleanup_distributed", "cpu_has_native_bf16", "describe_checkpoint",
     "init_distributed", "load_backbone", "pair_weights", "spearman",
-    "RewardTrainer", "RewardTrainingArguments",
+    "RewardTrainer",
 ]

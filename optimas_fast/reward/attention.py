@@ -1,4 +1,4 @@
-"""The backbone's attention kernel when ``RewardConfig.attn_implementation == "sdpa"``.
+"""The backbone's attention kernel when ``RewardModelConfig.attn_implementation == "sdpa"``.
 
 It is torch's ``scaled_dot_product_attention`` (through transformers' own SDPA integration, masks included),
 with one exception: bf16 inputs on the CPU with autograd recording (bf16 autocast training) run the attention

@@ -33,7 +33,7 @@ from safetensors.torch import save as st_save
 
 from optimas_fast._io import atomic_write_bytes
 
-from .config import RewardConfig
+from .config import RewardModelConfig
 from .encoder import Encoder
 
 logger = logging.getLogger(__name__)
@@ -63,9 +63,9 @@ def _sha256(data: bytes) -> str:
 
 
 def save_checkpoint(path: str | os.PathLike, encoder: Encoder, trainer: Any = None,
-                    config: RewardConfig | None = None) -> None:
+                    config: RewardModelConfig | None = None) -> None:
     """Write encoder (+ trainer, when given) state to ``path`` atomically; ``config`` defaults to the
-    encoder's RewardConfig."""
+    encoder's RewardModelConfig."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     enc = encoder.state_dict()

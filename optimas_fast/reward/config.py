@@ -1,7 +1,7 @@
-"""Settings of the reward engine's encoder (backbone + heads): RewardConfig and LoRA settings.
+"""Settings of the reward engine's encoder (backbone + heads): RewardModelConfig and LoRA settings.
 
 The lowest module of reward/ besides the plain-data ones: the encoder, the trainer, the checkpoint module and
-the RewardModel facade all read a RewardConfig; nothing here imports them.
+the RewardModel facade all read a RewardModelConfig; nothing here imports them.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ class LoraSettings:
 
 
 @dataclass
-class RewardConfig:
+class RewardModelConfig:
     template: TemplateConfig = field(default_factory=TemplateConfig)  # text layout + max length
     architecture: str = "auto"  # "encoder" | "decoder" | "auto" (masked-LM model types are encoders)
     pooling: str = "auto"  # "auto" | "last" | "mean" | "cls"; auto = mean for encoders, last for decoders
@@ -93,13 +93,13 @@ class RewardConfig:
         self.template.validate()
 
 
-def reward_config_to_dict(c: RewardConfig) -> dict:
+def reward_config_to_dict(c: RewardModelConfig) -> dict:
     return asdict(c)
 
 
-def reward_config_from_dict(d: dict) -> RewardConfig:
+def reward_config_from_dict(d: dict) -> RewardModelConfig:
     d = dict(d)
     d["template"] = TemplateConfig(**d["template"])
     if d.get("lora") is not None:
         d["lora"] = LoraSettings(**d["lora"])
-    return RewardConfig(**d)
+    return RewardModelConfig(**d)

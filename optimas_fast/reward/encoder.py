@@ -46,7 +46,7 @@ from optimas_fast import ops
 from optimas_fast.scheduler import Plan, Scheduler
 
 from . import attention
-from .config import LoraSettings, RewardConfig
+from .config import LoraSettings, RewardModelConfig
 from .data import ScoreRequest
 from .distributed import fingerprint, gather_row_scores, shard_batches, world
 from .template import TokenCache, Tokenised
@@ -297,14 +297,14 @@ class Encoder:
         backbone: a Hugging Face ``PreTrainedModel`` (base model, e.g. from ``AutoModel``) or any nn.Module with
             a ``.config`` whose forward takes ``input_ids``/``attention_mask`` and returns ``last_hidden_state``.
         tokenizer: the backbone's tokenizer.
-        config: RewardConfig (read live: changing e.g. ``config.token_budget`` later takes effect).
+        config: RewardModelConfig (read live: changing e.g. ``config.token_budget`` later takes effect).
         device: where the backbone runs (default: CUDA if available, else CPU).
     """
 
-    def __init__(self, backbone: nn.Module, tokenizer: Any, config: RewardConfig,
+    def __init__(self, backbone: nn.Module, tokenizer: Any, config: RewardModelConfig,
                  device: str | torch.device | None = None):
-        if not isinstance(config, RewardConfig):
-            raise TypeError(f"config must be a RewardConfig, got {type(config).__name__}")
+        if not isinstance(config, RewardModelConfig):
+            raise TypeError(f"config must be a RewardModelConfig, got {type(config).__name__}")
         config.validate()
         if not isinstance(backbone, nn.Module) or not hasattr(backbone, "config"):
             raise TypeError(f"backbone must be a Hugging Face model (nn.Module with .config) or a path, "

@@ -54,7 +54,7 @@ from safetensors.torch import load_file, save_file
 
 from optimas_fast._io import atomic_write_bytes
 
-from .config import RewardConfig
+from .config import RewardModelConfig
 from .template import TemplateConfig
 
 if TYPE_CHECKING:  # a name only: the RewardModel facade calls into this module, never the other way round
@@ -258,12 +258,12 @@ def _seq_cls_parts(path: str) -> tuple[nn.Module, nn.Linear, Any]:
     return getattr(seq, seq.base_model_prefix), head, cfg
 
 
-def load_pretrained(path: str | os.PathLike, build: Callable[..., "RewardModel"], config: "RewardConfig",
+def load_pretrained(path: str | os.PathLike, build: Callable[..., "RewardModel"], config: "RewardModelConfig",
                     config_given: bool, device: str | torch.device | None = None) -> "RewardModel":
     """A RewardModel from an optimas-fast HF export or a plain HF decoder ``*ForSequenceClassification``.
 
     ``build(backbone, components, tokenizer=, config=, device=)`` constructs the model (the facade passes
-    itself). ``config`` is the RewardConfig to start from: for plain HF models it applies as given
+    itself). ``config`` is the RewardModelConfig to start from: for plain HF models it applies as given
     (``config_given=False`` switches the template to ``"{inputs}"``); for exports the stored template and
     pooling replace its own.
     """

@@ -7,7 +7,7 @@ component (W[C,H], b[C]), trained, adapted, scored, evaluated and checkpointed t
 
 The parts it joins depend only downward and never import it back:
 
-    config.py     RewardConfig, LoraSettings
+    config.py     RewardModelConfig, LoraSettings
     template.py   text layout, token cache
     encoder.py    backbone + heads, tokenising (batched), planning (C++ scheduler), encoding, pooling, bf16 copy
     trainer.py    Trainer (train / adapt, optimizer, replay) and evaluate, on an Encoder
@@ -23,7 +23,7 @@ import torch
 
 from . import hf_export
 from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
-from .config import LoraSettings, RewardConfig, reward_config_from_dict, reward_config_to_dict
+from .config import LoraSettings, RewardModelConfig, reward_config_from_dict, reward_config_to_dict
 from .encoder import (
     DEFAULT_BACKBONE, Encoder, RewardNet, Rows, ScoreReport, backend_report, cpu_has_native_bf16, load_backbone,
 )
@@ -33,7 +33,7 @@ from .trainer import Trainer, TrainReport, evaluate
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_BACKBONE", "LoraSettings", "RewardConfig", "RewardModel", "RewardNet", "ScoreReport",
+    "DEFAULT_BACKBONE", "LoraSettings", "RewardModelConfig", "RewardModel", "RewardNet", "ScoreReport",
     "backend_report", "cpu_has_native_bf16", "load_backbone", "reward_config_from_dict", "reward_config_to_dict",
 ]
 
@@ -46,15 +46,15 @@ class RewardModel:
             ``PreTrainedModel`` (base model, e.g. from ``AutoModel``) together with ``tokenizer``.
         components: component names, or a mapping name -> description (used in the template prefix).
         tokenizer: the backbone's tokenizer (required when ``backbone`` is a module).
-        config: RewardConfig.
+        config: RewardModelConfig.
         device: where the backbone runs (default: CUDA if available, else CPU).
     """
 
     def __init__(self, backbone: Any = DEFAULT_BACKBONE, components: Sequence[str] | Mapping[str, str] = (),
-                 tokenizer: Any = None, config: RewardConfig | None = None, device: str | torch.device | None = None):
-        config = config if config is not None else RewardConfig()
-        if not isinstance(config, RewardConfig):
-            raise TypeError(f"config must be a RewardConfig, got {type(config).__name__}")
+                 tokenizer: Any = None, config: RewardModelConfig | None = None, device: str | torch.device | None = None):
+        config = config if config is not None else RewardModelConfig()
+        if not isinstance(config, RewardModelConfig):
+            raise TypeError(f"config must be a RewardModelConfig, got {type(config).__name__}")
         config.validate()
         if isinstance(backbone, str):
             backbone, loaded_tok = load_backbone(backbone)
@@ -181,10 +181,10 @@ class RewardModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        config: RewardConfig | None = None) -> "RewardModel":
+                        config: RewardModelConfig | None = None) -> "RewardModel":
         """Load an ``export_hf`` directory, or a plain HF decoder ``*ForSequenceClassification`` reward model
         (its score layer becomes the heads; template ``"{inputs}"`` unless ``config`` says otherwise)."""
-        return hf_export.load_pretrained(path, build=cls, config=config if config is not None else RewardConfig(),
+        return hf_export.load_pretrained(path, build=cls, config=config if config is not None else RewardModelConfig(),
                                          config_given=config is not None, device=device)
 
 

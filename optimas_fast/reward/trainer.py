@@ -65,7 +65,7 @@ class TrainReport:
     pairs_per_s: float = 0.0  # pairs processed (pairs_used x epochs) per second
     final_loss: float = float("nan")  # loss of the last step
     overlong: str = "truncate_prefix"  # the policy in effect
-    amp: str = "fp32"  # "bf16" (autocast) or "fp32": the precision training ran in (RewardConfig.amp)
+    amp: str = "fp32"  # "bf16" (autocast) or "fp32": the precision training ran in (RewardModelConfig.amp)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """A TRL-style face for the reward engine: ``RewardTrainer(model, args, train_dataset, eval_dataset)``.
 
-    args = RewardTrainingArguments(output_dir="rm", per_device_train_batch_size=16, num_train_epochs=1)
+    args = RewardConfig(output_dir="rm", per_device_train_batch_size=16, num_train_epochs=1)
     trainer = RewardTrainer(model="minilm", args=args, train_dataset=ds, eval_dataset=held_out)
     trainer.train()                       # checkpoint-N/ + trainer_state.json under output_dir, like TRL
     trainer.evaluate()                    # eval_loss, eval_accuracy, eval_margin (+ per component)
@@ -57,7 +57,7 @@ from optimas_fast._validate import is_int, is_number
 
 from .data import PreferencePair, as_pairs
 from .formats import PairSet, load_pairs
-from .model import DEFAULT_BACKBONE, RewardConfig, RewardModel
+from .model import DEFAULT_BACKBONE, RewardModel, RewardModelConfig
 from .template import TemplateConfig
 
 
@@ -77,10 +77,13 @@ _LR_ZERO = 1e-38
 
 # ------------------------------------------------------------------------------------------------ arguments
 @dataclass
-class RewardTrainingArguments:
-    """TRL ``RewardConfig`` / transformers ``TrainingArguments`` names for what reward training needs.
+class RewardConfig:
+    """TRL ``RewardConfig`` / transformers ``TrainingArguments`` names for what reward training needs, as one
+    plain dataclass (the same kind of object as TRL's): an unknown keyword is Python's own TypeError naming it,
+    ``from_dict`` also lists the supported names, every value is checked in ``__post_init__``.
 
-    Defaults are TRL 1.16's (which overrides transformers 5's for learning_rate, logging_steps, bf16)."""
+    Defaults are TRL 1.16's (which overrides transformers 5's for learning_rate, logging_steps, bf16). Not to be
+    confused with the engine's ``optimas_fast.reward.RewardModelConfig`` (template, pooling, scoring)."""
 
     output_dir: str | None = None  # where checkpoint-N/ go (TRL: "<model name>-Reward" when args is None)
     per_device_train_batch_size: int = 8  # pairs per micro-batch (transformers default 8)
@@ -118,33 +121,26 @@ class RewardTrainingArguments:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-_ARG_NAMES = tuple(f.name for f in fields(RewardTrainingArguments))
-_dataclass_init = RewardTrainingArguments.__init__
-
-
-@functools.wraps(_dataclass_init)
-def _init_with_names(self, *args, **kwargs):
-    unknown = [k for k in kwargs if k not in _ARG_NAMES]
-    if unknown:
-        raise TypeError(f"RewardTrainingArguments got unsupported argument(s) {', '.join(map(repr, unknown))}; "
-                        f"supported (TRL RewardConfig names): {', '.join(_ARG_NAMES)}")
-    if len(args) > len(_ARG_NAMES):
-        raise TypeError(f"RewardTrainingArguments takes at most {len(_ARG_NAMES)} positional arguments")
-    _dataclass_init(self, *args, **kwargs)
-
-
-RewardTrainingArguments.__init__ = _init_with_names
+    @classmethod
+    def from_dict(cls, settings: Mapping[str, Any]) -> "RewardConfig":
+        """From a mapping of TRL names (a YAML file's, a saved training_args.json's): an unknown name is a
+        TypeError naming it and listing the supported ones."""
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in settings if k not in names]
+        if unknown:
+            raise TypeError(f"RewardConfig got unsupported argument(s) {', '.join(map(repr, unknown))}; supported "
+                            f"(TRL RewardConfig names): {', '.join(names)}")
+        return cls(**settings)
 
 
 # a NaN or infinite setting is a mistake: every number here must be finite
 _is_num = functools.partial(is_number, finite=True)
 
 
-def _check_args(a: RewardTrainingArguments) -> None:
+def _check_args(a: RewardConfig) -> None:
     def need(ok: bool, name: str, what: str):
         if not ok:
-            raise ValueError(f"RewardTrainingArguments.{name} must be {what}, got {getattr(a, name)!r}")
+            raise ValueError(f"RewardConfig.{name} must be {what}, got {getattr(a, name)!r}")
 
     need(a.output_dir is None or isinstance(a.output_dir, (str, os.PathLike)), "output_dir", "a path or None")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -157,11 +153,11 @@ def _check_args(a: RewardTrainingArguments) -> None:
     need(_is_num(a.warmup_steps) and a.warmup_steps >= 0 and (a.warmup_steps < 1 or float(a.warmup_steps).is_integer()),
          "warmup_steps", "an int >= 0 or a ratio in [0, 1)")
     if a.warmup_ratio > 0 and a.warmup_steps > 0:
-        raise ValueError(f"RewardTrainingArguments: warmup_ratio={a.warmup_ratio!r} and warmup_steps="
+        raise ValueError(f"RewardConfig: warmup_ratio={a.warmup_ratio!r} and warmup_steps="
                          f"{a.warmup_steps!r} both set; give one")
     if a.lr_scheduler_type == "constant" and (a.warmup_ratio > 0 or a.warmup_steps > 0):
         # transformers' "constant" ignores warm-up; ignoring it silently here would be worse
-        raise ValueError("RewardTrainingArguments.lr_scheduler_type='constant' has no warm-up (as in transformers): "
+        raise ValueError("RewardConfig.lr_scheduler_type='constant' has no warm-up (as in transformers): "
                          "use 'constant_with_warmup' or set warmup_steps / warmup_ratio to 0")
     need(_is_num(a.weight_decay) and a.weight_decay >= 0, "weight_decay", "a finite number >= 0")
     need(a.max_grad_norm is None or (_is_num(a.max_grad_norm) and a.max_grad_norm >= 0), "max_grad_norm",
@@ -193,12 +189,12 @@ def _check_args(a: RewardTrainingArguments) -> None:
          "report_to", "'none', 'tensorboard' or a list of those (other integrations are not implemented)")
     if a.load_best_model_at_end:
         if a.eval_strategy == "no" or a.eval_strategy != a.save_strategy:
-            raise ValueError("RewardTrainingArguments.load_best_model_at_end requires eval_strategy and save_strategy "
+            raise ValueError("RewardConfig.load_best_model_at_end requires eval_strategy and save_strategy "
                              f"to match and not be 'no', got eval_strategy={a.eval_strategy!r}, "
                              f"save_strategy={a.save_strategy!r}")
         ev = a.eval_steps if a.eval_steps is not None else a.logging_steps
         if a.eval_strategy == "steps" and (a.save_steps >= 1) == (ev >= 1) and a.save_steps >= 1 and a.save_steps % ev:
-            raise ValueError(f"RewardTrainingArguments.load_best_model_at_end requires save_steps ({a.save_steps}) to be "
+            raise ValueError(f"RewardConfig.load_best_model_at_end requires save_steps ({a.save_steps}) to be "
                              f"a multiple of eval_steps ({ev})")
     if a.metric_for_best_model is None and a.load_best_model_at_end:
         a.metric_for_best_model = "loss"  # transformers' default
@@ -211,7 +207,7 @@ def _steps_of(v: float, total: int) -> int:
     return int(v) if v >= 1 else max(1, math.ceil(total * v))
 
 
-def warmup_steps_of(args: RewardTrainingArguments, total: int) -> int:
+def warmup_steps_of(args: RewardConfig, total: int) -> int:
     """transformers' get_warmup_steps (warmup_steps: int or ratio) plus the transformers-4 warmup_ratio."""
     if args.warmup_steps >= 1:
         return int(args.warmup_steps)
@@ -343,7 +339,7 @@ class RewardTrainer:
         model: a backbone ("minilm" or a local Hugging Face directory), a Hugging Face model object (a base
             model, or a *ForSequenceClassification whose base model is used and whose score layer is replaced by
             the engine's heads) with its tokenizer as ``processing_class``, or an existing ``RewardModel``.
-        args: RewardTrainingArguments (None: defaults with output_dir "<model name>-Reward", as TRL).
+        args: RewardConfig (None: defaults with output_dir "<model name>-Reward", as TRL).
         train_dataset / eval_dataset: a ``datasets.Dataset`` (TRL columns prompt/chosen/rejected[/margin],
             optional ``component``), a DatasetDict / path for the formats loader, or PreferencePairs.
         processing_class: the tokenizer (required with a model object).
@@ -356,7 +352,7 @@ class RewardTrainer:
             too, which otherwise keeps its own template).
     """
 
-    def __init__(self, model: Any = None, args: RewardTrainingArguments | None = None, train_dataset: Any = None,
+    def __init__(self, model: Any = None, args: RewardConfig | None = None, train_dataset: Any = None,
                  eval_dataset: Any = None, processing_class: Any = None, *, components: Mapping[str, str] | None = None,
                  overlong: str = "drop", data_format: str = "auto", append_eos: bool | None = None, **unsupported):
         if unsupported:
@@ -369,9 +365,9 @@ class RewardTrainer:
             raise ValueError("RewardTrainer: model is required (a backbone name/path, a model object or a RewardModel)")
         if args is None:
             name = model if isinstance(model, str) else type(model).__name__
-            args = RewardTrainingArguments(output_dir=f"{os.path.basename(os.path.normpath(name))}-Reward")
-        if not isinstance(args, RewardTrainingArguments):
-            raise TypeError(f"RewardTrainer: args must be a RewardTrainingArguments (optimas_fast.trl.RewardConfig), "
+            args = RewardConfig(output_dir=f"{os.path.basename(os.path.normpath(name))}-Reward")
+        if not isinstance(args, RewardConfig):
+            raise TypeError(f"RewardTrainer: args must be a RewardConfig (optimas_fast.trl.RewardConfig), "
                             f"got {type(args).__name__}")
         if overlong not in OVERLONG:
             raise ValueError(f"RewardTrainer: overlong must be one of {list(OVERLONG)}, got {overlong!r}")
@@ -417,13 +413,13 @@ class RewardTrainer:
             self.eval_pairs, self.eval_dropped, _ = filter_overlong(
                 self.model, self._raw_eval, args.max_length, overlong, "eval_dataset")
         if args.eval_strategy != "no" and not self.eval_pairs:
-            raise ValueError(f"RewardTrainingArguments.eval_strategy={args.eval_strategy!r} needs an eval_dataset")
+            raise ValueError(f"RewardConfig.eval_strategy={args.eval_strategy!r} needs an eval_dataset")
         self.state = self._fresh_state()
         self._tb = None  # tensorboard writer, made on the first log when report_to has "tensorboard"
         self._order: tuple[int | None, list[int]] = (None, [])  # (epoch, its pair order), cached
 
     # --------------------------------------------------------------------------------------- building
-    def _engine_config(self) -> RewardConfig:
+    def _engine_config(self) -> RewardModelConfig:
         a = self.args
         template = TemplateConfig()
         if a.max_length is not None:
@@ -432,7 +428,7 @@ class RewardTrainer:
             template.prefix_format = self.prefix_format
         template.append_eos = self.append_eos
         amp = "auto" if a.bf16 is None else ("bf16" if a.bf16 else "none")
-        return RewardConfig(template=template, disable_dropout=a.disable_dropout, amp=amp, seed=a.seed)
+        return RewardModelConfig(template=template, disable_dropout=a.disable_dropout, amp=amp, seed=a.seed)
 
     def _build_model(self, model: Any, processing_class: Any, descriptions: dict[str, str]) -> RewardModel:
         a = self.args
@@ -460,7 +456,7 @@ class RewardTrainer:
             base = getattr(model, "base_model", model)
             if base is not model:
                 logger.warning("RewardTrainer: %s's score layer is replaced by the engine's per-component heads "
-                               "(new, initialised with std %.3g)", type(model).__name__, RewardConfig().head_init_std)
+                               "(new, initialised with std %.3g)", type(model).__name__, RewardModelConfig().head_init_std)
             if processing_class is None:
                 raise ValueError("RewardTrainer: processing_class (the tokenizer) is required with a model object")
             model = base
@@ -742,5 +738,5 @@ def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return ckpts[-1] if ckpts else None
 
 
-__all__ = ["RewardTrainer", "RewardTrainingArguments", "TrainOutput", "last_checkpoint", "lr_lambda", "pair_metrics",
+__all__ = ["RewardTrainer", "RewardConfig", "TrainOutput", "last_checkpoint", "lr_lambda", "pair_metrics",
            "filter_overlong", "to_pairs", "warmup_steps_of"]
