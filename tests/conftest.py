@@ -32,6 +32,16 @@ def pytest_report_header(config):
     return f"optimas-fast test seed: {_RUN_SEED} (replay with OPTIMAS_TEST_SEED={_RUN_SEED})"
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The documentation code blocks tests/test_docs.py did not run (or ran from the repository root only), with
+    their reasons: every one carries an explicit marker, and CI prints how many there are."""
+    notes = getattr(config, "docs_not_executed", None)
+    if notes is not None:
+        terminalreporter.section(f"documentation blocks not executed: {sum(' not run: ' in n for n in notes)}")
+        for line in notes:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture
 def seed(request) -> int:
     """A per-test seed: fresh each run (from the run seed), stable within a run for replay."""
