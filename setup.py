@@ -4,6 +4,7 @@ The extension takes raw buffers (pointers + shapes) and never links against PyTo
 works with any torch. A missing C++ compiler is an error: we never fall back to a silent pure-Python
 install, because the fast paths are the point of the package.
 """
+import glob
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import tempfile
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
 
 SOURCES = ["csrc/bindings.cpp", "csrc/cpu_ops.cpp", "csrc/scheduler.cpp", "csrc/wordpiece.cpp"]
 
@@ -53,12 +55,27 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
+class BuildPy(build_py):
+    """Copies the Triton kernels (top-level kernels/*.py) into the built optimas_fast/kernels package.
+
+    kernels/ has no __init__.py on purpose: with the repository root on sys.path (python -c, a notebook or a
+    script started there) a regular package there would shadow Hugging Face's `kernels`, which transformers
+    imports. In a source checkout or an editable install optimas_fast/kernels/__init__.py reaches the folder
+    through its __path__; a wheel carries the modules inside the package instead."""
+
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "optimas_fast", "kernels")
+        self.mkpath(target)
+        for src in sorted(glob.glob(os.path.join("kernels", "*.py"))):
+            self.copy_file(src, os.path.join(target, os.path.basename(src)))
+
+
 setup(
-    packages=find_packages(include=["optimas_fast", "optimas_fast.*"]) + ["optimas_fast.kernels"],
-    # Triton kernels live in the top-level kernels/ folder but install as optimas_fast.kernels:
-    # the top-level name `kernels` is taken on PyPI.
-    package_dir={"optimas_fast.kernels": "kernels"},
+    packages=find_packages(include=["optimas_fast", "optimas_fast.*"]),
+    # the example data sets ship inside the package (a clone or a wheel needs nothing beside it)
+    package_data={"optimas_fast": ["data/*.jsonl", "data/*.csv", "data/README.md"]},
     ext_modules=[Pybind11Extension("optimas_fast._C", SOURCES, cxx_std=17)],
-    cmdclass={"build_ext": BuildExt},
+    cmdclass={"build_ext": BuildExt, "build_py": BuildPy},
     zip_safe=False,
 )

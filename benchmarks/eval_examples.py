@@ -25,7 +25,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="split seed")
     ap.add_argument("--workers", type=int, default=16, help="threads; the embedded LM batches their requests")
     ap.add_argument("--lm", default="embedded", help="make_lm spec")
-    ap.add_argument("--data-dir", default=None, help="data folder (default: $OPTIMAS_FAST_DATA or ../shared/data)")
+    ap.add_argument("--data-dir", default=None, help="data folder (default: $OPTIMAS_FAST_DATA or the package's own copy)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
 

@@ -1,4 +1,4 @@
-"""TRL-style preference data where every pair is unique, from PubMedQA (../shared/data/pubmedqa_train.jsonl).
+"""TRL-style preference data where every pair is unique, from PubMedQA (the package's copy, optimas_fast/data/pubmedqa_train.jsonl).
 
 One pair per question (no candidate is shared by two pairs, so dedupe has nothing to merge, and no prompt is
 shared by two pairs, so the only sharing left is a pair's own prompt between its chosen and rejected):
@@ -28,8 +28,10 @@ import re
 import statistics
 from typing import Any, Callable
 
+from optimas_fast.examples.data import PUBMEDQA_FILE, default_data_dir
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_SOURCE = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data", "pubmedqa_train.jsonl"))
+DEFAULT_SOURCE = str(default_data_dir() / PUBMEDQA_FILE)  # the package's own copy (or $OPTIMAS_FAST_DATA)
 LABELS = ("yes", "no", "maybe")
 TEMPLATES = ("The abstract reports: {s}", "Evidence: {s}", "This follows from the findings: {s}",
              "Key result: {s}", "As the study puts it: {s}", "Supporting detail: {s}")

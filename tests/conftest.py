@@ -25,7 +25,6 @@ if "TRITON_INTERPRET" not in os.environ:
 import pytest
 
 _RUN_SEED = int(os.environ.get("OPTIMAS_TEST_SEED", random.SystemRandom().randrange(2**31)))
-SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 
 def pytest_report_header(config):

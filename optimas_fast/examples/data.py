@@ -1,6 +1,7 @@
 """Data loaders for the three example systems, with row validation and a deterministic seeded split.
 
-The data folder is ``data_dir`` if given, else ``$OPTIMAS_FAST_DATA``, else ``<repo>/../shared/data``.
+The data folder is ``data_dir`` if given, else ``$OPTIMAS_FAST_DATA``, else the copy that ships inside the
+package (``optimas_fast/data/``, with its sources and licences in the README beside the files).
 Each loader returns a list of example dicts with the fields the system reads plus the gold:
 
 - PubMedQA: ``id``, ``question``, ``context`` (one str, sentences joined), ``answer`` ("yes"/"no"/"maybe").
@@ -28,6 +29,7 @@ from optimas_fast._validate import is_int
 
 __all__ = [
     "default_data_dir",
+    "PACKAGE_DATA_DIR",
     "load_pubmedqa",
     "load_hotpotqa",
     "load_amazon",
@@ -44,17 +46,19 @@ PUBMEDQA_FILE = "pubmedqa_train.jsonl"
 HOTPOTQA_FILE = "hotpotqa_distractor_sample.jsonl"
 AMAZON_FILE = "amazon_next_item.csv"
 PUBMEDQA_LABELS = ("yes", "no", "maybe")
+# optimas_fast/examples/data.py -> optimas_fast/data (package data; setup.py ships it in wheels and sdists)
+PACKAGE_DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 
 
 def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data folder: the argument, else ``$OPTIMAS_FAST_DATA``, else ``<repo>/../shared/data``."""
+    """The data folder: the argument, else ``$OPTIMAS_FAST_DATA``, else the package's own copy
+    (``optimas_fast/data/``: present in a clone, an editable install and a wheel alike)."""
     if data_dir is not None:
         return Path(data_dir)
     env = os.environ.get("OPTIMAS_FAST_DATA")
     if env:
         return Path(env)
-    repo = Path(__file__).resolve().parents[2]  # optimas_fast/examples/data.py -> repo root
-    return (repo / ".." / "shared" / "data").resolve()
+    return PACKAGE_DATA_DIR
 
 
 def _data_file(name: str, data_dir: str | os.PathLike | None) -> Path:
