@@ -39,6 +39,7 @@ from optimas_fast._validate import check_int
 
 from .data import PreferencePair, as_candidates, as_pairs, pair_weights
 from .encoder import Encoder, Rows
+from . import schedules
 from .metrics import grouped_spearman
 
 logger = logging.getLogger(__name__)
@@ -73,9 +74,9 @@ class TrainConfig:
     lr: float = 5e-5  # backbone learning rate (AdamW)
     head_lr: float | None = None  # heads' learning rate; None = 20 x lr (heads start random, the backbone not)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
-    warmup_steps: int = 0  # linear warm-up from 0 over this many optimizer steps
-    schedule: str = "constant"  # "constant" | "linear" (decay to min_lr_ratio at the end of the last train())
-    min_lr_ratio: float = 0.1  # linear schedule floor; adapt() after the horizon runs at this ratio
+    warmup_steps: int = 0  # linear warm-up from 0 over this many optimizer steps (schedules.py: transformers')
+    schedule: str = "constant"  # "constant" | "linear" | "cosine" (decay to min_lr_ratio at the end of train())
+    min_lr_ratio: float = 0.1  # floor of the linear / cosine decay; adapt() after the horizon runs at this ratio
     batch_pairs: int = 16  # pairs per optimizer step (global, across ranks)
     weighting: str = "margin"  # "margin": weight = normalised margin (reference behaviour) | "uniform"
     margin_floor: float = 0.05  # weight floor as a fraction of the mean margin (no valid pair gets weight 0)
@@ -92,8 +93,8 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive finite float, got {self.lr!r}")
         if self.head_lr is not None and not (self.head_lr > 0 and math.isfinite(self.head_lr)):
             raise ValueError(f"head_lr must be a positive finite float or None, got {self.head_lr!r}")
-        if self.schedule not in ("constant", "linear"):
-            raise ValueError(f"schedule must be 'constant' or 'linear', got {self.schedule!r}")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"schedule must be 'constant', 'linear' or 'cosine', got {self.schedule!r}")
         if self.weighting not in ("margin", "uniform"):
             raise ValueError(f"weighting must be 'margin' or 'uniform', got {self.weighting!r}")
         check_int(self.batch_pairs, "batch_pairs", min=1)
@@ -102,8 +103,9 @@ class TrainConfig:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
         if not (self.margin_floor > 0):
             raise ValueError(f"margin_floor must be > 0 (else zero-margin pairs get weight 0), got {self.margin_floor!r}")
-        if self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError("warmup_steps must be >= 0 and min_lr_ratio in [0, 1]")
+        check_int(self.warmup_steps, "warmup_steps", min=0)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.center < 0 or not math.isfinite(self.center):
             raise ValueError(f"center must be a finite float >= 0, got {self.center!r}")
 
@@ -240,12 +242,9 @@ class Trainer:
 
     def lr_factor(self, step: int) -> float:
         c = self.cfg
-        f = min(1.0, (step + 1) / c.warmup_steps) if c.warmup_steps > 0 else 1.0
-        if c.schedule == "linear" and self.horizon is not None:
-            span = max(1, self.horizon - c.warmup_steps)
-            prog = min(1.0, max(0.0, (step - c.warmup_steps) / span))
-            f *= 1.0 - (1.0 - c.min_lr_ratio) * prog
-        return f
+        kind = "constant_with_warmup" if c.schedule == "constant" else c.schedule
+        return schedules.lr_factor(kind, step, c.warmup_steps, max(1, self.horizon or 1),
+                                   0.0 if c.schedule == "constant" else c.min_lr_ratio)
 
     def _wrapped(self) -> nn.Module:
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):

@@ -12,8 +12,8 @@ script changes only its import line.
 What matches TRL 1.16 / transformers' Trainer (same meaning, same defaults):
 - the loss: mean(-log sigmoid(r+ - r- - margin)) (+ center_rewards_coefficient * mean((r+ + r-)^2)), margin
   only when the data has a ``margin`` column; uniform pair weights; one learning rate for backbone and heads;
-- the LR schedule: transformers' ``get_{constant,linear,cosine}_schedule_with_warmup`` formulas, evaluated here
-  per optimizer step (warm-up from 0 at step 0, decay to 0 at the last step);
+- the LR schedule: transformers' ``get_{constant,linear,cosine}_schedule_with_warmup`` formulas (schedules.py),
+  evaluated per optimizer step (warm-up from 0 at step 0, decay to 0 at the last step);
 - AdamW (betas 0.9/0.999, eps 1e-8), grad-norm clipping at ``max_grad_norm``, pairs longer than
   ``max_length`` dropped before batching (so the step count is TRL's), dropout off (``disable_dropout``);
 - steps: global batch = per_device_train_batch_size * gradient_accumulation_steps pairs (one process);
@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from optimas_fast._io import atomic_write_text, fsync_dir
 from optimas_fast._validate import is_int, is_number
 
+from . import schedules
 from .data import PreferencePair, as_pairs
 from .formats import PairSet, load_pairs
 from .model import DEFAULT_BACKBONE, RewardModel, RewardModelConfig
@@ -66,7 +67,6 @@ logger = logging.getLogger(__name__)
 PREFIX_CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.json"
-SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 STRATEGIES = ("no", "steps", "epoch")
 OVERLONG = ("drop", "truncate_prefix", "error")
 # AdamW with lr exactly 0 is rejected by the engine's TrainConfig; HF's warm-up gives lr 0 at step 0. This
@@ -148,7 +148,7 @@ def _check_args(a: RewardConfig) -> None:
     need(_is_num(a.learning_rate) and a.learning_rate > 0, "learning_rate", "a positive finite number")
     need(_is_num(a.num_train_epochs) and a.num_train_epochs > 0, "num_train_epochs", "a number > 0")
     need(is_int(a.max_steps) and (a.max_steps == -1 or a.max_steps >= 1), "max_steps", "-1 or an int >= 1")
-    need(a.lr_scheduler_type in SCHEDULES, "lr_scheduler_type", f"one of {list(SCHEDULES)}")
+    need(a.lr_scheduler_type in schedules.SCHEDULES, "lr_scheduler_type", f"one of {list(schedules.SCHEDULES)}")
     need(_is_num(a.warmup_ratio) and 0 <= a.warmup_ratio <= 1, "warmup_ratio", "a number in [0, 1]")
     need(_is_num(a.warmup_steps) and a.warmup_steps >= 0 and (a.warmup_steps < 1 or float(a.warmup_steps).is_integer()),
          "warmup_steps", "an int >= 0 or a ratio in [0, 1)")
@@ -209,27 +209,9 @@ def _steps_of(v: float, total: int) -> int:
 
 def warmup_steps_of(args: RewardConfig, total: int) -> int:
     """transformers' get_warmup_steps (warmup_steps: int or ratio) plus the transformers-4 warmup_ratio."""
-    if args.warmup_steps >= 1:
-        return int(args.warmup_steps)
-    ratio = args.warmup_steps if args.warmup_steps > 0 else args.warmup_ratio
-    return math.ceil(total * ratio)
-
-
-def lr_lambda(kind: str, step: int, warmup: int, total: int) -> float:
-    """transformers' schedule multiplier at optimizer step ``step`` (0-based), formula for formula
-    (optimization.py: _get_{constant,linear,cosine}_schedule_with_warmup_lr_lambda, cosine num_cycles=0.5)."""
-    if kind == "constant":
-        return 1.0
-    if step < warmup:
-        return float(step) / float(max(1, warmup))
-    if kind == "constant_with_warmup":
-        return 1.0
-    if kind == "linear":
-        return max(0.0, float(total - step) / float(max(1, total - warmup)))
-    if kind == "cosine":
-        progress = float(step - warmup) / float(max(1, total - warmup))
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
-    raise ValueError(f"lr_scheduler_type must be one of {list(SCHEDULES)}, got {kind!r}")
+    if args.warmup_steps > 0 or args.warmup_ratio == 0:
+        return schedules.warmup_steps_of(args.warmup_steps, total)
+    return math.ceil(total * args.warmup_ratio)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -489,8 +471,8 @@ class RewardTrainer:
 
     def learning_rate_at(self, step: int) -> float:
         p = self.plan()
-        return self.args.learning_rate * lr_lambda(self.args.lr_scheduler_type, step, p["warmup_steps"],
-                                                   p["max_steps"])
+        return self.args.learning_rate * schedules.lr_factor(self.args.lr_scheduler_type, step, p["warmup_steps"],
+                                                             p["max_steps"])
 
     def _epoch_order(self, epoch: int) -> list[int]:
         # a permutation per epoch from (seed, epoch) alone: a resumed run sees the same batches
@@ -534,7 +516,7 @@ class RewardTrainer:
         try:
             for step in range(start_step, total):
                 batch = self._batch(step, spe)
-                lr = a.learning_rate * lr_lambda(a.lr_scheduler_type, step, warm, total)
+                lr = a.learning_rate * schedules.lr_factor(a.lr_scheduler_type, step, warm, total)
                 t0 = time.perf_counter()
                 hist = self.model.train(
                     batch, epochs=1, lr=max(lr, _LR_ZERO), head_lr=max(lr, _LR_ZERO), schedule="constant",
@@ -738,5 +720,5 @@ def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return ckpts[-1] if ckpts else None
 
 
-__all__ = ["RewardTrainer", "RewardConfig", "TrainOutput", "last_checkpoint", "lr_lambda", "pair_metrics",
+__all__ = ["RewardTrainer", "RewardConfig", "TrainOutput", "last_checkpoint", "pair_metrics",
            "filter_overlong", "to_pairs", "warmup_steps_of"]
