@@ -23,14 +23,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import git_rev, machine  # noqa: E402
-from run_examples import config_for, paired_diff_ci  # noqa: E402
+from _common import git_rev, machine
+from run_examples import config_for, paired_diff_ci
 
-from optimas_fast.cli import build, evaluate_with_bar, load_config, parse_best_of, parse_config  # noqa: E402
-from optimas_fast.optimize import Optimas, load_run_state  # noqa: E402
-from optimas_fast.optimize.state import RUN_STATE  # noqa: E402
-from optimas_fast.report import bootstrap_ci  # noqa: E402
+from optimas_fast.optimize import Optimas, load_run_state
+from optimas_fast.optimize.state import RUN_STATE
+from optimas_fast.report import bootstrap_ci
+from optimas_fast.run import build, evaluate_with_bar, load_config, parse_best_of, parse_config
 
 log = logging.getLogger("bench_best_of")
 

@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine_info, write_results  # noqa: E402
 
 from optimas_fast.reward import PreferencePair, RewardModelConfig, RewardModel, TemplateConfig, spearman  # noqa: E402

@@ -27,10 +27,9 @@ import types
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, write_results  # noqa: E402
+from _common import machine, write_results
 
-from optimas_fast.reward import RewardModelConfig, RewardModel, TemplateConfig, load_backbone  # noqa: E402
+from optimas_fast.reward import RewardModelConfig, RewardModel, TemplateConfig, load_backbone
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega river stone cloud lamp answer question because therefore").split()

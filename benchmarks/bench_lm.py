@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import git_rev, machine  # noqa: E402
+from _common import git_rev, machine
 
-from optimas_fast.lm import EmbeddedLM, LMCache, UsageLedger  # noqa: E402
-from optimas_fast.lm.llamacpp import LlamaCppLM  # noqa: E402
+from optimas_fast.lm import EmbeddedLM, LMCache, UsageLedger
+from optimas_fast.lm.llamacpp import LlamaCppLM
 
 TOPICS = ["the moon", "bread", "volcanoes", "honey bees", "the Roman empire", "rain", "chess", "coffee",
           "octopuses", "glaciers", "the piano", "tea", "lightning", "deserts", "whales", "paper"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -26,11 +25,10 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import git_rev, machine, timeit, write_results  # noqa: E402
+from _common import git_rev, machine, timeit, write_results
 
-import optimas_fast.ops as ops  # noqa: E402
-from optimas_fast.ops import reference as ref  # noqa: E402
+import optimas_fast.ops as ops
+from optimas_fast.ops import reference as ref
 
 
 def bench_fused(B=4096, H=1024, C=16):

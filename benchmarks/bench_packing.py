@@ -26,11 +26,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, write_results  # noqa: E402
+from _common import machine, write_results
 
-from optimas_fast.reward import RewardModelConfig, RewardModel, load_backbone, load_pairs  # noqa: E402
-from optimas_fast.reward.template import TemplateConfig  # noqa: E402
+from optimas_fast.reward import RewardModelConfig, RewardModel, load_backbone, load_pairs
+from optimas_fast.reward.template import TemplateConfig
 
 MODES = {"encoder": [("padded", dict(packing=False)), ("packed", dict(packing=True))],
          "decoder": [("padded+shared", dict(packing=False, prefix_sharing=True)),

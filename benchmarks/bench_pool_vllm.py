@@ -28,12 +28,10 @@ import argparse
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import gemm_peak_flops, machine, write_results  # noqa: E402
+from _common import gemm_peak_flops, machine, write_results
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "pubmedqa_train.jsonl")
 LABELS = ("yes", "no", "maybe")

@@ -71,7 +71,6 @@ from optimas_fast.reward import (  # noqa: E402
 from optimas_fast.reward.formats import load_pairs  # noqa: E402
 from optimas_fast.reward.template import TokenCache  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import machine  # noqa: E402
 
 FILLER = ("the of and to in is was for on that with as by at from it an be this are which or have has not "

@@ -29,17 +29,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, write_results  # noqa: E402
+from _common import machine, write_results
 
-from optimas_fast._native import native  # noqa: E402
-from optimas_fast.scheduler import Scheduler  # noqa: E402
-from optimas_fast.scheduler_reference import flatten_requests  # noqa: E402
+from optimas_fast._native import native
+from optimas_fast.scheduler import Scheduler
+from optimas_fast.scheduler_reference import flatten_requests
 
 VOCAB = 32000
 N_PROMPTS = 1000

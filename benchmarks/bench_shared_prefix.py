@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _common import machine, write_results  # noqa: E402
-from bench_pool_vllm import pool_rows  # noqa: E402
+from _common import machine, write_results
+from bench_pool_vllm import pool_rows
 
 
 def main() -> None:

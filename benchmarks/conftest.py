@@ -12,16 +12,13 @@ nothing).
 """
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import time
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info as optimas_machine_info  # noqa: E402
+from _common import machine_info as optimas_machine_info
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):

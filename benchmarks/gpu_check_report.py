@@ -19,8 +19,7 @@ import os
 import sys
 import xml.etree.ElementTree as ET
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import machine_info  # noqa: E402
+from _common import machine_info
 
 # The bandwidth target: >= 70% of the measured device copy bandwidth for these (op, mode) pairs at
 # B=16384, H=4096, C=32 (the suite's cuda-large case), judged on device time (back-to-back calls timed with

@@ -12,19 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import git_rev, machine  # noqa: E402
+from _common import git_rev, machine
 
-from optimas_fast.examples import load_example  # noqa: E402
-from optimas_fast.lm import make_lm  # noqa: E402
-from optimas_fast.lm.usage import UsageLedger, set_default_ledger  # noqa: E402
-from optimas_fast.optimize import Optimas, OptimasConfig  # noqa: E402
-from optimas_fast.report import bootstrap_ci  # noqa: E402
+from optimas_fast.examples import load_example
+from optimas_fast.lm import make_lm
+from optimas_fast.lm.usage import UsageLedger, set_default_ledger
+from optimas_fast.optimize import Optimas, OptimasConfig
+from optimas_fast.report import bootstrap_ci
 
 log = logging.getLogger("run_codegen")
 

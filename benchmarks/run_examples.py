@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import random
 import sys
 import time
@@ -23,17 +22,16 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import git_rev, machine  # noqa: E402
+from _common import git_rev, machine
 
-from optimas_fast.cli import build, evaluate_with_bar, parse_config  # noqa: E402
-from optimas_fast.demo import DEMO_CONFIG  # noqa: E402
-from optimas_fast.lm.usage import UsageLedger, set_default_ledger  # noqa: E402
-from optimas_fast.optimize import Optimas  # noqa: E402
-from optimas_fast.optimizers import PromptOptimizer  # noqa: E402
-from optimas_fast.preference import sample_variants  # noqa: E402
-from optimas_fast.report import bootstrap_ci, write_report  # noqa: E402
-from optimas_fast.system import Prompt  # noqa: E402
+from optimas_fast.demo import DEMO_CONFIG
+from optimas_fast.lm.usage import UsageLedger, set_default_ledger
+from optimas_fast.optimize import Optimas
+from optimas_fast.optimizers import PromptOptimizer
+from optimas_fast.preference import sample_variants
+from optimas_fast.report import bootstrap_ci, write_report
+from optimas_fast.run import build, evaluate_with_bar, parse_config
+from optimas_fast.system import Prompt
 
 log = logging.getLogger("run_examples")
 

@@ -1,470 +1,41 @@
-"""Command line: ``optimas-fast demo | run CONFIG.yaml | eval RUN_DIR_OR_CONFIG | resume RUN_DIR``.
+"""Command line: ``optimas-fast demo | run CONFIG.yaml | eval RUN_DIR_OR_CONFIG | resume RUN_DIR`` and
+``optimas-fast reward ...`` (optimas_fast/cli_reward.py). Argument parsing only: the run itself (the config
+format, building the system, the loop) is ``optimas_fast.run``, whose docstring the ``run`` help prints.
 
-A run config (YAML) has these top-level keys (all optional except ``system``):
-
-    system: amazon            # a built-in example (pubmedqa, hotpotqa, amazon; synthetic: a tiny test system, no LM)
-                              # or your own pipeline: "package.module:factory", a callable returning a System
-                              # (imported from the current directory or sys.path; called with lm= and/or lms=
-                              # when it declares those parameters)
-    data: {dir: null, seed: 0, train: null, val: null, test: null}   # split seed and size caps (ints), or
-                              # JSONL files {train: FILE, val: FILE, test: FILE} (one example dict a line: the
-                              # system's input fields plus what the metric reads; paths relative to this file)
-    lm: embedded              # make_lm spec of the components' LM ("embedded", "openai:<model>@<url>", "hf:<path>")
-                              # or {factory: "package.module:callable"} returning an optimas_fast.lm.LM
-    lms: null                 # or several named LMs {name: spec}: components use the first, model choices range over all
-    proposer: null            # LM writing prompt proposals (default: the components' LM)
-    reward: {backbone: minilm, max_length: 256}   # LRF backbone: minilm, a local HF directory, or tiny-random (tests)
-    loop: {...}               # optimas_fast.optimize.OptimasConfig fields (iterations, batch_size, budget, ...)
-    output: runs/my-run       # run directory (run_state.json, LRF checkpoint, report.json/png, system_state.json)
-
-A bad key or value stops with a message naming the key and what is allowed.
+Results go to stdout, progress to stderr; a bad config or argument exits 2 with one line naming it.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import logging
-import os
-import re
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import yaml
-
-from optimas_fast import demo
-from optimas_fast._validate import check_int
+from optimas_fast import demo, run
 from optimas_fast.cli_reward import add_reward_parser
-from optimas_fast.examples import EXAMPLES
-from optimas_fast.optimize.config import ConfigError, OptimasConfig
+from optimas_fast.optimize.config import ConfigError
+from optimas_fast.run import CONFIG_NAME, build, evaluate_with_bar, format_ci, load_config, parse_best_of, \
+    parse_config, run_config
 
 log = logging.getLogger("optimas_fast.cli")
 
-SYSTEMS = (*EXAMPLES, "synthetic")  # the built-in examples (optimas_fast.examples) and the loop's test system
-# "package.module:factory" (the attribute may be dotted: "module:Class.build")
-FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-TOP_KEYS = ("system", "data", "lm", "lms", "proposer", "reward", "loop", "output")
-DATA_KEYS = ("dir", "seed", "train", "val", "test")
-REWARD_KEYS = ("backbone", "max_length")
-CONFIG_NAME = "config.yaml"
+
+def _echo(line: str) -> None:
+    print(line, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------- config
-@dataclass
-class RunConfig:
-    system: str  # a built-in system name, or "package.module:factory"
-    data: dict  # dir, seed, train/val/test caps (ints) or absolute JSONL paths (str)
-    lm: Any  # make_lm spec of the components' LM
-    lms: dict | None  # several named LM specs
-    proposer: Any  # make_lm spec of the proposer (None: the components' LM)
-    reward: dict  # backbone, max_length
-    loop: OptimasConfig  # the loop settings
-    output: str | None  # run directory
-    raw: dict  # the config as given (copied into the run directory)
-
-
-def _check_keys(d: Any, allowed: tuple, where: str) -> dict:
-    if d is None:
-        return {}
-    if not isinstance(d, Mapping):
-        raise ConfigError(f"{where} must be a mapping, got {type(d).__name__}")
-    bad = sorted(k for k in d if k not in allowed)
-    if bad:
-        raise ConfigError(f"unknown key {', '.join(repr(f'{where}.{k}' if where else k) for k in bad)}; "
-                          f"allowed keys{' under ' + where if where else ''}: {list(allowed)}")
-    return dict(d)
-
-
-def is_factory_spec(system: Any) -> bool:
-    """True for a ``"package.module:factory"`` system (or LM) spec."""
-    return isinstance(system, str) and FACTORY_RE.match(system) is not None
-
-
-def _parse_data(data: dict, system: str, base_dir: Path) -> dict:
-    """Size caps (ints) or JSONL files (str, resolved against ``base_dir`` to absolute paths)."""
-    files = {k: data[k] for k in ("train", "val", "test") if isinstance(data.get(k), str)}
-    if not files:
-        for k in ("train", "val", "test"):
-            check_int(data.get(k), f"data.{k}", min=1, allow_none=True, error=ConfigError,
-                      what="an int >= 1 (a size cap), a JSONL file path or null")
-        if is_factory_spec(system):
-            raise ConfigError(f"system {system!r} (your own pipeline) needs its data as JSONL files: "
-                              f"data: {{train: FILE, val: FILE, test: FILE}}")
-        return data
-    for k in ("train", "val", "test"):
-        v = data.get(k)
-        if v is not None and not isinstance(v, str):
-            raise ConfigError(f"data.{k}: give every split as a JSONL file path (or leave test out), not a mix of "
-                              f"files and size caps; got {v!r}")
-    missing = [k for k in ("train", "val") if k not in files]
-    if missing:
-        raise ConfigError(f"data.{missing[0]}: a JSONL file is required when the data are files "
-                          f"(data: {{train: FILE, val: FILE, test: FILE}})")
-    if data.get("dir") is not None:
-        raise ConfigError("data.dir is the built-in examples' data folder; it cannot be combined with JSONL files")
-    out = dict(data)
-    for k, v in files.items():
-        path = (base_dir / v).resolve()
-        if not path.is_file():
-            raise ConfigError(f"data.{k}: file {path} not found")
-        out[k] = str(path)
-    return out
-
-
-def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> RunConfig:
-    """Validates a config dict (see the module docstring); ConfigError names the bad key. Relative data file
-    paths are resolved against ``base_dir`` (the config file's folder; default the current directory), and
-    the returned ``raw`` holds them absolute, so the copy in the run directory works from anywhere."""
-    raw = _check_keys(raw, TOP_KEYS, "")
-    system = raw.get("system")
-    if system not in SYSTEMS and not is_factory_spec(system):
-        raise ConfigError(f"system must be one of {list(SYSTEMS)} or 'package.module:factory' (a callable returning "
-                          f"a System), got {system!r}")
-    data = _parse_data(_check_keys(raw.get("data"), DATA_KEYS, "data"), system,
-                       Path(base_dir) if base_dir is not None else Path.cwd())
-    if data.get("train") is not None and isinstance(data["train"], str):
-        raw = dict(raw, data=data)  # the absolute paths travel with the config
-    check_int(data.get("seed", 0), "data.seed", error=ConfigError)
-    reward = _check_keys(raw.get("reward"), REWARD_KEYS, "reward")
-    backbone = reward.get("backbone", "minilm")
-    if not isinstance(backbone, str) or not (backbone in ("minilm", "tiny-random") or os.path.isdir(backbone)):
-        raise ConfigError(f"reward.backbone must be 'minilm', 'tiny-random' or an existing model directory, "
-                          f"got {backbone!r}")
-    ml = reward.get("max_length", 256)
-    check_int(ml, "reward.max_length", min=16, error=ConfigError)
-    lms = raw.get("lms")
-    if lms is not None and (not isinstance(lms, Mapping) or not lms):
-        raise ConfigError(f"lms must be a non-empty mapping name -> LM spec, got {lms!r}")
-    for k in ("lm", "proposer"):
-        v = raw.get(k)
-        if v is not None and not isinstance(v, (str, Mapping)):
-            raise ConfigError(f"{k} must be an LM spec string (e.g. 'embedded', 'openai:<model>@<url>') or a mapping, "
-                              f"got {v!r}")
-    for where, v in [("lm", raw.get("lm")), ("proposer", raw.get("proposer"))] + [
-            (f"lms.{n}", v) for n, v in (lms or {}).items()]:
-        if isinstance(v, Mapping) and "factory" in v and (set(v) != {"factory"} or not is_factory_spec(v["factory"])):
-            raise ConfigError(f"{where}: an LM factory is {{factory: 'package.module:callable'}} and nothing else, "
-                              f"got {dict(v)!r}")
-    try:
-        loop = OptimasConfig.from_dict(raw.get("loop") or {}, prefix="loop.")
-    except ConfigError as exc:  # value errors name the field without its section: add it
-        msg = str(exc)
-        raise ConfigError(msg if "'loop." in msg or msg.startswith("loop.") else f"loop.{msg}") from None
-    out = raw.get("output")
-    if out is not None and not isinstance(out, str):
-        raise ConfigError(f"output must be a directory path, got {out!r}")
-    return RunConfig(system, data, raw.get("lm", "embedded"), dict(lms) if lms else None, raw.get("proposer"),
-                     {"backbone": backbone, "max_length": ml}, loop, out, raw)
-
-
-def load_config(path: str | os.PathLike) -> RunConfig:
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    return parse_config(raw, base_dir=Path(path).resolve().parent)
-
-
-# ----------------------------------------------------------------------------------------------- your own
-def resolve_factory(spec: str, where: str = "system") -> Any:
-    """The object named by ``"package.module:attr"``, imported from the current directory or ``sys.path``;
-    ConfigError naming the spec when the module does not import or has no such attribute."""
-    if not is_factory_spec(spec):
-        raise ConfigError(f"{where}: {spec!r} is not 'package.module:callable'")
-    module_name, _, attr = spec.partition(":")
-    importlib.invalidate_caches()  # a module written since the last import (e.g. by a test) must be found
-    cwd = os.getcwd()
-    if cwd not in sys.path and "" not in sys.path:  # console scripts do not put the current directory on the path
-        sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-            raise ConfigError(f"{where}: cannot import module {module_name!r} of {spec!r}: no module {exc.name!r} "
-                              f"in the current directory ({cwd}) or on sys.path") from None
-        raise ConfigError(f"{where}: importing module {module_name!r} of {spec!r} failed: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 — the user's module raised while importing: say so in one line
-        raise ConfigError(f"{where}: importing module {module_name!r} of {spec!r} failed: "
-                          f"{type(exc).__name__}: {exc}") from None
-    obj = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise ConfigError(f"{where}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no attribute "
-                              f"{attr!r}")
-        obj = getattr(obj, part)
-    return obj
-
-
-def build_own_system(spec: str, make_lms) -> Any:
-    """Calls the factory ``spec`` (see the module docstring). ``make_lms()`` builds the configured LMs and is
-    only called when the factory declares an ``lm`` or ``lms`` parameter (LMs can be slow to load).
-    Returns (system, lms or None)."""
-    from optimas_fast.system import System
-
-    factory = resolve_factory(spec)
-    if not callable(factory):
-        raise ConfigError(f"system: {spec!r} is a {type(factory).__name__}, not a callable returning a System")
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        params = {}
-    wants = [n for n in ("lm", "lms") if n in params]
-    required = [n for n, p in params.items() if n not in ("lm", "lms") and p.default is p.empty
-                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    if required:
-        raise ConfigError(f"system: factory {spec!r} has required parameters {required}; it is called with lm= "
-                          f"and/or lms= only (give the others defaults)")
-    lms = make_lms() if wants else None
-    kwargs = {}
-    if "lm" in wants:
-        kwargs["lm"] = next(iter(lms.values()))
-    if "lms" in wants:
-        kwargs["lms"] = lms
-    try:
-        system = factory(**kwargs)
-    except ConfigError:
-        raise
-    except Exception as exc:  # noqa: BLE001 — one clear line; the traceback goes to the debug log
-        log.debug("factory %s failed", spec, exc_info=True)
-        raise ConfigError(f"system: factory {spec!r} raised {type(exc).__name__}: {exc}") from None
-    if not isinstance(system, System):
-        raise ConfigError(f"system: factory {spec!r} returned a {type(system).__name__}, not an "
-                          f"optimas_fast.system.System")
-    return system, lms
-
-
-def make_lm_spec(spec: Any, where: str):
-    """``make_lm`` plus the ``{factory: "package.module:callable"}`` form (a callable returning an LM, or an
-    LM object)."""
-    from optimas_fast.lm import LM, make_lm
-
-    if isinstance(spec, Mapping) and "factory" in spec:
-        obj = resolve_factory(spec["factory"], where)
-        lm = obj() if callable(obj) and not isinstance(obj, LM) else obj
-        if not isinstance(lm, LM):
-            raise ConfigError(f"{where}: factory {spec['factory']!r} gave a {type(lm).__name__}, not an "
-                              f"optimas_fast.lm.LM")
-        return lm
-    try:
-        return make_lm(spec)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-
-
-def load_jsonl(path: str | os.PathLike, *, required: tuple = (), where: str = "") -> list[dict]:
-    """Examples from a JSONL file: one JSON object a line (blank lines skipped). ConfigError naming the file
-    and line for a line that is not JSON, not an object, or lacks a ``required`` field."""
-    label = f"{where}: " if where else ""
-    rows = []
-    try:
-        f = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{label}cannot read {path}: {exc.strerror or exc}") from None
-    with f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{label}{path} line {i}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{label}{path} line {i}: expected a JSON object (one example), got "
-                                  f"{type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise ConfigError(f"{label}{path} line {i}: missing field(s) {missing} that the system reads "
-                                  f"(its inputs: {list(required)})")
-            rows.append(row)
-    if not rows:
-        raise ConfigError(f"{label}{path} has no examples")
-    return rows
-
-
-# ----------------------------------------------------------------------------------------------- building
-def build(cfg: RunConfig):
-    """(system, split, reward model, proposer LM) for a config."""
-    files = isinstance(cfg.data.get("train"), str)
-    first = None
-
-    def make_lms():
-        if cfg.lms:
-            return {name: make_lm_spec(spec, f"lms.{name}") for name, spec in cfg.lms.items()}
-        lm = make_lm_spec(cfg.lm, "lm")
-        return {getattr(lm, "name", "lm"): lm}
-
-    if cfg.system == "synthetic":
-        from optimas_fast.optimize.testing import build_synthetic
-
-        system, _, train, val = build_synthetic(cfg.data.get("seed", 0))
-        split = _Split(train, val, val)
-        proposer = None
-    elif is_factory_spec(cfg.system):
-        system, lms = build_own_system(cfg.system, make_lms)
-        split = None
-        if lms:
-            first = next(iter(lms.values()))
-        elif "lm" in cfg.raw or cfg.lms:
-            # the factory brings its own LMs; an LM in the config is the proposer's
-            first = next(iter(make_lms().values()))
-        proposer = make_lm_spec(cfg.proposer, "proposer") if cfg.proposer is not None else first
-    else:
-        from optimas_fast.examples import load_example
-
-        lms = make_lms()
-        lms = lms if cfg.lms else next(iter(lms.values()))
-        system, split = load_example(cfg.system, lms, data_dir=cfg.data.get("dir"), seed=cfg.data.get("seed", 0))
-        first = next(iter(lms.values())) if isinstance(lms, dict) else lms
-        proposer = make_lm_spec(cfg.proposer, "proposer") if cfg.proposer is not None else first
-    if files:
-        split = _Split(*(load_jsonl(cfg.data[k], required=system.inputs, where=f"data.{k}") if cfg.data.get(k) else []
-                         for k in ("train", "val", "test")))
-    else:
-        split = _Split(*(getattr(split, k)[: cfg.data[k]] if cfg.data.get(k) else getattr(split, k)
-                         for k in ("train", "val", "test")))
-    comps = {n: system.components[n].description or n for n in system.order if system.components[n].variables()}
-    if not comps:
-        raise ConfigError(f"system {cfg.system!r}: no component has a variable to optimize")
-    targets = cfg.loop.components or list(comps)
-    prompts = [a for n in targets if n in system.components
-               for a, v in system.components[n].variables().items() if v.kind == "prompt"]
-    if prompts and proposer is None and cfg.system != "synthetic":
-        raise ConfigError(f"system {cfg.system!r} optimizes Prompt variables {prompts}: give 'proposer:' (an LM spec) "
-                          f"or 'lm:', or a factory that takes lm=")
-    if cfg.reward["backbone"] == "tiny-random":
-        from optimas_fast.optimize.testing import tiny_reward_model
-
-        rm = tiny_reward_model(comps, cfg.loop.seed)
-    else:
-        from optimas_fast.reward import RewardModelConfig, RewardModel, TemplateConfig
-
-        rm = RewardModel(cfg.reward["backbone"], comps, config=RewardModelConfig(
-            seed=cfg.loop.seed, template=TemplateConfig(max_length=cfg.reward["max_length"])))
-    return system, split, rm, proposer
-
-
-@dataclass
-class _Split:
-    train: list
-    val: list
-    test: list
-
-
-def evaluate_with_bar(system, examples, *, desc: str, workers: int, seed: int, progress: bool = True,
-                      stats: dict | None = None, **eval_kwargs):
-    """``system.evaluate`` in chunks, with a tqdm bar (ETA) over examples; returns the list of scores.
-    ``eval_kwargs`` go to ``evaluate`` (e.g. ``best_of``, ``reward``); ``stats``, when given, receives the LM
-    calls and tokens the traces recorded and the wall seconds."""
-    from tqdm.auto import tqdm
-
-    scores = []
-    calls = tokens = 0
-    t0 = time.perf_counter()
-    chunk = max(1, workers)  # one LM batch per chunk; the bar moves (and estimates) per chunk
-    with tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar:
-        for i in range(0, len(examples), chunk):
-            res = system.evaluate(examples[i:i + chunk], workers=workers, seed=seed, **eval_kwargs)
-            scores += res.scores
-            for t in res.traces:
-                u = t.usage
-                calls += u.calls
-                tokens += u.prompt_tokens + u.completion_tokens
-            bar.update(len(res.scores))
-    if stats is not None:
-        stats.update(lm_calls=calls, lm_tokens=tokens, seconds=time.perf_counter() - t0)
-    return scores
-
-
-def parse_best_of(specs: list[str] | None, system, targets: list[str] | None) -> dict[str, int]:
-    """``--best-of`` values: ``N`` (every optimizable LM component; ``targets`` narrows them to the run's
-    optimized ones) or ``name=N``, repeatable, later ones winning. ConfigError naming a bad value."""
-    from optimas_fast.system import LMComponent
-
-    out: dict[str, int] = {}
-    lm_comps = [n for n in system.order if isinstance(system.components[n], LMComponent)
-                and system.components[n].variables() and (targets is None or n in targets)]
-    for spec in specs or []:
-        name, eq, value = spec.rpartition("=")
-        try:
-            n = int(value)
-        except ValueError:
-            n = 0
-        if n < 1 or value.strip() != str(n):
-            raise ConfigError(f"--best-of {spec!r}: N must be an int >= 1 (as 'N' or 'component=N')")
-        if not eq:
-            if not lm_comps:
-                raise ConfigError(f"--best-of {spec!r}: system has no optimizable LM component; name one with "
-                                  f"'component=N' (components: {list(system.order)})")
-            out.update({c: n for c in lm_comps})
-        elif name not in system.components:
-            raise ConfigError(f"--best-of {spec!r}: no component {name!r} (components: {list(system.order)})")
-        elif not system.components[name].variables():
-            raise ConfigError(f"--best-of {spec!r}: {name!r} has no variable, so the LRF has no head for it")
-        else:
-            out[name] = n
-    return out
-
-
-def _fmt(ci: Mapping) -> str:
-    return f"{ci['mean']:.3f} (95% CI {ci['lo']:.3f}-{ci['hi']:.3f}, n={ci['n']})"
+def _config_help() -> str:
+    """The run config's reference: the part of ``optimas_fast.run``'s docstring from "A run config" on."""
+    return run.__doc__[run.__doc__.index("A run config"):]
 
 
 # ----------------------------------------------------------------------------------------------- commands
-def run_config(cfg: RunConfig, out: str | None, resume: bool = False, progress: bool = True,
-               test_before: bool = True) -> dict:
-    """Runs (or resumes) the loop of ``cfg`` in ``out``, evaluates on the test split before and after, writes
-    the report, and returns its test section."""
-    from optimas_fast.optimize import Optimas
-    from optimas_fast.report import bootstrap_ci, write_report
-
-    out_dir = Path(out or cfg.output or f"optimas-run-{time.strftime('%Y%m%d-%H%M%S')}")
-    t0 = time.perf_counter()
-    system, split, rm, proposer = build(cfg)  # first: a config that cannot build leaves no run directory behind
-    if not split.train or not split.val:
-        raise ConfigError(f"the train and val splits must not be empty (got {len(split.train)} and {len(split.val)} "
-                          f"examples)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (out_dir / CONFIG_NAME).write_text(yaml.safe_dump(cfg.raw, sort_keys=False), encoding="utf-8")
-    workers = cfg.loop.val_workers
-    extra: dict[str, Any] = {"system": cfg.system,
-                             "split_sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)}}
-    before_file = out_dir / "test_before.json"
-    if test_before and split.test:
-        if before_file.exists():  # measured by the interrupted session already
-            before = json.loads(before_file.read_text())
-        else:
-            before = evaluate_with_bar(system, split.test, desc="test (before)", workers=workers, seed=cfg.loop.seed,
-                                       progress=progress)
-            before_file.write_text(json.dumps(before))
-        extra["test_before"] = bootstrap_ci(before, seed=cfg.loop.seed)
-        print(f"test score before: {_fmt(extra['test_before'])}", flush=True)
-    loop = Optimas(rm, proposer, cfg.loop, progress=progress)
-    res = loop.optimize(system, split.train, split.val, run_dir=out_dir, resume_from=out_dir if resume else None)
-    if split.test:
-        after = evaluate_with_bar(res.system, split.test, desc="test (after)", workers=workers, seed=cfg.loop.seed,
-                                  progress=progress)
-        extra["test_after"] = bootstrap_ci(after, seed=cfg.loop.seed)
-        print(f"test score after:  {_fmt(extra['test_after'])}", flush=True)
-    extra["total_wall_seconds"] = time.perf_counter() - t0
-    write_report(out_dir, extra=extra)
-    print(f"validation: {res.initial_val:.3f} -> {res.best_val:.3f}"
-          f"{'' if res.stopped is None else f' (stopped: {res.stopped})'}")
-    print(f"output: {out_dir}/ (report.json, report.png, system_state.json, {CONFIG_NAME}, run_state.json, LRF "
-          f"checkpoint)")
-    return extra
-
-
 def _cmd_run(args) -> int:
     cfg = load_config(args.config)
-    run_config(cfg, args.out, progress=not args.no_progress)
+    run_config(cfg, args.out, progress=not args.no_progress, echo=_echo)
     return 0
 
 
@@ -473,7 +44,7 @@ def _cmd_resume(args) -> int:
     if not (d / CONFIG_NAME).is_file():
         raise ConfigError(f"{d} has no {CONFIG_NAME}: not a directory written by 'optimas-fast run' or 'demo'")
     cfg = load_config(d / CONFIG_NAME)
-    run_config(cfg, str(d), resume=True, progress=not args.no_progress)
+    run_config(cfg, str(d), resume=True, progress=not args.no_progress, echo=_echo)
     return 0
 
 
@@ -512,7 +83,7 @@ def _cmd_eval(args) -> int:
     how = " (optimized)" if state else " (unoptimized)"
     if best_of:
         how += " best-of " + ", ".join(f"{n}={k}" for n, k in best_of.items())
-    print(f"{cfg.system} {args.split} score{how}: {_fmt(ci)}; {stats['lm_calls']} LM calls, "
+    print(f"{cfg.system} {args.split} score{how}: {format_ci(ci)}; {stats['lm_calls']} LM calls, "
           f"{stats['seconds']:.1f} s")
     if args.json:
         print(json.dumps(dict(ci, best_of=best_of, **stats)))
@@ -523,7 +94,7 @@ def _cmd_demo(args) -> int:
     raw = demo.demo_config(args.out, args.quick)
     print(demo.banner(raw), flush=True)
     t0 = time.perf_counter()
-    extra = run_config(parse_config(raw), raw["output"], progress=not args.no_progress)
+    extra = run_config(parse_config(raw), raw["output"], progress=not args.no_progress, echo=_echo)
     before, after = extra.get("test_before"), extra.get("test_after")
     if before and after:
         print(f"test accuracy: {before['mean']:.3f} -> {after['mean']:.3f} ({after['mean'] - before['mean']:+.3f}); "
@@ -533,7 +104,7 @@ def _cmd_demo(args) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="optimas-fast", description="Optimas: optimize compound AI systems with "
-                                     "local reward functions.", epilog=__doc__.split("\n\n", 1)[1],
+                                     "local reward functions.", epilog=_config_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="offline demo: optimize the Amazon example with the embedded LM (<= 15 min, CPU)")
@@ -541,7 +112,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test of a few minutes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
-    p = sub.add_parser("run", help="run the loop from a YAML config", description=__doc__,
+    p = sub.add_parser("run", help="run the loop from a YAML config", description=run.__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML config file (see above)")
     p.add_argument("--out", default=None, help="run directory (overrides the config's 'output')")

@@ -20,7 +20,8 @@ MODULES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(BENCH,
 
 
 def load(name: str):
-    """Imports benchmarks/<name>.py under a private module name (the scripts import `_common` by path)."""
+    """Imports benchmarks/<name>.py under a private module name, with benchmarks/ first on sys.path as
+    `python benchmarks/<name>.py` has it (the scripts import `_common` and each other from their own folder)."""
     if BENCH not in sys.path:
         sys.path.insert(0, BENCH)
     spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(BENCH, f"{name}.py"))
@@ -45,6 +46,24 @@ def test_benchmark_module_imports(name):
         tests = [k for k in vars(mod) if k.startswith("test_")]
         assert sorted(tests) == ["test_bt_loss", "test_fused_head_bt_loss", "test_last_token_hidden",
                                  "test_multihead_score"]
+
+
+def test_no_benchmark_edits_sys_path():
+    # `python benchmarks/x.py` puts the script's folder first on sys.path; the library comes installed.
+    # A script that edits sys.path hides an import that only works from one place.
+    for name in MODULES:
+        with open(os.path.join(BENCH, f"{name}.py"), encoding="utf-8") as f:
+            text = f.read()
+        assert "sys.path" not in text, f"benchmarks/{name}.py edits sys.path"
+        assert "optimas_fast.cli" not in text, f"benchmarks/{name}.py imports the CLI; use optimas_fast.run"
+
+
+def test_a_benchmark_script_runs_from_another_folder(tmp_path):
+    # bench_best_of imports _common and run_examples beside it and the run assembly from the library
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "bench_best_of.py"), "--help"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "usage:" in p.stdout and "--systems" in p.stdout
 
 
 def test_kernel_suite_collects_every_op_and_baseline():

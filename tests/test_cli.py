@@ -1,5 +1,5 @@
-"""CLI: --help on every command, strict config errors (key + allowed values), run / eval / resume end to end
-on the synthetic system with a tiny random LRF, and the report files."""
+"""CLI: --help on every command, strict config errors (key + allowed values: optimas_fast.run.parse_config), run /
+eval / resume end to end on the synthetic system with a tiny random LRF, and the report files."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from optimas_fast import cli
+from optimas_fast import cli, run
 from optimas_fast.optimize import ConfigError
 
 
@@ -50,7 +50,7 @@ def test_help(command, capsys):
 ])
 def test_parse_config_errors(raw, key, allowed):
     with pytest.raises(ConfigError) as exc:
-        cli.parse_config(raw)
+        run.parse_config(raw)
     assert key in str(exc.value) and allowed in str(exc.value), str(exc.value)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from optimas_fast import cli
+from optimas_fast import cli, run
 from optimas_fast.optimize import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,15 +135,15 @@ def test_data_spec_errors(tmp_path, data, needle):
     (tmp_path / "t.jsonl").write_text('{"ticket": "a"}\n')
     raw = {"system": "examples.own_pipeline:build_system", "data": data}
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
-        cli.parse_config(raw, base_dir=tmp_path)
+        run.parse_config(raw, base_dir=tmp_path)
 
 
 def test_jsonl_files_also_feed_a_builtin_system(tmp_path, capsys):
     # the synthetic system reads "x"; its examples can come from files too
     for k, n in (("train", 12), ("val", 6)):
         (tmp_path / f"{k}.jsonl").write_text("".join(json.dumps({"id": i, "x": f"item {i}"}) + "\n" for i in range(n)))
-    cfg = cli.parse_config({"system": "synthetic", "data": {"train": "train.jsonl", "val": "val.jsonl"},
+    cfg = run.parse_config({"system": "synthetic", "data": {"train": "train.jsonl", "val": "val.jsonl"},
                             "reward": {"backbone": "tiny-random"}}, base_dir=tmp_path)
-    system, split, _, _ = cli.build(cfg)
+    system, split, _, _ = run.build(cfg)
     assert [len(split.train), len(split.val), len(split.test)] == [12, 6, 0]
     assert split.train[3] == {"id": 3, "x": "item 3"}
