@@ -23,8 +23,15 @@ suffix keys (a cat per layer) and repeating grouped KV heads (a copy per layer) 
 itself on the CPU; here all rows of a prefix group attend to it as one long query block (rows x query heads per KV
 head x suffix tokens), a large GEMM-shaped problem for the flash kernel, with no copy of the prefix at all.
 Measured with SmolLM2-135M, 1 prompt (396 tokens) x 1024 candidates (44 tokens), bf16, 2-core EPYC: 20.6 vs 12.7
-rows/s for the expanded path (benchmarks/RESULTS.md, "Shared-prefix kernel"). CPU only (torch's CPU flash kernel);
-CUDA keeps the expanded cache.
+rows/s for the expanded path (benchmarks/RESULTS.md, "Shared-prefix kernel").
+
+Kernels (``_attend`` / ``_attend_backward``, the only device-specific lines): the CPU runs torch's CPU flash kernel;
+CUDA runs torch's flash kernel (FlashAttention-2: bf16 / fp16, no mask) where a part needs no mask, else its
+memory-efficient kernel (any dtype, additive mask), both with their own backward ops; each returns the log-sum-exp
+the merge needs. The layouts, the merge and the backward's bookkeeping are one code path for every device, so the
+CPU exactness tests (tests/test_reward.py) run all of it but the CUDA kernel calls, which tests/test_gpu_attention.py
+checks on a GPU. flash-attn (the package) is not used: torch's flash kernel is the same algorithm, and flash-attn is
+neither on the GPU image nor small enough to carry there, so a path for it could not be tested anywhere.
 """
 from __future__ import annotations
 
@@ -41,6 +48,14 @@ _registered = False
 _SHARED: contextvars.ContextVar = contextvars.ContextVar("optimas_shared_prefix", default=None)
 
 
+# Which CUDA kernel the shared-prefix parts use: "auto" (flash where a part qualifies, else memory-efficient), or
+# "flash" / "efficient" to force one (tests/test_gpu_attention.py checks each; "flash" still falls back to
+# memory-efficient for a part flash cannot run: fp32, a mask, head dim over 256 or not a multiple of 8).
+CUDA_KERNEL = "auto"
+# the memory-efficient kernel reads its additive bias in 16-element aligned rows (as torch's SDPA pads it)
+_BIAS_ALIGN = 16
+
+
 def _cpu_flash():
     """torch's CPU flash-attention op (returns the log-sum-exp next to the output), or None if this torch lacks
     it."""
@@ -48,8 +63,70 @@ def _cpu_flash():
 
 
 def shared_prefix_available(device: torch.device) -> bool:
-    """Whether ``shared_prefix`` can run here: the CPU, with torch's CPU flash-attention op."""
-    return device.type == "cpu" and _cpu_flash() is not None
+    """Whether ``shared_prefix`` can run here: the CPU with torch's CPU flash-attention op, or CUDA with torch's
+    memory-efficient attention op (in every CUDA build of torch since 2.0)."""
+    if device.type == "cpu":
+        return _cpu_flash() is not None
+    return device.type == "cuda" and hasattr(torch.ops.aten, "_scaled_dot_product_efficient_attention")
+
+
+def _cuda_kernel(q: torch.Tensor, mask: torch.Tensor | None) -> str:
+    """"flash" or "efficient" for one CUDA part (see CUDA_KERNEL)."""
+    d = q.shape[-1]
+    flash_ok = mask is None and q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0
+    return "flash" if flash_ok and CUDA_KERNEL in ("auto", "flash") else "efficient"
+
+
+def _aligned_bias(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """(B, 1, 1, Lk) additive mask -> (B, h, Lq, Lk) view of 16-aligned storage, as the memory-efficient kernel
+    reads it (broadcast dims as stride 0: no copy per head or query)."""
+    B, h, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    n = -(-Lk // _BIAS_ALIGN) * _BIAS_ALIGN
+    buf = mask.new_zeros(mask.shape[0], 1, 1, n)  # (B, 1, 1, n)
+    buf[..., :Lk] = mask
+    return buf[..., :Lk].expand(B, h, Lq, Lk)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """Softmax attention (B, h, Lq, d) x (B, h, Lk, d) by the device's kernel: (out in q's dtype, log-sum-exp
+    (B, h, Lq) fp32, state for ``_attend_backward``). ``mask``: additive, (B, 1, 1, Lk), or None."""
+    Lq = q.shape[2]
+    if q.device.type == "cpu":
+        out, lse = _cpu_flash()(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)[:2]
+        return out, lse, ("cpu",)
+    if _cuda_kernel(q, mask) == "flash":
+        out, lse, cq, ck, mq, mk, seed, off, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+            q, k, v, 0.0, causal, False, scale=scale)
+        state = ("flash", lse.shape[-1], cq, ck, mq, mk, seed, off)
+    else:
+        bias = None if mask is None else _aligned_bias(mask, q, k)
+        out, lse, seed, off = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, bias, True, 0.0, causal, scale=scale)
+        state = ("efficient", lse.shape[-1], bias, seed, off)
+    # the kernels may round the log-sum-exp's length up (memory-efficient: to a multiple of 32); the merge and
+    # the backward's saved copy use the real rows, and the backward pads back to the kernel's length
+    return out, lse[..., :Lq], state
+
+
+def _attend_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor, causal: bool, mask: torch.Tensor | None, scale: float,
+                     state: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of ``_attend`` given the MERGED output and log-sum-exp (see _SharedPrefixAttention)."""
+    kind = state[0]
+    if kind == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+    n = state[1]
+    lse = torch.nn.functional.pad(lse, (0, n - lse.shape[-1])).contiguous()  # (B, h, n) as the kernel made it
+    if kind == "flash":
+        _, _, cq, ck, mq, mk, seed, off = state
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed, off, scale=scale)
+    _, _, bias, seed, off = state
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dout, q, k, v, bias, out, lse, seed, off, 0.0, [True, True, True, False], causal, scale=scale)
+    return dq, dk, dv
 
 
 class SharedPrefix:
@@ -136,14 +213,13 @@ def _from_groups(sp: SharedPrefix, x: torch.Tensor, h: int, Ls: int) -> torch.Te
 class _SharedPrefixAttention(torch.autograd.Function):
     """apply(sp, scale, query (R, h, Ls, d), key (R, kvh, Ls, d), value, prefix keys (G, kvh, Lp, d),
     prefix values) -> (R, h, Ls, d): softmax attention of each suffix query over [its prefix ; its own causal
-    block]. Forward: the two parts by torch's CPU flash kernel, merged by log-sum-exp. Backward: the same
+    block]. Forward: the two parts by the device's kernel (``_attend``), merged by log-sum-exp. Backward: the same
     kernel's backward on each part with the MERGED output and log-sum-exp (each key block's probabilities are
     exp(s - lse) of the whole softmax, as flash attention's own backward works block by block), so the
     gradients are exact; a prefix's key/value gradient sums over all its rows inside the one call."""
 
     @staticmethod
     def forward(ctx, sp, scale, query, key, value, kp, vp):
-        flash = _cpu_flash()
         R, h, Ls, d = query.shape
         G, kvh = kp.shape[0], kp.shape[1]
         g = h // kvh  # query heads per KV head (GQA); head i reads KV head i // g, as transformers' repeat_kv
@@ -151,15 +227,14 @@ class _SharedPrefixAttention(torch.autograd.Function):
         # tokens' states are read, so no padding mask is needed); KV heads repeated: a small (R, h, Ls, d) copy
         ks = key.repeat_interleave(g, dim=1) if g > 1 else key
         vs = value.repeat_interleave(g, dim=1) if g > 1 else value
-        o_s, l_s = flash(query, ks, vs, 0.0, True, scale=scale)[:2]  # (R, h, Ls, d), (R, h, Ls) fp32
+        o_s, l_s, st_s = _attend(query, ks, vs, True, None, scale)  # (R, h, Ls, d), (R, h, Ls) fp32
         mask = sp.prefix_mask(query.dtype)
         if sp.group is None:  # slots: each prefix once, its rows' queries as one block per KV head
-            o_p, l_p = flash(_to_groups(sp, query, G, kvh), kp, vp, 0.0, False, attn_mask=mask, scale=scale)[:2]
+            o_p, l_p, st_p = _attend(_to_groups(sp, query, G, kvh), kp, vp, False, mask, scale)
             o_p, l_p = _from_groups(sp, o_p, h, Ls), _from_groups(sp, l_p, h, Ls)  # (R, h, Ls, d), (R, h, Ls)
         else:  # uneven groups: each row against its own prefix's keys (gathered)
             kr, vr = kp.index_select(0, sp.group), vp.index_select(0, sp.group)  # (R, kvh, Lp, d)
-            o_p, l_p = flash(query.reshape(R, kvh, g * Ls, d), kr, vr, 0.0, False, attn_mask=mask,
-                             scale=scale)[:2]
+            o_p, l_p, st_p = _attend(query.reshape(R, kvh, g * Ls, d), kr, vr, False, mask, scale)
             o_p, l_p = o_p.reshape(R, h, Ls, d), l_p.reshape(R, h, Ls)
         # exact merge of the two softmaxes: weights exp(lse_part - lse_all), in fp32
         lse = torch.logaddexp(l_p, l_s)  # (R, h, Ls)
@@ -167,32 +242,32 @@ class _SharedPrefixAttention(torch.autograd.Function):
                ).to(query.dtype)  # (R, h, Ls, d)
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(query, ks, vs, kp, vp, out, lse)
-            ctx.sp, ctx.scale, ctx.g = sp, scale, g
+            ctx.sp, ctx.scale, ctx.g, ctx.states = sp, scale, g, (st_s, st_p)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         query, ks, vs, kp, vp, out, lse = ctx.saved_tensors
         sp, scale, g = ctx.sp, ctx.scale, ctx.g
+        st_s, st_p = ctx.states
         R, h, Ls, d = query.shape
         G, kvh = kp.shape[0], kp.shape[1]
         dout = dout.contiguous()
-        dq, dks, dvs = bwd(dout, query, ks, vs, out, lse, 0.0, True, scale=scale)  # own block
+        dq, dks, dvs = _attend_backward(dout, query, ks, vs, out, lse, True, None, scale, st_s)  # own block
         dkey = dks.reshape(R, kvh, g, Ls, d).sum(2) if g > 1 else dks  # (R, kvh, Ls, d): repeated heads summed
         dvalue = dvs.reshape(R, kvh, g, Ls, d).sum(2) if g > 1 else dvs
         mask = sp.prefix_mask(query.dtype)
         if sp.group is None:
-            dq_g, dkp, dvp = bwd(_to_groups(sp, dout, G, kvh), _to_groups(sp, query, G, kvh), kp, vp,
-                                 _to_groups(sp, out, G, kvh), _to_groups(sp, lse, G, kvh).contiguous(), 0.0, False,
-                                 attn_mask=mask, scale=scale)
+            dq_g, dkp, dvp = _attend_backward(_to_groups(sp, dout, G, kvh), _to_groups(sp, query, G, kvh), kp, vp,
+                                              _to_groups(sp, out, G, kvh), _to_groups(sp, lse, G, kvh).contiguous(),
+                                              False, mask, scale, st_p)
             dq = dq + _from_groups(sp, dq_g, h, Ls)
         else:
             kr, vr = kp.index_select(0, sp.group), vp.index_select(0, sp.group)  # (R, kvh, Lp, d)
-            dq_r, dkr, dvr = bwd(dout.reshape(R, kvh, g * Ls, d), query.reshape(R, kvh, g * Ls, d), kr, vr,
-                                 out.reshape(R, kvh, g * Ls, d), lse.reshape(R, kvh, g * Ls), 0.0, False,
-                                 attn_mask=mask, scale=scale)
+            dq_r, dkr, dvr = _attend_backward(dout.reshape(R, kvh, g * Ls, d), query.reshape(R, kvh, g * Ls, d),
+                                              kr, vr, out.reshape(R, kvh, g * Ls, d), lse.reshape(R, kvh, g * Ls),
+                                              False, mask, scale, st_p)
             dq = dq + dq_r.reshape(R, h, Ls, d)
             dkp = torch.zeros_like(kp).index_add_(0, sp.group, dkr)  # (G, kvh, Lp, d): rows summed per prefix
             dvp = torch.zeros_like(vp).index_add_(0, sp.group, dvr)
@@ -203,11 +278,13 @@ def _shared_forward(sp: SharedPrefix, module: Any, query: torch.Tensor, key: tor
                     scaling: float | None) -> torch.Tensor:
     """Attention of suffix queries over [its prefix ; its own causal block]: (R, Ls, heads, d)."""
     # as autocast runs SDPA: inputs and output in the autocast dtype (rotary embeddings leave q, k in fp32
-    # beside a bf16 v); bf16 CPU training computes in fp32, as _forward does (see the module doc)
-    out_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
-    dt = torch.float32 if out_dtype == torch.bfloat16 and torch.is_grad_enabled() else out_dtype
+    # beside a bf16 v); bf16 CPU training computes in fp32, as _forward does (see the module doc); CUDA's kernels
+    # are fast in bf16, so CUDA stays in it
+    dev = query.device.type
+    out_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else query.dtype
+    dt = torch.float32 if out_dtype == torch.bfloat16 and torch.is_grad_enabled() and dev == "cpu" else out_dtype
     kp, vp = sp.layers[module.layer_idx]  # (G, kvh, Lp, d)
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast(dev, enabled=False):
         out = _SharedPrefixAttention.apply(sp, scaling if scaling is not None else query.shape[-1] ** -0.5,
                                            query.to(dt), key.to(dt), value.to(dt), kp.to(dt), vp.to(dt))
     return out.to(out_dtype).transpose(1, 2).contiguous()  # (R, Ls, h, d)

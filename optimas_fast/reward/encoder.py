@@ -669,7 +669,7 @@ class Encoder:
 
     def _shared_prefix_kernel(self) -> bool:
         """Whether shared-prefix calls (scoring and training) go through attention.py's shared-prefix kernel:
-        this engine's SDPA kernel on the CPU, a rotary decoder with full attention in every layer (llama /
+        this engine's SDPA kernel on the CPU or CUDA (attention.shared_prefix_available), a rotary decoder with full attention in every layer (llama /
         qwen2 / qwen3). ``config.shared_prefix_kernel=False`` keeps the per-row expanded cache (the reference
         it is tested against)."""
         layer_types = getattr(self.hf_config, "layer_types", None) or ()
