@@ -30,11 +30,16 @@ class BudgetConfig:
     max_tokens: int | None = None  # LM prompt + completion tokens over the whole run
     max_usd: float | None = None  # dollars over the whole run (hosted LMs; local models cost 0)
     max_seconds: float | None = None  # wall time; checked at iteration boundaries
+    # metric calls over the whole run: runs of the system (or of the part downstream of a component) on one
+    # example scored by the metric (rollouts, gate passes; GEPA's max_metric_calls); never exceeded
+    max_metric_calls: int | None = None
 
     def validate(self) -> None:
         for name in ("max_calls", "max_tokens", "max_usd", "max_seconds"):
             check_number(getattr(self, name), f"budget.{name}", min=0, finite=True, allow_none=True, none="null",
                          error=ConfigError)
+        check_int(self.max_metric_calls, "budget.max_metric_calls", min=1, allow_none=True, none="null",
+                  error=ConfigError)
 
 
 @dataclass

@@ -33,7 +33,9 @@ Iteration t = 1..T:
 7. checkpoint the run state atomically (see ``state.py``).
 
 Budgets: LM calls / tokens / $ are enforced by the LM layer's ledger (``BudgetExceeded`` before anything is
-sent); wall time is checked at iteration boundaries. A budget hit inside an iteration abandons that
+sent); metric calls (``budget.max_metric_calls``: scored runs of the system or of a downstream part, counted by
+a ``MetricCounter`` in front of the working copy's metric, see ``budget.py``) the same way, before the metric
+runs; wall time is checked at iteration boundaries. A budget hit inside an iteration abandons that
 iteration: the system and LRF are restored from the last checkpoint (the usage stays counted) and the run
 stops with ``stopped`` saying why. A budget hit during the initial phase saves the starting point (phase
 "initial"); resuming runs the initial phase again, its earlier LM calls replayed from the cache. Everything
@@ -57,6 +59,7 @@ from optimas_fast.lm.usage import Budget, UsageLedger, set_default_ledger
 from optimas_fast.optimizers import (
     ChoiceOptimizer, Optimizer, OptimizerBudget, PromptOptimizer, WeightsOptimizer,
 )
+from optimas_fast.optimize.budget import MetricCounter, attach, detach
 from optimas_fast.optimize.config import OptimasConfig
 from optimas_fast.optimize.state import load_run_state, save_run_state
 from optimas_fast.preference import CollectResult, PairStore, collect_preferences, example_key
@@ -76,6 +79,7 @@ class OptimasResult:
     stopped: str | None  # None when all iterations ran, else why the run stopped (a budget)
     run_dir: str  # where run_state.json, the LRF checkpoint and the report are
     usage: dict = field(default_factory=dict)  # LM usage totals of the run (ledger state)
+    metric_calls: int = 0  # scored runs the loop made (rollouts, validation passes), resumed sessions included
 
 
 def select_component(gaps: Mapping[str, float], recent: Sequence[str], temperature: float, cooldown: int,
@@ -155,6 +159,7 @@ class Optimas:
                 "best_scores": self.best_scores,
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "history": self.history, "usage": self.ledger.state_dict(), "elapsed": self._elapsed(),
+                "metric_calls": self.metric_calls.used,
                 "config": self.config.to_dict(), "stopped": self.stopped,
                 # the LM completion cache lives outside the run (SQLite, shared across runs); a resumed run
                 # replays identical LM calls from it when it points at the same place
@@ -172,6 +177,7 @@ class Optimas:
             o.load_state_dict(state["optimizers"].get(k, {}))
         self.history = state["history"]
         self.ledger.load_state_dict(state["usage"])
+        self.metric_calls.used = int(state.get("metric_calls", 0))  # absent in states written before the count
         self.elapsed, self.t_start = float(state["elapsed"]), time.perf_counter()
         self.stopped = state.get("stopped")
         return int(state["iteration"])
@@ -236,6 +242,10 @@ class Optimas:
                 self.rm.add_component(name, system.components[name].description or name)
         b = cfg.budget
         self.ledger = UsageLedger(Budget(b.max_calls, b.max_tokens, b.max_usd))
+        # every scored run of the working copy is counted here (and stopped at max_metric_calls); the returned
+        # system gets back the metric it came with
+        self.metric_calls = MetricCounter(b.max_metric_calls)
+        self._metrics = attach(system, self.metric_calls)
         self.store = PairStore(cfg.max_groups, cfg.holdout_fraction)
         self.gaps: dict[str, float] = {}
         self.recent: list[str] = []
@@ -279,9 +289,10 @@ class Optimas:
                     self._iteration(system, trainset, valset, targets, t)
                 except BudgetExceeded as exc:
                     log.warning("iteration %d stopped by the budget (%s): restoring iteration %d", t, exc, t - 1)
-                    usage, elapsed = self.ledger.state_dict(), self._elapsed()
+                    usage, elapsed, scored = self.ledger.state_dict(), self._elapsed(), self.metric_calls.used
                     self._restore(system, load_run_state(run_dir), run_dir)
                     self.ledger.load_state_dict(usage)  # what was spent stays spent
+                    self.metric_calls.used = scored
                     self.elapsed, self.t_start = elapsed, time.perf_counter()
                     self.stopped = f"budget: {getattr(exc, 'limit', exc)} exhausted"
                     self._checkpoint(system, run_dir, t - 1)
@@ -300,10 +311,11 @@ class Optimas:
         save_run_state(run_dir, dict(self._snapshot(system), phase=phase), self.rm, iteration)
 
     def _finish(self, system: System, run_dir: Path) -> OptimasResult:
+        detach(system, self._metrics)
         system.save_state(run_dir / "system_state.json")
         usage = self.ledger.state_dict()
         return OptimasResult(system, self.history, self.initial_val, self.best_val, self.stopped, str(run_dir),
-                             usage)
+                             usage, self.metric_calls.used)
 
     def _initial(self, system, trainset, valset, targets, run_dir) -> bool:
         """Iteration 0. Returns False when a budget stopped it (nothing to resume from then)."""
@@ -360,7 +372,7 @@ class Optimas:
                              "train_loss_last": losses[-1] if losses else None, "n_train_pairs": len(pairs),
                              "alignment": alignment, "retrained": retrained, "gaps": dict(self.gaps),
                              "proposals": [], "usage": self.ledger.state_dict()["total"],
-                             "seconds": time.perf_counter() - t0})
+                             "metric_calls": self.metric_calls.used, "seconds": time.perf_counter() - t0})
         self._checkpoint(system, run_dir, 0)
         return True
 
@@ -434,7 +446,8 @@ class Optimas:
                              "proposals": [p.summary() for p in proposals],
                              "val_score": val, "best_val": self.best_val, "accepted": accepted if changed else None,
                              "gate": gate,
-                             "usage": self.ledger.state_dict()["total"], "seconds": time.perf_counter() - t0})
+                             "usage": self.ledger.state_dict()["total"], "metric_calls": self.metric_calls.used,
+                             "seconds": time.perf_counter() - t0})
 
 
 def prob_better(new: Sequence[float], old: Sequence[float], rng: random.Random, n_boot: int = 2000) -> float:
