@@ -159,11 +159,8 @@ def _cmd_train(a) -> int:
                                                                   "num_train_epochs", "max_steps", "max_length",
                                                                   "lr_scheduler_type", "bf16", "seed")}}
     if trainer.eval_pairs:
-        from optimas_fast.reward.trl_trainer import pair_metrics
-
-        ev = pair_metrics(trainer.model, trainer.eval_pairs, trainer._raw_eval.margin_kind == "subtract",
-                          args.center_rewards_coefficient)
-        report["eval"] = ev
+        report["eval"] = _eval_report(trainer.model, trainer.eval_pairs, trainer._raw_eval.margin_kind == "subtract",
+                                      args.center_rewards_coefficient or 0.0)
         report["eval_pairs_dropped"] = trainer.eval_dropped
     from optimas_fast._io import atomic_write_text
 
@@ -173,8 +170,19 @@ def _cmd_train(a) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- eval
+def _eval_report(model, pairs, subtract_margin: bool, center: float = 0.0) -> dict:
+    """``RewardModel.evaluate``'s pair metrics (metrics.pair_metrics: accuracy with ties counting half, loss,
+    margin), overall and per component, each block with ``n`` (its pairs) as this command has always printed."""
+    m = model.evaluate(pairs, subtract_margin=subtract_margin, center=center)
+
+    def block(b: dict) -> dict:
+        return {"n": b["n_pairs"], "loss": b["loss"], "accuracy": b["accuracy"], "margin": b["margin"]}
+
+    return {**block(m), "per_component": {c: block(cm) for c, cm in m["per_component"].items()}}
+
+
 def _cmd_eval(a) -> int:
-    from optimas_fast.reward.trl_trainer import filter_overlong, pair_metrics, to_pairs
+    from optimas_fast.reward.trl_trainer import filter_overlong, to_pairs
 
     data = _existing(a.data, "--data")
     model = _load_model(a.model_dir)
@@ -186,7 +194,7 @@ def _cmd_eval(a) -> int:
                          f"{model.components})")
     kept, dropped, truncated = filter_overlong(model, pairs, model.config.template.max_length, a.overlong, "--data")
     t0 = time.perf_counter()
-    res = pair_metrics(model, kept, pairs.margin_kind == "subtract")
+    res = _eval_report(model, kept, pairs.margin_kind == "subtract")
     res.update(pairs_dropped=dropped, pairs_truncated=truncated, seconds=time.perf_counter() - t0)
     _stderr_line(f"eval: {res['n']} pairs, {res['n'] / max(res['seconds'], 1e-9):.1f} pairs/s")
     print(json.dumps(res), flush=True)

@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from optimas_fast import ops
 from optimas_fast._validate import check_int
 from optimas_fast.lm.hf_local import GumbelSampler, left_pad
 from optimas_fast.optimizers.base import mean, override_for, run_batch, score_matrix
@@ -218,7 +219,9 @@ def optimize_lora(component: LoRAComponent, xs: Sequence[Mapping[str, Any]], key
             try:
                 for _ in range(cfg.lora_steps):
                     pi_c, pi_r = policy.logprobs(ps, chosen), policy.logprobs(ps, rejected)
-                    loss = -F.logsigmoid(cfg.lora_beta * ((pi_c - ref_c) - (pi_r - ref_r))).mean()
+                    # DPO's loss is the Bradley-Terry loss of the implicit rewards beta * log(pi / ref); the
+                    # formula lives in ops alone
+                    loss = ops.bt_loss(cfg.lora_beta * (pi_c - ref_c), cfg.lora_beta * (pi_r - ref_r))
                     opt.zero_grad()
                     loss.backward()
                     opt.step()

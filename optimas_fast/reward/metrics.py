@@ -1,8 +1,68 @@
-"""Held-out metrics: pairwise accuracy, and alignment (Spearman rank correlation between head scores and the
-measured global reward of candidates)."""
+"""Held-out metrics of a reward model, from its scores: ``pair_metrics`` (pairwise accuracy, Bradley-Terry loss,
+margin; overall and per component) and alignment (Spearman rank correlation between head scores and the measured
+global reward of candidates).
+
+``pair_metrics`` is the one definition of pairwise accuracy in the package: ``RewardModel.evaluate`` (and
+through it the loop's alignment monitor), the TRL-style ``RewardTrainer.evaluate``, ``optimas-fast reward eval``
+and ``Trainer.step``'s per-component training accuracy all report it.
+"""
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+import torch
+
+from optimas_fast import ops
+
+
+def pair_metrics(r_chosen, r_rejected, components: Sequence[str] | None = None, margin=None,
+                 center: float = 0.0) -> dict:
+    """Pairwise metrics of scored preference pairs.
+
+    r_chosen, r_rejected: (B,) scores of each pair's preferred and other output (tensors or sequences).
+    components: (B,) component of each pair, for the per-component block (None: overall only).
+    margin: (B,) subtracted inside the loss (TRL's margin column), or None. center: lambda of the centering term.
+
+    Returns ``{"n_pairs", "accuracy", "loss", "margin", "per_component": {component: the same four}}``:
+
+    - accuracy: the share of pairs with r+ > r-, **a tie (r+ == r-) counting one half**: the expected accuracy of
+      a ranker that breaks ties at random, so a constant scorer reads 0.5, not 0 (strict ``>``, TRL's) or 1
+      (``>=``). The margin does not enter it.
+    - loss: the mean of ``ops.bt_loss(reduction="none")`` rows, -log sigmoid(r+ - r- - mu) + center (r+ + r-)^2,
+      unweighted (TRL's evaluation loss: its mean log-sigmoid plus center times the mean squared sum).
+    - margin: the mean of r+ - r-.
+    Computed in float64 (the scores' float32 differences are exact there). NaN for an empty block.
+    """
+    rc = torch.as_tensor(r_chosen, dtype=torch.float64).reshape(-1)  # (B,)
+    rr = torch.as_tensor(r_rejected, dtype=torch.float64).reshape(-1)  # (B,)
+    n = rc.shape[0]
+    if rr.shape[0] != n:
+        raise ValueError(f"pair_metrics: r_rejected has {rr.shape[0]} scores, r_chosen {n}")
+    mu = None if margin is None else torch.as_tensor(margin, dtype=torch.float64).reshape(-1)  # (B,)
+    if mu is not None and mu.shape[0] != n:
+        raise ValueError(f"pair_metrics: margin has {mu.shape[0]} values for {n} pairs")
+    if components is not None and len(components) != n:
+        raise ValueError(f"pair_metrics: components has {len(components)} names for {n} pairs")
+    diff = rc - rr  # (B,)
+    hits = (diff > 0).double() + 0.5 * (diff == 0).double()  # (B,): 1 right, 1/2 tie, 0 wrong
+    loss = (ops.bt_loss(rc, rr, margin=mu, center=center, reduction="none") if n
+            else torch.zeros(0, dtype=torch.float64))  # (B,)
+
+    def block(sel: torch.Tensor | None) -> dict:
+        h, lo, d = (hits, loss, diff) if sel is None else (hits[sel], loss[sel], diff[sel])
+        k = int(h.shape[0])
+        nan = float("nan")
+        return {"n_pairs": k, "accuracy": float(h.mean()) if k else nan, "loss": float(lo.mean()) if k else nan,
+                "margin": float(d.mean()) if k else nan}
+
+    out = block(None)
+    out["per_component"] = {}
+    if components is not None:
+        names = np.asarray(components, dtype=object)
+        for c in dict.fromkeys(components):  # first-seen order
+            out["per_component"][c] = block(torch.from_numpy(names == c))
+    return out
 
 
 def average_ranks(x: np.ndarray) -> np.ndarray:

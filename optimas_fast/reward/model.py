@@ -144,9 +144,10 @@ class RewardModel:
         """Online adaptation: a few steps on fresh pairs + per-component replay, optimizer state kept."""
         return self._get_trainer().adapt(pairs, steps=steps, **overrides)
 
-    def evaluate(self, pairs, candidates=None) -> dict:
-        """Per-component pairwise accuracy, loss and alignment on held-out data (see trainer.evaluate)."""
-        return evaluate(self.encoder, pairs, candidates)
+    def evaluate(self, pairs, candidates=None, subtract_margin: bool = False, center: float = 0.0) -> dict:
+        """Per-component pairwise accuracy (ties count half), loss, margin and alignment on held-out data (see
+        trainer.evaluate and metrics.pair_metrics)."""
+        return evaluate(self.encoder, pairs, candidates, subtract_margin=subtract_margin, center=center)
 
     # ------------------------------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:

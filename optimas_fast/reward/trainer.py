@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from optimas_fast import ops
 from optimas_fast._validate import check_int
@@ -40,7 +39,7 @@ from optimas_fast._validate import check_int
 from .data import PreferencePair, as_candidates, as_pairs, pair_weights
 from .encoder import Encoder, Rows
 from . import schedules
-from .metrics import grouped_spearman
+from .metrics import grouped_spearman, pair_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -474,13 +473,15 @@ class Trainer:
                                        for k, v in st.items()}
 
 
-def evaluate(encoder: Encoder, pairs, candidates=None) -> dict:
-    """Held-out metrics per component and overall.
+def evaluate(encoder: Encoder, pairs, candidates=None, subtract_margin: bool = False, center: float = 0.0) -> dict:
+    """Held-out metrics per component and overall: ``metrics.pair_metrics`` of the pairs' scores (n_pairs,
+    accuracy with ties counting half, Bradley-Terry loss, margin) plus
 
-    - accuracy: share of pairs with r(chosen) > r(rejected) (ties count half)
-    - loss: mean Bradley-Terry loss -log sigmoid(r+ - r-) (unweighted)
     - alignment: mean over inputs of Spearman's rho between head scores and the measured global rewards of
-      that input's candidates (needs ``candidates``; NaN without them)
+      that input's candidates (needs ``candidates``; NaN without them).
+
+    subtract_margin / center: the loss as TRL's evaluation computes it (the pairs' margins subtracted inside the
+    log-sigmoid, the centering term added); off by default (the plain Bradley-Terry loss).
     """
     pairs = as_pairs(pairs)
     cands = as_candidates(candidates)
@@ -493,34 +494,26 @@ def evaluate(encoder: Encoder, pairs, candidates=None) -> dict:
             raise ValueError(f"candidates[{i}] is for unknown component {c.component!r}")
     reqs = ([(p.component, p.inputs, p.chosen) for p in pairs] + [(p.component, p.inputs, p.rejected) for p in pairs]
             + [(c.component, c.inputs, c.outputs) for c in cands])
-    s = encoder.score(reqs)[0].double()
+    s = encoder.score(reqs)[0] if reqs else torch.zeros(0)  # (2B + K,)
     n = len(pairs)
-    diff = s[:n] - s[n: 2 * n]  # (B,)
-    acc = (diff > 0).double() + 0.5 * (diff == 0).double()
-    loss = -F.logsigmoid(diff)
-    out: dict[str, Any] = {"per_component": {}}
     comps = [p.component for p in pairs]
+    pm = pair_metrics(s[:n], s[n: 2 * n], comps, margin=[p.margin for p in pairs] if subtract_margin else None,
+                      center=center)
     cand_scores = s[2 * n:].tolist()
-    for comp in encoder.components:
-        sel = torch.tensor([c == comp for c in comps], dtype=torch.bool)
-        groups: dict[str, dict] = {}
-        for c, sc in zip(cands, cand_scores):
-            if c.component == comp:
-                g = groups.setdefault(c.inputs, {"scores": [], "rewards": []})
-                g["scores"].append(sc)
-                g["rewards"].append(c.reward)
-        if not sel.any() and not groups:
-            continue
-        out["per_component"][comp] = {
-            "n_pairs": int(sel.sum()),
-            "accuracy": float(acc[sel].mean()) if sel.any() else float("nan"),
-            "loss": float(loss[sel].mean()) if sel.any() else float("nan"),
-            "alignment": grouped_spearman(groups),
-        }
-    all_groups: dict = {}
+    groups: dict[str, dict[str, dict]] = {}  # component -> inputs -> {"scores", "rewards"}
     for c, sc in zip(cands, cand_scores):
-        g = all_groups.setdefault((c.component, c.inputs), {"scores": [], "rewards": []})
+        g = groups.setdefault(c.component, {}).setdefault(c.inputs, {"scores": [], "rewards": []})
         g["scores"].append(sc)
         g["rewards"].append(c.reward)
-    out.update(n_pairs=n, accuracy=float(acc.mean()), loss=float(loss.mean()), alignment=grouped_spearman(all_groups))
+    nan = float("nan")
+    out: dict[str, Any] = {"per_component": {}}
+    for comp in encoder.components:
+        m = pm["per_component"].get(comp)
+        if m is None and comp not in groups:
+            continue
+        m = dict(m) if m is not None else {"n_pairs": 0, "accuracy": nan, "loss": nan, "margin": nan}
+        out["per_component"][comp] = {**m, "alignment": grouped_spearman(groups.get(comp, {}))}
+    all_groups = {(comp, inp): g for comp, gs in groups.items() for inp, g in gs.items()}
+    out.update(n_pairs=n, accuracy=pm["accuracy"], loss=pm["loss"], margin=pm["margin"],
+               alignment=grouped_spearman(all_groups))
     return out

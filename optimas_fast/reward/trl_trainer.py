@@ -31,7 +31,8 @@ What differs (on purpose): the engine renders each row with its template (compon
 as the prefix, the response as the suffix; decoders encode a shared prompt once), pools like the engine
 (decoders: last token, as HF's *ForSequenceClassification; encoders: mean pooling, where HF's BERT uses the
 tanh pooler), ``bf16=None`` means the engine's default (bf16 on CUDA, as TRL, and on CPUs with native bf16 matmul), and a
-data set with a ``component`` column trains one head per component (TRL allows one). Any argument that is
+data set with a ``component`` column trains one head per component (TRL allows one), and ``eval_accuracy`` counts a
+tie (r+ == r-) as one half, TRL's as wrong (``metrics.pair_metrics``: the package's one definition). Any argument that is
 not implemented is a TypeError that lists the supported ones: nothing is silently ignored.
 """
 from __future__ import annotations
@@ -50,7 +51,6 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from optimas_fast._io import atomic_write_text, fsync_dir
 from optimas_fast._validate import is_int, is_number
@@ -280,31 +280,6 @@ def filter_overlong(model: RewardModel, pairs: Sequence[PreferencePair], max_len
         truncated += int(cut and policy == "truncate_prefix")
         kept.append(p)
     return kept, dropped, truncated
-
-
-def pair_metrics(model: RewardModel, pairs: Sequence[PreferencePair], subtract_margin: bool = False,
-                 center: float | None = None) -> dict:
-    """TRL's reward metrics on held-out pairs, overall and per component: n, loss (TRL's training loss),
-    accuracy (share with r+ > r-, strictly, as TRL), margin (mean r+ - r-). Scores go through
-    ``RewardModel.score`` (dedupe, token-budget batches, prefix sharing)."""
-    n = len(pairs)
-    s = model.score([(p.component, p.inputs, p.chosen) for p in pairs]
-                    + [(p.component, p.inputs, p.rejected) for p in pairs]).double()  # (2n,)
-    rc, rr = s[:n], s[n:]  # (n,) each
-    mu = torch.tensor([p.margin for p in pairs], dtype=torch.float64) if subtract_margin else torch.zeros(n)
-    comps = [p.component for p in pairs]
-
-    def block(sel: torch.Tensor) -> dict:
-        c, r, m = rc[sel], rr[sel], mu[sel]
-        loss = -F.logsigmoid(c - r - m).mean()
-        if center is not None:
-            loss = loss + center * ((c + r) ** 2).mean()
-        return {"n": int(sel.sum()), "loss": float(loss), "accuracy": float((c > r).double().mean()),
-                "margin": float((c - r).mean())}
-
-    out = block(torch.ones(n, dtype=torch.bool))
-    out["per_component"] = {c: block(torch.tensor([x == c for x in comps])) for c in dict.fromkeys(comps)}
-    return out
 
 
 # ------------------------------------------------------------------------------------------------ trainer
@@ -616,9 +591,10 @@ class RewardTrainer:
                 raise ValueError("RewardTrainer.evaluate: no eval_dataset given here or at construction")
             pairs, margin = self.eval_pairs, self._raw_eval.margin_kind == "subtract"
         t0 = time.perf_counter()
-        m = pair_metrics(self.model, pairs, margin, self.args.center_rewards_coefficient)
+        m = self.model.evaluate(pairs, subtract_margin=margin, center=self.args.center_rewards_coefficient or 0.0)
         p = metric_key_prefix
-        out = {f"{p}_loss": m["loss"], f"{p}_accuracy": m["accuracy"], f"{p}_margin": m["margin"], f"{p}_n": m["n"]}
+        out = {f"{p}_loss": m["loss"], f"{p}_accuracy": m["accuracy"], f"{p}_margin": m["margin"],
+               f"{p}_n": m["n_pairs"]}
         if len(m["per_component"]) > 1:
             for c, cm in m["per_component"].items():
                 out.update({f"{p}_{c}_accuracy": cm["accuracy"], f"{p}_{c}_margin": cm["margin"],
@@ -720,5 +696,5 @@ def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return ckpts[-1] if ckpts else None
 
 
-__all__ = ["RewardTrainer", "RewardConfig", "TrainOutput", "last_checkpoint", "pair_metrics",
+__all__ = ["RewardTrainer", "RewardConfig", "TrainOutput", "last_checkpoint",
            "filter_overlong", "to_pairs", "warmup_steps_of"]
