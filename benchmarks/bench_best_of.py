@@ -26,10 +26,11 @@ from pathlib import Path
 from _common import git_rev, machine
 from run_examples import config_for, paired_diff_ci
 
+from optimas_fast.best_of import BestOfN, parse_best_of
 from optimas_fast.optimize import Optimas, load_run_state
 from optimas_fast.optimize.state import RUN_STATE
 from optimas_fast.report import bootstrap_ci
-from optimas_fast.run import build, evaluate_with_bar, load_config, parse_best_of, parse_config
+from optimas_fast.run import build, evaluate_with_bar, load_config, parse_config
 
 log = logging.getLogger("bench_best_of")
 
@@ -67,9 +68,9 @@ def bench(name: str, raw: dict, run_dir: Path, ns: list[int], temperature: float
         rm.load_state(run_dir / load_run_state(run_dir)["lrf_checkpoint"])
         best_of = parse_best_of([str(n)], system, cfg.loop.components)
         stats: dict = {}
-        scores = evaluate_with_bar(system, split.test, desc=f"{name} best-of-{n}", workers=cfg.loop.val_workers,
-                                   seed=cfg.loop.seed, progress=True, stats=stats, best_of=best_of, reward=rm,
-                                   best_of_temperature=temperature)
+        scores = evaluate_with_bar(BestOfN(system, rm, best_of, temperature=temperature), split.test,
+                                   desc=f"{name} best-of-{n}", workers=cfg.loop.val_workers, seed=cfg.loop.seed,
+                                   progress=True, stats=stats)
         if plain is None:
             plain = scores
         row = {"system": name, "n": n, "components": sorted(best_of), "test": bootstrap_ci(scores, seed=seed),

@@ -12,13 +12,15 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from optimas_fast import demo, run
+from optimas_fast.best_of import BestOfN, parse_best_of
 from optimas_fast.cli_reward import add_reward_parser
 from optimas_fast.optimize.config import ConfigError
-from optimas_fast.run import CONFIG_NAME, build, evaluate_with_bar, format_ci, load_config, parse_best_of, \
-    parse_config, run_config
+from optimas_fast.optimize.state import RUN_STATE, load_run_state
+from optimas_fast.report import bootstrap_ci
+from optimas_fast.run import CONFIG_NAME, build, evaluate_with_bar, format_ci, load_config, parse_config, run_config
+from optimas_fast.system import System
 
 log = logging.getLogger("optimas_fast.cli")
 
@@ -49,9 +51,6 @@ def _cmd_resume(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from optimas_fast.optimize.state import RUN_STATE, load_run_state
-    from optimas_fast.report import bootstrap_ci
-
     target = Path(args.target)
     state = None
     if target.is_dir():
@@ -70,15 +69,15 @@ def _cmd_eval(args) -> int:
     if state is not None:
         system.load_state(state)
     best_of = parse_best_of(args.best_of, system, cfg.loop.components)
-    eval_kwargs: dict[str, Any] = {}
+    evaluated: System | BestOfN = system
     if best_of:
         run_state = load_run_state(target)
         rm.load_state(target / run_state["lrf_checkpoint"])  # the LRF as the run left it
-        eval_kwargs = {"best_of": best_of, "reward": rm, "best_of_temperature": args.best_of_temperature}
+        evaluated = BestOfN(system, rm, best_of, temperature=args.best_of_temperature)
     examples = getattr(split, args.split)
     stats: dict = {}
-    scores = evaluate_with_bar(system, examples, desc=f"eval ({args.split})", workers=cfg.loop.val_workers,
-                               seed=cfg.loop.seed, progress=not args.no_progress, stats=stats, **eval_kwargs)
+    scores = evaluate_with_bar(evaluated, examples, desc=f"eval ({args.split})", workers=cfg.loop.val_workers,
+                               seed=cfg.loop.seed, progress=not args.no_progress, stats=stats)
     ci = bootstrap_ci(scores, seed=cfg.loop.seed)
     how = " (optimized)" if state else " (unoptimized)"
     if best_of:

@@ -51,7 +51,7 @@ from optimas_fast.optimize import ConfigError, Optimas, OptimasConfig
 from optimas_fast.optimize.testing import build_synthetic, tiny_reward_model
 from optimas_fast.report import bootstrap_ci, write_report
 from optimas_fast.reward import RewardModel, RewardModelConfig, TemplateConfig
-from optimas_fast.system import LMComponent, System
+from optimas_fast.system import System
 
 log = logging.getLogger("optimas_fast.run")
 
@@ -359,8 +359,9 @@ class Split:
 def evaluate_with_bar(system, examples, *, desc: str, workers: int, seed: int, progress: bool = True,
                       stats: dict | None = None, **eval_kwargs):
     """``system.evaluate`` in chunks, with a tqdm bar (ETA) over examples; returns the list of scores.
-    ``eval_kwargs`` go to ``evaluate`` (e.g. ``best_of``, ``reward``); ``stats``, when given, receives the LM
-    calls and tokens the traces recorded and the wall seconds."""
+    ``system`` is a System or anything with its ``evaluate`` (e.g. ``optimas_fast.best_of.BestOfN``);
+    ``eval_kwargs`` go to ``evaluate``; ``stats``, when given, receives the LM calls and tokens the traces
+    recorded and the wall seconds."""
     scores = []
     calls = tokens = 0
     t0 = time.perf_counter()
@@ -377,34 +378,6 @@ def evaluate_with_bar(system, examples, *, desc: str, workers: int, seed: int, p
     if stats is not None:
         stats.update(lm_calls=calls, lm_tokens=tokens, seconds=time.perf_counter() - t0)
     return scores
-
-
-def parse_best_of(specs: list[str] | None, system, targets: list[str] | None) -> dict[str, int]:
-    """``--best-of`` values: ``N`` (every optimizable LM component; ``targets`` narrows them to the run's
-    optimized ones) or ``name=N``, repeatable, later ones winning. ConfigError naming a bad value."""
-    out: dict[str, int] = {}
-    lm_comps = [n for n in system.order if isinstance(system.components[n], LMComponent)
-                and system.components[n].variables() and (targets is None or n in targets)]
-    for spec in specs or []:
-        name, eq, value = spec.rpartition("=")
-        try:
-            n = int(value)
-        except ValueError:
-            n = 0
-        if n < 1 or value.strip() != str(n):
-            raise ConfigError(f"--best-of {spec!r}: N must be an int >= 1 (as 'N' or 'component=N')")
-        if not eq:
-            if not lm_comps:
-                raise ConfigError(f"--best-of {spec!r}: system has no optimizable LM component; name one with "
-                                  f"'component=N' (components: {list(system.order)})")
-            out.update({c: n for c in lm_comps})
-        elif name not in system.components:
-            raise ConfigError(f"--best-of {spec!r}: no component {name!r} (components: {list(system.order)})")
-        elif not system.components[name].variables():
-            raise ConfigError(f"--best-of {spec!r}: {name!r} has no variable, so the LRF has no head for it")
-        else:
-            out[name] = n
-    return out
 
 
 def format_ci(ci: Mapping) -> str:

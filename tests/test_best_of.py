@@ -1,16 +1,19 @@
-"""Reward-guided best-of-N at inference: the best-scored candidate is the one passed downstream, in one
-batched score call per example; N=1 is exactly the plain run; bad specs are clear errors; the CLI's
-`eval --best-of` loads the run's LRF."""
+"""Reward-guided best-of-N at inference (optimas_fast.best_of.BestOfN, a wrapper around a System): the
+best-scored candidate is the one passed downstream, in one batched score call per example; N=1 is exactly the
+plain run; bad specs are clear errors; the system itself is untouched; the CLI's `eval --best-of` loads the
+run's LRF."""
 from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
 from optimas_fast import cli
+from optimas_fast.best_of import BestOfN
 from optimas_fast.optimize import ConfigError
 from optimas_fast.system import Component, LMComponent, Prompt, System
 from optimas_fast.system.testing import ScriptedLM
@@ -74,7 +77,7 @@ EXAMPLES = [{"q": f"question {i}"} for i in range(6)]
 def test_the_best_scored_candidate_goes_downstream(seed, n):
     lm, rm = SeedLM(), StubScorer(seed)
     system = make_system(lm)
-    res = system.evaluate(EXAMPLES, seed=seed % 1000, best_of={"writer": n}, reward=rm, workers=3)
+    res = BestOfN(system, rm, {"writer": n}).evaluate(EXAMPLES, seed=seed % 1000, workers=3)
     assert len(rm.calls) == len(EXAMPLES)  # one batched score call per example
     for ex, t in zip(EXAMPLES, res.traces):
         step = t.step("writer")
@@ -97,12 +100,12 @@ def test_n1_is_exactly_the_plain_run(seed):
     plain_lm, bo_lm = SeedLM(), SeedLM()
     plain = make_system(plain_lm).evaluate(EXAMPLES, seed=seed % 1000)
     rm = StubScorer(seed)
-    one = make_system(bo_lm).evaluate(EXAMPLES, seed=seed % 1000, best_of={"writer": 1}, reward=rm)
+    one = BestOfN(make_system(bo_lm), rm, {"writer": 1}).evaluate(EXAMPLES, seed=seed % 1000)
     assert one.scores == plain.scores and [t.prediction for t in one.traces] == [t.prediction for t in plain.traces]
     assert bo_lm.calls == plain_lm.calls and rm.calls == []
     assert all(t.step("writer").best_of is None for t in one.traces)
     # N=1 needs no reward at all
-    assert make_system(SeedLM()).evaluate(EXAMPLES[:2], best_of={"writer": 1}).scores == plain.scores[:2]
+    assert BestOfN(make_system(SeedLM()), None, {"writer": 1}).evaluate(EXAMPLES[:2]).scores == plain.scores[:2]
 
 
 def test_ties_keep_the_plain_output_and_failed_candidates_are_dropped(seed):
@@ -110,16 +113,16 @@ def test_ties_keep_the_plain_output_and_failed_candidates_are_dropped(seed):
         def value(self, text):
             return 0.5
 
-    t = make_system(SeedLM()).run(EXAMPLES[0], seed=3, best_of={"writer": 3}, reward=Flat(seed))
+    t = BestOfN(make_system(SeedLM()), Flat(seed), {"writer": 3}).run(EXAMPLES[0], seed=3)
     assert t.step("writer").outputs["draft"].startswith("plain")
     # the candidate under seed 3 + 7919 fails: it is dropped, the others compete
     lm, rm = SeedLM(fail_seeds={3 + 7919}), StubScorer(seed)
-    t = make_system(lm).run(EXAMPLES[0], seed=3, best_of={"writer": 3}, reward=rm)
+    t = BestOfN(make_system(lm), rm, {"writer": 3}).run(EXAMPLES[0], seed=3)
     info = t.step("writer").best_of
     assert t.ok and info["failed"] == 1 and len(info["candidates"]) == 2
     # every candidate failing fails the step as a plain failure would
     lm = SeedLM(fail_seeds={3, 3 + 7919, 3 + 2 * 7919})
-    t = make_system(lm).run(EXAMPLES[0], seed=3, best_of={"writer": 3}, reward=StubScorer(seed))
+    t = BestOfN(make_system(lm), StubScorer(seed), {"writer": 3}).run(EXAMPLES[0], seed=3)
     assert not t.ok and t.failed_component == "writer" and "boom at seed 3" in t.error
 
 
@@ -127,7 +130,7 @@ def test_deterministic_components_score_nothing(seed):
     # candidates that are all the same text need no score call
     rm = StubScorer(seed)
     system = make_system(ScriptedLM(lambda p, i: "always this"))
-    t = system.run(EXAMPLES[0], best_of={"writer": 4}, reward=rm)
+    t = BestOfN(system, rm, {"writer": 4}).run(EXAMPLES[0])
     assert rm.calls == [] and t.step("writer").best_of["candidates"] == [{"draft": "always this"}]
 
 
@@ -144,16 +147,42 @@ def test_deterministic_components_score_nothing(seed):
 def test_bad_best_of_specs(seed, best_of, reward, err, match):
     rm = {"stub": StubScorer(seed), "headless": StubScorer(seed, components=["echo"])}.get(reward, reward) \
         if isinstance(reward, str) or reward is None else reward
+    with pytest.raises(err, match=match):
+        BestOfN(make_system(SeedLM()), rm, best_of)
+
+
+@pytest.mark.parametrize("temperature", [0, -0.5, 2.5, True, "hot"])
+def test_best_of_temperature_is_checked(seed, temperature):
+    with pytest.raises(ValueError, match="temperature"):
+        BestOfN(make_system(SeedLM()), StubScorer(seed), {"writer": 2}, temperature=temperature)
+
+
+def test_the_wrapped_system_is_untouched_and_knows_no_reward(seed):
+    lm = SeedLM()
+    system = make_system(lm)
+    before = system.state_dict()
+    best = BestOfN(system, StubScorer(seed), {"writer": 3}, temperature=0.9)
+    traced = best.run(EXAMPLES[0], seed=5)
+    assert best.system is system and system.state_dict() == before
+    plain = system.run(EXAMPLES[0], seed=5)  # the same system, run plainly after the wrapper ran it
+    assert plain.step("writer").best_of is None and plain.step("writer").outputs == {"draft": f"plain {EXAMPLES[0]['q']}"}
+    assert traced.step("writer").best_of["n"] == 3
+    # candidates 2..N sample at the wrapper's temperature, the plain call keeps the component's own (0)
+    temps = {kw["seed"]: kw["temperature"] for _, kw in lm.calls}
+    assert temps[5] == 0 and temps[5 + 7919] >= 0.9 and temps[5 + 2 * 7919] >= 0.9
+
+
+def test_a_step_hook_must_return_the_components_fields():
+    # System's hook contract (the mechanism best-of-N uses): what a hook returns is checked like a component's
     system = make_system(SeedLM())
-    with pytest.raises(err, match=match):
-        system.evaluate(EXAMPLES, best_of=best_of, reward=rm)
-    with pytest.raises(err, match=match):
-        system.run(EXAMPLES[0], best_of=best_of, reward=rm)
-
-
-def test_best_of_temperature_is_checked(seed):
-    with pytest.raises(ValueError, match="best_of_temperature"):
-        make_system(SeedLM()).run(EXAMPLES[0], best_of={"writer": 2}, reward=StubScorer(seed), best_of_temperature=0)
+    t = system.run(EXAMPLES[0], hooks={"writer": lambda c, inputs, var, ctx: ({"wrong": 1}, None)})
+    assert not t.ok and t.failed_component == "writer" and "output fields must be exactly ['draft']" in t.error
+    t = system.run(EXAMPLES[0], hooks={"writer": lambda c, inputs, var, ctx: ({"draft": "hooked"}, {"why": "test"})})
+    assert t.ok and t.prediction == {"out": "HOOKED"} and t.step("writer").best_of == {"why": "test"}
+    with pytest.raises(ValueError, match="hooks: no component named 'nope'"):
+        system.run(EXAMPLES[0], hooks={"nope": lambda *a: ({}, None)})
+    with pytest.raises(TypeError, match=r"hooks\['writer'\] must be callable"):
+        system.evaluate(EXAMPLES, hooks={"writer": 3})
 
 
 def test_with_a_real_tiny_reward_model(seed):
@@ -162,7 +191,7 @@ def test_with_a_real_tiny_reward_model(seed):
 
     torch.set_num_threads(1)
     rm = tiny_reward_model({"writer": "writes a draft"}, seed % 1000)
-    res = make_system(SeedLM()).evaluate(EXAMPLES[:3], seed=1, best_of={"writer": 3}, reward=rm)
+    res = BestOfN(make_system(SeedLM()), rm, {"writer": 3}).evaluate(EXAMPLES[:3], seed=1)
     for t in res.traces:
         info = t.step("writer").best_of
         rows = [("writer", f"q: {t.example['q']}", f"draft: {c['draft']}") for c in info["candidates"]]
@@ -173,7 +202,7 @@ def test_with_a_real_tiny_reward_model(seed):
 
 # ----------------------------------------------------------------------------------------------- CLI
 def test_cli_eval_best_of_specs(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(cli.Path(__file__).resolve().parents[1])
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
     out = tmp_path / "run"
     assert cli.main(["run", "examples/own_pipeline.yaml", "--out", str(out), "--no-progress"]) == 0
     capsys.readouterr()

@@ -16,7 +16,8 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
 from optimas_fast.examples.data import PUBMEDQA_FILE, default_data_dir  # noqa: E402
-from optimas_fast.preference import PairStore, render_inputs, render_outputs  # noqa: E402
+from optimas_fast.preference import PairStore  # noqa: E402
+from optimas_fast.render import render_inputs, render_outputs  # noqa: E402
 from optimas_fast.reward import PreferencePair  # noqa: E402
 from optimas_fast.reward.data import as_pairs  # noqa: E402
 from optimas_fast.reward.formats import (  # noqa: E402

@@ -13,6 +13,7 @@ import dspy
 import pytest
 import torch
 
+from optimas_fast.best_of import BestOfN
 from optimas_fast.dspy import DSPyLM
 from optimas_fast.lm import Budget, BudgetExceeded, UsageLedger, use_ledger
 from optimas_fast.lm.base import LM, Completion, Usage
@@ -236,7 +237,7 @@ def test_best_of_n_picks_by_the_reward(seed):
     lm = EchoLM()
     system = ProgramSystem(QA(), metric, lm=DSPyLM(lm))
     rm = PreferLong()
-    t = system.run(example("q"), seed=seed % 1000, best_of={"answer": 3}, reward=rm)
+    t = BestOfN(system, rm, {"answer": 3}).run(example("q"), seed=seed % 1000)
     assert t.ok, t.traceback
     info = t["answer"].best_of
     assert info["n"] == 3 and len(info["candidates"]) == 3 and rm.calls == 1
@@ -245,7 +246,7 @@ def test_best_of_n_picks_by_the_reward(seed):
     temps = sorted(p.temperature for prompt, p in lm.requests if "[[ ## answer ## ]]" in prompt[0]["content"])
     assert temps == [0.0, 0.7, 0.7]  # the plain call, then samples at best_of_temperature
     with pytest.raises(ValueError, match="needs reward"):
-        system.run(example("q"), best_of={"answer": 2})
+        BestOfN(system, None, {"answer": 2})
 
 
 def test_bad_arguments():

@@ -9,6 +9,7 @@ import torch
 
 from optimas_fast import ops
 from optimas_fast._validate import check_bool, check_choice, check_int, check_number, is_int, is_number
+from optimas_fast.best_of import BestOfN
 from optimas_fast.examples.codegen import CodegenConfig, build_codegen_system
 from optimas_fast.examples.data import split_examples
 from optimas_fast.examples.embeddings import HashEmbedder
@@ -228,10 +229,10 @@ def test_system_sites():
     system = System([echo], lambda ex, pred: 1.0, ["out"], inputs=["q"])
     _raises(lambda: system.evaluate([{"q": "x"}], workers=True), ValueError,  # now refused
             re.escape("evaluate(workers): expected an int >= 1, got True"))
-    _raises(lambda: system.run({"q": "x"}, best_of={"echo": True}), ValueError,
+    _raises(lambda: BestOfN(system, None, {"echo": True}), ValueError,
             re.escape("best_of['echo'] must be an int >= 1, got True"))
-    _raises(lambda: system.run({"q": "x"}, best_of={"echo": 2}, reward=_Scorer(), best_of_temperature=True),
-            ValueError, re.escape("best_of_temperature must be a number in (0, 2], got True"))
+    _raises(lambda: BestOfN(system, _Scorer(), {"echo": 2}, temperature=True),
+            ValueError, re.escape("temperature must be a number in (0, 2], got True"))
 
 
 class _Scorer:

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 from optimas_fast._validate import check_int
 from optimas_fast.lm.errors import BudgetExceeded
-from optimas_fast.preference.render import render_inputs, render_outputs
+from optimas_fast.render import render_inputs, render_outputs
 from optimas_fast.system import Component, Variable
 from optimas_fast.system.context import usage_scope
 

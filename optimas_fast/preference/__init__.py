@@ -8,9 +8,8 @@ from optimas_fast.preference.collect import (
     CollectConfig, CollectResult, collect_preferences, example_key, sample_variants,
 )
 from optimas_fast.preference.pairs import PairStore, build_pairs, is_held_out, pair_weights
-from optimas_fast.preference.render import render_inputs, render_outputs
 
 __all__ = [
     "CollectConfig", "CollectResult", "collect_preferences", "example_key", "sample_variants",
-    "PairStore", "build_pairs", "is_held_out", "pair_weights", "render_inputs", "render_outputs",
+    "PairStore", "build_pairs", "is_held_out", "pair_weights",
 ]

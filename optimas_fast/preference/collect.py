@@ -29,7 +29,7 @@ import torch
 from optimas_fast._validate import check_int
 from optimas_fast.lm.errors import BudgetExceeded
 from optimas_fast.preference.pairs import PairStore, build_pairs
-from optimas_fast.preference.render import render_inputs, render_outputs
+from optimas_fast.render import render_inputs, render_outputs
 from optimas_fast.reward import PreferencePair
 from optimas_fast.system import Choice, Prompt, System, Variable, Weights
 

@@ -31,7 +31,7 @@ Three layouts, detected from a row's columns (``format="auto"``) or named (``"tr
   (``{component: {"input": {...}, "output": {...}}, ...}``) contributes the component's own ``input``
   record when present (the reference's construction), else every record's inputs then outputs flattened;
   any other object is the inputs themselves. Objects render as ``field: value`` lines, exactly as the
-  project's own preference layer renders a component's inputs / outputs (``system.format_value``), so pairs
+  project's own preference layer renders a component's inputs / outputs (``optimas_fast.render``), so pairs
   from files and from the loop look alike. Margin = score_chosen - score_rejected, ``margin_kind="weight"``.
   A tie (margin 0: no preference) is dropped and counted (``ties="drop"``; ``"error"`` refuses it); a
   negative margin is an error (``negative_margin="error"``) or the pair is swapped and counted (``"swap"``).
@@ -62,8 +62,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 from optimas_fast._validate import is_number
+from optimas_fast.render import format_fields
 from optimas_fast.reward.data import PreferencePair
-from optimas_fast.system.component import format_value
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +162,8 @@ class PairSet(list):
 
 # ------------------------------------------------------------------------------------------------ rendering
 def render_fields(obj: Mapping[str, Any]) -> str:
-    """``field: value`` lines in the object's order (the preference layer's rendering of inputs / outputs)."""
-    return "\n".join(f"{k}: {format_value(v)}" for k, v in obj.items())
+    """``field: value`` lines in the object's order (``optimas_fast.render``, as the loop renders rows)."""
+    return format_fields(obj)
 
 
 # ------------------------------------------------------------------------------------------------ reading

@@ -2,7 +2,7 @@
 
 See ``system.py`` for the run/evaluate/override/state API and ``component.py`` for defining components.
 """
-from optimas_fast.system.component import Component, ComponentError, format_value
+from optimas_fast.system.component import Component, ComponentError
 from optimas_fast.system.context import RunContext, current_run, record_usage
 from optimas_fast.system.lm_component import LMComponent
 from optimas_fast.system.system import STATE_FORMAT, System
@@ -12,7 +12,6 @@ from optimas_fast.system.variables import Choice, Prompt, Variable, Weights, var
 __all__ = [
     "Component",
     "ComponentError",
-    "format_value",
     "LMComponent",
     "RunContext",
     "current_run",

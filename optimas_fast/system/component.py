@@ -21,20 +21,14 @@ variable, ``"component.key"`` for one of several. Optimizers and overrides use a
 from __future__ import annotations
 
 import copy
-import json
 from typing import Any, Callable, Mapping, Sequence
 
 from optimas_fast.lm.base import LM, Completion
+from optimas_fast.render import format_fields
 from optimas_fast.system.context import current_run, record_usage
 from optimas_fast.system.variables import Variable, Weights
 
-__all__ = ["Component", "ComponentError", "format_value", "REWARD_INPUT_CHARS", "REWARD_OUTPUT_CHARS"]
-
-# Per-field caps of the text an LRF sees (``preference.render`` and best-of-N scoring both use them): the LRF
-# template keeps at most 512 tokens, and an over-long *output* is an error there (the scored text is never
-# truncated silently), so outputs are capped well below that.
-REWARD_INPUT_CHARS = 1200
-REWARD_OUTPUT_CHARS = 600
+__all__ = ["Component", "ComponentError"]
 
 
 class ComponentError(ValueError):
@@ -51,24 +45,6 @@ def _check_fields(kind: str, fields: Any, owner: str) -> tuple[str, ...]:
     if len(set(fields)) != len(fields):
         raise ValueError(f"component '{owner}': duplicate {kind} fields in {list(fields)}")
     return fields
-
-
-def format_value(value: Any, max_chars: int | None = None) -> str:
-    """Text form of a field value for prompts and LRF templates (str as is, floats rounded, else JSON)."""
-    if isinstance(value, str):
-        text = value
-    elif isinstance(value, float):
-        text = f"{value:.4g}"
-    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, float) for v in value):
-        text = "[" + ", ".join(f"{v:.4g}" for v in value) + "]"
-    else:
-        try:
-            text = json.dumps(value, ensure_ascii=False, default=str)
-        except (TypeError, ValueError):
-            text = str(value)
-    if max_chars is not None and len(text) > max_chars:
-        text = text[: max(0, max_chars - 3)] + "..."
-    return text
 
 
 class Component:
@@ -230,12 +206,12 @@ class Component:
     # ----------------------------------------------------------------------------------------------
     # text forms for LRF templates and prompts
     def format_inputs(self, inputs: Mapping[str, Any], max_chars: int | None = None) -> str:
-        """``field: value`` lines for the declared inputs, in declaration order."""
-        return "\n".join(f"{f}: {format_value(inputs.get(f), max_chars)}" for f in self.inputs)
+        """``field: value`` lines for the declared inputs, in declaration order (``optimas_fast.render``)."""
+        return format_fields(inputs, self.inputs, max_chars)
 
     def format_outputs(self, outputs: Mapping[str, Any], max_chars: int | None = None) -> str:
-        """``field: value`` lines for the declared outputs, in declaration order."""
-        return "\n".join(f"{f}: {format_value(outputs.get(f), max_chars)}" for f in self.outputs)
+        """``field: value`` lines for the declared outputs, in declaration order (``optimas_fast.render``)."""
+        return format_fields(outputs, self.outputs, max_chars)
 
     # ----------------------------------------------------------------------------------------------
     # LM helper

@@ -28,8 +28,8 @@ How it works:
   as usual (a fresh list per run); the metric is called as DSPy's evaluator does, ``metric(example,
   prediction, None)``, with the program's own Prediction.
 
-- Reward-guided best-of-N (``run/evaluate(best_of={predictor: N}, reward=rm)``) works as in ``System``: each
-  call of that predictor is the best of N single-predictor calls by the reward.
+- Step hooks (``run/evaluate(hooks={predictor: hook})``) work as in ``System``: each call of that predictor is
+  made by the hook (single-predictor calls), e.g. reward-guided best-of-N (``optimas_fast.best_of.BestOfN``).
 
 Not supported: ``run(start_from=..., given=...)`` (the program's forward decides the data flow; rollouts go
 through ``run_downstream``) and async programs (``aforward``).
@@ -103,10 +103,8 @@ class _Run:
     target: tuple[str, dict] | None = None  # (component, outputs): its first call returns these
     target_done: bool = False
     failed: str | None = None  # the component whose call raised first
-    system: Any = None  # the ProgramSystem running (for best-of-N)
-    best_of: dict[str, int] = field(default_factory=dict)  # component -> N (> 1) candidates, best by ``reward``
-    reward: Any = None
-    temperature: float = 0.7  # best-of-N sampling temperature of candidates 2..N
+    system: Any = None  # the ProgramSystem running (its components, for step hooks)
+    hooks: dict = field(default_factory=dict)  # component -> step hook (System.run's hooks), e.g. best-of-N
 
     def call(self, name: str, predictor: Any, original: Callable, kwargs: dict) -> Any:
         dspy = _dspy()
@@ -126,14 +124,13 @@ class _Run:
             if rec.component == name and rec.outputs is not None and rec.inputs == inputs:
                 return self._reuse(predictor, name, rec.inputs, rec.outputs, rec.variable)
         s0 = time.perf_counter()
-        picked = None
+        record = None
         with usage_scope(name, self.seed) as ctx:
             try:
-                if name in self.best_of:  # System's best-of-N over single-predictor calls (PredictorComponent)
+                if name in self.hooks:  # the hook makes single-predictor calls (PredictorComponent)
                     comp = self.system.components[name]
-                    outputs, picked = self.system._best_of(comp, inputs, var, self.best_of[name], self.seed,
-                                                           self.reward, self.temperature, ctx)
-                    prediction = dspy.Prediction(**outputs)
+                    outputs, record = self.hooks[name](comp, inputs, var, ctx)
+                    prediction = dspy.Prediction(**comp.check_outputs(outputs))
                 else:
                     prediction = self._real(original, run_sig, kwargs)
             except Exception as exc:
@@ -142,7 +139,7 @@ class _Run:
                 self.failed = self.failed or name
                 raise
         outputs = {f: prediction.get(f) for f in sig.output_fields}
-        self.steps.append(Step(name, inputs, outputs, var, time.perf_counter() - s0, ctx.usage, best_of=picked))
+        self.steps.append(Step(name, inputs, outputs, var, time.perf_counter() - s0, ctx.usage, best_of=record))
         return prediction
 
     @staticmethod
@@ -306,16 +303,15 @@ class ProgramSystem(System):
 
     def run(self, example: Any, overrides: Mapping[str, Any] | None = None, *, seed: int | None = None,
             start_from: str | None = None, given: Mapping[str, Any] | None = None, score: bool = True,
-            best_of: Mapping[str, int] | None = None, reward: Any = None, best_of_temperature: float = 0.7) -> Trace:
+            hooks: Mapping[str, Any] | None = None) -> Trace:
         """Runs the program's forward on one example (errors are recorded in the trace, not raised).
-        ``best_of={predictor: N}, reward=rm``: reward-guided best-of-N of that predictor's calls, as in
-        ``System.run``."""
+        ``hooks={predictor: hook}``: that predictor's calls are made by the hook, as in ``System.run`` (e.g.
+        best-of-N: ``optimas_fast.best_of.BestOfN``)."""
         if start_from is not None or given is not None:
             raise ValueError("ProgramSystem.run: start_from/given are not supported (the program's forward decides "
                              "the data flow); use run_downstream to replace one predictor's outputs")
-        plan = self._check_best_of(best_of, reward, best_of_temperature)
-        return self._run_program(example, self._resolve_overrides(overrides), seed, score,
-                                 best_of=(plan, reward, best_of_temperature))
+        hooks = self._check_hooks(hooks)
+        return self._run_program(example, self._resolve_overrides(overrides), seed, score, hooks=hooks)
 
     def run_downstream(self, name: str, outputs: Mapping[str, Any], trace: Trace,
                        overrides: Mapping[str, Any] | None = None, *, seed: int | None = None,
@@ -334,12 +330,11 @@ class ProgramSystem(System):
 
     def _run_program(self, example: Any, resolved: dict, seed: int | None, score: bool, *,
                      replay: list[Step] | None = None, target: tuple[str, dict] | None = None,
-                     best_of: tuple[dict, Any, float] = ({}, None, 0.7)) -> Trace:
+                     hooks: Mapping[str, Any] | None = None) -> Trace:
         dspy = _dspy()
         inputs = self.program_inputs(example)
         variables = {n: (resolved[n] if n in resolved else c.variable) for n, c in self.components.items()}
-        run = _Run(self.program, variables, seed, replay=replay, target=target, system=self,
-                   best_of=best_of[0], reward=best_of[1], temperature=best_of[2])
+        run = _Run(self.program, variables, seed, replay=replay, target=target, system=self, hooks=dict(hooks or {}))
         fields = dict(example.items()) if hasattr(example, "items") else dict(inputs)
         trace = Trace(example=example, fields=fields, steps=run.steps, seed=seed)
         t0 = time.perf_counter()

@@ -24,15 +24,11 @@ trace records them (``trace.error``, ``trace.failed_component``, ``trace.traceba
 scores 0. Wrong *arguments* (unknown override address, non-dict example) raise at once, and so does
 ``optimas_fast.lm.errors.BudgetExceeded``: a budget stop ends the evaluation, it is no example's failure.
 
-Reward-guided best-of-N (inference): ``run`` / ``evaluate`` with ``best_of={"name": N}, reward=rm`` call
-component ``name`` N times on the same inputs: the plain call (the run's seed, the component's own decoding)
-and N-1 samples under seeds ``seed + 7919 r`` at ``best_of_temperature`` (LM calls through
-``Component.generate`` sample at least that hot, so greedy components give distinct candidates). The
-distinct candidates are scored by ``rm.score`` (the component's LRF head) in one batched call and the
-highest-scored one goes downstream (ties keep the earliest, i.e. the plain output); failed candidates are
-dropped. The trace's step records every candidate and score (``step.best_of``). N=1 is the plain run.
-``rm`` is anything with ``score(rows) -> (N,) tensor`` over (component, inputs text, outputs text) rows, e.g.
-an ``optimas_fast.reward.RewardModel``; the system knows nothing else of rewards.
+Step hooks: ``run`` / ``evaluate`` with ``hooks={"name": hook}`` let ``hook(component, inputs, variable, ctx)
+-> (outputs, record)`` make component ``name``'s step instead of the plain call: it may call the component
+several times (``call_component``, sub-calls under ``context.usage_scope``, billed to ``ctx.usage``), and
+``record`` lands in ``step.best_of``. Reward-guided best-of-N (``optimas_fast.best_of.BestOfN``) is such a
+hook; the system knows nothing of rewards.
 
 State: ``state_dict()`` is a JSON-safe dict of every variable (Weights tensors as base64 safetensors
 bytes, see ``variables.py``) plus a signature of the system; ``load_state_dict`` checks the signature
@@ -48,21 +44,20 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 import traceback as tb
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from optimas_fast._io import atomic_write_text
-from optimas_fast._validate import check_int, check_number, is_int
+from optimas_fast._validate import is_int
 from optimas_fast.lm.errors import BudgetExceeded
-from optimas_fast.system.component import REWARD_INPUT_CHARS, REWARD_OUTPUT_CHARS, Component, ComponentError
-from optimas_fast.system.context import usage_scope
+from optimas_fast.system.component import Component, ComponentError
+from optimas_fast.system.context import RunContext, usage_scope
 from optimas_fast.system.trace import EvalResult, Step, Trace
 from optimas_fast.system.variables import Choice, Variable, Weights, variable_from_state
 
-__all__ = ["System", "STATE_FORMAT"]
+__all__ = ["System", "STATE_FORMAT", "StepHook", "call_component"]
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +65,19 @@ STATE_FORMAT = "optimas_fast.system.state/1"
 
 Metric = Callable[[Mapping, Mapping], float]
 
-BEST_OF_SEED_STRIDE = 7919  # candidate r samples under seed + r * stride (the stride collection's resamples use)
-_SCORE_LOCK = threading.Lock()  # reward models are not thread-safe; scoring is compute-bound anyway
+# hook(component, inputs, variable, ctx) -> (outputs, record or None): makes one component's step (see above)
+StepHook = Callable[[Component, dict, Any, RunContext], "tuple[dict, dict | None]"]
+
+
+def call_component(c: Component, inputs: Mapping[str, Any], var: Any) -> dict[str, Any]:
+    """One plain call of ``c`` with ``var`` already resolved (overrides applied): its checked outputs.
+
+    Calls ``forward`` directly rather than ``Component.__call__``, which would resolve ``var`` a second time.
+    """
+    missing = [f for f in c.inputs if f not in inputs]
+    if missing:
+        raise ComponentError(f"component '{c.name}': missing input fields {missing}")
+    return c.check_outputs(c.forward(variable=var, **{f: inputs[f] for f in c.inputs}))
 
 
 def score_trace(trace: Trace, metric: Callable[[], Any]) -> None:
@@ -279,9 +285,7 @@ class System:
         start_from: str | None = None,
         given: Mapping[str, Any] | None = None,
         score: bool = True,
-        best_of: Mapping[str, int] | None = None,
-        reward: Any = None,
-        best_of_temperature: float = 0.7,
+        hooks: Mapping[str, StepHook] | None = None,
     ) -> Trace:
         """Runs the system on one example and returns its Trace (errors are recorded, not raised).
 
@@ -293,14 +297,11 @@ class System:
                 or the example.
             given: field values that take precedence over the example's.
             score: compute ``metric(example, prediction)``.
-            best_of: {component: N}: pick the best of N sampled outputs of that component by ``reward``
-                (see the module docstring); N=1 is the plain run.
-            reward: the scorer of best-of-N candidates (``score(rows)``, e.g. the run's RewardModel).
-            best_of_temperature: the sampling temperature of candidates 2..N.
+            hooks: {component: hook} making that component's step (see the module docstring), e.g. best-of-N.
         """
         if not isinstance(example, Mapping):
             raise TypeError(f"System.run(example): expected a dict of fields, got {type(example).__name__}")
-        plan = self._check_best_of(best_of, reward, best_of_temperature)
+        hooks = self._check_hooks(hooks)
         resolved = self._resolve_overrides(overrides)
         fields = dict(example)
         if given is not None:
@@ -312,8 +313,7 @@ class System:
         else:
             self._check_component(start_from)
             names = [start_from] + self.descendants(start_from)
-        return self._execute(example, fields, names, resolved, seed=seed, score=score, prior=None,
-                             best_of=plan, reward=reward, temperature=best_of_temperature)
+        return self._execute(example, fields, names, resolved, seed=seed, score=score, prior=None, hooks=hooks)
 
     def run_component(
         self, name: str, inputs: Mapping[str, Any], variable: Any = None, *, seed: int | None = None
@@ -325,7 +325,7 @@ class System:
         c = self._check_component(name)
         var = c.resolve_variable(variable)
         with usage_scope(name, seed):
-            return self._call(c, inputs, var)
+            return call_component(c, inputs, var)
 
     def run_downstream(
         self,
@@ -356,15 +356,6 @@ class System:
         prior[name] = Step(name, dict(base.inputs), dict(new_outputs), base.variable, reused=True)
         return self._execute(trace.example, fields, self.descendants(name), resolved, seed=seed, score=score, prior=prior)
 
-    @staticmethod
-    def _call(c: Component, inputs: Mapping[str, Any], var: Any) -> dict[str, Any]:
-        # ``var`` is already resolved (overrides applied), so call forward directly rather than
-        # Component.__call__, which would resolve it a second time.
-        missing = [f for f in c.inputs if f not in inputs]
-        if missing:
-            raise ComponentError(f"component '{c.name}': missing input fields {missing}")
-        return c.check_outputs(c.forward(variable=var, **{f: inputs[f] for f in c.inputs}))
-
     def _execute(
         self,
         example: Mapping,
@@ -375,9 +366,7 @@ class System:
         seed: int | None,
         score: bool,
         prior: dict[str, Step] | None,
-        best_of: Mapping[str, int] | None = None,
-        reward: Any = None,
-        temperature: float = 0.7,
+        hooks: Mapping[str, StepHook] | None = None,
     ) -> Trace:
         t0 = time.perf_counter()
         to_run = set(names)
@@ -399,13 +388,14 @@ class System:
                 break
             inputs = {f: fields[f] for f in c.inputs}
             s0 = time.perf_counter()
-            picked = None
+            record = None
             with usage_scope(name, seed) as ctx:
                 try:
-                    if best_of and name in best_of:
-                        outputs, picked = self._best_of(c, inputs, var, best_of[name], seed, reward, temperature, ctx)
+                    if hooks and name in hooks:
+                        outputs, record = hooks[name](c, inputs, var, ctx)
+                        outputs = c.check_outputs(outputs)
                     else:
-                        outputs = self._call(c, inputs, var)
+                        outputs = call_component(c, inputs, var)
                     err = None
                 except BudgetExceeded:
                     raise  # a budget stop ends the whole run/evaluation cleanly; it is no example's fault
@@ -413,7 +403,7 @@ class System:
                     outputs, err = None, f"component '{name}': {type(exc).__name__}: {exc}"
                     trace.traceback = tb.format_exc()
             trace.steps.append(Step(name, inputs, outputs, var, time.perf_counter() - s0, ctx.usage, err,
-                                    best_of=picked))
+                                    best_of=record))
             if err is not None:
                 trace.error, trace.failed_component = err, name
                 break
@@ -429,76 +419,20 @@ class System:
         trace.seconds = time.perf_counter() - t0
         return trace
 
-    def _check_best_of(self, best_of: Mapping[str, int] | None, reward: Any, temperature: float) -> dict[str, int]:
-        """The components with N > 1, validated (unknown component, N < 1, no reward: clear errors)."""
-        if best_of is None:
+    def _check_hooks(self, hooks: Mapping[str, StepHook] | None) -> dict[str, StepHook]:
+        """``hooks`` as a dict, checked: a mapping of this system's component names to callables."""
+        if hooks is None:
             return {}
-        if not isinstance(best_of, Mapping):
-            raise TypeError(f"best_of must be a dict {{component: N}}, got {type(best_of).__name__}")
-        plan = {}
-        for name, n in best_of.items():
+        if not isinstance(hooks, Mapping):
+            raise TypeError(f"hooks must be a dict {{component: hook}}, got {type(hooks).__name__}")
+        for name, hook in hooks.items():
             if not isinstance(name, str) or name not in self.components:
-                raise ValueError(f"best_of: no component named {name!r} in system '{self.name}' "
+                raise ValueError(f"hooks: no component named {name!r} in system '{self.name}' "
                                  f"(has {list(self.components)})")
-            check_int(n, f"best_of[{name!r}]", min=1)
-            if n > 1:
-                plan[name] = n
-        if not plan:
-            return plan
-        if reward is None:
-            raise ValueError(f"best_of {plan} needs reward= (a reward model with score(rows), e.g. the run's LRF)")
-        if not callable(getattr(reward, "score", None)):
-            raise TypeError(f"best_of: reward must have a score(rows) method, got {type(reward).__name__}")
-        heads = getattr(reward, "components", None)
-        if heads is not None:
-            missing = [n for n in plan if n not in heads]
-            if missing:
-                raise ValueError(f"best_of: the reward model has no head for {missing} (its heads: {list(heads)})")
-        check_number(temperature, "best_of_temperature", gt=0, max=2)
-        return plan
-
-    def _best_of(self, c: Component, inputs: dict, var: Any, n: int, seed: int | None, reward: Any,
-                 temperature: float, ctx) -> tuple[dict, dict]:
-        """(the best of ``n`` candidate outputs by ``reward``, what was tried); see the module docstring."""
-        cands: list[dict] = []
-        first_exc: Exception | None = None
-        failed = 0
-        for r in range(n):
-            try:
-                if r == 0:  # the plain call, in the step's own scope
-                    cands.append(self._call(c, inputs, var))
-                    continue
-                sample_seed = (seed or 0) + BEST_OF_SEED_STRIDE * r
-                with usage_scope(c.name, sample_seed, temperature=float(temperature)) as sub:
-                    try:
-                        cands.append(self._call(c, inputs, var))
-                    finally:
-                        ctx.usage += sub.usage  # the step pays for every candidate
-            except BudgetExceeded:
-                raise
-            except Exception as exc:  # noqa: BLE001 — a failed candidate is dropped; all failing fails the step
-                failed += 1
-                first_exc = first_exc or exc
-        if not cands:
-            raise first_exc  # type: ignore[misc]
-        unique: dict[str, dict] = {}
-        for out in cands:
-            unique.setdefault(c.format_outputs(out, REWARD_OUTPUT_CHARS), out)
-        texts = list(unique)
-        scores: list[float] = []
-        chosen = 0
-        if len(texts) > 1:
-            x_text = c.format_inputs(inputs, REWARD_INPUT_CHARS)
-            with _SCORE_LOCK:
-                raw = reward.score([(c.name, x_text, t) for t in texts])  # one batched call: (len(texts),)
-            scores = [float(v) for v in (raw.tolist() if hasattr(raw, "tolist") else raw)]
-            if len(scores) != len(texts):
-                raise ValueError(f"best_of: reward.score returned {len(scores)} scores for {len(texts)} rows")
-            finite = [v if math.isfinite(v) else -math.inf for v in scores]
-            chosen = max(range(len(texts)), key=lambda i: (finite[i], -i))  # ties: the earliest (plain) one
-        info = {"n": n, "candidates": [unique[t] for t in texts], "scores": scores, "chosen": chosen,
-                "failed": failed}
-        return unique[texts[chosen]], info
+            if not callable(hook):
+                raise TypeError(f"hooks[{name!r}] must be callable (component, inputs, variable, ctx) -> "
+                                f"(outputs, record), got {type(hook).__name__}")
+        return dict(hooks)
 
     def evaluate(
         self,
@@ -507,27 +441,24 @@ class System:
         workers: int = 1,
         overrides: Mapping[str, Any] | None = None,
         seed: int | None = None,
-        best_of: Mapping[str, int] | None = None,
-        reward: Any = None,
-        best_of_temperature: float = 0.7,
+        hooks: Mapping[str, StepHook] | None = None,
     ) -> EvalResult:
         """Runs every example (``workers`` threads) and returns per-example scores, errors and traces.
 
         A failed example (a component or the metric raised, the example is malformed) scores 0 and keeps
         its error; nothing is dropped, and results are in input order whatever the thread timing.
-        ``best_of`` / ``reward`` / ``best_of_temperature``: reward-guided best-of-N, as in ``run``.
+        ``hooks``: step hooks, as in ``run`` (e.g. best-of-N: ``optimas_fast.best_of.BestOfN.evaluate``).
         """
         if not is_int(workers) or workers < 1:
             raise ValueError(f"evaluate(workers): expected an int >= 1, got {workers!r}")
         examples = list(examples)
         self._resolve_overrides(overrides)  # fail early on bad overrides, not once per example
-        self._check_best_of(best_of, reward, best_of_temperature)  # and on a bad best-of spec
+        self._check_hooks(hooks)  # and on bad hooks
         t0 = time.perf_counter()
 
         def one(example: Any) -> Trace:
             try:
-                return self.run(example, overrides, seed=seed, best_of=best_of, reward=reward,
-                                best_of_temperature=best_of_temperature)
+                return self.run(example, overrides, seed=seed, hooks=hooks)
             except BudgetExceeded:
                 raise
             except Exception as exc:  # noqa: BLE001 — e.g. an example that is not a dict
