@@ -15,6 +15,7 @@ from pathlib import Path
 
 from optimas_fast import demo, run
 from optimas_fast.best_of import BestOfN, parse_best_of
+from optimas_fast.cli_compare import add_compare_parser
 from optimas_fast.cli_reward import add_reward_parser
 from optimas_fast.optimize.config import ConfigError
 from optimas_fast.optimize.state import RUN_STATE, load_run_state
@@ -134,6 +135,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_resume)
     add_reward_parser(sub)  # reward train | eval | score | export (optimas_fast/cli_reward.py)
+    add_compare_parser(sub)  # compare CONFIG... --methods --budget --seeds --out (optimas_fast/cli_compare.py)
     return parser
 
 

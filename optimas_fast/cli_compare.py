@@ -9,6 +9,7 @@ finished (system, method, seed) cell under ``--out``/cells/; running the same co
 finished cells. Progress goes to stderr; the summary table is printed as JSON on stdout. A bad argument exits
 with status 2 and one line naming it. Argument parsing only: the work is ``optimas_fast.compare.compare``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,19 +31,37 @@ def _cmd_compare(args) -> int:
     except ConfigError as exc:
         print(f"optimas-fast compare: {exc}", file=sys.stderr)
         return 2
-    keep = ("system", "method", "status", "reason", "seeds", "test", "vs_unoptimized", "vs_optimas", "metric_calls",
-            "lm_calls", "seconds")
+    keep = (
+        "system",
+        "method",
+        "status",
+        "reason",
+        "seeds",
+        "test",
+        "vs_unoptimized",
+        "vs_optimas",
+        "metric_calls",
+        "lm_calls",
+        "seconds",
+    )
     print(json.dumps({"out": args.out, "table": [{k: r.get(k) for k in keep} for r in report["table"]]}))
     return 0
 
 
 def add_compare_parser(sub) -> argparse.ArgumentParser:
     """Register ``compare`` on the main CLI's sub-parsers."""
-    p = sub.add_parser("compare", help="Optimas vs GEPA, global-metric search, random search, MIPROv2 at equal "
-                       "metric-call budgets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "compare",
+        help="Optimas vs GEPA, global-metric search, random search, MIPROv2 at equal metric-call budgets",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("configs", nargs="+", metavar="CONFIG", help="run config YAML file(s), one system each")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated, from {','.join(METHODS)} (default {','.join(DEFAULT_METHODS)})")
+    p.add_argument(
+        "--methods",
+        default=",".join(DEFAULT_METHODS),
+        help=f"comma-separated, from {','.join(METHODS)} (default {','.join(DEFAULT_METHODS)})",
+    )
     p.add_argument("--budget", type=int, default=200, help="metric calls per method and seed (default 200)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per method: 0..N-1 (default 3)")
     p.add_argument("--out", default="compare-out", help="output folder; an existing one resumes (default compare-out)")

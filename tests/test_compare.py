@@ -4,6 +4,7 @@ scripted LM, and the metric-call budget it rests on (optimas_fast.optimize.budge
 
 Metric calls are counted here independently of the harness: the example's metric is replaced by a counting
 one before the system is built, so every scored run anywhere (method, validation, test) is seen."""
+
 from __future__ import annotations
 
 import importlib
@@ -16,8 +17,7 @@ import torch
 import yaml
 
 from optimas_fast import cli
-from optimas_fast.compare import METHODS, compare
-from optimas_fast.compare import harness
+from optimas_fast.compare import METHODS, compare, harness
 from optimas_fast.compare.gepa_method import SystemAdapter
 from optimas_fast.compare.judge import lrf_vs_judge, parse_verdict
 from optimas_fast.compare.mipro_method import NOT_A_PROGRAM
@@ -69,8 +69,9 @@ def own_config(tmp_path, name="own", **loop) -> Path:
     raw = yaml.safe_load((REPO / "examples" / "own_pipeline.yaml").read_text())
     raw["data"] = {k: str(DATA / f"{k}.jsonl") for k in ("train", "val", "test")}
     # half the examples' pairs held out, so the LRF-vs-judge section has pairs to judge
-    raw["loop"].update({"holdout_fraction": 0.5, "val_workers": 2, "collect": {"num_candidates": 3, "workers": 2}},
-                       **loop)
+    raw["loop"].update(
+        {"holdout_fraction": 0.5, "val_workers": 2, "collect": {"num_candidates": 3, "workers": 2}}, **loop
+    )
     raw.pop("output", None)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -147,14 +148,17 @@ def test_outputs_resume_and_settings_mismatch(tmp_path, counted, monkeypatch):
         compare(config, methods=methods, budget=BUDGET + 1, seeds=2, out=out)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"methods": "optimas,nope"}, r"methods: unknown method \['nope'\]"),
-    ({"methods": []}, "methods must be a non-empty list"),
-    ({"methods": "optimas,optimas"}, "names a method twice"),
-    ({"budget": 0}, "budget must be an int >= 1"),
-    ({"budget": 2.5}, "budget must be an int >= 1"),
-    ({"seeds": 0}, "seeds must be an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"methods": "optimas,nope"}, r"methods: unknown method \['nope'\]"),
+        ({"methods": []}, "methods must be a non-empty list"),
+        ({"methods": "optimas,optimas"}, "names a method twice"),
+        ({"budget": 0}, "budget must be an int >= 1"),
+        ({"budget": 2.5}, "budget must be an int >= 1"),
+        ({"seeds": 0}, "seeds must be an int >= 1"),
+    ],
+)
 def test_bad_arguments_name_the_argument(tmp_path, counted, kwargs, match):
     config = own_config(tmp_path)
     args = {"methods": ["unoptimized"], "budget": 10, "seeds": 1, "out": tmp_path / "o", **kwargs}
@@ -179,14 +183,33 @@ def test_unreadable_configs_name_the_file(tmp_path, counted):
 def test_cli_compare_runs_and_rejects_bad_arguments(tmp_path, counted, capsys):
     config = own_config(tmp_path)
     out = tmp_path / "cli"
-    assert cli.main(["compare", str(config), "--methods", "unoptimized,random", "--budget", "20", "--seeds", "1",
-                     "--out", str(out), "--quiet"]) == 0
+    assert (
+        cli.main(
+            [
+                "compare",
+                str(config),
+                "--methods",
+                "unoptimized,random",
+                "--budget",
+                "20",
+                "--seeds",
+                "1",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["method"] for r in printed["table"]] == ["unoptimized", "random"]
     assert printed["table"][1]["metric_calls"]["max"] <= 20
     assert (out / "compare.md").is_file() and (out / "compare.png").is_file()
-    for argv, word in ((["--methods", "optimas,bogus"], "methods"), (["--budget", "0"], "budget"),
-                       (["--seeds", "-1"], "seeds")):
+    for argv, word in (
+        (["--methods", "optimas,bogus"], "methods"),
+        (["--budget", "0"], "budget"),
+        (["--seeds", "-1"], "seeds"),
+    ):
         assert cli.main(["compare", str(config), "--out", str(tmp_path / "bad"), *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and word in err[0], err
@@ -196,15 +219,30 @@ def test_cli_compare_runs_and_rejects_bad_arguments(tmp_path, counted, capsys):
 
 # ------------------------------------------------------------------------------------------- statistics
 def _cell(method, seed, scores, status="ok"):
-    return {"system": "s", "method": method, "seed": seed, "status": status, "budget": 10, "metric_calls": 10,
-            "test_scores": scores, "curve": [[0, 0.5]], "best_val": 0.5, "seconds": 1.0,
-            "usage": {"calls": 3, "prompt_tokens": 10, "completion_tokens": 5, "cache_hits": 1}}
+    return {
+        "system": "s",
+        "method": method,
+        "seed": seed,
+        "status": status,
+        "budget": 10,
+        "metric_calls": 10,
+        "test_scores": scores,
+        "curve": [[0, 0.5]],
+        "best_val": 0.5,
+        "seconds": 1.0,
+        "usage": {"calls": 3, "prompt_tokens": 10, "completion_tokens": 5, "cache_hits": 1},
+    }
 
 
 def test_summary_pairs_differences_per_seed_and_example():
-    cells = [_cell("unoptimized", 0, [0, 0, 1, 1]), _cell("unoptimized", 1, [1, 0, 1, 0]),
-             _cell("optimas", 0, [1, 0, 1, 1]), _cell("optimas", 1, [1, 1, 1, 1]),
-             _cell("random", 0, [0, 0, 1, 1]), _cell("global", 2, [1, 1, 1, 1])]
+    cells = [
+        _cell("unoptimized", 0, [0, 0, 1, 1]),
+        _cell("unoptimized", 1, [1, 0, 1, 0]),
+        _cell("optimas", 0, [1, 0, 1, 1]),
+        _cell("optimas", 1, [1, 1, 1, 1]),
+        _cell("random", 0, [0, 0, 1, 1]),
+        _cell("global", 2, [1, 1, 1, 1]),
+    ]
     methods = ["unoptimized", "optimas", "random", "global"]
     table = {r["method"]: r for r in summarize(cells, systems=["s"], methods=methods)["table"]}
     assert table["optimas"]["test"]["mean"] == pytest.approx(7 / 8)
@@ -227,8 +265,11 @@ class _LengthRM:
 
 
 def test_judge_accuracy_cancels_position_bias_and_lrf_accuracy_counts_right_pairs():
-    pairs = [PreferencePair("c", "x", "long answer", "short"), PreferencePair("c", "x", "a", "bbb"),
-             PreferencePair("d", "y", "yes!", "no")]
+    pairs = [
+        PreferencePair("c", "x", "long answer", "short"),
+        PreferencePair("c", "x", "a", "bbb"),
+        PreferencePair("d", "y", "yes!", "no"),
+    ]
     always_a = ScriptedLM(lambda prompt, i: "A")
     res = lrf_vs_judge(pairs, _LengthRM(), always_a, {"c": "a step", "d": "another"})
     assert res["c"]["n"] == 2 and res["d"]["n"] == 1
@@ -245,8 +286,9 @@ def test_judge_accuracy_cancels_position_bias_and_lrf_accuracy_counts_right_pair
     assert silent["c"]["judge"]["mean"] == 0.0 and silent["c"]["judge_no_verdict"] == 4
 
 
-@pytest.mark.parametrize("text, verdict", [("A", "A"), ("B.", "B"), ("Output B is better", "B"),
-                                           (" a", None), ("Both", None), ("", None)])
+@pytest.mark.parametrize(
+    "text, verdict", [("A", "A"), ("B.", "B"), ("Output B is better", "B"), (" a", None), ("Both", None), ("", None)]
+)
 def test_parse_verdict(text, verdict):
     assert parse_verdict(text) == verdict
 
@@ -257,8 +299,7 @@ def test_gepa_adapter_evaluates_candidates_and_builds_reflective_records():
         return {"answer": f"{variable.text}: {question}"}
 
     comp = Component("writer", inputs=["question"], outputs=["answer"], variable=Prompt("Say"), fn=writer)
-    system = System([comp], lambda ex, pred: float(pred["answer"].startswith("Shout")), ["answer"],
-                    inputs=["question"])
+    system = System([comp], lambda ex, pred: float(pred["answer"].startswith("Shout")), ["answer"], inputs=["question"])
     val = [{"question": "q1", "gold": "g1"}, {"question": "q2", "gold": "g2"}]
     seen = []
     adapter = SystemAdapter(system, ["writer"], val, workers=1, seed=0, on_val=lambda c, m: seen.append((c, m)))
@@ -268,8 +309,13 @@ def test_gepa_adapter_evaluates_candidates_and_builds_reflective_records():
     assert full.scores == [0.0, 0.0] and full.trajectories is None
     assert seen == [({"writer": "Say"}, 0.0)]  # a full validation pass, in any order, is recorded
     records = adapter.make_reflective_dataset({"writer": "Shout"}, batch, ["writer"])["writer"]
-    assert records == [{"Inputs": {"question": "q1"}, "Generated Outputs": {"answer": "Shout: q1"},
-                        "Feedback": "This run scored 1.000 (1 is best). The correct final answer: gold = g1."}]
+    assert records == [
+        {
+            "Inputs": {"question": "q1"},
+            "Generated Outputs": {"answer": "Shout: q1"},
+            "Feedback": "This run scored 1.000 (1 is best). The correct final answer: gold = g1.",
+        }
+    ]
     assert system.components["writer"].variable.text == "Say"  # candidates are run-scoped overrides
 
 
@@ -335,8 +381,9 @@ def test_the_loop_stops_at_max_metric_calls_and_resumes_counting(seed, tmp_path)
     system.metric = metric
     cfg = synthetic_config(seed, 50)
     cfg.budget.max_metric_calls = 300
-    res = Optimas(tiny_reward_model({"pick_a": "picks a colour", "pick_b": "picks a shape"}, seed), None,
-                  cfg).optimize(system, train, val, run_dir=tmp_path / "run")
+    res = Optimas(tiny_reward_model({"pick_a": "picks a colour", "pick_b": "picks a shape"}, seed), None, cfg).optimize(
+        system, train, val, run_dir=tmp_path / "run"
+    )
     assert res.stopped == "budget: max_metric_calls exhausted"
     assert res.metric_calls == seen["calls"] <= 300
     state = load_run_state(tmp_path / "run")
@@ -348,8 +395,9 @@ def test_the_loop_stops_at_max_metric_calls_and_resumes_counting(seed, tmp_path)
     # resuming with a larger budget goes on counting from what was spent
     cfg.budget.max_metric_calls = 400
     seen["calls"] = 0
-    more = Optimas(tiny_reward_model({"pick_a": "picks a colour", "pick_b": "picks a shape"}, seed), None,
-                   cfg).optimize(system, train, val, resume_from=tmp_path / "run")
+    more = Optimas(
+        tiny_reward_model({"pick_a": "picks a colour", "pick_b": "picks a shape"}, seed), None, cfg
+    ).optimize(system, train, val, resume_from=tmp_path / "run")
     assert more.metric_calls == res.metric_calls + seen["calls"] <= 400
 
 
@@ -363,3 +411,122 @@ def test_max_metric_calls_is_validated():
 
 def test_every_method_is_registered():
     assert set(METHODS) == set(ALL)
+
+
+# ------------------------------------------------------------------------------------------- MIPROv2 on a DSPy program
+DSPY_MODULE = r'''
+"""A two-predictor DSPy program, a scripted LM that speaks DSPy's reply format, and the factory the config names."""
+import re
+
+import dspy
+
+from optimas_fast.dspy import DSPyLM
+from optimas_fast.lm.base import LM, Completion, Usage
+from optimas_fast.system.dspy_adapter import ProgramSystem
+
+GOLD = {f"question {i}": f"answer {i}" for i in range(40)}
+
+
+class QA(dspy.Module):
+    def __init__(self):
+        super().__init__()
+        self.rewrite = dspy.Predict("question -> query")
+        self.answer = dspy.Predict("question, query -> answer")
+
+    def forward(self, question):
+        return self.answer(question=question, query=self.rewrite(question=question).query)
+
+
+def field(text, name):
+    m = re.search(r"\[\[ ## " + name + r" ## \]\]\n(.*?)(?:\n\n|\Z)", text, re.S)
+    return m.group(1).strip() if m else ""
+
+
+class FormatLM(LM):
+    """Replies in DSPy's format to any signature (its output fields are read from the system message); the
+    answerer is right only when its instructions say "exact"; MIPRO's proposer always proposes that."""
+
+    name = "format-lm"
+
+    def _generate(self, requests, params):
+        out = []
+        for r in requests:
+            system, last = r.prompt[0]["content"], r.prompt[-1]["content"]
+            fields = system.split("Your output fields are:")[-1].split("All interactions")[0]
+            outputs = re.findall(r"\d+\. `(\w+)`", fields)
+            objective = system.split("your objective is:")[-1]
+            values = {"answer": GOLD.get(field(last, "question"), "no idea") if "exact" in objective else "no idea",
+                      "query": field(last, "question"), "proposed_instruction": "Give the exact answer."}
+            text = "".join(f"[[ ## {f} ## ]]\n{values.get(f, 'Some text.')}\n\n" for f in outputs)
+            out.append(Completion(text + "[[ ## completed ## ]]", Usage(prompt_tokens=10, completion_tokens=5)))
+        return out
+
+
+def scripted_lm():
+    return FormatLM()
+
+
+class PlainLM(LM):
+    """Ignores DSPy's format, as the embedded 135M model does."""
+
+    name = "plain-lm"
+
+    def _generate(self, requests, params):
+        reply = "I think the answer is yes."
+        return [Completion(reply, Usage(prompt_tokens=10, completion_tokens=7)) for _ in requests]
+
+
+def plain_lm():
+    return PlainLM()
+
+
+def metric(example, prediction, trace=None):
+    return float(prediction.answer.strip() == example["answer"])
+
+
+def build(lm):
+    return ProgramSystem(QA(), metric, lm=DSPyLM(lm), name="qa")
+'''
+
+
+BUDGET_MIPRO = 60
+
+
+def test_mipro_runs_on_a_dspy_program_within_the_budget(tmp_path, monkeypatch):
+    pytest.importorskip("optuna", reason="DSPy's MIPROv2 needs optuna (the dspy extra)")
+    (tmp_path / "dspyqa.py").write_text(DSPY_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for split, ids in (("train", range(0, 16)), ("val", range(16, 24)), ("test", range(24, 32))):
+        (tmp_path / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"question": f"question {i}", "answer": f"answer {i}"}) + "\n" for i in ids)
+        )
+    config = tmp_path / "qa.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "system": "dspyqa:build",
+                "lm": {"factory": "dspyqa:scripted_lm"},
+                "reward": {"backbone": "tiny-random"},
+                "data": {"train": "train.jsonl", "val": "val.jsonl", "test": "test.jsonl"},
+                "loop": {"val_workers": 1, "prompt": {"num_proposals": 2}},
+            }
+        )
+    )
+    report = compare(config, methods=["unoptimized", "mipro"], budget=BUDGET_MIPRO, seeds=1, out=tmp_path / "out")
+    cells = {c["method"]: c for c in report["cells"]}
+    assert cells["mipro"]["status"] == "ok", cells["mipro"]
+    assert 0 < cells["mipro"]["metric_calls"] <= BUDGET_MIPRO and cells["mipro"]["stopped"] is None
+    # the probe (2), the demo bootstrap (one set over the 16 training examples), the default program's pass (8),
+    # then one full pass (8) per trial: the validation set is no larger than MIPROv2's minibatch here
+    assert cells["mipro"]["info"]["trials"] == (BUDGET_MIPRO - 2 - 16 - 8) // 8
+    assert sum(cells["unoptimized"]["test_scores"]) == 0  # "no idea" until an instruction says "exact"
+    assert "exact" in cells["mipro"]["variables"]["answer"]
+    assert sum(cells["mipro"]["test_scores"]) == 8
+    # an LM that does not follow DSPy's reply format: not run, and the report says why
+    raw = yaml.safe_load(config.read_text())
+    raw["lm"] = {"factory": "dspyqa:plain_lm"}
+    config.write_text(yaml.safe_dump(raw))
+    (cell,) = compare(config, methods=["mipro"], budget=BUDGET_MIPRO, seeds=1, out=tmp_path / "plain")["cells"]
+    assert cell["status"] == "skipped" and "does not follow DSPy's reply format" in cell["reason"], cell
+    assert "not run: the LM does not follow DSPy's reply format" in (tmp_path / "plain" / "compare.md").read_text()

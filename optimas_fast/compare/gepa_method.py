@@ -16,11 +16,13 @@ cell's counter stops that call before its metric runs, and the method returns th
 the full validation set so far (GEPA's own choice rule: the highest validation mean). The adapter records
 every full-validation evaluation, which is also the anytime curve.
 """
+
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 try:  # the optional extra: without it the method is skipped with the install line, nothing else breaks
     import gepa
@@ -31,8 +33,8 @@ except ImportError as _exc:  # pragma: no cover - gepa is part of the test insta
 from optimas_fast.compare.methods import Cell, MethodResult, MethodSkipped
 from optimas_fast.lm.usage import usage_scope
 from optimas_fast.optimize.budget import MetricBudgetExceeded
-from optimas_fast.system import Prompt, System
 from optimas_fast.render import format_value
+from optimas_fast.system import Prompt, System
 
 __all__ = ["SystemAdapter", "run_gepa"]
 
@@ -48,8 +50,16 @@ def _key(example: Any) -> str:
 class SystemAdapter:
     """GEPA's adapter protocol over a ``System`` (module docstring)."""
 
-    def __init__(self, system: System, addresses: Sequence[str], valset: Sequence[Mapping], *, workers: int,
-                 seed: int, on_val=None):
+    def __init__(
+        self,
+        system: System,
+        addresses: Sequence[str],
+        valset: Sequence[Mapping],
+        *,
+        workers: int,
+        seed: int,
+        on_val=None,
+    ):
         self.system = system
         self.addresses = list(addresses)
         self.workers, self.seed = workers, seed
@@ -60,11 +70,17 @@ class SystemAdapter:
     def evaluate(self, batch: list, candidate: dict[str, str], capture_traces: bool = False):
         overrides = {a: Prompt(candidate[a]) for a in self.addresses if a in candidate}
         res = self.system.evaluate(batch, workers=self.workers, overrides=overrides, seed=self.seed)
-        if self.on_val is not None and len(batch) == len(self._val_keys) and \
-                sorted(_key(e) for e in batch) == self._val_keys:
+        if (
+            self.on_val is not None
+            and len(batch) == len(self._val_keys)
+            and sorted(_key(e) for e in batch) == self._val_keys
+        ):
             self.on_val(dict(candidate), res.mean)
-        return EvaluationBatch(outputs=[t.prediction for t in res.traces], scores=list(res.scores),
-                               trajectories=list(res.traces) if capture_traces else None)
+        return EvaluationBatch(
+            outputs=[t.prediction for t in res.traces],
+            scores=list(res.scores),
+            trajectories=list(res.traces) if capture_traces else None,
+        )
 
     def make_reflective_dataset(self, candidate: dict[str, str], eval_batch, components_to_update: list[str]):
         gold_fields = lambda ex: {k: v for k, v in ex.items() if k not in self.system.inputs and k != "id"}  # noqa: E731
@@ -72,7 +88,7 @@ class SystemAdapter:
         for address in components_to_update:
             name = address.split(".")[0]
             records = []
-            for trace, score in zip(eval_batch.trajectories or [], eval_batch.scores):
+            for trace, score in zip(eval_batch.trajectories or [], eval_batch.scores, strict=False):
                 try:
                     step = trace.step(name)
                 except KeyError:
@@ -82,14 +98,22 @@ class SystemAdapter:
                     feedback += f" It failed: {trace.error}."
                 gold = gold_fields(trace.example)
                 if gold:
-                    feedback += " The correct final answer: " + "; ".join(
-                        f"{k} = {format_value(v, FEEDBACK_CHARS)}" for k, v in gold.items()) + "."
-                records.append({
-                    "Inputs": {k: format_value(v, FEEDBACK_CHARS) for k, v in step.inputs.items()},
-                    "Generated Outputs": ({k: format_value(v, FEEDBACK_CHARS) for k, v in step.outputs.items()}
-                                          if step.outputs is not None else f"(failed: {step.error})"),
-                    "Feedback": feedback,
-                })
+                    feedback += (
+                        " The correct final answer: "
+                        + "; ".join(f"{k} = {format_value(v, FEEDBACK_CHARS)}" for k, v in gold.items())
+                        + "."
+                    )
+                records.append(
+                    {
+                        "Inputs": {k: format_value(v, FEEDBACK_CHARS) for k, v in step.inputs.items()},
+                        "Generated Outputs": (
+                            {k: format_value(v, FEEDBACK_CHARS) for k, v in step.outputs.items()}
+                            if step.outputs is not None
+                            else f"(failed: {step.error})"
+                        ),
+                        "Feedback": feedback,
+                    }
+                )
             out[address] = records
         return out
 
@@ -105,8 +129,9 @@ class _Reflection:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         self.calls += 1
         with usage_scope("proposer"):
-            out = self.lm.generate([messages], max_tokens=self.max_tokens, temperature=self.temperature,
-                                   seed=self.seed + self.calls)
+            out = self.lm.generate(
+                [messages], max_tokens=self.max_tokens, temperature=self.temperature, seed=self.seed + self.calls
+            )
         return out[0][0].text or ""
 
 
@@ -134,13 +159,26 @@ def run_gepa(cell: Cell) -> MethodResult:
         cell.point(best["val"])
 
     adapter = SystemAdapter(system, addresses, cell.val, workers=cell.workers, seed=cell.seed, on_val=on_val)
-    reflection = _Reflection(cell.proposer, max_tokens=max(256, cell.loop.prompt.max_tokens),
-                             temperature=cell.loop.prompt.temperature, seed=cell.seed)
+    reflection = _Reflection(
+        cell.proposer,
+        max_tokens=max(256, cell.loop.prompt.max_tokens),
+        temperature=cell.loop.prompt.temperature,
+        seed=cell.seed,
+    )
     stopped = None
     try:
-        gepa.optimize(seed_candidate=seed_candidate, trainset=list(cell.train), valset=list(cell.val), adapter=adapter,
-                      reflection_lm=reflection, max_metric_calls=cell.budget, seed=cell.seed, logger=_Logger(),
-                      display_progress_bar=False, raise_on_exception=True)
+        gepa.optimize(
+            seed_candidate=seed_candidate,
+            trainset=list(cell.train),
+            valset=list(cell.val),
+            adapter=adapter,
+            reflection_lm=reflection,
+            max_metric_calls=cell.budget,
+            seed=cell.seed,
+            logger=_Logger(),
+            display_progress_bar=False,
+            raise_on_exception=True,
+        )
     except MetricBudgetExceeded as exc:
         stopped = str(exc)
     if best["evals"] == 0:  # the budget ended before GEPA measured even the seed candidate

@@ -24,6 +24,7 @@ A method that cannot run on a system (GEPA without Prompt variables, MIPROv2 on 
 ``skipped`` cell with the reason, which the report prints instead of a number. A method that raises is
 logged and reported as ``failed`` (not written, so the next start retries it); the other cells go on.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,9 @@ import os
 import shutil
 import time
 import traceback
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from optimas_fast._io import atomic_write_text
 from optimas_fast._validate import check_int
@@ -118,8 +120,9 @@ def check_methods(methods: Any) -> list[str]:
         raise ConfigError(f"methods must be a non-empty list of method names from {list(METHODS)}, got {methods!r}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
-        raise ConfigError(f"methods: unknown method{'s' if len(unknown) > 1 else ''} {unknown}; choose from "
-                          f"{list(METHODS)}")
+        raise ConfigError(
+            f"methods: unknown method{'s' if len(unknown) > 1 else ''} {unknown}; choose from {list(METHODS)}"
+        )
     if len(set(methods)) != len(methods):
         raise ConfigError(f"methods: {methods} names a method twice")
     return list(methods)
@@ -157,8 +160,10 @@ def run_cell(label: str, cfg: RunConfig, digest: str, method: str, seed: int, bu
     cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, seed=seed))
     system, split, rm, proposer = build(cfg)
     if not split.train or not split.val:
-        raise ConfigError(f"{label}: the train and val splits must not be empty (got {len(split.train)} and "
-                          f"{len(split.val)} examples)")
+        raise ConfigError(
+            f"{label}: the train and val splits must not be empty (got {len(split.train)} and "
+            f"{len(split.val)} examples)"
+        )
     proposer = _account_lms(system, proposer)
     counter = MetricCounter(budget)
     metrics = attach(system, counter)
@@ -166,9 +171,15 @@ def run_cell(label: str, cfg: RunConfig, digest: str, method: str, seed: int, bu
     shutil.rmtree(work, ignore_errors=True)  # what a killed run of this cell left: it starts over
     work.mkdir(parents=True)
     cell = Cell(system, list(split.train), list(split.val), rm, proposer, cfg, seed, budget, counter, work)
-    record: dict[str, Any] = {"format": CELL_FORMAT, "system": label, "method": method, "seed": seed,
-                              "budget": budget, "config_sha": digest, "split_sizes": {
-                                  "train": len(split.train), "val": len(split.val), "test": len(split.test)}}
+    record: dict[str, Any] = {
+        "format": CELL_FORMAT,
+        "system": label,
+        "method": method,
+        "seed": seed,
+        "budget": budget,
+        "config_sha": digest,
+        "split_sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
+    }
     ledger = UsageLedger()
     previous = set_default_ledger(ledger)
     t0 = time.perf_counter()
@@ -176,8 +187,15 @@ def run_cell(label: str, cfg: RunConfig, digest: str, method: str, seed: int, bu
         result = METHODS[method](cell)
     except MethodSkipped as exc:
         log.info("%s %s seed %d: not run: %s", label, method, seed, exc)
-        return dict(record, status="skipped", reason=str(exc), metric_calls=counter.used, curve=[],
-                    usage=_usage(ledger.total), seconds=time.perf_counter() - t0)
+        return dict(
+            record,
+            status="skipped",
+            reason=str(exc),
+            metric_calls=counter.used,
+            curve=[],
+            usage=_usage(ledger.total),
+            seconds=time.perf_counter() - t0,
+        )
     finally:
         set_default_ledger(previous)
     seconds = time.perf_counter() - t0
@@ -187,17 +205,26 @@ def run_cell(label: str, cfg: RunConfig, digest: str, method: str, seed: int, bu
         usage = _add(usage, _usage(loop.ledger.state_dict()["total"]))
     if counter.used > budget:  # cannot happen (the counter refuses call budget + 1); a broken counter must not pass
         raise RuntimeError(f"{label} {method} seed {seed}: {counter.used} metric calls > budget {budget}")
-    record.update(status="ok", reason=None, stopped=result.stopped, metric_calls=counter.used,
-                  curve=[[int(x), float(y)] for x, y in cell.curve], best_val=float(result.best_val),
-                  usage=usage, seconds=seconds, info=result.info,
-                  variables={a: v.describe() for a, v in result.system.variables().items()})
+    record.update(
+        status="ok",
+        reason=None,
+        stopped=result.stopped,
+        metric_calls=counter.used,
+        curve=[[int(x), float(y)] for x, y in cell.curve],
+        best_val=float(result.best_val),
+        usage=usage,
+        seconds=seconds,
+        info=result.info,
+        variables={a: v.describe() for a, v in result.system.variables().items()},
+    )
     if loop is not None and hasattr(loop, "store"):
         descriptions = {n: c.description or n for n, c in system.components.items()}
         judge_ledger = UsageLedger()
         previous = set_default_ledger(judge_ledger)
         try:
-            record["lrf_vs_judge"] = lrf_vs_judge(loop.store.pairs(held_out=True), rm, proposer, descriptions,
-                                                  seed=seed)
+            record["lrf_vs_judge"] = lrf_vs_judge(
+                loop.store.pairs(held_out=True), rm, proposer, descriptions, seed=seed
+            )
         finally:
             set_default_ledger(previous)
         record["judge_usage"] = _usage(judge_ledger.total)
@@ -209,15 +236,24 @@ def run_cell(label: str, cfg: RunConfig, digest: str, method: str, seed: int, bu
         res = result.system.evaluate(split.test, workers=cfg.loop.val_workers, seed=seed) if split.test else None
     finally:
         set_default_ledger(previous)
-    record.update(test_scores=list(res.scores) if res is not None else [], test_seconds=time.perf_counter() - t1,
-                  test_usage=_usage(test_ledger.total))
+    record.update(
+        test_scores=list(res.scores) if res is not None else [],
+        test_seconds=time.perf_counter() - t1,
+        test_usage=_usage(test_ledger.total),
+    )
     shutil.rmtree(work, ignore_errors=True)  # the loop's run directory, LRF checkpoints: large, not needed after
     return record
 
 
 # ------------------------------------------------------------------------------------------- the comparison
-def compare(configs: str | os.PathLike | Sequence[str | os.PathLike], *, methods: Any = DEFAULT_METHODS,
-            budget: int = 200, seeds: int = 3, out: str | os.PathLike = "compare-out") -> dict:
+def compare(
+    configs: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    methods: Any = DEFAULT_METHODS,
+    budget: int = 200,
+    seeds: int = 3,
+    out: str | os.PathLike = "compare-out",
+) -> dict:
     """Runs (or resumes) the comparison and writes ``out``/compare.json, compare.md and compare.png; returns
     the compare.json content. ``configs``: one or more ``optimas-fast run`` YAML configs (one system each,
     labelled by file name); ``methods``: names from ``METHODS`` (or "a,b,c"); ``budget``: metric calls per
@@ -240,9 +276,11 @@ def compare(configs: str | os.PathLike | Sequence[str | os.PathLike], *, methods
                 if path.is_file():
                     cell = json.loads(path.read_text(encoding="utf-8"))
                     if cell.get("budget") != budget or cell.get("config_sha") != digest:
-                        raise ConfigError(f"{path} was written with budget {cell.get('budget')} and config "
-                                          f"{cell.get('config_sha')}, this comparison has budget {budget} and "
-                                          f"config {digest}: use another --out (or delete the folder)")
+                        raise ConfigError(
+                            f"{path} was written with budget {cell.get('budget')} and config "
+                            f"{cell.get('config_sha')}, this comparison has budget {budget} and "
+                            f"config {digest}: use another --out (or delete the folder)"
+                        )
                     log.info("%s: finished earlier, skipped", path.name)
                     cells.append(cell)
                     resumed += 1
@@ -254,19 +292,33 @@ def compare(configs: str | os.PathLike | Sequence[str | os.PathLike], *, methods
                     raise
                 except Exception as exc:  # noqa: BLE001 — one broken method must not lose hours of other cells
                     log.error("%s %s seed %d failed: %s\n%s", label, method, seed, exc, traceback.format_exc())
-                    cells.append({"system": label, "method": method, "seed": seed, "budget": budget,
-                                  "status": "failed", "reason": f"{type(exc).__name__}: {exc}"})
+                    cells.append(
+                        {
+                            "system": label,
+                            "method": method,
+                            "seed": seed,
+                            "budget": budget,
+                            "status": "failed",
+                            "reason": f"{type(exc).__name__}: {exc}",
+                        }
+                    )
                     continue
                 atomic_write_text(path, json.dumps(cell, indent=1, sort_keys=True))
                 cells.append(cell)
     labels = [label for label, _, _ in systems]
     summary = summarize(cells, systems=labels, methods=methods)
     done = [c for c in cells if c.get("status") == "ok"]
-    settings = {"configs": {label: str(cfg.raw.get("system")) for label, cfg, _ in systems}, "methods": methods,
-                "budget": budget, "seeds": seeds, "cells": len(cells), "cells_resumed": resumed,
-                "lm_calls": sum(c["usage"]["calls"] for c in done),
-                "cache_hits": sum(c["usage"]["cache_hits"] for c in done),
-                "wall_seconds_this_session": time.perf_counter() - t0}
+    settings = {
+        "configs": {label: str(cfg.raw.get("system")) for label, cfg, _ in systems},
+        "methods": methods,
+        "budget": budget,
+        "seeds": seeds,
+        "cells": len(cells),
+        "cells_resumed": resumed,
+        "lm_calls": sum(c["usage"]["calls"] for c in done),
+        "cache_hits": sum(c["usage"]["cache_hits"] for c in done),
+        "wall_seconds_this_session": time.perf_counter() - t0,
+    }
     report = {"format": FORMAT, "settings": settings, **summary, "cells": cells}
     atomic_write_text(out / "compare.json", json.dumps(report, indent=1, sort_keys=True, default=str))
     atomic_write_text(out / "compare.md", render_markdown(summary, settings))

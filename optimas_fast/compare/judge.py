@@ -12,11 +12,13 @@ the higher measured global reward:
 
 Both accuracies get a 95% percentile-bootstrap interval over the pairs.
 """
+
 from __future__ import annotations
 
 import logging
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from optimas_fast.lm.usage import usage_scope
 from optimas_fast.report import bootstrap_ci
@@ -29,24 +31,35 @@ MAX_PAIRS = 64  # held-out pairs judged per component (2 LM calls each)
 
 
 def judge_messages(description: str, inputs: str, first: str, second: str) -> list[dict]:
-    body = (f"A step of an AI pipeline: {description}\n\nIts inputs:\n{inputs}\n\n"
-            f"Output A:\n{first}\n\nOutput B:\n{second}\n\n"
-            "Which output is better for the pipeline's final goal? Answer with one letter: A or B.")
-    return [{"role": "system", "content": "You judge the outputs of AI pipeline steps."},
-            {"role": "user", "content": body}]
+    body = (
+        f"A step of an AI pipeline: {description}\n\nIts inputs:\n{inputs}\n\n"
+        f"Output A:\n{first}\n\nOutput B:\n{second}\n\n"
+        "Which output is better for the pipeline's final goal? Answer with one letter: A or B."
+    )
+    return [
+        {"role": "system", "content": "You judge the outputs of AI pipeline steps."},
+        {"role": "user", "content": body},
+    ]
 
 
 _VERDICT = re.compile(r"\b(?:output\s+)?([AB])\b")
 
 
 def parse_verdict(text: str) -> str | None:
-    """"A", "B" or None (no verdict, or both letters named first-equal)."""
+    """ "A", "B" or None (no verdict, or both letters named first-equal)."""
     m = _VERDICT.search((text or "").strip())
     return m.group(1) if m else None
 
 
-def lrf_vs_judge(pairs: Sequence[Any], rm: Any, judge: Any, descriptions: Mapping[str, str], *, seed: int = 0,
-                 max_pairs: int = MAX_PAIRS) -> dict:
+def lrf_vs_judge(
+    pairs: Sequence[Any],
+    rm: Any,
+    judge: Any,
+    descriptions: Mapping[str, str],
+    *,
+    seed: int = 0,
+    max_pairs: int = MAX_PAIRS,
+) -> dict:
     """Per component: ``{"n", "lrf": ci, "judge": ci, "judge_no_verdict", "lrf_per_pair", "judge_per_pair"}``
     (ci = ``bootstrap_ci`` output; the per-pair lists hold each pair's 0 / 0.5 / 1) on
     ``pairs`` (PreferencePair: component, inputs, chosen, rejected); the first ``max_pairs`` per component."""
@@ -58,7 +71,7 @@ def lrf_vs_judge(pairs: Sequence[Any], rm: Any, judge: Any, descriptions: Mappin
     for comp, ps in sorted(by_comp.items()):
         rows = [(comp, p.inputs, y) for p in ps for y in (p.chosen, p.rejected)]
         scores = rm.score(rows).tolist()  # (2P,): chosen, rejected, chosen, rejected, ...
-        lrf = [1.0 if c > r else (0.5 if c == r else 0.0) for c, r in zip(scores[0::2], scores[1::2])]
+        lrf = [1.0 if c > r else (0.5 if c == r else 0.0) for c, r in zip(scores[0::2], scores[1::2], strict=True)]
         prompts = []
         for p in ps:
             prompts.append(judge_messages(descriptions.get(comp, comp), p.inputs, p.chosen, p.rejected))  # right: A
@@ -69,9 +82,13 @@ def lrf_vs_judge(pairs: Sequence[Any], rm: Any, judge: Any, descriptions: Mappin
                 replies = judge.generate(prompts, max_tokens=4, temperature=0.0, seed=seed)
             verdicts = [parse_verdict(r[0].text) for r in replies]
             missing = sum(v is None for v in verdicts)
-            judged = [0.5 * (a == "A") + 0.5 * (b == "B") for a, b in zip(verdicts[0::2], verdicts[1::2])]
-        out[comp] = {"n": len(ps), "lrf": bootstrap_ci(lrf, seed=seed),
-                     "judge": bootstrap_ci(judged, seed=seed) if judged else None,
-                     "judge_no_verdict": missing,
-                     "lrf_per_pair": lrf, "judge_per_pair": judged}  # pooled across seeds by the report
+            judged = [0.5 * (a == "A") + 0.5 * (b == "B") for a, b in zip(verdicts[0::2], verdicts[1::2], strict=True)]
+        out[comp] = {
+            "n": len(ps),
+            "lrf": bootstrap_ci(lrf, seed=seed),
+            "judge": bootstrap_ci(judged, seed=seed) if judged else None,
+            "judge_no_verdict": missing,
+            "lrf_per_pair": lrf,
+            "judge_per_pair": judged,
+        }  # pooled across seeds by the report
     return out

@@ -18,14 +18,16 @@ curve (metric calls spent, best validation score so far) with ``cell.point``.
   proposer's pool of rewrites, Weights as configured), each draw judged on the validation set.
 - ``gepa`` and ``mipro`` live in their own modules.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import logging
 import random
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from optimas_fast.optimize import Optimas
 from optimas_fast.optimize.budget import MetricBudgetExceeded, MetricCounter
@@ -106,16 +108,21 @@ def run_unoptimized(cell: Cell) -> MethodResult:
 # ------------------------------------------------------------------------------------------- optimas
 def run_optimas(cell: Cell) -> MethodResult:
     loop_cfg = dataclasses.replace(
-        cell.loop, seed=cell.seed,
+        cell.loop,
+        seed=cell.seed,
         # enough iterations to spend the budget: every iteration makes at least one metric call
         iterations=max(cell.loop.iterations, cell.budget),
-        budget=dataclasses.replace(cell.loop.budget, max_metric_calls=cell.budget))
+        budget=dataclasses.replace(cell.loop.budget, max_metric_calls=cell.budget),
+    )
     loop = Optimas(cell.rm, cell.proposer, loop_cfg, progress=False)
     res = loop.optimize(cell.system, cell.train, cell.val, run_dir=cell.work_dir / "optimas")
     for h in res.history:
         cell.curve.append((int(h.get("metric_calls", 0)), float(h["best_val"])))
-    info = {"iterations": max(0, len(res.history) - 1), "loop_metric_calls": res.metric_calls,
-            "accepted": sum(1 for h in res.history if h.get("accepted"))}
+    info = {
+        "iterations": max(0, len(res.history) - 1),
+        "loop_metric_calls": res.metric_calls,
+        "accepted": sum(1 for h in res.history if h.get("accepted")),
+    }
     return MethodResult(res.system, res.best_val, res.stopped, info, extra=loop)
 
 
@@ -171,8 +178,14 @@ def run_global(cell: Cell) -> MethodResult:
             batch = rng.sample(cell.train, n_inputs)
             for address, var in system.components[name].variables().items():
                 if var.kind == "prompt":
-                    texts = prompt_opt.propose(system.components[name], address, var.text,
-                                               system.components[name].format_inputs(batch[0], 400), k, rng)
+                    texts = prompt_opt.propose(
+                        system.components[name],
+                        address,
+                        var.text,
+                        system.components[name].format_inputs(batch[0], 400),
+                        k,
+                        rng,
+                    )
                     cands: list[Variable] = [Prompt(t) for t in texts]
                 elif var.kind == "choice":
                     cands = _choice_candidates(var, k, rng)
@@ -212,8 +225,13 @@ def run_random(cell: Cell) -> MethodResult:
     for address, var in variables.items():
         if var.kind == "prompt":
             name = address.split(".")[0]
-            texts = prompt_opt.seed_pool(system.components[name], address, _first_inputs(system, name, cell.train[0]),
-                                         cell.loop.prompt.num_proposals, rng)
+            texts = prompt_opt.seed_pool(
+                system.components[name],
+                address,
+                _first_inputs(system, name, cell.train[0]),
+                cell.loop.prompt.num_proposals,
+                rng,
+            )
             pools[address] = [var] + [Prompt(t) for t in texts]
         elif var.kind == "choice":
             pools[address] = list(var.candidates()) if var.size() <= 256 else None  # None: sample each draw

@@ -7,12 +7,14 @@ a 95% percentile bootstrap over those pooled scores; the paired difference vs ``
 bootstraps the pooled differences the same way (pairing removes the between-example spread that both
 methods share, so the interval is of the difference itself).
 """
+
 from __future__ import annotations
 
 import math
 import os
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +35,7 @@ def _paired(mine: Sequence[Mapping], theirs: Sequence[Mapping]) -> list[float] |
         other = by_seed.get(c["seed"])
         if other is None or len(other["test_scores"]) != len(c["test_scores"]):
             return None
-        diffs += [a - b for a, b in zip(c["test_scores"], other["test_scores"])]
+        diffs += [a - b for a, b in zip(c["test_scores"], other["test_scores"], strict=True)]
     return diffs
 
 
@@ -49,17 +51,24 @@ def summarize(cells: Sequence[Mapping], *, systems: Sequence[str], methods: Sequ
         for method in methods:
             group = _cells_for(cells, system, method)
             ok = [c for c in group if c["status"] == "ok"]
-            row: dict[str, Any] = {"system": system, "method": method, "seeds": len(ok),
-                                   "status": "ok" if ok else (group[0]["status"] if group else "missing"),
-                                   "reason": None if ok else (group[0].get("reason") if group else None)}
+            row: dict[str, Any] = {
+                "system": system,
+                "method": method,
+                "seeds": len(ok),
+                "status": "ok" if ok else (group[0]["status"] if group else "missing"),
+                "reason": None if ok else (group[0].get("reason") if group else None),
+            }
             if ok:
                 pooled = [s for c in ok for s in c["test_scores"]]
                 row["test"] = bootstrap_ci(pooled, seed=seed)
                 for ref in ("unoptimized", "optimas"):
                     d = None if method == ref else _paired(ok, _cells_for(cells, system, ref))
                     row[f"vs_{ref}"] = bootstrap_ci(d, seed=seed) if d else None
-                row["metric_calls"] = {"mean": _mean([c["metric_calls"] for c in ok]),
-                                       "max": max(c["metric_calls"] for c in ok), "budget": ok[0]["budget"]}
+                row["metric_calls"] = {
+                    "mean": _mean([c["metric_calls"] for c in ok]),
+                    "max": max(c["metric_calls"] for c in ok),
+                    "budget": ok[0]["budget"],
+                }
                 for k in ("calls", "prompt_tokens", "completion_tokens", "cache_hits"):
                     row[f"lm_{k}"] = _mean([c["usage"][k] for c in ok])
                 row["seconds"] = _mean([c["seconds"] for c in ok])
@@ -75,9 +84,15 @@ def summarize(cells: Sequence[Mapping], *, systems: Sequence[str], methods: Sequ
                 acc["judge"] += r["judge_per_pair"]
                 acc["no_verdict"] += r["judge_no_verdict"]
         if per:
-            judge[system] = {comp: {"n": len(a["lrf"]), "lrf": bootstrap_ci(a["lrf"], seed=seed),
-                                    "judge": bootstrap_ci(a["judge"], seed=seed) if a["judge"] else None,
-                                    "judge_no_verdict": a["no_verdict"]} for comp, a in sorted(per.items())}
+            judge[system] = {
+                comp: {
+                    "n": len(a["lrf"]),
+                    "lrf": bootstrap_ci(a["lrf"], seed=seed),
+                    "judge": bootstrap_ci(a["judge"], seed=seed) if a["judge"] else None,
+                    "judge_no_verdict": a["no_verdict"],
+                }
+                for comp, a in sorted(per.items())
+            }
     return {"table": table, "lrf_vs_judge": judge}
 
 
@@ -93,45 +108,65 @@ def _num(x: Any, fmt: str = "{:.0f}") -> str:
 
 
 def render_markdown(summary: Mapping, settings: Mapping) -> str:
-    lines = ["# Optimas against its peers at equal budgets", "",
-             f"Budget: **{settings['budget']} metric calls** per method and seed (a metric call = one run of the "
-             f"system, or of the part downstream of a component, on one example, scored by the metric; test "
-             f"evaluation not counted). Seeds: {settings['seeds']}. Methods: {', '.join(settings['methods'])}.",
-             f"LM cache: {settings.get('cache_hits', 0)} of {settings.get('cache_hits', 0) + settings.get('lm_calls', 0)}"
-             f" LM requests of the optimization phases were served from the cache (shared across cells).", "",
-             "Test score: mean with a 95% bootstrap interval over the test examples pooled across seeds; Δ: paired "
-             "difference per (seed, test example), same interval. Metric calls, LM calls, tokens and seconds: mean "
-             "per seed, optimization phase only.", ""]
+    lines = [
+        "# Optimas against its peers at equal budgets",
+        "",
+        f"Budget: **{settings['budget']} metric calls** per method and seed (a metric call = one run of the "
+        f"system, or of the part downstream of a component, on one example, scored by the metric; test "
+        f"evaluation not counted). Seeds: {settings['seeds']}. Methods: {', '.join(settings['methods'])}.",
+        f"LM cache: {settings.get('cache_hits', 0)} of {settings.get('cache_hits', 0) + settings.get('lm_calls', 0)}"
+        f" LM requests of the optimization phases were served from the cache (shared across cells).",
+        "",
+        "Test score: mean with a 95% bootstrap interval over the test examples pooled across seeds; Δ: paired "
+        "difference per (seed, test example), same interval. Metric calls, LM calls, tokens and seconds: mean "
+        "per seed, optimization phase only.",
+        "",
+    ]
     for system in dict.fromkeys(r["system"] for r in summary["table"]):
-        lines += [f"## {system}", "",
-                  "| method | test score [95% CI] | Δ vs unoptimized | Δ vs optimas | metric calls (max) | LM calls "
-                  "| tokens in / out | cache hits | seconds |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {system}",
+            "",
+            "| method | test score [95% CI] | Δ vs unoptimized | Δ vs optimas | metric calls (max) | LM calls "
+            "| tokens in / out | cache hits | seconds |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for r in (r for r in summary["table"] if r["system"] == system):
             if r["status"] != "ok":
-                lines.append(f"| {r['method']} | not run: {r.get('reason') or r['status']} | | | | | | | |")
+                why = " ".join(str(r.get("reason") or r["status"]).split()).replace("|", "/")  # one table cell
+                lines.append(
+                    f"| {r['method']} | {'not run' if r['status'] == 'skipped' else r['status']}: {why} | | | | | | | |"
+                )
                 continue
             mc = r["metric_calls"]
-            lines.append(f"| {r['method']} | {_ci(r['test'])} | {_ci(r.get('vs_unoptimized'), True)} | "
-                         f"{_ci(r.get('vs_optimas'), True)} | {_num(mc['mean'])} ({mc['max']}/{mc['budget']}) | "
-                         f"{_num(r['lm_calls'])} | {_num(r['lm_prompt_tokens'])} / {_num(r['lm_completion_tokens'])} | "
-                         f"{_num(r['lm_cache_hits'])} | {_num(r['seconds'], '{:.1f}')} |")
+            lines.append(
+                f"| {r['method']} | {_ci(r['test'])} | {_ci(r.get('vs_unoptimized'), True)} | "
+                f"{_ci(r.get('vs_optimas'), True)} | {_num(mc['mean'])} ({mc['max']}/{mc['budget']}) | "
+                f"{_num(r['lm_calls'])} | {_num(r['lm_prompt_tokens'])} / {_num(r['lm_completion_tokens'])} | "
+                f"{_num(r['lm_cache_hits'])} | {_num(r['seconds'], '{:.1f}')} |"
+            )
         lines.append("")
     judge = summary.get("lrf_vs_judge") or {}
-    lines += ["## Local reward functions vs an LLM judge", "",
-              "Pairwise accuracy on held-out preference pairs (examples the LRF never trained on; pooled across "
-              "the optimas cells' seeds), 95% bootstrap intervals. The judge is the config's LM asked which of two "
-              "outputs is better for the final goal, in both orders (position bias cancels: a constant answer "
-              "scores 0.5).", ""]
+    lines += [
+        "## Local reward functions vs an LLM judge",
+        "",
+        "Pairwise accuracy on held-out preference pairs (examples the LRF never trained on; pooled across "
+        "the optimas cells' seeds), 95% bootstrap intervals. The judge is the config's LM asked which of two "
+        "outputs is better for the final goal, in both orders (position bias cancels: a constant answer "
+        "scores 0.5).",
+        "",
+    ]
     if not judge:
         lines += ["(no held-out pairs: run the `optimas` method, with a non-zero `loop.holdout_fraction`)", ""]
     else:
-        lines += ["| system | component | pairs | LRF accuracy | LLM judge accuracy | judge replies without a verdict |",
-                  "|---|---|---|---|---|---|"]
+        lines += [
+            "| system | component | pairs | LRF accuracy | LLM judge accuracy | judge replies without a verdict |",
+            "|---|---|---|---|---|---|",
+        ]
         for system, comps in judge.items():
             for comp, r in comps.items():
-                lines.append(f"| {system} | {comp} | {r['n']} | {_ci(r['lrf'])} | {_ci(r['judge'])} | "
-                             f"{r['judge_no_verdict']} |")
+                lines.append(
+                    f"| {system} | {comp} | {r['n']} | {_ci(r['lrf'])} | {_ci(r['judge'])} | {r['judge_no_verdict']} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -145,8 +180,9 @@ def _step(curve: Sequence[Sequence[float]], grid: np.ndarray) -> np.ndarray:
     return out
 
 
-def plot_curves(cells: Sequence[Mapping], systems: Sequence[str], methods: Sequence[str], budget: int,
-                path: str | os.PathLike) -> None:
+def plot_curves(
+    cells: Sequence[Mapping], systems: Sequence[str], methods: Sequence[str], budget: int, path: str | os.PathLike
+) -> None:
     """compare.png: best validation score vs metric calls, one line per method (mean over seeds), one panel per
     system; ``unoptimized`` is the flat reference line."""
     import matplotlib
@@ -156,13 +192,17 @@ def plot_curves(cells: Sequence[Mapping], systems: Sequence[str], methods: Seque
 
     grid = np.linspace(0, budget, 201)
     fig, axes = plt.subplots(1, len(systems), figsize=(5.5 * len(systems), 4), squeeze=False)
-    for ax, system in zip(axes[0], systems):
+    for ax, system in zip(axes[0], systems, strict=True):
         for method in methods:
             ok = [c for c in _cells_for(cells, system, method) if c["status"] == "ok" and c["curve"]]
             if not ok:
                 continue
-            ys = np.vstack([_step(c["curve"], grid) if method != "unoptimized"
-                            else np.full(grid.shape, c["curve"][0][1]) for c in ok])
+            ys = np.vstack(
+                [
+                    _step(c["curve"], grid) if method != "unoptimized" else np.full(grid.shape, c["curve"][0][1])
+                    for c in ok
+                ]
+            )
             with warnings.catch_warnings():  # all-NaN columns (before a method's first measurement) stay NaN
                 warnings.simplefilter("ignore", category=RuntimeWarning)
                 y = np.nanmean(ys, axis=0)

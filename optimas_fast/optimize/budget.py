@@ -15,10 +15,12 @@ raises ``MetricBudgetExceeded`` (a ``BudgetExceeded``, so every layer that alrea
 budget - ``System.evaluate``, preference collection, the Optimas loop - stops on this one the same way).
 A run that fails before its metric (a component raised) scores 0 without a metric call and is not charged.
 """
+
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from optimas_fast._validate import check_int
 from optimas_fast.lm.errors import BudgetExceeded, LMError
@@ -75,7 +77,7 @@ class MetricCounter:
                 raise MetricBudgetExceeded(self.limit, self._used)
             self._used += n
 
-    def wrap(self, metric: Callable[..., Any]) -> "CountedMetric":
+    def wrap(self, metric: Callable[..., Any]) -> CountedMetric:
         """``metric`` behind this counter (any signature: plain ``metric(example, prediction)`` or DSPy's
         ``metric(example, prediction, trace)``)."""
         if not callable(metric):

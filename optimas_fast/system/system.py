@@ -91,6 +91,8 @@ def score_trace(trace: Trace, metric: Callable[[], Any]) -> None:
         if not math.isfinite(value):
             raise ValueError(f"metric returned {value}")
         trace.score = value
+    except BudgetExceeded:
+        raise  # a metric-call budget (optimas_fast.optimize.budget) stops the evaluation; no example's failure
     except Exception as exc:  # noqa: BLE001 — a metric failure is this example's failure
         trace.error = f"metric: {type(exc).__name__}: {exc}"
         trace.traceback = tb.format_exc()
