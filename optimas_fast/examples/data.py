@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import json
 import logging
 import os
 import random
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from optimas_fast._io import JSONLineError, iter_jsonl
 from optimas_fast._validate import is_int
 
 __all__ = [
@@ -107,24 +107,12 @@ def _load_rows(
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield lineno, _BadJSON(str(exc))
-
-
-class _BadJSON:
-    def __init__(self, msg: str):
-        self.msg = msg
+    return iter_jsonl(path, bad_lines="yield")  # a bad line is one malformed row (skipped unless strict)
 
 
 def _check_json(row: object, where: str) -> dict:
-    if isinstance(row, _BadJSON):
-        raise RowError(f"{where}: not valid JSON ({row.msg})")
+    if isinstance(row, JSONLineError):
+        raise RowError(f"{where}: not valid JSON ({row.msg} at column {row.column})")
     if not isinstance(row, dict):
         raise RowError(f"{where}: expected a JSON object, got {type(row).__name__}")
     return row

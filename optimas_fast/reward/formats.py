@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
+from optimas_fast._io import JSONLineError, iter_jsonl
 from optimas_fast._validate import is_number
 from optimas_fast.render import format_fields
 from optimas_fast.reward.data import PreferencePair
@@ -180,18 +181,13 @@ class _Table:
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PairFormatError(where, None, f"not valid JSON ({e.msg} at column {e.colno})") from None
+    try:
+        for n, row in iter_jsonl(path):
             if not isinstance(row, dict):
-                raise PairFormatError(where, None, f"a row must be a JSON object, got {type(row).__name__}")
+                raise PairFormatError(f"{path} line {n}", None, f"a row must be a JSON object, got {type(row).__name__}")
             yield f"line {n}", row
+    except JSONLineError as e:
+        raise PairFormatError(f"{path} line {e.line}", None, f"not valid JSON ({e.msg} at column {e.column})") from None
 
 
 def _csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:

@@ -46,7 +46,7 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
 
 import torch
 import torch.nn as nn
@@ -57,8 +57,22 @@ from optimas_fast._io import atomic_write_bytes
 from .config import RewardModelConfig
 from .template import TemplateConfig
 
-if TYPE_CHECKING:  # a name only: the RewardModel facade calls into this module, never the other way round
-    from .model import RewardModel
+
+class Exportable(Protocol):
+    """What export reads of a reward model (``RewardModel`` is one). The facade calls into this module, never the
+    other way round: export names the parts it reads here instead of importing the facade."""
+
+    net: Any  # the RewardNet: backbone, stacked_heads(), head_keys, head_weight / head_bias
+    components: Sequence[str]  # head names, in head order
+    descriptions: Mapping[str, str]  # component -> description (the template's prefix)
+    tokenizer: Any  # the backbone's tokenizer
+    tokens: Any  # the TokenCache: appends_eos, eos
+    config: RewardModelConfig
+    is_encoder: bool
+    pooling: str
+
+
+M = TypeVar("M", bound=Exportable)
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +82,7 @@ HEADS = "reward_heads.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _plain_backbone(model: RewardModel) -> nn.Module:
+def _plain_backbone(model: Exportable) -> nn.Module:
     """A CPU fp32 copy of the backbone with LoRA adapters merged (the live model is not touched)."""
     backbone = copy.deepcopy(model.net.backbone).to("cpu").float()
     if hasattr(backbone, "merge_and_unload"):  # a peft model: fold the adapters into the base weights
@@ -76,7 +90,7 @@ def _plain_backbone(model: RewardModel) -> nn.Module:
     return backbone.eval()
 
 
-def _pad_id(model: RewardModel) -> int:
+def _pad_id(model: Exportable) -> int:
     pad = getattr(model, "pad_id", None)
     if pad is not None:
         return int(pad)
@@ -87,7 +101,7 @@ def _pad_id(model: RewardModel) -> int:
     return 0
 
 
-def _export_pad_id(model: RewardModel) -> int:
+def _export_pad_id(model: Exportable) -> int:
     """The seq-cls export's pad id: the engine's, unless it equals the EOS the rows end with (append_eos), which
     HF's last-non-pad pooling would then skip; then the tokenizer's UNK, else 0 (or 1 if EOS is 0). Any id other
     than EOS is exact: with append_eos every row's last real token is the EOS."""
@@ -104,12 +118,12 @@ def _export_pad_id(model: RewardModel) -> int:
     return int(new)
 
 
-def export_layout(model: RewardModel) -> str:
+def export_layout(model: Exportable) -> str:
     """``"seq-cls"`` for last-token-pooled decoders (exact in HF), else ``"backbone+heads"``."""
     return "seq-cls" if (not model.is_encoder and model.pooling == "last") else "backbone+heads"
 
 
-def _meta(model: RewardModel, layout: str, biases: list[float], pad_id: int | None) -> dict:
+def _meta(model: Exportable, layout: str, biases: list[float], pad_id: int | None) -> dict:
     t = model.config.template
     eos = bool(model.tokens.appends_eos)  # what the engine does (not the flag alone: encoders ignore it)
     return {
@@ -153,7 +167,7 @@ def _write_dir_atomically(out_dir: str, fill) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- export
-def export_hf(model: RewardModel, out_dir: str | os.PathLike) -> dict:
+def export_hf(model: Exportable, out_dir: str | os.PathLike) -> dict:
     """Write ``model`` as a Hugging Face checkpoint in ``out_dir`` (replaced atomically); returns the meta.
 
     Decoders with last-token pooling become ``<Arch>ForSequenceClassification`` (see the module docstring
@@ -215,7 +229,7 @@ def export_hf(model: RewardModel, out_dir: str | os.PathLike) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- import
-def _set_heads(model: RewardModel, W: torch.Tensor, b: torch.Tensor) -> None:
+def _set_heads(model: Exportable, W: torch.Tensor, b: torch.Tensor) -> None:
     """Overwrite the heads (in component order) with W (C, H) and b (C,)."""
     with torch.no_grad():
         for i, key in enumerate(model.net.head_keys):
@@ -258,8 +272,8 @@ def _seq_cls_parts(path: str) -> tuple[nn.Module, nn.Linear, Any]:
     return getattr(seq, seq.base_model_prefix), head, cfg
 
 
-def load_pretrained(path: str | os.PathLike, build: Callable[..., "RewardModel"], config: "RewardModelConfig",
-                    config_given: bool, device: str | torch.device | None = None) -> "RewardModel":
+def load_pretrained(path: str | os.PathLike, build: Callable[..., M], config: RewardModelConfig,
+                    config_given: bool, device: str | torch.device | None = None) -> M:
     """A RewardModel from an optimas-fast HF export or a plain HF decoder ``*ForSequenceClassification``.
 
     ``build(backbone, components, tokenizer=, config=, device=)`` constructs the model (the facade passes

