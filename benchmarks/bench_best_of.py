@@ -30,7 +30,7 @@ from optimas_fast.best_of import BestOfN, parse_best_of
 from optimas_fast.optimize import Optimas, load_run_state
 from optimas_fast.optimize.state import RUN_STATE
 from optimas_fast.report import bootstrap_ci
-from optimas_fast.run import build, evaluate_with_bar, load_config, parse_config
+from optimas_fast.run import build, evaluate_with_bar, parse_config
 
 log = logging.getLogger("bench_best_of")
 

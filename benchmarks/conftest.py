@@ -17,7 +17,6 @@ import time
 
 import pytest
 import torch
-
 from _common import machine_info as optimas_machine_info
 
 

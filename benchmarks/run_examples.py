@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from _common import git_rev, machine
 
 from optimas_fast.demo import DEMO_CONFIG

@@ -13,7 +13,8 @@ import gzip
 import json
 import os
 import tempfile
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from optimas_fast._validate import check_int, check_number
 from optimas_fast.lm.errors import BudgetExceeded
@@ -80,7 +81,7 @@ class BestOfN:
         self._lock = threading.Lock()
 
     @property
-    def hooks(self) -> dict[str, "BestOfN"]:
+    def hooks(self) -> dict[str, BestOfN]:
         """The step hooks handed to ``System.run``: this wrapper for every component with N > 1."""
         return {name: self for name in self.plan}
 

@@ -13,7 +13,8 @@ A *component* here is anything with ``name``, ``inputs`` and ``outputs`` (field 
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 __all__ = ["REWARD_INPUT_CHARS", "REWARD_OUTPUT_CHARS", "format_fields", "format_value", "render_inputs",
            "render_outputs", "reward_row"]

@@ -19,7 +19,8 @@ A run config (YAML) has these top-level keys (all optional except ``system``):
                               # system's input fields plus what the metric reads; paths relative to this file)
     lm: embedded              # make_lm spec of the components' LM ("embedded", "openai:<model>@<url>", "hf:<path>")
                               # or {factory: "package.module:callable"} returning an optimas_fast.lm.LM
-    lms: null                 # or several named LMs {name: spec}: components use the first, model choices range over all
+    lms: null                 # or several named LMs {name: spec}: components use the first, model choices range
+                              # over all
     proposer: null            # LM writing prompt proposals (default: the components' LM)
     reward: {backbone: minilm, max_length: 256}   # LRF backbone: minilm, a local HF directory, or tiny-random (tests)
     loop: {...}               # optimas_fast.optimize.OptimasConfig fields (iterations, batch_size, budget, ...)
@@ -37,9 +38,10 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 from tqdm.auto import tqdm

@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from optimas_fast import cli
 from optimas_fast.best_of import BestOfN
-from optimas_fast.optimize import ConfigError
 from optimas_fast.system import Component, LMComponent, Prompt, System
 from optimas_fast.system.testing import ScriptedLM
 
@@ -40,7 +38,7 @@ class SeedLM(ScriptedLM):
         if seed in self.fail_seeds:
             raise RuntimeError(f"boom at seed {seed}")
         out = super().generate(prompts, n=n, temperature=temperature, max_tokens=max_tokens, stop=stop, seed=seed)
-        for row, p in zip(out, prompts):
+        for row, p in zip(out, prompts, strict=True):
             q = p.rsplit("q: ", 1)[1]
             row[0].text = f"plain {q}" if temperature == 0 else f"sample {seed} {q}"
         return out
@@ -79,7 +77,7 @@ def test_the_best_scored_candidate_goes_downstream(seed, n):
     system = make_system(lm)
     res = BestOfN(system, rm, {"writer": n}).evaluate(EXAMPLES, seed=seed % 1000, workers=3)
     assert len(rm.calls) == len(EXAMPLES)  # one batched score call per example
-    for ex, t in zip(EXAMPLES, res.traces):
+    for ex, t in zip(EXAMPLES, res.traces, strict=True):
         step = t.step("writer")
         drafts = [c["draft"] for c in step.best_of["candidates"]]
         # the plain output, then N-1 samples under distinct seeds
@@ -165,7 +163,8 @@ def test_the_wrapped_system_is_untouched_and_knows_no_reward(seed):
     traced = best.run(EXAMPLES[0], seed=5)
     assert best.system is system and system.state_dict() == before
     plain = system.run(EXAMPLES[0], seed=5)  # the same system, run plainly after the wrapper ran it
-    assert plain.step("writer").best_of is None and plain.step("writer").outputs == {"draft": f"plain {EXAMPLES[0]['q']}"}
+    assert plain.step("writer").best_of is None
+    assert plain.step("writer").outputs == {"draft": f"plain {EXAMPLES[0]['q']}"}
     assert traced.step("writer").best_of["n"] == 3
     # candidates 2..N sample at the wrapper's temperature, the plain call keeps the component's own (0)
     temps = {kw["seed"]: kw["temperature"] for _, kw in lm.calls}

@@ -184,7 +184,8 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         for n, row in iter_jsonl(path):
             if not isinstance(row, dict):
-                raise PairFormatError(f"{path} line {n}", None, f"a row must be a JSON object, got {type(row).__name__}")
+                raise PairFormatError(f"{path} line {n}", None,
+                                      f"a row must be a JSON object, got {type(row).__name__}")
             yield f"line {n}", row
     except JSONLineError as e:
         raise PairFormatError(f"{path} line {e.line}", None, f"not valid JSON ({e.msg} at column {e.column})") from None
