@@ -29,6 +29,13 @@ def row_block(B: int) -> int:
     return min(triton.next_power_of_2(max(B, 16)), 1024)
 
 
+def elementwise_warps(block: int) -> int:
+    """Warps for the 1-D row kernels: at most 4 elements a thread (4 warps up to 512, 8 at 1024). Why: bt_loss
+    keeps ~8 per-element values live, and 1024 elements on 4 warps (8 a thread) took 53-64 registers, capping
+    sm_90 at 50% occupancy; on 8 warps it takes 32, 100% (benchmarks/triton_compile_table.py)."""
+    return max(4, block // 128)
+
+
 class RowLaunch(NamedTuple):
     """One program per row, looping over the hidden dimension (multihead, fused loss, last token)."""
 
@@ -69,15 +76,27 @@ class SortedRowsLaunch(NamedTuple):
 
     programs: int
     rows_per_program: int
+    block_h: int  # columns (BLOCK_H): the whole row, H <= block_h
+    num_warps: int
 
 
-# Programs per multiprocessor for the one-pass kernel: 4 x 16 warps (H = 4096) fills an SM's 64 warp slots,
-# and each program's run stays long (B=16384 on 132 SMs: 31 rows) so its dW flushes (one atomic per column
-# per head change) stay ~3% of the row traffic.
+# Programs per multiprocessor for the one-pass kernel. Each program's run stays long (B=16384 on 132 SMs: 31
+# rows) so its dW flushes (one atomic per column per head change) stay ~3% of the row traffic. Not all of them
+# are resident at once: at H = 4096 (32 warps, 40-56 registers) one program fills half an SM's warp slots, so
+# the grid runs in waves of one or two programs per SM.
 SORTED_PROGRAMS_PER_SM = 4
 
 
-def sorted_rows_launch(B: int, multiprocessors: int) -> SortedRowsLaunch:
+def sorted_warps(block: int) -> int:
+    """Warps for the one-pass kernel: at most 4 columns a thread (block / 128 warps, at least row_launch's).
+    Why: each program keeps four row vectors live (partial dW, W[c], h+, h-); with row_launch's 16 warps at
+    4096 columns (8 a thread) it took 98-106 registers on sm_90 (one 16-warp program per SM: 25% occupancy) and
+    spilled on sm_80 (bf16/fp16: 64 registers, 8 bytes); 32 warps: 40-56 registers, no spill, 50%."""
+    return max(num_warps(block), block // 128)
+
+
+def sorted_rows_launch(B: int, H: int, multiprocessors: int) -> SortedRowsLaunch:
     programs = max(1, min(B, multiprocessors * SORTED_PROGRAMS_PER_SM))
     rows = -(-B // programs)  # ceil
-    return SortedRowsLaunch(-(-B // rows), rows)
+    blk = hidden_block(H)
+    return SortedRowsLaunch(-(-B // rows), rows, blk, sorted_warps(blk))

@@ -8,7 +8,8 @@ import functools
 import torch
 import triton
 
-from optimas_fast.kernels._utils import row_block, row_launch, segment_launch, sorted_rows_launch
+from optimas_fast.kernels._utils import (elementwise_warps, row_block, row_launch, segment_launch,
+                                         sorted_rows_launch)
 from optimas_fast.kernels.bt_loss import _bt_loss_fwd_kernel
 from optimas_fast.kernels.fused_head_bt import _fused_head_bt_kernel, _fused_head_bt_sorted_kernel
 from optimas_fast.kernels.last_token import _last_token_bwd_kernel, _last_token_fwd_kernel
@@ -39,7 +40,7 @@ def bt_loss_rows(rc, rr, w, mu, center):
     blk = row_block(B)
     _bt_loss_fwd_kernel[(triton.cdiv(B, blk),)](
         rc, rr, w if w is not None else rc, mu if mu is not None else rc, loss, gd, nls, B, center,
-        HAS_W=w is not None, HAS_MU=mu is not None, BLOCK=blk)
+        HAS_W=w is not None, HAS_MU=mu is not None, BLOCK=blk, num_warps=elementwise_warps(blk))
     return loss, gd, nls
 
 
@@ -99,11 +100,11 @@ def fused_head_bt(hc, hr, ids, W32, b32, w, mu, center, scale, need_grad):
         # moved instead of the two-kernel path's 6 B H; the sort of B ids is small beside the rows).
         order = torch.argsort(ids, stable=True)  # (B,) rows grouped by head
         dW = torch.zeros(C, H, dtype=torch.float32, device=dev)
-        sl = sorted_rows_launch(B, _multiprocessors(dev))
+        sl = sorted_rows_launch(B, H, _multiprocessors(dev))
         _fused_head_bt_sorted_kernel[(sl.programs,)](
             hc, hr, ids, order, W32, b32, w if w is not None else loss, mu if mu is not None else loss,
             loss, gd, nls, ga, gb, dhc, dhr, dW, B, H, sl.rows_per_program, center, scale,
-            HAS_W=w is not None, HAS_MU=mu is not None, BLOCK_H=lc.block_h, num_warps=lc.num_warps)
+            HAS_W=w is not None, HAS_MU=mu is not None, BLOCK_H=sl.block_h, num_warps=sl.num_warps)
         db = torch.zeros(C, dtype=torch.float32, device=dev).index_add_(0, ids, ga + gb)
         return loss, gd, nls, dhc, dhr, dW, db
     _fused_head_bt_kernel[(B,)](
