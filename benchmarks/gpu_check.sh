@@ -1,40 +1,86 @@
 #!/usr/bin/env bash
-# One prepared GPU check, for a machine with one NVIDIA GPU after the README's install (with the test extra):
+# The GPU check, from a bundle made by benchmarks/gpu_bundle.sh, on a machine that reaches no package index:
 #
-#     bash benchmarks/gpu_check.sh [OUT_DIR]          # default OUT_DIR: benchmarks/_out/gpu_check
+#     bash BUNDLE/gpu_check.sh [OUT_DIR]                   # on the GPU machine (python3 there: torch with CUDA)
+#     bash benchmarks/gpu_check.sh --bundle BUNDLE [OUT_DIR]
+#     bash benchmarks/gpu_check.sh --dry-run --bundle BUNDLE [OUT_DIR]   # rehearsal on a CPU machine (see below)
 #
-# Steps, each under a hard `timeout`, all of them within GPU_CHECK_BUDGET seconds (default 480 = 8 min):
-#   flash_attn      pip install flash-attn if it is not importable (short timeout; the check goes on without it)
-#   gpu_tests       pytest -m "gpu and not vllm and not flash" tests/  (JUnit XML: any skip or failure fails the check)
-#   gpu_tests_flash pytest -m "gpu and flash" tests/     (only where flash-attn imports; then its skips fail too)
-#   gpu_tests_vllm  pytest -m "gpu and vllm" tests/      (only where vllm imports; then its skips fail too)
-#   kernel_suite    the pytest-benchmark kernel suite on CUDA (-k cuda): Triton vs eager vs torch.compile (bf16),
-#                   fraction of measured device copy bandwidth (target >= 70% at B=16384, H=4096, C=32)
-#   workloads       bench_gpu_workloads.py: 1B Llama reward training (bf16, prefix sharing) vs the reference's
-#                   way and TRL; 1 x 1024 pool scoring vs HF batched and vLLM's pooling runner
-#   report          gpu_check_report.py: OUT_DIR/gpu_check.json and gpu_check.md
-# Exit status: 0 only if every step succeeded and the GPU tests ran with nothing skipped or failed.
-# Without CUDA it stops at once with a message and exit status 2. Sized (expected ~4-5 min on an H200) so that
-# two runs fit in 15 minutes of GPU time; the budget is a hard ceiling, not the expected time.
+# OUT_DIR (default ./gpu_check_out) receives at most 8 files (the device tool brings back 8): steps.tsv,
+# gpu_check.log, environment.json, gpu_tests.xml, bench_ops.json, workloads.json, gpu_check.json, gpu_check.md.
+# Steps, each under a hard `timeout`, all within GPU_CHECK_BUDGET seconds (default 480 = 8 min, install included):
+#   verify          the bundle's files against its SHA256SUMS
+#   install         pip install --no-index --no-deps --no-build-isolation of the bundle's wheels into a target dir
+#   build           pip install of the source tree (same flags): the extension built by the image's compiler and
+#                   pybind11; then the unpacked package sources are removed, so only the installed copy can import
+#   imports         every module the check needs imports; versions -> environment.json
+#   gpu_tests       pytest -m "gpu and not vllm and not flash" tests/test_gpu_*.py (JUnit XML: a skip fails)
+#   gpu_tests_flash / gpu_tests_vllm   only where flash-attn / vllm import; else "not available on this machine"
+#   kernel_suite    benchmarks/test_bench_ops.py on CUDA: Triton vs eager vs torch.compile, fraction of copy bandwidth
+#   workloads       bench_gpu_workloads.py: 1B Llama reward training vs TRL and the reference's way; 1 x 1024 and
+#                   64 x 32 pool scoring vs HF batched
+#   report          gpu_check_report.py: gpu_check.json and gpu_check.md
+# Exit status 0 only if every step passed and nothing but flash-attn / vLLM was skipped; 2 on bad usage or (not a
+# dry run) without a CUDA device.
+#
+# --dry-run (or GPU_CHECK_DRY_RUN=1): every step but the CUDA ones, on this machine, into a FRESH virtual environment
+# that holds only the GPU image's packages (benchmarks/gpu_image_packages.txt, linked from the Python that runs this
+# script, CPU torch in place of CUDA's: gpu_bundle.py image-env) and then what the bundle installs. So a wheel missing
+# from the bundle, a wrong path or an import that only the project's own venv satisfies fails here, not in a GPU
+# window. CUDA steps become: gpu_tests collected (not run), the kernel suite collected, the workloads at tiny size on
+# the CPU (TRL included). The bundle's wheels are CPython 3.12's: a rehearsal on another Python installs
+# --host-wheels DIR instead (gpu_bundle.sh --host-wheels: the same names and versions built for it; checked equal).
 set -u -o pipefail
 
-cd "$(dirname "$0")/.."
-OUT="${1:-${GPU_CHECK_OUT:-benchmarks/_out/gpu_check}}"
-PY="${PYTHON:-python}"
-BUDGET="${GPU_CHECK_BUDGET:-480}"
-START=$(date +%s)
-
-if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+usage() { echo "usage: gpu_check.sh [--dry-run [--host-wheels DIR]] [--bundle DIR] [OUT_DIR]" >&2; exit 2; }
+DRY="${GPU_CHECK_DRY_RUN:-0}"
+HOST_WHEELS="${GPU_CHECK_HOST_WHEELS:-}"
+BUNDLE="${GPU_BUNDLE:-}"
+OUT=""
+while (( $# )); do
+    case "$1" in
+        --dry-run) DRY=1 ;;
+        --bundle) [[ $# -ge 2 ]] || usage; BUNDLE=$2; shift ;;
+        --host-wheels) [[ $# -ge 2 ]] || usage; HOST_WHEELS=$2; shift ;;
+        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+        -*) usage ;;
+        *) [[ -z "$OUT" ]] || usage; OUT=$1 ;;
+    esac
+    shift
+done
+HERE=$(cd "$(dirname "$0")" && pwd)
+# the GPU image's python3; a dry run's host Python is the project's environment (an activated venv's python), whose
+# image packages (CPU torch, transformers, pytest, ...) the fresh venv links
+PY="${PYTHON:-$( ((DRY)) && echo python || echo python3)}"
+if (( ! DRY )) && ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
     echo "gpu_check: FAILED: no CUDA device is visible to PyTorch ($PY: torch.cuda.is_available() is False)." >&2
-    echo "gpu_check: this check needs one NVIDIA GPU, its driver and a CUDA build of torch; nothing was run." >&2
+    echo "gpu_check: this check needs one NVIDIA GPU, its driver and a CUDA build of torch; nothing was run" \
+         "(--dry-run rehearses it on a CPU)." >&2
     exit 2
 fi
+if [[ -z "$BUNDLE" ]]; then
+    # a copy inside a bundle finds its own folder; the repository's copy needs --bundle
+    [[ -f "$HERE/optimas-fast-src.tar.gz" ]] && BUNDLE=$HERE || { echo "gpu_check: no bundle: pass --bundle DIR (made by benchmarks/gpu_bundle.sh)" >&2; exit 2; }
+fi
+[[ -f "$BUNDLE/optimas-fast-src.tar.gz" && -d "$BUNDLE/wheels" ]] || { echo "gpu_check: $BUNDLE is not a bundle (no optimas-fast-src.tar.gz or wheels/)" >&2; exit 2; }
+BUNDLE=$(cd "$BUNDLE" && pwd)
+OUT="${OUT:-${GPU_CHECK_OUT:-gpu_check_out}}"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+BUDGET="${GPU_CHECK_BUDGET:-480}"
+START=$(date +%s)
+WORK="${GPU_CHECK_WORK:-$(mktemp -d /tmp/optimas_gpu_check.XXXXXX)}"
+rm -rf "$WORK" && mkdir -p "$WORK"
+# "site-packages" in both paths on purpose: dill (datasets' fingerprints, under TRL) pickles classes of modules
+# outside a path with that name by value, which fails for pyarrow's types (seen in this script's dry run)
+SITE="$WORK/site-packages"
+IMAGE_SITE="$WORK/image/site-packages"
+SRC="$WORK/src/optimas-fast"
 
-mkdir -p "$OUT"
-rm -f "$OUT"/{steps.tsv,gpu_check.log,gpu_tests.xml,gpu_tests_vllm.xml,gpu_tests_flash.xml,bench_ops.json,workloads.json,gpu_check.json,gpu_check.md}
+rm -f "$OUT"/{steps.tsv,gpu_check.log,environment.json,gpu_tests.xml,gpu_tests_vllm.xml,gpu_tests_flash.xml,bench_ops.json,workloads.json,gpu_check.json,gpu_check.md}
 : > "$OUT/steps.tsv"
 LOG="$OUT/gpu_check.log"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PIP_NO_INDEX=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CONFIG_FILE=/dev/null
+unset PIP_FIND_LINKS PIP_EXTRA_INDEX_URL PIP_INDEX_URL PIP_CONSTRAINT
 
 # step NAME LIMIT_S NOTE CMD...: runs CMD under `timeout`, capped by what is left of the budget (25 s kept: 10 for
 # timeout's kill grace, 15 for the report), appends its output to the log and one line (name, exit, seconds,
@@ -56,47 +102,112 @@ step() {
     echo "=== $name: exit $rc after $(( $(date +%s) - t0 )) s" | tee -a "$LOG"
     return $rc
 }
+# a step that did not apply here: recorded as passed, with the reason (the report lists it)
+not_here() { printf '%s\t0\t0\t0\t%s\n' "$1" "$2" >> "$OUT/steps.tsv"; }
+finish() {
+    local extra=()
+    (( DRY )) && extra=(--dry-run)
+    if [[ -f "$SRC/benchmarks/gpu_check_report.py" ]]; then
+        PYTHONPATH="$SITE" timeout 15 "$PY" "$SRC/benchmarks/gpu_check_report.py" "${extra[@]}" "$OUT"
+    else
+        echo "gpu_check: FAILED before the sources were unpacked (see $LOG)" >&2
+        false
+    fi
+    local rc=$?
+    echo "gpu_check: $( ((rc == 0)) && echo PASSED || echo FAILED )$( ((DRY)) && echo ' (dry run)') in $(( $(date +%s) - START )) s; see $OUT/gpu_check.md" >&2
+    [[ -n "${GPU_CHECK_KEEP_WORK:-}" ]] || rm -rf "$WORK"
+    exit $rc
+}
 
-"$PY" -c "import torch; print('gpu_check on', torch.cuda.get_device_name(0), '| torch', torch.__version__)" | tee -a "$LOG"
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >> "$LOG" 2>&1 || true
+PY=$(command -v "$PY") && PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")  # absolute: the steps run elsewhere
+# every step runs in the work folder: a Python started in the repository (the device tool's working directory)
+# would import its optimas_fast/ source tree instead of the installed copy
+cd "$WORK"
+echo "gpu_check: bundle $BUNDLE, out $OUT, work $WORK$( ((DRY)) && echo ', DRY RUN (no CUDA steps)')" | tee -a "$LOG"
+step verify 20 "sha256sum -c SHA256SUMS" bash -c "cd '$BUNDLE' && sha256sum --quiet -c SHA256SUMS" || finish
+step unpack 20 "the source tree" bash -c "mkdir -p '$WORK/src' && tar -xzf '$BUNDLE/optimas-fast-src.tar.gz' -C '$WORK/src'" || finish
 
-if "$PY" -c "import flash_attn" >/dev/null 2>&1; then
-    printf 'flash_attn\t0\t0\t0\talready installed\n' >> "$OUT/steps.tsv"
+if (( DRY )); then
+    # the image's stand-in: a fresh venv that sees only the image's packages (linked from this Python's)
+    HOST_PY=$PY
+    step image_env 60 "dry run: fresh venv with the image's packages only (gpu_bundle.py image-env)" bash -c "
+        '$HOST_PY' -m venv --without-pip '$WORK/venv' &&
+        '$HOST_PY' '$SRC/benchmarks/gpu_bundle.py' image-env '$IMAGE_SITE' &&
+        purelib=\$('$WORK/venv/bin/python' -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])') &&
+        echo '$IMAGE_SITE' > \"\$purelib/_gpu_image.pth\"" || finish
+    PY="$WORK/venv/bin/python"
 else
-    step flash_attn 25 "optional: pip install flash-attn (the check goes on without it)" \
-        "$PY" -m pip install -q --no-build-isolation flash-attn \
-        || echo "gpu_check: flash-attn did not install within its limit; going on without it" | tee -a "$LOG"
+    "$PY" -c "import torch; print('gpu_check on', torch.cuda.get_device_name(0), '| torch', torch.__version__)" | tee -a "$LOG"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >> "$LOG" 2>&1 || true
 fi
 
-step gpu_tests 160 "pytest -m 'gpu and not vllm and not flash' tests/" \
-    "$PY" -m pytest -m "gpu and not vllm and not flash" tests/ -q -rfEs -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml"
+WHEELS="$BUNDLE/wheels"
+if (( DRY )) && [[ -n "$HOST_WHEELS" ]]; then
+    step same_set 20 "dry run: --host-wheels holds the bundle's names and versions" \
+        "$PY" "$SRC/benchmarks/gpu_bundle.py" same-set "$BUNDLE/wheels" "$HOST_WHEELS" || finish
+    WHEELS=$(cd "$HOST_WHEELS" && pwd)
+fi
+step install 90 "pip install --no-index --no-deps the bundle's wheels into $SITE" \
+    "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir \
+    --target "$SITE" "$WHEELS"/*.whl || finish
+# the extension links no torch: the image's compiler and pybind11 build it (pyproject's build requirements are the
+# image's setuptools / wheel / pybind11, hence --no-build-isolation)
+step build 150 "pip install the source tree (builds optimas_fast._C)" \
+    env PYTHONPATH="$SITE" "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation --no-cache-dir \
+    --target "$SITE" "$SRC" || finish
+rm -rf "$SRC/optimas_fast" "$SRC/kernels" "$SRC/csrc" "$SRC/build"  # tests import the installed copy only
+export PYTHONPATH="$SITE"
+step imports 60 "the modules the check needs import; versions -> environment.json" "$PY" -c "
+import importlib, json, platform, sys
+mods = ['torch', 'triton', 'transformers', 'tokenizers', 'safetensors', 'numpy', 'pytest', 'pytest_benchmark',
+        'hypothesis', 'datasets', 'trl', 'optimas_fast', 'optimas_fast._C', 'optimas_fast.kernels.bt_loss',
+        'optimas_fast.reward', 'optimas_fast.ops']
+env = {'python': platform.python_version(), 'executable': sys.executable, 'dry_run': bool($DRY), 'modules': {}}
+for m in mods:
+    mod = importlib.import_module(m)
+    env['modules'][m] = getattr(mod, '__version__', None) or getattr(mod, '__file__', '')
+    if m == 'optimas_fast' and not mod.__file__.startswith('$SITE'):
+        sys.exit(f'optimas_fast imported from {mod.__file__}, not the installed copy in $SITE')
+json.dump(env, open('$OUT/environment.json', 'w'), indent=1)
+print(json.dumps(env, indent=1))
+" || finish
 
-if "$PY" -c "import flash_attn" >/dev/null 2>&1; then
-    step gpu_tests_flash 40 "pytest -m 'gpu and flash' tests/" \
-        "$PY" -m pytest -m "gpu and flash" tests/ -q -rfEs -p no:cacheprovider --junitxml="$OUT/gpu_tests_flash.xml"
-else
-    printf 'gpu_tests_flash\t0\t0\t0\tnot run: flash-attn is not installed\n' >> "$OUT/steps.tsv"
+cd "$SRC"
+GPU_FILES=(tests/test_gpu_*.py)
+if (( DRY )); then
+    step gpu_tests 60 "dry run: pytest --collect-only -m 'gpu and not vllm and not flash' (every GPU test file imports)" \
+        "$PY" -m pytest --collect-only -q -m "gpu and not vllm and not flash" "${GPU_FILES[@]}" -p no:cacheprovider
+    not_here gpu_tests_flash "dry run: no CUDA"
+    not_here gpu_tests_vllm "dry run: no CUDA"
+    step kernel_suite 60 "dry run: the kernel suite collected (its CUDA cases exist only with a GPU)" \
+        "$PY" -m pytest --collect-only -q benchmarks/test_bench_ops.py -p no:cacheprovider
+    step workloads 120 "dry run: bench_gpu_workloads.py --size tiny --device cpu (TRL included)" \
+        "$PY" benchmarks/bench_gpu_workloads.py --size tiny --device cpu --pools 1x16,4x4 --train-inputs 1 \
+        --baseline-pairs 4 --prefix-words 20 --skip-vllm --out "$OUT/workloads.json"
+    finish
 fi
 
+step gpu_tests 170 "pytest -m 'gpu and not vllm and not flash' tests/test_gpu_*.py" \
+    "$PY" -m pytest -m "gpu and not vllm and not flash" "${GPU_FILES[@]}" -q -rfEs -p no:cacheprovider \
+    --junitxml="$OUT/gpu_tests.xml"
+if "$PY" -c "import flash_attn" >/dev/null 2>&1; then
+    step gpu_tests_flash 40 "pytest -m 'gpu and flash'" \
+        "$PY" -m pytest -m "gpu and flash" "${GPU_FILES[@]}" -q -rfEs -p no:cacheprovider --junitxml="$OUT/gpu_tests_flash.xml"
+else
+    not_here gpu_tests_flash "not available on this machine: flash-attn is not installed (too large to carry)"
+fi
+VLLM_ARGS=(--skip-vllm)
 if "$PY" -c "import vllm" >/dev/null 2>&1; then
-    step gpu_tests_vllm 60 "pytest -m 'gpu and vllm' tests/" \
-        "$PY" -m pytest -m "gpu and vllm" tests/ -q -rfEs -p no:cacheprovider --junitxml="$OUT/gpu_tests_vllm.xml"
+    step gpu_tests_vllm 60 "pytest -m 'gpu and vllm'" \
+        "$PY" -m pytest -m "gpu and vllm" "${GPU_FILES[@]}" -q -rfEs -p no:cacheprovider --junitxml="$OUT/gpu_tests_vllm.xml"
     VLLM_ARGS=(--vllm-timeout 75)
 else
-    printf 'gpu_tests_vllm\t0\t0\t0\tnot run: vllm is not installed\n' >> "$OUT/steps.tsv"
-    VLLM_ARGS=(--skip-vllm)
+    not_here gpu_tests_vllm "not available on this machine: vllm is not installed (too large to carry)"
 fi
-
 # torch.compile baselines in bf16 only: each compile costs seconds of CPU time, and 16 of them would not fit
-step kernel_suite 150 "pytest benchmarks/ --benchmark-only -k 'cuda and not (float32 and compile)'" \
+step kernel_suite 120 "pytest benchmarks/test_bench_ops.py --benchmark-only -k 'cuda and not (float32 and compile)'" \
     "$PY" -m pytest benchmarks/test_bench_ops.py --benchmark-only -k "cuda and not (float32 and compile)" -q \
-    -p no:cacheprovider \
-    --benchmark-json="$OUT/bench_ops.json" --benchmark-columns=median,rounds --benchmark-sort=name
-
-step workloads 130 "bench_gpu_workloads.py (1B Llama, bf16)" \
+    -p no:cacheprovider --benchmark-json="$OUT/bench_ops.json" --benchmark-columns=median,rounds --benchmark-sort=name
+step workloads 150 "bench_gpu_workloads.py (1B Llama, bf16; pools 1x1024, 64x32)" \
     "$PY" benchmarks/bench_gpu_workloads.py --out "$OUT/workloads.json" "${VLLM_ARGS[@]}"
-
-timeout 15 "$PY" benchmarks/gpu_check_report.py "$OUT"
-rc=$?
-echo "gpu_check: $( ((rc == 0)) && echo PASSED || echo FAILED ) in $(( $(date +%s) - START )) s; see $OUT/gpu_check.md" >&2
-exit $rc
+finish

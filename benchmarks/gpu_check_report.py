@@ -1,8 +1,12 @@
 """Summarises one benchmarks/gpu_check.sh run: reads what its steps left in the output folder and writes
 gpu_check.json and gpu_check.md there. Exit status 0 only when every step succeeded and the GPU tests ran
-with nothing skipped and nothing failed (a skip is not a pass).
+with nothing skipped and nothing failed (a skip is not a pass); of the workloads' baselines only vLLM may be
+missing (not on the GPU image), TRL's must have run.
 
-    python benchmarks/gpu_check_report.py OUT_DIR
+    python benchmarks/gpu_check_report.py [--dry-run] OUT_DIR
+
+--dry-run (gpu_check.sh --dry-run): no CUDA results are expected (no gpu_tests.xml, no bench_ops.json); every
+step must still have passed, and the tiny CPU workloads (TRL included) must be there.
 
 Inputs in OUT_DIR (each optional; a missing one is reported as missing):
   steps.tsv             name, exit status, seconds, limit per step (written by gpu_check.sh)
@@ -11,6 +15,7 @@ Inputs in OUT_DIR (each optional; a missing one is reported as missing):
   gpu_tests_flash.xml   JUnit XML of `pytest -m "gpu and flash"` (only where flash-attn is installed)
   bench_ops.json        pytest-benchmark JSON of the kernel suite on CUDA
   workloads.json        bench_gpu_workloads.py's results
+  environment.json      the imports step's Python and module versions
 """
 from __future__ import annotations
 
@@ -113,18 +118,33 @@ def _load(path: str):
         return json.load(f)
 
 
-def summarise(d: str) -> tuple[dict, list[str]]:
+def workload_problems(w: dict) -> list[str]:
+    """A baseline that did not run is a problem, except vLLM's (not on the GPU image: "not available")."""
+    out = []
+    for key, b in (w.get("train") or {}).items():
+        if isinstance(b, dict) and "skipped" in b:
+            out.append(f"workloads: training baseline {key} did not run: {b['skipped']}")
+    if not w.get("train"):
+        out.append("workloads: no training results")
+    if not w.get("pools") and not w.get("pool"):
+        out.append("workloads: no pool-scoring results")
+    return out
+
+
+def summarise(d: str, dry_run: bool = False) -> tuple[dict, list[str]]:
     """(the gpu_check.json dict, problems): any problem makes the check fail."""
     problems = []
     steps = read_steps(d)
+    if not steps:
+        problems.append("no steps recorded (steps.tsv is missing or empty)")
     for s in steps:
-        if s["rc"] != 0 and s["name"] != "flash_attn":  # flash-attn is optional: tried, never required
+        if s["rc"] != 0:
             why = "timed out" if s["rc"] in (124, 137) else f"exit {s['rc']}"
             problems.append(f"step {s['name']} {why} after {s['seconds']} s (limit {s['limit']} s)")
     tests = read_junit(os.path.join(d, "gpu_tests.xml"))
     vllm_tests = read_junit(os.path.join(d, "gpu_tests_vllm.xml"))
     flash_tests = read_junit(os.path.join(d, "gpu_tests_flash.xml"))
-    if tests is None:
+    if tests is None and not dry_run:
         problems.append("no GPU test results (gpu_tests.xml is missing)")
     for label, t in (("gpu tests", tests), ("vllm gpu tests", vllm_tests), ("flash-attn gpu tests", flash_tests)):
         if t is None:
@@ -137,16 +157,19 @@ def summarise(d: str) -> tuple[dict, list[str]]:
             problems.append(f"{label}: {t['failures']} failed, {t['errors']} errors")
     bench = _load(os.path.join(d, "bench_ops.json"))
     rows = kernel_rows(bench) if bench else []
-    if bench is None:
+    if bench is None and not dry_run:
         problems.append("no kernel-suite results (bench_ops.json is missing)")
     tgt = targets(rows)
     workloads = _load(os.path.join(d, "workloads.json"))
     if workloads is None:
         problems.append("no workload results (workloads.json is missing)")
+    else:
+        problems += workload_problems(workloads)
     # the steps' own record of the machine, else this process's view of it (the report runs on that machine)
     machine = ((workloads or {}).get("machine") or ((bench or {}).get("machine_info") or {}).get("optimas_fast")
                or machine_info())
-    result = {"ok": not problems, "problems": problems, "machine": machine, "steps": steps,
+    result = {"ok": not problems, "dry_run": dry_run, "problems": problems, "machine": machine,
+              "environment": _load(os.path.join(d, "environment.json")), "steps": steps,
               "gpu_tests": tests,
               "vllm_gpu_tests": vllm_tests if vllm_tests is not None else "not run (vllm not installed)",
               "flash_gpu_tests": flash_tests if flash_tests is not None else "not run (flash-attn not installed)",
@@ -162,11 +185,13 @@ def _f(v, fmt="{:.3g}"):
 
 def markdown(r: dict) -> str:
     m = r.get("machine") or {}
-    lines = [f"# GPU check: {'PASSED' if r['ok'] else 'FAILED'}", "",
+    dry = " (dry run: no CUDA steps)" if r.get("dry_run") else ""
+    env = r.get("environment") or {}
+    lines = [f"# GPU check: {'PASSED' if r['ok'] else 'FAILED'}{dry}", "",
              f"Device: {m.get('device', '?')} ({m.get('gpu_memory_gib', '?')} GiB, capability "
              f"{m.get('gpu_capability', '?')}); CPU {m.get('cpu', '?')}, {m.get('cores', '?')} cores; torch "
              f"{m.get('torch', '?')}, triton {m.get('triton', '?')}, transformers {m.get('transformers', '?')}; "
-             f"commit {m.get('git_rev', '?')}; {m.get('time_utc', '')}", ""]
+             f"commit {m.get('git_rev', '?')}; {m.get('time_utc', '')}; Python {env.get('python', '?')}", ""]
     if r["problems"]:
         lines += ["## Problems", ""] + [f"- {p}" for p in r["problems"]] + [""]
     lines += ["## Steps", "", "| step | exit | seconds | limit | note |", "|---|---|---|---|---|"]
@@ -207,27 +232,35 @@ def markdown(r: dict) -> str:
                       f"amp {w.get('amp')}", "",
                   "| workload | ours | baseline | speedup |", "|---|---|---|---|"]
         if tr:
-            ours = tr.get("ours", {})
-            for key, label in (("reference_way", "reference way (HF seq-cls, batch 2)"), ("trl", "TRL RewardTrainer")):
-                b = tr.get(key, {})
+            for mine, key, label in (("ours", "reference_way", "reference way (HF seq-cls, batch 2)"),
+                                     ("ours", "trl", "TRL RewardTrainer (batch 2)"),
+                                     ("ours_batch2", "trl", "TRL RewardTrainer, ours at batch 2 too")):
+                ours, b = tr.get(mine) or {}, tr.get(key, {})
+                if not ours:
+                    continue
                 if "pairs_per_s" in b:
                     lines.append(f"| training, pairs/s vs {label} | {_f(ours.get('pairs_per_s'))} | "
                                  f"{_f(b['pairs_per_s'])} | "
                                  f"{_f(ours.get('pairs_per_s', 0) / b['pairs_per_s'], '{:.1f}x')} |")
+                    if ours.get("peak_gpu_memory_gib") is not None and b.get("peak_gpu_memory_gib") is not None:
+                        lines.append(f"| peak GPU memory (GiB) vs {label} | {_f(ours['peak_gpu_memory_gib'])} | "
+                                     f"{_f(b['peak_gpu_memory_gib'])} | - |")
                 else:
                     lines.append(f"| training vs {label} | {_f(ours.get('pairs_per_s'))} | "
                                  f"{b.get('skipped', '-')} | - |")
+        for name, q in (w.get("pools") or ({"1x" + str(p.get("rows")): p} if p else {})).items():
+            lines.append(f"| {name.replace('x', ' x ')} pool, rows/s vs HF batched ({q.get('hf_dtype')}) | "
+                         f"{_f(q.get('ours_rows_per_s'))} | {_f(q.get('hf_rows_per_s'))} | "
+                         f"{_f(q.get('speedup_vs_hf'), '{:.1f}x')} |")
         if p:
-            lines.append(f"| 1 x {p.get('rows')} pool, rows/s vs HF batched ({p.get('hf_dtype')}) | "
-                         f"{_f(p.get('ours_rows_per_s'))} | {_f(p.get('hf_rows_per_s'))} | "
-                         f"{_f(p.get('speedup_vs_hf'), '{:.1f}x')} |")
             v = p.get("vllm", {})
             if "rows_per_s" in v:
                 lines.append(f"| 1 x {p.get('rows')} pool, rows/s vs vLLM pooling (prefix caching) | "
                              f"{_f(p.get('ours_rows_per_s'))} | {_f(v['rows_per_s'])} | "
                              f"{_f(p.get('speedup_vs_vllm'), '{:.1f}x')} |")
             else:
-                lines.append(f"| pool vs vLLM pooling | - | {v.get('skipped', '-')} | - |")
+                lines.append(f"| pool vs vLLM pooling | - | not available on this machine ({v.get('skipped', '-')}) "
+                             "| - |")
             lines += ["", f"Pool scores, ours vs the HF model (same weights and heads): max |diff| "
                           f"{_f(p.get('ours_vs_hf_max_abs_diff'))} (score std {_f(p.get('score_std'))}), Spearman "
                           f"{_f(p.get('ours_vs_hf_spearman'), '{:.4f}')}."]
@@ -235,12 +268,14 @@ def markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: gpu_check_report.py OUT_DIR", file=sys.stderr)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dry_run = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: gpu_check_report.py [--dry-run] OUT_DIR", file=sys.stderr)
         return 2
     d = argv[0]
-    result, problems = summarise(d)
+    result, problems = summarise(d, dry_run=dry_run)
     with open(os.path.join(d, "gpu_check.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
     md = markdown(result)
