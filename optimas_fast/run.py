@@ -14,7 +14,7 @@ A run config (YAML) has these top-level keys (all optional except ``system``):
                               # or your own pipeline: "package.module:factory", a callable returning a System
                               # (imported from the current directory or sys.path; called with lm= and/or lms=
                               # when it declares those parameters)
-    data: {dir: null, seed: 0, train: null, val: null, test: null}   # split seed and size caps (ints), or
+    data: {dir: null, seed: null, train: null, val: null, test: null}   # split seed (null: loop.seed) and size caps, or
                               # JSONL files {train: FILE, val: FILE, test: FILE} (one example dict a line: the
                               # system's input fields plus what the metric reads; paths relative to this file)
     lm: embedded              # make_lm spec of the components' LM ("embedded", "openai:<model>@<url>", "hf:<path>")
@@ -23,6 +23,8 @@ A run config (YAML) has these top-level keys (all optional except ``system``):
                               # over all
     proposer: null            # LM writing prompt proposals (default: the components' LM)
     reward: {backbone: minilm, max_length: 256}   # LRF backbone: minilm, a local HF directory, or tiny-random (tests)
+                              # and any optimas_fast.reward.RewardModelConfig field (template: {...}, amp, pooling,
+                              # lora: {...}, ...); max_length is short for template.max_length; the seed is loop.seed
     loop: {...}               # optimas_fast.optimize.OptimasConfig fields (iterations, batch_size, budget, ...)
     output: runs/my-run       # run directory (run_state.json, LRF checkpoint, report.json/png, system_state.json)
 
@@ -30,6 +32,7 @@ A bad key or value stops with a message naming the key and what is allowed.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import json
@@ -39,7 +42,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +55,10 @@ from optimas_fast.backbones import MINILM
 from optimas_fast.examples import EXAMPLES, load_example
 from optimas_fast.lm import LM, make_lm
 from optimas_fast.optimize import ConfigError, Optimas, OptimasConfig
+from optimas_fast.optimize.config import from_dict
 from optimas_fast.optimize.testing import build_synthetic, tiny_reward_model
 from optimas_fast.report import bootstrap_ci, write_report
-from optimas_fast.reward import RewardModel, RewardModelConfig, TemplateConfig
+from optimas_fast.reward import LoraSettings, RewardModel, RewardModelConfig
 from optimas_fast.system import System
 
 log = logging.getLogger("optimas_fast.run")
@@ -64,7 +68,9 @@ SYSTEMS = (*EXAMPLES, "synthetic")  # the built-in examples (optimas_fast.exampl
 FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 TOP_KEYS = ("system", "data", "lm", "lms", "proposer", "reward", "loop", "output")
 DATA_KEYS = ("dir", "seed", "train", "val", "test")
-REWARD_KEYS = ("backbone", "max_length")
+# reward: the backbone, max_length (short for template.max_length) and every RewardModelConfig field but its seed,
+# which is loop.seed: one seed drives the run (the split's too, unless data.seed is given)
+REWARD_KEYS = ("backbone", "max_length", *sorted(f.name for f in fields(RewardModelConfig) if f.name != "seed"))
 CONFIG_NAME = "config.yaml"  # the config as given, copied into the run directory (what `resume` reads)
 
 
@@ -76,7 +82,8 @@ class RunConfig:
     lm: Any  # make_lm spec of the components' LM
     lms: dict | None  # several named LM specs
     proposer: Any  # make_lm spec of the proposer (None: the components' LM)
-    reward: dict  # backbone, max_length
+    backbone: str  # reward.backbone: "minilm", a local model directory, or "tiny-random" (tests)
+    reward: RewardModelConfig  # the rest of reward: (the engine's settings; its seed is loop.seed)
     loop: OptimasConfig  # the loop settings
     output: str | None  # run directory
     raw: dict  # the config as given (copied into the run directory)
@@ -143,14 +150,8 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> RunConf
                        Path(base_dir) if base_dir is not None else Path.cwd())
     if data.get("train") is not None and isinstance(data["train"], str):
         raw = dict(raw, data=data)  # the absolute paths travel with the config
-    check_int(data.get("seed", 0), "data.seed", error=ConfigError)
-    reward = _check_keys(raw.get("reward"), REWARD_KEYS, "reward")
-    backbone = reward.get("backbone", MINILM)
-    if not isinstance(backbone, str) or not (backbone in (MINILM, "tiny-random") or os.path.isdir(backbone)):
-        raise ConfigError(f"reward.backbone must be {MINILM!r}, 'tiny-random' or an existing model directory, "
-                          f"got {backbone!r}")
-    ml = reward.get("max_length", 256)
-    check_int(ml, "reward.max_length", min=16, error=ConfigError)
+    check_int(data.get("seed"), "data.seed", allow_none=True, error=ConfigError, what="an int or null (loop.seed)")
+    backbone, reward = _parse_reward(raw.get("reward"))
     lms = raw.get("lms")
     if lms is not None and (not isinstance(lms, Mapping) or not lms):
         raise ConfigError(f"lms must be a non-empty mapping name -> LM spec, got {lms!r}")
@@ -172,8 +173,44 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> RunConf
     out = raw.get("output")
     if out is not None and not isinstance(out, str):
         raise ConfigError(f"output must be a directory path, got {out!r}")
+    if data.get("seed") is None:
+        data = dict(data, seed=loop.seed)  # one seed: the split follows loop.seed unless data.seed is given
+    reward.seed = loop.seed
     return RunConfig(system, data, raw.get("lm", "embedded"), dict(lms) if lms else None, raw.get("proposer"),
-                     {"backbone": backbone, "max_length": ml}, loop, out, raw)
+                     backbone, reward, loop, out, raw)
+
+
+def _parse_reward(section: Any) -> tuple[str, RewardModelConfig]:
+    """(backbone, engine config) from the ``reward:`` section: strict keys, every value checked by the engine's own
+    validation, errors naming the key path (``reward.template.max_length``)."""
+    if isinstance(section, Mapping) and "seed" in section:
+        raise ConfigError("reward.seed: the reward model's seed is loop.seed (one seed drives the run)")
+    section = _check_keys(section, REWARD_KEYS, "reward")
+    backbone = section.pop("backbone", MINILM)
+    if not isinstance(backbone, str) or not (backbone in (MINILM, "tiny-random") or os.path.isdir(backbone)):
+        raise ConfigError(f"reward.backbone must be {MINILM!r}, 'tiny-random' or an existing model directory, "
+                          f"got {backbone!r}")
+    short = "max_length" in section
+    if short:
+        template = section.get("template") or {}
+        if isinstance(template, Mapping) and "max_length" in template:
+            raise ConfigError("reward.max_length is short for reward.template.max_length: give one of them")
+        section["template"] = {**(template if isinstance(template, Mapping) else {}), "max_length":
+                               section.pop("max_length")}
+    lora = section.pop("lora", None)
+    try:
+        cfg = from_dict(RewardModelConfig, section, "reward.")
+        if lora is not None:
+            cfg.lora = from_dict(LoraSettings, lora, "reward.lora.")
+        try:
+            cfg.validate()
+        except ValueError as exc:  # the engine's messages name config.x / TemplateConfig.x: give the YAML path
+            msg = str(exc).replace("TemplateConfig.", "reward.template.").replace("config.", "reward.")
+            raise ConfigError(msg) from None
+    except ConfigError as exc:
+        msg = str(exc)
+        raise ConfigError(msg.replace("reward.template.max_length", "reward.max_length") if short else msg) from None
+    return backbone, cfg
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:
@@ -339,11 +376,10 @@ def build(cfg: RunConfig):
     if prompts and proposer is None and cfg.system != "synthetic":
         raise ConfigError(f"system {cfg.system!r} optimizes Prompt variables {prompts}: give 'proposer:' (an LM spec) "
                           f"or 'lm:', or a factory that takes lm=")
-    if cfg.reward["backbone"] == "tiny-random":
+    if cfg.backbone == "tiny-random":
         rm = tiny_reward_model(comps, cfg.loop.seed)
     else:
-        rm = RewardModel(cfg.reward["backbone"], comps, config=RewardModelConfig(
-            seed=cfg.loop.seed, template=TemplateConfig(max_length=cfg.reward["max_length"])))
+        rm = RewardModel(cfg.backbone, comps, config=copy.deepcopy(cfg.reward))
     return system, split, rm, proposer
 
 

@@ -2,6 +2,7 @@
 eval / resume end to end on the synthetic system with a tiny random LRF, and the report files."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import yaml
 
 from optimas_fast import cli, run
 from optimas_fast.optimize import ConfigError
+from optimas_fast.reward import LoraSettings, RewardModelConfig, TemplateConfig
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +43,13 @@ def test_help(command, capsys):
     ({"system": "synthetic", "data": {"train": 0}}, "data.train", ">= 1"),
     ({"system": "synthetic", "reward": {"backbone": "bert-huge"}}, "reward.backbone", "'minilm', 'tiny-random'"),
     ({"system": "synthetic", "reward": {"max_len": 3}}, "'reward.max_len'", "'max_length'"),
+    ({"system": "synthetic", "reward": {"template": {"max_lenght": 3}}}, "'reward.template.max_lenght'",
+     "'truncation_side'"),
+    ({"system": "synthetic", "reward": {"amp": "fp8"}}, "reward.amp must be 'auto', 'bf16' or 'none'", "'fp8'"),
+    ({"system": "synthetic", "reward": {"lora": {"rank": 4}}}, "'reward.lora.rank'", "'alpha'"),
+    ({"system": "synthetic", "reward": {"seed": 4}}, "reward.seed: the reward model's seed is loop.seed", ""),
+    ({"system": "synthetic", "reward": {"max_length": 64, "template": {"max_length": 32}}}, "reward.max_length",
+     "give one of them"),
     ({"system": "synthetic", "loop": {"iterations": -1}}, "loop.iterations", ">= 0"),
     ({"system": "synthetic", "loop": {"collect": {"strategy": "x"}}}, "collect.strategy", "'variables'"),
     ({"system": "synthetic", "loop": {"budget": {"max_usd": -2}}}, "budget.max_usd", ">= 0"),
@@ -52,6 +61,47 @@ def test_parse_config_errors(raw, key, allowed):
     with pytest.raises(ConfigError) as exc:
         run.parse_config(raw)
     assert key in str(exc.value) and allowed in str(exc.value), str(exc.value)
+
+
+# a value other than the default for every field of the reward engine's config (a new field fails the test below
+# until it is given one here, so nothing the engine takes is out of the YAML's reach)
+REWARD_VALUES = {"architecture": "encoder", "pooling": "mean", "prefix_sharing": False, "shared_prefix_kernel": False,
+                 "token_budget": 2048, "max_rows": 64, "amp": "bf16", "score_amp": "none", "score_weights": "autocast",
+                 "token_cache_size": 1000, "attn_implementation": "eager", "packing": True, "pack_tokens": 512,
+                 "head_init_std": 0.05, "disable_dropout": False,
+                 "template": {"max_length": 77, "prefix_format": "{inputs}", "truncation_side": "right",
+                              "min_prefix_tokens": 2, "append_eos": True},
+                 "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["query"]}}
+
+
+def test_every_reward_model_setting_is_reachable_from_the_yaml():
+    assert set(REWARD_VALUES) == {f.name for f in dataclasses.fields(RewardModelConfig)} - {"seed"}
+    cfg = run.parse_config({"system": "synthetic", "reward": REWARD_VALUES, "loop": {"seed": 11}})
+    got = dataclasses.asdict(cfg.reward)
+    for name, value in REWARD_VALUES.items():
+        assert got[name] == value and value != dataclasses.asdict(RewardModelConfig())[name], name
+    assert isinstance(cfg.reward.template, TemplateConfig) and isinstance(cfg.reward.lora, LoraSettings)
+    assert cfg.reward.seed == 11  # one seed: the reward model's is loop.seed
+    # max_length is short for template.max_length; unset, the engine's one default applies
+    assert run.parse_config({"system": "synthetic", "reward": {"max_length": 64}}).reward.template.max_length == 64
+    assert run.parse_config({"system": "synthetic"}).reward.template.max_length == TemplateConfig().max_length
+
+
+def test_one_seed_drives_the_split_and_the_reward_model():
+    cfg = run.parse_config({"system": "synthetic", "loop": {"seed": 5}})
+    assert cfg.data["seed"] == 5 and cfg.reward.seed == 5 and cfg.loop.seed == 5
+    cfg = run.parse_config({"system": "synthetic", "data": {"seed": 2}, "loop": {"seed": 5}})
+    assert cfg.data["seed"] == 2 and cfg.reward.seed == 5  # an explicit split seed stays
+
+
+def test_build_hands_the_reward_settings_to_the_model():
+    cfg = run.parse_config({"system": "synthetic", "reward": {"max_length": 64, "score_amp": "none",
+                                                              "template": {"truncation_side": "right"}},
+                            "loop": {"seed": 3}})
+    _, _, rm, _ = run.build(cfg)
+    assert rm.config.template.max_length == 64 and rm.config.template.truncation_side == "right"
+    assert rm.config.score_amp == "none" and rm.config.seed == 3
+    assert rm.config is not cfg.reward  # the parsed config stays as parsed
 
 
 def test_invalid_config_file_exits_2_with_the_key(tmp_path, capsys):

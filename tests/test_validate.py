@@ -304,8 +304,9 @@ def test_sandbox_checks(kw, name):
 
 @pytest.mark.parametrize("data, reward, match", [
     ({"train": True}, {}, "data.train must be an int >= 1 (a size cap), a JSONL file path or null, got True"),
-    ({"seed": True}, {}, "data.seed must be an int, got True"),  # now refused
-    ({}, {"max_length": True}, "reward.max_length must be an int >= 16, got True"),
+    ({"seed": True}, {}, "data.seed must be an int or null (loop.seed), got True"),  # now refused
+    ({}, {"max_length": True}, "reward.max_length must be of type int, got True"),
+    ({}, {"max_length": 3}, "reward.max_length must be an int >= 4, got 3"),  # the engine's own bound
 ])
 def test_cli_sites(data, reward, match):
     _raises(lambda: parse_config({"system": "synthetic", "data": data, "reward": reward}), ConfigError,
