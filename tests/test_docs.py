@@ -70,7 +70,8 @@ class Block:
 
     @property
     def where(self) -> str:
-        return f"{self.path.relative_to(ROOT)}:{self.line}"
+        path = self.path.relative_to(ROOT) if self.path.is_relative_to(ROOT) else self.path
+        return f"{path}:{self.line}"
 
     @property
     def kind(self) -> str | None:
@@ -150,9 +151,11 @@ def _report_not_executed(request):
 # Runs in the child as `python -c`: the working directory is sys.path[0], as for a user's script. Blocks run in this
 # module's own namespace (__main__), so classes they define pickle and `if __name__ == "__main__":` holds.
 _RUNNER = r"""
-import json as _docs_json, os as _docs_os, subprocess as _docs_sp, sys as _docs_sys, traceback as _docs_tb
+import json as _docs_json, os as _docs_os, subprocess as _docs_sp, sys as _docs_sys, time as _docs_time
+import traceback as _docs_tb
+_docs_t0 = _docs_time.perf_counter()
 for _docs_i, _docs_b in enumerate(_docs_json.load(open(_docs_sys.argv[1]))):
-    print(f"\n@@docs-block {_docs_i} {_docs_b['where']}", flush=True)
+    print(f"\n@@docs-block {_docs_i} {_docs_b['where']} at {_docs_time.perf_counter() - _docs_t0:.1f} s", flush=True)
     if _docs_b["kind"] == "write":
         _docs_p = _docs_b["write"]
         _docs_os.makedirs(_docs_os.path.dirname(_docs_p) or ".", exist_ok=True)
@@ -173,17 +176,23 @@ for _docs_i, _docs_b in enumerate(_docs_json.load(open(_docs_sys.argv[1]))):
     finally:
         _docs_sys.stdout.flush()
         _docs_sys.stderr.flush()
-print("@@docs-done", flush=True)
+print(f"@@docs-done at {_docs_time.perf_counter() - _docs_t0:.1f} s", flush=True)
 """
 
 
 def _mirror_root(dest: Path) -> Path:
-    """A folder whose top-level entries are links to the checkout's (but .git): the repository root as blocks see it
-    (same importable names, same relative paths), with their outputs kept out of the checkout."""
+    """A folder whose top-level entries are links to the checkout's tracked ones: the repository root as blocks see
+    it (same importable names, same relative paths), with their outputs kept out of the checkout. Untracked entries
+    (a developer's runs/ or rm/) are left out, so a block writing there cannot write into the checkout."""
     dest.mkdir()
-    for entry in ROOT.iterdir():
-        if entry.name != ".git":
-            (dest / entry.name).symlink_to(entry)
+    try:
+        tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+        names = {p.split("/", 1)[0] for p in tracked.decode().split("\0") if p}
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout (an unpacked sdist): every entry
+        names = {e.name for e in ROOT.iterdir()}
+    for name in sorted(names - {".git"}):
+        if (ROOT / name).exists():
+            (dest / name).symlink_to(ROOT / name)
     return dest
 
 
@@ -214,7 +223,7 @@ def run_file(path: Path, cwd: Path, from_root: bool, tmp_path: Path) -> None:
     text = log.read_text(errors="replace")
     if rc == 0 and "@@docs-done" in text:
         return
-    started = re.findall(r"^@@docs-block (\d+) (\S+)$", text, re.M)
+    started = re.findall(r"^@@docs-block (\d+) (\S+) at ", text, re.M)
     where = started[-1][1] if started else path.name
     tail = text[text.rfind("@@docs-block"):] if started else text
     status = "timed out after %d s" % FILE_TIMEOUT_S if rc is None else f"exit status {rc}"
@@ -240,8 +249,8 @@ def test_collector_reads_fences_and_markers(tmp_path):
                   "<!-- write: cfg.yaml -->\n```yaml\na: 1\n```\n\n```text\nout\n```\n\n"
                   "<!-- repo-root: reads examples/ -->\n````sh\nls examples\n````\n")
     blocks = parse_blocks(md)
-    assert [(b.line, b.kind) for b in blocks] == [(4, "python"), (9, "shell"), (15, "shell"), (19, "write"),
-                                                  (23, None), (28, "shell")]
+    assert [(b.line, b.kind) for b in blocks] == [(4, "python"), (9, "shell"), (16, "shell"), (21, "write"),
+                                                  (25, None), (30, "shell")]
     assert blocks[0].skip == "needs a GPU" and blocks[1].skip == CI_BLOCKS["demo-command"]
     assert blocks[2].text == "echo hi\n" and blocks[2].skip is None
     assert blocks[3].write == "cfg.yaml" and blocks[3].text == "a: 1\n"
