@@ -8,6 +8,7 @@ fresh "image" environment the dry run installs into. Standard library only (it r
     python benchmarks/gpu_bundle.py image-env DIR                # the dry run's stand-in for the image (see image_env)
     python benchmarks/gpu_bundle.py host-wheels BUNDLE DIR       # the bundle's exact set, built for THIS Python
     python benchmarks/gpu_bundle.py same-set DIR1 DIR2           # exit 1 unless both hold the same name==version set
+    python benchmarks/gpu_bundle.py environment SITE OUT.json    # gpu_check.sh's imports step (see environment)
 
 Why host wheels: the bundle is CPython 3.12's and the machine that rehearses the check (gpu_check.sh --dry-run) may
 run another Python, with no CPU torch for 3.12 at hand. The rehearsal installs the same names at the same versions
@@ -25,9 +26,11 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import importlib
 import importlib.metadata as md
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
@@ -35,10 +38,11 @@ import tempfile
 import tomllib
 import zipfile
 
-try:  # present wherever pip is (vendored there too), but evaluated only when installed
+try:  # installed wherever the image's transformers is; without it markers count as true (see _marker_true)
     from packaging.markers import Marker
-except ImportError:  # pragma: no cover - see _marker_true
-    Marker = None
+    from packaging.specifiers import SpecifierSet
+except ImportError:  # pragma: no cover - only bare interpreters lack it
+    Marker = SpecifierSet = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -255,6 +259,58 @@ def host_wheels(bundle: str, directory: str, python: str = sys.executable) -> No
                     directory, *pins], check=True)
 
 
+# what the GPU check imports (gpu_check.sh's imports step): a module missing here fails the check before any test
+CHECK_MODULES = ["torch", "triton", "transformers", "tokenizers", "safetensors", "numpy", "pyarrow", "pytest",
+                 "pytest_benchmark", "hypothesis", "datasets", "trl", "optimas_fast", "optimas_fast._C",
+                 "optimas_fast.kernels.bt_loss", "optimas_fast.reward", "optimas_fast.ops"]
+
+
+def environment(site: str, image: dict[str, str] | None = None) -> tuple[dict, list[str]]:
+    """(record, problems) of the environment the check runs in: Python, each CHECK_MODULES module's version and file
+    (problem: one that does not import, or optimas_fast from anywhere but ``site``), the image's real versions
+    beside the assumed ones (a note, not a problem: the run itself shows whether they matter), and every requirement
+    of the installed bundle that the environment does not meet (a note too: pip was told --no-deps)."""
+    image = read_image_list() if image is None else image
+    rec: dict = {"python": platform.python_version(), "executable": sys.executable, "modules": {}}
+    problems = []
+    for m in CHECK_MODULES:
+        try:
+            mod = importlib.import_module(m)
+        except Exception as e:  # noqa: BLE001 - recorded and reported by name
+            problems.append(f"import {m} failed: {type(e).__name__}: {e}")
+            continue
+        rec["modules"][m] = {"version": getattr(mod, "__version__", None), "file": getattr(mod, "__file__", None)}
+    f = (rec["modules"].get("optimas_fast") or {}).get("file") or ""
+    if f and not os.path.realpath(f).startswith(os.path.realpath(site)):
+        problems.append(f"optimas_fast imported from {f}, not the installed copy in {site}")
+    found = {}
+    for name in image:
+        try:
+            found[name] = md.version(name)
+        except md.PackageNotFoundError:
+            found[name] = None
+    rec["image_versions_differing"] = {n: {"assumed": v, "found": found[n]} for n, v in sorted(image.items())
+                                       if found[n] is None or found[n].split("+")[0] != v.split("+")[0]}
+    unmet = []
+    env = {"python_version": f"{sys.version_info.major}.{sys.version_info.minor}", "extra": ""}
+    for dist in md.distributions(path=[site]):
+        for req in dist.requires or []:
+            spec, _, marker = req.partition(";")
+            if marker and ("extra" in marker or not _marker_true(marker, env)):
+                continue
+            m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*(\[[^\]]*\])?\s*\(?([^)]*)\)?", spec)
+            name, constraint = canonical(m.group(1)), m.group(3).strip()
+            try:
+                have = md.version(name)
+            except md.PackageNotFoundError:
+                unmet.append(f"{dist.metadata['Name']} {dist.version} needs {name} {constraint}: not installed")
+                continue
+            if constraint and SpecifierSet is not None and not SpecifierSet(constraint).contains(have, prereleases=True):
+                unmet.append(f"{dist.metadata['Name']} {dist.version} needs {name} {constraint}: found {have}")
+    rec["unmet_requirements"] = sorted(set(unmet))
+    return rec, problems
+
+
 def _marker_true(marker: str, env: dict) -> bool:
     """A small evaluator for the markers installed metadata carries, without the 'packaging' dependency: falls back
     to True (link it) when unsure: an extra link only hides a missing wheel if the bundle also lacks it AND the
@@ -282,6 +338,9 @@ def main(argv=None) -> int:
     h.add_argument("dir")
     c = sub.add_parser("same-set")
     c.add_argument("dirs", nargs=2)
+    v = sub.add_parser("environment")
+    v.add_argument("site")
+    v.add_argument("out")
     a = ap.parse_args(argv)
     if a.cmd == "standins":
         print("\n".join(make_standins(a.dir)))
@@ -312,6 +371,14 @@ def main(argv=None) -> int:
                   f"second {sorted(y - x)}", file=sys.stderr)
             return 1
         print(f"same-set: {len(x)} wheels, the same names and versions")
+    elif a.cmd == "environment":
+        rec, problems = environment(a.site)
+        with open(a.out, "w") as f:
+            json.dump({**rec, "problems": problems}, f, indent=1)
+        print(json.dumps(rec, indent=1))
+        for p in problems:
+            print(f"environment: {p}", file=sys.stderr)
+        return 1 if problems else 0
     return 0
 
 

@@ -157,20 +157,8 @@ step build 150 "pip install the source tree (builds optimas_fast._C)" \
     --target "$SITE" "$SRC" || finish
 rm -rf "$SRC/optimas_fast" "$SRC/kernels" "$SRC/csrc" "$SRC/build"  # tests import the installed copy only
 export PYTHONPATH="$SITE"
-step imports 60 "the modules the check needs import; versions -> environment.json" "$PY" -c "
-import importlib, json, platform, sys
-mods = ['torch', 'triton', 'transformers', 'tokenizers', 'safetensors', 'numpy', 'pytest', 'pytest_benchmark',
-        'hypothesis', 'datasets', 'trl', 'optimas_fast', 'optimas_fast._C', 'optimas_fast.kernels.bt_loss',
-        'optimas_fast.reward', 'optimas_fast.ops']
-env = {'python': platform.python_version(), 'executable': sys.executable, 'dry_run': bool($DRY), 'modules': {}}
-for m in mods:
-    mod = importlib.import_module(m)
-    env['modules'][m] = getattr(mod, '__version__', None) or getattr(mod, '__file__', '')
-    if m == 'optimas_fast' and not mod.__file__.startswith('$SITE'):
-        sys.exit(f'optimas_fast imported from {mod.__file__}, not the installed copy in $SITE')
-json.dump(env, open('$OUT/environment.json', 'w'), indent=1)
-print(json.dumps(env, indent=1))
-" || finish
+step imports 60 "every module the check needs imports; versions (and the image's, vs assumed) -> environment.json" \
+    "$PY" "$SRC/benchmarks/gpu_bundle.py" environment "$SITE" "$OUT/environment.json" || finish
 
 cd "$SRC"
 GPU_FILES=(tests/test_gpu_*.py)

@@ -194,6 +194,16 @@ def markdown(r: dict) -> str:
              f"commit {m.get('git_rev', '?')}; {m.get('time_utc', '')}; Python {env.get('python', '?')}", ""]
     if r["problems"]:
         lines += ["## Problems", ""] + [f"- {p}" for p in r["problems"]] + [""]
+    if env:
+        diff = env.get("image_versions_differing") or {}
+        lines += ["## Environment", "", f"Python {env.get('python')} ({env.get('executable')}). Requirements of the "
+                  "installed bundle this environment does not meet (pip installed --no-deps; the model packages and "
+                  "matplotlib stay behind on purpose, gpu_bundle.py EXCLUDED):", ""]
+        lines += [f"- {u}" for u in env.get("unmet_requirements") or ["none"]]
+        lines += ["", f"Image packages whose version differs from benchmarks/gpu_image_packages.txt ({len(diff)}):",
+                  ""]
+        lines += [f"- {n}: assumed {d['assumed']}, found {d['found']}" for n, d in sorted(diff.items())] or ["- none"]
+        lines.append("")
     lines += ["## Steps", "", "| step | exit | seconds | limit | note |", "|---|---|---|---|---|"]
     lines += [f"| {s['name']} | {s['rc']} | {s['seconds']} | {s['limit']} | {s['note']} |" for s in r["steps"]]
     t = r["gpu_tests"]
