@@ -74,7 +74,10 @@ def _cmd_eval(args) -> int:
     if best_of:
         run_state = load_run_state(target)
         rm.load_state(target / run_state["lrf_checkpoint"])  # the LRF as the run left it
-        evaluated = BestOfN(system, rm, best_of, temperature=args.best_of_temperature)
+        try:
+            evaluated = BestOfN(system, rm, best_of, temperature=args.best_of_temperature)
+        except ValueError as exc:  # e.g. the temperature: one line naming the option, exit 2
+            raise ConfigError(f"--best-of-temperature {args.best_of_temperature}: {exc}") from None
     examples = getattr(split, args.split)
     stats: dict = {}
     scores = evaluate_with_bar(evaluated, examples, desc=f"eval ({args.split})", workers=cfg.loop.val_workers,

@@ -220,5 +220,7 @@ def test_cli_eval_best_of_specs(tmp_path, monkeypatch, capsys):
                         ("nope=2", "no component 'nope'")]:
         assert cli.main(["eval", str(out), "--best-of", bad, "--no-progress"]) == 2
         assert needle in capsys.readouterr().err
+    assert cli.main(["eval", str(out), "--best-of", "2", "--best-of-temperature", "0", "--no-progress"]) == 2
+    assert "--best-of-temperature 0.0: temperature must be a number in (0, 2], got 0.0" in capsys.readouterr().err
     assert cli.main(["eval", "examples/own_pipeline.yaml", "--best-of", "2", "--no-progress"]) == 2
     assert "run directory" in capsys.readouterr().err
