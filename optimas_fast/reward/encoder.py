@@ -632,6 +632,12 @@ class Encoder:
             self._cast_backbone = (key, copy_)
         return self._cast_backbone[1], contextlib.nullcontext()
 
+    def release_score_copy(self) -> None:
+        """Free the bf16 scoring copy of the backbone (``score_weights="cast"``). The trainer calls it before each
+        step: the step changes the weights, so the copy would be re-made at the next score anyway, and holding it
+        through the step's forward and backward only adds its size to the peak (SmolLM2-135M: 270 MB)."""
+        self._cast_backbone = None
+
     def _run(self, backbone: nn.Module, **kw):
         t0 = time.perf_counter()
         out = backbone(**kw)

@@ -279,11 +279,15 @@ class Trainer:
         for g in self.optimizer.param_groups:
             g["lr"] = g["base_lr"] * self.lr_factor(self.step)
         self.encoder.net.train()
+        # memory: last step's gradients and the bf16 scoring copy (stale after this step) are freed before the
+        # forward, not after it, so neither sits beside this step's activations (benchmarks/RESULTS.md, "Where
+        # reward training's memory goes": SmolLM2-135M, 540 MB of gradients and a 270 MB copy)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.encoder.release_score_copy()
         with self.encoder.autocast(inference=False):
             loss = self._wrapped()(shard, w_shard, mu, divisor, self.cfg.center)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}; lower lr or check data")
-        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
