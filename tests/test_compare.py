@@ -101,6 +101,8 @@ def test_every_method_runs_within_an_equal_budget_counted_independently(tmp_path
         assert all(x <= BUDGET for x, _ in cell["curve"])
         assert [y for _, y in cell["curve"]] == sorted(y for _, y in cell["curve"])  # best-so-far never drops
     assert cells["unoptimized"]["metric_calls"] == 0
+    # GEPA reflected (its proposer reached the reflection LM) and measured candidates on the validation set
+    assert cells["gepa"]["info"]["reflections"] > 0 and cells["gepa"]["info"]["val_evals"] >= 1
     # the budget binds: every optimizing method spent all of it and says it stopped there
     for method in ("optimas", "gepa", "global", "random"):
         assert cells[method]["metric_calls"] == BUDGET, method

@@ -50,6 +50,10 @@ def _key(example: Any) -> str:
 class SystemAdapter:
     """GEPA's adapter protocol over a ``System`` (module docstring)."""
 
+    # the protocol's optional hook, read by GEPA's reflective proposer: None = GEPA's own instruction proposal
+    # (the reflection LM rewrites each component's text from its reflective records)
+    propose_new_texts = None
+
     def __init__(
         self,
         system: System,
