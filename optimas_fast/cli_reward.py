@@ -22,8 +22,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from optimas_fast._io import iter_jsonl
 
@@ -153,7 +154,8 @@ def _cmd_train(a) -> int:
     m = result.metrics
     report: dict[str, Any] = {
         "pairs_used": m["pairs_used"], "pairs_dropped": m["pairs_dropped"], "pairs_truncated": m["pairs_truncated"],
-        "steps": m["steps"], "pairs_per_s": m["pairs_per_s"], "final_loss": m["final_loss"], "train_loss": m["train_loss"],
+        "steps": m["steps"], "pairs_per_s": m["pairs_per_s"], "final_loss": m["final_loss"],
+        "train_loss": m["train_loss"],
         "epochs": m["epoch"], "seconds": time.perf_counter() - t0, "components": trainer.model.components,
         "margin_kind": trainer.margin_kind, "overlong": a.overlong, "out": str(out),
         "last_checkpoint": last_checkpoint(out), "resumed_from": ckpt if a.resume else None,
@@ -280,7 +282,7 @@ def _cmd_score(a) -> int:
         if len(pairs) != len(pair_rows):
             raise ValueError(f"--data {data}: {len(pair_rows) - len(pairs)} pair row(s) carry no preference (ties) "
                              "and cannot be scored as pairs")
-        for i, p in zip(pos, pairs):
+        for i, p in zip(pos, pairs, strict=True):
             if p.component not in model.components:
                 raise ValueError(f"{rows[i][0]}: field 'component': {p.component!r} has no head (known: "
                                  f"{model.components})")
@@ -290,7 +292,7 @@ def _cmd_score(a) -> int:
     scores = model.score(requests).tolist()  # the scheduler path: dedupe, token-budget batches, prefix sharing
     dt = time.perf_counter() - t0
     out_rows = [dict(r) for _, r in rows]
-    for (i, key), s in zip(req_of, scores):
+    for (i, key), s in zip(req_of, scores, strict=True):
         out_rows[i][key] = s
     from optimas_fast._io import atomic_write_text
 
@@ -355,7 +357,8 @@ def add_reward_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=_positive(int), help="per_device_train_batch_size")
     t.add_argument("--max-length", type=_positive(int), help="max_length (tokens per row)")
     t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast training (default: the engine's: bf16 on CUDA and on CPUs with native bf16 matmul, "
+                   help="bf16 autocast training (default: the engine's: bf16 on CUDA and on CPUs with native bf16 "
+                        "matmul, "
                         "else fp32)")
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     t.add_argument("--overlong", default="drop", **overlong)

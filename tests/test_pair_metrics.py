@@ -24,13 +24,13 @@ WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu x
 def _reference(rc, rr, mu, center):
     """The documented definitions, one pair at a time in plain Python."""
     hits, losses = [], []
-    for c, r, m in zip(rc, rr, mu):
+    for c, r, m in zip(rc, rr, mu, strict=True):
         hits.append(1.0 if c > r else 0.5 if c == r else 0.0)
         d = c - r - m
         losses.append(math.log1p(math.exp(-d)) + center * (c + r) ** 2)  # -log sigmoid(d); |d| small here
     n = len(hits)
     return {"n_pairs": n, "accuracy": sum(hits) / n, "loss": sum(losses) / n,
-            "margin": sum(c - r for c, r in zip(rc, rr)) / n}
+            "margin": sum(c - r for c, r in zip(rc, rr, strict=True)) / n}
 
 
 def test_pair_metrics_matches_its_definition(seed):
@@ -41,7 +41,7 @@ def test_pair_metrics_matches_its_definition(seed):
     comps = [rng.choice("ab") for _ in range(n)]
     mu = [rng.uniform(0, 1) for _ in range(n)]
     center = rng.uniform(0, 0.5)
-    assert any(c == r for c, r in zip(rc, rr))
+    assert any(c == r for c, r in zip(rc, rr, strict=True))
     got = pair_metrics(torch.tensor(rc, dtype=torch.float64), rr, comps, margin=mu, center=center)  # tensor or list
     want = _reference(rc, rr, mu, center)
     for k in ("accuracy", "loss", "margin"):

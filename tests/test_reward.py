@@ -20,6 +20,7 @@ from optimas_fast.reward import (
 from optimas_fast.render import REWARD_INPUT_CHARS, REWARD_OUTPUT_CHARS, format_fields
 from optimas_fast.reward import attention
 from optimas_fast.reward import encoder as encoder_mod
+from optimas_fast.reward import schedules
 from optimas_fast.reward.checkpoint import stable_parameters
 from optimas_fast.reward.template import TokenCache, batch_token_ids, plain_backend
 
@@ -313,27 +314,32 @@ def test_adapt_keeps_optimizer_state_and_bounds_replay(tokenizer, seed):
     rng = random.Random(seed)
     rm = make_model("decoder", tokenizer, seed, components=("a", "b"))
     rm.train(separable_pairs(rng, 6), epochs=1, lr=1e-3, batch_pairs=4, replay_size=5)
-    tr, opt, step0 = rm.trainer, rm.trainer.optimizer, rm.trainer.step
+    tr, opt, step0 = rm.trainer, rm.trainer.optimizer, rm.trainer.global_step
     p0 = next(iter(opt.state))
     moment = opt.state[p0]["exp_avg"].clone()
     adam_step = float(opt.state[p0]["step"])
     fresh = separable_pairs(rng, 3, comps=("b",))
-    hist = rm.adapt(fresh, steps=3, batch_pairs=4)
+    hist = rm.adapt(fresh, steps=3, batch_pairs=4, replay_size=5)
     assert rm.trainer is tr and tr.optimizer is opt  # not a fresh trainer per call
-    assert tr.step == step0 + 3 and float(opt.state[p0]["step"]) == adam_step + 3
+    assert tr.global_step == step0 + 3 and float(opt.state[p0]["step"]) == adam_step + 3
     assert not torch.equal(opt.state[p0]["exp_avg"], moment)
     assert all(h["replay"] > 0 for h in hist)  # replay drawn from earlier pairs
-    assert all(len(buf) <= 5 for buf in tr.replay.values()) and "b" in tr.replay
+    assert all(len(buf) <= 5 for buf in rm.loops.replay.values()) and "b" in rm.loops.replay
 
 
-def test_linear_schedule_persists_across_calls(tokenizer, seed):
+def test_each_loop_owns_its_schedule(tokenizer, seed):
+    """train() runs its schedule over its own steps (schedules.py: warm-up from 0, decay to min_lr_ratio, heads at
+    20x); a later adapt() runs at its own constant lr, whatever train() was told."""
     rm = make_model("encoder", tokenizer, seed, components=("a",))
     pairs = [PreferencePair("a", f"in {i}", "good", "bad", 1.0) for i in range(8)]
-    rm.train(pairs, epochs=2, lr=1e-3, batch_pairs=4, schedule="linear", min_lr_ratio=0.25, warmup_steps=1)
-    assert rm.trainer.step == 4 and rm.trainer.horizon == 4
-    rm.adapt(pairs[:2], steps=1)
-    # past the horizon adapt() runs at the floor of the schedule, not at a restarted peak
-    assert rm.trainer.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.25)
+    hist = rm.train(pairs, epochs=2, lr=1e-3, batch_pairs=4, schedule="linear", min_lr_ratio=0.25, warmup_steps=1)
+    want = [1e-3 * schedules.lr_factor("linear", i, 1, 4, 0.25) for i in range(4)]
+    assert [h["lr"] for h in hist] == pytest.approx(want, rel=1e-12) and want[0] == 0.0
+    assert rm.trainer.global_step == 4
+    assert rm.trainer.optimizer.param_groups[1]["lr"] == pytest.approx(20 * want[-1], rel=1e-12)
+    a = rm.adapt(pairs[:2], steps=1, lr=3e-4)
+    assert a[0]["lr"] == 3e-4 and rm.trainer.optimizer.param_groups[0]["lr"] == 3e-4
+    assert rm.loops.config == TrainConfig()  # neither call changed the model's defaults
 
 
 def test_margin_options_reach_the_loss(tokenizer, seed):

@@ -29,7 +29,7 @@ def test_v1_checkpoint_loads_scores_and_trains_on(kind):
     rm = RewardModel.load(os.path.join(FIXTURE, kind), device="cpu")
     assert rm.components == ["first", "second"] and rm.is_encoder == (kind == "bert")
     assert rm.config.template.append_eos is False  # the layout it was trained with
-    assert rm.trainer is not None and rm.trainer.step == 2
+    assert rm.trainer.global_step == 2
     torch.testing.assert_close(rm.score(rows), torch.tensor(exp["scores"]), atol=ATOL, rtol=RTOL)
     # the recorded losses are fp32 training's, which amp="auto" meant on every CPU when the fixture was written
     # (it is bf16 on native-bf16 CPUs now)
@@ -37,7 +37,7 @@ def test_v1_checkpoint_loads_scores_and_trains_on(kind):
     hist = rm.adapt([PreferencePair(*p) for p in EXPECTED["more_pairs"]], steps=2, batch_pairs=4)
     torch.testing.assert_close(torch.tensor([h["loss"] for h in hist]), torch.tensor(exp["adapt_losses"]),
                                atol=ATOL, rtol=RTOL)
-    assert rm.trainer.step == exp["step_after_adapt"]
+    assert rm.trainer.global_step == exp["step_after_adapt"]
     torch.testing.assert_close(rm.score(rows), torch.tensor(exp["scores_after_adapt"]), atol=ATOL, rtol=RTOL)
     # the continued training moved the scores (the comparison above could fail)
     assert not torch.allclose(torch.tensor(exp["scores"]), torch.tensor(exp["scores_after_adapt"]), atol=1e-3)

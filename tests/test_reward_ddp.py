@@ -56,7 +56,7 @@ def _train(rm, pairs):
 
 def _save_rank0(info, rm, state, out: str) -> None:
     if info.rank == 0:
-        torch.save({"state": state, "step": rm.trainer.step, "ddp": rm.trainer._ddp is not None}, out)
+        torch.save({"state": state, "step": rm.trainer.global_step, "ddp": rm.trainer._ddp is not None}, out)
 
 
 def _worker(rank: int, init_file: str, seed: int, out: str) -> None:
@@ -92,7 +92,7 @@ def test_ddp_two_ranks_match_single_process(launcher, seed, tmp_path):
     rm, pairs = _setup(seed)
     single = _train(rm, pairs)
     ddp = torch.load(out)
-    assert ddp["ddp"] and ddp["step"] == rm.trainer.step  # the ranks really ran under DDP
+    assert ddp["ddp"] and ddp["step"] == rm.trainer.global_step  # the ranks really ran under DDP
     init, _ = _setup(seed)
     moved = 0.0
     for k, v in single.items():

@@ -6,12 +6,21 @@ import math
 import random
 
 import pytest
+import test_reward
 import torch
+from test_reward import make_model, separable_pairs, words
 
 from optimas_fast.preference import pair_weights as preference_pair_weights
-from optimas_fast.reward import PreferencePair, RewardModelConfig, RewardModel, TemplateConfig, TrainReport, pair_weights
-from test_reward import make_model, separable_pairs, words  # noqa: F401  (the tokenizer fixture too)
-from test_reward import tokenizer  # noqa: F401
+from optimas_fast.reward import (
+    PreferencePair,
+    RewardModel,
+    RewardModelConfig,
+    TemplateConfig,
+    TrainReport,
+    pair_weights,
+)
+
+tokenizer = test_reward.tokenizer  # MiniLM's tokenizer: test_reward's module-scoped fixture
 
 
 # ------------------------------------------------------------------------------------------------ bf16
@@ -86,7 +95,8 @@ def test_trainer_weights_pairs_with_pair_weights(tokenizer, seed):
     pairs = [PreferencePair("a", f"q {i} " + words(rng, 2, 6), words(rng, 1, 4) + " yes", words(rng, 1, 4) + " no",
                             rng.uniform(0.01, 2.0)) for i in range(6)]
     rm = make_model("encoder", tokenizer, seed, components=("a",))
-    s = rm.score([(p.component, p.inputs, p.chosen) for p in pairs] + [(p.component, p.inputs, p.rejected) for p in pairs])
+    s = rm.score([(p.component, p.inputs, p.chosen) for p in pairs]
+                 + [(p.component, p.inputs, p.rejected) for p in pairs])
     nll = -torch.nn.functional.logsigmoid(s[:6] - s[6:]).double()  # (B,)
     w = torch.tensor(pair_weights([p.margin for p in pairs], 0.05), dtype=torch.float64)
     loss = rm.train(pairs, epochs=1, lr=1e-3, batch_pairs=6, group_by_input=False)[0]["loss"]
@@ -121,7 +131,7 @@ def test_overlong_policies_and_the_train_report(tokenizer, seed):
     hist = rm.train(pairs, epochs=1, lr=1e-3, batch_pairs=64, overlong="drop")
     rep = rm.last_train_report
     assert (rep.pairs_used, rep.pairs_dropped, rep.pairs_truncated) == (n_ok, n_long, 0)
-    assert hist[0]["pairs"] == n_ok and all(not p.inputs.startswith("long") for buf in rm.trainer.replay.values()
+    assert hist[0]["pairs"] == n_ok and all(not p.inputs.startswith("long") for buf in rm.loops.replay.values()
                                             for p in buf)
     first = min(long_idx)
     with pytest.raises(ValueError, match=rf"pairs\[{first}\] is longer than max_length=40 with overlong='error': "
@@ -159,7 +169,7 @@ def test_packed_batches_equal_padded_scores_and_gradients(pooling, tokenizer, se
     l_pad = padded.train(pairs, epochs=1, lr=1e-3, batch_pairs=len(pairs))[0]["loss"]
     l_pack = packed.train(pairs, epochs=1, lr=1e-3, batch_pairs=len(pairs))[0]["loss"]
     assert l_pack == pytest.approx(l_pad, abs=1e-5)
-    for (n, a), (_, b) in zip(padded.net.named_parameters(), packed.net.named_parameters()):
+    for (n, a), (_, b) in zip(padded.net.named_parameters(), packed.net.named_parameters(), strict=True):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-3, msg=n)
 
@@ -175,7 +185,8 @@ def test_packing_needs_a_supported_backbone(tokenizer, seed):
 
     gpt2 = GPT2Model(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=512))
     cfg = RewardModelConfig(seed=seed, packing=True, architecture="decoder")
-    with pytest.raises(ValueError, match=r"config.packing=True needs a backbone of model_type .*got 'gpt2' \(decoder\)"):
+    with pytest.raises(ValueError,
+                       match=r"config.packing=True needs a backbone of model_type .*got 'gpt2' \(decoder\)"):
         RewardModel(gpt2, ["a"], tokenizer=tokenizer, config=cfg)
     with pytest.raises(ValueError, match="pack_tokens"):
         make_model("encoder", tokenizer, seed, packing=True, pack_tokens=0)
@@ -216,7 +227,7 @@ def test_decoder_packed_batches_equal_padded_scores_and_gradients(prefix_sharing
     l_pack = packed.train(pairs, epochs=1, lr=1e-3, batch_pairs=len(pairs))[0]["loss"]
     assert l_pack == pytest.approx(l_pad, abs=1e-5)
     n_grads = 0
-    for (n, a), (_, b) in zip(padded.net.named_parameters(), packed.net.named_parameters()):
+    for (n, a), (_, b) in zip(padded.net.named_parameters(), packed.net.named_parameters(), strict=True):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-3, msg=n)
             n_grads += 1

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from optimas_fast.reward import RewardModel
+from optimas_fast.reward import RewardModel, pair_weights
 from optimas_fast.reward.trl_trainer import RewardTrainer, last_checkpoint, warmup_steps_of
 from optimas_fast.trl import RewardConfig
 from optimas_fast.trl import RewardTrainer as TrlNameTrainer
@@ -205,27 +205,28 @@ def test_trainer_applies_the_schedule_and_trl_loss(tokenizer, tmp_path, seed):
         expected_lr.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    real_train = tr.model.train
+    real_step = tr.model.trainer.step
     seen = []
 
-    def spy(batch, **kw):
-        rc = tr.model.score([(p.component, p.inputs, p.chosen) for p in batch]).double()
-        rr = tr.model.score([(p.component, p.inputs, p.rejected) for p in batch]).double()
-        mu = torch.tensor([p.margin for p in batch], dtype=torch.float64)
+    def spy(batch, lr, **kw):  # the TRL face's loop calls the engine's one training step
+        s = tr.model.encoder.score_rows(batch.rows)[0].double()  # (2B,): chosen rows, then rejected rows
+        n = len(batch)
+        rc, rr = s[:n], s[n:]
+        mu = torch.tensor(batch.margins, dtype=torch.float64)
         by_hand = float(-F.logsigmoid(rc - rr - mu).mean() + center * ((rc + rr) ** 2).mean())
-        out = real_train(batch, **kw)
+        out = real_step(batch, lr, **kw)
         lrs = [g["lr"] for g in tr.model.trainer.optimizer.param_groups]
-        seen.append((by_hand, lrs, len(batch)))
+        seen.append((by_hand, lrs, n, list(batch.weights), batch.center))
         return out
 
-    tr.model.train = spy
+    tr.model.trainer.step = spy
     result = tr.train()
     assert result.global_step == 5 and tr.subtract_margin
     losses = [h["loss"] for h in tr.state["log_history"] if "loss" in h]
-    for step, ((by_hand, lrs, n), logged, lr) in enumerate(zip(seen, losses, expected_lr)):
-        assert n == 4
+    for step, ((by_hand, lrs, n, weights, c), logged, lr) in enumerate(zip(seen, losses, expected_lr, strict=True)):
+        assert n == 4 and weights == [1.0] * 4 and c == center  # TRL: uniform weights, the margin subtracted
         assert logged == pytest.approx(by_hand, rel=1e-5, abs=1e-6), step
-        assert all(g == pytest.approx(max(lr, 1e-38), rel=1e-12) for g in lrs), (step, lrs, lr)
+        assert all(g == pytest.approx(lr, rel=1e-12, abs=0.0) for g in lrs), (step, lrs, lr)  # 0 included, no hack
     assert expected_lr[0] == 0.0  # warm-up starts at 0, as in transformers
 
 
@@ -459,10 +460,15 @@ def test_optimas_format_trains_per_component_with_margin_weights(tokenizer, tmp_
     tr = make_trainer(tokenizer, seed, tmp_path, rows, max_steps=2, save_strategy="no")
     assert tr.margin_kind == "weight" and not tr.subtract_margin
     assert sorted(tr.model.components) == sorted({r["component"] for r in rows})
-    real_train, seen = tr.model.train, []
-    tr.model.train = lambda batch, **kw: seen.append(kw) or real_train(batch, **kw)
+    real_step, seen = tr.model.trainer.step, []
+    tr.model.trainer.step = lambda batch, lr, **kw: seen.append(batch) or real_step(batch, lr, **kw)
     assert tr.train().global_step == 2
-    assert [(kw["weighting"], kw["subtract_margin"]) for kw in seen] == [("margin", False)] * 2
+    gb = tr.global_batch
+    for k, batch in enumerate(seen):  # margin weights (the engine's pair_weights over the batch), nothing subtracted
+        margins = [tr.train_pairs[i].margin for i in tr._epoch_order(0)[k * gb:(k + 1) * gb]]
+        assert batch.margins is None and batch.center == 0.0
+        assert list(batch.weights) == pytest.approx(pair_weights(margins, 0.05, sum(margins) / len(margins)))
+    assert len(seen) == 2 and any(w != 1.0 for b in seen for w in b.weights)
     assert sorted({p.margin for p in tr.train_pairs}) == sorted({1.0 - r["score_rejected"] for r in rows})
 
 
@@ -474,6 +480,6 @@ def test_bf16_flag_trains_under_bf16_autocast(tokenizer, tmp_path, seed):
     tr.train()
     losses = [h["loss"] for h in tr.state["log_history"] if "loss" in h]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
-    assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.net.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.net.parameters(), strict=True))
     fp32 = make_trainer(tokenizer, seed, tmp_path / "fp32", rows, bf16=False, max_steps=1, save_strategy="no")
     assert fp32.model.config.amp == "none" and not fp32.model.uses_bf16(inference=False)

@@ -402,7 +402,7 @@ class Optimas:
             self.gaps[name] = (1 - cfg.gap_ema) * self.gaps.get(name, 0.0) + cfg.gap_ema * res.mean_gap
         adapt_loss = None
         if res.train_pairs:
-            hist = self.rm.adapt(res.train_pairs, steps=cfg.adapt_steps, lr=cfg.lr)
+            hist = self.rm.adapt(res.train_pairs, steps=cfg.adapt_steps, **self._train_kwargs())
             adapt_loss = hist[-1]["loss"]
         alignment, retrained = self._alignment(targets)
 

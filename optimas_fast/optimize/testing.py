@@ -96,7 +96,7 @@ def run_digest(result_system: System, history: list, rm: Any) -> dict:
 
     hist = strip(history)
     return {"variables": result_system.state_dict()["variables"], "history": hist, "lrf_sha256": h.hexdigest(),
-            "lrf_step": rm.trainer.step if rm.trainer is not None else 0}
+            "lrf_step": rm.trainer.global_step}
 
 
 def synthetic_config(seed: int, iterations: int):

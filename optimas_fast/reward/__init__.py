@@ -8,8 +8,9 @@ prefix-shared scoring of large candidate pools, checkpoints and DDP.
     rm.evaluate(held_out_pairs, candidates)        # accuracy, loss, alignment per component
     rm.save("ckpt/"); RewardModel.load("ckpt/")
 
-Parts (each depends only on those above it): data, template, config -> encoder -> trainer -> checkpoint ->
-model (the RewardModel facade).
+Parts (each depends only on those above it): data, template, config, schedules, metrics -> encoder -> trainer
+(Trainer.step, the one training step; TrainLoops: train / adapt) -> checkpoint -> model (the RewardModel facade)
+-> trl_trainer (the TRL-style RewardTrainer, another loop over Trainer.step).
 """
 from .checkpoint import describe as describe_checkpoint
 from .config import LoraSettings, RewardModelConfig
@@ -20,14 +21,15 @@ from .formats import LoadReport, PairFormatError, PairSet, load_pairs, save_pair
 from .metrics import spearman
 from .model import RewardModel
 from .template import TemplateConfig
-from .trainer import OVERLONG_POLICIES, TrainConfig, Trainer, TrainReport
+from .trainer import OVERLONG_POLICIES, PairBatch, StepReport, TrainConfig, Trainer, TrainLoops, TrainReport
 from .trl_trainer import RewardTrainer  # the TRL-style face; its arguments: optimas_fast.trl.RewardConfig
 
 __all__ = [
     "LoadReport", "PairFormatError", "PairSet", "load_pairs", "save_pairs",
     "DEFAULT_BACKBONE", "OVERLONG_POLICIES", "Candidate", "DistInfo", "Encoder", "LoraSettings", "PreferencePair",
     "RewardModelConfig", "RewardModel", "Rows", "ScoreReport", "ScoreRequest", "TemplateConfig", "TrainConfig",
-    "TrainReport", "Trainer", "backend_report", "cleanup_distributed", "cpu_has_native_bf16", "describe_checkpoint",
+    "TrainReport", "Trainer", "TrainLoops", "PairBatch", "StepReport", "backend_report", "cleanup_distributed",
+    "cpu_has_native_bf16", "describe_checkpoint",
     "init_distributed", "load_backbone", "pair_weights", "spearman",
     "RewardTrainer",
 ]

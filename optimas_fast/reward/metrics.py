@@ -8,12 +8,19 @@ and ``Trainer.step``'s per-component training accuracy all report it.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from optimas_fast import ops
+
+
+def pair_hits(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """(B,) float64: 1 where r+ > r-, 1/2 where r+ == r- (a tie), 0 where r+ < r-. The accuracy of pair_metrics
+    and of Trainer.step's per-component report is the mean of these."""
+    diff = r_chosen.double() - r_rejected.double()  # (B,)
+    return (diff > 0).double() + 0.5 * (diff == 0).double()
 
 
 def pair_metrics(r_chosen, r_rejected, components: Sequence[str] | None = None, margin=None,
@@ -45,7 +52,7 @@ def pair_metrics(r_chosen, r_rejected, components: Sequence[str] | None = None, 
     if components is not None and len(components) != n:
         raise ValueError(f"pair_metrics: components has {len(components)} names for {n} pairs")
     diff = rc - rr  # (B,)
-    hits = (diff > 0).double() + 0.5 * (diff == 0).double()  # (B,): 1 right, 1/2 tie, 0 wrong
+    hits = pair_hits(rc, rr)  # (B,): 1 right, 1/2 tie, 0 wrong
     loss = (ops.bt_loss(rc, rr, margin=mu, center=center, reduction="none") if n
             else torch.zeros(0, dtype=torch.float64))  # (B,)
 

@@ -10,14 +10,15 @@ The parts it joins depend only downward and never import it back:
     config.py     RewardModelConfig, LoraSettings
     template.py   text layout, token cache
     encoder.py    backbone + heads, tokenising (batched), planning (C++ scheduler), encoding, pooling, bf16 copy
-    trainer.py    Trainer (train / adapt, optimizer, replay) and evaluate, on an Encoder
-    checkpoint.py save / load through Encoder and Trainer state_dicts
+    trainer.py    Trainer.step (the one training step), TrainLoops (train / adapt: schedule, replay), evaluate
+    checkpoint.py save / load through Encoder and TrainLoops (+ Trainer) state_dicts
 """
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -25,10 +26,17 @@ from . import hf_export
 from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from .config import LoraSettings, RewardModelConfig, reward_config_from_dict, reward_config_to_dict
 from .encoder import (
-    DEFAULT_BACKBONE, Encoder, RewardNet, Rows, ScoreReport, backend_report, cpu_has_native_bf16, load_backbone,
+    DEFAULT_BACKBONE,
+    Encoder,
+    RewardNet,
+    Rows,
+    ScoreReport,
+    backend_report,
+    cpu_has_native_bf16,
+    load_backbone,
 )
 from .template import Tokenised
-from .trainer import Trainer, TrainReport, evaluate
+from .trainer import Trainer, TrainLoops, TrainReport, evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -48,10 +56,15 @@ class RewardModel:
         tokenizer: the backbone's tokenizer (required when ``backbone`` is a module).
         config: RewardModelConfig.
         device: where the backbone runs (default: CUDA if available, else CPU).
+
+    Training: ``train`` and ``adapt`` are loops (``self.loops``, trainer.TrainLoops) over the one training step
+    ``self.trainer.step``, as is the TRL-style ``RewardTrainer``. Their defaults are ``self.loops.config`` (a
+    TrainConfig, saved in checkpoints); a call's keyword overrides apply to that call alone.
     """
 
     def __init__(self, backbone: Any = DEFAULT_BACKBONE, components: Sequence[str] | Mapping[str, str] = (),
-                 tokenizer: Any = None, config: RewardModelConfig | None = None, device: str | torch.device | None = None):
+                 tokenizer: Any = None, config: RewardModelConfig | None = None,
+                 device: str | torch.device | None = None):
         config = config if config is not None else RewardModelConfig()
         if not isinstance(config, RewardModelConfig):
             raise TypeError(f"config must be a RewardModelConfig, got {type(config).__name__}")
@@ -60,7 +73,10 @@ class RewardModel:
             backbone, loaded_tok = load_backbone(backbone)
             tokenizer = tokenizer if tokenizer is not None else loaded_tok
         self.encoder = Encoder(backbone, tokenizer, config, device)
-        self.trainer: Trainer | None = None  # created by train()/adapt(): optimizer, LR position, replay buffers
+        # the training step (optimizer, steps taken), shared by every loop over this model; the engine's own loops
+        # (train / adapt: their default settings, data-order RNG, replay buffers)
+        self.trainer = Trainer(self.encoder)
+        self.loops = TrainLoops(self.trainer, seed=config.seed + 1)
         self.last_report: ScoreReport | None = None
         items = components.items() if isinstance(components, Mapping) else ((c, c) for c in components)
         for name, desc in items:
@@ -121,28 +137,25 @@ class RewardModel:
         return scores, report
 
     # ---------------------------------------------------------------------------------- training facade
-    def _get_trainer(self) -> Trainer:
-        if self.trainer is None:
-            self.trainer = Trainer(self.encoder, seed=self.config.seed + 1)
-        return self.trainer
-
     def train(self, pairs, epochs: int = 1, lr: float | None = None, overlong: str = "truncate_prefix",
               **overrides) -> list[dict]:
-        """Initial training on preference pairs (see ``trainer.TrainConfig`` for the keyword overrides).
+        """Initial training on preference pairs. Settings: ``self.loops.config`` (a ``trainer.TrainConfig``) with
+        the keyword overrides on top, for this call only.
 
         overlong: pairs longer than ``config.template.max_length``: "truncate_prefix" (default: the inputs are
         cut to fit), "drop" (left out, counted) or "error" (ValueError naming the pair and its lengths).
         Returns a list of per-step dicts (loss, pairs, seconds); ``last_train_report`` has the totals."""
-        return self._get_trainer().train(pairs, epochs=epochs, lr=lr, overlong=overlong, **overrides)
+        return self.loops.train(pairs, epochs=epochs, lr=lr, overlong=overlong, **overrides)
 
     @property
     def last_train_report(self) -> TrainReport | None:
         """What the last ``train()`` did: pairs used / dropped / truncated, steps, seconds, pairs/s, final loss."""
-        return self.trainer.last_report if self.trainer is not None else None
+        return self.loops.last_report
 
     def adapt(self, pairs, steps: int = 1, **overrides):
-        """Online adaptation: a few steps on fresh pairs + per-component replay, optimizer state kept."""
-        return self._get_trainer().adapt(pairs, steps=steps, **overrides)
+        """Online adaptation: ``steps`` steps at a constant lr on fresh pairs + per-component replay, the
+        optimizer's moments kept; settings as ``train``'s (``self.loops.config`` + this call's overrides)."""
+        return self.loops.adapt(pairs, steps=steps, **overrides)
 
     def evaluate(self, pairs, candidates=None, subtract_margin: bool = False, center: float = 0.0) -> dict:
         """Per-component pairwise accuracy (ties count half), loss, margin and alignment on held-out data (see
@@ -152,17 +165,19 @@ class RewardModel:
     # ------------------------------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> None:
         """Atomic checkpoint: weights (safetensors), optimizer tensors (safetensors), config/heads/trainer (JSON)."""
-        save_checkpoint(path, self.encoder, self.trainer, self.config)
+        trained = self.trainer.optimizer is not None or self.trainer.global_step > 0 or bool(self.loops.replay)
+        save_checkpoint(path, self.encoder, self.loops if trained else None, self.config)
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint into this model (same backbone architecture, else ValueError)."""
         trainer_state = load_checkpoint(path, self.encoder)
-        self.trainer = None
+        self.trainer = Trainer(self.encoder)
+        self.loops = TrainLoops(self.trainer, seed=self.config.seed + 1)
         if trainer_state is not None:
-            self._get_trainer().load_state_dict(trainer_state)
+            self.loops.load_state_dict(trainer_state)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> "RewardModel":
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> RewardModel:
         """Rebuild a model from a checkpoint directory alone (backbone config + tokenizer are stored in it)."""
         from transformers import AutoModel, AutoTokenizer
 
@@ -182,7 +197,7 @@ class RewardModel:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        config: RewardModelConfig | None = None) -> "RewardModel":
+                        config: RewardModelConfig | None = None) -> RewardModel:
         """Load an ``export_hf`` directory, or a plain HF decoder ``*ForSequenceClassification`` reward model
         (its score layer becomes the heads; template ``"{inputs}"`` unless ``config`` says otherwise)."""
         return hf_export.load_pretrained(path, build=cls, config=config if config is not None else RewardModelConfig(),

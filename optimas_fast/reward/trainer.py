@@ -1,18 +1,26 @@
 """Training, online adaptation and held-out evaluation of a reward Encoder (backbone + heads).
 
-One optimisation step on a batch of preference pairs:
+One training primitive, ``Trainer.step(batch, lr) -> StepReport``, under every training loop:
 
-    chosen + rejected rows (prepared once per train() call: tokenised in batched calls, truncation applied)
+    PairBatch: chosen + rejected rows (prepared by the loop: tokenised in batched calls, truncation applied),
+    pair weights, subtracted margins, centering
         --scheduler--> dedupe (a candidate shared by several pairs is encoded once) + prefix-group batches
         (the pair's input prefix is encoded once on decoders)
         --backbone, one call per planned batch (chosen and rejected together)--> unique states (U, H)
         --gather--> h_chosen (B, H), h_rejected (B, H) --ops.fused_head_bt_loss--> loss --> AdamW
 
-The trainer depends on the encoder only (never on RewardModel). Its optimizer state, learning-rate position,
-RNG and per-component replay buffers persist across ``train``/``adapt`` calls and go into checkpoints through
-``state_dict``/``load_state_dict``. Heads added or removed on the encoder are noticed through
-``Encoder.heads_version`` at the next step: the optimizer is rebuilt over the current parameters, keeping
-the moments of those that remain, and a removed component's replay buffer is dropped.
+The step applies the loss and the optimizer and nothing else: the learning rate, weight decay and clipping are
+arguments of each call, so no loop's settings leak into another's. The loops over it, each owning its data
+order, schedule (schedules.py) and settings:
+
+- ``TrainLoops.train`` / ``TrainLoops.adapt``: ``RewardModel.train`` (epochs over pairs) and ``RewardModel.adapt``
+  (a few steps on fresh pairs plus per-component replay), with the model's ``TrainConfig`` as defaults and a
+  call's keyword overrides applied to that call alone;
+- ``trl_trainer.RewardTrainer.train``: TRL's names, steps and schedule (also ``optimas-fast reward train``).
+
+The Trainer keeps the optimizer (its moments persist across calls and loops, as one model's state) and the count
+of steps taken; heads added or removed on the encoder are noticed through ``Encoder.heads_version`` at the next
+step: the optimizer is rebuilt over the current parameters, keeping the moments of those that remain.
 
 Multi-process: when ``torch.distributed`` is initialised (``torchrun``; see distributed.py) each rank takes a
 contiguous shard of every global batch and the backbone runs under DistributedDataParallel. Each rank's loss is its
@@ -24,9 +32,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Sequence
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,10 +44,10 @@ import torch.nn as nn
 from optimas_fast import ops
 from optimas_fast._validate import check_int
 
+from . import schedules
 from .data import PreferencePair, as_candidates, as_pairs, pair_weights
 from .encoder import Encoder, Rows
-from . import schedules
-from .metrics import grouped_spearman, pair_metrics
+from .metrics import grouped_spearman, pair_hits, pair_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +61,265 @@ def _can_fuse(params) -> bool:
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
+def _world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ------------------------------------------------------------------------------------------------ the step
+@dataclass
+class PairBatch:
+    """One optimizer step's pairs, as the loss sees them (a loop builds it; ``Trainer.step`` consumes it)."""
+
+    rows: Rows  # 2B prepared rows: the B chosen rows, then the B rejected rows (pair_rows)
+    weights: Sequence[float]  # (B,) pair weights >= 0: the loss is their weighted mean
+    margins: Sequence[float] | None = None  # (B,) subtracted inside the log-sigmoid (TRL's margin), or None
+    center: float = 0.0  # lambda of lambda * (r+ + r-)^2 (reward centering)
+
+    def __len__(self) -> int:
+        return len(self.rows) // 2
+
+
+@dataclass
+class StepReport:
+    """What one ``Trainer.step`` did (global over ranks under torchrun)."""
+
+    loss: float  # the batch's loss before the update
+    accuracy: dict[str, float]  # per component: metrics.pair_hits on the batch's scores before the update
+    grad_norm: float  # global gradient norm before clipping
+    tokens: int  # tokens pushed through the backbone (padding included; this rank's under torchrun)
+    pairs: int  # pairs in the batch
+    lr: float  # the backbone's learning rate of this step
+    seconds: float  # wall time of the step
+
+
+class _PairLoss(nn.Module):
+    """The loss of one (shard of a) batch as a module, so DDP can wrap it: forward encodes the unique rows
+    through the encoder's backbone (shared-prefix or independent, as planned) and applies the fused loss."""
+
+    def __init__(self, encoder: Encoder):
+        super().__init__()
+        self.net = encoder.net
+        self._encoder = (encoder,)  # a tuple keeps the (non-Module) encoder out of the module tree
+
+    def forward(self, rows: Rows, weights: Sequence[float], margins: Sequence[float] | None, divisor: float | None,
+                center: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(loss, r_chosen, r_rejected, tokens) of the pairs whose chosen rows are ``rows[:B]`` and rejected rows
+        ``rows[B:]``: the weighted mean loss (divisor None), or the row sum / divisor (DDP shards); the (B,)
+        scores are detached (for the step's accuracy)."""
+        enc = self._encoder[0]
+        n = len(rows) // 2
+        plan = enc.plan(rows)
+        h, tokens = enc.encode_planned(rows, plan, inference=False)  # (U, H) in plan.rows order
+        dev = h.device
+        idx = torch.from_numpy(plan.request_row).to(dev)  # (2B,)
+        h_c, h_r = h.index_select(0, idx[:n]), h.index_select(0, idx[n:])  # (B, H) each
+        head_ids = torch.from_numpy(rows.head_ids[:n]).to(dev)  # (B,)
+        W, b = self.net.stacked_heads()  # (C, H), (C,)
+        w = torch.tensor(list(weights), dtype=torch.float32, device=dev)  # (B,)
+        mu = torch.tensor(list(margins), dtype=torch.float32, device=dev) if margins is not None else None  # (B,)
+        if divisor is None:
+            loss = ops.fused_head_bt_loss(h_c, h_r, head_ids, W, b, weight=w, margin=mu, center=center)
+        else:
+            loss = ops.fused_head_bt_loss(h_c, h_r, head_ids, W, b, weight=w, margin=mu, center=center,
+                                          reduction="sum") / divisor
+        with torch.no_grad():  # the scores again for the accuracy: two (B, H) x H products, no graph
+            Wd, bd = W.detach(), b.detach()
+            r_c = ops.multihead_score(h_c.detach().float(), head_ids, Wd, bd)  # (B,)
+            r_r = ops.multihead_score(h_r.detach().float(), head_ids, Wd, bd)  # (B,)
+        return loss, r_c, r_r, tokens
+
+
+def pair_rows(encoder: Encoder, pairs: Sequence[PreferencePair], check_fit: bool = True) -> Rows:
+    """2B prepared rows: the chosen outputs of ``pairs`` first, then the rejected ones (one batched pass)."""
+    comps = [p.component for p in pairs]
+    ins = [p.inputs for p in pairs]
+    return encoder.prepare(comps + comps, ins + ins, [p.chosen for p in pairs] + [p.rejected for p in pairs],
+                           check_fit=check_fit)
+
+
+class Trainer:
+    """The training step of one Encoder: the optimizer (AdamW; moments persist across calls) and the count of
+    steps taken (``global_step``). Every training loop calls ``step``; none of them configures the Trainer.
+
+    Args:
+        encoder: what is trained (its ``net``: backbone + heads).
+    """
+
+    def __init__(self, encoder: Encoder):
+        self.encoder = encoder
+        self.optimizer: torch.optim.AdamW | None = None
+        self.global_step = 0  # optimizer steps taken so far, by every loop
+        self._loss_module = _PairLoss(encoder)
+        self._ddp: nn.Module | None = None
+        self._heads_version = encoder.heads_version  # the encoder's heads the optimizer was built over
+
+    # --------------------------------------------------------------------------------------- plumbing
+    def _param_groups(self) -> list[list[tuple[str, nn.Parameter]]]:
+        named = [(n, p) for n, p in self.encoder.net.named_parameters() if p.requires_grad]
+        heads = [(n, p) for n, p in named if n.startswith("head_")]
+        body = [(n, p) for n, p in named if not n.startswith("head_")]
+        return [body, heads]
+
+    def sync_params(self) -> None:
+        """Follow the encoder's heads: rebuild the optimizer over the current parameters, keeping the state of
+        those that remain. Called by the trainer itself whenever ``encoder.heads_version`` moved; harmless to
+        call at any time."""
+        self._heads_version = self.encoder.heads_version
+        self._ddp = None
+        if self.optimizer is None:
+            return
+        old_state = self.optimizer.state
+        self.optimizer = None
+        self.ensure_optimizer()
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p in old_state:
+                    self.optimizer.state[p] = old_state[p]
+
+    def ensure_optimizer(self) -> torch.optim.AdamW:
+        """The optimizer over the encoder's current parameters: group 0 the backbone, group 1 the heads (never
+        weight-decayed). Learning rates and weight decay are set by each ``step``."""
+        if self._heads_version != self.encoder.heads_version:
+            self.sync_params()
+        if self.optimizer is None:
+            body, heads = self._param_groups()
+            self.optimizer = torch.optim.AdamW(
+                [{"params": [p for _, p in body]}, {"params": [p for _, p in heads], "weight_decay": 0.0}],
+                lr=0.0, weight_decay=0.0, fused=_can_fuse(p for _, p in body + heads))
+        return self.optimizer
+
+    def _wrapped(self) -> nn.Module:
+        if _world()[1] == 1:
+            return self._loss_module
+        if self._ddp is None:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            dev = self.encoder.device
+            # find_unused_parameters: encoders' poolers and heads absent from a shard get no gradient
+            self._ddp = DDP(self._loss_module, device_ids=[dev.index] if dev.type == "cuda" else None,
+                            find_unused_parameters=True)
+        return self._ddp
+
+    # ------------------------------------------------------------------------------------------ step
+    def step(self, batch: PairBatch, lr: float, *, head_lr: float | None = None, weight_decay: float = 0.0,
+             max_grad_norm: float | None = None) -> StepReport:
+        """One optimizer step on a global batch: the loss through ``ops``, backward, clipping, AdamW.
+
+        lr: the backbone's learning rate for this step (>= 0: a warm-up may start at 0); head_lr: the heads'
+        (None: lr); weight_decay: the backbone's decoupled weight decay for this step (heads get none);
+        max_grad_norm: clip the global gradient norm to this (None: no clipping). Returns the StepReport."""
+        t0 = time.perf_counter()
+        head_lr = lr if head_lr is None else head_lr
+        for name, v in (("lr", lr), ("head_lr", head_lr), ("weight_decay", weight_decay)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"Trainer.step: {name} must be a finite number >= 0, got {v!r}")
+        if max_grad_norm is not None and not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+            raise ValueError(f"Trainer.step: max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}")
+        rows, weights = batch.rows, list(batch.weights)
+        n = len(batch)
+        if n < 1 or len(rows) != 2 * n or len(weights) != n or (batch.margins is not None and len(batch.margins) != n):
+            raise ValueError(f"Trainer.step: a batch of {len(rows)} rows needs 2B rows (chosen, then rejected) and B "
+                             f"weights / margins, got {len(weights)} weights")
+        rank, world = _world()
+        if world > 1:
+            # ops' mean is sum(rows) / sum(w) (the centering term included), so a shard contributes
+            # sum(its rows) / sum(all w); DDP then averages over ranks, which the factor `world` undoes.
+            lo, hi = (n * rank) // world, (n * (rank + 1)) // world
+            divisor = float(sum(weights)) / world
+            if hi == lo:  # fewer pairs than ranks: take part in the all-reduce with a zero loss
+                lo, hi, divisor = 0, 1, math.inf
+        else:
+            lo, hi, divisor = 0, n, None
+        take = np.concatenate([np.arange(lo, hi), np.arange(n + lo, n + hi)])  # (2b,)
+        shard = rows if (lo, hi) == (0, n) else rows.take(take)
+        mu = list(batch.margins[lo:hi]) if batch.margins is not None else None
+        opt = self.ensure_optimizer()
+        for g, group_lr in zip(opt.param_groups, (lr, head_lr), strict=True):
+            g["lr"] = group_lr
+        opt.param_groups[0]["weight_decay"] = weight_decay
+        self.encoder.net.train()
+        with self.encoder.autocast(inference=False):
+            loss, r_c, r_r, tokens = self._wrapped()(shard, weights[lo:hi], mu, divisor, batch.center)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}; lower lr or "
+                                     "check data")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        else:
+            # the global 2-norm as clip_grad_norm_ computes it (torch.nn.utils.get_total_norm needs torch >= 2.6)
+            norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
+            grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+        opt.step()
+        self.encoder.weights_version += 1  # fused AdamW leaves the parameters' version counters as they were
+        self.global_step += 1
+        value = loss.detach().float()
+        # per-component accuracy: hits and counts per head, summed over ranks
+        C = len(self.encoder.components)
+        ids = torch.from_numpy(shard.head_ids[: len(shard) // 2]).long()  # (b,)
+        tally = torch.zeros(2, C, dtype=torch.float64)  # (hits, pairs) per head
+        if divisor != math.inf:
+            tally[0].index_add_(0, ids, pair_hits(r_c.cpu(), r_r.cpu()))
+            tally[1].index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+        if world > 1:
+            dev = value.device
+            tally = tally.to(dev)
+            dist.all_reduce(value)
+            dist.all_reduce(tally)
+            value /= world
+            tally = tally.cpu()
+        acc = {c: float(tally[0, i] / tally[1, i]) for i, c in enumerate(self.encoder.components) if tally[1, i] > 0}
+        return StepReport(loss=float(value), accuracy=acc, grad_norm=float(grad_norm), tokens=int(tokens), pairs=n,
+                          lr=float(lr), seconds=time.perf_counter() - t0)
+
+    # ----------------------------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, Any]:
+        """{"meta": {"step", "has_optimizer"}, "tensors": optimizer moments}. Moments are stored by the encoder's
+        stable parameter names ("opt::<name>::<slot>"), not by position, so they survive heads being added or
+        removed."""
+        if self._heads_version != self.encoder.heads_version:
+            self.sync_params()
+        tensors: dict[str, torch.Tensor] = {}
+        if self.optimizer is not None:
+            for name, p in self.encoder.stable_parameters().items():
+                for k, v in self.optimizer.state.get(p, {}).items():
+                    tensors[f"opt::{name}::{k}"] = torch.as_tensor(v).detach().cpu().contiguous().clone()
+        return {"meta": {"step": self.global_step, "has_optimizer": self.optimizer is not None}, "tensors": tensors}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output (the encoder's weights must be loaded already)."""
+        meta, tensors = state["meta"], state["tensors"]
+        self.global_step = int(meta["step"])
+        self.optimizer, self._ddp = None, None
+        self._heads_version = self.encoder.heads_version
+        if not meta["has_optimizer"]:
+            return
+        opt = self.ensure_optimizer()
+        params = self.encoder.stable_parameters()
+        slots: dict[str, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("opt::"):
+                name, slot = k[len("opt::"):].rsplit("::", 1)
+                slots.setdefault(name, {})[slot] = v
+        fused = bool(opt.defaults.get("fused"))
+        for name, st in slots.items():
+            p = params[name]
+            # the moments live with the parameter; `step` stays on the CPU, except that fused AdamW keeps it with
+            # the parameter (as torch's own Optimizer.load_state_dict places it)
+            opt.state[p] = {k: (v.to(p.device, torch.float32).clone() if k == "step" and fused else
+                                v.clone() if k == "step" else v.to(p.device).clone())
+                            for k, v in st.items()}
+
+
+# ------------------------------------------------------------------------------------------------ the engine loops
 @dataclass
 class TrainReport:
-    """What the last ``train()`` call did (``RewardModel.last_train_report``; the CLI and RewardTrainer read it)."""
+    """What the last ``train()`` call did (``RewardModel.last_train_report``; the CLI and benchmarks read it)."""
 
     pairs_used: int = 0  # distinct pairs trained on (after the overlong policy)
     pairs_dropped: int = 0  # pairs left out by overlong="drop"
@@ -70,12 +334,15 @@ class TrainReport:
 
 @dataclass
 class TrainConfig:
+    """Settings of ``RewardModel.train`` and ``RewardModel.adapt`` (the engine's own loops). The model holds one
+    (``RewardModel.train_config``) as the defaults of both; a call's keyword overrides apply to that call alone."""
+
     lr: float = 5e-5  # backbone learning rate (AdamW)
     head_lr: float | None = None  # heads' learning rate; None = 20 x lr (heads start random, the backbone not)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
-    warmup_steps: int = 0  # linear warm-up from 0 over this many optimizer steps (schedules.py: transformers')
-    schedule: str = "constant"  # "constant" | "linear" | "cosine" (decay to min_lr_ratio at the end of train())
-    min_lr_ratio: float = 0.1  # floor of the linear / cosine decay; adapt() after the horizon runs at this ratio
+    warmup_steps: int = 0  # train(): linear warm-up from 0 over this many optimizer steps (schedules.py)
+    schedule: str = "constant"  # train(): "constant" | "linear" | "cosine" (decay to min_lr_ratio at its last step)
+    min_lr_ratio: float = 0.1  # train(): floor of the linear / cosine decay, as a fraction of lr
     batch_pairs: int = 16  # pairs per optimizer step (global, across ranks)
     weighting: str = "margin"  # "margin": weight = normalised margin (reference behaviour) | "uniform"
     margin_floor: float = 0.05  # weight floor as a fraction of the mean margin (no valid pair gets weight 0)
@@ -83,7 +350,7 @@ class TrainConfig:
     margin_scale: float = 1.0  # multiplier of the subtracted margin
     center: float = 0.0  # reward-centering coefficient lambda in lambda * (r+ + r-)^2
     grad_clip: float | None = 1.0  # max global grad norm; None disables clipping
-    group_by_input: bool = True  # keep pairs of one input in one batch (more dedupe and prefix sharing)
+    group_by_input: bool = True  # train(): keep pairs of one input in one batch (more dedupe and prefix sharing)
     replay_size: int = 256  # per-component replay buffer bound (pairs)
     replay_fraction: float = 0.5  # adapt(): share of each batch drawn from the replay buffers
 
@@ -101,12 +368,17 @@ class TrainConfig:
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
         if not (self.margin_floor > 0):
-            raise ValueError(f"margin_floor must be > 0 (else zero-margin pairs get weight 0), got {self.margin_floor!r}")
+            raise ValueError(f"margin_floor must be > 0 (else zero-margin pairs get weight 0), got "
+                             f"{self.margin_floor!r}")
         check_int(self.warmup_steps, "warmup_steps", min=0)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.center < 0 or not math.isfinite(self.center):
             raise ValueError(f"center must be a finite float >= 0, got {self.center!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite float >= 0, got {self.weight_decay!r}")
+        if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(f"grad_clip must be a finite float > 0 or None, got {self.grad_clip!r}")
 
 
 def make_batches(pairs: Sequence[PreferencePair], batch_pairs: int, group_by_input: bool,
@@ -126,185 +398,49 @@ def make_batches(pairs: Sequence[PreferencePair], batch_pairs: int, group_by_inp
     return [order[i: i + batch_pairs] for i in range(0, len(order), batch_pairs)]
 
 
-class _PairLoss(nn.Module):
-    """The loss of one (shard of a) batch as a module, so DDP can wrap it: forward encodes the unique rows
-    through the encoder's backbone (shared-prefix or independent, as planned) and applies the fused loss."""
+class TrainLoops:
+    """``RewardModel.train`` and ``RewardModel.adapt``: short loops over ``Trainer.step``.
 
-    def __init__(self, encoder: Encoder):
-        super().__init__()
-        self.net = encoder.net
-        self._encoder = (encoder,)  # a tuple keeps the (non-Module) encoder out of the module tree
-
-    def forward(self, rows: Rows, weights: list[float], margins: list[float] | None, divisor: float | None,
-                center: float) -> torch.Tensor:
-        """Loss of the pairs whose chosen rows are ``rows[:B]`` and rejected rows ``rows[B:]``: the weighted
-        mean (divisor None), or the row sum / divisor (DDP shards)."""
-        enc = self._encoder[0]
-        n = len(rows) // 2
-        plan = enc.plan(rows)
-        h, _ = enc.encode_planned(rows, plan, inference=False)  # (U, H) in plan.rows order
-        dev = h.device
-        idx = torch.from_numpy(plan.request_row).to(dev)  # (2B,)
-        h_c, h_r = h.index_select(0, idx[:n]), h.index_select(0, idx[n:])  # (B, H) each
-        head_ids = torch.from_numpy(rows.head_ids[:n]).to(dev)  # (B,)
-        W, b = self.net.stacked_heads()  # (C, H), (C,)
-        w = torch.tensor(weights, dtype=torch.float32, device=dev)  # (B,)
-        mu = torch.tensor(margins, dtype=torch.float32, device=dev) if margins is not None else None  # (B,)
-        if divisor is None:
-            return ops.fused_head_bt_loss(h_c, h_r, head_ids, W, b, weight=w, margin=mu, center=center)
-        return ops.fused_head_bt_loss(h_c, h_r, head_ids, W, b, weight=w, margin=mu, center=center,
-                                      reduction="sum") / divisor
-
-
-def pair_rows(encoder: Encoder, pairs: Sequence[PreferencePair], check_fit: bool = True) -> Rows:
-    """2B prepared rows: the chosen outputs of ``pairs`` first, then the rejected ones (one batched pass)."""
-    comps = [p.component for p in pairs]
-    ins = [p.inputs for p in pairs]
-    return encoder.prepare(comps + comps, ins + ins, [p.chosen for p in pairs] + [p.rejected for p in pairs],
-                           check_fit=check_fit)
-
-
-class Trainer:
-    """Optimizer, LR position, RNG and replay buffers of one Encoder (persist across calls).
+    Each owns its schedule (train: ``config.schedule`` over its own steps, schedules.py; adapt: a constant
+    ``lr``) and reads its settings from ``config`` (the model's TrainConfig) with the call's overrides on top, for
+    that call only. Between calls they keep the data-order RNG and the per-component replay buffers that adapt
+    draws from (train and adapt both add to them); checkpoints store these with the Trainer's state.
 
     Args:
-        encoder: what is trained (its ``net``: backbone + heads).
+        trainer: the model's Trainer (the step; its optimizer is shared with every other loop of the model).
         seed: seeds batch shuffling and replay sampling.
+        config: the defaults of both loops (None: TrainConfig()).
     """
 
-    def __init__(self, encoder: Encoder, seed: int = 1):
-        self.encoder = encoder
-        self.cfg = TrainConfig()
-        self.optimizer: torch.optim.AdamW | None = None
-        self.step = 0  # optimizer steps taken so far (drives the LR schedule)
-        self.horizon: int | None = None  # last step of the linear schedule (set by train())
+    def __init__(self, trainer: Trainer, seed: int = 1, config: TrainConfig | None = None):
+        self.trainer = trainer
+        self.encoder = trainer.encoder
+        self.config = config if config is not None else TrainConfig()
         self.gen = torch.Generator().manual_seed(seed)  # batch shuffling and replay sampling
-        self.replay: dict[str, deque] = {}
+        self.replay: dict[str, list[PreferencePair]] = {}  # component -> newest pairs, at most replay_size
         self.last_report: TrainReport | None = None
-        self._loss_module = _PairLoss(encoder)
-        self._ddp: nn.Module | None = None
-        self._heads_version = encoder.heads_version  # the encoder's heads the optimizer was built over
 
     # --------------------------------------------------------------------------------------- plumbing
-    def _apply_overrides(self, overrides: dict) -> None:
+    def settings(self, overrides: dict) -> TrainConfig:
+        """The model's config with a call's overrides applied (a copy: ``self.config`` is untouched)."""
         names = {f.name for f in fields(TrainConfig)}
-        for k, v in overrides.items():
+        for k in overrides:
             if k not in names:
                 raise TypeError(f"unknown training option {k!r}; TrainConfig fields are {sorted(names)}")
-            setattr(self.cfg, k, v)
-        self.cfg.validate()
-        for c in list(self.replay):
-            if self.replay[c].maxlen != self.cfg.replay_size:
-                self.replay[c] = deque(self.replay[c], maxlen=self.cfg.replay_size)
+        cfg = replace(self.config, **overrides)
+        cfg.validate()
+        return cfg
 
-    def _param_groups(self) -> list[list[tuple[str, nn.Parameter]]]:
-        named = [(n, p) for n, p in self.encoder.net.named_parameters() if p.requires_grad]
-        heads = [(n, p) for n, p in named if n.startswith("head_")]
-        body = [(n, p) for n, p in named if not n.startswith("head_")]
-        return [body, heads]
+    def _batch(self, rows: Rows, margins: list[float], ref: float, cfg: TrainConfig) -> PairBatch:
+        weights = pair_weights(margins, cfg.margin_floor, ref) if cfg.weighting == "margin" else [1.0] * len(margins)
+        mu = [m * cfg.margin_scale for m in margins] if cfg.subtract_margin else None
+        return PairBatch(rows, weights, mu, cfg.center)
 
-    def _lrs(self) -> tuple[float, float]:
-        return self.cfg.lr, self.cfg.head_lr if self.cfg.head_lr is not None else 20.0 * self.cfg.lr
-
-    def sync_params(self) -> None:
-        """Follow the encoder's heads: rebuild the optimizer over the current parameters, keeping the state of
-        those that remain, and drop replay buffers of components that are gone. Called by the trainer itself
-        whenever ``encoder.heads_version`` moved; harmless to call at any time."""
-        self._heads_version = self.encoder.heads_version
-        known = set(self.encoder.components)
-        for c in [c for c in self.replay if c not in known]:
-            del self.replay[c]
-        self._ddp = None
-        if self.optimizer is None:
-            return
-        old_state = self.optimizer.state
-        self.optimizer = None
-        self._ensure_optimizer()
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                if p in old_state:
-                    self.optimizer.state[p] = old_state[p]
-
-    def _ensure_optimizer(self) -> None:
-        if self._heads_version != self.encoder.heads_version:
-            self.sync_params()
-        lr_body, lr_head = self._lrs()
-        if self.optimizer is None:
-            body, heads = self._param_groups()
-            self.optimizer = torch.optim.AdamW(
-                [{"params": [p for _, p in body], "lr": lr_body, "base_lr": lr_body},
-                 {"params": [p for _, p in heads], "lr": lr_head, "base_lr": lr_head, "weight_decay": 0.0}],
-                lr=lr_body, weight_decay=self.cfg.weight_decay, fused=_can_fuse(p for _, p in body + heads))
-        else:  # a new lr passed to train()/adapt() resets the base rates, keeping the moments
-            for g, lr in zip(self.optimizer.param_groups, (lr_body, lr_head)):
-                g["base_lr"] = lr
-
-    def lr_factor(self, step: int) -> float:
-        c = self.cfg
-        kind = "constant_with_warmup" if c.schedule == "constant" else c.schedule
-        return schedules.lr_factor(kind, step, c.warmup_steps, max(1, self.horizon or 1),
-                                   0.0 if c.schedule == "constant" else c.min_lr_ratio)
-
-    def _wrapped(self) -> nn.Module:
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return self._loss_module
-        if self._ddp is None:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            dev = self.encoder.device
-            # find_unused_parameters: encoders' poolers and heads absent from a shard get no gradient
-            self._ddp = DDP(self._loss_module, device_ids=[dev.index] if dev.type == "cuda" else None,
-                            find_unused_parameters=True)
-        return self._ddp
-
-    # ------------------------------------------------------------------------------------------ step
-    def _step(self, rows: Rows, weights: list[float], margins: list[float]) -> float:
-        """One optimizer step on a global batch (chosen rows, then rejected rows); returns the global loss."""
-        n = len(rows) // 2
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-        if world > 1:
-            # ops' mean is sum(rows) / sum(w) (the centering term included), so a shard contributes
-            # sum(its rows) / sum(all w); DDP then averages over ranks, which the factor `world` undoes.
-            lo, hi = (n * rank) // world, (n * (rank + 1)) // world
-            divisor = float(sum(weights)) / world
-            if hi == lo:  # fewer pairs than ranks: take part in the all-reduce with a zero loss
-                lo, hi, divisor = 0, 1, math.inf
-        else:
-            lo, hi, divisor = 0, n, None
-        take = np.concatenate([np.arange(lo, hi), np.arange(n + lo, n + hi)])  # (2b,)
-        shard = rows if (lo, hi) == (0, n) else rows.take(take)
-        w_shard = weights[lo:hi]
-        mu = [m * self.cfg.margin_scale for m in margins[lo:hi]] if self.cfg.subtract_margin else None
-        self._ensure_optimizer()
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["base_lr"] * self.lr_factor(self.step)
-        self.encoder.net.train()
-        # memory: last step's gradients and the bf16 scoring copy (stale after this step) are freed before the
-        # forward, not after it, so neither sits beside this step's activations (benchmarks/RESULTS.md, "Where
-        # reward training's memory goes": SmolLM2-135M, 540 MB of gradients and a 270 MB copy)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.encoder.release_score_copy()
-        with self.encoder.autocast(inference=False):
-            loss = self._wrapped()(shard, w_shard, mu, divisor, self.cfg.center)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.step}; lower lr or check data")
-        loss.backward()
-        if self.cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
-                                           self.cfg.grad_clip)
-        self.optimizer.step()
-        self.encoder.weights_version += 1  # fused AdamW leaves the parameters' version counters as they were
-        self.step += 1
-        value = loss.detach().float()
-        if world > 1:
-            dist.all_reduce(value)
-            value /= world
-        return float(value)
-
-    def _weights(self, margins: list[float], ref: float) -> list[float]:
-        if self.cfg.weighting == "margin":
-            return pair_weights(margins, self.cfg.margin_floor, ref)
-        return [1.0] * len(margins)
+    def _step(self, batch: PairBatch, factor: float, cfg: TrainConfig) -> StepReport:
+        """One step at ``factor`` times the call's learning rates (the schedule's multiplier)."""
+        head_lr = cfg.head_lr if cfg.head_lr is not None else 20.0 * cfg.lr
+        return self.trainer.step(batch, cfg.lr * factor, head_lr=head_lr * factor, weight_decay=cfg.weight_decay,
+                                 max_grad_norm=cfg.grad_clip)
 
     def _check_components(self, pairs: Sequence[PreferencePair], what: str) -> None:
         known = set(self.encoder.components)
@@ -313,11 +449,21 @@ class Trainer:
                 raise ValueError(f"{what}[{i}] is for unknown component {p.component!r}: known components are "
                                  f"{self.encoder.components} (add_component() first)")
 
-    def _remember(self, pairs: Sequence[PreferencePair]) -> None:
-        if self.cfg.replay_size == 0:
+    def _follow_heads(self) -> None:
+        """Drop the replay buffers of components whose heads are gone."""
+        known = set(self.encoder.components)
+        for c in [c for c in self.replay if c not in known]:
+            del self.replay[c]
+
+    def _remember(self, pairs: Sequence[PreferencePair], size: int) -> None:
+        """Add ``pairs`` to their components' buffers, each keeping its newest ``size`` pairs (0: remember none)."""
+        if size == 0:
             return
         for p in pairs:
-            self.replay.setdefault(p.component, deque(maxlen=self.cfg.replay_size)).append(p)
+            self.replay.setdefault(p.component, []).append(p)
+        for c, buf in self.replay.items():
+            if len(buf) > size:
+                self.replay[c] = buf[-size:]
 
     def _overlong(self, rows: Rows, n: int, policy: str) -> tuple[np.ndarray, int, int]:
         """(keep (B,) bool, pairs dropped, pairs truncated) under an overlong policy; raises for "error" and for
@@ -344,23 +490,24 @@ class Trainer:
         truncated = (rows.truncated[:n] > 0) | (rows.truncated[n:] > 0)  # (B,)
         return np.ones(n, dtype=bool), 0, int(truncated.sum())
 
-    # ------------------------------------------------------------------------------------- public API
+    # ------------------------------------------------------------------------------------- the loops
     def train(self, pairs, epochs: int = 1, lr: float | None = None, overlong: str = "truncate_prefix",
               **overrides) -> list[dict]:
-        """Initial training: ``epochs`` passes over ``pairs`` in shuffled batches of ``batch_pairs``.
+        """Initial training: ``epochs`` passes over ``pairs`` in shuffled batches of ``batch_pairs``, the learning
+        rate following ``schedule`` over this call's steps (warm-up, then decay to ``min_lr_ratio``).
 
         overlong: what to do with pairs longer than ``template.max_length``: "truncate_prefix" (default) cuts
         the prefix (inputs) to fit, "drop" leaves the pair out, "error" raises a ValueError naming the pair.
-        Returns per-step dicts (epoch, step, loss, pairs, seconds); ``last_report`` says what was done."""
+        Returns per-step dicts (epoch, step, loss, pairs, seconds, lr, grad_norm, tokens, accuracy);
+        ``last_report`` says what was done."""
         t_start = time.perf_counter()
         pairs = as_pairs(pairs)
         check_int(epochs, "epochs", min=1)
         if overlong not in OVERLONG_POLICIES:
             raise ValueError(f"overlong must be one of {OVERLONG_POLICIES}, got {overlong!r}")
-        if lr is not None:
-            overrides["lr"] = lr
-        self._apply_overrides(overrides)
+        cfg = self.settings({**overrides, **({"lr": lr} if lr is not None else {})})
         self._check_components(pairs, "pairs")
+        self._follow_heads()
         n = len(pairs)
         rows = pair_rows(self.encoder, pairs, check_fit=False)  # every pair tokenised once, in batched calls
         keep, dropped, truncated = self._overlong(rows, n, overlong)
@@ -370,21 +517,24 @@ class Trainer:
                              f"{self.encoder.config.template.max_length} and overlong='drop' left none to train on")
         used = [pairs[i] for i in kept]
         margins = [p.margin for p in used]
-        ref = float(np.mean(margins))
-        n_batches = math.ceil(len(used) / self.cfg.batch_pairs)
-        self.horizon = self.step + epochs * n_batches
-        history = []
+        ref = float(np.mean(margins))  # weights do not depend on which pairs a batch happens to hold
+        total = epochs * math.ceil(len(used) / cfg.batch_pairs)
+        kind = "constant_with_warmup" if cfg.schedule == "constant" else cfg.schedule
+        floor = 0.0 if cfg.schedule == "constant" else cfg.min_lr_ratio
+        history: list[dict] = []
         for epoch in range(epochs):
-            for batch_idx in make_batches(used, self.cfg.batch_pairs, self.cfg.group_by_input, self.gen):
-                t0 = time.perf_counter()
+            for batch_idx in make_batches(used, cfg.batch_pairs, cfg.group_by_input, self.gen):
                 src = kept[batch_idx]  # (b,) indices into pairs
-                bm = [margins[i] for i in batch_idx]
-                loss = self._step(rows.take(np.concatenate([src, src + n])), self._weights(bm, ref), bm)
-                history.append({"epoch": epoch, "step": self.step, "loss": loss, "pairs": len(batch_idx),
-                                "seconds": time.perf_counter() - t0})
+                batch = self._batch(rows.take(np.concatenate([src, src + n])), [margins[i] for i in batch_idx], ref,
+                                    cfg)
+                f = schedules.lr_factor(kind, len(history), cfg.warmup_steps, total, floor)
+                rep = self._step(batch, f, cfg)
+                history.append({"epoch": epoch, "step": self.trainer.global_step, "loss": rep.loss,
+                                "pairs": rep.pairs, "seconds": rep.seconds, "lr": rep.lr, "grad_norm": rep.grad_norm,
+                                "tokens": rep.tokens, "accuracy": rep.accuracy})
             logger.info("train epoch %d: mean loss %.4f", epoch,
                         float(np.mean([h["loss"] for h in history if h["epoch"] == epoch])))
-        self._remember(used)
+        self._remember(used, cfg.replay_size)
         seconds = time.perf_counter() - t_start
         self.last_report = TrainReport(
             pairs_used=len(used), pairs_dropped=dropped, pairs_truncated=truncated, steps=len(history),
@@ -395,20 +545,18 @@ class Trainer:
         return history
 
     def adapt(self, pairs, steps: int = 1, lr: float | None = None, **overrides) -> list[dict]:
-        """Online adaptation: ``steps`` optimizer steps, each on fresh pairs plus a replay draw (optimizer state
-        kept). Over-long pairs have their prefix truncated (train()'s default policy)."""
+        """Online adaptation: ``steps`` optimizer steps at a constant ``lr``, each on fresh pairs plus a draw
+        from the replay buffers (``replay_fraction`` of ``batch_pairs``); the optimizer's moments are the model's,
+        kept from earlier calls. Over-long pairs have their prefix truncated (train()'s default policy)."""
         pairs = as_pairs(pairs)
         check_int(steps, "steps", min=1)
-        if lr is not None:
-            overrides["lr"] = lr
-        self._apply_overrides(overrides)
+        cfg = self.settings({**overrides, **({"lr": lr} if lr is not None else {})})
         self._check_components(pairs, "pairs")
-        self._ensure_optimizer()  # follows head changes first: a removed component's replay is gone
+        self._follow_heads()  # a removed component's replay is gone
         pool = [p for buf in self.replay.values() for p in buf]
-        n_replay = int(round(self.cfg.batch_pairs * self.cfg.replay_fraction)) if pool else 0
-        n_fresh = max(1, self.cfg.batch_pairs - n_replay)
-        ref_margins = [p.margin for p in pairs] + [p.margin for p in pool]
-        ref = float(np.mean(ref_margins))
+        n_replay = int(round(cfg.batch_pairs * cfg.replay_fraction)) if pool else 0
+        n_fresh = max(1, cfg.batch_pairs - n_replay)
+        ref = float(np.mean([p.margin for p in pairs] + [p.margin for p in pool]))
         history, cursor, order = [], 0, torch.randperm(len(pairs), generator=self.gen).tolist()
         for _ in range(steps):
             fresh = []
@@ -419,62 +567,36 @@ class Trainer:
                 cursor += 1
             replay = ([pool[i] for i in torch.randint(len(pool), (n_replay,), generator=self.gen).tolist()]
                       if n_replay else [])
-            batch = fresh + replay
-            t0 = time.perf_counter()
-            bm = [p.margin for p in batch]
-            loss = self._step(pair_rows(self.encoder, batch), self._weights(bm, ref), bm)
-            history.append({"step": self.step, "loss": loss, "fresh": len(fresh), "replay": len(replay),
-                            "seconds": time.perf_counter() - t0})
-        self._remember(pairs)
+            chosen = fresh + replay
+            rep = self._step(self._batch(pair_rows(self.encoder, chosen), [p.margin for p in chosen], ref, cfg), 1.0,
+                             cfg)
+            history.append({"step": self.trainer.global_step, "loss": rep.loss, "fresh": len(fresh),
+                            "replay": len(replay), "seconds": rep.seconds, "lr": rep.lr, "grad_norm": rep.grad_norm,
+                            "tokens": rep.tokens, "accuracy": rep.accuracy})
+        self._remember(pairs, cfg.replay_size)
         return history
 
     # ----------------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
-        """{"meta": JSON-able (config, step, LR position, replay buffers), "tensors": RNG state and optimizer
-        moments}. Moments are stored by the encoder's stable parameter names ("opt::<name>::<slot>"), not by
-        position, so they survive heads being added or removed."""
-        if self._heads_version != self.encoder.heads_version:
-            self.sync_params()
-        tensors: dict[str, torch.Tensor] = {"trainer.rng": self.gen.get_state()}
-        if self.optimizer is not None:
-            for name, p in self.encoder.stable_parameters().items():
-                for k, v in self.optimizer.state.get(p, {}).items():
-                    tensors[f"opt::{name}::{k}"] = torch.as_tensor(v).detach().cpu().contiguous().clone()
-        meta = {"config": asdict(self.cfg), "step": self.step, "horizon": self.horizon,
-                "has_optimizer": self.optimizer is not None,
-                "base_lrs": [g["base_lr"] for g in self.optimizer.param_groups] if self.optimizer else None,
+        """The checkpoint's trainer section (format unchanged since optimas-fast-reward/1): {"meta": config,
+        step, replay buffers, ...; "tensors": the RNG state and the Trainer's optimizer moments}."""
+        tr = self.trainer.state_dict()
+        meta = {"config": asdict(self.config), "step": tr["meta"]["step"], "horizon": None,
+                "has_optimizer": tr["meta"]["has_optimizer"], "base_lrs": None,
                 "replay": {c: [asdict(p) for p in buf] for c, buf in self.replay.items()}}
-        return {"meta": meta, "tensors": tensors}
+        return {"meta": meta, "tensors": {"trainer.rng": self.gen.get_state(), **tr["tensors"]}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()`` output into this trainer (the encoder's weights must be loaded already)."""
+        """Restore ``state_dict()`` output (also the trainer sections of checkpoints written before the step and
+        the loops were split, whose ``config`` held the last call's settings: they become this model's
+        defaults, so a loaded run continues as it would have)."""
         meta, tensors = state["meta"], state["tensors"]
-        self.cfg = TrainConfig(**meta["config"])
-        self.step, self.horizon = int(meta["step"]), meta["horizon"]
+        self.config = TrainConfig(**meta["config"])
         self.gen.set_state(tensors["trainer.rng"])
-        self.replay = {c: deque((PreferencePair(**d) for d in ps), maxlen=self.cfg.replay_size)
-                       for c, ps in meta["replay"].items()}
-        self.optimizer, self._ddp = None, None
-        self._heads_version = self.encoder.heads_version
-        if not meta["has_optimizer"]:
-            return
-        self._ensure_optimizer()
-        for g, lr in zip(self.optimizer.param_groups, meta["base_lrs"]):
-            g["base_lr"] = lr
-        params = self.encoder.stable_parameters()
-        slots: dict[str, dict[str, torch.Tensor]] = {}
-        for k, v in tensors.items():
-            if k.startswith("opt::"):
-                name, slot = k[len("opt::"):].rsplit("::", 1)
-                slots.setdefault(name, {})[slot] = v
-        fused = bool(self.optimizer.defaults.get("fused"))
-        for name, st in slots.items():
-            p = params[name]
-            # the moments live with the parameter; `step` stays on the CPU, except that fused AdamW keeps it with
-            # the parameter (as torch's own Optimizer.load_state_dict places it)
-            self.optimizer.state[p] = {k: (v.to(p.device, torch.float32).clone() if k == "step" and fused else
-                                           v.clone() if k == "step" else v.to(p.device).clone())
-                                       for k, v in st.items()}
+        keep = self.config.replay_size
+        self.replay = {c: [PreferencePair(**d) for d in ps][-keep:] if keep else [] for c, ps in meta["replay"].items()}
+        self.trainer.load_state_dict({"meta": {"step": meta["step"], "has_optimizer": meta["has_optimizer"]},
+                                      "tensors": {k: v for k, v in tensors.items() if k.startswith("opt::")}})
 
 
 def evaluate(encoder: Encoder, pairs, candidates=None, subtract_margin: bool = False, center: float = 0.0) -> dict:
@@ -505,7 +627,7 @@ def evaluate(encoder: Encoder, pairs, candidates=None, subtract_margin: bool = F
                       center=center)
     cand_scores = s[2 * n:].tolist()
     groups: dict[str, dict[str, dict]] = {}  # component -> inputs -> {"scores", "rewards"}
-    for c, sc in zip(cands, cand_scores):
+    for c, sc in zip(cands, cand_scores, strict=True):
         g = groups.setdefault(c.component, {}).setdefault(c.inputs, {"scores": [], "rewards": []})
         g["scores"].append(sc)
         g["rewards"].append(c.reward)

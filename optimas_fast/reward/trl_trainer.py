@@ -30,14 +30,13 @@ has an EOS; ``RewardTrainer(append_eos=False)`` turns it off), so a decoder's sc
 What differs (on purpose): the engine renders each row with its template (component description + inputs
 as the prefix, the response as the suffix; decoders encode a shared prompt once), pools like the engine
 (decoders: last token, as HF's *ForSequenceClassification; encoders: mean pooling, where HF's BERT uses the
-tanh pooler), ``bf16=None`` means the engine's default (bf16 on CUDA, as TRL, and on CPUs with native bf16 matmul), and a
-data set with a ``component`` column trains one head per component (TRL allows one), and ``eval_accuracy`` counts a
-tie (r+ == r-) as one half, TRL's as wrong (``metrics.pair_metrics``: the package's one definition). Any argument that is
-not implemented is a TypeError that lists the supported ones: nothing is silently ignored.
+tanh pooler), ``bf16=None`` means the engine's default (bf16 on CUDA, as TRL, and on CPUs with native bf16 matmul),
+a data set with a ``component`` column trains one head per component (TRL allows one), and ``eval_accuracy``
+counts a tie (r+ == r-) as one half, TRL's as wrong (``metrics.pair_metrics``: the package's one definition). Any
+argument that is not implemented is a TypeError that lists the supported ones: nothing is silently ignored.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -46,9 +45,11 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -57,11 +58,12 @@ from optimas_fast._validate import is_int, is_number
 from optimas_fast.backbones import resolve_backbone
 
 from . import schedules
-from .data import PreferencePair, as_pairs
+from .data import PreferencePair, as_pairs, pair_weights
+from .encoder import Rows
 from .formats import PairSet, load_pairs
 from .model import RewardModel, RewardModelConfig
 from .template import TemplateConfig
-
+from .trainer import PairBatch, TrainConfig, pair_rows
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +72,6 @@ TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_NAME = "training_args.json"
 STRATEGIES = ("no", "steps", "epoch")
 OVERLONG = ("drop", "truncate_prefix", "error")
-# AdamW with lr exactly 0 is rejected by the engine's TrainConfig; HF's warm-up gives lr 0 at step 0. This
-# moves a weight by at most ~1e-37 (invisible next to fp32 weights), and keeps Adam's moments and step count
-# advancing exactly as in HF.
-_LR_ZERO = 1e-38
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -123,7 +121,7 @@ class RewardConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, settings: Mapping[str, Any]) -> "RewardConfig":
+    def from_dict(cls, settings: Mapping[str, Any]) -> RewardConfig:
         """From a mapping of TRL names (a YAML file's, a saved training_args.json's): an unknown name is a
         TypeError naming it and listing the supported ones."""
         names = [f.name for f in fields(cls)]
@@ -308,9 +306,9 @@ class RewardTrainer:
                  eval_dataset: Any = None, processing_class: Any = None, *, components: Mapping[str, str] | None = None,
                  overlong: str = "drop", data_format: str = "auto", append_eos: bool | None = None, **unsupported):
         if unsupported:
-            raise TypeError(f"RewardTrainer got unsupported argument(s) {', '.join(map(repr, unsupported))}; supported: "
-                            "model, args, train_dataset, eval_dataset, processing_class, components, overlong, "
-                            "data_format, append_eos")
+            raise TypeError(f"RewardTrainer got unsupported argument(s) {', '.join(map(repr, unsupported))}; "
+                            "supported: model, args, train_dataset, eval_dataset, processing_class, components, "
+                            "overlong, data_format, append_eos")
         if append_eos is not None and not isinstance(append_eos, bool):
             raise TypeError(f"RewardTrainer: append_eos must be True, False or None, got {append_eos!r}")
         if model is None:
@@ -408,12 +406,13 @@ class RewardTrainer:
             base = getattr(model, "base_model", model)
             if base is not model:
                 logger.warning("RewardTrainer: %s's score layer is replaced by the engine's per-component heads "
-                               "(new, initialised with std %.3g)", type(model).__name__, RewardModelConfig().head_init_std)
+                               "(new, initialised with std %.3g)", type(model).__name__,
+                               RewardModelConfig().head_init_std)
             if processing_class is None:
                 raise ValueError("RewardTrainer: processing_class (the tokenizer) is required with a model object")
             model = base
         elif not isinstance(model, (str, os.PathLike)):
-            raise TypeError(f"RewardTrainer: model must be a backbone name/path, a Hugging Face model or a RewardModel, "
+            raise TypeError("RewardTrainer: model must be a backbone name/path, a Hugging Face model or a RewardModel, "
                             f"got {type(model).__name__}")
         else:
             model = os.fspath(model)
@@ -451,10 +450,20 @@ class RewardTrainer:
             self._order = (epoch, torch.randperm(len(self.train_pairs), generator=g).tolist())
         return self._order[1]
 
-    def _batch(self, step: int, spe: int) -> list[PreferencePair]:
+    def _batch(self, step: int, spe: int, rows: Rows) -> PairBatch:
+        """The pairs of optimizer step ``step`` as the loss sees them (TRL's: uniform weights, the margin column
+        subtracted; reference-Optimas / own margins weight the pairs instead)."""
         epoch, k = divmod(step, spe)
-        order = self._epoch_order(epoch)
-        return [self.train_pairs[i] for i in order[k * self.global_batch:(k + 1) * self.global_batch]]
+        idx = np.asarray(self._epoch_order(epoch)[k * self.global_batch:(k + 1) * self.global_batch])  # (b,)
+        margins = [self.train_pairs[i].margin for i in idx]
+        n = len(self.train_pairs)
+        if self.margin_kind == "weight":
+            # the engine's margin weighting, normalised by this batch's mean margin, floored as TrainConfig's default
+            weights = pair_weights(margins, TrainConfig.margin_floor, float(np.mean(margins)))
+        else:
+            weights = [1.0] * len(idx)
+        return PairBatch(rows.take(np.concatenate([idx, idx + n])), weights,
+                         margins if self.subtract_margin else None, self.args.center_rewards_coefficient or 0.0)
 
     # ----------------------------------------------------------------------------------------- train
     def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> TrainOutput:
@@ -467,7 +476,8 @@ class RewardTrainer:
             path = (last_checkpoint(self.output_dir) if resume_from_checkpoint is True
                     else os.fspath(resume_from_checkpoint))
             if path is None:
-                raise ValueError(f"resume_from_checkpoint=True: no valid checkpoint found in output_dir {self.output_dir}")
+                raise ValueError(f"resume_from_checkpoint=True: no valid checkpoint found in output_dir "
+                                 f"{self.output_dir}")
             self._load_checkpoint(path)
         else:
             self.state = self._fresh_state()
@@ -477,38 +487,33 @@ class RewardTrainer:
                   save_steps=_steps_of(a.save_steps, total), train_batch_size=a.per_device_train_batch_size)
         os.makedirs(self.output_dir, exist_ok=True)
         extra = st["optimas_fast"]
-        center = a.center_rewards_coefficient
         clip = a.max_grad_norm if a.max_grad_norm else None
+        rows = pair_rows(self.model.encoder, self.train_pairs)  # every pair tokenised once, in batched calls
         logged_loss, logged_n = 0.0, 0
         t_start = time.perf_counter()
         start_step = st["global_step"]
         bar = self._progress(total, start_step)
         try:
             for step in range(start_step, total):
-                batch = self._batch(step, spe)
+                batch = self._batch(step, spe, rows)
                 lr = a.learning_rate * schedules.lr_factor(a.lr_scheduler_type, step, warm, total)
-                t0 = time.perf_counter()
-                hist = self.model.train(
-                    batch, epochs=1, lr=max(lr, _LR_ZERO), head_lr=max(lr, _LR_ZERO), schedule="constant",
-                    warmup_steps=0, batch_pairs=len(batch), group_by_input=False,
-                    subtract_margin=self.subtract_margin, margin_scale=1.0, center=center or 0.0, grad_clip=clip,
-                    weight_decay=a.weight_decay, replay_size=0,
-                    weighting="margin" if self.margin_kind == "weight" else "uniform")
-                dt = time.perf_counter() - t0
-                loss = float(hist[-1]["loss"])
+                rep = self.model.trainer.step(batch, lr, head_lr=lr, weight_decay=a.weight_decay, max_grad_norm=clip)
+                dt, loss = rep.seconds, rep.loss
                 st["global_step"] = step + 1
                 st["epoch"] = (step + 1) / spe
                 extra["loss_sum"] += loss
-                extra["pairs_seen"] += len(batch)
+                extra["pairs_seen"] += rep.pairs
                 extra["train_seconds"] += dt
                 logged_loss, logged_n = logged_loss + loss, logged_n + 1
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{len(batch) / dt:.1f}", refresh=False)
+                    bar.set_postfix(loss=f"{loss:.4f}", pairs_s=f"{rep.pairs / dt:.1f}", refresh=False)
                 done = step + 1
                 end_of_epoch = done % spe == 0
                 if done % st["logging_steps"] == 0 or done == total:
-                    self._log({"loss": logged_loss / logged_n, "learning_rate": lr, "epoch": st["epoch"], "step": done})
+                    # transformers' log entry: the interval's mean loss, the last step's grad norm and lr
+                    self._log({"loss": logged_loss / logged_n, "grad_norm": rep.grad_norm, "learning_rate": lr,
+                               "epoch": st["epoch"], "step": done})
                     logged_loss, logged_n = 0.0, 0
                 metrics = None
                 if (a.eval_strategy == "steps" and (done % st["eval_steps"] == 0 or done == total)) or (
@@ -661,7 +666,8 @@ class RewardTrainer:
     def _load_checkpoint(self, path: str) -> None:
         state_file = os.path.join(path, TRAINER_STATE_NAME)
         if not os.path.isfile(state_file):
-            raise ValueError(f"resume_from_checkpoint: {path} has no {TRAINER_STATE_NAME}: not a RewardTrainer checkpoint")
+            raise ValueError(f"resume_from_checkpoint: {path} has no {TRAINER_STATE_NAME}: not a RewardTrainer "
+                             "checkpoint")
         with open(state_file, encoding="utf-8") as f:
             state = json.load(f)
         self.model.load_state(path)
