@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from optimas_fast._io import iter_jsonl
+from optimas_fast.render import format_fields
 
 log = logging.getLogger("optimas_fast.cli.reward")
 
@@ -240,12 +241,10 @@ def _read_rows(path: str) -> list[tuple[str, dict]]:
 
 
 def _as_text(value: Any, where: str, name: str) -> str:
-    from optimas_fast.reward.formats import render_fields
-
     if isinstance(value, str):
         return value
     if isinstance(value, dict):  # a component's inputs / outputs as fields: rendered as the loaders render them
-        return render_fields(value)
+        return format_fields(value)
     raise ValueError(f"{where}: field {name!r} must be a string or an object of fields, got {type(value).__name__}")
 
 

@@ -70,7 +70,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "FORMATS", "LoadReport", "PairFormatError", "PairSet", "load_components", "load_pairs", "merge_pair_sets",
-    "render_fields", "save_pairs",
+    "save_pairs",
 ]
 
 FORMATS = ("auto", "trl", "optimas", "pairs")
@@ -159,12 +159,6 @@ class PairSet(list):
     def __repr__(self) -> str:
         return (f"PairSet({len(self)} pairs, format={self.format!r}, margin_kind={self.margin_kind!r}, "
                 f"components={self.counts()})")
-
-
-# ------------------------------------------------------------------------------------------------ rendering
-def render_fields(obj: Mapping[str, Any]) -> str:
-    """``field: value`` lines in the object's order (``optimas_fast.render``, as the loop renders rows)."""
-    return format_fields(obj)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -616,7 +610,7 @@ def _context_inputs(ctx: Any, component: str) -> Any:
 
 
 def _as_text(v: Any) -> str:
-    return render_fields(v) if isinstance(v, dict) else v
+    return format_fields(v) if isinstance(v, dict) else v  # as the loop renders rows
 
 
 def _optimas_pair(r: _Row, component: str, json_mode: dict, ties: str, negative: str
@@ -650,7 +644,7 @@ def _pairs_pair(r: _Row) -> PreferencePair:
     for name in ("inputs", "chosen", "rejected"):
         v = r.get(name)
         if isinstance(v, Mapping):
-            v = render_fields(dict(v))
+            v = format_fields(dict(v))
         elif not isinstance(v, str):
             raise r.error(name, f"must be a string (or an object of fields), got {type(v).__name__}")
         vals.append(v)
