@@ -16,6 +16,7 @@ from optimas_fast.optimizers.choice import ChoiceConfig
 from optimas_fast.optimizers.prompt import PromptConfig
 from optimas_fast.optimizers.weights import WeightsConfig
 from optimas_fast.preference.collect import CollectConfig
+from optimas_fast.reward.trainer import TrainConfig
 
 __all__ = ["ConfigError", "BudgetConfig", "OptimasConfig", "from_dict", "to_dict"]
 
@@ -49,9 +50,9 @@ class OptimasConfig:
     batch_size: int = 8  # training examples per iteration's fresh preference collection
     initial_examples: int | None = None  # examples per component for the initial pairs (None: all train)
     initial_epochs: int = 3  # epochs of the initial LRF training
-    lr: float = 5e-5  # LRF backbone learning rate (heads use 20x unless head_lr is set)
-    head_lr: float | None = None  # LRF head learning rate
-    batch_pairs: int = 16  # pairs per LRF optimizer step
+    lr: float = TrainConfig.lr  # LRF backbone learning rate (heads use 20x unless head_lr is set); the engine's default
+    head_lr: float | None = TrainConfig.head_lr  # LRF head learning rate; the engine's default (TrainConfig)
+    batch_pairs: int = TrainConfig.batch_pairs  # pairs per LRF optimizer step; the engine's default (TrainConfig)
     adapt_steps: int = 4  # LRF optimizer steps per iteration (online adaptation)
     selection_temperature: float = 0.1  # softmax temperature over preference gaps (lower: greedier)
     cooldown: int = 1  # a component picked at iteration t is not picked again before t + 1 + cooldown
