@@ -35,15 +35,19 @@ while [[ "${1:-}" == -* ]]; do
     shift
 done
 [[ $# -eq 1 ]] || usage
-cd "$(dirname "$0")/.."
-PY="${PYTHON:-python}"  # the project's environment: its pip (>= 24) resolves for another Python; 23.2 cannot
-OUT="$1"
+abs() { mkdir -p "$1" && (cd "$1" && pwd); }  # folders given relative to the caller's directory, made absolute
+OUT=$(abs "$1")
+[[ -z "$HOST" ]] || HOST=$(abs "$HOST")
+# the project's environment (an activated venv's python): its pip (26.3 here) resolves for another Python; 23.2 cannot
+PY="${PYTHON:-python}"
+PY=$(command -v "$PY") && [[ "$PY" == /* ]] || PY="$PWD/$PY"
+# -P: the physical repository (a docs runner may call this through a folder of symbolic links to the checkout)
+cd -P "$(dirname "$0")/.."
 HELPER=benchmarks/gpu_bundle.py
 
 if (( ! CHECK_ONLY )); then
     rm -rf "$OUT"
     mkdir -p "$OUT/wheels"
-    OUT=$(cd "$OUT" && pwd)
     TMP=$(mktemp -d)
     trap 'rm -rf "$TMP"' EXIT
     "$PY" "$HELPER" standins "$TMP/standins" > "$TMP/image-constraints.txt"

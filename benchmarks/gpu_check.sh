@@ -7,7 +7,8 @@
 #
 # OUT_DIR (default ./gpu_check_out) receives at most 8 files (the device tool brings back 8): steps.tsv,
 # gpu_check.log, environment.json, gpu_tests.xml, bench_ops.json, workloads.json, gpu_check.json, gpu_check.md.
-# Steps, each under a hard `timeout`, all within GPU_CHECK_BUDGET seconds (default 480 = 8 min, install included):
+# Steps, each under a hard `timeout`, all within GPU_CHECK_BUDGET seconds (default 480 = 8 min, install included;
+# 900 for a dry run):
 #   verify          the bundle's files against its SHA256SUMS
 #   install         pip install --no-index --no-deps --no-build-isolation of the bundle's wheels into a target dir
 #   build           pip install of the source tree (same flags): the extension built by the image's compiler and
@@ -65,7 +66,9 @@ fi
 BUNDLE=$(cd "$BUNDLE" && pwd)
 OUT="${OUT:-${GPU_CHECK_OUT:-gpu_check_out}}"
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-BUDGET="${GPU_CHECK_BUDGET:-480}"
+# a dry run shares a CI machine's 2 cores: the same steps, more time (a C++ build there took 25 s idle, 150 s at load 10)
+BUDGET="${GPU_CHECK_BUDGET:-$( ((DRY)) && echo 900 || echo 480)}"
+BUILD_LIMIT=$( ((DRY)) && echo 400 || echo 150)
 START=$(date +%s)
 WORK="${GPU_CHECK_WORK:-$(mktemp -d /tmp/optimas_gpu_check.XXXXXX)}"
 rm -rf "$WORK" && mkdir -p "$WORK"
@@ -136,6 +139,29 @@ if (( DRY )); then
         purelib=\$('$WORK/venv/bin/python' -c 'import sysconfig; print(sysconfig.get_paths()[\"purelib\"])') &&
         echo '$IMAGE_SITE' > \"\$purelib/_gpu_image.pth\"" || finish
     PY="$WORK/venv/bin/python"
+    # CPython 3.12, the GPU image's, where this machine has one (GPU_CHECK_PY312 or python3.12 on the PATH): the
+    # sources compile with it and the extension builds and imports against its headers (pybind11 and setuptools
+    # borrowed from the host); without one, 3.12 is covered by gpu_bundle.sh's resolution alone. It runs in the
+    # background, beside the install and build (each C++ build keeps one core busy), and is waited for after them
+    PY312="${GPU_CHECK_PY312:-python3.12}"
+    if "$PY312" -c "import sys; sys.exit(sys.version_info[:2] != (3, 12))" >/dev/null 2>&1; then
+        step py312 "$BUILD_LIMIT" "dry run: the sources compile and the extension builds and imports under CPython 3.12" bash -c "
+            set -e
+            mkdir -p '$WORK/py312/lib' '$WORK/py312/src'
+            for m in pybind11 setuptools _distutils_hack; do
+                d=\$('$HOST_PY' -c \"import importlib.util as u, os; s = u.find_spec('\$m'); print(os.path.dirname(s.origin))\")
+                ln -s \"\$d\" '$WORK/py312/lib/'\$m
+            done
+            '$PY312' -m compileall -q '$SRC/optimas_fast' '$SRC/kernels' '$SRC/tests' '$SRC/benchmarks'
+            cp -r '$SRC/.' '$WORK/py312/src/'
+            cd '$WORK/py312/src'
+            SETUPTOOLS_USE_DISTUTILS=local PYTHONPATH='$WORK/py312/lib' '$PY312' setup.py -q build_ext --inplace
+            '$PY312' -c \"import glob, importlib.util as u; p = glob.glob('optimas_fast/_C.cpython-312-*.so')[0]; s = u.spec_from_file_location('optimas_fast._C', p); m = u.module_from_spec(s); s.loader.exec_module(m); n = [k for k in dir(m) if not k.startswith('_')]; assert n, 'the extension exports nothing'; print('CPython 3.12 loads', p, 'exporting', len(n), 'names')\"
+        " &
+        PY312_PID=$!
+    else
+        not_here py312 "not run: no CPython 3.12 here ($PY312); 3.12 is covered by gpu_bundle.sh's offline resolution"
+    fi
 else
     "$PY" -c "import torch; print('gpu_check on', torch.cuda.get_device_name(0), '| torch', torch.__version__)" | tee -a "$LOG"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv >> "$LOG" 2>&1 || true
@@ -152,9 +178,12 @@ step install 90 "pip install --no-index --no-deps the bundle's wheels into $SITE
     --target "$SITE" "$WHEELS"/*.whl || finish
 # the extension links no torch: the image's compiler and pybind11 build it (pyproject's build requirements are the
 # image's setuptools / wheel / pybind11, hence --no-build-isolation)
-step build 150 "pip install the source tree (builds optimas_fast._C)" \
+step build "$BUILD_LIMIT" "pip install the source tree (builds optimas_fast._C)" \
     env PYTHONPATH="$SITE" "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation --no-cache-dir \
     --target "$SITE" "$SRC" || finish
+if [[ -n "${PY312_PID:-}" ]]; then
+    wait "$PY312_PID" || finish  # it copied the sources it builds before they go
+fi
 rm -rf "$SRC/optimas_fast" "$SRC/kernels" "$SRC/csrc" "$SRC/build"  # tests import the installed copy only
 export PYTHONPATH="$SITE"
 step imports 60 "every module the check needs imports; versions (and the image's, vs assumed) -> environment.json" \

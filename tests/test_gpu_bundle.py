@@ -8,12 +8,14 @@
 Slow-ish by nature (a download, a C++ build, TRL): about 2-3 minutes together."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -23,6 +25,16 @@ sys.path.insert(0, BENCH)
 import gpu_bundle  # noqa: E402
 
 ENV = dict(os.environ, PYTHON=sys.executable)
+
+
+def python312() -> str | None:
+    """A CPython 3.12 on this machine (the PATH's python3.12, else pyenv's), or None."""
+    pyenv = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python3.12")))
+    for cand in [shutil.which("python3.12"), *pyenv]:
+        if cand and subprocess.run([cand, "-c", "import sys; sys.exit(sys.version_info[:2] != (3, 12))"],
+                                   capture_output=True).returncode == 0:
+            return cand
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -87,17 +99,20 @@ def test_dry_run_passes_from_the_bundle_alone(bundle, tmp_path):
     """The rehearsal: every non-CUDA step against a fresh environment of the image's packages plus the bundle."""
     out, host = bundle
     res = tmp_path / "out"
+    py312 = python312()
     p = subprocess.run(["bash", str(out / "gpu_check.sh"), "--dry-run", "--host-wheels", str(host), str(res)],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                       env=dict(ENV, GPU_CHECK_WORK=str(tmp_path / "work")))
+                       cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                       env=dict(ENV, GPU_CHECK_WORK=str(tmp_path / "work"), GPU_CHECK_PY312=py312 or "python3.12"))
     log = (res / "gpu_check.log").read_text() if (res / "gpu_check.log").exists() else ""
     assert p.returncode == 0, p.stderr[-2000:] + log[-4000:]
     result = json.loads((res / "gpu_check.json").read_text())
     assert result["ok"] and result["dry_run"] and not result["problems"]
     steps = {s["name"]: s for s in result["steps"]}
-    for name in ("verify", "image_env", "same_set", "install", "build", "imports", "gpu_tests", "kernel_suite",
-                 "workloads"):
+    for name in ("verify", "image_env", "py312", "same_set", "install", "build", "imports", "gpu_tests",
+                 "kernel_suite", "workloads"):
         assert steps[name]["rc"] == 0, name
+    # with a CPython 3.12 here, the sources compiled and the extension built and loaded under it
+    assert steps["py312"]["note"].startswith("dry run: the sources compile" if py312 else "not run: no CPython 3.12")
     env = result["environment"]
     assert env["modules"]["optimas_fast"]["file"].startswith(str(tmp_path / "work"))  # installed copy, not the repo
     assert "trl" in env["modules"] and "optimas_fast._C" in env["modules"]
@@ -144,8 +159,6 @@ def test_standin_wheels_carry_name_and_version_only(tmp_path):
     assert pins == ["torch==2.11.0+cu130", "typing-extensions==4.15.0+image"]
     names = sorted(os.listdir(tmp_path))
     assert names == ["torch-2.11.0+cu130-py3-none-any.whl", "typing_extensions-4.15.0+image-py3-none-any.whl"]
-    import zipfile
-
     with zipfile.ZipFile(tmp_path / names[0]) as z:
         meta = z.read("torch-2.11.0+cu130.dist-info/METADATA").decode()
     assert "Name: torch\nVersion: 2.11.0+cu130\n" in meta and "Requires-Dist" not in meta
