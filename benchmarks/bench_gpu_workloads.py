@@ -38,7 +38,7 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from _common import machine_info, write_results  # noqa: E402
 
-from optimas_fast.reward import PreferencePair, RewardModelConfig, RewardModel, TemplateConfig, spearman  # noqa: E402
+from optimas_fast.reward import PreferencePair, RewardModel, RewardModelConfig, TemplateConfig, spearman  # noqa: E402
 
 COMPONENTS = ("answer", "context", "reason")
 FILLER = ("the of and to in is was for on that with as by at from it an be this are which or have has not "
@@ -119,7 +119,8 @@ def build(size: str, device: str, seed: int, amp: str):
 
     tok = tokenizer()
     hidden, layers, inter, heads, kv, vocab = SIZES[size]
-    cfg = LlamaConfig(vocab_size=max(vocab or 0, tok.vocab_size), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=max(vocab or 0, tok.vocab_size), hidden_size=hidden, intermediate_size=inter,
+                      num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
                       num_labels=len(COMPONENTS), pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)

@@ -4,7 +4,7 @@ fresh "image" environment the dry run installs into. Standard library only (it r
 
     python benchmarks/gpu_bundle.py standins DIR                 # one empty wheel per image package; prints the pins
     python benchmarks/gpu_bundle.py requirements                 # what the bundle must satisfy, one per line
-    python benchmarks/gpu_bundle.py resolve BUNDLE               # offline resolution for CPython 3.12 (exit 1: incomplete)
+    python benchmarks/gpu_bundle.py resolve BUNDLE               # offline resolution for CPython 3.12 (1: incomplete)
     python benchmarks/gpu_bundle.py image-env DIR                # the dry run's stand-in for the image (see image_env)
     python benchmarks/gpu_bundle.py host-wheels BUNDLE DIR       # the bundle's exact set, built for THIS Python
     python benchmarks/gpu_bundle.py same-set DIR1 DIR2           # exit 1 unless both hold the same name==version set
@@ -35,8 +35,9 @@ import re
 import subprocess
 import sys
 import tempfile
-import tomllib
 import zipfile
+
+import tomllib
 
 try:  # installed wherever the image's transformers is; without it markers count as true (see _marker_true)
     from packaging.markers import Marker
@@ -305,7 +306,8 @@ def environment(site: str, image: dict[str, str] | None = None) -> tuple[dict, l
             except md.PackageNotFoundError:
                 unmet.append(f"{dist.metadata['Name']} {dist.version} needs {name} {constraint}: not installed")
                 continue
-            if constraint and SpecifierSet is not None and not SpecifierSet(constraint).contains(have, prereleases=True):
+            ok = SpecifierSet is None or SpecifierSet(constraint).contains(have, prereleases=True)
+            if constraint and not ok:
                 unmet.append(f"{dist.metadata['Name']} {dist.version} needs {name} {constraint}: found {have}")
     rec["unmet_requirements"] = sorted(set(unmet))
     return rec, problems

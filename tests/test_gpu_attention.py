@@ -14,9 +14,9 @@ import random
 import numpy as np
 import pytest
 import torch
+from test_gpu_engine import build, requests, tokenizer  # noqa: F401 - tokenizer is a fixture
 
 from optimas_fast.reward import attention
-from test_gpu_engine import build, requests, tokenizer  # noqa: F401 - tokenizer is a fixture
 
 # (group sizes, rows of different groups interleaved): the layouts of tests/test_reward.py's kernel test
 LAYOUTS = {"one_group": ([7], False), "equal_groups": ([2, 2, 2], False), "uneven_slots": ([3, 2, 3], True),
@@ -88,7 +88,7 @@ def test_shared_prefix_attention_equals_the_reference(device, kernel, dtype, lay
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dt)
     out.backward(dout.to(device))
     ref.backward(dout.double())
-    for name, a, b in zip(("dq", "dk", "dv", "dkp", "dvp"), leaves, ref_leaves):
+    for name, a, b in zip(("dq", "dk", "dv", "dkp", "dvp"), leaves, ref_leaves, strict=True):
         assert a.grad is not None and a.grad.shape == a.shape, name
         close(a.grad, b.grad, rel * 2, name)  # gradients sum over rows / heads: one more rounding each
 

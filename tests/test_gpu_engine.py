@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from optimas_fast.reward import PreferencePair, RewardModelConfig, RewardModel, init_distributed, spearman
+from optimas_fast.reward import PreferencePair, RewardModel, RewardModelConfig, init_distributed, spearman
 
 pytestmark = pytest.mark.gpu
 
@@ -268,11 +268,11 @@ def test_vllm_generation_equals_transformers(tmp_path, seed):
                    ledger=UsageLedger(), name="tiny")
     got = engine.generate(prompts, max_tokens=12)
     want = hf.generate(prompts, max_tokens=12)
-    same = sum(g[0].text == w[0].text for g, w in zip(got, want))
+    same = sum(g[0].text == w[0].text for g, w in zip(got, want, strict=True))
     # bf16 on both sides, different kernels: all first tokens agree, whole greedy strings in most prompts
-    assert all(g[0].text[:1] == w[0].text[:1] for g, w in zip(got, want)), (got, want)
+    assert all(g[0].text[:1] == w[0].text[:1] for g, w in zip(got, want, strict=True)), (got, want)
     assert same >= len(prompts) - 1, (got, want)
-    for p, g in zip(prompts, got):
+    for p, g in zip(prompts, got, strict=True):
         assert g[0].usage.prompt_tokens == len(tok(p)["input_ids"]) and 0 < g[0].usage.completion_tokens <= 12
     assert engine.generate(prompts, max_tokens=12) == got  # greedy is deterministic
     seeded = [engine.generate(prompts[:2], temperature=1.0, max_tokens=8, seed=7, n=2) for _ in range(2)]
@@ -310,3 +310,20 @@ def test_sharded_scoring_on_cuda_equals_one_process(tokenizer, seed, tmp_path):
         assert (got["rank"], got["world"]) == (r, 2) and got["batches"] >= 1
         close_scores(got["scores"], ref, 1e-4)
     assert ranks[0]["batches"] + ranks[1]["batches"] == ranks[0]["total"]  # every batch on exactly one rank
+
+
+# ------------------------------------------------------------------------------------------------ CUDA defaults
+def test_cuda_defaults(tokenizer, seed):
+    """What "auto" means on CUDA: bf16 scoring and training, the 16,384-token budget, the engine's SDPA kernel,
+    fused AdamW (CUDA parameters), and the shared-prefix kernel on for a Llama decoder."""
+    rm = RewardModel(_backbone("decoder", tokenizer.vocab_size, seed), COMPONENTS, tokenizer=tokenizer,
+                     config=RewardModelConfig(seed=seed), device="cuda")
+    enc = rm.encoder
+    assert enc.device.type == "cuda" and enc.uses_bf16(True) and enc.uses_bf16(False)
+    assert enc.token_budget == 16384 and enc.attention_name() == "sdpa" and enc._shared_prefix_kernel()
+    reqs = requests(random.Random(seed), 3, 4)
+    scores, rep = rm.score_with_report(reqs)
+    assert rep.amp == "bf16" and scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    rm.train(pairs(random.Random(seed), 4), epochs=1, lr=1e-3, batch_pairs=4)
+    opt = rm.trainer.optimizer
+    assert opt.defaults.get("fused") is True, opt.defaults

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

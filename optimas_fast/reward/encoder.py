@@ -686,8 +686,8 @@ class Encoder:
 
     def _shared_prefix_kernel(self) -> bool:
         """Whether shared-prefix calls (scoring and training) go through attention.py's shared-prefix kernel:
-        this engine's SDPA kernel on the CPU or CUDA (attention.shared_prefix_available), a rotary decoder with full attention in every layer (llama /
-        qwen2 / qwen3). ``config.shared_prefix_kernel=False`` keeps the per-row expanded cache (the reference
+        this engine's SDPA kernel on the CPU or CUDA (attention.shared_prefix_available), a rotary decoder with
+        full attention in every layer (llama / qwen2 / qwen3). ``config.shared_prefix_kernel=False`` keeps the per-row expanded cache (the reference
         it is tested against)."""
         layer_types = getattr(self.hf_config, "layer_types", None) or ()
         return (self.config.shared_prefix_kernel and attention.shared_prefix_available(self.device)
