@@ -495,7 +495,6 @@ BUDGET_MIPRO = 60
 
 
 def test_mipro_runs_on_a_dspy_program_within_the_budget(tmp_path, monkeypatch):
-    pytest.importorskip("optuna", reason="DSPy's MIPROv2 needs optuna (the dspy extra)")
     (tmp_path / "dspyqa.py").write_text(DSPY_MODULE)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
