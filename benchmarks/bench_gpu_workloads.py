@@ -149,13 +149,19 @@ def sync(device: str):
 
 
 def measured(device: str, fn, *args, **kwargs) -> dict:
-    """fn's result dict with its peak GPU memory (GiB, allocator's view) added on CUDA."""
+    """fn's result dict with GPU memory (GiB, the allocator's view) added on CUDA: ``peak_gpu_memory_gib`` (absolute,
+    everything resident included: the other methods' models stay on the GPU), ``resident_before_gib`` and
+    ``added_gpu_memory_gib`` = peak - resident before (what this method needed on top; TRL's includes its own
+    copy of the model, which it builds inside, ours' does not: our model was resident before)."""
     if device.startswith("cuda"):
         sync(device)
         torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     res = fn(*args, **kwargs)
     if device.startswith("cuda") and "skipped" not in res:
-        res["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        peak = torch.cuda.max_memory_allocated()
+        res.update(peak_gpu_memory_gib=peak / 2**30, resident_before_gib=before / 2**30,
+                   added_gpu_memory_gib=(peak - before) / 2**30)
     return res
 
 

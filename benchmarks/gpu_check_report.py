@@ -253,8 +253,9 @@ def markdown(r: dict) -> str:
                                  f"{_f(b['pairs_per_s'])} | "
                                  f"{_f(ours.get('pairs_per_s', 0) / b['pairs_per_s'], '{:.1f}x')} |")
                     if ours.get("peak_gpu_memory_gib") is not None and b.get("peak_gpu_memory_gib") is not None:
-                        lines.append(f"| peak GPU memory (GiB) vs {label} | {_f(ours['peak_gpu_memory_gib'])} | "
-                                     f"{_f(b['peak_gpu_memory_gib'])} | - |")
+                        lines.append(f"| GPU memory, peak / added (GiB) vs {label} | "
+                                     f"{_f(ours['peak_gpu_memory_gib'])} / {_f(ours.get('added_gpu_memory_gib'))} | "
+                                     f"{_f(b['peak_gpu_memory_gib'])} / {_f(b.get('added_gpu_memory_gib'))} | - |")
                 else:
                     lines.append(f"| training vs {label} | {_f(ours.get('pairs_per_s'))} | "
                                  f"{b.get('skipped', '-')} | - |")
@@ -271,6 +272,9 @@ def markdown(r: dict) -> str:
             else:
                 lines.append(f"| pool vs vLLM pooling | - | not available on this machine ({v.get('skipped', '-')}) "
                              "| - |")
+            lines += ["", "GPU memory: peak counts everything resident (the other methods' models stay on the GPU); "
+                          "added = peak minus what was resident before the method started (TRL's includes the copy "
+                          "of the model it builds; ours was resident before)."]
             lines += ["", f"Pool scores, ours vs the HF model (same weights and heads): max |diff| "
                           f"{_f(p.get('ours_vs_hf_max_abs_diff'))} (score std {_f(p.get('score_std'))}), Spearman "
                           f"{_f(p.get('ours_vs_hf_spearman'), '{:.4f}')}."]
