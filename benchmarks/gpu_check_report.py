@@ -213,27 +213,33 @@ def markdown(r: dict) -> str:
         lines += [f"- {n}" for n in (t["failed_names"] + t["skipped_names"])[:30]]
     v = r["vllm_gpu_tests"]
     lines += ["", f"vLLM GPU tests: {v if isinstance(v, str) else str(v['tests']) + ' ran'}"]
-    bt = r["bandwidth_target"]
-    lines += ["", f"## Bandwidth target (>= {bt['fraction']:.0%} of measured copy bandwidth, B=16384 H=4096 C=32): "
-                  f"{'met' if bt['met'] else 'NOT met'}", "",
-              "Judged on the Triton kernels alone (device time of back-to-back calls, CUDA events); the public op "
-              "(argument checks that sync with the host, autograd) beside it.", "",
-              "| group | judged on | device-time fraction | synchronous | public op: device-time / synchronous | met |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {x['group']} | {x.get('judged_on', '-')} | {_f(x['pipelined_fraction'], '{:.0%}')} | "
-              f"{_f(x['synchronous_fraction'], '{:.0%}')} | {_f(x.get('op_pipelined_fraction'), '{:.0%}')} / "
-              f"{_f(x.get('op_synchronous_fraction'), '{:.0%}')} | {'yes' if x['met'] else 'no'} |" for x in bt["rows"]]
-    lines += ["", "## Kernel suite (median ms; ours' speedup over each baseline)", "",
-              "| group | ours ms | ours GB/s | eager | compile | HF head | fraction of copy bw (sync / pipelined) |",
-              "|---|---|---|---|---|---|---|"]
-    for row in r["kernel_suite"]:
-        o = row["impls"].get("ours", {})
-        sp = row.get("speedup_vs", {})
-        hf = sp.get("all_heads", sp.get("hf_head"))
-        lines.append(f"| {row['group']} | {_f(o.get('median_ms'))} | {_f(o.get('GBps'), '{:.0f}')} | "
-                     f"{_f(sp.get('eager'), '{:.2f}x')} | {_f(sp.get('compile'), '{:.2f}x')} | {_f(hf, '{:.2f}x')} | "
-                     f"{_f(o.get('fraction_of_copy_bw'), '{:.0%}')} / "
-                     f"{_f(o.get('pipelined_fraction_of_copy_bw'), '{:.0%}')} |")
+    if r.get("dry_run"):  # no CUDA, so no kernel timings: their tables would be empty
+        lines += ["", "Kernel suite and bandwidth target: not measured in a dry run."]
+    else:
+        bt = r["bandwidth_target"]
+        lines += ["", f"## Bandwidth target (>= {bt['fraction']:.0%} of measured copy bandwidth, B=16384 H=4096 "
+                      f"C=32): {'met' if bt['met'] else 'NOT met'}", "",
+                  "Judged on the Triton kernels alone (device time of back-to-back calls, CUDA events); the public op "
+                  "(argument checks that sync with the host, autograd) beside it.", "",
+                  "| group | judged on | device-time fraction | synchronous | "
+                  "public op: device-time / synchronous | met |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {x['group']} | {x.get('judged_on', '-')} | {_f(x['pipelined_fraction'], '{:.0%}')} | "
+                  f"{_f(x['synchronous_fraction'], '{:.0%}')} | {_f(x.get('op_pipelined_fraction'), '{:.0%}')} / "
+                  f"{_f(x.get('op_synchronous_fraction'), '{:.0%}')} | {'yes' if x['met'] else 'no'} |"
+                  for x in bt["rows"]]
+        lines += ["", "## Kernel suite (median ms; ours' speedup over each baseline)", "",
+                  "| group | ours ms | ours GB/s | eager | compile | HF head | fraction of copy bw (sync / pipelined) |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in r["kernel_suite"]:
+            o = row["impls"].get("ours", {})
+            sp = row.get("speedup_vs", {})
+            hf = sp.get("all_heads", sp.get("hf_head"))
+            lines.append(f"| {row['group']} | {_f(o.get('median_ms'))} | {_f(o.get('GBps'), '{:.0f}')} | "
+                         f"{_f(sp.get('eager'), '{:.2f}x')} | {_f(sp.get('compile'), '{:.2f}x')} | "
+                         f"{_f(hf, '{:.2f}x')} | "
+                         f"{_f(o.get('fraction_of_copy_bw'), '{:.0%}')} / "
+                         f"{_f(o.get('pipelined_fraction_of_copy_bw'), '{:.0%}')} |")
     w = r.get("workloads")
     if w:
         p, tr = w.get("pool", {}), w.get("train", {})
