@@ -10,8 +10,8 @@ How blocks are run (what a writer of README.md or docs/ needs to know):
   that process's ``__main__`` namespace like a notebook's cells, and shell blocks run in the same working directory,
   so a later block may use the names and the files an earlier block made. The first failing block fails the file's
   test, which names it (``file:line``) and shows its output.
-- Twice: every file runs once from the repository root and once from an empty temporary directory (no source tree
-  on ``sys.path``, nothing beside it). "The repository root" is mirrored: a temporary folder holding a symbolic link
+- Twice: every file runs from the repository root and from an empty temporary directory (no source tree on
+  ``sys.path``, nothing beside it), the two runs side by side in one test. "The repository root" is mirrored: a temporary folder holding a symbolic link
   to each top-level entry of the checkout, so blocks see exactly the root's importable names (``kernels/``,
   ``optimas_fast/``, ``examples/``) and relative paths while what they write stays out of the checkout.
 - Markers, an HTML comment in the lines right above the fence:
@@ -38,6 +38,7 @@ import pkgutil
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -207,37 +208,59 @@ def _child_env() -> dict:
     return env
 
 
-def run_file(path: Path, cwd: Path, from_root: bool, tmp_path: Path) -> None:
-    blocks = [b for b in ALL_BLOCKS[path] if b.kind and not b.skip and (from_root or not b.repo_root_only)]
-    spec = tmp_path / "blocks.json"
-    spec.write_text(json.dumps([{"where": b.where, "kind": b.kind, "text": b.text, "write": b.write}
-                                for b in blocks]))
-    log = tmp_path / "output.log"
-    with open(log, "w") as out:
+class _FileRun:
+    """One Markdown file's blocks running in one child process (``python -c _RUNNER``), its output in a log file."""
+
+    def __init__(self, path: Path, cwd: Path, from_root: bool, tmp_path: Path):
+        self.path, self.from_root = path, from_root
+        blocks = [b for b in ALL_BLOCKS[path] if b.kind and not b.skip and (from_root or not b.repo_root_only)]
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        spec = tmp_path / "blocks.json"
+        spec.write_text(json.dumps([{"where": b.where, "kind": b.kind, "text": b.text, "write": b.write}
+                                    for b in blocks]))
+        self.log = tmp_path / "output.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-c", _RUNNER, str(spec)], cwd=cwd, env=_child_env(),
+                                         stdout=out, stderr=subprocess.STDOUT)
+
+    def failure(self, deadline: float) -> str | None:
+        """Waits for the child (killed at ``deadline``, a time.monotonic() value); None, or what failed."""
         try:
-            proc = subprocess.run([sys.executable, "-c", _RUNNER, str(spec)], cwd=cwd, env=_child_env(),
-                                  stdout=out, stderr=subprocess.STDOUT, timeout=FILE_TIMEOUT_S)
-            rc = proc.returncode
+            rc = self.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
             rc = None
-    text = log.read_text(errors="replace")
-    if rc == 0 and "@@docs-done" in text:
-        return
-    started = re.findall(r"^@@docs-block (\d+) (\S+) at ", text, re.M)
-    where = started[-1][1] if started else path.name
-    tail = text[text.rfind("@@docs-block"):] if started else text
-    status = "timed out after %d s" % FILE_TIMEOUT_S if rc is None else f"exit status {rc}"
-    pytest.fail(f"{where}: the documentation block failed ({status}; working directory "
-                f"{'the repository root (mirrored)' if from_root else 'an empty temporary directory'}). "
-                f"Its output:\n{tail[-6000:]}", pytrace=False)
+        text = self.log.read_text(errors="replace")
+        if rc == 0 and "@@docs-done" in text:
+            return None
+        started = re.findall(r"^@@docs-block (\d+) (\S+) at ", text, re.M)
+        where = started[-1][1] if started else self.path.name
+        tail = text[text.rfind("@@docs-block"):] if started else text
+        status = f"timed out after {FILE_TIMEOUT_S} s" if rc is None else f"exit status {rc}"
+        return (f"{where}: the documentation block failed ({status}; working directory "
+                f"{'the repository root (mirrored)' if self.from_root else 'an empty temporary directory'}). "
+                f"Its output:\n{tail[-6000:]}")
 
 
-@pytest.mark.parametrize("where", ["root", "tmpdir"])
+def run_file(path: Path, cwd: Path, from_root: bool, tmp_path: Path) -> None:
+    msg = _FileRun(path, cwd, from_root, tmp_path).failure(time.monotonic() + FILE_TIMEOUT_S)
+    if msg:
+        pytest.fail(msg, pytrace=False)
+
+
 @pytest.mark.parametrize("path", RUN_FILES, ids=[str(p.relative_to(ROOT)) for p in RUN_FILES])
-def test_code_blocks_run(path, where, tmp_path):
-    cwd = _mirror_root(tmp_path / "root") if where == "root" else (tmp_path / "cwd")
-    cwd.mkdir(exist_ok=True)
-    run_file(path, cwd, where == "root", tmp_path)
+def test_code_blocks_run(path, tmp_path):
+    """The file's blocks from the repository root and from an empty directory, the two runs side by side (most of
+    a run is one core importing torch and transformers: on CI's two cores the pair takes little more than one)."""
+    root = _mirror_root(tmp_path / "root")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    runs = [_FileRun(path, root, True, tmp_path / "root-run"), _FileRun(path, empty, False, tmp_path / "empty-run")]
+    deadline = time.monotonic() + FILE_TIMEOUT_S
+    failures = [m for m in (r.failure(deadline) for r in runs) if m]
+    if failures:
+        pytest.fail("\n\n".join(failures), pytrace=False)
 
 
 # ----------------------------------------------------------------------------------------------- the collector
@@ -321,6 +344,44 @@ def test_every_config_field_is_documented():
     missing = [f"{cls.__module__}.{cls.__qualname__}.{name}" for cls in hook.settings_classes()
                for name, doc in hook.field_docs(cls).items() if not doc]
     assert not missing, f"config fields without a comment: {missing}"
+
+
+def test_field_comments_are_attributed_to_their_fields(tmp_path):
+    src = '''from dataclasses import dataclass, field
+
+
+@dataclass
+class DemoConfig:
+    """Settings of a demo."""
+
+    a: int = 1  # the first knob
+    b: str = "x"  # a trailing comment that
+    # wraps onto the next line
+    c: float = 0.5  # its own comment
+    # a block comment above d
+    # on two lines
+    d: list = field(default_factory=list)
+    e: int | None = None
+
+    # a comment above a method belongs to it
+    def validate(self):
+        pass
+'''
+    (tmp_path / "demo_config_mod.py").write_text(src)
+    spec = importlib.util.spec_from_file_location("demo_config_mod", tmp_path / "demo_config_mod.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["demo_config_mod"] = mod
+    try:
+        spec.loader.exec_module(mod)
+        hook = _hook()
+        assert hook.field_docs(mod.DemoConfig) == {
+            "a": "the first knob", "b": "a trailing comment that wraps onto the next line", "c": "its own comment",
+            "d": "a block comment above d on two lines", "e": ""}
+        table = hook.class_table(mod.DemoConfig)
+        assert "| `e` | `int | None` | `None` |  |" in table and "| `d` | `list` | `[]` |" in table
+        assert "Settings of a demo." in table
+    finally:
+        del sys.modules["demo_config_mod"]
 
 
 def test_the_reference_lists_every_settings_class():
