@@ -229,7 +229,8 @@ def markdown(r: dict) -> str:
                   f"{_f(x.get('op_synchronous_fraction'), '{:.0%}')} | {'yes' if x['met'] else 'no'} |"
                   for x in bt["rows"]]
         lines += ["", "## Kernel suite (median ms; ours' speedup over each baseline)", "",
-                  "| group | ours ms | ours GB/s | eager | compile | HF head | fraction of copy bw (sync / pipelined) |",
+                  "| group | ours ms | ours GB/s | eager | compile | HF head | "
+                  "fraction of copy bw (sync / pipelined) |",
                   "|---|---|---|---|---|---|---|"]
         for row in r["kernel_suite"]:
             o = row["impls"].get("ours", {})
