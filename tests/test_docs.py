@@ -11,9 +11,10 @@ How blocks are run (what a writer of README.md or docs/ needs to know):
   so a later block may use the names and the files an earlier block made. The first failing block fails the file's
   test, which names it (``file:line``) and shows its output.
 - Twice: every file runs from the repository root and from an empty temporary directory (no source tree on
-  ``sys.path``, nothing beside it), the two runs side by side in one test. "The repository root" is mirrored: a temporary folder holding a symbolic link
-  to each top-level entry of the checkout, so blocks see exactly the root's importable names (``kernels/``,
-  ``optimas_fast/``, ``examples/``) and relative paths while what they write stays out of the checkout.
+  ``sys.path``, nothing beside it), the two runs side by side in one test. "The repository root" is mirrored: a
+  temporary folder holding a symbolic link to each tracked top-level entry of the checkout, so blocks see exactly
+  the root's importable names (``kernels/``, ``optimas_fast/``, ``examples/``) and relative paths while what they
+  write stays out of the checkout.
 - Markers, an HTML comment in the lines right above the fence:
   ``<!-- skip: reason -->`` the block is not run (a GPU, an API key, a multi-GB download, minutes of timing);
   ``<!-- repo-root: reason -->`` it runs from the repository root only (it reads files of the clone);
@@ -27,6 +28,7 @@ How blocks are run (what a writer of README.md or docs/ needs to know):
 Also here: ``mkdocs build --strict`` into a temporary folder, and the configuration reference's completeness (every
 field of every settings dataclass has its comment; see docs/hooks/config_reference.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -99,7 +101,7 @@ def parse_blocks(path: Path) -> list[Block]:
         body, j = [], i + 1
         close = re.compile(r"^[ \t]*" + re.escape(fence[0]) + "{" + str(len(fence)) + r",}[ \t]*$")
         while j < len(lines) and not close.match(lines[j]):
-            body.append(lines[j][len(indent):] if lines[j].startswith(indent) else lines[j].lstrip())
+            body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j].lstrip())
             j += 1
         if j == len(lines):
             raise ValueError(f"{path}:{i + 1}: a code fence that is never closed")
@@ -118,8 +120,10 @@ def parse_blocks(path: Path) -> list[Block]:
             k -= 1
         for what in ("skip", "repo_root_only", "write"):
             if getattr(block, what) == "":
-                raise ValueError(f"{block.where}: a '{what.replace('_only', '').replace('_', '-')}:' marker needs "
-                                 f"a reason (or a path)")
+                raise ValueError(
+                    f"{block.where}: a '{what.replace('_only', '').replace('_', '-')}:' marker needs "
+                    f"a reason (or a path)"
+                )
         blocks.append(block)
         i = j + 1
     return blocks
@@ -216,12 +220,18 @@ class _FileRun:
         blocks = [b for b in ALL_BLOCKS[path] if b.kind and not b.skip and (from_root or not b.repo_root_only)]
         tmp_path.mkdir(parents=True, exist_ok=True)
         spec = tmp_path / "blocks.json"
-        spec.write_text(json.dumps([{"where": b.where, "kind": b.kind, "text": b.text, "write": b.write}
-                                    for b in blocks]))
+        spec.write_text(
+            json.dumps([{"where": b.where, "kind": b.kind, "text": b.text, "write": b.write} for b in blocks])
+        )
         self.log = tmp_path / "output.log"
         with open(self.log, "w") as out:
-            self.proc = subprocess.Popen([sys.executable, "-c", _RUNNER, str(spec)], cwd=cwd, env=_child_env(),
-                                         stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _RUNNER, str(spec)],
+                cwd=cwd,
+                env=_child_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     def failure(self, deadline: float) -> str | None:
         """Waits for the child (killed at ``deadline``, a time.monotonic() value); None, or what failed."""
@@ -236,11 +246,13 @@ class _FileRun:
             return None
         started = re.findall(r"^@@docs-block (\d+) (\S+) at ", text, re.M)
         where = started[-1][1] if started else self.path.name
-        tail = text[text.rfind("@@docs-block"):] if started else text
+        tail = text[text.rfind("@@docs-block") :] if started else text
         status = f"timed out after {FILE_TIMEOUT_S} s" if rc is None else f"exit status {rc}"
-        return (f"{where}: the documentation block failed ({status}; working directory "
-                f"{'the repository root (mirrored)' if self.from_root else 'an empty temporary directory'}). "
-                f"Its output:\n{tail[-6000:]}")
+        return (
+            f"{where}: the documentation block failed ({status}; working directory "
+            f"{'the repository root (mirrored)' if self.from_root else 'an empty temporary directory'}). "
+            f"Its output:\n{tail[-6000:]}"
+        )
 
 
 def run_file(path: Path, cwd: Path, from_root: bool, tmp_path: Path) -> None:
@@ -266,14 +278,22 @@ def test_code_blocks_run(path, tmp_path):
 # ----------------------------------------------------------------------------------------------- the collector
 def test_collector_reads_fences_and_markers(tmp_path):
     md = tmp_path / "page.md"
-    md.write_text("text\n\n<!-- skip: needs a GPU -->\n```python\nimport x\n```\n\n"
-                  "<!-- demo-command -->\n```bash\nmake demo\n```\n<!-- /demo-command -->\n\n"
-                  "- a list item:\n\n    ```bash\n    echo hi\n    ```\n\n"
-                  "<!-- write: cfg.yaml -->\n```yaml\na: 1\n```\n\n```text\nout\n```\n\n"
-                  "<!-- repo-root: reads examples/ -->\n````sh\nls examples\n````\n")
+    md.write_text(
+        "text\n\n<!-- skip: needs a GPU -->\n```python\nimport x\n```\n\n"
+        "<!-- demo-command -->\n```bash\nmake demo\n```\n<!-- /demo-command -->\n\n"
+        "- a list item:\n\n    ```bash\n    echo hi\n    ```\n\n"
+        "<!-- write: cfg.yaml -->\n```yaml\na: 1\n```\n\n```text\nout\n```\n\n"
+        "<!-- repo-root: reads examples/ -->\n````sh\nls examples\n````\n"
+    )
     blocks = parse_blocks(md)
-    assert [(b.line, b.kind) for b in blocks] == [(4, "python"), (9, "shell"), (16, "shell"), (21, "write"),
-                                                  (25, None), (30, "shell")]
+    assert [(b.line, b.kind) for b in blocks] == [
+        (4, "python"),
+        (9, "shell"),
+        (16, "shell"),
+        (21, "write"),
+        (25, None),
+        (30, "shell"),
+    ]
     assert blocks[0].skip == "needs a GPU" and blocks[1].skip == CI_BLOCKS["demo-command"]
     assert blocks[2].text == "echo hi\n" and blocks[2].skip is None
     assert blocks[3].write == "cfg.yaml" and blocks[3].text == "a: 1\n"
@@ -294,8 +314,10 @@ def test_a_failing_block_fails_its_file_and_is_named(tmp_path):
     """The runner is what makes a stale snippet a failing test: a block that raises, or a shell block that exits
     non-zero, fails the file's test naming that block; names and files made by earlier blocks are visible."""
     md = tmp_path / "page.md"
-    md.write_text("```python\nvalue = 41\nopen('made.txt', 'w').write('x')\n```\n\n```bash\ntest -f made.txt\n```\n\n"
-                  "```python\nassert value == 41\nraise RuntimeError('stale snippet')\n```\n")
+    md.write_text(
+        "```python\nvalue = 41\nopen('made.txt', 'w').write('x')\n```\n\n```bash\ntest -f made.txt\n```\n\n"
+        "```python\nassert value == 41\nraise RuntimeError('stale snippet')\n```\n"
+    )
     ALL_BLOCKS[md] = parse_blocks(md)
     try:
         cwd = tmp_path / "cwd"
@@ -319,8 +341,9 @@ def test_every_not_executed_block_is_reported_with_its_reason():
 
 # ----------------------------------------------------------------------------------------------- the site
 def _hook():
-    spec = importlib.util.spec_from_file_location("docs_config_reference", ROOT / "docs" / "hooks" /
-                                                  "config_reference.py")
+    spec = importlib.util.spec_from_file_location(
+        "docs_config_reference", ROOT / "docs" / "hooks" / "config_reference.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -329,9 +352,24 @@ def _hook():
 def test_mkdocs_build_strict(tmp_path):
     """``mkdocs build --strict``: a broken link, a missing page in the nav, an unresolved API reference or a
     docstring the reference cannot render fails it."""
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
-                           str(ROOT / "mkdocs.yml"), "--site-dir", str(tmp_path / "site")],
-                          cwd=ROOT, env=_child_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(tmp_path / "site"),
+        ],
+        cwd=ROOT,
+        env=_child_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     page = (tmp_path / "site" / "configuration" / "index.html").read_text()
     assert "shared_prefix_kernel" in page and "num_candidates" in page  # the generated reference is in the page
@@ -341,8 +379,12 @@ def test_every_config_field_is_documented():
     """Each field of each settings dataclass has a comment (its meaning) in its source; the configuration reference
     is generated from them, so a field added without one fails here."""
     hook = _hook()
-    missing = [f"{cls.__module__}.{cls.__qualname__}.{name}" for cls in hook.settings_classes()
-               for name, doc in hook.field_docs(cls).items() if not doc]
+    missing = [
+        f"{cls.__module__}.{cls.__qualname__}.{name}"
+        for cls in hook.settings_classes()
+        for name, doc in hook.field_docs(cls).items()
+        if not doc
+    ]
     assert not missing, f"config fields without a comment: {missing}"
 
 
@@ -375,8 +417,12 @@ class DemoConfig:
         spec.loader.exec_module(mod)
         hook = _hook()
         assert hook.field_docs(mod.DemoConfig) == {
-            "a": "the first knob", "b": "a trailing comment that wraps onto the next line", "c": "its own comment",
-            "d": "a block comment above d on two lines", "e": ""}
+            "a": "the first knob",
+            "b": "a trailing comment that wraps onto the next line",
+            "c": "its own comment",
+            "d": "a block comment above d on two lines",
+            "e": "",
+        }
         table = hook.class_table(mod.DemoConfig)
         assert "| `e` | `int | None` | `None` |  |" in table and "| `d` | `list` | `[]` |" in table
         assert "Settings of a demo." in table
@@ -398,11 +444,14 @@ def test_the_reference_lists_every_settings_class():
                 raise
             continue
         for obj in vars(mod).values():
-            if (isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == info.name
-                    and re.search(r"(Config|Settings|Arguments)$", obj.__name__)):
+            if (
+                isinstance(obj, type)
+                and dataclasses.is_dataclass(obj)
+                and obj.__module__ == info.name
+                and re.search(r"(Config|Settings|Arguments)$", obj.__name__)
+            ):
                 found.add((obj.__module__, obj.__qualname__))
-    assert found - listed == set(), f"settings dataclasses missing from docs/hooks/config_reference.py: {found - listed}"
+    missing = found - listed
+    assert not missing, f"settings dataclasses missing from docs/hooks/config_reference.py: {missing}"
     text = hook.config_reference_markdown()
-    from optimas_fast.reward import TemplateConfig
-
-    assert "`max_length`" in text and "`512`" in text and TemplateConfig.__name__ in text
+    assert "### `TemplateConfig`" in text and "| `max_length` | `int` | `512` |" in text

@@ -9,6 +9,7 @@ Which comment belongs to a field: its trailing comment, plus the standalone comm
 previous field. A standalone block that follows a field with a trailing comment and precedes a field that has its own
 trailing comment continues the first one (a long trailing comment wrapped onto the next line).
 """
+
 from __future__ import annotations
 
 import ast
@@ -23,32 +24,57 @@ PLACEHOLDER = "<!-- config-reference -->"
 
 # (title, what it configures and where it is written, ["module:Class", ...])
 SECTIONS = [
-    ("A run: `optimas-fast run CONFIG.yaml`",
-     "The top-level keys of a run's YAML file (`optimas_fast.run.load_config` parses it; an unknown key or a wrong "
-     "value stops with a message naming it). `loop:` holds the loop's settings below.",
-     ["optimas_fast.run:RunConfig"]),
-    ("The Optimas loop: `loop:` in YAML, `OptimasConfig` in Python",
-     "`OptimasConfig.from_dict(d)` (and the `loop:` key) take these names; nested classes are the keys "
-     "`collect:`, `prompt:`, `choice:`, `weights:` and `budget:` under `loop:`.",
-     ["optimas_fast.optimize.config:OptimasConfig", "optimas_fast.preference.collect:CollectConfig",
-      "optimas_fast.optimizers.prompt:PromptConfig", "optimas_fast.optimizers.choice:ChoiceConfig",
-      "optimas_fast.optimizers.weights:WeightsConfig", "optimas_fast.optimize.config:BudgetConfig"]),
-    ("The reward model: `RewardModel(..., config=RewardModelConfig(...))`",
-     "The engine's settings of a reward model (text layout, pooling, precision, batching); `TemplateConfig` is its "
-     "`template`, `LoraSettings` its `lora`. `TrainConfig` fields are keyword arguments of `RewardModel.train` and "
-     "`RewardModel.adapt`.",
-     ["optimas_fast.reward.config:RewardModelConfig", "optimas_fast.reward.template:TemplateConfig",
-      "optimas_fast.reward.config:LoraSettings", "optimas_fast.reward.trainer:TrainConfig"]),
-    ("The TRL face: `optimas_fast.trl.RewardConfig`",
-     "TRL's names and TRL 1.16's defaults; also the YAML mapping of `optimas-fast reward train --config`.",
-     ["optimas_fast.reward.trl_trainer:RewardConfig"]),
-    ("The scheduler: `Scheduler(...)`",
-     "The C++ planner's settings (`optimas_fast.scheduler.Scheduler` takes them as keywords).",
-     ["optimas_fast.scheduler:SchedulerConfig"]),
-    ("The example systems: `load_example(name, config=...)`",
-     "Each example system's own knobs (prompt lengths, the options its `Choice` variables range over).",
-     ["optimas_fast.examples.pubmedqa:PubMedQAConfig", "optimas_fast.examples.hotpotqa:HotpotQAConfig",
-      "optimas_fast.examples.amazon:AmazonConfig", "optimas_fast.examples.codegen:CodegenConfig"]),
+    (
+        "A run: `optimas-fast run CONFIG.yaml`",
+        "The top-level keys of a run's YAML file (`optimas_fast.run.load_config` parses it; an unknown key or a wrong "
+        "value stops with a message naming it). `loop:` holds the loop's settings below.",
+        ["optimas_fast.run:RunConfig"],
+    ),
+    (
+        "The Optimas loop: `loop:` in YAML, `OptimasConfig` in Python",
+        "`OptimasConfig.from_dict(d)` (and the `loop:` key) take these names; nested classes are the keys "
+        "`collect:`, `prompt:`, `choice:`, `weights:` and `budget:` under `loop:`.",
+        [
+            "optimas_fast.optimize.config:OptimasConfig",
+            "optimas_fast.preference.collect:CollectConfig",
+            "optimas_fast.optimizers.prompt:PromptConfig",
+            "optimas_fast.optimizers.choice:ChoiceConfig",
+            "optimas_fast.optimizers.weights:WeightsConfig",
+            "optimas_fast.optimize.config:BudgetConfig",
+        ],
+    ),
+    (
+        "The reward model: `RewardModel(..., config=RewardModelConfig(...))`",
+        "The engine's settings of a reward model (text layout, pooling, precision, batching); `TemplateConfig` is its "
+        "`template`, `LoraSettings` its `lora`. `TrainConfig` fields are keyword arguments of `RewardModel.train` and "
+        "`RewardModel.adapt`.",
+        [
+            "optimas_fast.reward.config:RewardModelConfig",
+            "optimas_fast.reward.template:TemplateConfig",
+            "optimas_fast.reward.config:LoraSettings",
+            "optimas_fast.reward.trainer:TrainConfig",
+        ],
+    ),
+    (
+        "The TRL face: `optimas_fast.trl.RewardConfig`",
+        "TRL's names and TRL 1.16's defaults; also the YAML mapping of `optimas-fast reward train --config`.",
+        ["optimas_fast.reward.trl_trainer:RewardConfig"],
+    ),
+    (
+        "The scheduler: `Scheduler(...)`",
+        "The C++ planner's settings (`optimas_fast.scheduler.Scheduler` takes them as keywords).",
+        ["optimas_fast.scheduler:SchedulerConfig"],
+    ),
+    (
+        "The example systems: `load_example(name, config=...)`",
+        "Each example system's own knobs (prompt lengths, the options its `Choice` variables range over).",
+        [
+            "optimas_fast.examples.pubmedqa:PubMedQAConfig",
+            "optimas_fast.examples.hotpotqa:HotpotQAConfig",
+            "optimas_fast.examples.amazon:AmazonConfig",
+            "optimas_fast.examples.codegen:CodegenConfig",
+        ],
+    ),
 ]
 
 
@@ -74,7 +100,7 @@ def field_docs(cls: type) -> dict[str, str]:
     for tok in tokenize.generate_tokens(io.StringIO(src).readline):
         if tok.type == tokenize.COMMENT:
             row = tok.start[0]
-            standalone = not lines[row - 1][:tok.start[1]].strip()
+            standalone = not lines[row - 1][: tok.start[1]].strip()
             comments[row] = (tok.string.lstrip("#").strip(), standalone)
     fields = {f.name for f in dataclasses.fields(cls)}
     stmts = [s for s in classdef.body]
@@ -114,8 +140,14 @@ def _cell(text: str) -> str:
 def class_table(cls: type) -> str:
     docs = field_docs(cls)
     where = f"{cls.__module__}.{cls.__qualname__}"
-    out = [f"### `{cls.__name__}`", "", f"`{where}`" + (f": {_summary(cls)}" if _summary(cls) else ""), "",
-           "| field | type | default | meaning |", "|---|---|---|---|"]
+    out = [
+        f"### `{cls.__name__}`",
+        "",
+        f"`{where}`" + (f": {_summary(cls)}" if _summary(cls) else ""),
+        "",
+        "| field | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
     for f in dataclasses.fields(cls):
         tp = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         # pipes inside a code span do not split a row (Python-Markdown's tables skip code spans); elsewhere they do
