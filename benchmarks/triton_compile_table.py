@@ -2,8 +2,9 @@
 without a GPU, and tabulate what the compiler allocated: registers per thread, spills, shared memory, and the
 occupancy those allow on an H100 / A100.
 
-    python benchmarks/triton_compile_table.py                      # Markdown table on stdout (2 workers)
-    python benchmarks/triton_compile_table.py --workers 4 --json out.json
+    python benchmarks/triton_compile_table.py                      # Markdown summary on stdout (2 workers)
+    python benchmarks/triton_compile_table.py --full               # one line per compilation
+    python benchmarks/triton_compile_table.py --arch 90 --kernels _bt_loss_fwd_kernel --json out.json
 
 How the configurations are found (nothing is listed by hand): the launchers of optimas_fast/ops/_triton.py run
 on empty CPU tensors over every *shape class* -- one shape per distinct answer of the launch helpers in
@@ -24,6 +25,7 @@ Where the numbers come from: registers, stack and spill bytes from the ``ptxas -
 ptxas run (the ptxas Triton ships: CUDA 12.9 for sm_80, 13.x for sm_90a; captured with TRITON_DUMP_PTXAS_LOG);
 shared memory from the compiled kernel's metadata (``metadata.shared``, Triton's dynamic shared allocation).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +41,20 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+import torch
+import triton
+from optimas_fast.kernels._utils import row_block, row_launch, segment_launch, sorted_rows_launch
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import KernelInterface
+
+from optimas_fast.kernels import bt_loss as _bt_loss_mod
+from optimas_fast.kernels import fused_head_bt as _fused_mod
+from optimas_fast.kernels import last_token as _last_token_mod
+from optimas_fast.kernels import multihead as _multihead_mod
+from optimas_fast.ops import _triton
+
 # name -> (GPU this target stands for, its multiprocessor count: the sorted fused kernel's grid depends on it)
 TARGETS = {90: ("H100 SXM", 132), 80: ("A100", 108)}
 DTYPES = ("float32", "bfloat16", "float16")  # the hidden-state dtypes the fast backends take
@@ -47,8 +63,8 @@ DTYPES = ("float32", "bfloat16", "float16")  # the hidden-state dtypes the fast 
 # 65,536 32-bit registers, allocated per warp in units of 256; at most 64 resident warps (2,048 threads) and
 # 32 blocks; shared memory 228 KiB (H100; A100 164 KiB) of which 1 KiB per block is reserved by the system.
 SM_LIMITS = {
-    90: dict(regs=65536, reg_unit=256, max_regs_thread=255, warps=64, blocks=32, smem=228 * 1024, smem_block_reserved=1024),
-    80: dict(regs=65536, reg_unit=256, max_regs_thread=255, warps=64, blocks=32, smem=164 * 1024, smem_block_reserved=1024),
+    90: dict(regs=65536, reg_unit=256, warps=64, blocks=32, smem=228 * 1024, smem_block_reserved=1024),
+    80: dict(regs=65536, reg_unit=256, warps=64, blocks=32, smem=164 * 1024, smem_block_reserved=1024),
 }
 
 # Shape sweeps: the ops take any H >= 1 and any number of rows; the helpers' answers only change below these
@@ -98,8 +114,6 @@ def _first_per_class(values, key):
 def hidden_classes() -> dict:
     """H values grouped by launch choice: {(row launch, segment block, one-pass fused kernel or not): [one H per
     Triton class of H]}."""
-    from optimas_fast.kernels._utils import row_launch, segment_launch, sorted_rows_launch
-
     groups: dict = {}
     for H in range(1, SWEEP_H + 1):
         rl, sl = row_launch(H), sorted_rows_launch(1, H, 1)
@@ -111,8 +125,6 @@ def hidden_classes() -> dict:
 def row_classes(multiprocessors: int) -> dict:
     """Batch sizes grouped by the bt_loss block: {row_block: [one B per (B's class, the sorted-rows launch's
     ROWS_PER_PROGRAM class)]}."""
-    from optimas_fast.kernels._utils import row_block, sorted_rows_launch
-
     groups: dict = {}
     for B in range(1, SWEEP_ROWS + 1):
         sl = sorted_rows_launch(B, 16, multiprocessors)
@@ -122,8 +134,6 @@ def row_classes(multiprocessors: int) -> dict:
 
 def rows_and_heads() -> list[tuple[int, int]]:
     """One (rows N, heads C) per class of the segmented reduction's SPLIT argument."""
-    from optimas_fast.kernels._utils import segment_launch
-
     pairs = ((N, C) for C in (1, 2, 3, MAX_HEADS) for N in range(1, SWEEP_ROWS + 1))
     return _first_per_class(pairs, lambda p: int_class(segment_launch(p[0], p[1], 16).split))
 
@@ -145,8 +155,13 @@ class Launch:
     options: dict  # num_warps, num_stages, num_ctas, enable_fp_fusion
 
     def key(self):
-        return (self.kernel, tuple(self.signature.items()), tuple(sorted(self.constexprs.items())),
-                repr(sorted(self.attrs.items())), tuple(sorted(self.options.items())))
+        return (
+            self.kernel,
+            tuple(self.signature.items()),
+            tuple(sorted(self.constexprs.items())),
+            repr(sorted(self.attrs.items())),
+            tuple(sorted(self.options.items())),
+        )
 
     def fields(self) -> dict:
         """The configuration as data: the kernel's own constexprs (the launcher's choices), the Triton class of
@@ -163,15 +178,22 @@ class Launch:
             elif ty in ("i32", "i64"):
                 ints[name] = "D" if self.attrs.get((i,)) else "i"
         halves = sorted({ty[1:] for ty in self.signature.values() if ty in ("*bf16", "*fp16")})
-        return dict(choice=choice, ints=ints, aligned=all(aligned), dtype=halves[0] if halves else "fp32",
-                    num_warps=self.options["num_warps"])
+        return dict(
+            choice=choice,
+            ints=ints,
+            aligned=all(aligned),
+            dtype=halves[0] if halves else "fp32",
+            num_warps=self.options["num_warps"],
+        )
 
     def describe(self) -> str:
         f = self.fields()
         consts = ", ".join(f"{k}={v}" for k, v in f["choice"].items())
         ints = ", ".join(f"{k}={'1' if c == '1' else '16k' if c == 'D' else 'n'}" for k, c in f["ints"].items())
-        return (f"{f['dtype']}; {consts}; warps={f['num_warps']}; {ints}{'; ' if ints else ''}"
-                f"{'aligned' if f['aligned'] else 'unaligned'}")
+        return (
+            f"{f['dtype']}; {consts}; warps={f['num_warps']}; {ints}{'; ' if ints else ''}"
+            f"{'aligned' if f['aligned'] else 'unaligned'}"
+        )
 
 
 class _StandInDriver:
@@ -179,8 +201,6 @@ class _StandInDriver:
     every launch before compilation)."""
 
     def __init__(self, arch: int):
-        from triton.backends.compiler import GPUTarget
-
         self.target = GPUTarget("cuda", arch, 32)
 
     def get_current_target(self):
@@ -195,8 +215,6 @@ class _StandInDriver:
 
 def _tensor(shape, dtype, aligned: bool):
     """Uninitialised (nothing runs); unaligned = one element past the allocation's 16-byte-aligned start."""
-    import torch
-
     n = 1
     for s in shape:
         n *= s
@@ -205,8 +223,6 @@ def _tensor(shape, dtype, aligned: bool):
 
 
 def _ids(n: int, C: int, aligned: bool):
-    import torch
-
     ids = _tensor((n,), torch.int64, aligned)
     ids.copy_(torch.arange(n) % C)  # every head present: the sorted kernel flushes between heads
     return ids
@@ -231,8 +247,6 @@ def _drive_launchers(T, multiprocessors: int):
     """Calls every launcher in optimas_fast.ops._triton once per launch choice -- the product of the launch
     helpers' distinct answers (block, warps; via the H and batch-size classes), the dtypes and the optional
     inputs -- with the integer classes and the alignment cycled over those calls."""
-    import torch
-
     Hs, Bs, NCs, Ts = hidden_classes(), row_classes(multiprocessors), rows_and_heads(), seq_lengths()
     aligns = (True, False)
     flags2 = list(itertools.product((False, True), repeat=2))
@@ -243,12 +257,12 @@ def _drive_launchers(T, multiprocessors: int):
         for dt in DTYPES:
             for has_w, has_mu in flags2:
                 k, al = cyc[blk]()
-                B = reps[k % len(reps)]
-                r = lambda: _tensor((B,), getattr(torch, dt), al)  # noqa: E731
-                T.bt_loss_rows(r(), r(), r() if has_w else None, r() if has_mu else None, 0.1)
+                rc, rr, w, mu = (_tensor((reps[k % len(reps)],), getattr(torch, dt), al) for _ in range(4))
+                T.bt_loss_rows(rc, rr, w if has_w else None, mu if has_mu else None, 0.1)
     # multihead: choices = H launch class x dtype; variants = H's classes x split classes x alignment
     all_B = [B for reps in Bs.values() for B in reps]
-    cyc_mh, cyc_lt, cyc_split = _Cycle(range(3), NCs, aligns), _Cycle(range(3), Ts, aligns), _Cycle(range(3), NCs, aligns)
+    cyc_mh, cyc_split = _Cycle(range(3), NCs, aligns), _Cycle(range(3), NCs, aligns)
+    cyc_lt = _Cycle(range(3), Ts, aligns)
     cyc_fused = {grad: _Cycle(range(3), all_B, aligns) for grad in (False, True)}  # one per kernel path
     for hkey, hreps in Hs.items():
         for dt_name in DTYPES:
@@ -266,8 +280,18 @@ def _drive_launchers(T, multiprocessors: int):
                     H = hreps[k % len(hreps)]
                     C = 3
                     hc, hr, ids = _tensor((B, H), dt, al), _tensor((B, H), dt, al), _ids(B, C, al)
-                    T.fused_head_bt(hc, hr, ids, f32(al, C, H), f32(al, C), f32(al, B) if has_w else None,
-                                    f32(al, B) if has_mu else None, 0.1, 1.0 / B, grad)
+                    T.fused_head_bt(
+                        hc,
+                        hr,
+                        ids,
+                        f32(al, C, H),
+                        f32(al, C),
+                        f32(al, B) if has_w else None,
+                        f32(al, B) if has_mu else None,
+                        0.1,
+                        1.0 / B,
+                        grad,
+                    )
             k, (N, C), al = cyc_split()
             H = hreps[k % len(hreps)]
             if H > hkey[0].block_h:
@@ -281,6 +305,14 @@ def _drive_launchers(T, multiprocessors: int):
             T.last_token_fwd(_tensor((3, Tl, H), dt, al), pos)
             T.last_token_bwd(_tensor((3, H), dt, al), pos, Tl)
 
+
+# The kernels of kernels/*.py (device helpers such as _bt_row_terms are compiled inside them).
+KERNELS = sorted(
+    name
+    for mod in (_bt_loss_mod, _fused_mod, _last_token_mod, _multihead_mod)
+    for name, obj in vars(mod).items()
+    if isinstance(obj, KernelInterface) and name.endswith("_kernel")
+)
 
 # The launchers the sweep above calls (one line each: what they run).
 LAUNCHERS = {
@@ -296,13 +328,10 @@ LAUNCHERS = {
 def record_launches(arch: int) -> list[Launch]:
     """Every distinct compilation the launchers ask for on this target, in a stable order. Worker side only."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("record_launches: TRITON_INTERPRET=1 makes @triton.jit build interpreter objects; "
-                           "run it in a worker without it (compile_all does)")
-    import triton
-    from triton import knobs
-
-    from optimas_fast.ops import _triton as T
-
+        raise RuntimeError(
+            "record_launches: TRITON_INTERPRET=1 makes @triton.jit build interpreter objects; "
+            "run it in a worker without it (compile_all does)"
+        )
     found: dict = {}
 
     def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
@@ -314,12 +343,12 @@ def record_launches(arch: int) -> list[Launch]:
     previous = knobs.runtime.jit_cache_hook
     knobs.runtime.jit_cache_hook = hook
     triton.runtime.driver.set_active(_StandInDriver(arch))
-    mp = T._multiprocessors
-    T._multiprocessors = lambda device: TARGETS[arch][1]  # the sorted kernel's grid is per SM
+    mp = _triton._multiprocessors
+    _triton._multiprocessors = lambda device: TARGETS[arch][1]  # the sorted kernel's grid is per SM
     try:
-        _drive_launchers(T, TARGETS[arch][1])
+        _drive_launchers(_triton, TARGETS[arch][1])
     finally:
-        T._multiprocessors = mp
+        _triton._multiprocessors = mp
         knobs.runtime.jit_cache_hook = previous
     return sorted(found.values(), key=lambda lc: repr(lc.key()))
 
@@ -337,19 +366,17 @@ _PTXAS = {
 
 def compile_launch(lc: Launch, arch: int) -> dict:
     """Compiles one configuration for one target; returns its resource use (or the compiler's error)."""
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     row = dict(kernel=lc.kernel, config=lc.describe(), arch=arch, **lc.fields())
     log = io.StringIO()
     knobs.nvidia.dump_ptxas_log = True  # Triton prints ptxas -v's report; read it from stdout
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(log):
-            k = triton.compile(ASTSource(lc.fn, lc.signature, lc.constexprs, lc.attrs),
-                               target=GPUTarget("cuda", arch, 32), options=dict(lc.options))
+            k = triton.compile(
+                ASTSource(lc.fn, lc.signature, lc.constexprs, lc.attrs),
+                target=GPUTarget("cuda", arch, 32),
+                options=dict(lc.options),
+            )
     except Exception as e:  # noqa: BLE001 -- any compiler failure is reported, with the configuration
         row["error"] = f"{type(e).__name__}: {e}"[:4000]
         return row
@@ -366,18 +393,23 @@ def compile_launch(lc: Launch, arch: int) -> dict:
     return row
 
 
-def _worker(part: int, parts: int, archs: list[int]) -> list[dict]:
+def _worker(part: int, parts: int, archs: list[int], kernels: set | None = None) -> list[dict]:
+    if parts % len(archs) == 0:
+        # each target's compilations go to their own workers, so that a worker records one target's launches
+        per = parts // len(archs)
+        archs, part, parts = [archs[part // per]], part % per, per
     rows = []
-    items = [(arch, lc) for arch in archs for lc in record_launches(arch)]
+    items = [(arch, lc) for arch in archs for lc in record_launches(arch) if not kernels or lc.kernel in kernels]
     for i, (arch, lc) in enumerate(items):
         if i % parts == part:
             rows.append(compile_launch(lc, arch))
     return rows
 
 
-def compile_all(archs=(90, 80), workers: int = 2, timeout: float = 900) -> list[dict]:
-    """Every configuration compiled for every target, split over `workers` processes (each with
-    TRITON_INTERPRET unset and its own empty Triton cache); rows in a stable order."""
+def compile_all(archs=(90, 80), workers: int = 2, kernels=None, timeout: float = 1800) -> list[dict]:
+    """Every configuration compiled for every target (or only those of the named kernels), split over
+    `workers` processes (each with TRITON_INTERPRET unset and its own empty Triton cache); rows in a stable
+    order."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = env.get("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated
@@ -386,15 +418,26 @@ def compile_all(archs=(90, 80), workers: int = 2, timeout: float = 900) -> list[
         for part in range(workers):
             wenv = dict(env, TRITON_CACHE_DIR=os.path.join(tmp, f"cache{part}"))
             out = os.path.join(tmp, f"part{part}.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"{part}/{workers}",
-                   "--arch", ",".join(map(str, archs)), "--json", out]
-            procs.append((subprocess.Popen(cmd, env=wenv, cwd=root, stdout=subprocess.PIPE,
-                                           stderr=subprocess.PIPE, text=True), out))
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--worker",
+                f"{part}/{workers}",
+                "--arch",
+                ",".join(map(str, archs)),
+                "--json",
+                out,
+            ]
+            cmd += ["--kernels", ",".join(kernels)] if kernels else []
+            # stderr to a file, not a pipe: a worker that writes much while another is awaited cannot block
+            with open(out + ".err", "w") as err:
+                procs.append((subprocess.Popen(cmd, env=wenv, cwd=root, stdout=subprocess.DEVNULL, stderr=err), out))
         rows = []
         for p, out in procs:
-            _, err = p.communicate(timeout=timeout)
+            p.wait(timeout=timeout)
             if p.returncode != 0:
-                raise RuntimeError(f"compile worker failed (exit {p.returncode}):\n{err[-4000:]}")
+                with open(out + ".err") as f:
+                    raise RuntimeError(f"compile worker failed (exit {p.returncode}):\n{f.read()[-4000:]}")
             with open(out) as f:
                 rows += json.load(f)
     return sorted(rows, key=lambda r: (-r["arch"], r["kernel"], r["config"]))
@@ -403,16 +446,57 @@ def compile_all(archs=(90, 80), workers: int = 2, timeout: float = 900) -> list[
 # ------------------------------------------------------------------------------------------------------------
 # The table
 # ------------------------------------------------------------------------------------------------------------
+def _span(values, fmt=str) -> str:
+    lo, hi = min(values), max(values)
+    return fmt(lo) if lo == hi else f"{fmt(lo)}–{fmt(hi)}"
+
+
+def summary(rows: list[dict]) -> str:
+    """One line per (kernel, block, warps): the ranges over its dtypes, optional inputs, integer classes and
+    alignment, for each target side by side."""
+    groups: dict = {}
+    for r in rows:
+        blk = r["choice"].get("BLOCK_H", r["choice"].get("BLOCK"))
+        groups.setdefault((r["kernel"], blk, r["num_warps"]), []).append(r)
+    archs = sorted({r["arch"] for r in rows}, reverse=True)
+    head = "| kernel | BLOCK | warps | configs |" + "".join(
+        f" sm_{a} regs | sm_{a} spill st/ld (B) | sm_{a} shared (B) | sm_{a} occupancy |" for a in archs
+    )
+    out = [head, "|---|---:|---:|---:|" + "---:|---:|---:|---|" * len(archs)]
+    for (kernel, blk, nw), rs in sorted(groups.items()):
+        line = f"| `{kernel}` | {blk} | {nw} | {len(rs) // len(archs)} |"
+        for a in archs:
+            ok = [r for r in rs if r["arch"] == a and "error" not in r]
+            if len(ok) < len([r for r in rs if r["arch"] == a]):
+                line += " compile error | | | |"
+                continue
+            worst = min(ok, key=lambda r: r["occupancy"])
+            line += (
+                f" {_span([r['regs'] for r in ok])} | {max(r['spill_stores'] for r in ok)}/"
+                f"{max(r['spill_loads'] for r in ok)} | {_span([r['shared'] for r in ok])} | "
+                f"{_span([r['occupancy'] for r in ok], lambda v: f'{v:.0%}')}"
+                f"{' (' + worst['limiter'] + ')' if worst['occupancy'] < 1 else ''} |"
+            )
+        out.append(line)
+    return "\n".join(out)
+
+
 def markdown(rows: list[dict]) -> str:
-    out = ["| target | kernel | configuration | regs/thread | spill st/ld (B) | shared (B) | blocks/SM | "
-           "occupancy (limiter) |", "|---|---|---|---:|---:|---:|---:|---|"]
+    """One line per compilation."""
+    out = [
+        "| target | kernel | configuration | regs/thread | spill st/ld (B) | shared (B) | blocks/SM | "
+        "occupancy (limiter) |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         if "error" in r:
             out.append(f"| sm_{r['arch']} | `{r['kernel']}` | {r['config']} | compile error | | | | |")
             continue
-        out.append(f"| sm_{r['arch']} | `{r['kernel']}` | {r['config']} | {r['regs']} | "
-                   f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {r['blocks']} | "
-                   f"{r['occupancy']:.0%} ({r['limiter']}) |")
+        out.append(
+            f"| sm_{r['arch']} | `{r['kernel']}` | {r['config']} | {r['regs']} | "
+            f"{r['spill_stores']}/{r['spill_loads']} | {r['shared']} | {r['blocks']} | "
+            f"{r['occupancy']:.0%} ({r['limiter']}) |"
+        )
     return "\n".join(out)
 
 
@@ -421,24 +505,39 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="90,80", help="compute capabilities, comma-separated (default 90,80)")
     ap.add_argument("--workers", type=int, default=2, help="compiler processes (default 2)")
     ap.add_argument("--json", help="also write the rows as JSON to this file")
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="one table line per compilation (default: one per kernel, block and warps, with ranges over the rest)",
+    )
+    ap.add_argument("--kernels", help="only these kernels, comma-separated (e.g. _bt_loss_fwd_kernel)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)  # "part/parts": internal, one compile worker
     args = ap.parse_args(argv)
     archs = [int(a) for a in args.arch.split(",")]
+    for a in archs:
+        if a not in TARGETS:
+            ap.error(f"--arch: {a} is not one of {sorted(TARGETS)}")
+    kernels = set(args.kernels.split(",")) if args.kernels else None
+    if kernels and kernels - set(KERNELS):
+        ap.error(f"--kernels: unknown {sorted(kernels - set(KERNELS))}; the kernels are {', '.join(KERNELS)}")
     if args.worker:
         part, parts = (int(x) for x in args.worker.split("/"))
-        rows = _worker(part, parts, archs)
+        rows = _worker(part, parts, archs, kernels)
         with open(args.json, "w") as f:
             json.dump(rows, f)
         return 0
     t0 = time.perf_counter()
-    rows = compile_all(archs, args.workers)
+    rows = compile_all(archs, args.workers, kernels)
     wall = time.perf_counter() - t0
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
-    print(markdown(rows))
-    print(f"\n{len(rows)} compilations, {sum('error' in r for r in rows)} failed, {wall:.0f} s with "
-          f"{args.workers} workers", file=sys.stderr)
+    print(markdown(rows) if args.full else summary(rows))
+    print(
+        f"\n{len(rows)} compilations, {sum('error' in r for r in rows)} failed, {wall:.0f} s with "
+        f"{args.workers} workers",
+        file=sys.stderr,
+    )
     return 1 if any("error" in r for r in rows) else 0
 
 

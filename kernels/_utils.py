@@ -2,6 +2,7 @@
 
 Every launcher in optimas_fast/ops/_triton.py takes its constants from here; no kernel call site picks a
 block size or a warp count of its own."""
+
 from __future__ import annotations
 
 from typing import NamedTuple

@@ -1,4 +1,5 @@
 """Bradley–Terry loss rows (elementwise over pairs). Reduction happens in torch (O(B))."""
+
 import triton
 import triton.language as tl
 
@@ -23,8 +24,9 @@ def _bt_row_terms(rc, rr, w, mu, center):
 
 
 @triton.jit
-def _bt_loss_fwd_kernel(RC, RR, W, MU, LOSS, GD, NLS, B, center,
-                        HAS_W: tl.constexpr, HAS_MU: tl.constexpr, BLOCK: tl.constexpr):
+def _bt_loss_fwd_kernel(
+    RC, RR, W, MU, LOSS, GD, NLS, B, center, HAS_W: tl.constexpr, HAS_MU: tl.constexpr, BLOCK: tl.constexpr
+):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = offs < B
     rc = tl.load(RC + offs, mask=m, other=0.0).to(tl.float32)

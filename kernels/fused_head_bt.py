@@ -1,6 +1,7 @@
 """Fused per-component head + Bradley–Terry loss: one program per pair computes both scores, the loss
 terms and the gradients of both hidden rows while W[c] is hot. dW comes from the segmented reduction in
 multihead.py (rows sorted by head), which avoids per-row atomics on a few hot heads."""
+
 import triton
 import triton.language as tl
 
@@ -8,10 +9,29 @@ from .bt_loss import _bt_row_terms
 
 
 @triton.jit
-def _fused_head_bt_kernel(XC, XR, IDS, W, BIAS, WT, MU, LOSS, GD, NLS, GA, GB, DXC, DXR,
-                          H, center, scale,
-                          HAS_W: tl.constexpr, HAS_MU: tl.constexpr, GRAD: tl.constexpr,
-                          BLOCK_H: tl.constexpr):
+def _fused_head_bt_kernel(
+    XC,
+    XR,
+    IDS,
+    W,
+    BIAS,
+    WT,
+    MU,
+    LOSS,
+    GD,
+    NLS,
+    GA,
+    GB,
+    DXC,
+    DXR,
+    H,
+    center,
+    scale,
+    HAS_W: tl.constexpr,
+    HAS_MU: tl.constexpr,
+    GRAD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     c = tl.load(IDS + row)
     acc_c = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -45,9 +65,32 @@ def _fused_head_bt_kernel(XC, XR, IDS, W, BIAS, WT, MU, LOSS, GD, NLS, GA, GB, D
 
 
 @triton.jit
-def _fused_head_bt_sorted_kernel(XC, XR, IDS, ORDER, W, BIAS, WT, MU, LOSS, GD, NLS, GA, GB, DXC, DXR, DW,
-                                 B, H, ROWS_PER_PROGRAM, center, scale,
-                                 HAS_W: tl.constexpr, HAS_MU: tl.constexpr, BLOCK_H: tl.constexpr):
+def _fused_head_bt_sorted_kernel(
+    XC,
+    XR,
+    IDS,
+    ORDER,
+    W,
+    BIAS,
+    WT,
+    MU,
+    LOSS,
+    GD,
+    NLS,
+    GA,
+    GB,
+    DXC,
+    DXR,
+    DW,
+    B,
+    H,
+    ROWS_PER_PROGRAM,
+    center,
+    scale,
+    HAS_W: tl.constexpr,
+    HAS_MU: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """Loss, d h+, d h- AND dW in one pass over the hidden states, for rows that fit one column block
     (H <= BLOCK_H). Rows are visited in head order (ORDER = argsort(ids)); each program owns a contiguous
     run of ROWS_PER_PROGRAM sorted rows, keeps its current head's partial dW in registers while it reads

@@ -1,4 +1,5 @@
 """Last-token gather (B, T, H) -> (B, H) and its scatter backward."""
+
 import triton
 import triton.language as tl
 

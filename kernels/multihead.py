@@ -1,4 +1,5 @@
 """Per-row head selection (BGMV-style): scores[n] = x[n] . W[ids[n]] + b[ids[n]], never an N x C product."""
+
 import triton
 import triton.language as tl
 
@@ -31,8 +32,7 @@ def _multihead_dx_kernel(G, IDS, W, DX, H, BLOCK_H: tl.constexpr):
 
 
 @triton.jit
-def _segment_dw_kernel(XA, GA, XB, GB, ORDER, OFFSETS, DW, H, SPLIT,
-                       HAS_B: tl.constexpr, BLOCK_H: tl.constexpr):
+def _segment_dw_kernel(XA, GA, XB, GB, ORDER, OFFSETS, DW, H, SPLIT, HAS_B: tl.constexpr, BLOCK_H: tl.constexpr):
     """dW[c, hblock] += sum over rows r of head c (rows sorted by head: ORDER[OFFSETS[c]:OFFSETS[c+1]]),
     taking every SPLIT-th row from this program's start, of ga[r]*xa[r] (+ gb[r]*xb[r]).
 

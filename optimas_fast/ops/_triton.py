@@ -1,6 +1,7 @@
 """Launchers for the Triton kernels (optimas_fast.kernels); same contracts as _cpp.py.
 
 Imported only when the triton backend is selected (importing triton costs ~1 s)."""
+
 from __future__ import annotations
 
 import functools
@@ -8,15 +9,14 @@ import functools
 import torch
 import triton
 
-from optimas_fast.kernels._utils import (elementwise_warps, row_block, row_launch, segment_launch,
-                                         sorted_rows_launch)
+from optimas_fast.kernels._utils import elementwise_warps, row_block, row_launch, segment_launch, sorted_rows_launch
 from optimas_fast.kernels.bt_loss import _bt_loss_fwd_kernel
 from optimas_fast.kernels.fused_head_bt import _fused_head_bt_kernel, _fused_head_bt_sorted_kernel
 from optimas_fast.kernels.last_token import _last_token_bwd_kernel, _last_token_fwd_kernel
 from optimas_fast.kernels.multihead import _multihead_dx_kernel, _multihead_fwd_kernel, _segment_dw_kernel
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -39,8 +39,20 @@ def bt_loss_rows(rc, rr, w, mu, center):
     loss, gd, nls = (torch.empty(B, dtype=torch.float32, device=rc.device) for _ in range(3))
     blk = row_block(B)
     _bt_loss_fwd_kernel[(triton.cdiv(B, blk),)](
-        rc, rr, w if w is not None else rc, mu if mu is not None else rc, loss, gd, nls, B, center,
-        HAS_W=w is not None, HAS_MU=mu is not None, BLOCK=blk, num_warps=elementwise_warps(blk))
+        rc,
+        rr,
+        w if w is not None else rc,
+        mu if mu is not None else rc,
+        loss,
+        gd,
+        nls,
+        B,
+        center,
+        HAS_W=w is not None,
+        HAS_MU=mu is not None,
+        BLOCK=blk,
+        num_warps=elementwise_warps(blk),
+    )
     return loss, gd, nls
 
 
@@ -64,8 +76,20 @@ def _segment_dw(C, H, ids, xa, ga, xb=None, gb=None):
     offsets[1:] = torch.cumsum(torch.bincount(ids, minlength=C), 0)
     lc = segment_launch(N, C, H)
     grid = (C, triton.cdiv(H, lc.block_h), lc.split)
-    _segment_dw_kernel[grid](xa, ga, xb if xb is not None else xa, gb if gb is not None else ga, order, offsets,
-                             dW, H, lc.split, HAS_B=xb is not None, BLOCK_H=lc.block_h, num_warps=lc.num_warps)
+    _segment_dw_kernel[grid](
+        xa,
+        ga,
+        xb if xb is not None else xa,
+        gb if gb is not None else ga,
+        order,
+        offsets,
+        dW,
+        H,
+        lc.split,
+        HAS_B=xb is not None,
+        BLOCK_H=lc.block_h,
+        num_warps=lc.num_warps,
+    )
     return dW
 
 
@@ -102,15 +126,58 @@ def fused_head_bt(hc, hr, ids, W32, b32, w, mu, center, scale, need_grad):
         dW = torch.zeros(C, H, dtype=torch.float32, device=dev)
         sl = sorted_rows_launch(B, H, _multiprocessors(dev))
         _fused_head_bt_sorted_kernel[(sl.programs,)](
-            hc, hr, ids, order, W32, b32, w if w is not None else loss, mu if mu is not None else loss,
-            loss, gd, nls, ga, gb, dhc, dhr, dW, B, H, sl.rows_per_program, center, scale,
-            HAS_W=w is not None, HAS_MU=mu is not None, BLOCK_H=sl.block_h, num_warps=sl.num_warps)
+            hc,
+            hr,
+            ids,
+            order,
+            W32,
+            b32,
+            w if w is not None else loss,
+            mu if mu is not None else loss,
+            loss,
+            gd,
+            nls,
+            ga,
+            gb,
+            dhc,
+            dhr,
+            dW,
+            B,
+            H,
+            sl.rows_per_program,
+            center,
+            scale,
+            HAS_W=w is not None,
+            HAS_MU=mu is not None,
+            BLOCK_H=sl.block_h,
+            num_warps=sl.num_warps,
+        )
         db = torch.zeros(C, dtype=torch.float32, device=dev).index_add_(0, ids, ga + gb)
         return loss, gd, nls, dhc, dhr, dW, db
     _fused_head_bt_kernel[(B,)](
-        hc, hr, ids, W32, b32, w if w is not None else loss, mu if mu is not None else loss,
-        loss, gd, nls, ga, gb, dhc, dhr, H, center, scale,
-        HAS_W=w is not None, HAS_MU=mu is not None, GRAD=need_grad, BLOCK_H=lc.block_h, num_warps=lc.num_warps)
+        hc,
+        hr,
+        ids,
+        W32,
+        b32,
+        w if w is not None else loss,
+        mu if mu is not None else loss,
+        loss,
+        gd,
+        nls,
+        ga,
+        gb,
+        dhc,
+        dhr,
+        H,
+        center,
+        scale,
+        HAS_W=w is not None,
+        HAS_MU=mu is not None,
+        GRAD=need_grad,
+        BLOCK_H=lc.block_h,
+        num_warps=lc.num_warps,
+    )
     if not need_grad:
         return loss, gd, nls, None, None, None, None
     dW = _segment_dw(C, H, ids, hc, ga, hr, gb)
