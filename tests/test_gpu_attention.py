@@ -93,6 +93,78 @@ def test_shared_prefix_attention_equals_the_reference(device, kernel, dtype, lay
         close(a.grad, b.grad, rel * 2, name)  # gradients sum over rows / heads: one more rounding each
 
 
+class EmulatedCudaOps:
+    """The contracts of torch's CUDA attention ops (attention._CudaOps), computed by the CPU flash kernel, with their
+    CUDA quirks: the memory-efficient log-sum-exp comes back rounded up to 32 rows (the extra rows NaN, so any use of
+    them shows) and must come back to the backward at that length; flash takes half types and no mask; the philox
+    and sequence-length state must be handed back as given; the bias is the aligned stride-0 view."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        self.cpu_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+    def flash_fwd(self, q, k, v, causal, scale):
+        assert q.dtype in (torch.float16, torch.bfloat16), "flash takes half types only"
+        self.calls.append("flash")
+        out, lse = self.cpu(q, k, v, 0.0, causal, scale=scale)[:2]
+        e = torch.empty(0)
+        return out, lse, e, e, q.shape[2], k.shape[2], torch.tensor(7), torch.tensor(11), e
+
+    def flash_bwd(self, dout, q, k, v, out, lse, cq, ck, mq, mk, causal, seed, off, scale):
+        assert lse.shape == q.shape[:3] and (mq, mk) == (q.shape[2], k.shape[2])
+        assert (int(seed), int(off)) == (7, 11), "the forward's state must come back"
+        return self.cpu_bwd(dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+
+    def efficient_fwd(self, q, k, v, bias, causal, scale):
+        self.calls.append("efficient")
+        B, h, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        if bias is not None:
+            assert bias.shape == (B, h, Lq, Lk) and bias.dtype == q.dtype and bias.stride(0) % 16 == 0
+        out, lse = self.cpu(q, k, v, 0.0, causal, attn_mask=None if bias is None else bias[:, :1, :1],
+                            scale=scale)[:2]
+        padded = torch.full((B, h, -(-Lq // 32) * 32), float("nan"))  # (B, h, n): rows past Lq are not real
+        padded[..., :Lq] = lse
+        return out, padded, torch.tensor(3), torch.tensor(5)
+
+    def efficient_bwd(self, dout, q, k, v, bias, out, lse, seed, off, causal, scale):
+        Lq = q.shape[2]
+        assert lse.shape[-1] == -(-Lq // 32) * 32 and lse.is_contiguous(), "the log-sum-exp at the kernel's length"
+        assert (int(seed), int(off)) == (3, 5), "the forward's state must come back"
+        dq, dk, dv = self.cpu_bwd(dout, q, k, v, out, lse[..., :Lq], 0.0, causal,
+                                  attn_mask=None if bias is None else bias[:, :1, :1], scale=scale)
+        return dq, dk, dv, None
+
+
+@pytest.mark.parametrize("kernel", ["auto", "efficient"])
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_cuda_path_on_emulated_kernels_equals_the_reference(kernel, dtype, layout, seed, monkeypatch):
+    """The CUDA path's every line but the kernel calls, on the CPU: the part-by-part kernel choice, the aligned bias,
+    the log-sum-exp cut to its rows and padded back for the backward, the kernels' state handed back."""
+    ops = EmulatedCudaOps()
+    monkeypatch.setattr(attention, "_cuda_ops", ops)
+    monkeypatch.setattr(attention, "_kernel", attention._cuda_kernel)  # every part takes a CUDA kernel
+    monkeypatch.setattr(attention, "CUDA_KERNEL", kernel)
+    dt, rel = DTYPES[dtype]
+    sp, q, k, v, kp, vp, group, lens = make_inputs(layout, dt, "cpu", seed, pad_prefixes=layout != "one_group")
+    scale = 16 ** -0.5
+    leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, kp, vp)]
+    out = attention._SharedPrefixAttention.apply(sp, scale, *leaves)
+    half_auto = dt == torch.bfloat16 and kernel == "auto"
+    # own causal block (never masked), then the prefix part (masked unless the prefixes have one length)
+    want = ["flash" if half_auto else "efficient", "flash" if half_auto and layout == "one_group" else "efficient"]
+    assert ops.calls == want
+    ref_leaves = [x.detach().double().requires_grad_(True) for x in (q, k, v, kp, vp)]
+    ref = reference(*ref_leaves, group, lens, scale)
+    close(out, ref.detach(), rel, "out")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dt)
+    out.backward(dout)
+    ref.backward(dout.double())
+    for name, a, b in zip(("dq", "dk", "dv", "dkp", "dvp"), leaves, ref_leaves, strict=True):
+        close(a.grad, b.grad, rel * 2, name)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_cuda_kernel_choice_per_part(dtype, seed):

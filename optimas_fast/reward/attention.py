@@ -88,22 +88,53 @@ def _aligned_bias(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch
     return buf[..., :Lk].expand(B, h, Lq, Lk)
 
 
+class _CudaOps:
+    """torch's CUDA attention ops that return the log-sum-exp, as one object: the seam through which
+    tests/test_gpu_attention.py runs every other line of the CUDA path on the CPU (it swaps in CPU emulations of
+    these ops' contracts: the log-sum-exp rounded up to 32 rows, the philox / sequence-length state passed back)."""
+
+    @staticmethod
+    def flash_fwd(q, k, v, causal, scale):
+        return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
+
+    @staticmethod
+    def flash_bwd(dout, q, k, v, out, lse, cq, ck, mq, mk, causal, seed, off, scale):
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            dout, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed, off, scale=scale)
+
+    @staticmethod
+    def efficient_fwd(q, k, v, bias, causal, scale):
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, True, 0.0, causal, scale=scale)
+
+    @staticmethod
+    def efficient_bwd(dout, q, k, v, bias, out, lse, seed, off, causal, scale):
+        return torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            dout, q, k, v, bias, out, lse, seed, off, 0.0, [True, True, True, False], causal, scale=scale)
+
+
+_cuda_ops = _CudaOps()
+
+
+def _kernel(q: torch.Tensor, mask: torch.Tensor | None) -> str:
+    """"cpu", "flash" or "efficient": the kernel one part runs on."""
+    return "cpu" if q.device.type == "cpu" else _cuda_kernel(q, mask)
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None,
             scale: float) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """Softmax attention (B, h, Lq, d) x (B, h, Lk, d) by the device's kernel: (out in q's dtype, log-sum-exp
     (B, h, Lq) fp32, state for ``_attend_backward``). ``mask``: additive, (B, 1, 1, Lk), or None."""
     Lq = q.shape[2]
-    if q.device.type == "cpu":
+    kind = _kernel(q, mask)
+    if kind == "cpu":
         out, lse = _cpu_flash()(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)[:2]
         return out, lse, ("cpu",)
-    if _cuda_kernel(q, mask) == "flash":
-        out, lse, cq, ck, mq, mk, seed, off, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-            q, k, v, 0.0, causal, False, scale=scale)
+    if kind == "flash":
+        out, lse, cq, ck, mq, mk, seed, off, _ = _cuda_ops.flash_fwd(q, k, v, causal, scale)
         state = ("flash", lse.shape[-1], cq, ck, mq, mk, seed, off)
     else:
         bias = None if mask is None else _aligned_bias(mask, q, k)
-        out, lse, seed, off = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, bias, True, 0.0, causal, scale=scale)
+        out, lse, seed, off = _cuda_ops.efficient_fwd(q, k, v, bias, causal, scale)
         state = ("efficient", lse.shape[-1], bias, seed, off)
     # the kernels may round the log-sum-exp's length up (memory-efficient: to a multiple of 32); the merge and
     # the backward's saved copy use the real rows, and the backward pads back to the kernel's length
@@ -122,11 +153,9 @@ def _attend_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     lse = torch.nn.functional.pad(lse, (0, n - lse.shape[-1])).contiguous()  # (B, h, n) as the kernel made it
     if kind == "flash":
         _, _, cq, ck, mq, mk, seed, off = state
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed, off, scale=scale)
+        return _cuda_ops.flash_bwd(dout, q, k, v, out, lse, cq, ck, mq, mk, causal, seed, off, scale)
     _, _, bias, seed, off = state
-    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-        dout, q, k, v, bias, out, lse, seed, off, 0.0, [True, True, True, False], causal, scale=scale)
+    dq, dk, dv, _ = _cuda_ops.efficient_bwd(dout, q, k, v, bias, out, lse, seed, off, causal, scale)
     return dq, dk, dv
 
 
