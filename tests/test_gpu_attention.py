@@ -4,9 +4,9 @@ inputs, every row layout the kernel has (one group, equal groups, padded slots w
 gather), forward and all five gradients (query, suffix keys/values, prefix keys/values).
 
 The same test runs on the CPU (torch's CPU flash kernel: in CI) and on CUDA (marked `gpu`: torch's flash and
-memory-efficient kernels, each forced once), so everything but the CUDA kernel calls is checked in CI and the
-CUDA run changes only the kernels. The end-to-end CUDA check (a RewardModel's scores and gradients with the kernel
-on and off) is here too, marked `gpu`."""
+memory-efficient kernels, each forced once); in CI the CUDA branch also runs on CPU emulations of the CUDA ops'
+contracts (EmulatedCudaOps), so everything but the real CUDA kernel calls is checked without a GPU. The end-to-end
+CUDA check (a RewardModel's scores and gradients with the kernel on and off) is here too, marked `gpu`."""
 from __future__ import annotations
 
 import random

@@ -29,9 +29,10 @@ Kernels (``_attend`` / ``_attend_backward``, the only device-specific lines): th
 CUDA runs torch's flash kernel (FlashAttention-2: bf16 / fp16, no mask) where a part needs no mask, else its
 memory-efficient kernel (any dtype, additive mask), both with their own backward ops; each returns the log-sum-exp
 the merge needs. The layouts, the merge and the backward's bookkeeping are one code path for every device, so the
-CPU exactness tests (tests/test_reward.py) run all of it but the CUDA kernel calls, which tests/test_gpu_attention.py
-checks on a GPU. flash-attn (the package) is not used: torch's flash kernel is the same algorithm, and flash-attn is
-neither on the GPU image nor small enough to carry there, so a path for it could not be tested anywhere.
+CPU exactness tests (tests/test_reward.py) run all of it but the CUDA kernel calls; tests/test_gpu_attention.py runs
+the CUDA branch too on the CPU, through CPU emulations of those calls' contracts (``_CudaOps`` is the seam), and the
+real kernels on a GPU. flash-attn (the package) is not used: torch's flash kernel is the same algorithm, and
+flash-attn is neither on the GPU image nor small enough to carry there, so a path for it could not be tested anywhere.
 """
 from __future__ import annotations
 
