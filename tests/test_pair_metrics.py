@@ -37,7 +37,7 @@ def test_pair_metrics_matches_its_definition(seed):
     rng = random.Random(seed)
     n = rng.randint(7, 40)
     rc = [round(rng.uniform(-3, 3), 1) for _ in range(n)]  # rounded: many exact ties
-    rr = [c if rng.random() < 0.3 else round(rng.uniform(-3, 3), 1) for c in rc]
+    rr = [c if i == 0 or rng.random() < 0.3 else round(rng.uniform(-3, 3), 1) for i, c in enumerate(rc)]  # ties
     comps = [rng.choice("ab") for _ in range(n)]
     mu = [rng.uniform(0, 1) for _ in range(n)]
     center = rng.uniform(0, 0.5)

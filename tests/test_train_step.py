@@ -22,6 +22,13 @@ from optimas_fast.trl import RewardConfig, RewardTrainer
 tokenizer = test_reward.tokenizer  # MiniLM's tokenizer: test_reward's module-scoped fixture
 
 
+def _pairs(rng, n_inputs, comps=("a", "b")):
+    """separable_pairs plus one fixed pair per component: never empty (an input whose three candidates tie gives
+    no pair; with few inputs that happens for some seeds)."""
+    fixed = [PreferencePair(c, f"question 99 {c}", "excellent excellent", "poor poor", 0.7) for c in comps]
+    return separable_pairs(rng, n_inputs, comps=comps) + fixed
+
+
 def _batch(rm, pairs, rng, margins=True, center=0.0):
     rows = pair_rows(rm.encoder, pairs)
     weights = [rng.uniform(0.2, 2.0) for _ in pairs]
@@ -33,7 +40,7 @@ def _batch(rm, pairs, rng, margins=True, center=0.0):
 def test_step_report_equals_hand_computation(kind, tokenizer, seed):
     rng = random.Random(seed)
     rm = make_model(kind, tokenizer, seed, components=("a", "b"))
-    pairs = separable_pairs(rng, 4)
+    pairs = _pairs(rng, 4)
     rng.shuffle(pairs)
     pairs = pairs[: rng.randint(3, len(pairs))]  # an odd batch size, often
     batch = _batch(rm, pairs, rng, center=rng.choice([0.0, 0.05]))
@@ -68,7 +75,7 @@ def test_step_report_equals_hand_computation(kind, tokenizer, seed):
 def test_step_clips_to_max_grad_norm_and_reports_the_norm_before(tokenizer, seed):
     rng = random.Random(seed)
     rm = make_model("decoder", tokenizer, seed, components=("a", "b"))
-    batch = _batch(rm, separable_pairs(rng, 3), rng)
+    batch = _batch(rm, _pairs(rng, 3), rng)
     rep = rm.trainer.step(batch, 1e-3, max_grad_norm=1e-3)
     grads = torch.cat([p.grad.flatten() for p in rm.net.parameters() if p.grad is not None])
     assert rep.grad_norm > 1e-3 and float(grads.norm()) == pytest.approx(1e-3, rel=1e-3)
@@ -90,7 +97,7 @@ def test_step_clips_to_max_grad_norm_and_reports_the_norm_before(tokenizer, seed
 def test_step_arguments_are_checked(kw, name, tokenizer, seed):
     rng = random.Random(seed)
     rm = make_model("encoder", tokenizer, seed, components=("a", "b"))
-    batch = _batch(rm, separable_pairs(rng, 2), rng)
+    batch = _batch(rm, _pairs(rng, 2), rng)
     args = {"lr": 1e-3, **kw}
     with pytest.raises(ValueError, match=f"Trainer.step: {name} must be"):
         rm.trainer.step(batch, args.pop("lr"), **args)
@@ -106,7 +113,7 @@ def test_trl_run_then_adapt_and_train_use_their_own_settings(tokenizer, tmp_path
     weighting and optimizer settings, and train() groups pairs by input."""
     rng = random.Random(seed)
     rm = make_model("decoder", tokenizer, seed, components=("a", "b"))
-    trl_pairs = separable_pairs(rng, 6, comps=("a",))
+    trl_pairs = _pairs(rng, 6, comps=("a",))
     rows = [{"prompt": p.inputs, "chosen": p.chosen, "rejected": p.rejected, "margin": p.margin, "component": "a"}
             for p in trl_pairs]
     import datasets
@@ -159,12 +166,13 @@ def test_checkpoint_keeps_the_model_defaults_not_a_calls_overrides(tokenizer, tm
     rng = random.Random(seed)
     rm = make_model("encoder", tokenizer, seed, components=("a", "b"))
     rm.loops.config = TrainConfig(lr=2e-3, batch_pairs=4, replay_size=7)
-    rm.train(separable_pairs(rng, 3), epochs=1, lr=5e-4, weight_decay=0.2, center=0.1)
+    fixed = PreferencePair("a", "question 99 alpha", "excellent excellent", "poor poor", 0.7)  # never an empty set
+    rm.train(separable_pairs(rng, 3) + [fixed], epochs=1, lr=5e-4, weight_decay=0.2, center=0.1)
     rm.save(tmp_path / "ck")
     back = type(rm).load(tmp_path / "ck", device="cpu")
     assert back.loops.config == TrainConfig(lr=2e-3, batch_pairs=4, replay_size=7)
     assert back.trainer.global_step == rm.trainer.global_step
     assert {c: len(b) for c, b in back.loops.replay.items()} == {c: len(b) for c, b in rm.loops.replay.items()}
     assert all(len(b) <= 7 for b in back.loops.replay.values())
-    h = back.adapt(separable_pairs(rng, 1), steps=1)
+    h = back.adapt([fixed], steps=1)
     assert h[0]["lr"] == 2e-3  # the model's default, not the train() call's 5e-4
