@@ -20,8 +20,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
+
 from optimas_fast.lm.usage import usage_scope
 from optimas_fast.report import bootstrap_ci
+from optimas_fast.reward.metrics import pair_hits
 
 __all__ = ["judge_messages", "parse_verdict", "lrf_vs_judge"]
 
@@ -71,7 +74,7 @@ def lrf_vs_judge(
     for comp, ps in sorted(by_comp.items()):
         rows = [(comp, p.inputs, y) for p in ps for y in (p.chosen, p.rejected)]
         scores = rm.score(rows).tolist()  # (2P,): chosen, rejected, chosen, rejected, ...
-        lrf = [1.0 if c > r else (0.5 if c == r else 0.0) for c, r in zip(scores[0::2], scores[1::2], strict=True)]
+        lrf = pair_hits(torch.tensor(scores[0::2]), torch.tensor(scores[1::2])).tolist()  # the package's accuracy
         prompts = []
         for p in ps:
             prompts.append(judge_messages(descriptions.get(comp, comp), p.inputs, p.chosen, p.rejected))  # right: A
