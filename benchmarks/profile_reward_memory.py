@@ -233,6 +233,33 @@ def run_trl(args, train, held, template, bf16: bool) -> dict:
             "seconds": seconds, "heldout_acc": acc}
 
 
+def speed_ab(args, train, template, bf16: bool) -> dict:
+    """Seconds per training step for several train_chunk_tokens settings in ONE process on one model, round-robin
+    over the same batches (lr 0: the weights stay put, so every setting does the same work): an A/B that a shared
+    machine's load affects alike."""
+    from optimas_fast.reward.trainer import PairBatch, pair_rows
+
+    _, model, tok = unique_model(args.kind, "ours", args.seed, args.decoder, args.max_length)
+    rm = RewardModel(model, dict(train.components), tokenizer=tok,
+                     config=RewardModelConfig(seed=args.seed, amp="bf16" if bf16 else "none", template=template))
+    B = args.batch_pairs
+    batches = [PairBatch(pair_rows(rm.encoder, train[i:i + B]), [1.0] * len(train[i:i + B]))
+               for i in range(0, len(train) - B + 1, B)]
+    settings = [None if c == 0 else c for c in args.ab_chunks]
+    times: dict[str, list[float]] = {str(c): [] for c in settings}
+    rm.trainer.step(batches[0], 0.0)  # warm-up: optimizer state, first-call costs
+    for _ in range(args.ab_reps):
+        for batch in batches:
+            for c in settings:
+                rm.config.train_chunk_tokens = c
+                t0 = time.perf_counter()
+                rm.trainer.step(batch, 0.0)
+                times[str(c)].append(time.perf_counter() - t0)
+    return {"ab_seconds_per_step_median": {k: round(float(np.median(v)), 3) for k, v in times.items()},
+            "ab_seconds_per_step_mean": {k: round(float(np.mean(v)), 3) for k, v in times.items()},
+            "steps_each": len(times[str(settings[0])]), "load_average_end": os.getloadavg()}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--unique", required=True, metavar="DIR", help="make_unique_pairs.py output")
@@ -249,6 +276,9 @@ def main():
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="ours: a RewardModelConfig field")
     ap.add_argument("--torch-profile", action="store_true", help="ours: op-level memory of one extra step first")
     ap.add_argument("--json", default=None, help="also write the result here")
+    ap.add_argument("--ab-chunks", type=int, nargs="+", default=None, metavar="TOKENS",
+                    help="instead: a same-process speed A/B of these train_chunk_tokens (0 = no chunking)")
+    ap.add_argument("--ab-reps", type=int, default=2, help="--ab-chunks: passes over the batches")
     args = ap.parse_args()
     args.lr = args.lr or {"encoder": 5e-5, "decoder": 2e-5 if args.decoder == "smollm2" else 3e-4}[args.kind]
     train = load_pairs(os.path.join(args.unique, "train.jsonl"))
@@ -256,6 +286,11 @@ def main():
     template = TemplateConfig(max_length=args.max_length, prefix_format=train.prefix_format or "{inputs}")
     train, held = train[: args.train_pairs], held[: args.heldout_pairs]
     bf16 = {"auto": cpu_has_native_bf16(), "bf16": True, "fp32": False}[args.precision]
+    if args.ab_chunks:
+        print(json.dumps({"kind": args.kind, "decoder": args.decoder, "pairs": len(train), "batch_pairs":
+                          args.batch_pairs, "load_average_start": os.getloadavg(),
+                          **speed_ab(args, train, template, bf16)}, indent=1))
+        return
     run = run_ours if args.system == "ours" else run_trl
     out = {"system": args.system, "kind": args.kind, "decoder": args.decoder, "pairs": len(train),
            "batch_pairs": args.batch_pairs, "precision": "bf16" if bf16 else "fp32",

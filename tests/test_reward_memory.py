@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
-from optimas_fast.reward import PreferencePair
-from test_reward import make_model, random_requests  # noqa: F401
+from optimas_fast.reward import PreferencePair, RewardModelConfig
+from optimas_fast.reward.trainer import PairBatch, pair_chunks, pair_rows
+from test_reward import make_model, random_requests, separable_pairs  # noqa: F401
 from test_reward import tokenizer  # noqa: F401  (the fixture)
 
 
@@ -42,3 +44,69 @@ def test_step_holds_no_gradients_or_score_copy_during_its_forward(kind, tokenize
         handle.remove()
     assert len(seen) >= 4 and seen == [(False, False)] * len(seen)
     assert any(p.grad is not None for p in rm.net.parameters())  # gradients still exist after a step (freed later)
+
+
+def _step_once(rm, pairs, weights, margins, center, lr):
+    batch = PairBatch(pair_rows(rm.encoder, pairs), weights, margins, center)
+    report = rm.trainer.step(batch, lr)
+    grads = {n: p.grad.clone() for n, p in rm.net.named_parameters() if p.grad is not None}
+    return report, grads
+
+
+@pytest.mark.parametrize("kind,sharing", [("decoder", True), ("decoder", False), ("encoder", False)])
+def test_chunked_step_equals_the_whole_batch(kind, sharing, tokenizer, seed):
+    """train_chunk_tokens: the step's loss, accuracy and gradients equal the unchunked step's (fp32), for budgets
+    from one input a chunk up to the whole batch, with random pair weights, margins and centering."""
+    rng = random.Random(seed)
+    pairs = separable_pairs(rng, 5)
+    rng.shuffle(pairs)
+    pairs = pairs[: rng.randint(5, len(pairs))]
+    weights = [rng.uniform(0.2, 2.0) for _ in pairs]
+    margins = [rng.uniform(0.0, 0.5) for _ in pairs] if rng.random() < 0.5 else None
+    center = rng.choice([0.0, 0.05])
+    whole = make_model(kind, tokenizer, seed, components=("a", "b"), prefix_sharing=sharing)
+    ref, ref_grads = _step_once(whole, pairs, weights, margins, center, 1e-3)
+    for budget in (1, rng.randint(20, 80), 10**6):
+        rm = make_model(kind, tokenizer, seed, components=("a", "b"), prefix_sharing=sharing,
+                        train_chunk_tokens=budget)
+        n_chunks = len(pair_chunks(pair_rows(rm.encoder, pairs), budget, rm.encoder.shares_prefix))
+        assert n_chunks > 1 if budget == 1 else n_chunks >= 1  # budget 1: one input a chunk (5+ pairs: 2+ inputs)
+        assert n_chunks == 1 or budget < 10**6
+        rep, grads = _step_once(rm, pairs, weights, margins, center, 1e-3)
+        assert rep.loss == pytest.approx(ref.loss, rel=1e-5, abs=1e-6)
+        assert rep.accuracy == ref.accuracy and rep.pairs == ref.pairs
+        assert rep.tokens >= 1  # chunks pad differently: tokens pushed may differ, never the math
+        assert grads.keys() == ref_grads.keys()
+        for name, g in grads.items():
+            torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        # (the weights after AdamW are not compared: for a gradient near 0, g / (sqrt(v) + eps) turns fp32
+        # summation-order noise into a full +-lr step; equal gradients are the statement)
+
+
+def test_pair_chunks_cover_every_pair_once_and_keep_inputs_together(tokenizer, seed):
+    rng = random.Random(seed)
+    rm = make_model("decoder", tokenizer, seed, components=("a", "b"))
+    pairs = separable_pairs(rng, 6)
+    rng.shuffle(pairs)
+    rows = pair_rows(rm.encoder, pairs)
+    n = len(pairs)
+    assert [c.tolist() for c in pair_chunks(rows, None, True)] == [list(range(n))]
+    for budget in (1, 40, 120, 10**6):
+        for share in (True, False):
+            chunks = pair_chunks(rows, budget, share)
+            assert sorted(np.concatenate(chunks).tolist()) == list(range(n))  # every pair once
+            chunk_of = {int(i): k for k, c in enumerate(chunks) for i in c}
+            for i in range(n):
+                for j in range(n):
+                    if rows.prefix_of[i] == rows.prefix_of[j]:
+                        assert chunk_of[i] == chunk_of[j]  # one input's pairs in one chunk
+            if budget == 1:
+                assert len(chunks) == len(set(rows.prefix_of[:n].tolist()))  # one input a chunk
+            if budget == 10**6:
+                assert len(chunks) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "8", True])
+def test_train_chunk_tokens_is_checked(bad):
+    with pytest.raises(ValueError, match="config.train_chunk_tokens"):
+        RewardModelConfig(train_chunk_tokens=bad).validate()

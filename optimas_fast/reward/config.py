@@ -50,6 +50,13 @@ class RewardModelConfig:
     # twice). MiniLM-L6, 64 x 453-token rows, 2-core EPYC: cast 13.3 rows/s vs autocast 11.7 (RESULTS.md).
     score_weights: str = "cast"
     token_cache_size: int | None = 200_000  # token cache bound (LRU, distinct texts); None = unbounded
+    # training memory: a step's pairs are split into chunks of at most this many tokens (pairs of one input kept
+    # together, a shared prefix counted once), each chunk encoded and backpropagated before the next, so only one
+    # chunk's activations are alive at a time. Exact (the loss is a sum over pairs; each chunk's share is divided by
+    # the whole batch's weight) and on every device; under DDP all but the last chunk skip the gradient all-reduce.
+    # None = the whole batch at once. A pair longer than the budget is a chunk of its own. See benchmarks/RESULTS.md,
+    # "Where reward training's memory goes", for the peak RSS and speed it was chosen by
+    train_chunk_tokens: int | None = None
     # backbone attention kernel: "sdpa" (torch scaled_dot_product_attention; MiniLM-L6, 32 x 440-token rows,
     # CPU: 1.7x faster than "eager" in fp32, 2.1x in bf16), "eager", any name transformers accepts, or None to
     # keep what the backbone was built with. A backbone that cannot use it raises a ValueError at construction.
@@ -83,6 +90,7 @@ class RewardModelConfig:
         check_bool(self.shared_prefix_kernel, "config.shared_prefix_kernel")
         n = self.token_cache_size
         check_int(n, "config.token_cache_size", min=1, allow_none=True)
+        check_int(self.train_chunk_tokens, "config.train_chunk_tokens", min=1, allow_none=True)
         a = self.attn_implementation
         if a is not None and (not isinstance(a, str) or not a):
             raise ValueError(f"config.attn_implementation must be a non-empty str or None, got {a!r}")

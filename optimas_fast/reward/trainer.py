@@ -29,6 +29,7 @@ single-process weighted mean exactly (up to float summation order).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -130,6 +131,38 @@ class _PairLoss(nn.Module):
             r_c = ops.multihead_score(h_c.detach().float(), head_ids, Wd, bd)  # (B,)
             r_r = ops.multihead_score(h_r.detach().float(), head_ids, Wd, bd)  # (B,)
         return loss, r_c, r_r, tokens
+
+
+def pair_chunks(rows: Rows, budget: int | None, shares_prefix: bool) -> list[np.ndarray]:
+    """The pairs of ``rows`` (chosen rows first, then rejected) as chunks of pair indices whose distinct rows hold
+    at most ``budget`` tokens (``RewardModelConfig.train_chunk_tokens``; None: one chunk). Pairs of one input stay
+    in one chunk, so a candidate shared by several pairs and (decoders) the shared prefix are still encoded once;
+    a group over the budget is a chunk of its own. Greedy in order of first appearance."""
+    n = len(rows) // 2
+    if budget is None or n <= 1:
+        return [np.arange(n)]
+    key = rows.prefix_of[:n]  # (n,) a pair's input: chosen and rejected share its prefix
+    plen, slen = rows.prefix_lens, rows.suffix_lens  # (2n,)
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(key.tolist()):
+        groups.setdefault(k, []).append(i)
+    chunks: list[list[int]] = []
+    used = budget + 1  # tokens of the open chunk (none open yet)
+    for members in groups.values():
+        both = np.concatenate([members, np.asarray(members) + n])  # (2m,) the group's rows
+        distinct = {(int(rows.prefix_of[r]), int(rows.suffix_of[r])): r for r in both.tolist()}
+        if shares_prefix:  # each distinct prefix once, then the suffixes
+            prefixes = {int(rows.prefix_of[r]): int(plen[r]) for r in distinct.values()}
+            t = sum(prefixes.values()) + sum(int(slen[r]) for r in distinct.values())
+        else:
+            t = sum(int(plen[r] + slen[r]) for r in distinct.values())
+        if used + t > budget:
+            chunks.append(list(members))
+            used = t
+        else:
+            chunks[-1].extend(members)
+            used += t
+    return [np.sort(np.asarray(c, dtype=np.int64)) for c in chunks]  # each in batch order (one chunk: 0..n-1)
 
 
 def pair_rows(encoder: Encoder, pairs: Sequence[PreferencePair], check_fit: bool = True) -> Rows:
@@ -241,13 +274,12 @@ class Trainer:
             g["lr"] = group_lr
         opt.param_groups[0]["weight_decay"] = weight_decay
         self.encoder.net.train()
-        with self.encoder.autocast(inference=False):
-            loss, r_c, r_r, tokens = self._wrapped()(shard, weights[lo:hi], mu, divisor, batch.center)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}; lower lr or "
-                                     "check data")
+        # memory: last step's gradients and the bf16 scoring copy (stale after this step) are freed before the
+        # forward, not after it, so neither sits beside this step's activations (benchmarks/RESULTS.md, "Where
+        # reward training's memory goes": SmolLM2-135M, 540 MB of gradients and a 270 MB copy)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        self.encoder.release_score_copy()
+        loss, r_c, r_r, tokens = self._forward_backward(shard, weights[lo:hi], mu, divisor, batch.center, world)
         params = [p for g in opt.param_groups for p in g["params"]]
         if max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -276,6 +308,39 @@ class Trainer:
         acc = {c: float(tally[0, i] / tally[1, i]) for i, c in enumerate(self.encoder.components) if tally[1, i] > 0}
         return StepReport(loss=float(value), accuracy=acc, grad_norm=float(grad_norm), tokens=int(tokens), pairs=n,
                           lr=float(lr), seconds=time.perf_counter() - t0)
+
+    def _forward_backward(self, shard: Rows, weights: list[float], mu: list[float] | None, divisor: float | None,
+                          center: float, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The shard's loss (detached), scores (b,) each and tokens, its gradient accumulated into ``.grad``: in one
+        forward and backward, or chunk by chunk under ``config.train_chunk_tokens`` (see ``pair_chunks``): each
+        chunk's row sum divided by the whole shard's divisor, so the gradients add up to the unchunked ones."""
+        module = self._wrapped()
+        chunks = pair_chunks(shard, self.encoder.config.train_chunk_tokens, self.encoder.shares_prefix)
+        b = len(shard) // 2
+        div = divisor if divisor is not None or len(chunks) == 1 else float(sum(weights))
+        total, r_c, r_r, tokens = None, None, None, 0
+        for k, idx in enumerate(chunks):
+            part = shard if len(chunks) == 1 else shard.take(np.concatenate([idx, b + idx]))
+            # DDP: gradients are all-reduced once, by the last chunk's backward
+            sync = module.no_sync() if world > 1 and k < len(chunks) - 1 else contextlib.nullcontext()
+            with sync:
+                with self.encoder.autocast(inference=False):
+                    loss, c, r, t = module(part, [weights[i] for i in idx], None if mu is None else [mu[i] for i in idx],
+                                           div, center)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}; lower lr or "
+                                             "check data")
+                loss.backward()
+            if len(chunks) == 1:
+                return loss.detach(), c, r, t
+            if total is None:
+                total = torch.zeros((), dtype=loss.dtype, device=loss.device)
+                r_c, r_r = c.new_empty(b), r.new_empty(b)  # (b,) each, in the shard's pair order
+            idx_t = torch.from_numpy(idx).to(c.device)
+            total += loss.detach()
+            r_c[idx_t], r_r[idx_t] = c, r
+            tokens += t
+        return total, r_c, r_r, tokens
 
     # ----------------------------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
