@@ -125,6 +125,7 @@ def test_outputs_resume_and_settings_mismatch(tmp_path, counted, monkeypatch):
     md = (out / "compare.md").read_text()
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "compare.json").read_text())["format"] == "optimas_fast.compare/1"
+    assert sorted(p.name for p in out.iterdir()) == ["cells", "compare.json", "compare.md", "compare.png"]
     for method in ("unoptimized", "optimas", "random"):
         assert f"| {method} | " in md
     assert f"| mipro | not run: {NOT_A_PROGRAM}" in md

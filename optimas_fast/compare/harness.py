@@ -27,6 +27,7 @@ logged and reported as ``failed`` (not written, so the next start retries it); t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -187,6 +188,7 @@ def run_cell(label: str, cfg: RunConfig, digest: str, method: str, seed: int, bu
         result = METHODS[method](cell)
     except MethodSkipped as exc:
         log.info("%s %s seed %d: not run: %s", label, method, seed, exc)
+        shutil.rmtree(work, ignore_errors=True)
         return dict(
             record,
             status="skipped",
@@ -305,6 +307,8 @@ def compare(
                     continue
                 atomic_write_text(path, json.dumps(cell, indent=1, sort_keys=True))
                 cells.append(cell)
+    with contextlib.suppress(OSError):  # an empty work folder: every cell finished (a failed one keeps its files)
+        (out / "work").rmdir()
     labels = [label for label, _, _ in systems]
     summary = summarize(cells, systems=labels, methods=methods)
     done = [c for c in cells if c.get("status") == "ok"]
