@@ -26,8 +26,10 @@ PLACEHOLDER = "<!-- config-reference -->"
 SECTIONS = [
     (
         "A run: `optimas-fast run CONFIG.yaml`",
-        "The top-level keys of a run's YAML file (`optimas_fast.run.load_config` parses it; an unknown key or a wrong "
-        "value stops with a message naming it). `loop:` holds the loop's settings below.",
+        "The top-level keys of a run's YAML file, all optional but `system` (`optimas_fast.run.load_config` parses "
+        "them into a `RunConfig`; an unknown key or a wrong value stops with a message naming it). `loop:` takes the "
+        "loop's settings below; `reward:` takes `backbone`, `max_length` (short for `template.max_length`) and any "
+        "`RewardModelConfig` field.",
         ["optimas_fast.run:RunConfig"],
     ),
     (
