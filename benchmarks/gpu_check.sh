@@ -42,7 +42,7 @@ while (( $# )); do
         --dry-run) DRY=1 ;;
         --bundle) [[ $# -ge 2 ]] || usage; BUNDLE=$2; shift ;;
         --host-wheels) [[ $# -ge 2 ]] || usage; HOST_WHEELS=$2; shift ;;
-        -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,/^set -u/p' "$0" | sed '$d'; exit 0 ;;
         -*) usage ;;
         *) [[ -z "$OUT" ]] || usage; OUT=$1 ;;
     esac
@@ -85,13 +85,13 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARA
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_CONFIG_FILE=/dev/null
 unset PIP_FIND_LINKS PIP_EXTRA_INDEX_URL PIP_INDEX_URL PIP_CONSTRAINT
 
-# step NAME LIMIT_S NOTE CMD...: runs CMD under `timeout`, capped by what is left of the budget (25 s kept: 10 for
-# timeout's kill grace, 15 for the report), appends its output to the log and one line (name, exit, seconds,
+# step NAME LIMIT_S NOTE CMD...: runs CMD under `timeout`, capped by what is left of the budget (40 s kept: 10 for
+# timeout's kill grace, 30 for the report), appends its output to the log and one line (name, exit, seconds,
 # limit, note) to steps.tsv.
 step() {
     local name=$1 limit=$2 note=$3
     shift 3
-    local left=$(( BUDGET - ($(date +%s) - START) - 25 ))
+    local left=$(( BUDGET - ($(date +%s) - START) - 40 ))
     (( limit > left )) && limit=$left
     if (( limit < 5 )); then
         printf '%s\t124\t0\t%s\t%s\n' "$name" "$limit" "not started: the ${BUDGET} s budget is spent" >> "$OUT/steps.tsv"
@@ -111,7 +111,7 @@ finish() {
     local extra=()
     (( DRY )) && extra=(--dry-run)
     if [[ -f "$SRC/benchmarks/gpu_check_report.py" ]]; then
-        PYTHONPATH="$SITE" timeout 15 "$PY" "$SRC/benchmarks/gpu_check_report.py" "${extra[@]}" "$OUT"
+        PYTHONPATH="$SITE" timeout 30 "$PY" "$SRC/benchmarks/gpu_check_report.py" "${extra[@]}" "$OUT"
     else
         echo "gpu_check: FAILED before the sources were unpacked (see $LOG)" >&2
         false
