@@ -334,7 +334,7 @@ def record_launches(arch: int) -> list[Launch]:
         )
     found: dict = {}
 
-    def hook(*, key, repr, fn, compile, is_manual_warmup, already_compiled):
+    def hook(*, fn, compile, **_):  # Triton also passes key, repr, is_manual_warmup, already_compiled
         opts = {k: compile[k] for k in ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")}
         lc = Launch(fn.name, fn.jit_function, compile["signature"], compile["constants"], compile["configs"][0], opts)
         found.setdefault(lc.key(), lc)
