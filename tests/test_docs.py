@@ -261,6 +261,7 @@ def run_file(path: Path, cwd: Path, from_root: bool, tmp_path: Path) -> None:
         pytest.fail(msg, pytrace=False)
 
 
+@pytest.mark.slow  # real models (MiniLM), the CLI and torchrun in subprocesses: ~5 minutes of CPU in all
 @pytest.mark.parametrize("path", RUN_FILES, ids=[str(p.relative_to(ROOT)) for p in RUN_FILES])
 def test_code_blocks_run(path, tmp_path):
     """The file's blocks from the repository root and from an empty directory, the two runs side by side (most of
