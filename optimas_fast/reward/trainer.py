@@ -137,7 +137,8 @@ def pair_chunks(rows: Rows, budget: int | None, shares_prefix: bool) -> list[np.
     """The pairs of ``rows`` (chosen rows first, then rejected) as chunks of pair indices whose distinct rows hold
     at most ``budget`` tokens (``RewardModelConfig.train_chunk_tokens``; None: one chunk). Pairs of one input stay
     in one chunk, so a candidate shared by several pairs and (decoders) the shared prefix are still encoded once;
-    a group over the budget is a chunk of its own. Greedy in order of first appearance."""
+    a group over the budget is a chunk of its own. Groups are packed greedily in order of their longest row, so a
+    chunk holds inputs of similar length and pads little (the loss is a sum over pairs: any partition is exact)."""
     n = len(rows) // 2
     if budget is None or n <= 1:
         return [np.arange(n)]
@@ -146,8 +147,7 @@ def pair_chunks(rows: Rows, budget: int | None, shares_prefix: bool) -> list[np.
     groups: dict[int, list[int]] = {}
     for i, k in enumerate(key.tolist()):
         groups.setdefault(k, []).append(i)
-    chunks: list[list[int]] = []
-    used = budget + 1  # tokens of the open chunk (none open yet)
+    sized = []  # (longest row, tokens, pair indices) per group
     for members in groups.values():
         both = np.concatenate([members, np.asarray(members) + n])  # (2m,) the group's rows
         distinct = {(int(rows.prefix_of[r]), int(rows.suffix_of[r])): r for r in both.tolist()}
@@ -156,6 +156,11 @@ def pair_chunks(rows: Rows, budget: int | None, shares_prefix: bool) -> list[np.
             t = sum(prefixes.values()) + sum(int(slen[r]) for r in distinct.values())
         else:
             t = sum(int(plen[r] + slen[r]) for r in distinct.values())
+        sized.append((int((plen[both] + slen[both]).max()), t, members))
+    sized.sort(key=lambda g: g[0])  # stable: equal lengths keep their order
+    chunks: list[list[int]] = []
+    used = budget + 1  # tokens of the open chunk (none open yet)
+    for _, t, members in sized:
         if used + t > budget:
             chunks.append(list(members))
             used = t
