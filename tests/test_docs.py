@@ -208,6 +208,10 @@ def _child_env() -> dict:
     env.pop("PYTHONPATH", None)  # nothing but the working directory and the installed package
     env["HF_HUB_OFFLINE"] = "1"  # CI never reaches a model hub: every model comes from a PyPI package
     env["PYTHONUNBUFFERED"] = "1"
+    # the root and empty-directory runs go side by side on CI's two cores: one thread each, else torch's OpenMP
+    # threads (two per process) oversubscribe the cores and spin (README.md: 120 s side by side with two threads
+    # each at load 8, against 9 + 17 s for its two slowest blocks alone)
+    env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("MPLBACKEND", "Agg")
     return env
 
