@@ -30,6 +30,7 @@ import torch.nn as nn
 from _common import machine, write_results
 
 from optimas_fast.reward import RewardModelConfig, RewardModel, TemplateConfig, load_backbone
+from optimas_fast.reward.encode import encode_planned
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega river stone cloud lamp answer question because therefore").split()
@@ -77,7 +78,7 @@ def host_run(args, tok) -> dict:
     plan = rm.encoder.plan(rows)
     t3 = time.perf_counter()
     with torch.inference_mode():
-        h, _ = rm.encoder.encode_planned(rows, plan, inference=True)
+        h, _ = encode_planned(rm.encoder, rows, plan, inference=True)
     t4 = time.perf_counter()
     rm.tokens.clear()
     t5, c5 = time.perf_counter(), time.process_time()

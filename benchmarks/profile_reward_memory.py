@@ -135,7 +135,7 @@ def run_ours(args, train, held, template, bf16: bool) -> dict:
     ph.end("load + build")
     ph.start()
     rm.score([(p.component, p.inputs, p.chosen) for p in train[:2]])  # the bench's warm-up
-    cast = rm.encoder._cast_backbone
+    cast = rm.encoder.precision.cast_copy
     ph.end("warm-up score", bf16_copy_mib=tensor_bytes(cast[1].parameters()) if cast else 0.0)
     rm.tokens.clear()
     saved = SavedTensors()
@@ -167,8 +167,8 @@ def run_ours(args, train, held, template, bf16: bool) -> dict:
     resident = {"weights_mib": tensor_bytes(net.parameters()),
                 "grads_mib": tensor_bytes(p.grad for p in net.parameters()),
                 "optimizer_state_mib": optimizer_bytes(rm.trainer.optimizer),
-                "bf16_copy_mib": tensor_bytes(rm.encoder._cast_backbone[1].parameters())
-                if rm.encoder._cast_backbone else 0.0}
+                "bf16_copy_mib": tensor_bytes(rm.encoder.precision.cast_copy[1].parameters())
+                if rm.encoder.precision.cast_copy else 0.0}
     ph.start()
     acc = float(np.mean(ours_correct(rm, held)))
     ph.end("held-out score")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from test_gpu_engine import build, requests, tokenizer  # noqa: F401 - tokenizer is a fixture
 
-from optimas_fast.reward import attention
+from optimas_fast.reward import attention, encode
 
 # (group sizes, rows of different groups interleaved): the layouts of tests/test_reward.py's kernel test
 LAYOUTS = {"one_group": ([7], False), "equal_groups": ([2, 2, 2], False), "uneven_slots": ([3, 2, 3], True),
@@ -237,8 +237,8 @@ def test_reward_model_on_cuda_takes_the_kernel_and_matches_the_per_row_cache(amp
     def grads(kernel: bool):
         rm.config.shared_prefix_kernel = kernel
         rm.net.zero_grad(set_to_none=True)
-        with rm.encoder.autocast():
-            h, _ = rm.encoder.encode_shared(rows, idx, inference=False)  # (R, H)
+        with rm.encoder.precision.autocast():
+            h, _ = encode.encode_shared(rm.encoder, rows, idx, inference=False)  # (R, H)
         (h.float() * w).sum().backward()
         return {n: p.grad.float().clone() for n, p in rm.net.backbone.named_parameters() if p.grad is not None}
 

@@ -319,7 +319,7 @@ def test_cuda_defaults(tokenizer, seed):
     rm = RewardModel(_backbone("decoder", tokenizer.vocab_size, seed), COMPONENTS, tokenizer=tokenizer,
                      config=RewardModelConfig(seed=seed), device="cuda")
     enc = rm.encoder
-    assert enc.device.type == "cuda" and enc.uses_bf16(True) and enc.uses_bf16(False)
+    assert enc.device.type == "cuda" and enc.precision.uses_bf16(True) and enc.precision.uses_bf16(False)
     assert enc.token_budget == 16384 and enc.attention_name() == "sdpa" and enc._shared_prefix_kernel()
     reqs = requests(random.Random(seed), 3, 4)
     scores, rep = rm.score_with_report(reqs)

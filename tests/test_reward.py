@@ -19,7 +19,9 @@ from optimas_fast.reward import (
 )
 from optimas_fast.render import REWARD_INPUT_CHARS, REWARD_OUTPUT_CHARS, format_fields
 from optimas_fast.reward import attention
-from optimas_fast.reward import encoder as encoder_mod
+from optimas_fast.reward import encode as encode_mod
+from optimas_fast.reward import precision as precision_mod
+from optimas_fast.reward import rows as rows_mod
 from optimas_fast.reward import schedules
 from optimas_fast.reward.checkpoint import stable_parameters
 from optimas_fast.reward.template import TokenCache, batch_token_ids, plain_backend
@@ -140,7 +142,7 @@ def test_rows_use_their_own_head(tokenizer, seed):
     # head a on the same pooled state, computed by hand
     rows = rm.prepare([req_a])
     with torch.no_grad():
-        h, _ = rm.encoder.encode_rows(rows, np.arange(1), inference=True)
+        h, _ = encode_mod.encode_rows(rm.encoder, rows, np.arange(1), inference=True)
         manual = float(h[0] @ rm.net.head_weight[ka] + rm.net.head_bias[ka])
     assert sa == pytest.approx(manual, abs=1e-5)
 
@@ -497,14 +499,14 @@ def test_bf16_weight_copy_follows_training_and_loading(kind, tokenizer, seed, tm
     rm = make_model(kind, tokenizer, seed, score_amp="bf16", score_weights="cast")
     rm.save(tmp_path / "before")
     before = rm.score(reqs)
-    copy_before = rm.encoder._cast_backbone[1]
+    copy_before = rm.encoder.precision.cast_copy[1]
     assert next(copy_before.parameters()).dtype == torch.bfloat16
     assert next(rm.net.backbone.parameters()).dtype == torch.float32  # the trained weights stay fp32
-    assert rm.encoder._cast_backbone[1] is copy_before and torch.equal(rm.score(reqs), before)  # unchanged: reused
+    assert rm.encoder.precision.cast_copy[1] is copy_before and torch.equal(rm.score(reqs), before)  # unchanged: reused
     pairs = [PreferencePair(c, i, o, reqs[(k + 1) % len(reqs)][2], 1.0) for k, (c, i, o) in enumerate(reqs)]
     rm.train(pairs, epochs=2, lr=1e-3)
     after = rm.score(reqs)
-    assert rm.encoder._cast_backbone[1] is not copy_before and not torch.equal(after, before)
+    assert rm.encoder.precision.cast_copy[1] is not copy_before and not torch.equal(after, before)
     # exactly what a bf16 copy of the trained weights gives when made from scratch: not stale in any row
     rm.save(tmp_path / "after")
     fresh = make_model(kind, tokenizer, seed + 1, score_amp="bf16", score_weights="cast")
@@ -517,8 +519,8 @@ def test_bf16_weight_copy_follows_training_and_loading(kind, tokenizer, seed, tm
 def test_amp_auto_follows_the_hardware(tokenizer, seed, monkeypatch):
     rm = make_model("decoder", tokenizer, seed, score_amp="auto", amp="auto")
     for native in (True, False):
-        monkeypatch.setattr(encoder_mod, "_NATIVE_BF16", native)
-        assert encoder_mod.cpu_has_native_bf16() is native
+        monkeypatch.setattr(precision_mod, "_NATIVE_BF16", native)
+        assert precision_mod.cpu_has_native_bf16() is native
         assert rm.uses_bf16(inference=True) is native  # scoring: bf16 only with native bf16 GEMMs
         assert rm.uses_bf16(inference=False) is native  # training too (RESULTS.md: same accuracy, faster)
         _, rep = rm.score_with_report([("a", "in put", "out put")])
@@ -829,7 +831,7 @@ def test_shared_prefix_batches_of_several_groups_equal_independent_rows(budget, 
 
     def states_and_grads():
         rm.net.zero_grad(set_to_none=True)
-        h, _ = enc.encode_planned(rows, plan, inference=False)  # (U, H) in plan.rows order
+        h, _ = encode_mod.encode_planned(enc, rows, plan, inference=False)  # (U, H) in plan.rows order
         (h * weights).sum().backward()
         return h.detach(), {n: p.grad.clone() for n, p in rm.net.backbone.named_parameters() if p.grad is not None}
 
@@ -908,13 +910,13 @@ def test_shared_prefix_kernel_equals_the_per_row_cache(layout, arch, tokenizer, 
     monkeypatch.setattr(attention, "SharedPrefix", Spy)
     monkeypatch.setattr(attention, "_shared_forward", lambda *a, **k: calls.append(1) or real_fwd(*a, **k))
     with torch.inference_mode():
-        h_kernel, n_kernel = enc.encode_shared(rows, idx, inference=True)  # (R, H)
+        h_kernel, n_kernel = encode_mod.encode_shared(enc, rows, idx, inference=True)  # (R, H)
         assert len(made) == 1 and len(calls) == 2  # one per layer
         assert made[0].grouped == (layout != "uneven_gather")
         if made[0].grouped:  # plain views exactly when the rows already sit in equal groups, in order
             assert (made[0].slot is None) == (layout in ("one_group", "equal_groups"))
         rm.config.shared_prefix_kernel = False
-        h_ref, n_ref = enc.encode_shared(rows, idx, inference=True)
+        h_ref, n_ref = encode_mod.encode_shared(enc, rows, idx, inference=True)
     assert len(made) == 1 and len(calls) == 2  # the reference path does not touch the kernel
     assert n_kernel == n_ref
     torch.testing.assert_close(h_kernel, h_ref, atol=1e-5, rtol=1e-4)
@@ -928,7 +930,7 @@ def test_shared_prefix_kernel_equals_the_per_row_cache(layout, arch, tokenizer, 
     def states_and_grads(kernel: bool):
         rm.config.shared_prefix_kernel = kernel
         rm.net.zero_grad(set_to_none=True)
-        h, _ = enc.encode_shared(rows, idx, inference=False)  # (R, H)
+        h, _ = encode_mod.encode_shared(enc, rows, idx, inference=False)  # (R, H)
         (h * weights).sum().backward()
         return h.detach(), {n: p.grad.clone() for n, p in rm.net.backbone.named_parameters() if p.grad is not None}
 
@@ -986,20 +988,20 @@ def test_shared_prefix_kernel_not_on_other_attention(tokenizer, seed, monkeypatc
         RewardModelConfig(shared_prefix_kernel=1).validate()
 
 
-def test_preparing_rows_pauses_the_garbage_collector_and_restores_it(tokenizer, seed):
+def test_preparing_rows_pauses_the_garbage_collector_and_restores_it(tokenizer, seed, monkeypatch):
     """The host path pauses Python's cyclic GC while it prepares rows (a measured ~4 us/row at 1M rows) and
     leaves it as it found it: on, off, and after an error inside."""
     import gc
 
     rm = make_model("encoder", tokenizer, seed, components=("a",))
     seen = []
-    real = rm.encoder._prepare_rows
+    real = rows_mod._prepare_rows
 
     def spy(*a, **k):
         seen.append(gc.isenabled())
         return real(*a, **k)
 
-    rm.encoder._prepare_rows = spy
+    monkeypatch.setattr(rows_mod, "_prepare_rows", spy)
     assert gc.isenabled()
     rm.score([("a", "some input", "an output")])
     assert seen == [False] and gc.isenabled()

@@ -139,7 +139,7 @@ def _score_worker(rank: int, init_file: str, seed: int, out_dir: str) -> None:
         result = {}
         for name, rm in _score_models(seed).items():
             scores, report = rm.score_with_report(pool)  # sharded: this rank encodes its batches only
-            local, local_report = rm.encoder.score(pool, shard=False)  # this process alone, same threads
+            local, local_report = rm.score_with_report(pool, shard=False)  # this process alone, same threads
             result[name] = {"scores": scores, "report": report, "local": local, "local_report": local_report}
         try:  # ranks asking for different rows must fail clearly on every rank, not merge mismatched scores
             _score_models(seed)["llama"].score(pool if rank == 0 else pool[1:])

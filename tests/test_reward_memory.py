@@ -32,13 +32,14 @@ def test_step_holds_no_gradients_or_score_copy_during_its_forward(kind, tokenize
 
     def check(module, args, kwargs):
         if torch.is_grad_enabled():  # a training forward (scoring runs under inference_mode)
-            seen.append((any(p.grad is not None for p in rm.net.parameters()), rm.encoder._cast_backbone is not None))
+            copy_alive = rm.encoder.precision.cast_copy is not None
+            seen.append((any(p.grad is not None for p in rm.net.parameters()), copy_alive))
 
     handle = rm.net.backbone.register_forward_pre_hook(check, with_kwargs=True)
     try:
         for _ in range(2):
             rm.score(reqs)
-            assert rm.encoder._cast_backbone is not None  # scoring made (or re-made) the copy
+            assert rm.encoder.precision.cast_copy is not None  # scoring made (or re-made) the copy
             rm.train(_pairs(rng, reqs), epochs=1, lr=1e-3, batch_pairs=4)
     finally:
         handle.remove()

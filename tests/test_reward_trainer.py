@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from optimas_fast.reward import RewardModel, pair_weights
+from optimas_fast.reward.sharded import score_rows
 from optimas_fast.reward.trl_trainer import RewardTrainer, last_checkpoint, warmup_steps_of
 from optimas_fast.trl import RewardConfig
 from optimas_fast.trl import RewardTrainer as TrlNameTrainer
@@ -209,7 +210,7 @@ def test_trainer_applies_the_schedule_and_trl_loss(tokenizer, tmp_path, seed):
     seen = []
 
     def spy(batch, lr, **kw):  # the TRL face's loop calls the engine's one training step
-        s = tr.model.encoder.score_rows(batch.rows)[0].double()  # (2B,): chosen rows, then rejected rows
+        s = score_rows(tr.model.encoder, batch.rows)[0].double()  # (2B,): chosen rows, then rejected rows
         n = len(batch)
         rc, rr = s[:n], s[n:]
         mu = torch.tensor(batch.margins, dtype=torch.float64)

@@ -15,7 +15,9 @@ from test_reward import make_model, separable_pairs
 from optimas_fast import ops
 from optimas_fast.reward import PreferencePair, TrainConfig, pair_weights
 from optimas_fast.reward import trainer as trainer_mod
+from optimas_fast.reward.encode import encode_planned
 from optimas_fast.reward.metrics import pair_metrics
+from optimas_fast.reward.sharded import score_rows
 from optimas_fast.reward.trainer import PairBatch, StepReport, pair_rows
 from optimas_fast.trl import RewardConfig, RewardTrainer
 
@@ -46,7 +48,7 @@ def test_step_report_equals_hand_computation(kind, tokenizer, seed):
     batch = _batch(rm, pairs, rng, center=rng.choice([0.0, 0.05]))
     n = len(pairs)
     # by hand, before the step: scores of every row, the loss through ops' reference, the accuracy definition
-    s = rm.encoder.score_rows(batch.rows)[0]  # (2B,) fp32 scoring of the same rows
+    s = score_rows(rm.encoder, batch.rows)[0]  # (2B,) fp32 scoring of the same rows
     rc, rr = s[:n], s[n:]
     w, mu = torch.tensor(batch.weights), torch.tensor(batch.margins)
     want_loss = float(ops.bt_loss(rc, rr, weight=w, margin=mu, center=batch.center, backend="torch"))
@@ -63,7 +65,7 @@ def test_step_report_equals_hand_computation(kind, tokenizer, seed):
     grads = [p.grad.flatten() for p in rm.net.parameters() if p.grad is not None]
     assert rep.grad_norm == pytest.approx(float(torch.cat(grads).norm()), rel=1e-5)
     with torch.no_grad():  # the tokens the planned encoding of these rows pushes through the backbone
-        want_tokens = rm.encoder.encode_planned(batch.rows, rm.encoder.plan(batch.rows), inference=False)[1]
+        want_tokens = encode_planned(rm.encoder, batch.rows, rm.encoder.plan(batch.rows), inference=False)[1]
     assert rep.tokens == want_tokens > 0
     opt = rm.trainer.optimizer
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 2e-2]

@@ -8,7 +8,8 @@ prefix-shared scoring of large candidate pools, checkpoints and DDP.
     rm.evaluate(held_out_pairs, candidates)        # accuracy, loss, alignment per component
     rm.save("ckpt/"); RewardModel.load("ckpt/")
 
-Parts (each depends only on those above it): data, template, config, schedules, metrics -> encoder -> trainer
+Parts (each depends only on those above it): data, template, config, schedules, metrics -> heads, precision, rows
+-> encode -> encoder -> sharded -> trainer
 (Trainer.step, the one training step; TrainLoops: train / adapt) -> checkpoint -> model (the RewardModel facade)
 -> trl_trainer (the TRL-style RewardTrainer, another loop over Trainer.step).
 """
@@ -16,10 +17,13 @@ from .checkpoint import describe as describe_checkpoint
 from .config import LoraSettings, RewardModelConfig
 from .data import Candidate, PreferencePair, ScoreRequest, pair_weights
 from .distributed import DistInfo, cleanup_distributed, init_distributed
-from .encoder import DEFAULT_BACKBONE, Encoder, Rows, ScoreReport, backend_report, cpu_has_native_bf16, load_backbone
+from .encoder import DEFAULT_BACKBONE, Encoder, backend_report, load_backbone
 from .formats import LoadReport, PairFormatError, PairSet, load_pairs, save_pairs
 from .metrics import spearman
 from .model import RewardModel
+from .precision import cpu_has_native_bf16
+from .rows import Rows
+from .sharded import ScoreReport
 from .template import TemplateConfig
 from .trainer import OVERLONG_POLICIES, PairBatch, StepReport, TrainConfig, Trainer, TrainLoops, TrainReport
 from .trl_trainer import RewardTrainer  # the TRL-style face; its arguments: optimas_fast.trl.RewardConfig

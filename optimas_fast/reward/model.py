@@ -9,7 +9,12 @@ The parts it joins depend only downward and never import it back:
 
     config.py     RewardModelConfig, LoraSettings
     template.py   text layout, token cache
-    encoder.py    backbone + heads, tokenising (batched), planning (C++ scheduler), encoding, pooling, bf16 copy
+    heads.py      RewardNet: backbone + per-component head parameters
+    precision.py  bf16 or fp32 per path, autocast, the bf16 scoring copy
+    rows.py       tokenising (batched), dedupe, truncation -> Rows
+    encode.py     one function per batch layout (padded, shared-prefix, packed) -> pooled states
+    encoder.py    the Encoder composing them: backbone + heads + policies, planning (C++ scheduler)
+    sharded.py    score: rewards, the planned batches sharded across torchrun ranks
     trainer.py    Trainer.step (the one training step), TrainLoops (train / adapt: schedule, replay), evaluate
     checkpoint.py save / load through Encoder and TrainLoops (+ Trainer) state_dicts
 """
@@ -25,16 +30,11 @@ import torch
 from . import hf_export
 from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from .config import LoraSettings, RewardModelConfig, reward_config_from_dict, reward_config_to_dict
-from .encoder import (
-    DEFAULT_BACKBONE,
-    Encoder,
-    RewardNet,
-    Rows,
-    ScoreReport,
-    backend_report,
-    cpu_has_native_bf16,
-    load_backbone,
-)
+from .encoder import DEFAULT_BACKBONE, Encoder, backend_report, load_backbone
+from .heads import RewardNet
+from .precision import cpu_has_native_bf16
+from .rows import Rows
+from .sharded import ScoreReport, score
 from .template import Tokenised
 from .trainer import Trainer, TrainLoops, TrainReport, evaluate
 
@@ -117,7 +117,7 @@ class RewardModel:
         return self.encoder.prepare_requests(requests)
 
     def uses_bf16(self, inference: bool) -> bool:
-        return self.encoder.uses_bf16(inference)
+        return self.encoder.precision.uses_bf16(inference)
 
     def prefix_sharing_status(self) -> str:
         return self.encoder.prefix_sharing_status()
@@ -132,7 +132,7 @@ class RewardModel:
         return self.score_with_report(requests, shard=shard)[0]
 
     def score_with_report(self, requests: Iterable[Any], shard: bool = True) -> tuple[torch.Tensor, ScoreReport]:
-        scores, report = self.encoder.score(requests, shard=shard)
+        scores, report = score(self.encoder, requests, shard=shard)
         self.last_report = report
         return scores, report
 

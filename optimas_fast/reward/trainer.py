@@ -47,8 +47,11 @@ from optimas_fast._validate import check_int
 
 from . import schedules
 from .data import PreferencePair, as_candidates, as_pairs, pair_weights
-from .encoder import Encoder, Rows
+from .encode import encode_planned
+from .encoder import Encoder
 from .metrics import grouped_spearman, pair_hits, pair_metrics
+from .rows import Rows
+from .sharded import score
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +116,7 @@ class _PairLoss(nn.Module):
         enc = self._encoder[0]
         n = len(rows) // 2
         plan = enc.plan(rows)
-        h, tokens = enc.encode_planned(rows, plan, inference=False)  # (U, H) in plan.rows order
+        h, tokens = encode_planned(enc, rows, plan, inference=False)  # (U, H) in plan.rows order
         dev = h.device
         idx = torch.from_numpy(plan.request_row).to(dev)  # (2B,)
         h_c, h_r = h.index_select(0, idx[:n]), h.index_select(0, idx[n:])  # (B, H) each
@@ -283,7 +286,7 @@ class Trainer:
         # forward, not after it, so neither sits beside this step's activations (benchmarks/RESULTS.md, "Where
         # reward training's memory goes": SmolLM2-135M, 540 MB of gradients and a 270 MB copy)
         opt.zero_grad(set_to_none=True)
-        self.encoder.release_score_copy()
+        self.encoder.precision.release_copy()
         loss, r_c, r_r, tokens = self._forward_backward(shard, weights[lo:hi], mu, divisor, batch.center, world)
         params = [p for g in opt.param_groups for p in g["params"]]
         if max_grad_norm is not None:
@@ -293,7 +296,7 @@ class Trainer:
             norms = [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]
             grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
         opt.step()
-        self.encoder.weights_version += 1  # fused AdamW leaves the parameters' version counters as they were
+        self.encoder.precision.weights_version += 1  # fused AdamW leaves the parameters' version counters as they were
         self.global_step += 1
         value = loss.detach().float()
         # per-component accuracy: hits and counts per head, summed over ranks
@@ -329,7 +332,7 @@ class Trainer:
             # DDP: gradients are all-reduced once, by the last chunk's backward
             sync = module.no_sync() if world > 1 and k < len(chunks) - 1 else contextlib.nullcontext()
             with sync:
-                with self.encoder.autocast(inference=False):
+                with self.encoder.precision.autocast(inference=False):
                     loss, c, r, t = module(part, [weights[i] for i in idx], None if mu is None else [mu[i] for i in idx],
                                            div, center)
                 if not torch.isfinite(loss):
@@ -610,7 +613,7 @@ class TrainLoops:
             pairs_used=len(used), pairs_dropped=dropped, pairs_truncated=truncated, steps=len(history),
             seconds=seconds, pairs_per_s=len(used) * epochs / seconds if seconds > 0 else float("nan"),
             final_loss=history[-1]["loss"], overlong=overlong,
-            amp="bf16" if self.encoder.uses_bf16(inference=False) else "fp32")
+            amp="bf16" if self.encoder.precision.uses_bf16(inference=False) else "fp32")
         logger.info("train: %s", asdict(self.last_report))
         return history
 
@@ -690,7 +693,7 @@ def evaluate(encoder: Encoder, pairs, candidates=None, subtract_margin: bool = F
             raise ValueError(f"candidates[{i}] is for unknown component {c.component!r}")
     reqs = ([(p.component, p.inputs, p.chosen) for p in pairs] + [(p.component, p.inputs, p.rejected) for p in pairs]
             + [(c.component, c.inputs, c.outputs) for c in cands])
-    s = encoder.score(reqs)[0] if reqs else torch.zeros(0)  # (2B + K,)
+    s = score(encoder, reqs)[0] if reqs else torch.zeros(0)  # (2B + K,)
     n = len(pairs)
     comps = [p.component for p in pairs]
     pm = pair_metrics(s[:n], s[n: 2 * n], comps, margin=[p.margin for p in pairs] if subtract_margin else None,

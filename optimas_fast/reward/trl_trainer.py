@@ -59,7 +59,7 @@ from optimas_fast.backbones import resolve_backbone
 
 from . import schedules
 from .data import PreferencePair, as_pairs, pair_weights
-from .encoder import Rows
+from .rows import Rows
 from .formats import PairSet, load_pairs
 from .model import RewardModel, RewardModelConfig
 from .template import TemplateConfig
