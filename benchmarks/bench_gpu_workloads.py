@@ -133,9 +133,9 @@ def build(size: str, device: str, seed: int, amp: str):
     heads_setup = "copied from the HF model's score layer"
     try:  # same heads on both sides so scores can be compared (RewardNet keeps one (H,) weight per head)
         with torch.no_grad():
-            for i, key in enumerate(rm.net.head_keys):
-                rm.net.head_weight[key].copy_(base.score.weight[i])
-                rm.net.head_bias[key].zero_()
+            for i, key in enumerate(rm.encoder.net.head_keys):
+                rm.encoder.net.head_weight[key].copy_(base.score.weight[i])
+                rm.encoder.net.head_bias[key].zero_()
     except AttributeError as e:
         heads_setup = f"not copied ({e}): score agreement is not checked"
     n_params = sum(p.numel() for p in backbone.parameters())
@@ -281,7 +281,7 @@ def bench_pool(rm, base, tok, rows, device: str, amp: str, vllm_timeout: int, sk
     seqs = [row_ids(rm, *r) for r in rows]
     heads = [rm.head_id(r[0]) for r in rows]
     rm.score(rows[:4])  # warm-up (bf16 weight copy, kernels)
-    rm.tokens.clear()  # cold token cache: tokenisation inside our timing
+    rm.encoder.tokens.clear()  # cold token cache: tokenisation inside our timing
     sync(device)
     ours, rep = rm.score_with_report(rows)
     sync(device)

@@ -69,7 +69,7 @@ def host_run(args, tok) -> dict:
                        template=TemplateConfig(max_length=args.max_length), token_cache_size=None, seed=args.seed)
     rm = RewardModel(NullBackbone(), comps, tokenizer=tok, config=cfg, device="cpu")
     if args.tokenizer == "hf":
-        rm.tokens.native = None  # every text through Hugging Face's Rust tokenizer (the baseline)
+        rm.encoder.tokens.native = None  # every text through Hugging Face's Rust tokenizer (the baseline)
     n = len(reqs)
     # stages, each on a cold token cache where tokenising is part of it
     t1 = time.perf_counter()
@@ -80,7 +80,7 @@ def host_run(args, tok) -> dict:
     with torch.inference_mode():
         h, _ = encode_planned(rm.encoder, rows, plan, inference=True)
     t4 = time.perf_counter()
-    rm.tokens.clear()
+    rm.encoder.tokens.clear()
     t5, c5 = time.perf_counter(), time.process_time()
     scores, rep = rm.score_with_report(reqs)  # end to end, cold cache again
     t6, c6 = time.perf_counter(), time.process_time()
@@ -98,7 +98,7 @@ def minilm_share(args) -> dict:
     comps, reqs = workload(args.minilm_rows, max(1, args.minilm_rows // 16), None, 2, args.seed)
     rm = RewardModel(backbone, comps, tokenizer=tok, config=RewardModelConfig(seed=args.seed), device="cpu")
     rm.score(reqs[:16])  # warm-up (and the bf16 copy, where scoring runs bf16)
-    rm.tokens.clear()
+    rm.encoder.tokens.clear()
     _, rep = rm.score_with_report(reqs)
     return {"rows": len(reqs), "seconds": rep.seconds, "rows_per_s": len(reqs) / rep.seconds,
             "backbone_share": 1 - rep.host_seconds / rep.seconds, "us_per_row_host": 1e6 * rep.host_seconds / len(reqs),

@@ -59,7 +59,7 @@ def run_mode(kind: str, mode: dict, state: dict, tok, pairs, args) -> tuple[dict
     rm = RewardModel(net, ["answer"], tokenizer=tok, config=cfg, device="cpu")
     reqs = [r for p in pairs for r in (("answer", p.inputs, p.chosen), ("answer", p.inputs, p.rejected))]
     rm.score(reqs[:4])  # warm-up (the bf16 scoring copy, allocator)
-    rm.tokens.clear()
+    rm.encoder.tokens.clear()
     t0 = time.perf_counter()
     scores, rep = rm.score_with_report(reqs)
     t_score = time.perf_counter() - t0

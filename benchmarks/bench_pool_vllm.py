@@ -107,7 +107,7 @@ def main() -> None:
     export = tempfile.mkdtemp(prefix="pool-export-")
     meta = rm.export_hf(export)
     bias = meta["dropped_bias"][0]
-    dev = rm.device
+    dev = rm.encoder.device
     hf = None
     if not args.no_hf:
         from transformers import AutoModelForSequenceClassification
@@ -124,8 +124,8 @@ def main() -> None:
                   enable_prefix_caching=True, seed=args.seed)
         print(f"vLLM load: {time.perf_counter() - t0:.1f} s", flush=True)
 
-    peak = gemm_peak_flops(dtype, dev, k=rm.net.hidden_size)
-    print(f"measured GEMM rate ({dtype}, 4096 x {rm.net.hidden_size} x 1536): {peak / 1e9:.0f} GFLOP/s", flush=True)
+    peak = gemm_peak_flops(dtype, dev, k=rm.encoder.net.hidden_size)
+    print(f"measured GEMM rate ({dtype}, 4096 x {rm.encoder.net.hidden_size} x 1536): {peak / 1e9:.0f} GFLOP/s", flush=True)
     results = []
     warm = pool_rows(2, 4, seed=args.seed + 99)  # unrelated prompts: warm-up must not fill the prefix cache for free
     rm.score(warm)
@@ -136,7 +136,7 @@ def main() -> None:
         P = sum(len(t.prefix) for t in toks) / len(toks)
         S = sum(len(t.suffix) for t in toks) / len(toks)
         rho = (P + S) / (P / k + S)
-        bound = peak / flops_per_row(rm.net.backbone, P, S, k)  # rows/s at the GEMM rate
+        bound = peak / flops_per_row(rm.encoder.net.backbone, P, S, k)  # rows/s at the GEMM rate
         rec = {"pool": f"{n_prompts}x{k}", "rows": len(rows), "prompt_tokens": P, "candidate_tokens": S, "rho": rho,
                "gemm_flops_per_s": peak, "bound_rows_per_s": bound}
         t0 = time.perf_counter()
@@ -145,11 +145,11 @@ def main() -> None:
         rec["ours_s"] = time.perf_counter() - t0
         rec["ours_tokens_encoded"] = rep.tokens_encoded  # incl. padding; the prompt once per batch
         if args.per_row_cache:
-            rm.config.shared_prefix_kernel = False
+            rm.encoder.config.shared_prefix_kernel = False
             t0 = time.perf_counter()
             rowcache = rm.score(rows).double() - bias
             rec["ours_rowcache_s"] = time.perf_counter() - t0
-            rm.config.shared_prefix_kernel = True
+            rm.encoder.config.shared_prefix_kernel = True
             rec["ours_rowcache_agree"] = float((rowcache - ours).abs().max() / (ours.max() - ours.min()))
         if hf is not None:
             pad = hf.config.pad_token_id

@@ -237,9 +237,9 @@ def decoder_pair(seed: int, max_len: int, hidden: int = 384, layers: int = 6):
     rm = RewardModel(backbone, list(COMPONENTS), tokenizer=tok,
                      config=RewardModelConfig(seed=seed, template=TemplateConfig(max_length=max_len)))
     with torch.no_grad():  # identical heads too: scores must then agree with the baseline's (checked)
-        for i, key in enumerate(rm.net.head_keys):
-            rm.net.head_weight[key].copy_(base.score.weight[i])
-            rm.net.head_bias[key].zero_()
+        for i, key in enumerate(rm.encoder.net.head_keys):
+            rm.encoder.net.head_weight[key].copy_(base.score.weight[i])
+            rm.encoder.net.head_bias[key].zero_()
     n = sum(p.numel() for p in backbone.parameters()) / 1e6
     return f"Llama-like decoder (random init, hidden {hidden}, {layers} layers, {n:.1f}M)", rm, Baseline(base, tok, rm)
 
@@ -319,16 +319,16 @@ def bench_training(name, rm, base, train, held, epochs, lr, batch_pairs, seed, t
 
 def score_with(rm: RewardModel, rows, **config):
     """score_with_report with RewardModelConfig fields temporarily set (warmed up, cold token cache)."""
-    saved = {k: getattr(rm.config, k) for k in config}
+    saved = {k: getattr(rm.encoder.config, k) for k in config}
     for k, v in config.items():
-        setattr(rm.config, k, v)
+        setattr(rm.encoder.config, k, v)
     try:
         rm.score(rows[:2])
-        rm.tokens.clear()
+        rm.encoder.tokens.clear()
         return rm.score_with_report(rows)
     finally:
         for k, v in saved.items():
-            setattr(rm.config, k, v)
+            setattr(rm.encoder.config, k, v)
 
 
 def bench_scoring(name, rm, base, n_inputs, n_cands, prefix_tok, suffix_tok, seed, check_inputs):
@@ -341,7 +341,7 @@ def bench_scoring(name, rm, base, n_inputs, n_cands, prefix_tok, suffix_tok, see
     base.score(rows[:2])  # warm-up both (first-call allocator / kernel selection costs)
     rm.score(rows[:2])
     s_base, t_base = base.score(rows)
-    rm.tokens.clear()  # cold token cache: tokenisation is inside our timing
+    rm.encoder.tokens.clear()  # cold token cache: tokenisation is inside our timing
     s_ours, rep = rm.score_with_report(rows)
     # the same pool (first check_inputs inputs) in fp32, and with bf16 autocast over the fp32 weights instead
     # of the default bf16 weight copy: their speeds and their agreement with fp32, beside the default's
@@ -356,7 +356,7 @@ def bench_scoring(name, rm, base, n_inputs, n_cands, prefix_tok, suffix_tok, see
                     for i in range(0, n_chk, n_cands)])
     # decoders: same weights, same heads, same last-token read-out -> same scores (prefix sharing is exact);
     # encoders: the baseline reads BERT's pooler, we mean-pool (by design), so there is nothing to compare
-    err = float((s_base[:n_chk] - s32).abs().max()) if not rm.is_encoder else None
+    err = float((s_base[:n_chk] - s32).abs().max()) if not rm.encoder.is_encoder else None
     return {"backbone": name, "rows": len(rows), "baseline_rows_per_s": len(rows) / t_base,
             "ours_rows_per_s": len(rows) / rep.seconds, "speedup": t_base / rep.seconds, "ours_amp": rep.amp,
             "ours_attention": rep.attention,
@@ -367,7 +367,7 @@ def bench_scoring(name, rm, base, n_inputs, n_cands, prefix_tok, suffix_tok, see
             "bf16_vs_fp32_max_abs_diff": float((sub - s32).abs().max()), "fp32_score_std": float(s32.std()),
             "bf16_vs_fp32_spearman": spearman(sub.tolist(), s32.tolist()),
             "bf16_vs_fp32_mean_within_input_spearman": float(np.mean(within)), "bf16_vs_fp32_top1_agreement": float(top1),
-            "ours_score_weights": rm.config.score_weights,
+            "ours_score_weights": rm.encoder.config.score_weights,
             "autocast_rows_per_s": n_chk / rep_ac.seconds, "default_rows_per_s_same_subset": n_chk / t_cast_chk,
             "autocast_vs_fp32_max_abs_diff": float((s_ac - s32).abs().max()),
             "autocast_vs_fp32_mean_within_input_spearman": float(np.mean(
@@ -490,7 +490,7 @@ def unique_run(args) -> dict:
         rm = RewardModel(model, dict(train.components), tokenizer=tok,
                          config=RewardModelConfig(seed=args.seed, amp="bf16" if bf16 else "none", template=template))
         rm.score([(p.component, p.inputs, p.chosen) for p in train[:2]])  # warm-up, untimed
-        rm.tokens.clear()  # cold token cache: tokenisation is inside our timing
+        rm.encoder.tokens.clear()  # cold token cache: tokenisation is inside our timing
         out["rss_before_train_mib"] = _rss_mib()
         t0 = time.perf_counter()
         hist = rm.train(train, epochs=args.epochs, lr=lr, batch_pairs=B)

@@ -53,7 +53,7 @@ def main() -> None:
     res: dict = {"rows": len(rows), "pairs": len(pairs), "score_rows_per_s": {}, "train_pairs_per_s": {}}
     for _ in range(args.repeats):
         for kernel in (True, False):
-            rm.config.shared_prefix_kernel = kernel
+            rm.encoder.config.shared_prefix_kernel = kernel
             t0 = time.perf_counter()
             rm.score(rows)
             res["score_rows_per_s"].setdefault(str(kernel), []).append(len(rows) / (time.perf_counter() - t0))

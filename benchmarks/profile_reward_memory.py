@@ -137,7 +137,7 @@ def run_ours(args, train, held, template, bf16: bool) -> dict:
     rm.score([(p.component, p.inputs, p.chosen) for p in train[:2]])  # the bench's warm-up
     cast = rm.encoder.precision.cast_copy
     ph.end("warm-up score", bf16_copy_mib=tensor_bytes(cast[1].parameters()) if cast else 0.0)
-    rm.tokens.clear()
+    rm.encoder.tokens.clear()
     saved = SavedTensors()
     step = Trainer.step
     steps: list[dict] = []
@@ -251,7 +251,7 @@ def speed_ab(args, train, template, bf16: bool) -> dict:
     for _ in range(args.ab_reps):
         for batch in batches:
             for c in settings:
-                rm.config.train_chunk_tokens = c
+                rm.encoder.config.train_chunk_tokens = c
                 t0 = time.perf_counter()
                 rm.trainer.step(batch, 0.0)
                 times[str(c)].append(time.perf_counter() - t0)

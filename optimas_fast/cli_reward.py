@@ -157,7 +157,7 @@ def _cmd_train(a) -> int:
         "pairs_used": m["pairs_used"], "pairs_dropped": m["pairs_dropped"], "pairs_truncated": m["pairs_truncated"],
         "steps": m["steps"], "pairs_per_s": m["pairs_per_s"], "final_loss": m["final_loss"],
         "train_loss": m["train_loss"],
-        "epochs": m["epoch"], "seconds": time.perf_counter() - t0, "components": trainer.model.components,
+        "epochs": m["epoch"], "seconds": time.perf_counter() - t0, "components": trainer.model.encoder.components,
         "margin_kind": trainer.margin_kind, "overlong": a.overlong, "out": str(out),
         "last_checkpoint": last_checkpoint(out), "resumed_from": ckpt if a.resume else None,
         "args": {k: v for k, v in args.to_dict().items() if k in ("learning_rate", "per_device_train_batch_size",
@@ -191,13 +191,14 @@ def _cmd_eval(a) -> int:
 
     data = _existing(a.data, "--data")
     model = _load_model(a.model_dir)
-    pairs = to_pairs(data, "--data", model.tokenizer, a.components, a.format,
-                     component=model.components[0] if len(model.components) == 1 else None)
-    unknown = sorted({p.component for p in pairs} - set(model.components))
+    pairs = to_pairs(data, "--data", model.encoder.tokenizer, a.components, a.format,
+                     component=model.encoder.components[0] if len(model.encoder.components) == 1 else None)
+    unknown = sorted({p.component for p in pairs} - set(model.encoder.components))
     if unknown:
         raise UsageError(f"--data: component(s) {unknown} have no head in {a.model_dir} (its components: "
                          f"{model.components})")
-    kept, dropped, truncated = filter_overlong(model, pairs, model.config.template.max_length, a.overlong, "--data")
+    max_length = model.encoder.config.template.max_length
+    kept, dropped, truncated = filter_overlong(model, pairs, max_length, a.overlong, "--data")
     t0 = time.perf_counter()
     res = _eval_report(model, kept, pairs.margin_kind == "subtract")
     res.update(pairs_dropped=dropped, pairs_truncated=truncated, seconds=time.perf_counter() - t0)
@@ -259,7 +260,7 @@ def _cmd_score(a) -> int:
     single = [(w, r) for w, r in rows if "outputs" in r]
     pair_rows = [(w, r) for w, r in rows if "outputs" not in r]
     requests, req_of = [], []  # (component, inputs, outputs) per request; (row index, output key) per request
-    default = model.components[0] if len(model.components) == 1 else None
+    default = model.encoder.components[0] if len(model.encoder.components) == 1 else None
     for i, (where, r) in enumerate(rows):
         if "outputs" not in r:
             continue
@@ -267,8 +268,8 @@ def _cmd_score(a) -> int:
         if comp is None:
             raise ValueError(f"{where}: field 'component' is missing (the model has {len(model.components)} heads: "
                              f"{model.components})")
-        if comp not in model.components:
-            raise ValueError(f"{where}: field 'component': {comp!r} has no head (known: {model.components})")
+        if comp not in model.encoder.components:
+            raise ValueError(f"{where}: field 'component': {comp!r} has no head (known: {model.encoder.components})")
         if "inputs" not in r:
             raise ValueError(f"{where}: field 'inputs' is missing")
         requests.append((comp, _as_text(r["inputs"], where, "inputs"), _as_text(r["outputs"], where, "outputs")))
@@ -277,12 +278,12 @@ def _cmd_score(a) -> int:
         pos = [i for i, (_, r) in enumerate(rows) if "outputs" not in r]
         # all rows are pairs: load the file itself, so errors name its own lines
         source = data if not single else [r for _, r in pair_rows]
-        pairs = to_pairs(source, data, model.tokenizer, None, a.format, component=default)
+        pairs = to_pairs(source, data, model.encoder.tokenizer, None, a.format, component=default)
         if len(pairs) != len(pair_rows):
             raise ValueError(f"--data {data}: {len(pair_rows) - len(pairs)} pair row(s) carry no preference (ties) "
                              "and cannot be scored as pairs")
         for i, p in zip(pos, pairs, strict=True):
-            if p.component not in model.components:
+            if p.component not in model.encoder.components:
                 raise ValueError(f"{rows[i][0]}: field 'component': {p.component!r} has no head (known: "
                                  f"{model.components})")
             requests += [(p.component, p.inputs, p.chosen), (p.component, p.inputs, p.rejected)]
@@ -312,7 +313,7 @@ def _cmd_export(a) -> int:
     except ImportError as exc:
         raise UsageError(f"export is not available in this build (optimas_fast.reward.hf_export: {exc})") from None
     model = _load_model(a.model_dir)
-    info = export_hf(model, a.hf)
+    info = export_hf(model.encoder, a.hf)
     print(json.dumps(info if isinstance(info, dict) else {"out": a.hf}, default=str), flush=True)
     return 0
 

@@ -110,9 +110,9 @@ def test_build_hands_the_reward_settings_to_the_model():
                                                               "template": {"truncation_side": "right"}},
                             "loop": {"seed": 3}})
     _, _, rm, _ = run.build(cfg)
-    assert rm.config.template.max_length == 64 and rm.config.template.truncation_side == "right"
-    assert rm.config.score_amp == "none" and rm.config.seed == 3
-    assert rm.config is not cfg.reward  # the parsed config stays as parsed
+    assert rm.encoder.config.template.max_length == 64 and rm.encoder.config.template.truncation_side == "right"
+    assert rm.encoder.config.score_amp == "none" and rm.encoder.config.seed == 3
+    assert rm.encoder.config is not cfg.reward  # the parsed config stays as parsed
 
 
 def test_invalid_config_file_exits_2_with_the_key(tmp_path, capsys):

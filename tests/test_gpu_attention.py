@@ -226,21 +226,21 @@ def test_reward_model_on_cuda_takes_the_kernel_and_matches_the_per_row_cache(amp
     assert rm.encoder._shared_prefix_kernel()
     with_kernel = rm.score(reqs)
     assert calls, "the shared-prefix kernel did not run on CUDA"
-    rm.config.shared_prefix_kernel = False
+    rm.encoder.config.shared_prefix_kernel = False
     ref = rm.score(reqs)
     rel = 1e-4 if amp == "none" else 5e-2
     assert float((with_kernel - ref).abs().max()) <= rel * max(float(ref.std()), 1e-6)
     rows = rm.prepare(reqs)
     idx = np.arange(len(reqs))
-    w = torch.randn(len(idx), rm.net.hidden_size, generator=torch.Generator().manual_seed(seed)).cuda()
+    w = torch.randn(len(idx), rm.encoder.net.hidden_size, generator=torch.Generator().manual_seed(seed)).cuda()
 
     def grads(kernel: bool):
-        rm.config.shared_prefix_kernel = kernel
-        rm.net.zero_grad(set_to_none=True)
+        rm.encoder.config.shared_prefix_kernel = kernel
+        rm.encoder.net.zero_grad(set_to_none=True)
         with rm.encoder.precision.autocast():
             h, _ = encode.encode_shared(rm.encoder, rows, idx, inference=False)  # (R, H)
         (h.float() * w).sum().backward()
-        return {n: p.grad.float().clone() for n, p in rm.net.backbone.named_parameters() if p.grad is not None}
+        return {n: p.grad.float().clone() for n, p in rm.encoder.net.backbone.named_parameters() if p.grad is not None}
 
     n = len(calls)
     g_k, g_r = grads(True), grads(False)

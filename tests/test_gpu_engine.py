@@ -118,7 +118,7 @@ def test_prefix_sharing_on_cuda_is_exact(tokenizer, seed):
     reqs = requests(rng, 4, 7)
     rm = build("decoder", tokenizer, seed, "cuda")
     shared, rep = rm.score_with_report(reqs)
-    rm.config.prefix_sharing = False
+    rm.encoder.config.prefix_sharing = False
     independent, rep_off = rm.score_with_report(reqs)
     assert rep.prefix_sharing == "on" and rep_off.prefix_sharing.startswith("off")
     assert rep.tokens_encoded < rep_off.tokens_encoded  # each prefix went through the backbone once

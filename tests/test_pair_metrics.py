@@ -91,9 +91,9 @@ def test_every_reporter_agrees_ties_included(tokenizer, tmp_path, seed, capsys):
     rm = RewardModel(backbone, {"a": "first", "b": "second"}, tokenizer=tokenizer, device="cpu",
                      config=RewardModelConfig(seed=seed, score_amp="none", template=TemplateConfig(max_length=64)))
     with torch.no_grad():  # head b scores every row 0: all of its pairs are ties
-        key = rm.net.head_keys[rm.head_id("b")]
-        rm.net.head_weight[key].zero_()
-        rm.net.head_bias[key].zero_()
+        key = rm.encoder.net.head_keys[rm.head_id("b")]
+        rm.encoder.net.head_weight[key].zero_()
+        rm.encoder.net.head_bias[key].zero_()
     rng = random.Random(seed)
 
     def text(k):

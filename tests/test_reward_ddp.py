@@ -51,7 +51,7 @@ def _setup(seed: int):
 def _train(rm, pairs):
     rm.train(pairs, epochs=2, lr=3e-3, batch_pairs=5, center=0.1)
     rm.adapt(pairs[:3], steps=2, batch_pairs=4)
-    return {k: v.detach().clone() for k, v in rm.net.state_dict().items()}
+    return {k: v.detach().clone() for k, v in rm.encoder.net.state_dict().items()}
 
 
 def _save_rank0(info, rm, state, out: str) -> None:
@@ -97,7 +97,7 @@ def test_ddp_two_ranks_match_single_process(launcher, seed, tmp_path):
     moved = 0.0
     for k, v in single.items():
         torch.testing.assert_close(ddp["state"][k], v, atol=5e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
-        moved = max(moved, float((v - init.net.state_dict()[k]).abs().max()))
+        moved = max(moved, float((v - init.encoder.net.state_dict()[k]).abs().max()))
     assert moved > 1e-3  # training really changed the weights, so agreement is not trivial
 
 

@@ -49,9 +49,9 @@ def _model(kind, tokenizer, seed, **cfg):
     # non-trivial heads with clearly non-zero biases: the export must drop the bias without changing rankings
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for key in m.net.head_keys:
-            m.net.head_weight[key].copy_(torch.randn(m.net.hidden_size, generator=g))
-            m.net.head_bias[key].fill_(float(torch.randn(1, generator=g)) * 3)
+        for key in m.encoder.net.head_keys:
+            m.encoder.net.head_weight[key].copy_(torch.randn(m.encoder.net.hidden_size, generator=g))
+            m.encoder.net.head_bias[key].fill_(float(torch.randn(1, generator=g)) * 3)
     return m
 
 
@@ -73,7 +73,7 @@ def test_decoder_export_matches_auto_model_for_sequence_classification(tokenizer
     model = _model("decoder", tokenizer, seed)
     rows = _rows(seed)
     ours = model.score(rows).double()
-    meta = export_hf(model, tmp_path / "hf")
+    meta = export_hf(model.encoder, tmp_path / "hf")
     assert meta["layout"] == "seq-cls"
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert cfg["num_labels"] == 2 and cfg["id2label"] == {"0": "writer", "1": "judge"}
@@ -117,7 +117,7 @@ def test_append_eos_export_scores_at_the_eos_in_hf(tokenizer, seed, tmp_path, pa
     model = _model("decoder", tok, seed, template=TemplateConfig(append_eos=True))
     rows = _rows(seed)
     ours = model.score(rows).double()
-    meta = export_hf(model, tmp_path / "hf")
+    meta = export_hf(model.encoder, tmp_path / "hf")
     assert meta["template"]["append_eos"] is True and meta["template"]["eos_token_id"] == eos
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
     pad = hf.config.pad_token_id
@@ -149,19 +149,19 @@ def test_append_eos_export_scores_at_the_eos_in_hf(tokenizer, seed, tmp_path, pa
     assert not torch.allclose(hf_scores(hf, eos_padded, mask), expect, atol=1e-3, rtol=0)
     # and back into the engine: the template keeps append_eos, the scores are the export's
     back = RewardModel.from_pretrained(tmp_path / "hf")
-    back.config.score_amp = "none"
-    assert back.config.template.append_eos is True and back.tokenise(*rows[0]).suffix[-1] == eos
+    back.encoder.config.score_amp = "none"
+    assert back.encoder.config.template.append_eos is True and back.tokenise(*rows[0]).suffix[-1] == eos
     assert torch.allclose(back.score(rows).double(), expect, atol=1e-4, rtol=0)
 
 
 def test_exports_without_append_eos_in_the_meta_load_with_false(tokenizer, seed, tmp_path):
     model = _model("decoder", tokenizer, seed)
-    meta = export_hf(model, tmp_path / "hf")
+    meta = export_hf(model.encoder, tmp_path / "hf")
     assert meta["template"]["append_eos"] is False
     del meta["template"]["append_eos"]  # an export written before the field existed
     (tmp_path / "hf" / META).write_text(json.dumps(meta))
     back = RewardModel.from_pretrained(tmp_path / "hf")
-    assert back.config.template.append_eos is False
+    assert back.encoder.config.template.append_eos is False
     rows = _rows(seed)
     assert _engine_ids(back, rows) == _engine_ids(model, rows)
 
@@ -169,19 +169,20 @@ def test_exports_without_append_eos_in_the_meta_load_with_false(tokenizer, seed,
 def test_decoder_export_reloads_into_reward_model(tokenizer, seed, tmp_path):
     model = _model("decoder", tokenizer, seed)
     rows = _rows(seed)
-    meta = export_hf(model, tmp_path / "hf")
+    meta = export_hf(model.encoder, tmp_path / "hf")
     back = RewardModel.from_pretrained(tmp_path / "hf")
-    back.config.score_amp = "none"
-    assert back.components == model.components and back.descriptions == model.descriptions
+    back.encoder.config.score_amp = "none"
+    assert back.encoder.components == model.encoder.components
+    assert back.encoder.descriptions == model.encoder.descriptions
     bias = torch.tensor([meta["dropped_bias"][model.head_id(c)] for c, _, _ in rows], dtype=torch.float64)
     assert torch.allclose(back.score(rows).double(), model.score(rows).double() - bias, atol=1e-4, rtol=0)
     # a plain HF reward model (no optimas_reward.json) loads too: its score layer becomes the heads
     os.remove(tmp_path / "hf" / META)
     plain = RewardModel.from_pretrained(tmp_path / "hf")
-    assert plain.components == ["writer", "judge"]
-    assert plain.config.template.prefix_format == "{inputs}"
-    W, _ = plain.net.stacked_heads()
-    W0, _ = model.net.stacked_heads()
+    assert plain.encoder.components == ["writer", "judge"]
+    assert plain.encoder.config.template.prefix_format == "{inputs}"
+    W, _ = plain.encoder.net.stacked_heads()
+    W0, _ = model.encoder.net.stacked_heads()
     assert torch.allclose(W.cpu(), W0.detach().cpu())
 
 
@@ -193,12 +194,12 @@ def test_lora_adapters_are_merged_on_export(tokenizer, seed, tmp_path):
 
     model = _model("decoder", tokenizer, seed, lora=LoraSettings(r=4))
     with torch.no_grad():  # LoRA's B starts at 0; make the adapter matter
-        for n, p in model.net.backbone.named_parameters():
+        for n, p in model.encoder.net.backbone.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
     rows = _rows(seed)
     ours = model.score(rows).double()
-    meta = export_hf(model, tmp_path / "hf")
+    meta = export_hf(model.encoder, tmp_path / "hf")
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
     assert not any("lora" in k for k in hf.state_dict())
     with torch.no_grad():
@@ -213,10 +214,10 @@ def test_encoder_export_round_trip_and_readme_snippet(tokenizer, seed, tmp_path)
     model = _model("encoder", tokenizer, seed)
     rows = _rows(seed)
     ours = model.score(rows).double()
-    meta = export_hf(model, tmp_path / "enc")
+    meta = export_hf(model.encoder, tmp_path / "enc")
     assert meta["layout"] == "backbone+heads" and meta["pooling"] == "mean"
     back = RewardModel.from_pretrained(tmp_path / "enc")
-    back.config.score_amp = "none"
+    back.encoder.config.score_amp = "none"
     assert torch.allclose(back.score(rows).double(), ours, atol=1e-5, rtol=0)
 
     # the README's plain-transformers snippet, verbatim in spirit: nothing from optimas_fast
@@ -245,7 +246,7 @@ def test_export_replaces_an_old_export_atomically(tokenizer, seed, tmp_path):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    export_hf(model, out)
+    export_hf(model.encoder, out)
     assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".hf")]  # no temp dirs left behind
 

@@ -33,9 +33,9 @@ def test_step_holds_no_gradients_or_score_copy_during_its_forward(kind, tokenize
     def check(module, args, kwargs):
         if torch.is_grad_enabled():  # a training forward (scoring runs under inference_mode)
             copy_alive = rm.encoder.precision.cast_copy is not None
-            seen.append((any(p.grad is not None for p in rm.net.parameters()), copy_alive))
+            seen.append((any(p.grad is not None for p in rm.encoder.net.parameters()), copy_alive))
 
-    handle = rm.net.backbone.register_forward_pre_hook(check, with_kwargs=True)
+    handle = rm.encoder.net.backbone.register_forward_pre_hook(check, with_kwargs=True)
     try:
         for _ in range(2):
             rm.score(reqs)
@@ -44,13 +44,13 @@ def test_step_holds_no_gradients_or_score_copy_during_its_forward(kind, tokenize
     finally:
         handle.remove()
     assert len(seen) >= 4 and seen == [(False, False)] * len(seen)
-    assert any(p.grad is not None for p in rm.net.parameters())  # gradients still exist after a step (freed later)
+    assert any(p.grad is not None for p in rm.encoder.net.parameters())  # gradients still exist after a step (freed later)
 
 
 def _step_once(rm, pairs, weights, margins, center, lr):
     batch = PairBatch(pair_rows(rm.encoder, pairs), weights, margins, center)
     report = rm.trainer.step(batch, lr)
-    grads = {n: p.grad.clone() for n, p in rm.net.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in rm.encoder.net.named_parameters() if p.grad is not None}
     return report, grads
 
 

@@ -35,7 +35,7 @@ def _linear_dtypes(rm):
     """Records the dtype of every Linear output inside the backbone (bf16 when autocast really runs)."""
     seen = set()
     hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
-             for m in rm.net.backbone.modules() if isinstance(m, torch.nn.Linear)]
+             for m in rm.encoder.net.backbone.modules() if isinstance(m, torch.nn.Linear)]
     return seen, hooks
 
 
@@ -50,12 +50,12 @@ def test_bf16_training_on_cpu_matches_fp32_and_learns(kind, tokenizer, seed):
         loss = rm.train(pairs, epochs=1, lr=2e-3, batch_pairs=len(pairs))[0]["loss"]  # one step, one batch
         for h in hooks:
             h.remove()
-        grads = [p.grad for p in rm.net.parameters() if p.grad is not None]  # that step's gradients
+        grads = [p.grad for p in rm.encoder.net.parameters() if p.grad is not None]  # that step's gradients
         assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
         first[amp] = (loss, torch.cat([g.flatten() for g in grads]), seen, rm)
     (l32, g32, seen32, _), (l16, g16, seen16, rm16) = first["none"], first["bf16"]
     assert seen32 == {torch.float32} and seen16 == {torch.bfloat16}  # the bf16 run multiplied in bf16
-    assert rm16.uses_bf16(inference=False) and next(rm16.net.parameters()).dtype == torch.float32
+    assert rm16.uses_bf16(inference=False) and next(rm16.encoder.net.parameters()).dtype == torch.float32
     assert abs(l16 - l32) <= BF16_LOSS_ATOL
     assert float((g16 - g32).norm() / g32.norm()) <= BF16_GRAD_REL
     # and bf16 training goes on to learn: finite losses that fall
@@ -169,7 +169,7 @@ def test_packed_batches_equal_padded_scores_and_gradients(pooling, tokenizer, se
     l_pad = padded.train(pairs, epochs=1, lr=1e-3, batch_pairs=len(pairs))[0]["loss"]
     l_pack = packed.train(pairs, epochs=1, lr=1e-3, batch_pairs=len(pairs))[0]["loss"]
     assert l_pack == pytest.approx(l_pad, abs=1e-5)
-    for (n, a), (_, b) in zip(padded.net.named_parameters(), packed.net.named_parameters(), strict=True):
+    for (n, a), (_, b) in zip(padded.encoder.net.named_parameters(), packed.encoder.net.named_parameters(), strict=True):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-3, msg=n)
 
@@ -227,7 +227,7 @@ def test_decoder_packed_batches_equal_padded_scores_and_gradients(prefix_sharing
     l_pack = packed.train(pairs, epochs=1, lr=1e-3, batch_pairs=len(pairs))[0]["loss"]
     assert l_pack == pytest.approx(l_pad, abs=1e-5)
     n_grads = 0
-    for (n, a), (_, b) in zip(padded.net.named_parameters(), packed.net.named_parameters(), strict=True):
+    for (n, a), (_, b) in zip(padded.encoder.net.named_parameters(), packed.encoder.net.named_parameters(), strict=True):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-3, msg=n)
             n_grads += 1

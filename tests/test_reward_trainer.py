@@ -99,7 +99,7 @@ def make_trainer(tokenizer, seed, tmp_path, rows, eval_rows=None, kind="decoder"
 
 
 def fp32_scoring(trainer):
-    trainer.model.config.score_amp = "none"  # exact comparisons: bf16 scoring would depend on the CPU
+    trainer.model.encoder.config.score_amp = "none"  # exact comparisons: bf16 scoring would depend on the CPU
     return trainer
 
 
@@ -256,7 +256,7 @@ def test_component_column_trains_one_head_per_component(tokenizer, tmp_path, see
     comps = ["a", "b"]
     tr = make_trainer(tokenizer, seed, tmp_path, trl_rows(rng, 128, comps), trl_rows(rng, 48, comps),
                       per_device_train_batch_size=16, num_train_epochs=3, learning_rate=3e-3, save_strategy="no")
-    assert sorted(tr.model.components) == comps
+    assert sorted(tr.model.encoder.components) == comps
     tr.train()
     m = tr.evaluate()
     # "b" prefers the opposite words: one shared head could not get both components right
@@ -293,7 +293,7 @@ def test_output_dir_layout_rotation_and_best_checkpoint(tokenizer, tmp_path, see
     # load_best_model_at_end: the weights in memory are the best checkpoint's
     fp32_scoring(tr)
     best = RewardModel.load(state["best_model_checkpoint"])
-    best.config.score_amp = "none"
+    best.encoder.config.score_amp = "none"
     reqs = [(p.component, p.inputs, p.chosen) for p in tr.eval_pairs]
     torch.testing.assert_close(tr.model.score(reqs), best.score(reqs), rtol=0, atol=1e-6)
 
@@ -344,13 +344,13 @@ def test_trl_data_on_a_decoder_appends_eos_by_default(tokenizer, tmp_path, seed)
     rng = random.Random(seed)
     rows = trl_rows(rng, 8)
     tr = make_trainer(tok, seed, tmp_path / "on", rows, save_strategy="no", max_steps=1)
-    assert tr.append_eos and tr.model.config.template.append_eos
+    assert tr.append_eos and tr.model.encoder.config.template.append_eos
     p = tr.train_pairs[0]
     t = tr.model.tokenise(p.component, p.inputs, p.chosen)
     assert t.suffix == tuple(tok(p.chosen, add_special_tokens=False)["input_ids"]) + (eos,)
     assert tr.train().global_step == 1
     tr.save_model(str(tmp_path / "saved"))
-    assert RewardModel.load(tmp_path / "saved").config.template.append_eos is True
+    assert RewardModel.load(tmp_path / "saved").encoder.config.template.append_eos is True
     off = RewardTrainer(model=tiny_llama(tok.vocab_size, seed), train_dataset=dataset(rows), processing_class=tok,
                         append_eos=False, args=RewardConfig(output_dir=str(tmp_path / "off"),
                                                                        save_strategy="no", disable_tqdm=True))
@@ -365,7 +365,7 @@ def test_trl_data_on_a_decoder_appends_eos_by_default(tokenizer, tmp_path, seed)
     # no EOS in the tokenizer, or an encoder: nothing appended, nothing recorded
     assert not make_trainer(tokenizer, seed, tmp_path / "noeos", rows, save_strategy="no").append_eos
     enc = make_trainer(tok, seed, tmp_path / "enc", rows, kind="encoder", save_strategy="no")
-    assert not enc.append_eos and not enc.model.config.template.append_eos
+    assert not enc.append_eos and not enc.model.encoder.config.template.append_eos
     # an existing RewardModel keeps its own layout unless append_eos is given
     rm = RewardModel(tiny_llama(tok.vocab_size, seed), ["default"], tokenizer=tok)
     args = RewardConfig(output_dir=str(tmp_path / "rm"), save_strategy="no", disable_tqdm=True)
@@ -397,7 +397,7 @@ def test_existing_reward_model_and_seq_cls_object(tokenizer, tmp_path, seed):
     rm = RewardModel(tiny_llama(tokenizer.vocab_size, seed), ["x"], tokenizer=tokenizer)
     args = RewardConfig(output_dir=str(tmp_path / "a"), max_steps=2, disable_tqdm=True, save_strategy="no")
     tr = RewardTrainer(model=rm, args=args, train_dataset=dataset(trl_rows(rng, 8)))
-    assert tr.model is rm and sorted(rm.components) == ["default", "x"]  # a head added for the data's component
+    assert tr.model is rm and sorted(rm.encoder.components) == ["default", "x"]  # a head added for the data's component
     assert tr.train().global_step == 2
     cfg = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)
@@ -443,7 +443,7 @@ def test_trl_documentation_script_runs_with_only_the_import_changed(tokenizer, t
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
     model = RewardModel.load(out)  # save_model wrote the final model into output_dir
-    assert model.components == ["default"]
+    assert model.encoder.components == ["default"]
     assert TrlNameTrainer is RewardTrainer
 
 
@@ -460,7 +460,7 @@ def test_optimas_format_trains_per_component_with_margin_weights(tokenizer, tmp_
                      "score_chosen": 1.0, "score_rejected": round(rng.uniform(0.0, 0.9), 2)})
     tr = make_trainer(tokenizer, seed, tmp_path, rows, max_steps=2, save_strategy="no")
     assert tr.margin_kind == "weight" and not tr.subtract_margin
-    assert sorted(tr.model.components) == sorted({r["component"] for r in rows})
+    assert sorted(tr.model.encoder.components) == sorted({r["component"] for r in rows})
     real_step, seen = tr.model.trainer.step, []
     tr.model.trainer.step = lambda batch, lr, **kw: seen.append(batch) or real_step(batch, lr, **kw)
     assert tr.train().global_step == 2
@@ -476,11 +476,11 @@ def test_optimas_format_trains_per_component_with_margin_weights(tokenizer, tmp_
 def test_bf16_flag_trains_under_bf16_autocast(tokenizer, tmp_path, seed):
     rows = trl_rows(random.Random(seed), 8)
     tr = make_trainer(tokenizer, seed, tmp_path, rows, bf16=True, max_steps=2, save_strategy="no", logging_steps=1)
-    assert tr.model.config.amp == "bf16" and tr.model.uses_bf16(inference=False)
-    before = [p.detach().clone() for p in tr.model.net.parameters()]
+    assert tr.model.encoder.config.amp == "bf16" and tr.model.uses_bf16(inference=False)
+    before = [p.detach().clone() for p in tr.model.encoder.net.parameters()]
     tr.train()
     losses = [h["loss"] for h in tr.state["log_history"] if "loss" in h]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
-    assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.net.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.encoder.net.parameters(), strict=True))
     fp32 = make_trainer(tokenizer, seed, tmp_path / "fp32", rows, bf16=False, max_steps=1, save_strategy="no")
-    assert fp32.model.config.amp == "none" and not fp32.model.uses_bf16(inference=False)
+    assert fp32.model.encoder.config.amp == "none" and not fp32.model.uses_bf16(inference=False)

@@ -54,7 +54,7 @@ def test_step_report_equals_hand_computation(kind, tokenizer, seed):
     want_loss = float(ops.bt_loss(rc, rr, weight=w, margin=mu, center=batch.center, backend="torch"))
     blocks = pair_metrics(rc, rr, [p.component for p in pairs])["per_component"]
     want_acc = {c: m["accuracy"] for c, m in blocks.items()}
-    before = {k: v.detach().clone() for k, v in rm.net.named_parameters()}
+    before = {k: v.detach().clone() for k, v in rm.encoder.net.named_parameters()}
     rep = rm.trainer.step(batch, 1e-3, head_lr=2e-2, weight_decay=0.1, max_grad_norm=None)
     assert isinstance(rep, StepReport) and rep.pairs == n and rep.lr == 1e-3 and rm.trainer.global_step == 1
     assert rep.loss == pytest.approx(want_loss, rel=1e-4, abs=1e-5)
@@ -62,7 +62,7 @@ def test_step_report_equals_hand_computation(kind, tokenizer, seed):
     for c in want_acc:
         assert rep.accuracy[c] == pytest.approx(want_acc[c], abs=1e-9), c
     # no clipping asked: the gradients are the step's own, and grad_norm is their global norm
-    grads = [p.grad.flatten() for p in rm.net.parameters() if p.grad is not None]
+    grads = [p.grad.flatten() for p in rm.encoder.net.parameters() if p.grad is not None]
     assert rep.grad_norm == pytest.approx(float(torch.cat(grads).norm()), rel=1e-5)
     with torch.no_grad():  # the tokens the planned encoding of these rows pushes through the backbone
         want_tokens = encode_planned(rm.encoder, batch.rows, rm.encoder.plan(batch.rows), inference=False)[1]
@@ -70,7 +70,7 @@ def test_step_report_equals_hand_computation(kind, tokenizer, seed):
     opt = rm.trainer.optimizer
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 2e-2]
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]  # heads are never decayed
-    moved = [k for k, v in rm.net.named_parameters() if not torch.equal(v, before[k])]
+    moved = [k for k, v in rm.encoder.net.named_parameters() if not torch.equal(v, before[k])]
     assert any(k.startswith("head_") for k in moved) and any(k.startswith("backbone") for k in moved)
 
 
@@ -79,13 +79,13 @@ def test_step_clips_to_max_grad_norm_and_reports_the_norm_before(tokenizer, seed
     rm = make_model("decoder", tokenizer, seed, components=("a", "b"))
     batch = _batch(rm, _pairs(rng, 3), rng)
     rep = rm.trainer.step(batch, 1e-3, max_grad_norm=1e-3)
-    grads = torch.cat([p.grad.flatten() for p in rm.net.parameters() if p.grad is not None])
+    grads = torch.cat([p.grad.flatten() for p in rm.encoder.net.parameters() if p.grad is not None])
     assert rep.grad_norm > 1e-3 and float(grads.norm()) == pytest.approx(1e-3, rel=1e-3)
     # lr 0 is a real step (a warm-up's first): Adam's moments move, the weights do not
     rm2 = make_model("decoder", tokenizer, seed, components=("a", "b"))
-    before = {k: v.detach().clone() for k, v in rm2.net.named_parameters()}
+    before = {k: v.detach().clone() for k, v in rm2.encoder.net.named_parameters()}
     rm2.trainer.step(batch, 0.0)
-    assert all(torch.equal(v, before[k]) for k, v in rm2.net.named_parameters())
+    assert all(torch.equal(v, before[k]) for k, v in rm2.encoder.net.named_parameters())
     assert all(float(s["step"]) == 1 for s in rm2.trainer.optimizer.state.values())
 
 

@@ -238,7 +238,7 @@ class Optimas:
         targets = self._targets(system)
         system = system.copy()  # the caller's system stays as it was (DSPy's convention); we return the copy
         for name in targets:
-            if name not in self.rm.components:
+            if name not in self.rm.encoder.components:
                 self.rm.add_component(name, system.components[name].description or name)
         b = cfg.budget
         self.ledger = UsageLedger(Budget(b.max_calls, b.max_tokens, b.max_usd))

@@ -59,8 +59,9 @@ from .template import TemplateConfig
 
 
 class Exportable(Protocol):
-    """What export reads of a reward model (``RewardModel`` is one). The facade calls into this module, never the
-    other way round: export names the parts it reads here instead of importing the facade."""
+    """What export reads of a reward model (its ``Encoder`` is one: ``export_hf(rm.encoder, path)``). The facade
+    calls into this module, never the other way round: export names the parts it reads here instead of importing
+    the facade."""
 
     net: Any  # the RewardNet: backbone, stacked_heads(), head_keys, head_weight / head_bias
     components: Sequence[str]  # head names, in head order
@@ -72,7 +73,13 @@ class Exportable(Protocol):
     pooling: str
 
 
-M = TypeVar("M", bound=Exportable)
+class Built(Protocol):
+    """What ``load_pretrained``'s ``build`` returns (``RewardModel`` is one): a model whose encoder takes the heads."""
+
+    encoder: Exportable
+
+
+M = TypeVar("M", bound=Built)
 
 logger = logging.getLogger(__name__)
 
@@ -302,7 +309,7 @@ def load_pretrained(path: str | os.PathLike, build: Callable[..., M], config: Re
         cfg.architecture, cfg.pooling = "decoder", "last"
         model = build(backbone, {c: c for c in names}, tokenizer=tok, config=cfg, device=device)
         bias = head.bias.detach() if head.bias is not None else torch.zeros(n)
-        _set_heads(model, head.weight.detach().float(), bias.float())
+        _set_heads(model.encoder, head.weight.detach().float(), bias.float())
         return model
     cfg = copy.deepcopy(base_cfg)
     cfg.template = _template(meta)
@@ -311,10 +318,10 @@ def load_pretrained(path: str | os.PathLike, build: Callable[..., M], config: Re
     if meta["layout"] == "seq-cls":
         backbone, head, _ = _seq_cls_parts(path)
         model = build(backbone, comps, tokenizer=tok, config=cfg, device=device)
-        _set_heads(model, head.weight.detach().float(), torch.zeros(head.weight.shape[0]))
+        _set_heads(model.encoder, head.weight.detach().float(), torch.zeros(head.weight.shape[0]))
         return model
     backbone = AutoModel.from_pretrained(path, local_files_only=True)
     heads = load_file(os.path.join(path, HEADS))
     model = build(backbone, comps, tokenizer=tok, config=cfg, device=device)
-    _set_heads(model, heads["weight"].float(), heads["bias"].float())
+    _set_heads(model.encoder, heads["weight"].float(), heads["bias"].float())
     return model

@@ -60,6 +60,10 @@ class RewardModel:
     Training: ``train`` and ``adapt`` are loops (``self.loops``, trainer.TrainLoops) over the one training step
     ``self.trainer.step``, as is the TRL-style ``RewardTrainer``. Their defaults are ``self.loops.config`` (a
     TrainConfig, saved in checkpoints); a call's keyword overrides apply to that call alone.
+
+    Everything else has one name, on its part: ``rm.encoder`` (reward/encoder.py) holds the configuration,
+    the backbone and heads (``encoder.net``), the component names and descriptions, the tokenizer and token
+    cache, the device and the policies (``encoder.config``, ``encoder.components``, ``encoder.device``, ...).
     """
 
     def __init__(self, backbone: Any = DEFAULT_BACKBONE, components: Sequence[str] | Mapping[str, str] = (),
@@ -82,22 +86,7 @@ class RewardModel:
         for name, desc in items:
             self.add_component(name, desc)
 
-    # ------------------------------------------------------------------------------- encoder's surface
-    # read-through views of the encoder, so code written against the pre-split RewardModel keeps working
-    config = property(lambda self: self.encoder.config)
-    net = property(lambda self: self.encoder.net)
-    tokens = property(lambda self: self.encoder.tokens)
-    tokenizer = property(lambda self: self.encoder.tokenizer)
-    hf_config = property(lambda self: self.encoder.hf_config)
-    device = property(lambda self: self.encoder.device)
-    is_encoder = property(lambda self: self.encoder.is_encoder)
-    pooling = property(lambda self: self.encoder.pooling)
-    components = property(lambda self: self.encoder.components)
-    descriptions = property(lambda self: self.encoder.descriptions)
-    pad_id = property(lambda self: self.encoder.pad_id)
-    token_budget = property(lambda self: self.encoder.token_budget)
-    shares_prefix = property(lambda self: self.encoder.shares_prefix)
-
+    # ------------------------------------------------------------------------------------------- heads
     def add_component(self, name: str, description: str | None = None) -> int:
         """Add a head for a new component (others, and their optimizer state, are untouched); returns its id."""
         return self.encoder.add_component(name, description)
@@ -166,13 +155,13 @@ class RewardModel:
     def save(self, path: str | os.PathLike) -> None:
         """Atomic checkpoint: weights (safetensors), optimizer tensors (safetensors), config/heads/trainer (JSON)."""
         trained = self.trainer.optimizer is not None or self.trainer.global_step > 0 or bool(self.loops.replay)
-        save_checkpoint(path, self.encoder, self.loops if trained else None, self.config)
+        save_checkpoint(path, self.encoder, self.loops if trained else None, self.encoder.config)
 
     def load_state(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint into this model (same backbone architecture, else ValueError)."""
         trainer_state = load_checkpoint(path, self.encoder)
         self.trainer = Trainer(self.encoder)
-        self.loops = TrainLoops(self.trainer, seed=self.config.seed + 1)
+        self.loops = TrainLoops(self.trainer, seed=self.encoder.config.seed + 1)
         if trainer_state is not None:
             self.loops.load_state_dict(trainer_state)
 
@@ -193,7 +182,7 @@ class RewardModel:
     def export_hf(self, path: str | os.PathLike) -> dict:
         """A standard Hugging Face checkpoint (see reward/hf_export.py): decoders with last-token pooling as
         ``*ForSequenceClassification`` (per-head bias dropped, LoRA merged), others as backbone + heads."""
-        return hf_export.export_hf(self, path)
+        return hf_export.export_hf(self.encoder, path)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,

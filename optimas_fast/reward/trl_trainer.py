@@ -231,7 +231,7 @@ def to_pairs(source: Any, what: str, tokenizer: Any = None, components: Any = No
 def _tokenizer_of(model: Any) -> Any:
     """The tokenizer that goes with ``model`` (a RewardModel, or a backbone name / local directory)."""
     if isinstance(model, RewardModel):
-        return model.tokenizer
+        return model.encoder.tokenizer
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoTokenizer  # heavy optional import, only when a path is given
 
@@ -345,10 +345,11 @@ class RewardTrainer:
             self.prefix_format == "{inputs}" and getattr(tok, "eos_token_id", None) is not None)
         self._append_eos_given = append_eos is not None
         self.model = self._build_model(model, processing_class, descriptions)
-        if self.model.is_encoder and self.model.config.template.append_eos and not self._append_eos_given:
-            self.model.config.template.append_eos = False  # encoders end with SEP: record what the rows are
-        self.append_eos = self.model.tokens.appends_eos  # what the rows get
-        self.processing_class = self.model.tokenizer
+        template = self.model.encoder.config.template
+        if self.model.encoder.is_encoder and template.append_eos and not self._append_eos_given:
+            template.append_eos = False  # encoders end with SEP: record what the rows are
+        self.append_eos = self.model.encoder.tokens.appends_eos  # what the rows get
+        self.processing_class = self.model.encoder.tokenizer
         self.train_pairs, self.pairs_dropped, self.pairs_truncated = filter_overlong(
             self.model, self._raw_train, args.max_length, overlong, "train_dataset")
         if not self.train_pairs:
@@ -384,21 +385,21 @@ class RewardTrainer:
         a = self.args
         if isinstance(model, RewardModel):
             for c, d in descriptions.items():
-                if c not in model.descriptions:
+                if c not in model.encoder.descriptions:
                     logger.info("RewardTrainer: adding a head for component %r", c)
                     model.add_component(c, d)
             if a.max_length is not None:  # rows follow args.max_length, as they would in TRL
-                model.config.template.max_length = a.max_length
+                model.encoder.config.template.max_length = a.max_length
             if self._append_eos_given:  # otherwise the model keeps the layout it was trained with
-                model.config.template.append_eos = self.append_eos
-            if self.prefix_format is not None and model.config.template.prefix_format != self.prefix_format:
+                model.encoder.config.template.append_eos = self.append_eos
+            if self.prefix_format is not None and model.encoder.config.template.prefix_format != self.prefix_format:
                 logger.warning("RewardTrainer: the model's template prefix %r differs from the data's %r; rows "
-                               "are rendered with the model's", model.config.template.prefix_format,
+                               "are rendered with the model's", model.encoder.config.template.prefix_format,
                                self.prefix_format)
             if a.bf16 is not None:
                 model.config.amp = "bf16" if a.bf16 else "none"
             if a.disable_dropout:
-                for m in model.net.modules():
+                for m in model.encoder.net.modules():
                     if isinstance(m, nn.Dropout):
                         m.p = 0.0
             return model
