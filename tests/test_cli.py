@@ -68,7 +68,7 @@ def test_parse_config_errors(raw, key, allowed):
 REWARD_VALUES = {"architecture": "encoder", "pooling": "mean", "prefix_sharing": False, "shared_prefix_kernel": False,
                  "token_budget": 2048, "max_rows": 64, "amp": "bf16", "score_amp": "none", "score_weights": "autocast",
                  "token_cache_size": 1000, "attn_implementation": "eager", "packing": True, "pack_tokens": 512,
-                 "train_chunk_tokens": 4096,
+                 "train_chunk_tokens": 4096, "gradient_checkpointing": True,
                  "head_init_std": 0.05, "disable_dropout": False,
                  "template": {"max_length": 77, "prefix_format": "{inputs}", "truncation_side": "right",
                               "min_prefix_tokens": 2, "append_eos": True},

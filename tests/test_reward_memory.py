@@ -65,7 +65,7 @@ def test_chunked_step_equals_the_whole_batch(kind, sharing, tokenizer, seed):
     weights = [rng.uniform(0.2, 2.0) for _ in pairs]
     margins = [rng.uniform(0.0, 0.5) for _ in pairs] if rng.random() < 0.5 else None
     center = rng.choice([0.0, 0.05])
-    whole = make_model(kind, tokenizer, seed, components=("a", "b"), prefix_sharing=sharing)
+    whole = make_model(kind, tokenizer, seed, components=("a", "b"), prefix_sharing=sharing, train_chunk_tokens=None)
     ref, ref_grads = _step_once(whole, pairs, weights, margins, center, 1e-3)
     for budget in (1, rng.randint(20, 80), 10**6):
         rm = make_model(kind, tokenizer, seed, components=("a", "b"), prefix_sharing=sharing,
@@ -111,3 +111,47 @@ def test_pair_chunks_cover_every_pair_once_and_keep_inputs_together(tokenizer, s
 def test_train_chunk_tokens_is_checked(bad):
     with pytest.raises(ValueError, match="config.train_chunk_tokens"):
         RewardModelConfig(train_chunk_tokens=bad).validate()
+
+
+def _saved_bytes(rm, pairs, weights):
+    """Bytes autograd saves during one training step (each storage once), and the step's gradients."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, grads = _step_once(rm, pairs, weights, None, 0.0, 1e-3)
+    return sum(seen.values()), grads
+
+
+@pytest.mark.parametrize("kind", ["decoder", "encoder"])
+def test_gradient_checkpointing_is_exact_and_saves_less(kind, tokenizer, seed):
+    """config.gradient_checkpointing: the same gradients as the plain step, far fewer bytes kept for backward;
+    read live (turned off again, the step keeps everything again)."""
+    rng = random.Random(seed)
+    pairs = separable_pairs(rng, 4)
+    weights = [rng.uniform(0.2, 2.0) for _ in pairs]
+    plain = make_model(kind, tokenizer, seed, components=("a", "b"), prefix_sharing=False)
+    ref_bytes, ref_grads = _saved_bytes(plain, pairs, weights)
+    rm = make_model(kind, tokenizer, seed, components=("a", "b"), prefix_sharing=False, gradient_checkpointing=True)
+    ck_bytes, grads = _saved_bytes(rm, pairs, weights)
+    assert rm.encoder.net.backbone.is_gradient_checkpointing
+    assert ck_bytes < 0.7 * ref_bytes
+    assert grads.keys() == ref_grads.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    rm.encoder.config.gradient_checkpointing = False
+    _saved_bytes(rm, pairs, weights)
+    assert not rm.encoder.net.backbone.is_gradient_checkpointing
+
+
+def test_gradient_checkpointing_refuses_prefix_sharing(tokenizer, seed):
+    rng = random.Random(seed)
+    rm = make_model("decoder", tokenizer, seed, components=("a", "b"), gradient_checkpointing=True)
+    with pytest.raises(ValueError, match="config.gradient_checkpointing.*prefix sharing"):
+        rm.train(separable_pairs(rng, 2), epochs=1, lr=1e-3)
+    with pytest.raises(ValueError, match="config.gradient_checkpointing"):
+        RewardModelConfig(gradient_checkpointing="yes").validate()

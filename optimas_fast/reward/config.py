@@ -54,9 +54,17 @@ class RewardModelConfig:
     # together, a shared prefix counted once), each chunk encoded and backpropagated before the next, so only one
     # chunk's activations are alive at a time. Exact (the loss is a sum over pairs; each chunk's share is divided by
     # the whole batch's weight) and on every device; under DDP all but the last chunk skip the gradient all-reduce.
-    # None = the whole batch at once. A pair longer than the budget is a chunk of its own. See benchmarks/RESULTS.md,
-    # "Where reward training's memory goes", for the peak RSS and speed it was chosen by
-    train_chunk_tokens: int | None = None
+    # None = the whole batch at once (a GPU with memory to spare may prefer it: larger calls). A pair longer than the
+    # budget is a chunk of its own. 2048 by measurement (benchmarks/RESULTS.md, "Where reward training's memory
+    # goes"): MiniLM, unique 365-token pairs, batch 8, bf16, 2-core EPYC: peak RSS 2056 -> 1683 MiB (TRL 1646), a
+    # step 1.20 vs 1.21-1.28 s whole-batch (same-process A/B medians); 1024 saves more (1493) but costs 10-16%
+    train_chunk_tokens: int | None = 2048
+    # training memory: activation checkpointing of the backbone (transformers' own, non-reentrant): each layer keeps
+    # only its input and is recomputed in the backward (one more forward of compute). For contexts too long for one
+    # chunk; TRL's RewardConfig turns it on by default (MiniLM: 87 vs 825 MiB saved for backward a step of 8 pairs,
+    # RESULTS.md). Not with prefix sharing on a decoder (transformers drops the KV cache under checkpointing): a
+    # ValueError at the first step
+    gradient_checkpointing: bool = False
     # backbone attention kernel: "sdpa" (torch scaled_dot_product_attention; MiniLM-L6, 32 x 440-token rows,
     # CPU: 1.7x faster than "eager" in fp32, 2.1x in bf16), "eager", any name transformers accepts, or None to
     # keep what the backbone was built with. A backbone that cannot use it raises a ValueError at construction.
@@ -91,6 +99,7 @@ class RewardModelConfig:
         n = self.token_cache_size
         check_int(n, "config.token_cache_size", min=1, allow_none=True)
         check_int(self.train_chunk_tokens, "config.train_chunk_tokens", min=1, allow_none=True)
+        check_bool(self.gradient_checkpointing, "config.gradient_checkpointing")
         a = self.attn_implementation
         if a is not None and (not isinstance(a, str) or not a):
             raise ValueError(f"config.attn_implementation must be a non-empty str or None, got {a!r}")

@@ -173,6 +173,31 @@ def pair_chunks(rows: Rows, budget: int | None, shares_prefix: bool) -> list[np.
     return [np.sort(np.asarray(c, dtype=np.int64)) for c in chunks]  # each in batch order (one chunk: 0..n-1)
 
 
+def _set_checkpointing(encoder: Encoder, on: bool) -> None:
+    """Turn the backbone's activation checkpointing (``config.gradient_checkpointing``) on or off; the config is
+    read live, so each step follows it."""
+    backbone = encoder.net.backbone
+    if on and encoder.shares_prefix:
+        raise ValueError("config.gradient_checkpointing=True cannot run with prefix sharing on a decoder (transformers' "
+                         "checkpointing drops the KV cache the prefix call passes to the suffix call): set "
+                         "config.prefix_sharing=False, or bound activations with config.train_chunk_tokens")
+    # what transformers' is_activation_checkpointing reads (its older name is deprecated in 5.x)
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in backbone.modules()) == on:
+        return
+    new_api = hasattr(backbone, "activation_checkpointing_enable")  # transformers >= 5.2x; older: gradient_*
+    if not on:
+        (backbone.activation_checkpointing_disable if new_api else backbone.gradient_checkpointing_disable)()
+        return
+    if not getattr(backbone, "supports_gradient_checkpointing", False) and not hasattr(backbone, "get_base_model"):
+        raise ValueError(f"config.gradient_checkpointing=True: {type(backbone).__name__} does not support "
+                         "activation checkpointing")
+    kwargs = {"use_reentrant": False}  # non-reentrant: works with inputs that need no grad and with autocast
+    if new_api:
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def pair_rows(encoder: Encoder, pairs: Sequence[PreferencePair], check_fit: bool = True) -> Rows:
     """2B prepared rows: the chosen outputs of ``pairs`` first, then the rejected ones (one batched pass)."""
     comps = [p.component for p in pairs]
@@ -322,6 +347,7 @@ class Trainer:
         """The shard's loss (detached), scores (b,) each and tokens, its gradient accumulated into ``.grad``: in one
         forward and backward, or chunk by chunk under ``config.train_chunk_tokens`` (see ``pair_chunks``): each
         chunk's row sum divided by the whole shard's divisor, so the gradients add up to the unchunked ones."""
+        _set_checkpointing(self.encoder, self.encoder.config.gradient_checkpointing)
         module = self._wrapped()
         chunks = pair_chunks(shard, self.encoder.config.train_chunk_tokens, self.encoder.shares_prefix)
         b = len(shard) // 2
