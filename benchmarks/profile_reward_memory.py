@@ -28,8 +28,8 @@ from collections import defaultdict
 
 import numpy as np
 import torch
-
 from bench_reward import TemplateIds, ours_correct, unique_model
+
 from optimas_fast.reward import RewardModel, RewardModelConfig, TemplateConfig, cpu_has_native_bf16
 from optimas_fast.reward.formats import load_pairs
 from optimas_fast.reward.trainer import Trainer
@@ -180,12 +180,11 @@ def run_ours(args, train, held, template, bf16: bool) -> dict:
 def run_trl(args, train, held, template, bf16: bool) -> dict:
     import tempfile
 
+    from bench_reward import Baseline
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import RewardConfig as TRLConfig
     from trl import RewardTrainer
-
-    from bench_reward import Baseline
 
     ph = Phases()
     ph.start()

@@ -8,12 +8,14 @@ import random
 
 import numpy as np
 import pytest
+import test_reward
 import torch
+from test_reward import make_model, random_requests, separable_pairs
 
 from optimas_fast.reward import PreferencePair, RewardModelConfig
 from optimas_fast.reward.trainer import PairBatch, pair_chunks, pair_rows
-from test_reward import make_model, random_requests, separable_pairs  # noqa: F401
-from test_reward import tokenizer  # noqa: F401  (the fixture)
+
+tokenizer = test_reward.tokenizer  # the module-scoped fixture (a tiny model's tokenizer: MiniLM's)
 
 
 def _pairs(rng: random.Random, reqs) -> list[PreferencePair]:
@@ -44,7 +46,8 @@ def test_step_holds_no_gradients_or_score_copy_during_its_forward(kind, tokenize
     finally:
         handle.remove()
     assert len(seen) >= 4 and seen == [(False, False)] * len(seen)
-    assert any(p.grad is not None for p in rm.encoder.net.parameters())  # gradients still exist after a step (freed later)
+    # gradients still exist after a step (freed by the next one)
+    assert any(p.grad is not None for p in rm.encoder.net.parameters())
 
 
 def _step_once(rm, pairs, weights, margins, center, lr):
@@ -65,7 +68,8 @@ def test_chunked_step_equals_the_whole_batch(kind, sharing, tokenizer, seed):
     weights = [rng.uniform(0.2, 2.0) for _ in pairs]
     margins = [rng.uniform(0.0, 0.5) for _ in pairs] if rng.random() < 0.5 else None
     center = rng.choice([0.0, 0.05])
-    whole = make_model(kind, tokenizer, seed, components=("a", "b"), prefix_sharing=sharing, train_chunk_tokens=None)
+    whole = make_model(kind, tokenizer, seed, components=("a", "b"), prefix_sharing=sharing,
+                       train_chunk_tokens=None)
     ref, ref_grads = _step_once(whole, pairs, weights, margins, center, 1e-3)
     for budget in (1, rng.randint(20, 80), 10**6):
         rm = make_model(kind, tokenizer, seed, components=("a", "b"), prefix_sharing=sharing,

@@ -178,9 +178,9 @@ def _set_checkpointing(encoder: Encoder, on: bool) -> None:
     read live, so each step follows it."""
     backbone = encoder.net.backbone
     if on and encoder.shares_prefix:
-        raise ValueError("config.gradient_checkpointing=True cannot run with prefix sharing on a decoder (transformers' "
-                         "checkpointing drops the KV cache the prefix call passes to the suffix call): set "
-                         "config.prefix_sharing=False, or bound activations with config.train_chunk_tokens")
+        raise ValueError("config.gradient_checkpointing=True cannot run with prefix sharing on a decoder "
+                         "(transformers' checkpointing drops the KV cache the prefix call passes to the suffix "
+                         "call): set config.prefix_sharing=False, or bound activations with config.train_chunk_tokens")
     # what transformers' is_activation_checkpointing reads (its older name is deprecated in 5.x)
     if any(getattr(m, "gradient_checkpointing", False) is True for m in backbone.modules()) == on:
         return
@@ -359,8 +359,8 @@ class Trainer:
             sync = module.no_sync() if world > 1 and k < len(chunks) - 1 else contextlib.nullcontext()
             with sync:
                 with self.encoder.precision.autocast(inference=False):
-                    loss, c, r, t = module(part, [weights[i] for i in idx], None if mu is None else [mu[i] for i in idx],
-                                           div, center)
+                    mu_k = None if mu is None else [mu[i] for i in idx]
+                    loss, c, r, t = module(part, [weights[i] for i in idx], mu_k, div, center)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}; lower lr or "
                                              "check data")
