@@ -102,7 +102,12 @@ def llama_server():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(find_embedded_gguf()), "--host", "127.0.0.1",
+    # the real server, loading its model without llama.cpp's repacked weight buffers as LlamaCppLM does by
+    # default (their AMX path segfaults on a VM that advertises AMX; see LlamaCppLM's repack_weights)
+    boot = ("import runpy, llama_cpp; from optimas_fast.lm.llamacpp import _model_params; "
+            "cm = _model_params(llama_cpp, use_extra_bufts=False); cm.__enter__(); "
+            "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)")
+    cmd = [sys.executable, "-c", boot, "--model", str(find_embedded_gguf()), "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", "2048", "--n_threads", "2", "--model_alias", "smollm2",
            "--verbose", "False"]
     # `timeout` bounds the server's life even if pytest dies without running the teardown

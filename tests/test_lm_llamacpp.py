@@ -223,3 +223,24 @@ def test_server_errors_exhausted_are_clear(llama_server):
         lm = _client(proxy.url, max_retries=2, backoff_base=0.01, backoff_max=0.02, timeout=1.0)
         with pytest.raises(LMServerError, match="503"):
             lm.generate(["hi"], max_tokens=2)
+
+
+def test_model_params_are_set_for_the_load_and_restored(engine, monkeypatch):
+    """repack_weights=False loads without llama.cpp's extra buffer types (its AMX path segfaults on a VM that
+    advertises AMX); the patched parameter function is the original again after construction, even when the
+    load fails."""
+    import llama_cpp
+
+    from optimas_fast.lm import llamacpp as mod
+
+    low = llama_cpp.llama_cpp
+    default = low.llama_model_default_params
+    assert engine.repack_weights is False and default().use_extra_bufts is True  # llama.cpp's own default
+    seen = []
+    with mod._model_params(llama_cpp, use_extra_bufts=False):
+        seen.append(low.llama_model_default_params().use_extra_bufts)
+    assert seen == [False] and low.llama_model_default_params is default
+    with pytest.raises(RuntimeError, match="boom"):
+        with mod._model_params(llama_cpp, use_extra_bufts=False):
+            raise RuntimeError("boom")
+    assert low.llama_model_default_params is default

@@ -14,6 +14,7 @@ temperature 0 is greedy.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import logging
 import os
@@ -59,6 +60,29 @@ class _GumbelNoise:
 
 _SHARED: dict[tuple, "LlamaCppLM"] = {}
 _SHARED_LOCK = threading.Lock()
+_PARAMS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _model_params(llama_cpp: Any, **fields: Any):
+    """While a ``Llama`` is constructed, its model parameters get ``fields`` set (``Llama.__init__`` takes no
+    argument for them: it fills ``llama_model_default_params()`` itself and loads the model at once). The
+    module function is swapped under a lock and restored on exit, exceptions included."""
+    low = llama_cpp.llama_cpp  # the low-level module Llama.__init__ calls through
+    with _PARAMS_LOCK:
+        default = low.llama_model_default_params
+
+        def params():
+            p = default()
+            for k, v in fields.items():
+                setattr(p, k, v)
+            return p
+
+        low.llama_model_default_params = params
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = default
 
 
 class LlamaCppLM(LM):
@@ -77,6 +101,12 @@ class LlamaCppLM(LM):
         ledger: UsageLedger | None = None,  # None: the current ledger
         on_error: str = "raise",  # "raise" or "record"
         name: str | None = None,  # cache/usage identity; default "llamacpp:<file stem>"
+        # llama.cpp's "extra buffer types": weights repacked at load for the CPU's matrix units (AMX tiles,
+        # AVX-512 layouts). Off by default: on an Intel Xeon VM that advertises AMX (amx_tile, amx_bf16,
+        # amx_int8 in /proc/cpuinfo) llama-cpp-python 0.3.35 and 0.3.36, built from source as pip builds them,
+        # segfault in ggml_backend_amx_mul_mat on the first decode of the embedded Q4_1 model; without the
+        # repacked buffers the same build decodes correctly.
+        repack_weights: bool = False,
     ):
         if on_error not in ("raise", "record"):
             raise ValueError(f"LlamaCppLM: on_error must be 'raise' or 'record', got {on_error!r}")
@@ -98,8 +128,10 @@ class LlamaCppLM(LM):
         self.on_error = on_error
         self.priced = False
         self._lock = threading.Lock()  # one decode at a time: a Llama object is not thread-safe
-        self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
-                                   verbose=False, seed=0, logits_all=False)
+        self.repack_weights = repack_weights
+        with _model_params(llama_cpp, use_extra_bufts=repack_weights):
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
+                                       verbose=False, seed=0, logits_all=False)
         # free the model while llama_cpp's module globals still exist: left to garbage collection at interpreter
         # exit, its finaliser calls a C function already torn down ("'NoneType' object is not callable")
         atexit.register(self.close)
