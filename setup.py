@@ -4,6 +4,7 @@ The extension takes raw buffers (pointers + shapes) and never links against PyTo
 works with any torch. A missing C++ compiler is an error: we never fall back to a silent pure-Python
 install, because the fast paths are the point of the package.
 """
+
 import glob
 import os
 import shutil
@@ -47,8 +48,7 @@ class BuildExt(build_ext):
             compile_flags.append("-fopenmp")
             link_flags.append("-fopenmp")
         else:
-            print("optimas-fast: WARNING: the compiler has no OpenMP; CPU kernels run on one thread",
-                  file=sys.stderr)
+            print("optimas-fast: WARNING: the compiler has no OpenMP; CPU kernels run on one thread", file=sys.stderr)
         for ext in self.extensions:
             ext.extra_compile_args += compile_flags
             ext.extra_link_args += link_flags

@@ -4,6 +4,7 @@ Whole-workload scripts record where they ran with ``machine_info()`` and write t
 ``write_results(name, results)`` (JSON under benchmarks/_out/, machine info included); the pytest-benchmark
 kernel suite (test_bench_ops.py) puts the same machine dict into its saved runs.
 """
+
 from __future__ import annotations
 
 import json
@@ -65,8 +66,15 @@ def cpu_model() -> str:
 
 def git_rev() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                cwd=os.path.dirname(os.path.abspath(__file__)),
+            ).stdout.strip()
+            or "?"
+        )
     except OSError:
         return "?"
 
@@ -94,17 +102,23 @@ def machine_info() -> dict:
             info[mod] = None
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        info.update(device=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
-                    gpu_memory_gib=round(p.total_memory / 2**30, 1), gpu_capability=f"{p.major}.{p.minor}",
-                    gpu_multiprocessors=p.multi_processor_count)
+        info.update(
+            device=torch.cuda.get_device_name(0),
+            cuda=torch.version.cuda,
+            gpu_memory_gib=round(p.total_memory / 2**30, 1),
+            gpu_capability=f"{p.major}.{p.minor}",
+            gpu_multiprocessors=p.multi_processor_count,
+        )
     return info
 
 
 def machine() -> str:
     """One line for a log header (the same facts as machine_info())."""
     m = machine_info()
-    return (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
-            f"{m['device'] if m['device'] != 'cpu' else 'no GPU'}, Python {m['python']}")
+    return (
+        f"{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads), "
+        f"{m['device'] if m['device'] != 'cpu' else 'no GPU'}, Python {m['python']}"
+    )
 
 
 def write_results(name: str, results: dict, out_dir: str | None = None) -> str:

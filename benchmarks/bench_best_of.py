@@ -13,6 +13,7 @@ Every N is evaluated with the LM completion cache off (a fresh embedded LM per N
 seconds are what N costs, not replays of an earlier N's plain outputs. Candidates 2..N sample at
 ``--temperature``; candidate 1 is the plain (greedy) output, so N=1 is the plain evaluation.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,14 +69,27 @@ def bench(name: str, raw: dict, run_dir: Path, ns: list[int], temperature: float
         rm.load_state(run_dir / load_run_state(run_dir)["lrf_checkpoint"])
         best_of = parse_best_of([str(n)], system, cfg.loop.components)
         stats: dict = {}
-        scores = evaluate_with_bar(BestOfN(system, rm, best_of, temperature=temperature), split.test,
-                                   desc=f"{name} best-of-{n}", workers=cfg.loop.val_workers, seed=cfg.loop.seed,
-                                   progress=True, stats=stats)
+        scores = evaluate_with_bar(
+            BestOfN(system, rm, best_of, temperature=temperature),
+            split.test,
+            desc=f"{name} best-of-{n}",
+            workers=cfg.loop.val_workers,
+            seed=cfg.loop.seed,
+            progress=True,
+            stats=stats,
+        )
         if plain is None:
             plain = scores
-        row = {"system": name, "n": n, "components": sorted(best_of), "test": bootstrap_ci(scores, seed=seed),
-               "diff_vs_n1": paired_diff_ci(plain, scores, seed=seed), **stats,
-               "lm_calls_per_example": stats["lm_calls"] / max(1, len(scores)), "temperature": temperature}
+        row = {
+            "system": name,
+            "n": n,
+            "components": sorted(best_of),
+            "test": bootstrap_ci(scores, seed=seed),
+            "diff_vs_n1": paired_diff_ci(plain, scores, seed=seed),
+            **stats,
+            "lm_calls_per_example": stats["lm_calls"] / max(1, len(scores)),
+            "temperature": temperature,
+        }
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -89,8 +103,13 @@ def main(argv=None) -> int:
     p.add_argument("--train", type=int, default=24)
     p.add_argument("--val", type=int, default=12)
     p.add_argument("--test", type=int, default=24)
-    p.add_argument("--iterations", type=int, default=0, help="loop iterations when a run must be made (0: the "
-                   "initial phase only, which trains the LRF and leaves the system as it is)")
+    p.add_argument(
+        "--iterations",
+        type=int,
+        default=0,
+        help="loop iterations when a run must be made (0: the "
+        "initial phase only, which trains the LRF and leaves the system as it is)",
+    )
     p.add_argument("--max-seconds", type=float, default=900)
     p.add_argument("--gate-confidence", type=float, default=None)
     p.add_argument("--n", type=int, nargs="+", default=[1, 2, 4])
@@ -109,8 +128,9 @@ def main(argv=None) -> int:
         raw = yaml.safe_load(Path(args.config).read_text())
         name = raw["system"] if isinstance(raw.get("system"), str) else "config"
         jobs.append((name, raw, Path(args.out) / "config", Path(args.config).resolve().parent))
-    for name in (args.systems if args.systems is not None else ([] if args.config else
-                                                                 ["amazon", "pubmedqa", "hotpotqa"])):
+    for name in (
+        args.systems if args.systems is not None else ([] if args.config else ["amazon", "pubmedqa", "hotpotqa"])
+    ):
         raw = config_for(name, args)
         run_dir = Path(args.runs) / name if args.runs else Path(args.out) / name
         jobs.append((name, raw, run_dir, None))

@@ -19,6 +19,7 @@ packages, and the workload needs token ids, not a vocabulary. The 1B model keeps
 
 A baseline that cannot run (trl / vllm missing or failing) is recorded with its reason, never as a result.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,11 @@ from _common import machine_info, write_results  # noqa: E402
 from optimas_fast.reward import PreferencePair, RewardModel, RewardModelConfig, TemplateConfig, spearman  # noqa: E402
 
 COMPONENTS = ("answer", "context", "reason")
-FILLER = ("the of and to in is was for on that with as by at from it an be this are which or have has not "
-          "system model data result study group method high number based between use each both value over "
-          "paper answer question evidence patient trial effect level cell gene protein sample rate risk").split()
+FILLER = (
+    "the of and to in is was for on that with as by at from it an be this are which or have has not "
+    "system model data result study group method high number based between use each both value over "
+    "paper answer question evidence patient trial effect level cell gene protein sample rate risk"
+).split()
 # (hidden, layers, intermediate, heads, kv heads, vocab): "1b" is TinyLlama-1.1B's shape; vocab None = the
 # tokenizer's own
 SIZES = {"1b": (2048, 22, 5632, 32, 4, 32000), "tiny": (64, 2, 128, 4, 2, None)}
@@ -80,7 +83,7 @@ def pool_rows(rng: random.Random, n_prompts: int, n_cands: int, prefix_words: in
 
 
 def parse_pools(text: str) -> list[tuple[int, int]]:
-    """"1x1024,64x32" -> [(1, 1024), (64, 32)]: prompts x candidates per pool."""
+    """ "1x1024,64x32" -> [(1, 1024), (64, 32)]: prompts x candidates per pool."""
     try:
         out = [tuple(int(n) for n in p.lower().split("x")) for p in text.split(",")]
     except ValueError:
@@ -100,17 +103,34 @@ def tokenizer():
     from transformers import PreTrainedTokenizerFast
 
     chars = string.ascii_lowercase + string.digits
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.punctuation, *chars, *(f"##{c}" for c in chars),
-             *sorted(set(FILLER) | {"case", "excellent", "poor", "answer", "context", "reason"})]
-    tk = tokenizers.Tokenizer(tokenizers.models.WordPiece({t: i for i, t in enumerate(dict.fromkeys(vocab))},
-                                                          unk_token="[UNK]"))
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *string.punctuation,
+        *chars,
+        *(f"##{c}" for c in chars),
+        *sorted(set(FILLER) | {"case", "excellent", "poor", "answer", "context", "reason"}),
+    ]
+    tk = tokenizers.Tokenizer(
+        tokenizers.models.WordPiece({t: i for i, t in enumerate(dict.fromkeys(vocab))}, unk_token="[UNK]")
+    )
     tk.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
     tk.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
     tk.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
     tk.decoder = tokenizers.decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
 
 
 def build(size: str, device: str, seed: int, amp: str):
@@ -119,17 +139,30 @@ def build(size: str, device: str, seed: int, amp: str):
 
     tok = tokenizer()
     hidden, layers, inter, heads, kv, vocab = SIZES[size]
-    cfg = LlamaConfig(vocab_size=max(vocab or 0, tok.vocab_size), hidden_size=hidden, intermediate_size=inter,
-                      num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=1024,
-                      num_labels=len(COMPONENTS), pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=max(vocab or 0, tok.vocab_size),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=1024,
+        num_labels=len(COMPONENTS),
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     with torch.device(device):  # initialise on the device: a 1B CPU init alone takes tens of seconds
         base = LlamaForSequenceClassification(cfg)
     backbone = copy.deepcopy(base.model)
-    rm = RewardModel(backbone, list(COMPONENTS), tokenizer=tok, device=device,
-                     config=RewardModelConfig(seed=seed, amp=amp, score_amp=amp, prefix_sharing=True,
-                                         template=TemplateConfig(max_length=512)))
+    rm = RewardModel(
+        backbone,
+        list(COMPONENTS),
+        tokenizer=tok,
+        device=device,
+        config=RewardModelConfig(
+            seed=seed, amp=amp, score_amp=amp, prefix_sharing=True, template=TemplateConfig(max_length=512)
+        ),
+    )
     heads_setup = "copied from the HF model's score layer"
     try:  # same heads on both sides so scores can be compared (RewardNet keeps one (H,) weight per head)
         with torch.no_grad():
@@ -139,8 +172,20 @@ def build(size: str, device: str, seed: int, amp: str):
     except AttributeError as e:
         heads_setup = f"not copied ({e}): score agreement is not checked"
     n_params = sum(p.numel() for p in backbone.parameters())
-    return rm, base, tok, {"hidden": hidden, "layers": layers, "intermediate": inter, "attention_heads": heads,
-                           "kv_heads": kv, "backbone_params": n_params, "heads_setup": heads_setup}
+    return (
+        rm,
+        base,
+        tok,
+        {
+            "hidden": hidden,
+            "layers": layers,
+            "intermediate": inter,
+            "attention_heads": heads,
+            "kv_heads": kv,
+            "backbone_params": n_params,
+            "heads_setup": heads_setup,
+        },
+    )
 
 
 def sync(device: str):
@@ -160,8 +205,11 @@ def measured(device: str, fn, *args, **kwargs) -> dict:
     res = fn(*args, **kwargs)
     if device.startswith("cuda") and "skipped" not in res:
         peak = torch.cuda.max_memory_allocated()
-        res.update(peak_gpu_memory_gib=peak / 2**30, resident_before_gib=before / 2**30,
-                   added_gpu_memory_gib=(peak - before) / 2**30)
+        res.update(
+            peak_gpu_memory_gib=peak / 2**30,
+            resident_before_gib=before / 2**30,
+            added_gpu_memory_gib=(peak - before) / 2**30,
+        )
     return res
 
 
@@ -186,8 +234,15 @@ def pad(seqs, pad_id: int, device: str):
 # ------------------------------------------------------------------------------------------------ training
 def train_reference_way(base, rm, tok, pairs, lr: float, device: str, amp: str) -> dict:
     """The reference trainer's computation: batch 2, chosen and rejected as two padded passes, AdamW."""
-    data = [(row_ids(rm, p.component, p.inputs, p.chosen), row_ids(rm, p.component, p.inputs, p.rejected),
-             rm.head_id(p.component), p.margin) for p in pairs]
+    data = [
+        (
+            row_ids(rm, p.component, p.inputs, p.chosen),
+            row_ids(rm, p.component, p.inputs, p.rejected),
+            rm.head_id(p.component),
+            p.margin,
+        )
+        for p in pairs
+    ]
     opt = torch.optim.AdamW(base.parameters(), lr=lr)
     base.train()
 
@@ -207,7 +262,7 @@ def train_reference_way(base, rm, tok, pairs, lr: float, device: str, amp: str) 
     sync(device)
     t0 = time.perf_counter()
     for i in range(0, len(data), 2):
-        step(data[i: i + 2])
+        step(data[i : i + 2])
     sync(device)
     seconds = time.perf_counter() - t0
     return {"pairs": len(data), "seconds": seconds, "pairs_per_s": len(data) / seconds, "batch_pairs": 2}
@@ -220,8 +275,15 @@ def train_ours(rm, pairs, warm, lr: float, batch_pairs: int, device: str) -> dic
     hist = rm.train(pairs, epochs=1, lr=lr, batch_pairs=batch_pairs)
     sync(device)
     seconds = time.perf_counter() - t0
-    return {"pairs": len(pairs), "seconds": seconds, "pairs_per_s": len(pairs) / seconds, "steps": len(hist),
-            "batch_pairs": batch_pairs, "final_loss": hist[-1]["loss"], "prefix_sharing": rm.prefix_sharing_status()}
+    return {
+        "pairs": len(pairs),
+        "seconds": seconds,
+        "pairs_per_s": len(pairs) / seconds,
+        "steps": len(hist),
+        "batch_pairs": batch_pairs,
+        "final_loss": hist[-1]["loss"],
+        "prefix_sharing": rm.prefix_sharing_status(),
+    }
 
 
 def train_trl(base, rm, tok, pairs, lr: float, device: str, amp: str) -> dict:
@@ -237,16 +299,31 @@ def train_trl(base, rm, tok, pairs, lr: float, device: str, amp: str) -> dict:
     with torch.device(device):
         twin = type(base)(cfg)
     twin.model.load_state_dict(base.model.state_dict())
-    rows = [{"chosen_ids": row_ids(rm, p.component, p.inputs, p.chosen),
-             "rejected_ids": row_ids(rm, p.component, p.inputs, p.rejected)} for p in pairs]
+    rows = [
+        {
+            "chosen_ids": row_ids(rm, p.component, p.inputs, p.chosen),
+            "rejected_ids": row_ids(rm, p.component, p.inputs, p.rejected),
+        }
+        for p in pairs
+    ]
     try:
         with tempfile.TemporaryDirectory() as out:
-            args = TRLConfig(output_dir=out, per_device_train_batch_size=2, num_train_epochs=1, learning_rate=lr,
-                             save_strategy="no", report_to=[], seed=0, max_length=None,
-                             use_cpu=not device.startswith("cuda"), bf16=amp == "bf16", disable_tqdm=True,
-                             logging_steps=10**9, dataloader_num_workers=0)
-            trainer = RewardTrainer(model=twin, args=args, train_dataset=Dataset.from_list(rows),
-                                    processing_class=tok)
+            args = TRLConfig(
+                output_dir=out,
+                per_device_train_batch_size=2,
+                num_train_epochs=1,
+                learning_rate=lr,
+                save_strategy="no",
+                report_to=[],
+                seed=0,
+                max_length=None,
+                use_cpu=not device.startswith("cuda"),
+                bf16=amp == "bf16",
+                disable_tqdm=True,
+                logging_steps=10**9,
+                dataloader_num_workers=0,
+            )
+            trainer = RewardTrainer(model=twin, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
             sync(device)
             t0 = time.perf_counter()
             trainer.train()  # includes its first-step warm-up: TRL has no separate one
@@ -256,8 +333,13 @@ def train_trl(base, rm, tok, pairs, lr: float, device: str, amp: str) -> dict:
         return {"skipped": f"TRL RewardTrainer failed: {type(e).__name__}: {str(e)[:300]}"}
     finally:
         del twin
-    return {"pairs": len(pairs), "seconds": seconds, "pairs_per_s": len(pairs) / seconds, "batch_pairs": 2,
-            "steps": int(trainer.state.global_step)}
+    return {
+        "pairs": len(pairs),
+        "seconds": seconds,
+        "pairs_per_s": len(pairs) / seconds,
+        "batch_pairs": 2,
+        "steps": int(trainer.state.global_step),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ pool scoring
@@ -268,10 +350,11 @@ def hf_batched_scores(model, seqs, heads, pad_id: int, device: str, batch: int) 
     sync(device)
     t0 = time.perf_counter()
     for i in range(0, len(seqs), batch):
-        ids, mask = pad(seqs[i: i + batch], pad_id, device)
+        ids, mask = pad(seqs[i : i + batch], pad_id, device)
         logits = model(input_ids=ids, attention_mask=mask).logits  # (b, C): head on every token, last picked
-        out.append(logits[torch.arange(ids.shape[0], device=device),
-                          torch.tensor(heads[i: i + batch], device=device)].float())
+        out.append(
+            logits[torch.arange(ids.shape[0], device=device), torch.tensor(heads[i : i + batch], device=device)].float()
+        )
     s = torch.cat(out)
     sync(device)
     return s.cpu(), time.perf_counter() - t0
@@ -288,15 +371,24 @@ def bench_pool(rm, base, tok, rows, device: str, amp: str, vllm_timeout: int, sk
     hf_model = copy.deepcopy(base).to(torch.bfloat16) if amp == "bf16" else base
     hf_batched_scores(hf_model, seqs[:8], heads[:8], tok.pad_token_id, device, 64)  # warm-up
     hf, t_hf = hf_batched_scores(hf_model, seqs, heads, tok.pad_token_id, device, 64)
-    res = {"rows": len(rows), "prompt_tokens": len(rm.tokenise(*rows[0]).prefix),
-           "mean_row_tokens": sum(map(len, seqs)) / len(seqs),
-           "ours_rows_per_s": len(rows) / rep.seconds, "ours_seconds": rep.seconds, "ours_amp": rep.amp,
-           "ours_prefix_sharing": rep.prefix_sharing, "ours_tokens_encoded": rep.tokens_encoded,
-           "hf_rows_per_s": len(rows) / t_hf, "hf_seconds": t_hf, "hf_batch": 64,
-           "hf_dtype": "bfloat16" if amp == "bf16" else "float32",
-           "speedup_vs_hf": t_hf / rep.seconds,
-           "ours_vs_hf_max_abs_diff": float((ours - hf).abs().max()), "score_std": float(hf.std()),
-           "ours_vs_hf_spearman": spearman(ours.tolist(), hf.tolist())}
+    res = {
+        "rows": len(rows),
+        "prompt_tokens": len(rm.tokenise(*rows[0]).prefix),
+        "mean_row_tokens": sum(map(len, seqs)) / len(seqs),
+        "ours_rows_per_s": len(rows) / rep.seconds,
+        "ours_seconds": rep.seconds,
+        "ours_amp": rep.amp,
+        "ours_prefix_sharing": rep.prefix_sharing,
+        "ours_tokens_encoded": rep.tokens_encoded,
+        "hf_rows_per_s": len(rows) / t_hf,
+        "hf_seconds": t_hf,
+        "hf_batch": 64,
+        "hf_dtype": "bfloat16" if amp == "bf16" else "float32",
+        "speedup_vs_hf": t_hf / rep.seconds,
+        "ours_vs_hf_max_abs_diff": float((ours - hf).abs().max()),
+        "score_std": float(hf.std()),
+        "ours_vs_hf_spearman": spearman(ours.tolist(), hf.tolist()),
+    }
     if skip_vllm:
         res["vllm"] = {"skipped": "--skip-vllm"}
     else:
@@ -326,8 +418,12 @@ def bench_vllm(model, tok, seqs, device: str, timeout: int) -> dict:
         with open(os.path.join(d, "rows.json"), "w") as f:
             json.dump(seqs, f)
         try:
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), "--vllm-worker", d], capture_output=True,
-                               text=True, timeout=timeout)
+            p = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), "--vllm-worker", d],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
         except subprocess.TimeoutExpired:
             return {"skipped": f"vLLM did not finish within {timeout} s"}
         if p.returncode != 0:
@@ -341,16 +437,33 @@ def vllm_worker(d: str) -> None:
     with open(os.path.join(d, "rows.json")) as f:
         seqs = json.load(f)
     t0 = time.perf_counter()
-    llm = LLM(model=d, runner="pooling", convert="classify", enable_prefix_caching=True, dtype="bfloat16",
-              gpu_memory_utilization=0.35, max_model_len=1024, seed=0)
+    llm = LLM(
+        model=d,
+        runner="pooling",
+        convert="classify",
+        enable_prefix_caching=True,
+        dtype="bfloat16",
+        gpu_memory_utilization=0.35,
+        max_model_len=1024,
+        seed=0,
+    )
     load = time.perf_counter() - t0
     prompts = [{"prompt_token_ids": s} for s in seqs]
     llm.classify(prompts[:4], use_tqdm=False)  # warm-up
     t0 = time.perf_counter()
     llm.classify(prompts, use_tqdm=False)
     seconds = time.perf_counter() - t0
-    print(json.dumps({"rows": len(seqs), "seconds": seconds, "rows_per_s": len(seqs) / seconds,
-                      "load_seconds": load, "prefix_caching": True}))
+    print(
+        json.dumps(
+            {
+                "rows": len(seqs),
+                "seconds": seconds,
+                "rows_per_s": len(seqs) / seconds,
+                "load_seconds": load,
+                "prefix_caching": True,
+            }
+        )
+    )
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -361,8 +474,12 @@ def main():
     ap.add_argument("--amp", choices=["bf16", "none"], default=None, help="default: bf16 on CUDA, none on CPU")
     ap.add_argument("--train-inputs", type=int, default=8, help="inputs with 5 candidates each (10 pairs each)")
     ap.add_argument("--baseline-pairs", type=int, default=40, help="pairs the batch-2 baselines train on")
-    ap.add_argument("--pools", type=parse_pools, default=parse_pools("1x1024,64x32"),
-                    help="pools to score, PROMPTSxCANDIDATES[,...]; the first is compared with vLLM too")
+    ap.add_argument(
+        "--pools",
+        type=parse_pools,
+        default=parse_pools("1x1024,64x32"),
+        help="pools to score, PROMPTSxCANDIDATES[,...]; the first is compared with vLLM too",
+    )
     ap.add_argument("--prefix-words", type=int, default=300)
     ap.add_argument("--suffix-words", type=int, default=40)
     ap.add_argument("--lr", type=float, default=1e-5)
@@ -377,8 +494,10 @@ def main():
         vllm_worker(args.vllm_worker)
         return
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("bench_gpu_workloads: no CUDA device is visible (torch.cuda.is_available() is False); "
-                 "use --device cpu --size tiny for a smoke run")
+        sys.exit(
+            "bench_gpu_workloads: no CUDA device is visible (torch.cuda.is_available() is False); "
+            "use --device cpu --size tiny for a smoke run"
+        )
     amp = args.amp or ("bf16" if args.device.startswith("cuda") else "none")
     t_start = time.perf_counter()
     rng = random.Random(args.seed)
@@ -404,12 +523,17 @@ def main():
     print(f"train ours: {results['train']['ours']}", file=sys.stderr, flush=True)
     base_pairs = pairs[: args.baseline_pairs]
     # ours at the baselines' batch (2 pairs): pairs/s and peak memory at the same batch as TRL's
-    results["train"]["ours_batch2"] = measured(args.device, train_ours, rm, base_pairs, warm[:2], args.lr, 2,
-                                               args.device)
-    results["train"]["trl"] = ({"skipped": "--skip-trl"} if args.skip_trl else
-                               measured(args.device, train_trl, base, rm, tok, base_pairs, args.lr, args.device, amp))
-    results["train"]["reference_way"] = measured(args.device, train_reference_way, base, rm, tok, base_pairs,
-                                                 args.lr, args.device, amp)
+    results["train"]["ours_batch2"] = measured(
+        args.device, train_ours, rm, base_pairs, warm[:2], args.lr, 2, args.device
+    )
+    results["train"]["trl"] = (
+        {"skipped": "--skip-trl"}
+        if args.skip_trl
+        else measured(args.device, train_trl, base, rm, tok, base_pairs, args.lr, args.device, amp)
+    )
+    results["train"]["reference_way"] = measured(
+        args.device, train_reference_way, base, rm, tok, base_pairs, args.lr, args.device, amp
+    )
     tr = results["train"]
     tr["speedup_vs_reference_way"] = tr["ours"]["pairs_per_s"] / tr["reference_way"]["pairs_per_s"]
     if "pairs_per_s" in tr["trl"]:
@@ -425,8 +549,15 @@ def main():
         path = args.out
     else:
         path = write_results("gpu_workloads", results)
-    print(json.dumps({"written": path, "pool_speedup_vs_hf": results["pool"]["speedup_vs_hf"],
-                      "train_speedup_vs_reference_way": tr["speedup_vs_reference_way"]}))
+    print(
+        json.dumps(
+            {
+                "written": path,
+                "pool_speedup_vs_hf": results["pool"]["speedup_vs_hf"],
+                "train_speedup_vs_reference_way": tr["speedup_vs_reference_way"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

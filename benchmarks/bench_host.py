@@ -7,7 +7,8 @@ The backbone is a *null* backbone: an nn.Module with a ``.config`` whose forward
 heads, the scatter back). The tokenizer is MiniLM's (a real fast tokenizer), the token cache starts cold.
 
 Reported: µs per row end to end (wall clock, and this process's CPU time over all its threads: on a shared
-machine the wall clock also counts other processes, so the load average is printed) (the target is <= 10 µs/row at 1M rows with 1k prefixes), split into
+machine the wall clock also counts other processes, so the load average is printed)
+(the target is <= 10 µs/row at 1M rows with 1k prefixes), split into
 prepare (parse + text dedupe in one pass, batched tokenising -- the native WordPiece for printable-ASCII texts,
 ``--tokenizer hf`` for Hugging Face's alone --, truncation), plan (C++ planner), encode (padding + the null backbone),
 and, for the real MiniLM-L6 on a small sample (--minilm-rows), the share of wall time in the backbone.
@@ -15,6 +16,7 @@ and, for the real MiniLM-L6 on a small sample (--minilm-rows), the share of wall
     python benchmarks/bench_host.py                       # 1M rows, 1k prefixes (about 1-2 min, ~2 GB)
     python benchmarks/bench_host.py --rows 100000         # a quick run
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,14 +28,15 @@ import types
 
 import torch
 import torch.nn as nn
-
 from _common import machine, write_results
 
-from optimas_fast.reward import RewardModelConfig, RewardModel, TemplateConfig, load_backbone
+from optimas_fast.reward import RewardModel, RewardModelConfig, TemplateConfig, load_backbone
 from optimas_fast.reward.encode import encode_planned
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-         "upsilon phi chi psi omega river stone cloud lamp answer question because therefore").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+    "upsilon phi chi psi omega river stone cloud lamp answer question because therefore"
+).split()
 
 
 class NullBackbone(nn.Module):
@@ -41,8 +44,12 @@ class NullBackbone(nn.Module):
 
     def __init__(self, hidden: int = 8):
         super().__init__()
-        self.config = types.SimpleNamespace(hidden_size=hidden, model_type="null", _attn_implementation="none",
-                                            to_dict=lambda: {"model_type": "null", "hidden_size": hidden})
+        self.config = types.SimpleNamespace(
+            hidden_size=hidden,
+            model_type="null",
+            _attn_implementation="none",
+            to_dict=lambda: {"model_type": "null", "hidden_size": hidden},
+        )
 
     def forward(self, input_ids, attention_mask=None, **_):
         R, T = input_ids.shape
@@ -65,8 +72,14 @@ def workload(rows: int, prefixes: int, outputs: int | None, components: int, see
 
 def host_run(args, tok) -> dict:
     comps, reqs = workload(args.rows, args.prefixes, args.outputs, args.components, args.seed)
-    cfg = RewardModelConfig(architecture="encoder", attn_implementation=None, score_amp="none",
-                       template=TemplateConfig(max_length=args.max_length), token_cache_size=None, seed=args.seed)
+    cfg = RewardModelConfig(
+        architecture="encoder",
+        attn_implementation=None,
+        score_amp="none",
+        template=TemplateConfig(max_length=args.max_length),
+        token_cache_size=None,
+        seed=args.seed,
+    )
     rm = RewardModel(NullBackbone(), comps, tokenizer=tok, config=cfg, device="cpu")
     if args.tokenizer == "hf":
         rm.encoder.tokens.native = None  # every text through Hugging Face's Rust tokenizer (the baseline)
@@ -86,11 +99,20 @@ def host_run(args, tok) -> dict:
     t6, c6 = time.perf_counter(), time.process_time()
     assert scores.shape == (n,)
     us = lambda s: 1e6 * s / n  # noqa: E731
-    return {"rows": n, "prefixes": args.prefixes, "distinct_outputs": args.outputs or n,
-            "unique_rows": rep.n_unique, "batches": rep.n_batches,
-            "us_per_row_end_to_end": us(t6 - t5), "cpu_us_per_row_end_to_end": us(c6 - c5), "us_per_row_host": us(rep.host_seconds),
-            "us_per_row_prepare": us(t2 - t1), "us_per_row_plan": us(t3 - t2),
-            "us_per_row_encode_null": us(t4 - t3), "seconds": t6 - t5}
+    return {
+        "rows": n,
+        "prefixes": args.prefixes,
+        "distinct_outputs": args.outputs or n,
+        "unique_rows": rep.n_unique,
+        "batches": rep.n_batches,
+        "us_per_row_end_to_end": us(t6 - t5),
+        "cpu_us_per_row_end_to_end": us(c6 - c5),
+        "us_per_row_host": us(rep.host_seconds),
+        "us_per_row_prepare": us(t2 - t1),
+        "us_per_row_plan": us(t3 - t2),
+        "us_per_row_encode_null": us(t4 - t3),
+        "seconds": t6 - t5,
+    }
 
 
 def minilm_share(args) -> dict:
@@ -100,9 +122,14 @@ def minilm_share(args) -> dict:
     rm.score(reqs[:16])  # warm-up (and the bf16 copy, where scoring runs bf16)
     rm.encoder.tokens.clear()
     _, rep = rm.score_with_report(reqs)
-    return {"rows": len(reqs), "seconds": rep.seconds, "rows_per_s": len(reqs) / rep.seconds,
-            "backbone_share": 1 - rep.host_seconds / rep.seconds, "us_per_row_host": 1e6 * rep.host_seconds / len(reqs),
-            "amp": rep.amp}
+    return {
+        "rows": len(reqs),
+        "seconds": rep.seconds,
+        "rows_per_s": len(reqs) / rep.seconds,
+        "backbone_share": 1 - rep.host_seconds / rep.seconds,
+        "us_per_row_host": 1e6 * rep.host_seconds / len(reqs),
+        "amp": rep.amp,
+    }
 
 
 def main() -> None:
@@ -114,9 +141,13 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--minilm-rows", type=int, default=256, help="0 skips the MiniLM backbone-share run")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokenizer", choices=["native", "hf"], default="native",
-                    help="native: the engine's default (C++ WordPiece for printable-ASCII texts, HF for the rest); "
-                         "hf: every text through Hugging Face's Rust tokenizer")
+    ap.add_argument(
+        "--tokenizer",
+        choices=["native", "hf"],
+        default="native",
+        help="native: the engine's default (C++ WordPiece for printable-ASCII texts, HF for the rest); "
+        "hf: every text through Hugging Face's Rust tokenizer",
+    )
     args = ap.parse_args()
     _, tok = load_backbone("minilm")
     res = {"host": host_run(args, tok)}
@@ -124,15 +155,20 @@ def main() -> None:
         res["minilm"] = minilm_share(args)
     print(machine(), f"load average {os.getloadavg()}", file=sys.stderr)
     h = res["host"]
-    print(f"host path, null backbone, {args.tokenizer} tokenizer: {h['rows']} rows, {h['prefixes']} prefixes, {h['distinct_outputs']} distinct "
-          f"outputs -> {h['us_per_row_end_to_end']:.2f} us/row end to end (target <= 10; CPU time of this process "
-          f"{h['cpu_us_per_row_end_to_end']:.2f} us/row, all threads), host {h['us_per_row_host']:.2f}"
-          f" us/row [prepare {h['us_per_row_prepare']:.2f}, plan "
-          f"{h['us_per_row_plan']:.2f}, encode(null) {h['us_per_row_encode_null']:.2f}]")
+    print(
+        f"host path, null backbone, {args.tokenizer} tokenizer: {h['rows']} rows, {h['prefixes']} prefixes, "
+        f"{h['distinct_outputs']} distinct "
+        f"outputs -> {h['us_per_row_end_to_end']:.2f} us/row end to end (target <= 10; CPU time of this process "
+        f"{h['cpu_us_per_row_end_to_end']:.2f} us/row, all threads), host {h['us_per_row_host']:.2f}"
+        f" us/row [prepare {h['us_per_row_prepare']:.2f}, plan "
+        f"{h['us_per_row_plan']:.2f}, encode(null) {h['us_per_row_encode_null']:.2f}]"
+    )
     if "minilm" in res:
         m = res["minilm"]
-        print(f"MiniLM-L6 ({m['amp']}), {m['rows']} rows: {m['rows_per_s']:.1f} rows/s, backbone share "
-              f"{m['backbone_share']:.1%}, host {m['us_per_row_host']:.1f} us/row")
+        print(
+            f"MiniLM-L6 ({m['amp']}), {m['rows']} rows: {m['rows_per_s']:.1f} rows/s, backbone share "
+            f"{m['backbone_share']:.1%}, host {m['us_per_row_host']:.1f} us/row"
+        )
     path = write_results("bench_host", {**res, "args": vars(args)})
     print(f"wrote {path}", file=sys.stderr)
 

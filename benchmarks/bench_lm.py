@@ -19,6 +19,7 @@ completion cache is off for this part.
 Rerun: ``evaluate`` of an example system twice on a fresh cache file; the second run uses a new cache
 object on the same file (empty memory layer), so its hits come from SQLite as in a new process.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,24 @@ from _common import git_rev, machine
 from optimas_fast.lm import EmbeddedLM, LMCache, UsageLedger
 from optimas_fast.lm.llamacpp import LlamaCppLM
 
-TOPICS = ["the moon", "bread", "volcanoes", "honey bees", "the Roman empire", "rain", "chess", "coffee",
-          "octopuses", "glaciers", "the piano", "tea", "lightning", "deserts", "whales", "paper"]
+TOPICS = [
+    "the moon",
+    "bread",
+    "volcanoes",
+    "honey bees",
+    "the Roman empire",
+    "rain",
+    "chess",
+    "coffee",
+    "octopuses",
+    "glaciers",
+    "the piano",
+    "tea",
+    "lightning",
+    "deserts",
+    "whales",
+    "paper",
+]
 
 
 def prompts(k: int) -> list:
@@ -52,10 +69,19 @@ def throughput(dtype: str, batch: int, max_tokens: int) -> dict:
     n_single = sum(c.usage.completion_tokens for c in single)
     n_batched = sum(c.usage.completion_tokens for c in batched)
     same = sum(a.text == b.text for a, b in zip(single, batched))
-    return {"dtype": dtype, "batch": batch, "max_tokens": max_tokens,
-            "single_tok": n_single, "single_s": t_single, "single_tps": n_single / t_single,
-            "batched_tok": n_batched, "batched_s": t_batched, "batched_tps": n_batched / t_batched,
-            "speedup": (n_batched / t_batched) / (n_single / t_single), "same_text": same}
+    return {
+        "dtype": dtype,
+        "batch": batch,
+        "max_tokens": max_tokens,
+        "single_tok": n_single,
+        "single_s": t_single,
+        "single_tps": n_single / t_single,
+        "batched_tok": n_batched,
+        "batched_s": t_batched,
+        "batched_tps": n_batched / t_batched,
+        "speedup": (n_batched / t_batched) / (n_single / t_single),
+        "same_text": same,
+    }
 
 
 def _engine(name: str):
@@ -67,8 +93,9 @@ def _engine(name: str):
         from optimas_fast.lm.embedded import ensure_converted
         from optimas_fast.lm.vllm_engine import VLLMEngine
 
-        return VLLMEngine(str(ensure_converted()), cache=None, ledger=UsageLedger(), dtype="bfloat16",
-                          max_model_len=2048)
+        return VLLMEngine(
+            str(ensure_converted()), cache=None, ledger=UsageLedger(), dtype="bfloat16", max_model_len=2048
+        )
     raise SystemExit(f"--engines: unknown engine {name!r} (llamacpp, hf-fp32, hf-bf16, vllm)")
 
 
@@ -94,8 +121,15 @@ def engine_compare(name: str, max_tokens: int, callers: int = 10) -> dict:
     t_many = time.perf_counter() - t0
     n_one = sum(c.usage.completion_tokens for c in one)
     n_many = sum(c.usage.completion_tokens for c in many)
-    return {"engine": name, "load_s": t_load, "one_tps": n_one / t_one, "one_s": t_one,
-            "many_tps": n_many / t_many, "many_s": t_many, "callers": callers}
+    return {
+        "engine": name,
+        "load_s": t_load,
+        "one_tps": n_one / t_one,
+        "one_s": t_one,
+        "many_tps": n_many / t_many,
+        "many_s": t_many,
+        "callers": callers,
+    }
 
 
 def cache_rerun(example: str, n: int, workers: int) -> dict:
@@ -115,9 +149,16 @@ def cache_rerun(example: str, n: int, workers: int) -> dict:
     second = system.evaluate(test, workers=workers)
     t_second = time.perf_counter() - t0
     s1, s2 = first.summary(), second.summary()
-    return {"example": example, "n": len(test), "first_s": t_first, "rerun_s": t_second,
-            "speedup": t_first / t_second, "rerun_backend_calls": lm.ledger.total.calls - calls_before,
-            "score_first": s1.get("mean"), "score_rerun": s2.get("mean")}
+    return {
+        "example": example,
+        "n": len(test),
+        "first_s": t_first,
+        "rerun_s": t_second,
+        "speedup": t_first / t_second,
+        "rerun_backend_calls": lm.ledger.total.calls - calls_before,
+        "score_first": s1.get("mean"),
+        "score_rerun": s2.get("mean"),
+    }
 
 
 def main() -> None:
@@ -138,22 +179,32 @@ def main() -> None:
         print("|---|---:|---:|---:|---|")
         for name in args.engines.split(","):
             r = engine_compare(name, args.max_tokens)
-            print(f"| {r['engine']} | {r['load_s']:.2f} | {r['one_tps']:.1f} ({r['one_s']:.1f} s) | "
-                  f"{r['many_tps']:.1f} ({r['many_s']:.1f} s) | |", flush=True)
+            print(
+                f"| {r['engine']} | {r['load_s']:.2f} | {r['one_tps']:.1f} ({r['one_s']:.1f} s) | "
+                f"{r['many_tps']:.1f} ({r['many_s']:.1f} s) | |",
+                flush=True,
+            )
         return
-    print("\n| dtype | batch | max_tokens | one-at-a-time tok/s | batched tok/s | speedup | "
-          "tokens (single / batched) | same text |")
+    print(
+        "\n| dtype | batch | max_tokens | one-at-a-time tok/s | batched tok/s | speedup | "
+        "tokens (single / batched) | same text |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for dtype in args.dtypes.split(","):
         r = throughput(dtype, args.batch, args.max_tokens)
-        print(f"| {r['dtype']} | {r['batch']} | {r['max_tokens']} | {r['single_tps']:.1f} ({r['single_s']:.1f} s) | "
-              f"{r['batched_tps']:.1f} ({r['batched_s']:.1f} s) | **{r['speedup']:.1f}x** | "
-              f"{r['single_tok']} / {r['batched_tok']} | {r['same_text']}/{r['batch']} |", flush=True)
+        print(
+            f"| {r['dtype']} | {r['batch']} | {r['max_tokens']} | {r['single_tps']:.1f} ({r['single_s']:.1f} s) | "
+            f"{r['batched_tps']:.1f} ({r['batched_s']:.1f} s) | **{r['speedup']:.1f}x** | "
+            f"{r['single_tok']} / {r['batched_tok']} | {r['same_text']}/{r['batch']} |",
+            flush=True,
+        )
     if args.rerun_example:
         r = cache_rerun(args.rerun_example, args.rerun_n, args.workers)
-        print(f"\ncache rerun, {r['example']} ({r['n']} test examples, {args.workers} workers): first "
-              f"{r['first_s']:.2f} s, rerun {r['rerun_s']:.3f} s -> **{r['speedup']:.0f}x**; backend calls in "
-              f"the rerun: {r['rerun_backend_calls']}; score {r['score_first']} -> {r['score_rerun']}")
+        print(
+            f"\ncache rerun, {r['example']} ({r['n']} test examples, {args.workers} workers): first "
+            f"{r['first_s']:.2f} s, rerun {r['rerun_s']:.3f} s -> **{r['speedup']:.0f}x**; backend calls in "
+            f"the rerun: {r['rerun_backend_calls']}; score {r['score_first']} -> {r['score_rerun']}"
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ comparisons of the README, and the peak-memory one that a timing suite cannot sh
    column), T=512; time and peak extra memory, each variant in its own subprocess.
 3. multihead_score vs computing all C heads then gathering, N=65536, H=1024, C=32.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-
 from _common import git_rev, machine, timeit, write_results
 
 import optimas_fast.ops as ops
@@ -43,13 +43,21 @@ def bench_fused(B=4096, H=1024, C=16):
             for t in (hc, hr, W, b):
                 t.grad = None
             fn().backward()
+
         return step
 
     eager = run(lambda: ref.fused_head_bt_loss(hc, hr, ids, W, b))
     fused = run(lambda: ops.fused_head_bt_loss(hc, hr, ids, W, b, backend="cpp"))
     t_eager, t_fused = timeit(eager, reps=15), timeit(fused, reps=15)
-    return {"B": B, "H": H, "C": C, "eager_ms": t_eager * 1e3, "cpp_ms": t_fused * 1e3,
-            "speedup": t_eager / t_fused, "cpp_pairs_per_s": B / t_fused}
+    return {
+        "B": B,
+        "H": H,
+        "C": C,
+        "eager_ms": t_eager * 1e3,
+        "cpp_ms": t_fused * 1e3,
+        "speedup": t_eager / t_fused,
+        "cpp_pairs_per_s": B / t_fused,
+    }
 
 
 # ---- 2: from full sequences; each variant in a fresh process so peak RSS is its own ----
@@ -96,8 +104,12 @@ def _seq_variant(variant: str, B: int, T: int, H: int, C: int) -> dict:
 def bench_sequences(B=256, T=512, H=1024, C=16):
     out = {}
     for v in ("hf", "ours_dense_grad", "ours_sparse_grad"):
-        res = subprocess.run([sys.executable, __file__, "--seq-variant", v, "--shape", f"{B},{T},{H},{C}"],
-                             capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, __file__, "--seq-variant", v, "--shape", f"{B},{T},{H},{C}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out[v] = json.loads(res.stdout.strip().splitlines()[-1])
     hf = out["hf"]
     for v in ("ours_dense_grad", "ours_sparse_grad"):
@@ -117,9 +129,16 @@ def bench_multihead(N=65536, H=1024, C=32):
         ours = lambda: ops.multihead_score(x, ids, W, b, backend="cpp")  # noqa: E731
         t_all, t_ours = timeit(all_heads, reps=15), timeit(ours, reps=15)
         assert torch.allclose(all_heads(), ours(), atol=1e-3)
-    return {"N": N, "H": H, "C": C, "all_heads_ms": t_all * 1e3, "cpp_ms": t_ours * 1e3,
-            "speedup": t_all / t_ours, "cpp_rows_per_s": N / t_ours,
-            "cpp_GBps": x.numel() * 4 / t_ours / 1e9}
+    return {
+        "N": N,
+        "H": H,
+        "C": C,
+        "all_heads_ms": t_all * 1e3,
+        "cpp_ms": t_ours * 1e3,
+        "speedup": t_all / t_ours,
+        "cpp_rows_per_s": N / t_ours,
+        "cpp_GBps": x.numel() * 4 / t_ours / 1e9,
+    }
 
 
 def bench_gpu(B=16384, H=4096, C=32):
@@ -148,6 +167,7 @@ def bench_gpu(B=16384, H=4096, C=32):
             for t in (hc, hr, W, b):
                 t.grad = None
             fn().backward()
+
         return f
 
     t_ref = cuda_time(step(lambda: ref.fused_head_bt_loss(hc, hr, ids, W, b)))
@@ -158,9 +178,18 @@ def bench_gpu(B=16384, H=4096, C=32):
     copy_bw = 2 * src.numel() / t_copy
     # minimum traffic of the fused step: read hc, hr; write dhc, dhr (the grads). W/b are negligible.
     moved = 4 * B * H * 2
-    return {"B": B, "H": H, "C": C, "dtype": "bfloat16", "torch_ms": t_ref * 1e3, "triton_ms": t_tri * 1e3,
-            "speedup": t_ref / t_tri, "triton_GBps": moved / t_tri / 1e9, "copy_GBps": copy_bw / 1e9,
-            "fraction_of_copy_bw": moved / t_tri / copy_bw}
+    return {
+        "B": B,
+        "H": H,
+        "C": C,
+        "dtype": "bfloat16",
+        "torch_ms": t_ref * 1e3,
+        "triton_ms": t_tri * 1e3,
+        "speedup": t_ref / t_tri,
+        "triton_GBps": moved / t_tri / 1e9,
+        "copy_GBps": copy_bw / 1e9,
+        "fraction_of_copy_bw": moved / t_tri / copy_bw,
+    }
 
 
 def main():
@@ -174,28 +203,38 @@ def main():
         return
     print(f"# machine: {machine()}; commit {git_rev()}")
     r1 = bench_fused()
-    print(f"1. fused_head_bt_loss fwd+bwd B={r1['B']} H={r1['H']} C={r1['C']} fp32: eager torch "
-          f"{r1['eager_ms']:.2f} ms, cpp {r1['cpp_ms']:.2f} ms -> {r1['speedup']:.1f}x "
-          f"({r1['cpp_pairs_per_s']:.0f} pairs/s)")
+    print(
+        f"1. fused_head_bt_loss fwd+bwd B={r1['B']} H={r1['H']} C={r1['C']} fp32: eager torch "
+        f"{r1['eager_ms']:.2f} ms, cpp {r1['cpp_ms']:.2f} ms -> {r1['speedup']:.1f}x "
+        f"({r1['cpp_pairs_per_s']:.0f} pairs/s)"
+    )
     r2 = bench_sequences()
     hf = r2["hf"]
-    print(f"2. from [B,T,H] hidden, B={r2['B']} T={r2['T']} H={r2['H']} C={r2['C']}: HF seq-cls way "
-          f"{hf['ms']:.1f} ms, peak +{hf['peak_extra_mib']:.0f} MiB")
+    print(
+        f"2. from [B,T,H] hidden, B={r2['B']} T={r2['T']} H={r2['H']} C={r2['C']}: HF seq-cls way "
+        f"{hf['ms']:.1f} ms, peak +{hf['peak_extra_mib']:.0f} MiB"
+    )
     for v in ("ours_dense_grad", "ours_sparse_grad"):
         o = r2[v]
-        print(f"   {v}: {o['ms']:.2f} ms ({o['speedup_vs_hf']:.0f}x faster), peak +{o['peak_extra_mib']:.0f} MiB "
-              f"({o['memory_ratio_vs_hf']:.0f}x less)")
+        print(
+            f"   {v}: {o['ms']:.2f} ms ({o['speedup_vs_hf']:.0f}x faster), peak +{o['peak_extra_mib']:.0f} MiB "
+            f"({o['memory_ratio_vs_hf']:.0f}x less)"
+        )
     r3 = bench_multihead()
-    print(f"3. multihead_score N={r3['N']} H={r3['H']} C={r3['C']} fp32: all heads + gather "
-          f"{r3['all_heads_ms']:.2f} ms, cpp {r3['cpp_ms']:.2f} ms -> {r3['speedup']:.1f}x "
-          f"({r3['cpp_GBps']:.1f} GB/s of hidden states read)")
+    print(
+        f"3. multihead_score N={r3['N']} H={r3['H']} C={r3['C']} fp32: all heads + gather "
+        f"{r3['all_heads_ms']:.2f} ms, cpp {r3['cpp_ms']:.2f} ms -> {r3['speedup']:.1f}x "
+        f"({r3['cpp_GBps']:.1f} GB/s of hidden states read)"
+    )
     results = {"fused": r1, "sequences": r2, "multihead": r3}
     if args.gpu:
         r4 = results["gpu"] = bench_gpu()
-        print(f"4. CUDA {torch.cuda.get_device_name(0)} fused fwd+bwd bf16 B={r4['B']} H={r4['H']} C={r4['C']}: "
-              f"torch {r4['torch_ms']:.3f} ms, triton {r4['triton_ms']:.3f} ms -> {r4['speedup']:.1f}x; "
-              f"{r4['triton_GBps']:.0f} GB/s = {100 * r4['fraction_of_copy_bw']:.0f}% of copy bandwidth "
-              f"({r4['copy_GBps']:.0f} GB/s)")
+        print(
+            f"4. CUDA {torch.cuda.get_device_name(0)} fused fwd+bwd bf16 B={r4['B']} H={r4['H']} C={r4['C']}: "
+            f"torch {r4['torch_ms']:.3f} ms, triton {r4['triton_ms']:.3f} ms -> {r4['speedup']:.1f}x; "
+            f"{r4['triton_GBps']:.0f} GB/s = {100 * r4['fraction_of_copy_bw']:.0f}% of copy bandwidth "
+            f"({r4['copy_GBps']:.0f} GB/s)"
+        )
     print(f"results: {write_results('bench_ops', results)}")
 
 

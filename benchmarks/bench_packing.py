@@ -17,6 +17,7 @@ backbone, training pairs/s. One process, one mode after another, on an idle mach
 
     python benchmarks/bench_packing.py --data benchmarks/_out/unique_pairs --pairs 64 --steps 4
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,17 +26,20 @@ import sys
 import time
 
 import torch
-
 from _common import machine, write_results
 
-from optimas_fast.reward import RewardModelConfig, RewardModel, load_backbone, load_pairs
+from optimas_fast.reward import RewardModel, RewardModelConfig, load_backbone, load_pairs
 from optimas_fast.reward.template import TemplateConfig
 
-MODES = {"encoder": [("padded", dict(packing=False)), ("packed", dict(packing=True))],
-         "decoder": [("padded+shared", dict(packing=False, prefix_sharing=True)),
-                     ("packed+shared", dict(packing=True, prefix_sharing=True)),
-                     ("padded", dict(packing=False, prefix_sharing=False)),
-                     ("packed", dict(packing=True, prefix_sharing=False))]}
+MODES = {
+    "encoder": [("padded", dict(packing=False)), ("packed", dict(packing=True))],
+    "decoder": [
+        ("padded+shared", dict(packing=False, prefix_sharing=True)),
+        ("packed+shared", dict(packing=True, prefix_sharing=True)),
+        ("padded", dict(packing=False, prefix_sharing=False)),
+        ("packed", dict(packing=True, prefix_sharing=False)),
+    ],
+}
 
 
 def backbone(kind: str, seed: int):
@@ -45,17 +49,25 @@ def backbone(kind: str, seed: int):
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-                      num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024,
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=384,
+        intermediate_size=1536,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=6,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+    )
     return LlamaModel(cfg), tok
 
 
 def run_mode(kind: str, mode: dict, state: dict, tok, pairs, args) -> tuple[dict, torch.Tensor]:
     net, _ = backbone(kind, args.seed)
     net.load_state_dict(state)
-    cfg = RewardModelConfig(seed=args.seed, pack_tokens=args.pack_tokens, template=TemplateConfig(max_length=512),
-                       architecture=kind, **mode)
+    cfg = RewardModelConfig(
+        seed=args.seed, pack_tokens=args.pack_tokens, template=TemplateConfig(max_length=512), architecture=kind, **mode
+    )
     rm = RewardModel(net, ["answer"], tokenizer=tok, config=cfg, device="cpu")
     reqs = [r for p in pairs for r in (("answer", p.inputs, p.chosen), ("answer", p.inputs, p.rejected))]
     rm.score(reqs[:4])  # warm-up (the bf16 scoring copy, allocator)
@@ -68,10 +80,19 @@ def run_mode(kind: str, mode: dict, state: dict, tok, pairs, args) -> tuple[dict
     rm.train(pairs[: args.steps * args.batch_pairs], epochs=1, batch_pairs=args.batch_pairs)
     t_train = time.perf_counter() - t0
     n_train = min(len(pairs), args.steps * args.batch_pairs)
-    return {"rows": len(reqs), "score_s": t_score, "rows_per_s": len(reqs) / t_score,
-            "tokens_encoded": rep.tokens_encoded, "tokens_real": real, "tokens_ratio": rep.tokens_encoded / real,
-            "batches": rep.n_batches, "amp": rep.amp, "train_pairs": n_train, "train_s": t_train,
-            "pairs_per_s": n_train / t_train}, scores
+    return {
+        "rows": len(reqs),
+        "score_s": t_score,
+        "rows_per_s": len(reqs) / t_score,
+        "tokens_encoded": rep.tokens_encoded,
+        "tokens_real": real,
+        "tokens_ratio": rep.tokens_encoded / real,
+        "batches": rep.n_batches,
+        "amp": rep.amp,
+        "train_pairs": n_train,
+        "train_s": t_train,
+        "pairs_per_s": n_train / t_train,
+    }, scores
 
 
 def main() -> None:
@@ -86,7 +107,7 @@ def main() -> None:
     args = ap.parse_args()
     pairs = load_pairs(os.path.join(args.data, "train.jsonl"), component="answer")[: args.pairs]
     res = {}
-    for kind in ([args.only] if args.only else ["encoder", "decoder"]):
+    for kind in [args.only] if args.only else ["encoder", "decoder"]:
         net, tok = backbone(kind, args.seed)
         state = {k: v.clone() for k, v in net.state_dict().items()}
         first = None
@@ -96,9 +117,12 @@ def main() -> None:
             r["max_abs_diff_vs_first"] = float((s - first).abs().max())
             r["score_spread"] = float(first.std())
             res[f"{kind}/{name}"] = r
-            print(f"{kind:8s} {name:14s} score {r['rows_per_s']:6.1f} rows/s  tokens {r['tokens_ratio']:.3f}x real "
-                  f"({r['batches']} batches)  |diff| {r['max_abs_diff_vs_first']:.2e} (spread {r['score_spread']:.2f})"
-                  f"  train {r['pairs_per_s']:.2f} pairs/s  [{r['amp']}]", flush=True)
+            print(
+                f"{kind:8s} {name:14s} score {r['rows_per_s']:6.1f} rows/s  tokens {r['tokens_ratio']:.3f}x real "
+                f"({r['batches']} batches)  |diff| {r['max_abs_diff_vs_first']:.2e} (spread {r['score_spread']:.2f})"
+                f"  train {r['pairs_per_s']:.2f} pairs/s  [{r['amp']}]",
+                flush=True,
+            )
     print(machine(), f"load average {os.getloadavg()}", file=sys.stderr)
     print(f"wrote {write_results('bench_packing', {**res, 'args': vars(args)})}", file=sys.stderr)
 

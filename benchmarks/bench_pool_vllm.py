@@ -22,6 +22,7 @@ measured GEMM rate of this device and dtype (linear layers over the S candidate 
 prompt tokens, attention counted at the same rate; no padding), with each engine's fraction of it. vLLM
 must be built under ``if __name__ == "__main__"`` (it spawns its engine).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,9 @@ import time
 
 from _common import gemm_peak_flops, machine, write_results
 
-DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "pubmedqa_train.jsonl")
+from optimas_fast.examples.data import PUBMEDQA_FILE, default_data_dir
+
+DATA = str(default_data_dir() / PUBMEDQA_FILE)  # the package's own copy (or $OPTIMAS_FAST_DATA)
 LABELS = ("yes", "no", "maybe")
 
 
@@ -87,8 +90,11 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=16, help="rows per HF batch")
     ap.add_argument("--no-vllm", action="store_true", help="skip vLLM (e.g. in the main venv)")
     ap.add_argument("--no-hf", action="store_true", help="skip HF batched scoring (slow on CPU at 1x1024)")
-    ap.add_argument("--per-row-cache", action="store_true",
-                    help="also time ours with config.shared_prefix_kernel=False (each row's copy of the cache)")
+    ap.add_argument(
+        "--per-row-cache",
+        action="store_true",
+        help="also time ours with config.shared_prefix_kernel=False (each row's copy of the cache)",
+    )
     ap.add_argument("--dtype", default="auto", help="auto (bf16 with native bf16 or CUDA) | bfloat16 | float32")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -96,14 +102,17 @@ def main() -> None:
     import torch
 
     from optimas_fast.lm.embedded import ensure_converted
-    from optimas_fast.reward import RewardModelConfig, RewardModel, cpu_has_native_bf16
+    from optimas_fast.reward import RewardModel, RewardModelConfig, cpu_has_native_bf16
 
     bf16 = args.dtype == "bfloat16" or (args.dtype == "auto" and (torch.cuda.is_available() or cpu_has_native_bf16()))
     dtype = torch.bfloat16 if bf16 else torch.float32
     print(f"machine: {machine()}  load average: {os.getloadavg()[0]:.1f}  dtype: {dtype}", flush=True)
     path = str(ensure_converted())
-    rm = RewardModel(path, {"answer": "answers a biomedical question from its abstract"},
-                     config=RewardModelConfig(score_amp="bf16" if bf16 else "none", seed=args.seed))
+    rm = RewardModel(
+        path,
+        {"answer": "answers a biomedical question from its abstract"},
+        config=RewardModelConfig(score_amp="bf16" if bf16 else "none", seed=args.seed),
+    )
     export = tempfile.mkdtemp(prefix="pool-export-")
     meta = rm.export_hf(export)
     bias = meta["dropped_bias"][0]
@@ -120,12 +129,21 @@ def main() -> None:
         from vllm.inputs import TokensPrompt
 
         t0 = time.perf_counter()
-        llm = LLM(model=export, runner="pooling", dtype="bfloat16" if bf16 else "float32", max_model_len=2048,
-                  enable_prefix_caching=True, seed=args.seed)
+        llm = LLM(
+            model=export,
+            runner="pooling",
+            dtype="bfloat16" if bf16 else "float32",
+            max_model_len=2048,
+            enable_prefix_caching=True,
+            seed=args.seed,
+        )
         print(f"vLLM load: {time.perf_counter() - t0:.1f} s", flush=True)
 
     peak = gemm_peak_flops(dtype, dev, k=rm.encoder.net.hidden_size)
-    print(f"measured GEMM rate ({dtype}, 4096 x {rm.encoder.net.hidden_size} x 1536): {peak / 1e9:.0f} GFLOP/s", flush=True)
+    print(
+        f"measured GEMM rate ({dtype}, 4096 x {rm.encoder.net.hidden_size} x 1536): {peak / 1e9:.0f} GFLOP/s",
+        flush=True,
+    )
     results = []
     warm = pool_rows(2, 4, seed=args.seed + 99)  # unrelated prompts: warm-up must not fill the prefix cache for free
     rm.score(warm)
@@ -137,8 +155,15 @@ def main() -> None:
         S = sum(len(t.suffix) for t in toks) / len(toks)
         rho = (P + S) / (P / k + S)
         bound = peak / flops_per_row(rm.encoder.net.backbone, P, S, k)  # rows/s at the GEMM rate
-        rec = {"pool": f"{n_prompts}x{k}", "rows": len(rows), "prompt_tokens": P, "candidate_tokens": S, "rho": rho,
-               "gemm_flops_per_s": peak, "bound_rows_per_s": bound}
+        rec = {
+            "pool": f"{n_prompts}x{k}",
+            "rows": len(rows),
+            "prompt_tokens": P,
+            "candidate_tokens": S,
+            "rho": rho,
+            "gemm_flops_per_s": peak,
+            "bound_rows_per_s": bound,
+        }
         t0 = time.perf_counter()
         ours, rep = rm.score_with_report(rows)
         ours = ours.double() - bias  # (N,) on the export's scale (bias dropped)
@@ -157,18 +182,21 @@ def main() -> None:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 for i in range(0, len(ids), args.hf_batch):
-                    chunk = ids[i: i + args.hf_batch]
+                    chunk = ids[i : i + args.hf_batch]
                     T = max(map(len, chunk))
                     x = torch.tensor([c + [pad] * (T - len(c)) for c in chunk], device=dev)  # (b, T)
-                    m = (torch.arange(T, device=dev)[None] < torch.tensor([len(c) for c in chunk], device=dev)[:, None])
+                    m = torch.arange(T, device=dev)[None] < torch.tensor([len(c) for c in chunk], device=dev)[:, None]
                     out.append(hf(input_ids=x, attention_mask=m.long()).logits[:, 0].float().cpu())
             rec["hf_s"] = time.perf_counter() - t0
             hf_scores = torch.cat(out).double()
             rec["hf_agree"] = float((hf_scores - ours).abs().max() / (ours.max() - ours.min()))
         if llm is not None:
             t0 = time.perf_counter()
-            res = llm.classify([TokensPrompt(prompt_token_ids=x) for x in ids],
-                               pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
+            res = llm.classify(
+                [TokensPrompt(prompt_token_ids=x) for x in ids],
+                pooling_params=PoolingParams(use_activation=False),
+                use_tqdm=False,
+            )
             rec["vllm_s"] = time.perf_counter() - t0
             v = torch.tensor([r.outputs.probs[0] for r in res], dtype=torch.float64)
             rec["vllm_agree"] = float((v - ours).abs().max() / (ours.max() - ours.min()))
@@ -177,13 +205,22 @@ def main() -> None:
                 rec[f"{name}_rows_per_s"] = len(rows) / rec[f"{name}_s"]
                 rec[f"{name}_of_bound"] = rec[f"{name}_rows_per_s"] / bound
         results.append(rec)
-        line = " | ".join(f"{n} {rec[f'{n}_rows_per_s']:.1f} rows/s ({rec[f'{n}_of_bound']:.0%} of bound)"
-                          for n in ("ours", "ours_rowcache", "vllm", "hf") if f"{n}_rows_per_s" in rec)
-        vs = "".join(f", ours/{n} {rec['ours_rows_per_s'] / rec[f'{n}_rows_per_s']:.2f}x"
-                     for n in ("ours_rowcache", "vllm", "hf") if f"{n}_rows_per_s" in rec)
+        line = " | ".join(
+            f"{n} {rec[f'{n}_rows_per_s']:.1f} rows/s ({rec[f'{n}_of_bound']:.0%} of bound)"
+            for n in ("ours", "ours_rowcache", "vllm", "hf")
+            if f"{n}_rows_per_s" in rec
+        )
+        vs = "".join(
+            f", ours/{n} {rec['ours_rows_per_s'] / rec[f'{n}_rows_per_s']:.2f}x"
+            for n in ("ours_rowcache", "vllm", "hf")
+            if f"{n}_rows_per_s" in rec
+        )
         agree = " ".join(f"{n} {rec[f'{n}_agree']:.3f}" for n in ("ours_rowcache", "hf", "vllm") if f"{n}_agree" in rec)
-        print(f"| {rec['pool']} | P={P:.0f} S={S:.0f} rho={rho:.2f} | bound {bound:.1f} rows/s | {line}{vs} | "
-              f"agreement(max|diff|/spread): {agree} |", flush=True)
+        print(
+            f"| {rec['pool']} | P={P:.0f} S={S:.0f} rho={rho:.2f} | bound {bound:.1f} rows/s | {line}{vs} | "
+            f"agreement(max|diff|/spread): {agree} |",
+            flush=True,
+        )
     print("results:", write_results("bench_pool_vllm", {"args": vars(args), "results": results}))
 
 

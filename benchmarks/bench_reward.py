@@ -25,7 +25,8 @@ Scoring precision. Ours scores with RewardModelConfig defaults (score_amp="auto"
 GEMMs, e.g. avx512_bf16, through a bf16 copy of the backbone, score_weights="cast"); the same pool is also
 scored in fp32 (score_amp="none") and with bf16 autocast over the fp32 weights (score_weights="autocast") on
 --check-inputs inputs, which gives their speeds and their agreement with fp32 (max |diff|, overall
-Spearman, mean within-input Spearman, top-1 agreement). The baseline is always fp32, batch 2, transformers' default attention.
+Spearman, mean within-input Spearman, top-1 agreement). The baseline is always fp32, batch 2, transformers'
+default attention.
 
     python benchmarks/bench_reward.py              # CPU-sized defaults
     python benchmarks/bench_reward.py --full       # the issue's sizes (520 pairs, 400 held-out, 64 x 32 pool)
@@ -34,7 +35,8 @@ Unique-pair mode (--unique DIR): TRL-style PubMedQA pairs where every pair is un
 in DIR when missing), read through optimas_fast.reward.load_pairs, trained at the same data, batch size
 (--batch-pairs), epochs and learning rate: ours (RewardModel.train, the engine's defaults), ours through
 optimas_fast.trl.RewardTrainer (with --trl: a TRL script with its import changed, TRL's arguments, text rows
-from the JSONL), TRL's RewardTrainer (with --trl), and the reference's way (batch 2, fp32, chosen and rejected in separate passes, lr / sqrt(batch / 2)). Ours and TRL run
+from the JSONL), TRL's RewardTrainer (with --trl), and the reference's way (batch 2, fp32, chosen and rejected in
+separate passes, lr / sqrt(batch / 2)). Ours and TRL run
 bf16 where the CPU has native bf16 (--precision auto), else fp32. Each system runs in its own process so that
 its peak RSS is its own. Reports pairs/s, peak RSS, held-out accuracy with 95% bootstrap intervals (pairs are
 independent: one per question) and rho = 2(P+S)/(P+2S), the token reduction that sharing a pair's prompt allows
@@ -42,6 +44,7 @@ independent: one per question) and rho = 2(P+S)/(P+2S), the token reduction that
 
     python benchmarks/bench_reward.py --unique benchmarks/_out/unique_pairs --trl --json unique.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,25 +63,37 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from _common import machine  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModel, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification,
+    AutoModel,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForSequenceClassification,
 )
 
 from optimas_fast.backbones import minilm_path  # noqa: E402
 from optimas_fast.reward import (  # noqa: E402
-    DEFAULT_BACKBONE, PreferencePair, RewardModelConfig, RewardModel, TemplateConfig, backend_report, cpu_has_native_bf16,
-    load_backbone, spearman,
+    DEFAULT_BACKBONE,
+    PreferencePair,
+    RewardModel,
+    RewardModelConfig,
+    TemplateConfig,
+    backend_report,
+    cpu_has_native_bf16,
+    load_backbone,
+    spearman,
 )
 from optimas_fast.reward.formats import load_pairs  # noqa: E402
 from optimas_fast.reward.template import TokenCache  # noqa: E402
 
-from _common import machine  # noqa: E402
-
-FILLER = ("the of and to in is was for on that with as by at from it an be this are which or have has not "
-          "were but had their more one all been also its other can new two time first used may into such "
-          "system model data result study group method high number based between use each both value over "
-          "under during while where these those than most some many well only after before same large small "
-          "paper answer question evidence patient trial effect level cell gene protein sample rate risk").split()
+FILLER = (
+    "the of and to in is was for on that with as by at from it an be this are which or have has not "
+    "were but had their more one all been also its other can new two time first used may into such "
+    "system model data result study group method high number based between use each both value over "
+    "under during while where these those than most some many well only after before same large small "
+    "paper answer question evidence patient trial effect level cell gene protein sample rate risk"
+).split()
 COMPONENTS = ("answer", "context", "reason")
 
 
@@ -129,8 +144,15 @@ class Baseline:
         return out[torch.arange(len(seqs)), torch.tensor(heads)]
 
     def train(self, pairs, epochs: int, lr: float, seed: int) -> tuple[float, int]:
-        data = [(self.ids(p.component, p.inputs, p.chosen), self.ids(p.component, p.inputs, p.rejected),
-                 self.rm.head_id(p.component), p.margin) for p in pairs]
+        data = [
+            (
+                self.ids(p.component, p.inputs, p.chosen),
+                self.ids(p.component, p.inputs, p.rejected),
+                self.rm.head_id(p.component),
+                p.margin,
+            )
+            for p in pairs
+        ]
         opt = torch.optim.AdamW(self.model.parameters(), lr=lr)
         self.model.train()
         g = random.Random(seed)
@@ -140,7 +162,7 @@ class Baseline:
             order = list(range(len(data)))
             g.shuffle(order)
             for i in range(0, len(order), 2):
-                batch = [data[j] for j in order[i: i + 2]]
+                batch = [data[j] for j in order[i : i + 2]]
                 heads = [b[2] for b in batch]
                 rc = self.logits([b[0] for b in batch], heads)  # pass 1: chosen
                 rr = self.logits([b[1] for b in batch], heads)  # pass 2: rejected
@@ -159,7 +181,7 @@ class Baseline:
         data = [(self.ids(*r), self.rm.head_id(r[0])) for r in rows]
         out = []
         for i in range(0, len(data), 2):
-            b = data[i: i + 2]
+            b = data[i : i + 2]
             out.append(self.logits([x[0] for x in b], [x[1] for x in b]))
         return torch.cat(out), time.perf_counter() - t0
 
@@ -173,17 +195,19 @@ class Baseline:
         order = sorted(range(len(data)), key=lambda i: len(data[i][0]))
         score = {}
         for i in range(0, len(order), batch):
-            b = [data[j] for j in order[i: i + batch]]
-            for j, v in zip(order[i: i + batch], self.logits([x[0] for x in b], [x[1] for x in b]).tolist()):
+            b = [data[j] for j in order[i : i + batch]]
+            for j, v in zip(order[i : i + batch], self.logits([x[0] for x in b], [x[1] for x in b]).tolist()):
                 score[rows[j]] = v
-        d = np.array([score[(p.component, p.inputs, p.chosen)] - score[(p.component, p.inputs, p.rejected)]
-                      for p in pairs])
+        d = np.array(
+            [score[(p.component, p.inputs, p.chosen)] - score[(p.component, p.inputs, p.rejected)] for p in pairs]
+        )
         return (d > 0) + 0.5 * (d == 0)
 
 
 # ------------------------------------------------------------------------------------------------ TRL
-def bench_trl(model, base: Baseline, train, held, epochs: int, lr: float, seed: int, batch: int = 2,
-              bf16: bool = False) -> dict:
+def bench_trl(
+    model, base: Baseline, train, held, epochs: int, lr: float, seed: int, batch: int = 2, bf16: bool = False
+) -> dict:
     """The same pairs through TRL's RewardTrainer (second baseline): its own collator puts chosen and rejected
     of 2 pairs in one padded forward pass, one reward head (num_labels=1), linear LR decay, AdamW; token ids
     are the same as ours (pre-tokenised columns, so its tokeniser never runs inside the clock)."""
@@ -193,15 +217,32 @@ def bench_trl(model, base: Baseline, train, held, epochs: int, lr: float, seed: 
     from trl import RewardConfig as TRLConfig
     from trl import RewardTrainer
 
-    rows = [{"chosen_ids": base.ids(p.component, p.inputs, p.chosen),
-             "rejected_ids": base.ids(p.component, p.inputs, p.rejected)} for p in train]
+    rows = [
+        {
+            "chosen_ids": base.ids(p.component, p.inputs, p.chosen),
+            "rejected_ids": base.ids(p.component, p.inputs, p.rejected),
+        }
+        for p in train
+    ]
     with tempfile.TemporaryDirectory() as out:
-        args = TRLConfig(output_dir=out, per_device_train_batch_size=batch, num_train_epochs=epochs, learning_rate=lr,
-                         bf16=bf16,
-                         save_strategy="no", report_to=[], seed=seed, max_length=None, use_cpu=True,
-                         disable_tqdm=True, logging_steps=10**9, dataloader_num_workers=0)
-        trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
-                                processing_class=base.tok)
+        args = TRLConfig(
+            output_dir=out,
+            per_device_train_batch_size=batch,
+            num_train_epochs=epochs,
+            learning_rate=lr,
+            bf16=bf16,
+            save_strategy="no",
+            report_to=[],
+            seed=seed,
+            max_length=None,
+            use_cpu=True,
+            disable_tqdm=True,
+            logging_steps=10**9,
+            dataloader_num_workers=0,
+        )
+        trainer = RewardTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=base.tok
+        )
         t0 = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - t0
@@ -209,8 +250,12 @@ def bench_trl(model, base: Baseline, train, held, epochs: int, lr: float, seed: 
     trl_base.logits = lambda seqs, heads: Baseline.logits(trl_base, seqs, [0] * len(seqs))  # one head
     correct = trl_base.correct(held)
     n = len(train) * epochs
-    return {"trl_pairs_per_s": n / seconds, "trl_seconds": seconds, "trl_heldout_acc": float(correct.mean()),
-            "trl_steps": int(trainer.state.global_step)}, correct
+    return {
+        "trl_pairs_per_s": n / seconds,
+        "trl_seconds": seconds,
+        "trl_heldout_acc": float(correct.mean()),
+        "trl_steps": int(trainer.state.global_step),
+    }, correct
 
 
 # ------------------------------------------------------------------------------------------------ set-ups
@@ -219,23 +264,38 @@ def encoder_pair(seed: int, max_len: int):
     backbone, tok = load_backbone(DEFAULT_BACKBONE)
     path = backbone.config._name_or_path
     base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=len(COMPONENTS), local_files_only=True)
-    rm = RewardModel(backbone, list(COMPONENTS), tokenizer=tok,
-                     config=RewardModelConfig(seed=seed, template=TemplateConfig(max_length=max_len)))
+    rm = RewardModel(
+        backbone,
+        list(COMPONENTS),
+        tokenizer=tok,
+        config=RewardModelConfig(seed=seed, template=TemplateConfig(max_length=max_len)),
+    )
     return "MiniLM-L6 encoder (pretrained, 22.7M)", rm, Baseline(base, tok, rm)
 
 
 def decoder_pair(seed: int, max_len: int, hidden: int = 384, layers: int = 6):
     _, tok = load_backbone(DEFAULT_BACKBONE)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-                      max_position_embeddings=max(1024, max_len), num_labels=len(COMPONENTS),
-                      pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=max(1024, max_len),
+        num_labels=len(COMPONENTS),
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     base = LlamaForSequenceClassification(cfg)
     backbone = type(base.model)(cfg)
     backbone.load_state_dict(base.model.state_dict())  # identical backbone weights on both sides
-    rm = RewardModel(backbone, list(COMPONENTS), tokenizer=tok,
-                     config=RewardModelConfig(seed=seed, template=TemplateConfig(max_length=max_len)))
+    rm = RewardModel(
+        backbone,
+        list(COMPONENTS),
+        tokenizer=tok,
+        config=RewardModelConfig(seed=seed, template=TemplateConfig(max_length=max_len)),
+    )
     with torch.no_grad():  # identical heads too: scores must then agree with the baseline's (checked)
         for i, key in enumerate(rm.encoder.net.head_keys):
             rm.encoder.net.head_weight[key].copy_(base.score.weight[i])
@@ -252,8 +312,9 @@ def trl_twin(model, seed: int):
     cfg.num_labels = 1
     torch.manual_seed(seed)
     twin = type(model)(cfg)
-    missing, _ = twin.load_state_dict({k: v for k, v in model.state_dict().items()
-                                       if not k.startswith(("classifier.", "score."))}, strict=False)
+    missing, _ = twin.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if not k.startswith(("classifier.", "score."))}, strict=False
+    )
     assert all(k.startswith(("classifier.", "score.")) for k in missing), missing
     return twin
 
@@ -261,8 +322,13 @@ def trl_twin(model, seed: int):
 # ------------------------------------------------------------------------------------------------ runs
 def ours_correct(rm: RewardModel, pairs) -> np.ndarray:
     n = len(pairs)
-    s = rm.score([(p.component, p.inputs, p.chosen) for p in pairs]
-                 + [(p.component, p.inputs, p.rejected) for p in pairs]).double().numpy()
+    s = (
+        rm.score(
+            [(p.component, p.inputs, p.chosen) for p in pairs] + [(p.component, p.inputs, p.rejected) for p in pairs]
+        )
+        .double()
+        .numpy()
+    )
     d = s[:n] - s[n:]
     return (d > 0) + 0.5 * (d == 0)
 
@@ -280,8 +346,9 @@ def cluster_bootstrap(groups: np.ndarray, a: np.ndarray, b: np.ndarray, reps: in
     return {"a": q(ma), "b": q(mb), "diff": q(ma - mb)}
 
 
-def bench_training(name, rm, base, train, held, epochs, lr, batch_pairs, seed, trl_model=None, ours_epochs=None,
-                   head_lr_mult=None):
+def bench_training(
+    name, rm, base, train, held, epochs, lr, batch_pairs, seed, trl_model=None, ours_epochs=None, head_lr_mult=None
+):
     """``ours_epochs`` (default: ``epochs``) lets ours train longer than the baselines: speedups are then
     throughput ratios (pairs/s) and the ``*_wall_ratio`` fields compare total training times."""
     ours_epochs = ours_epochs or epochs
@@ -304,17 +371,34 @@ def bench_training(name, rm, base, train, held, epochs, lr, batch_pairs, seed, t
         trl["speedup_vs_trl"] = (n_ours / t_ours) / trl["trl_pairs_per_s"]
         trl["trl_wall_ratio"] = trl["trl_seconds"] / t_ours
         trl["acc_diff_ours_minus_trl_ci95"] = cluster_bootstrap(groups, c_ours, c_trl, seed=seed)["diff"]
-    return {**trl, "backbone": name, "pairs": len(train), "epochs": epochs, "ours_epochs": ours_epochs,
-            "ours_head_lr_mult": head_lr_mult if head_lr_mult is not None else "default (20)",
-            "baseline_steps": steps_base,
-            "ours_steps": len(hist), "baseline_lr": lr, "ours_lr": lr_ours, "ours_batch_pairs": batch_pairs,
-            "baseline_pairs_per_s": n / t_base, "ours_pairs_per_s": n_ours / t_ours,
-            "speedup": (n_ours / t_ours) / (n / t_base), "baseline_wall_ratio": t_base / t_ours,
-            "baseline_seconds": t_base, "ours_seconds": t_ours, "heldout_pairs": len(held),
-            "heldout_inputs": len(set(groups.tolist())), "heldout_acc_baseline": float(c_base.mean()),
-            "heldout_acc_ours": float(c_ours.mean()), "acc_ci95_baseline": ci["b"], "acc_ci95_ours": ci["a"],
-            "acc_diff_ours_minus_baseline": float(c_ours.mean() - c_base.mean()), "acc_diff_ci95": ci["diff"],
-            "score_amp_ours_eval": "bf16" if rm.uses_bf16(True) else "fp32"}
+    return {
+        **trl,
+        "backbone": name,
+        "pairs": len(train),
+        "epochs": epochs,
+        "ours_epochs": ours_epochs,
+        "ours_head_lr_mult": head_lr_mult if head_lr_mult is not None else "default (20)",
+        "baseline_steps": steps_base,
+        "ours_steps": len(hist),
+        "baseline_lr": lr,
+        "ours_lr": lr_ours,
+        "ours_batch_pairs": batch_pairs,
+        "baseline_pairs_per_s": n / t_base,
+        "ours_pairs_per_s": n_ours / t_ours,
+        "speedup": (n_ours / t_ours) / (n / t_base),
+        "baseline_wall_ratio": t_base / t_ours,
+        "baseline_seconds": t_base,
+        "ours_seconds": t_ours,
+        "heldout_pairs": len(held),
+        "heldout_inputs": len(set(groups.tolist())),
+        "heldout_acc_baseline": float(c_base.mean()),
+        "heldout_acc_ours": float(c_ours.mean()),
+        "acc_ci95_baseline": ci["b"],
+        "acc_ci95_ours": ci["a"],
+        "acc_diff_ours_minus_baseline": float(c_ours.mean() - c_base.mean()),
+        "acc_diff_ci95": ci["diff"],
+        "score_amp_ours_eval": "bf16" if rm.uses_bf16(True) else "fp32",
+    }
 
 
 def score_with(rm: RewardModel, rows, **config):
@@ -336,8 +420,9 @@ def bench_scoring(name, rm, base, n_inputs, n_cands, prefix_tok, suffix_tok, see
     rows = []
     for i in range(n_inputs):
         inp = f"case {i}: " + words(rng, prefix_tok)
-        rows += [(COMPONENTS[i % 3], inp, candidate(rng, rng.randint(0, 5), suffix_tok) + f" v{j}")
-                 for j in range(n_cands)]
+        rows += [
+            (COMPONENTS[i % 3], inp, candidate(rng, rng.randint(0, 5), suffix_tok) + f" v{j}") for j in range(n_cands)
+        ]
     base.score(rows[:2])  # warm-up both (first-call allocator / kernel selection costs)
     rm.score(rows[:2])
     s_base, t_base = base.score(rows)
@@ -351,29 +436,50 @@ def bench_scoring(name, rm, base, n_inputs, n_cands, prefix_tok, suffix_tok, see
     _, rep_chk = score_with(rm, rows[:n_chk])  # the default on the subset, timed like the other two
     t_cast_chk = rep_chk.seconds
     sub = s_ours[:n_chk]
-    within = [spearman(sub[i: i + n_cands].tolist(), s32[i: i + n_cands].tolist()) for i in range(0, n_chk, n_cands)]
-    top1 = np.mean([int(sub[i: i + n_cands].argmax()) == int(s32[i: i + n_cands].argmax())
-                    for i in range(0, n_chk, n_cands)])
+    within = [spearman(sub[i : i + n_cands].tolist(), s32[i : i + n_cands].tolist()) for i in range(0, n_chk, n_cands)]
+    top1 = np.mean(
+        [int(sub[i : i + n_cands].argmax()) == int(s32[i : i + n_cands].argmax()) for i in range(0, n_chk, n_cands)]
+    )
     # decoders: same weights, same heads, same last-token read-out -> same scores (prefix sharing is exact);
     # encoders: the baseline reads BERT's pooler, we mean-pool (by design), so there is nothing to compare
     err = float((s_base[:n_chk] - s32).abs().max()) if not rm.encoder.is_encoder else None
-    return {"backbone": name, "rows": len(rows), "baseline_rows_per_s": len(rows) / t_base,
-            "ours_rows_per_s": len(rows) / rep.seconds, "speedup": t_base / rep.seconds, "ours_amp": rep.amp,
-            "ours_attention": rep.attention,
-            "baseline_attention": str(getattr(base.model.config, "_attn_implementation", "unknown")),
-            "baseline_seconds": t_base, "ours_seconds": rep.seconds,
-            "fp32_check_rows": n_chk, "ours_fp32_rows_per_s": n_chk / rep32.seconds,
-            "speedup_fp32": (n_chk / rep32.seconds) / (len(rows) / t_base),
-            "bf16_vs_fp32_max_abs_diff": float((sub - s32).abs().max()), "fp32_score_std": float(s32.std()),
-            "bf16_vs_fp32_spearman": spearman(sub.tolist(), s32.tolist()),
-            "bf16_vs_fp32_mean_within_input_spearman": float(np.mean(within)), "bf16_vs_fp32_top1_agreement": float(top1),
-            "ours_score_weights": rm.encoder.config.score_weights,
-            "autocast_rows_per_s": n_chk / rep_ac.seconds, "default_rows_per_s_same_subset": n_chk / t_cast_chk,
-            "autocast_vs_fp32_max_abs_diff": float((s_ac - s32).abs().max()),
-            "autocast_vs_fp32_mean_within_input_spearman": float(np.mean(
-                [spearman(s_ac[i: i + n_cands].tolist(), s32[i: i + n_cands].tolist()) for i in range(0, n_chk, n_cands)])),
-            "max_abs_score_diff_fp32_vs_baseline": err, "prefix_sharing": rep.prefix_sharing,
-            "tokens_ours": rep.tokens_encoded, "tokens_naive": rep.tokens_naive, "backbone_calls": rep.n_batches}
+    return {
+        "backbone": name,
+        "rows": len(rows),
+        "baseline_rows_per_s": len(rows) / t_base,
+        "ours_rows_per_s": len(rows) / rep.seconds,
+        "speedup": t_base / rep.seconds,
+        "ours_amp": rep.amp,
+        "ours_attention": rep.attention,
+        "baseline_attention": str(getattr(base.model.config, "_attn_implementation", "unknown")),
+        "baseline_seconds": t_base,
+        "ours_seconds": rep.seconds,
+        "fp32_check_rows": n_chk,
+        "ours_fp32_rows_per_s": n_chk / rep32.seconds,
+        "speedup_fp32": (n_chk / rep32.seconds) / (len(rows) / t_base),
+        "bf16_vs_fp32_max_abs_diff": float((sub - s32).abs().max()),
+        "fp32_score_std": float(s32.std()),
+        "bf16_vs_fp32_spearman": spearman(sub.tolist(), s32.tolist()),
+        "bf16_vs_fp32_mean_within_input_spearman": float(np.mean(within)),
+        "bf16_vs_fp32_top1_agreement": float(top1),
+        "ours_score_weights": rm.encoder.config.score_weights,
+        "autocast_rows_per_s": n_chk / rep_ac.seconds,
+        "default_rows_per_s_same_subset": n_chk / t_cast_chk,
+        "autocast_vs_fp32_max_abs_diff": float((s_ac - s32).abs().max()),
+        "autocast_vs_fp32_mean_within_input_spearman": float(
+            np.mean(
+                [
+                    spearman(s_ac[i : i + n_cands].tolist(), s32[i : i + n_cands].tolist())
+                    for i in range(0, n_chk, n_cands)
+                ]
+            )
+        ),
+        "max_abs_score_diff_fp32_vs_baseline": err,
+        "prefix_sharing": rep.prefix_sharing,
+        "tokens_ours": rep.tokens_encoded,
+        "tokens_naive": rep.tokens_naive,
+        "backbone_calls": rep.n_batches,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ unique pairs
@@ -410,8 +516,11 @@ def unique_model(kind: str, system: str, seed: int, decoder: str, max_len: int):
         path = str(minilm_path())
         tok = AutoTokenizer.from_pretrained(path)
         torch.manual_seed(seed)
-        model = (AutoModel.from_pretrained(path, local_files_only=True) if system == "ours" else
-                 AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, local_files_only=True))
+        model = (
+            AutoModel.from_pretrained(path, local_files_only=True)
+            if system == "ours"
+            else AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, local_files_only=True)
+        )
         return "MiniLM-L6 encoder (pretrained, 22.7M)", model, tok
     if decoder == "smollm2":
         from optimas_fast.lm.embedded import ensure_converted
@@ -421,16 +530,28 @@ def unique_model(kind: str, system: str, seed: int, decoder: str, max_len: int):
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
         torch.manual_seed(seed)
-        model = (AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32) if system == "ours" else
-                 AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, local_files_only=True,
-                                                                    dtype=torch.float32))
+        model = (
+            AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+            if system == "ours"
+            else AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, local_files_only=True, dtype=torch.float32
+            )
+        )
         model.config.pad_token_id = tok.pad_token_id
         return "SmolLM2-135M decoder (pretrained, converted from the embedded GGUF)", model, tok
     tok = AutoTokenizer.from_pretrained(str(minilm_path()))
     hidden, layers = 384, 6
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
-                      num_hidden_layers=layers, num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64,
-                      max_position_embeddings=max(1024, max_len), num_labels=1, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=max(1024, max_len),
+        num_labels=1,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(cfg)  # same RNG stream on every side: identical backbone weights
     if system == "ours":
@@ -460,9 +581,18 @@ def unique_run(args) -> dict:
     toks = [ids.tokenise(p.component, p.inputs, o) for p in train for o in (p.chosen, p.rejected)]
     P = float(np.mean([len(t.prefix) for t in toks]))
     S = float(np.mean([len(t.suffix) for t in toks]))
-    out = {"kind": kind, "system": system, "backbone": name, "pairs": len(train), "heldout_pairs": len(held),
-           "epochs": args.epochs, "precision": "bf16" if bf16 else "fp32", "prompt_tokens": P,
-           "response_tokens": S, "rho": 2 * (P + S) / (P + 2 * S)}
+    out = {
+        "kind": kind,
+        "system": system,
+        "backbone": name,
+        "pairs": len(train),
+        "heldout_pairs": len(held),
+        "epochs": args.epochs,
+        "precision": "bf16" if bf16 else "fp32",
+        "prompt_tokens": P,
+        "response_tokens": S,
+        "rho": 2 * (P + S) / (P + 2 * S),
+    }
     B = args.batch_pairs
     if system == "ours_trl":
         # the drop-in path: a TRL script with its import changed (optimas_fast.trl), TRL's arguments as the TRL
@@ -475,28 +605,54 @@ def unique_run(args) -> dict:
         with tempfile.TemporaryDirectory() as out_dir:
             t0 = time.perf_counter()
             trainer = OursTRLTrainer(
-                model=model, processing_class=tok, train_dataset=_trl_rows(os.path.join(args.unique, "train.jsonl"),
-                                                                           len(train)),
-                args=OursTRLConfig(output_dir=out_dir, per_device_train_batch_size=B, num_train_epochs=args.epochs,
-                                   learning_rate=lr, bf16=bf16, save_strategy="no", report_to=[], seed=args.seed,
-                                   max_length=None, disable_tqdm=True, logging_steps=10**9))
+                model=model,
+                processing_class=tok,
+                train_dataset=_trl_rows(os.path.join(args.unique, "train.jsonl"), len(train)),
+                args=OursTRLConfig(
+                    output_dir=out_dir,
+                    per_device_train_batch_size=B,
+                    num_train_epochs=args.epochs,
+                    learning_rate=lr,
+                    bf16=bf16,
+                    save_strategy="no",
+                    report_to=[],
+                    seed=args.seed,
+                    max_length=None,
+                    disable_tqdm=True,
+                    logging_steps=10**9,
+                ),
+            )
             trainer.train()
             seconds = time.perf_counter() - t0
-        out.update(steps=int(trainer.state["global_step"]), lr=lr, batch_pairs=B,
-                   prefix_sharing=trainer.model.prefix_sharing_status(), append_eos=trainer.append_eos,
-                   schedule="TRL default (linear decay), through optimas_fast.trl.RewardTrainer")
+        out.update(
+            steps=int(trainer.state["global_step"]),
+            lr=lr,
+            batch_pairs=B,
+            prefix_sharing=trainer.model.prefix_sharing_status(),
+            append_eos=trainer.append_eos,
+            schedule="TRL default (linear decay), through optimas_fast.trl.RewardTrainer",
+        )
         correct = ours_correct(trainer.model, held)
     elif system == "ours":
-        rm = RewardModel(model, dict(train.components), tokenizer=tok,
-                         config=RewardModelConfig(seed=args.seed, amp="bf16" if bf16 else "none", template=template))
+        rm = RewardModel(
+            model,
+            dict(train.components),
+            tokenizer=tok,
+            config=RewardModelConfig(seed=args.seed, amp="bf16" if bf16 else "none", template=template),
+        )
         rm.score([(p.component, p.inputs, p.chosen) for p in train[:2]])  # warm-up, untimed
         rm.encoder.tokens.clear()  # cold token cache: tokenisation is inside our timing
         out["rss_before_train_mib"] = _rss_mib()
         t0 = time.perf_counter()
         hist = rm.train(train, epochs=args.epochs, lr=lr, batch_pairs=B)
         seconds = time.perf_counter() - t0
-        out.update(steps=len(hist), lr=lr, batch_pairs=B, prefix_sharing=rm.prefix_sharing_status(),
-                   schedule="ours default (TrainConfig)")
+        out.update(
+            steps=len(hist),
+            lr=lr,
+            batch_pairs=B,
+            prefix_sharing=rm.prefix_sharing_status(),
+            schedule="ours default (TrainConfig)",
+        )
         correct = ours_correct(rm, held)
     else:
         base = Baseline(model, tok, ids)
@@ -511,8 +667,13 @@ def unique_run(args) -> dict:
             r, correct = bench_trl(model, base, train, held, args.epochs, lr, args.seed, batch=B, bf16=bf16)
             seconds, steps = r["trl_seconds"], r["trl_steps"]
             out.update(steps=steps, lr=lr, batch_pairs=B, schedule="TRL default (linear decay)")
-    out.update(seconds=seconds, pairs_per_s=len(train) * args.epochs / seconds, peak_rss_mib=_peak_rss_mib(),
-               heldout_acc=float(np.mean(correct)), correct=[float(c) for c in correct])
+    out.update(
+        seconds=seconds,
+        pairs_per_s=len(train) * args.epochs / seconds,
+        peak_rss_mib=_peak_rss_mib(),
+        heldout_acc=float(np.mean(correct)),
+        correct=[float(c) for c in correct],
+    )
     return out
 
 
@@ -528,15 +689,38 @@ def unique_main(args) -> dict:
     kinds = [args.only] if args.only else ["encoder", "decoder"]
     results = {"machine": machine(), "argv": sys.argv[1:], "load_average_start": os.getloadavg(), "unique": []}
     print(f"{results['machine']}\nunique pairs from {args.unique} ({n_train} train pairs in the file)", flush=True)
-    passthrough = ["--unique", args.unique, "--seed", str(args.seed), "--epochs", str(args.epochs),
-                   "--batch-pairs", str(args.batch_pairs), "--precision", args.precision, "--decoder", args.decoder,
-                   "--max-length", str(args.max_length), "--train-pairs", str(args.train_pairs or 0),
-                   "--heldout-pairs", str(args.heldout_pairs or 0)] + (["--lr", str(args.lr)] if args.lr else [])
+    passthrough = [
+        "--unique",
+        args.unique,
+        "--seed",
+        str(args.seed),
+        "--epochs",
+        str(args.epochs),
+        "--batch-pairs",
+        str(args.batch_pairs),
+        "--precision",
+        args.precision,
+        "--decoder",
+        args.decoder,
+        "--max-length",
+        str(args.max_length),
+        "--train-pairs",
+        str(args.train_pairs or 0),
+        "--heldout-pairs",
+        str(args.heldout_pairs or 0),
+    ] + (["--lr", str(args.lr)] if args.lr else [])
     for kind in kinds:
         runs = {}
         for system in systems:
-            cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--unique-kind", kind,
-                   "--unique-system", system]
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                *passthrough,
+                "--unique-kind",
+                kind,
+                "--unique-system",
+                system,
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"{kind}/{system} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -546,9 +730,17 @@ def unique_main(args) -> dict:
         ours = runs["ours"]
         groups = np.arange(len(ours["correct"]))  # one pair per question: pairs are the resampling unit
         c = {s: np.array(r["correct"]) for s, r in runs.items()}
-        summary = {"kind": kind, "backbone": ours["backbone"], "rho": ours["rho"],
-                   "prompt_tokens": ours["prompt_tokens"], "response_tokens": ours["response_tokens"], "pairs": ours["pairs"],
-                   "heldout_pairs": ours["heldout_pairs"], "batch_pairs": args.batch_pairs, "epochs": args.epochs}
+        summary = {
+            "kind": kind,
+            "backbone": ours["backbone"],
+            "rho": ours["rho"],
+            "prompt_tokens": ours["prompt_tokens"],
+            "response_tokens": ours["response_tokens"],
+            "pairs": ours["pairs"],
+            "heldout_pairs": ours["heldout_pairs"],
+            "batch_pairs": args.batch_pairs,
+            "epochs": args.epochs,
+        }
         for s, r in runs.items():
             ci = cluster_bootstrap(groups, c["ours"], c[s], seed=args.seed)  # a = ours, b = this system
             summary[f"{s}_pairs_per_s"] = r["pairs_per_s"]
@@ -564,8 +756,13 @@ def unique_main(args) -> dict:
                 summary[f"ours_trl_speedup_vs_{s}"] = runs["ours_trl"]["pairs_per_s"] / r["pairs_per_s"]
                 summary[f"acc_diff_ours_trl_minus_{s}_ci95"] = d
         targets = {"encoder": {"trl": 1.3, "reference": 2.0}, "decoder": {"trl": 0.8 * ours["rho"], "reference": 4.0}}
-        summary["targets"] = {f"{who}speedup_vs_{s}": t for s, t in targets[kind].items() if s in runs
-                              for who in ("", "ours_trl_") if who == "" or "ours_trl" in runs}
+        summary["targets"] = {
+            f"{who}speedup_vs_{s}": t
+            for s, t in targets[kind].items()
+            if s in runs
+            for who in ("", "ours_trl_")
+            if who == "" or "ours_trl" in runs
+        }
         results["unique"].append(summary)
         print(json.dumps(summary), flush=True)
     results["load_average_end"] = os.getloadavg()
@@ -580,25 +777,48 @@ def main():
     ap.add_argument("--heldout-inputs", type=int, default=40, help="held-out inputs (K(K-1)/2 pairs each)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--ours-epochs", type=int, default=None, help="epochs for ours (default: --epochs)")
-    ap.add_argument("--train-components", type=int, default=3, choices=[1, 2, 3],
-                    help="components the training pairs spread over (1: every pair on one head, as TRL's single head)")
-    ap.add_argument("--head-lr-mult", type=float, default=None,
-                    help="ours: head learning rate = this x backbone lr (default: the library's 20)")
+    ap.add_argument(
+        "--train-components",
+        type=int,
+        default=3,
+        choices=[1, 2, 3],
+        help="components the training pairs spread over (1: every pair on one head, as TRL's single head)",
+    )
+    ap.add_argument(
+        "--head-lr-mult",
+        type=float,
+        default=None,
+        help="ours: head learning rate = this x backbone lr (default: the library's 20)",
+    )
     ap.add_argument("--score-inputs", type=int, default=2)
     ap.add_argument("--score-cands", type=int, default=32)
     ap.add_argument("--check-inputs", type=int, default=8, help="pool inputs also scored in fp32 (agreement check)")
     ap.add_argument("--skip", action="append", default=[], choices=["training", "scoring"])
     ap.add_argument("--only", choices=["encoder", "decoder"], default=None)
-    ap.add_argument("--trl", action="store_true", help="also train through TRL's RewardTrainer (needs `pip install trl`)")
+    ap.add_argument(
+        "--trl", action="store_true", help="also train through TRL's RewardTrainer (needs `pip install trl`)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write results here")
-    ap.add_argument("--unique", default=None, metavar="DIR",
-                    help="unique-pair mode: train / held-out JSONL from make_unique_pairs.py in DIR (made if missing)")
+    ap.add_argument(
+        "--unique",
+        default=None,
+        metavar="DIR",
+        help="unique-pair mode: train / held-out JSONL from make_unique_pairs.py in DIR (made if missing)",
+    )
     ap.add_argument("--batch-pairs", type=int, default=8, help="unique mode: pairs per step, ours and TRL")
-    ap.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                    help="unique mode, ours and TRL: auto = bf16 where the CPU has native bf16 (the reference: fp32)")
-    ap.add_argument("--decoder", choices=["random", "smollm2"], default="random",
-                    help="unique mode: random-init Llama-like decoder, or the embedded SmolLM2-135M (pretrained)")
+    ap.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "fp32"],
+        default="auto",
+        help="unique mode, ours and TRL: auto = bf16 where the CPU has native bf16 (the reference: fp32)",
+    )
+    ap.add_argument(
+        "--decoder",
+        choices=["random", "smollm2"],
+        default="random",
+        help="unique mode: random-init Llama-like decoder, or the embedded SmolLM2-135M (pretrained)",
+    )
     ap.add_argument("--max-length", type=int, default=512, help="unique mode: template max_length")
     ap.add_argument("--train-pairs", type=int, default=0, help="unique mode: use the first N train pairs (0 = all)")
     ap.add_argument("--heldout-pairs", type=int, default=0, help="unique mode: first N held-out pairs (0 = all)")
@@ -622,10 +842,19 @@ def main():
     rng = random.Random(args.seed)
     train = make_pairs(rng, args.train_inputs, args.k, 300, 60, args.train_components)
     held = make_pairs(rng, args.heldout_inputs, args.k, 300, 60, args.train_components)
-    results = {"machine": machine(), "argv": sys.argv[1:], "load_average_start": load_start,
-               "backends": backend_report(), "training": [], "scoring": []}
-    print(f"{results['machine']}\nload average at start: {load_start}\n"
-          f"train pairs={len(train)} held-out pairs={len(held)} pool={args.score_inputs}x{args.score_cands}", flush=True)
+    results = {
+        "machine": machine(),
+        "argv": sys.argv[1:],
+        "load_average_start": load_start,
+        "backends": backend_report(),
+        "training": [],
+        "scoring": [],
+    }
+    print(
+        f"{results['machine']}\nload average at start: {load_start}\n"
+        f"train pairs={len(train)} held-out pairs={len(held)} pool={args.score_inputs}x{args.score_cands}",
+        flush=True,
+    )
     setups = [("encoder", encoder_pair, 5e-5), ("decoder", decoder_pair, 3e-4)]
     for kind, make, lr in setups:
         if args.only and args.only != kind:
@@ -633,14 +862,27 @@ def main():
         if "training" not in args.skip:
             name, rm, base = make(args.seed, 512)
             trl_model = trl_twin(base.model, args.seed) if args.trl else None
-            r = bench_training(name, rm, base, train, held, args.epochs, lr, batch_pairs=args.k * (args.k - 1) // 2,
-                               seed=args.seed, trl_model=trl_model, ours_epochs=args.ours_epochs,
-                               head_lr_mult=args.head_lr_mult)
+            r = bench_training(
+                name,
+                rm,
+                base,
+                train,
+                held,
+                args.epochs,
+                lr,
+                batch_pairs=args.k * (args.k - 1) // 2,
+                seed=args.seed,
+                trl_model=trl_model,
+                ours_epochs=args.ours_epochs,
+                head_lr_mult=args.head_lr_mult,
+            )
             results["training"].append(r)
             print(json.dumps(r), flush=True)
         if "scoring" not in args.skip:
             name, rm, base = make(args.seed, 512)  # fresh weights: scores must agree with the baseline's
-            r = bench_scoring(name, rm, base, args.score_inputs, args.score_cands, 400, 40, args.seed, args.check_inputs)
+            r = bench_scoring(
+                name, rm, base, args.score_inputs, args.score_cands, 400, 40, args.seed, args.check_inputs
+            )
             results["scoring"].append(r)
             print(json.dumps(r), flush=True)
     results["load_average_end"] = os.getloadavg()

@@ -24,6 +24,7 @@ so the load average is printed with the results.
     python benchmarks/bench_scheduler.py                  # 1M requests (about a minute, ~3 GB peak)
     python benchmarks/bench_scheduler.py --n 100000 --python-n 5000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,6 @@ import statistics
 import time
 
 import numpy as np
-
 from _common import machine, write_results
 
 from optimas_fast._native import native
@@ -60,7 +60,7 @@ def token_workload(n: int, suffix_median: float, seed: int):
     np.cumsum(slen, out=soff[1:])
     stok = rng.integers(0, VOCAB, int(soff[-1]), dtype=np.int32)  # (Ts,)
     for i, j in zip(dup.tolist(), src.tolist()):  # a repeat copies its source's suffix
-        stok[soff[i]:soff[i + 1]] = stok[soff[j]:soff[j + 1]]
+        stok[soff[i] : soff[i + 1]] = stok[soff[j] : soff[j + 1]]
     poff = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(plen[prompt_of], out=poff[1:])
     allp = np.concatenate(prompts).astype(np.int32)
@@ -118,9 +118,11 @@ def main():
 
     head, ptok, poff, stok, soff, prompt_of, prompts = token_workload(n, args.suffix_median, args.seed)
     tok_per_req = (len(ptok) + len(stok)) / n
-    print(f"token workload: N={n:,} requests, {N_PROMPTS:,} prompts, {tok_per_req:.0f} tokens/request on average "
-          f"(prefix {len(ptok) / n:.0f} + suffix {len(stok) / n:.0f}); token_budget={B}, max_rows={R}, "
-          "padded, share_prefix=True")
+    print(
+        f"token workload: N={n:,} requests, {N_PROMPTS:,} prompts, {tok_per_req:.0f} tokens/request on average "
+        f"(prefix {len(ptok) / n:.0f} + suffix {len(stok) / n:.0f}); token_budget={B}, max_rows={R}, "
+        "padded, share_prefix=True"
+    )
     sched = Scheduler(B, R, "padded", True)
     rows = []  # (label, requests, wall, cpu)
 
@@ -129,31 +131,31 @@ def main():
 
     s64 = stok.astype(np.int64)  # (Ts,) the suffix arrays are views of it
     heads, so = head.tolist(), soff.tolist()
-    reqs = [(heads[i], prompts[p], s64[so[i]:so[i + 1]]) for i, p in enumerate(prompt_of.tolist())]
-    t, c, plan = timed(lambda: sched.plan(reqs), reps)
+    reqs = [(heads[i], prompts[p], s64[so[i] : so[i + 1]]) for i, p in enumerate(prompt_of.tolist())]
+    t, c, plan = timed(lambda: sched.plan(reqs), reps)  # noqa: F821 (the lambda runs before `del reqs`)
     assert plan.same_as(ref), "tuples-of-numpy plan differs from the flat plan"
     rows.append(("`plan`: tuples of numpy int64 arrays", n, t, c))
 
     m_old = min(args.old_n, n)
-    t_old, c_old, _ = timed(lambda: _previous_plan_path(sched, reqs[:m_old]), 1)
+    t_old, c_old, _ = timed(lambda: _previous_plan_path(sched, reqs[:m_old]), 1)  # noqa: F821 (runs before the del)
     m_py = min(args.python_n, n)
     py = Scheduler(B, R, "padded", True, backend="python")
-    t_py, c_py, plan_py = timed(lambda: py.plan(reqs[:m_py]), 1)
+    t_py, c_py, plan_py = timed(lambda: py.plan(reqs[:m_py]), 1)  # noqa: F821 (runs before the del)
     assert plan_py.same_as(sched.plan(reqs[:m_py])), "C++ and Python plans differ"
     del reqs, s64
 
     vocab = np.array(list(range(VOCAB)), dtype=object)  # shared int objects: lists of ~70M refs, not ints
     objs = vocab[stok]
     plists = [p.tolist() for p in prompts]
-    lists = [(heads[i], plists[p], objs[so[i]:so[i + 1]].tolist()) for i, p in enumerate(prompt_of.tolist())]
+    lists = [(heads[i], plists[p], objs[so[i] : so[i + 1]].tolist()) for i, p in enumerate(prompt_of.tolist())]
     del objs
-    t, c, plan = timed(lambda: sched.plan(lists), reps)
+    t, c, plan = timed(lambda: sched.plan(lists), reps)  # noqa: F821 (the lambda runs before `del lists`)
     assert plan.same_as(ref), "lists plan differs from the flat plan"
     rows.append(("`plan`: tuples of Python lists of ints", n, t, c))
     del lists, plan
 
     rows.append(("previous `plan` path (Python flatten + C++ plan), tuples of numpy", m_old, t_old, c_old))
-    rows.append(("Python reference `backend=\"python\"`, tuples of numpy", m_py, t_py, c_py))
+    rows.append(('Python reference `backend="python"`, tuples of numpy', m_py, t_py, c_py))
 
     cols = columnar_workload(n, args.seed)
     t, c, arr = timed(lambda: Scheduler(B, R, "padded").plan_arrays(*cols), reps)
@@ -168,9 +170,11 @@ def main():
     print("|---|---:|---:|---:|---:|---:|")
     for label, k, t, c in rows:
         print(f"| {label} | {k:,} | {t:.3f} | {c:.3f} | {t / k * 1e6:.3f} | {c / k * 1e6:.3f} |")
-    print(f"\nplan: {len(ref):,} batches, {len(ref.rows):,} unique rows, {len(ref.group_prefix_len):,} prefix groups; "
-          f"C++ over the Python reference, per request (CPU): {rows[4][3] / m_py / (rows[0][3] / n):.0f}x (flat), "
-          f"{rows[4][3] / m_py / (rows[1][3] / n):.0f}x (tuples)")
+    print(
+        f"\nplan: {len(ref):,} batches, {len(ref.rows):,} unique rows, {len(ref.group_prefix_len):,} prefix groups; "
+        f"C++ over the Python reference, per request (CPU): {rows[4][3] / m_py / (rows[0][3] / n):.0f}x (flat), "
+        f"{rows[4][3] / m_py / (rows[1][3] / n):.0f}x (tuples)"
+    )
 
     arrival = Scheduler(B, R, "padded", order="arrival").plan_arrays(*cols)
     print("\n| padded-mode batching (columnar workload) | batches | real tokens | padded tokens | padding waste |")
@@ -178,21 +182,41 @@ def main():
     for label, p in (("longest first (Scheduler default)", arr), ("arrival order (baseline)", arrival)):
         print(f"| {label} | {len(p):,} | {p.real_tokens:,} | {p.budget_tokens:,} | {p.padding_waste:.2%} |")
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    path = write_results("bench_scheduler", {
-        "args": vars(args), "tokens_per_request": tok_per_req,
-        "rows": [dict(input=label, requests=k, wall_s=t, cpu_s=c, us_per_request_wall=t / k * 1e6,
-                      us_per_request_cpu=c / k * 1e6) for label, k, t, c in rows],
-        "padding_waste": {"length": arr.padding_waste, "arrival": arrival.padding_waste},
-        "load_average_end": list(os.getloadavg())})
+    path = write_results(
+        "bench_scheduler",
+        {
+            "args": vars(args),
+            "tokens_per_request": tok_per_req,
+            "rows": [
+                dict(
+                    input=label,
+                    requests=k,
+                    wall_s=t,
+                    cpu_s=c,
+                    us_per_request_wall=t / k * 1e6,
+                    us_per_request_cpu=c / k * 1e6,
+                )
+                for label, k, t, c in rows
+            ],
+            "padding_waste": {"length": arr.padding_waste, "arrival": arrival.padding_waste},
+            "load_average_end": list(os.getloadavg()),
+        },
+    )
     print(f"results: {path}")
 
 
 def _previous_plan_path(sched: Scheduler, reqs):
     """What plan(requests) did before the C++ ingest: flatten in Python, then plan the int64 buffers."""
     cols = flatten_requests(reqs)
-    return native().sched_plan_flat(cols["head_ids"], cols["prefix_tokens"], cols["prefix_offsets"],
-                                    cols["suffix_tokens"], cols["suffix_offsets"], hash_mask=2**64 - 1,
-                                    **sched._kw())
+    return native().sched_plan_flat(
+        cols["head_ids"],
+        cols["prefix_tokens"],
+        cols["prefix_offsets"],
+        cols["suffix_tokens"],
+        cols["suffix_offsets"],
+        hash_mask=2**64 - 1,
+        **sched._kw(),
+    )
 
 
 if __name__ == "__main__":

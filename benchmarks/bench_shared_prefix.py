@@ -9,6 +9,7 @@ machine has native bf16. Rows: PubMedQA prompts (300-500 tokens) with distinct s
 bench_pool_vllm.py). Each mode runs ``--repeats`` times, kernel on and off alternating, after a warm-up;
 reports rows/s (scoring every candidate) and pairs/s (one epoch of ``RewardModel.train``, batch 8).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ def main() -> None:
     import torch
 
     from optimas_fast.lm.embedded import ensure_converted
-    from optimas_fast.reward import PreferencePair, RewardModelConfig, RewardModel, cpu_has_native_bf16
+    from optimas_fast.reward import PreferencePair, RewardModel, RewardModelConfig, cpu_has_native_bf16
 
     amp = "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "none"
     print(f"machine: {machine()}  load average: {os.getloadavg()[0]:.1f}  amp: {amp}", flush=True)
@@ -41,12 +42,15 @@ def main() -> None:
     rnd = random.Random(args.seed)
     pairs = []
     for p in range(args.prompts):
-        answers = [r[2] for r in rows[p * k:(p + 1) * k]]
+        answers = [r[2] for r in rows[p * k : (p + 1) * k]]
         for _ in range(args.pairs_per_prompt):
             a, b = rnd.sample(answers, 2)
             pairs.append(PreferencePair("answer", rows[p * k][1], a, b, 1.0))
-    rm = RewardModel(str(ensure_converted()), {"answer": "answers a biomedical question from its abstract"},
-                     config=RewardModelConfig(amp=amp, score_amp=amp, seed=args.seed))
+    rm = RewardModel(
+        str(ensure_converted()),
+        {"answer": "answers a biomedical question from its abstract"},
+        config=RewardModelConfig(amp=amp, score_amp=amp, seed=args.seed),
+    )
     warm = pool_rows(2, 4, seed=args.seed + 99)
     rm.score(warm)
     rm.train([PreferencePair("answer", warm[0][1], warm[0][2], warm[1][2], 1.0)] * 4, epochs=1, lr=1e-5, batch_pairs=4)
@@ -62,8 +66,11 @@ def main() -> None:
             res["train_pairs_per_s"].setdefault(str(kernel), []).append(len(pairs) / (time.perf_counter() - t0))
     for what in ("score_rows_per_s", "train_pairs_per_s"):
         on, off = res[what]["True"], res[what]["False"]
-        print(f"{what}: kernel {' / '.join(f'{v:.2f}' for v in on)} vs per-row cache "
-              f"{' / '.join(f'{v:.2f}' for v in off)}", flush=True)
+        print(
+            f"{what}: kernel {' / '.join(f'{v:.2f}' for v in on)} vs per-row cache "
+            f"{' / '.join(f'{v:.2f}' for v in off)}",
+            flush=True,
+        )
     print("results:", write_results("bench_shared_prefix", {"args": vars(args), "results": res}))
 
 

@@ -10,6 +10,7 @@ Nothing here runs in the normal test suite (pyproject's testpaths = ["tests"]). 
 CUDA only here: unlike tests/conftest.py this file never sets TRITON_INTERPRET (interpreted timings mean
 nothing).
 """
+
 from __future__ import annotations
 
 import statistics

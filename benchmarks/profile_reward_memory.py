@@ -18,6 +18,7 @@ Reports, per system:
 
 Extra settings of ours go through --set key=value (RewardModelConfig fields, e.g. --set score_weights=autocast).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,14 @@ class Phases:
             f.write("5")
 
     def end(self, name: str, **extra) -> None:
-        self.rows.append({"phase": name, "peak_rss_mib": round(_status("VmHWM"), 1),
-                          "rss_after_mib": round(_status("VmRSS"), 1), **extra})
+        self.rows.append(
+            {
+                "phase": name,
+                "peak_rss_mib": round(_status("VmHWM"), 1),
+                "rss_after_mib": round(_status("VmRSS"), 1),
+                **extra,
+            }
+        )
 
 
 class SavedTensors:
@@ -90,9 +97,11 @@ class SavedTensors:
         for k, n in self.by_kind.items():
             by_dtype[k.split()[0]] += n / MiB
         top = sorted(self.by_kind.items(), key=lambda kv: -kv[1])[:8]
-        return {"total_mib": round(sum(self.seen.values()) / MiB, 1),
-                "by_dtype_mib": {k: round(v, 1) for k, v in by_dtype.items()},
-                "largest_kinds_mib": {k: round(v / MiB, 1) for k, v in top}}
+        return {
+            "total_mib": round(sum(self.seen.values()) / MiB, 1),
+            "by_dtype_mib": {k: round(v, 1) for k, v in by_dtype.items()},
+            "largest_kinds_mib": {k: round(v / MiB, 1) for k, v in top},
+        }
 
 
 def tensor_bytes(ts) -> float:
@@ -164,17 +173,27 @@ def run_ours(args, train, held, template, bf16: bool) -> dict:
     finally:
         Trainer.step = step
     net = rm.encoder.net
-    resident = {"weights_mib": tensor_bytes(net.parameters()),
-                "grads_mib": tensor_bytes(p.grad for p in net.parameters()),
-                "optimizer_state_mib": optimizer_bytes(rm.trainer.optimizer),
-                "bf16_copy_mib": tensor_bytes(rm.encoder.precision.cast_copy[1].parameters())
-                if rm.encoder.precision.cast_copy else 0.0}
+    resident = {
+        "weights_mib": tensor_bytes(net.parameters()),
+        "grads_mib": tensor_bytes(p.grad for p in net.parameters()),
+        "optimizer_state_mib": optimizer_bytes(rm.trainer.optimizer),
+        "bf16_copy_mib": tensor_bytes(rm.encoder.precision.cast_copy[1].parameters())
+        if rm.encoder.precision.cast_copy
+        else 0.0,
+    }
     ph.start()
     acc = float(np.mean(ours_correct(rm, held)))
     ph.end("held-out score")
-    return {"backbone": name, "config": extra, "resident": resident, "phases": ph.rows,
-            "saved_for_backward_per_step": steps, "seconds": seconds, "heldout_acc": acc,
-            "torch_profile_top_ops": top_ops(prof) if prof else None}
+    return {
+        "backbone": name,
+        "config": extra,
+        "resident": resident,
+        "phases": ph.rows,
+        "saved_for_backward_per_step": steps,
+        "seconds": seconds,
+        "heldout_acc": acc,
+        "torch_profile_top_ops": top_ops(prof) if prof else None,
+    }
 
 
 def run_trl(args, train, held, template, bf16: bool) -> dict:
@@ -208,28 +227,53 @@ def run_trl(args, train, held, template, bf16: bool) -> dict:
             ph.end(f"train step {len(steps)}")
             steps.append(saved.summary())
 
-    rows = [{"chosen_ids": base.ids(p.component, p.inputs, p.chosen),
-             "rejected_ids": base.ids(p.component, p.inputs, p.rejected)} for p in train]
+    rows = [
+        {
+            "chosen_ids": base.ids(p.component, p.inputs, p.chosen),
+            "rejected_ids": base.ids(p.component, p.inputs, p.rejected),
+        }
+        for p in train
+    ]
     with tempfile.TemporaryDirectory() as out:
-        targs = TRLConfig(output_dir=out, per_device_train_batch_size=args.batch_pairs, num_train_epochs=1,
-                          learning_rate=args.lr, bf16=bf16, save_strategy="no", report_to=[], seed=args.seed,
-                          max_length=None, use_cpu=True, disable_tqdm=True, logging_steps=10**9,
-                          dataloader_num_workers=0)
-        trainer = RewardTrainer(model=model, args=targs, train_dataset=Dataset.from_list(rows), processing_class=tok,
-                                callbacks=[Cb()])
+        targs = TRLConfig(
+            output_dir=out,
+            per_device_train_batch_size=args.batch_pairs,
+            num_train_epochs=1,
+            learning_rate=args.lr,
+            bf16=bf16,
+            save_strategy="no",
+            report_to=[],
+            seed=args.seed,
+            max_length=None,
+            use_cpu=True,
+            disable_tqdm=True,
+            logging_steps=10**9,
+            dataloader_num_workers=0,
+        )
+        trainer = RewardTrainer(
+            model=model, args=targs, train_dataset=Dataset.from_list(rows), processing_class=tok, callbacks=[Cb()]
+        )
         t0 = time.perf_counter()
         with saved.hooks():
             trainer.train()
         seconds = time.perf_counter() - t0
-    resident = {"weights_mib": tensor_bytes(model.parameters()),
-                "grads_mib": tensor_bytes(p.grad for p in model.parameters()),
-                "optimizer_state_mib": optimizer_bytes(trainer.optimizer)}
+    resident = {
+        "weights_mib": tensor_bytes(model.parameters()),
+        "grads_mib": tensor_bytes(p.grad for p in model.parameters()),
+        "optimizer_state_mib": optimizer_bytes(trainer.optimizer),
+    }
     ph.start()
     base.logits = lambda seqs, heads: Baseline.logits(base, seqs, [0] * len(seqs))
     acc = float(np.mean(base.correct(held)))
     ph.end("held-out score")
-    return {"backbone": name, "resident": resident, "phases": ph.rows, "saved_for_backward_per_step": steps,
-            "seconds": seconds, "heldout_acc": acc}
+    return {
+        "backbone": name,
+        "resident": resident,
+        "phases": ph.rows,
+        "saved_for_backward_per_step": steps,
+        "seconds": seconds,
+        "heldout_acc": acc,
+    }
 
 
 def speed_ab(args, train, template, bf16: bool) -> dict:
@@ -239,11 +283,17 @@ def speed_ab(args, train, template, bf16: bool) -> dict:
     from optimas_fast.reward.trainer import PairBatch, pair_rows
 
     _, model, tok = unique_model(args.kind, "ours", args.seed, args.decoder, args.max_length)
-    rm = RewardModel(model, dict(train.components), tokenizer=tok,
-                     config=RewardModelConfig(seed=args.seed, amp="bf16" if bf16 else "none", template=template))
+    rm = RewardModel(
+        model,
+        dict(train.components),
+        tokenizer=tok,
+        config=RewardModelConfig(seed=args.seed, amp="bf16" if bf16 else "none", template=template),
+    )
     B = args.batch_pairs
-    batches = [PairBatch(pair_rows(rm.encoder, train[i:i + B]), [1.0] * len(train[i:i + B]))
-               for i in range(0, len(train) - B + 1, B)]
+    batches = [
+        PairBatch(pair_rows(rm.encoder, train[i : i + B]), [1.0] * len(train[i : i + B]))
+        for i in range(0, len(train) - B + 1, B)
+    ]
     settings = [None if c == 0 else c for c in args.ab_chunks]
     times: dict[str, list[float]] = {str(c): [] for c in settings}
     rm.trainer.step(batches[0], 0.0)  # warm-up: optimizer state, first-call costs
@@ -254,9 +304,12 @@ def speed_ab(args, train, template, bf16: bool) -> dict:
                 t0 = time.perf_counter()
                 rm.trainer.step(batch, 0.0)
                 times[str(c)].append(time.perf_counter() - t0)
-    return {"ab_seconds_per_step_median": {k: round(float(np.median(v)), 3) for k, v in times.items()},
-            "ab_seconds_per_step_mean": {k: round(float(np.mean(v)), 3) for k, v in times.items()},
-            "steps_each": len(times[str(settings[0])]), "load_average_end": os.getloadavg()}
+    return {
+        "ab_seconds_per_step_median": {k: round(float(np.median(v)), 3) for k, v in times.items()},
+        "ab_seconds_per_step_mean": {k: round(float(np.mean(v)), 3) for k, v in times.items()},
+        "steps_each": len(times[str(settings[0])]),
+        "load_average_end": os.getloadavg(),
+    }
 
 
 def main():
@@ -275,8 +328,14 @@ def main():
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="ours: a RewardModelConfig field")
     ap.add_argument("--torch-profile", action="store_true", help="ours: op-level memory of one extra step first")
     ap.add_argument("--json", default=None, help="also write the result here")
-    ap.add_argument("--ab-chunks", type=int, nargs="+", default=None, metavar="TOKENS",
-                    help="instead: a same-process speed A/B of these train_chunk_tokens (0 = no chunking)")
+    ap.add_argument(
+        "--ab-chunks",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="TOKENS",
+        help="instead: a same-process speed A/B of these train_chunk_tokens (0 = no chunking)",
+    )
     ap.add_argument("--ab-reps", type=int, default=2, help="--ab-chunks: passes over the batches")
     args = ap.parse_args()
     args.lr = args.lr or {"encoder": 5e-5, "decoder": 2e-5 if args.decoder == "smollm2" else 3e-4}[args.kind]
@@ -286,14 +345,31 @@ def main():
     train, held = train[: args.train_pairs], held[: args.heldout_pairs]
     bf16 = {"auto": cpu_has_native_bf16(), "bf16": True, "fp32": False}[args.precision]
     if args.ab_chunks:
-        print(json.dumps({"kind": args.kind, "decoder": args.decoder, "pairs": len(train), "batch_pairs":
-                          args.batch_pairs, "load_average_start": os.getloadavg(),
-                          **speed_ab(args, train, template, bf16)}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "kind": args.kind,
+                    "decoder": args.decoder,
+                    "pairs": len(train),
+                    "batch_pairs": args.batch_pairs,
+                    "load_average_start": os.getloadavg(),
+                    **speed_ab(args, train, template, bf16),
+                },
+                indent=1,
+            )
+        )
         return
     run = run_ours if args.system == "ours" else run_trl
-    out = {"system": args.system, "kind": args.kind, "decoder": args.decoder, "pairs": len(train),
-           "batch_pairs": args.batch_pairs, "precision": "bf16" if bf16 else "fp32",
-           "load_average_start": os.getloadavg(), **run(args, train, held, template, bf16)}
+    out = {
+        "system": args.system,
+        "kind": args.kind,
+        "decoder": args.decoder,
+        "pairs": len(train),
+        "batch_pairs": args.batch_pairs,
+        "precision": "bf16" if bf16 else "fp32",
+        "load_average_start": os.getloadavg(),
+        **run(args, train, held, template, bf16),
+    }
     # the phases tile the run, and resetting the high-water mark resets ru_maxrss too: the peak is their max
     out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in out["phases"])
     print(json.dumps(out, indent=1))

@@ -7,6 +7,7 @@ Optimas loop at a small size with the pass rate after it (same slice, same seed)
 
 Prints one JSON line: pass rates with bootstrap intervals, LM calls, seconds, and the accepted configuration.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,25 @@ log = logging.getLogger("run_codegen")
 
 def loop_config(args) -> OptimasConfig:
     """The demo's loop settings, shrunk to the sizes given (CPU budget)."""
-    return OptimasConfig.from_dict({
-        "seed": args.seed, "iterations": args.iterations, "batch_size": min(5, args.train),
-        "initial_examples": min(8, args.train), "initial_epochs": 2, "lr": 5e-5, "batch_pairs": 16,
-        "adapt_steps": 4, "cooldown": 1, "optimizer_inputs": min(6, args.train), "val_workers": args.workers,
-        "components": args.components or None,
-        "collect": {"num_candidates": 3, "rollouts": 1, "workers": args.workers},
-        "prompt": {"num_proposals": 2, "max_tokens": 64, "max_inputs": 4},
-        "budget": {"max_seconds": args.max_seconds},
-    })
+    return OptimasConfig.from_dict(
+        {
+            "seed": args.seed,
+            "iterations": args.iterations,
+            "batch_size": min(5, args.train),
+            "initial_examples": min(8, args.train),
+            "initial_epochs": 2,
+            "lr": 5e-5,
+            "batch_pairs": 16,
+            "adapt_steps": 4,
+            "cooldown": 1,
+            "optimizer_inputs": min(6, args.train),
+            "val_workers": args.workers,
+            "components": args.components or None,
+            "collect": {"num_candidates": 3, "rollouts": 1, "workers": args.workers},
+            "prompt": {"num_proposals": 2, "max_tokens": 64, "max_inputs": 4},
+            "budget": {"max_seconds": args.max_seconds},
+        }
+    )
 
 
 def evaluate(system, examples, workers, seed):
@@ -72,13 +83,19 @@ def main(argv=None) -> int:
     system, split = load_example("codegen", lm, seed=args.seed)
     test, train, val = split.test[: args.test], split.train[: args.train], split.val[: args.val]
     before, sec, calls = evaluate(system, test, args.workers, args.seed)
-    row = {"system": "codegen", "lm": args.lm, "test_n": len(test),
-           "before": bootstrap_ci(before.scores, seed=args.seed), "before_seconds": round(sec, 1),
-           "before_lm_calls": calls, "before_errors": sum(e is not None for e in before.errors),
-           "tests_per_problem": sum(len(t.fields.get("tests", [])) for t in before.traces) / max(1, len(test))}
+    row = {
+        "system": "codegen",
+        "lm": args.lm,
+        "test_n": len(test),
+        "before": bootstrap_ci(before.scores, seed=args.seed),
+        "before_seconds": round(sec, 1),
+        "before_lm_calls": calls,
+        "before_errors": sum(e is not None for e in before.errors),
+        "tests_per_problem": sum(len(t.fields.get("tests", [])) for t in before.traces) / max(1, len(test)),
+    }
     print(f"unoptimised: pass rate {row['before']['mean']:.3f} on {len(test)} problems in {sec:.0f}s", file=sys.stderr)
     if args.iterations > 0:
-        from optimas_fast.reward import RewardModelConfig, RewardModel, TemplateConfig
+        from optimas_fast.reward import RewardModel, RewardModelConfig, TemplateConfig
 
         comps = {n: system.components[n].description for n in system.order if system.components[n].variables()}
         if args.reward == "tiny-random":
@@ -86,24 +103,34 @@ def main(argv=None) -> int:
 
             rm = tiny_reward_model(comps, args.seed)
         else:
-            rm = RewardModel(args.reward, comps, config=RewardModelConfig(seed=args.seed,
-                                                                      template=TemplateConfig(max_length=256)))
+            rm = RewardModel(
+                args.reward, comps, config=RewardModelConfig(seed=args.seed, template=TemplateConfig(max_length=256))
+            )
         ledger = UsageLedger()
         prev = set_default_ledger(ledger)
         t0 = time.perf_counter()
         try:
-            res = Optimas(rm, lm, loop_config(args), progress=True).optimize(system, train, val,
-                                                                             run_dir=Path(args.out))
+            res = Optimas(rm, lm, loop_config(args), progress=True).optimize(system, train, val, run_dir=Path(args.out))
         finally:
             set_default_ledger(prev)
         after, sec_after, _ = evaluate(res.system, test, args.workers, args.seed)
-        row.update({"after": bootstrap_ci(after.scores, seed=args.seed), "val": [res.initial_val, res.best_val],
-                    "loop_seconds": round(time.perf_counter() - t0, 1), "loop_lm_calls": ledger.total.calls,
-                    "iterations": len(res.history) - 1, "accepted": sum(1 for h in res.history if h.get("accepted")),
-                    "stopped": res.stopped, "sizes": [len(train), len(val), len(test)],
-                    "config": {a: v.describe()[:120] for a, v in res.system.variables().items()}})
-        print(f"optimised: pass rate {row['after']['mean']:.3f} (val {res.initial_val:.3f} -> {res.best_val:.3f})",
-              file=sys.stderr)
+        row.update(
+            {
+                "after": bootstrap_ci(after.scores, seed=args.seed),
+                "val": [res.initial_val, res.best_val],
+                "loop_seconds": round(time.perf_counter() - t0, 1),
+                "loop_lm_calls": ledger.total.calls,
+                "iterations": len(res.history) - 1,
+                "accepted": sum(1 for h in res.history if h.get("accepted")),
+                "stopped": res.stopped,
+                "sizes": [len(train), len(val), len(test)],
+                "config": {a: v.describe()[:120] for a, v in res.system.variables().items()},
+            }
+        )
+        print(
+            f"optimised: pass rate {row['after']['mean']:.3f} (val {res.initial_val:.3f} -> {res.best_val:.3f})",
+            file=sys.stderr,
+        )
     print(json.dumps(row), flush=True)
     if args.json:
         with open(args.json, "a") as f:

@@ -10,6 +10,7 @@ preference collection (Choice: a random configuration; Weights: Gaussian noise; 
 without any score feedback), evaluates each sampled change on the validation set and keeps it when the
 validation score is not lower (the loop's own gate and tie rule), until the Optimas run's wall time is spent.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,23 +70,36 @@ def optimas_run(system_name, args, out):
     system, split, rm, proposer = build(cfg)
     initial_state = system.state_dict()
     t0 = time.perf_counter()
-    before = evaluate_with_bar(system, split.test, desc=f"{system_name} test before", workers=cfg.loop.val_workers,
-                               seed=cfg.loop.seed)
+    before = evaluate_with_bar(
+        system, split.test, desc=f"{system_name} test before", workers=cfg.loop.val_workers, seed=cfg.loop.seed
+    )
     t_eval = time.perf_counter() - t0
     t1 = time.perf_counter()
     res = Optimas(rm, proposer, cfg.loop, progress=True).optimize(system, split.train, split.val, run_dir=out)
     loop_seconds = time.perf_counter() - t1
-    after = evaluate_with_bar(res.system, split.test, desc=f"{system_name} test after", workers=cfg.loop.val_workers,
-                              seed=cfg.loop.seed)
-    extra = {"test_before": bootstrap_ci(before, seed=args.seed), "test_after": bootstrap_ci(after, seed=args.seed),
-             "test_diff": paired_diff_ci(before, after, seed=args.seed)}
+    after = evaluate_with_bar(
+        res.system, split.test, desc=f"{system_name} test after", workers=cfg.loop.val_workers, seed=cfg.loop.seed
+    )
+    extra = {
+        "test_before": bootstrap_ci(before, seed=args.seed),
+        "test_after": bootstrap_ci(after, seed=args.seed),
+        "test_diff": paired_diff_ci(before, after, seed=args.seed),
+    }
     write_report(out, extra=extra)
-    return {"system": system_name, "before": extra["test_before"], "after": extra["test_after"],
-            "diff": extra["test_diff"], "val": [res.initial_val, res.best_val], "loop_seconds": loop_seconds,
-            "test_eval_seconds": t_eval, "lm_calls": res.usage["total"]["calls"], "stopped": res.stopped,
-            "iterations": len(res.history) - 1, "sizes": [len(split.train), len(split.val), len(split.test)],
-            "accepted": sum(1 for h in res.history if h.get("accepted"))}, (system, split, cfg, initial_state,
-                                                                            proposer, loop_seconds)
+    return {
+        "system": system_name,
+        "before": extra["test_before"],
+        "after": extra["test_after"],
+        "diff": extra["test_diff"],
+        "val": [res.initial_val, res.best_val],
+        "loop_seconds": loop_seconds,
+        "test_eval_seconds": t_eval,
+        "lm_calls": res.usage["total"]["calls"],
+        "stopped": res.stopped,
+        "iterations": len(res.history) - 1,
+        "sizes": [len(split.train), len(split.val), len(split.test)],
+        "accepted": sum(1 for h in res.history if h.get("accepted")),
+    }, (system, split, cfg, initial_state, proposer, loop_seconds)
 
 
 def random_search(system, split, cfg, initial_state, proposer, seconds, seed):
@@ -105,8 +119,11 @@ def random_search(system, split, cfg, initial_state, proposer, seconds, seed):
             overrides = {}
             for address, var in comp.variables().items():
                 if isinstance(var, Prompt):
-                    x = comp.format_inputs(split.train[0], 300) if all(f in split.train[0] for f in comp.inputs) \
+                    x = (
+                        comp.format_inputs(split.train[0], 300)
+                        if all(f in split.train[0] for f in comp.inputs)
                         else comp.description
+                    )
                     props = prompt_opt.propose(comp, address, var.text, x, 1, rng)
                     if props:
                         overrides[address] = Prompt(props[0])
@@ -117,15 +134,22 @@ def random_search(system, split, cfg, initial_state, proposer, seconds, seed):
             if not overrides:
                 continue
             tries += 1
-            score = system.evaluate(split.val, workers=cfg.loop.val_workers, overrides=overrides,
-                                    seed=cfg.loop.seed).mean
+            score = system.evaluate(
+                split.val, workers=cfg.loop.val_workers, overrides=overrides, seed=cfg.loop.seed
+            ).mean
             if score >= best:
                 for a, v in overrides.items():
                     system.set_variable(a, v)
                 best, accepted = score, accepted + 1
         after = system.evaluate(split.test, workers=cfg.loop.val_workers, seed=cfg.loop.seed).scores
-        return {"tries": tries, "accepted": accepted, "val_best": best, "test": bootstrap_ci(after, seed=seed),
-                "lm_calls": ledger.total.calls, "seconds": time.perf_counter() - t0}, after
+        return {
+            "tries": tries,
+            "accepted": accepted,
+            "val_best": best,
+            "test": bootstrap_ci(after, seed=seed),
+            "lm_calls": ledger.total.calls,
+            "seconds": time.perf_counter() - t0,
+        }, after
     finally:
         set_default_ledger(prev)
 
@@ -139,8 +163,12 @@ def main(argv=None) -> int:
     p.add_argument("--test", type=int, default=24)
     p.add_argument("--iterations", type=int, default=4)
     p.add_argument("--max-seconds", type=float, default=900, help="wall budget of each Optimas loop")
-    p.add_argument("--gate-confidence", type=float, default=None,
-                   help="loop.gate_confidence (paired-bootstrap validation gate); default: off")
+    p.add_argument(
+        "--gate-confidence",
+        type=float,
+        default=None,
+        help="loop.gate_confidence (paired-bootstrap validation gate); default: off",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="/tmp/optimas-bench")
     p.add_argument("--json", default=None, help="append one JSON line per result here")

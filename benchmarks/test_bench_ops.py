@@ -26,6 +26,7 @@ Shapes: CPU small (B=256, H=384, C=4) and medium (B=4096, H=1024, C=16); CUDA la
 C=32, the issue's size), float32 and bfloat16. The gather path uses (B, T, H) = (32, 64, 384),
 (32, 256, 1024) and (256, 1024, 4096).
 """
+
 from __future__ import annotations
 
 import functools
@@ -65,8 +66,11 @@ def _cases() -> list[Case]:
     medium = dict(B=4096, H=1024, C=16, T=256, BT=32)
     large = dict(B=16384, H=4096, C=32, T=1024, BT=256)
     # CPU: medium in float32 only, so that the whole CPU suite (torch.compile included) stays under 3 min
-    cases = [Case("cpu", "small", dtype=torch.float32, **small), Case("cpu", "small", dtype=torch.bfloat16, **small),
-             Case("cpu", "medium", dtype=torch.float32, **medium)]
+    cases = [
+        Case("cpu", "small", dtype=torch.float32, **small),
+        Case("cpu", "small", dtype=torch.bfloat16, **small),
+        Case("cpu", "medium", dtype=torch.float32, **medium),
+    ]
     if torch.cuda.is_available():
         cases += [Case("cuda", "large", dtype=dt, **large) for dt in (torch.float32, torch.bfloat16)]
     return cases
@@ -78,8 +82,12 @@ MODES = ["fwd", "fwdbwd"]
 
 def with_impls(impls, cuda_only=()):
     """(case, impl) parameters: every implementation on every case, `cuda_only` ones on CUDA cases only."""
-    return [pytest.param(c, i, id=f"{c.id}-{i}") for c in CASES for i in (*impls, *cuda_only)
-            if i not in cuda_only or c.device == "cuda"]
+    return [
+        pytest.param(c, i, id=f"{c.id}-{i}")
+        for c in CASES
+        for i in (*impls, *cuda_only)
+        if i not in cuda_only or c.device == "cuda"
+    ]
 
 
 def _triton_impl():
@@ -107,8 +115,9 @@ def _pipelined_seconds(step, reps: int = 20) -> float:
     return start.elapsed_time(end) / 1e3 / reps
 
 
-def run_benchmark(benchmark, copy_bandwidth, case: Case, group: str, impl: str, step, *, rows: int, nbytes: int,
-                  check=None):
+def run_benchmark(
+    benchmark, copy_bandwidth, case: Case, group: str, impl: str, step, *, rows: int, nbytes: int, check=None
+):
     """Warm up (compiling, for `compile`), check the result, time `step` with pytest-benchmark, and record
     throughput in extra_info. A compile failure is a skip naming the compiler's error."""
     dev = case.device
@@ -124,8 +133,9 @@ def run_benchmark(benchmark, copy_bandwidth, case: Case, group: str, impl: str, 
         if impl != "compile":
             raise
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        pytest.skip(f"torch.compile of the reference does not compile on {dev} {case.dtype}: "
-                    f"{type(e).__name__}: {first}")
+        pytest.skip(
+            f"torch.compile of the reference does not compile on {dev} {case.dtype}: {type(e).__name__}: {first}"
+        )
     if check is not None:
         check(out)
     calls = []
@@ -138,10 +148,15 @@ def run_benchmark(benchmark, copy_bandwidth, case: Case, group: str, impl: str, 
     budget, least, most = (0.5, 10, 200) if dev == "cuda" else (0.2, 3, 50)
     rounds = int(min(most, max(least, budget / once)))
     benchmark.group = group
-    benchmark.extra_info.update(impl=impl, device=dev, dtype=str(case.dtype).replace("torch.", ""),
-                                shape={"B": case.B, "H": case.H, "C": case.C, "T": case.T, "BT": case.BT},
-                                rows=rows, bytes=nbytes,
-                                backend={"ours": case.fast_backend, "kernel": "triton"}.get(impl, "torch"))
+    benchmark.extra_info.update(
+        impl=impl,
+        device=dev,
+        dtype=str(case.dtype).replace("torch.", ""),
+        shape={"B": case.B, "H": case.H, "C": case.C, "T": case.T, "BT": case.BT},
+        rows=rows,
+        bytes=nbytes,
+        backend={"ours": case.fast_backend, "kernel": "triton"}.get(impl, "torch"),
+    )
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # --benchmark-disable: ran once, nothing measured
@@ -149,8 +164,13 @@ def run_benchmark(benchmark, copy_bandwidth, case: Case, group: str, impl: str, 
     median = stats.stats.median
     bw = copy_bandwidth(dev)
     info = benchmark.extra_info
-    info.update(median_ms=median * 1e3, rows_per_s=rows / median, GBps=nbytes / median / 1e9,
-                copy_GBps=bw / 1e9, fraction_of_copy_bw=nbytes / median / bw)
+    info.update(
+        median_ms=median * 1e3,
+        rows_per_s=rows / median,
+        GBps=nbytes / median / 1e9,
+        copy_GBps=bw / 1e9,
+        fraction_of_copy_bw=nbytes / median / bw,
+    )
     if dev == "cuda":
         p = _pipelined_seconds(step)
         info.update(pipelined_ms=p * 1e3, pipelined_fraction_of_copy_bw=nbytes / p / bw)
@@ -161,6 +181,7 @@ def _close(expected, tol):
         got = out if isinstance(out, torch.Tensor) else out[0]
         scale = max(float(expected.abs().max()), 1e-6)
         torch.testing.assert_close(got.detach().float(), expected.float(), rtol=tol, atol=tol * scale)
+
     return check
 
 
@@ -177,7 +198,7 @@ def _clear(*ts):
         t.grad = None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled(fn):
     return torch.compile(fn, dynamic=False)
 
@@ -217,8 +238,11 @@ def test_bt_loss(benchmark, copy_bandwidth, case, mode, impl):
     rc0, rr0 = (hc[:, 0] * 3), (hr[:, 0] * 3)  # (B,) rewards in the case's dtype
     grad = mode == "fwdbwd"
     rc, rr = _leaf(rc0, grad), _leaf(rr0, grad)
-    fn = {"ours": lambda *a: ops.bt_loss(*a, center=0.1, backend=case.fast_backend), "eager": _bt_eager,
-          "compile": _compiled(_bt_eager)}[impl]
+    fn = {
+        "ours": lambda *a: ops.bt_loss(*a, center=0.1, backend=case.fast_backend),
+        "eager": _bt_eager,
+        "compile": _compiled(_bt_eager),
+    }[impl]
 
     def step():
         out = fn(rc, rr, w, mu)
@@ -230,8 +254,17 @@ def test_bt_loss(benchmark, copy_bandwidth, case, mode, impl):
     e = _esize(case)
     nbytes = case.B * (2 * e + 8) + (2 * case.B * e if grad else 0)
     expected = _bt_eager(rc0.float(), rr0.float(), w, mu)
-    run_benchmark(benchmark, copy_bandwidth, case, f"bt_loss {mode} {case.id}", impl, step, rows=case.B,
-                  nbytes=nbytes, check=_close(expected, _tol(case.dtype)))
+    run_benchmark(
+        benchmark,
+        copy_bandwidth,
+        case,
+        f"bt_loss {mode} {case.id}",
+        impl,
+        step,
+        rows=case.B,
+        nbytes=nbytes,
+        check=_close(expected, _tol(case.dtype)),
+    )
 
 
 # ------------------------------------------------------------------------------------------- multihead_score
@@ -257,8 +290,12 @@ def test_multihead_score(benchmark, copy_bandwidth, case, mode, impl):
                 tri.multihead_score_bwd(hc, ids, W32, up, True, True, True)
             return out
     else:
-        fn = {"ours": lambda *a: ops.multihead_score(*a, backend=case.fast_backend), "eager": ref.multihead_score,
-              "compile": _compiled(ref.multihead_score), "all_heads": _all_heads}[impl]
+        fn = {
+            "ours": lambda *a: ops.multihead_score(*a, backend=case.fast_backend),
+            "eager": ref.multihead_score,
+            "compile": _compiled(ref.multihead_score),
+            "all_heads": _all_heads,
+        }[impl]
 
         def step():
             out = fn(x, ids, W, b)  # (N,)
@@ -269,8 +306,17 @@ def test_multihead_score(benchmark, copy_bandwidth, case, mode, impl):
 
     nbytes = case.B * case.H * _esize(case) * (3 if grad else 1)
     expected = ref.multihead_score(hc.float(), ids, W0, b0)
-    run_benchmark(benchmark, copy_bandwidth, case, f"multihead_score {mode} {case.id}", impl, step,
-                  rows=case.B, nbytes=nbytes, check=_close(expected, _tol(case.dtype)))
+    run_benchmark(
+        benchmark,
+        copy_bandwidth,
+        case,
+        f"multihead_score {mode} {case.id}",
+        impl,
+        step,
+        rows=case.B,
+        nbytes=nbytes,
+        check=_close(expected, _tol(case.dtype)),
+    )
 
 
 # ------------------------------------------------------------------------------------------- fused_head_bt_loss
@@ -293,8 +339,11 @@ def test_fused_head_bt_loss(benchmark, copy_bandwidth, case, mode, impl):
             rows = tri.fused_head_bt(hc0, hr0, ids, W32, b32, w, mu, 0.01, scale, grad)[0]  # (B,) f32
             return rows.sum() * scale
     else:
-        fn = {"ours": lambda *a: ops.fused_head_bt_loss(*a, 0.01, backend=case.fast_backend), "eager": _fused_eager,
-              "compile": _compiled(_fused_eager)}[impl]
+        fn = {
+            "ours": lambda *a: ops.fused_head_bt_loss(*a, 0.01, backend=case.fast_backend),
+            "eager": _fused_eager,
+            "compile": _compiled(_fused_eager),
+        }[impl]
 
         def step():
             out = fn(hc, hr, ids, W, b, w, mu)
@@ -305,8 +354,17 @@ def test_fused_head_bt_loss(benchmark, copy_bandwidth, case, mode, impl):
 
     nbytes = case.B * case.H * _esize(case) * (4 if grad else 2)
     expected = _fused_eager(hc0.float(), hr0.float(), ids, W0, b0, w, mu)
-    run_benchmark(benchmark, copy_bandwidth, case, f"fused_head_bt_loss {mode} {case.id}", impl, step,
-                  rows=case.B, nbytes=nbytes, check=_close(expected, _tol(case.dtype)))
+    run_benchmark(
+        benchmark,
+        copy_bandwidth,
+        case,
+        f"fused_head_bt_loss {mode} {case.id}",
+        impl,
+        step,
+        rows=case.B,
+        nbytes=nbytes,
+        check=_close(expected, _tol(case.dtype)),
+    )
 
 
 # ------------------------------------------------------------------------------------------- last_token_hidden
@@ -345,8 +403,9 @@ def test_last_token_hidden(benchmark, copy_bandwidth, case, mode, impl):
     hidden, W, b = _leaf(hidden0, grad), _leaf(W0, grad), _leaf(b0, grad)
 
     def ours(h, n, i, Wt, bt):
-        return ops.multihead_score(ops.last_token_hidden(h, n, backend=case.fast_backend), i, Wt, bt,
-                                   backend=case.fast_backend)
+        return ops.multihead_score(
+            ops.last_token_hidden(h, n, backend=case.fast_backend), i, Wt, bt, backend=case.fast_backend
+        )
 
     fn = {"ours": ours, "eager": _gather_eager, "compile": _compiled(_gather_eager), "hf_head": _hf_head}[impl]
 
@@ -360,5 +419,14 @@ def test_last_token_hidden(benchmark, copy_bandwidth, case, mode, impl):
     e = _esize(case)
     nbytes = case.BT * case.H * e + (case.BT * case.T * case.H * e if grad else 0)
     expected = _gather_eager(hidden0.float(), lengths, ids, W0, b0)
-    run_benchmark(benchmark, copy_bandwidth, case, f"last_token_hidden {mode} {case.id}", impl, step,
-                  rows=case.BT, nbytes=nbytes, check=_close(expected, _tol(case.dtype)))
+    run_benchmark(
+        benchmark,
+        copy_bandwidth,
+        case,
+        f"last_token_hidden {mode} {case.id}",
+        impl,
+        step,
+        rows=case.BT,
+        nbytes=nbytes,
+        check=_close(expected, _tol(case.dtype)),
+    )

@@ -12,6 +12,7 @@ Run it (from the repository root):
 The data are JSONL files, one example a line: the system's input fields (``ticket``) plus what the metric
 reads (``department``); ``id`` keeps example keys stable.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from optimas_fast.lm import LM, make_lm
 from optimas_fast.optimize import Optimas, OptimasConfig
@@ -39,8 +41,13 @@ class ExtractKeywords(LMComponent):
     description = "Lists the words of a support ticket that say what it is about."
 
     def forward_batch(self, batch: Sequence[Mapping[str, Any]], variable: Prompt) -> list[dict]:
-        prompts = [[{"role": "system", "content": variable.text},
-                    {"role": "user", "content": f"Ticket: {b['ticket']}\nKeywords:"}] for b in batch]
+        prompts = [
+            [
+                {"role": "system", "content": variable.text},
+                {"role": "user", "content": f"Ticket: {b['ticket']}\nKeywords:"},
+            ]
+            for b in batch
+        ]
         texts = self.complete(self.lm(), prompts, max_tokens=24, temperature=0.0)
         return [{"keywords": t.splitlines()[0].strip() if t else ""} for t in texts]
 
@@ -56,8 +63,12 @@ class Route(LMComponent):
         prompts = []
         for b in batch:
             body = f"Ticket: {b['ticket']}\n" + (f"Keywords: {b['keywords']}\n" if show_keywords else "")
-            prompts.append([{"role": "system", "content": variable["prompt"].text},
-                            {"role": "user", "content": body + "Department:"}])
+            prompts.append(
+                [
+                    {"role": "system", "content": variable["prompt"].text},
+                    {"role": "user", "content": body + "Department:"},
+                ]
+            )
         texts = self.complete(self.lm(), prompts, max_tokens=8, temperature=0.0)
         return [{"department": parse_department(t)} for t in texts]
 
@@ -76,20 +87,37 @@ def accuracy(example: Mapping, prediction: Mapping) -> float:
 def build_system(lm: LM) -> System:
     """The factory the CLI calls (``system: own_pipeline:build_system``): one LM for both components."""
     extract = ExtractKeywords(lms={"main": lm}, variable=Prompt("List the keywords of the support ticket."))
-    route = Route(lms={"main": lm}, variable={
-        "prompt": Prompt("Route the support ticket to billing, tech or shipping. Reply with one word."),
-        "context": Choice(show=["ticket", "ticket+keywords"]),  # what the router sees
-    })
+    route = Route(
+        lms={"main": lm},
+        variable={
+            "prompt": Prompt("Route the support ticket to billing, tech or shipping. Reply with one word."),
+            "context": Choice(show=["ticket", "ticket+keywords"]),  # what the router sees
+        },
+    )
     return System([extract, route], accuracy, ["department"], inputs=["ticket"], name="ticket-router")
 
 
 # ------------------------------------------------------------------------------------------- a scripted LM
-KEYWORDS = {"refund": "billing", "invoice": "billing", "charged": "billing", "price": "billing",
-            "crash": "tech", "error": "tech", "login": "tech", "password": "tech", "app": "tech",
-            "package": "shipping", "delivery": "shipping", "tracking": "shipping", "courier": "shipping"}
-PROPOSALS = ("List every keyword of the ticket that names a product, a payment or a delivery.",
-             "Extract the words that tell which department should handle the ticket.",
-             "Name the topic words of the ticket, separated by commas.")
+KEYWORDS = {
+    "refund": "billing",
+    "invoice": "billing",
+    "charged": "billing",
+    "price": "billing",
+    "crash": "tech",
+    "error": "tech",
+    "login": "tech",
+    "password": "tech",
+    "app": "tech",
+    "package": "shipping",
+    "delivery": "shipping",
+    "tracking": "shipping",
+    "courier": "shipping",
+}
+PROPOSALS = (
+    "List every keyword of the ticket that names a product, a payment or a delivery.",
+    "Extract the words that tell which department should handle the ticket.",
+    "Name the topic words of the ticket, separated by commas.",
+)
 
 
 def _scripted_reply(prompt: str, i: int) -> str:
@@ -143,14 +171,29 @@ def main(argv: list[str] | None = None) -> int:
         from optimas_fast.reward import RewardModel
 
         rm = RewardModel(args.backbone, heads)
-    config = OptimasConfig.from_dict({"iterations": args.iterations, "batch_size": 6, "initial_examples": 8,
-                                      "val_workers": 4, "collect": {"num_candidates": 3, "workers": 4},
-                                      "prompt": {"num_proposals": 2}})
+    config = OptimasConfig.from_dict(
+        {
+            "iterations": args.iterations,
+            "batch_size": 6,
+            "initial_examples": 8,
+            "val_workers": 4,
+            "collect": {"num_candidates": 3, "workers": 4},
+            "prompt": {"num_proposals": 2},
+        }
+    )
     result = Optimas(rm, proposer=lm, config=config).optimize(system, train, val, run_dir=args.out)
     before, after = system.evaluate(test, workers=4).mean, result.system.evaluate(test, workers=4).mean
-    print(json.dumps({"val": [result.initial_val, result.best_val], "test_before": before, "test_after": after,
-                      "variables": {a: v.describe() for a, v in result.system.variables().items()},
-                      "run_dir": result.run_dir}))
+    print(
+        json.dumps(
+            {
+                "val": [result.initial_val, result.best_val],
+                "test_before": before,
+                "test_after": after,
+                "variables": {a: v.describe() for a, v in result.system.variables().items()},
+                "run_dir": result.run_dir,
+            }
+        )
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ JSONL: ``iter_jsonl`` reads one JSON value a line (blank lines skipped, ``.gz`` 
 files, the example data sets, HumanEval and the reward engine's pair files; each caller adds its own checks
 (an object, its fields) and its own error class around the ``JSONLineError`` that names the file and line.
 """
+
 from __future__ import annotations
 
 import gzip

@@ -1,4 +1,5 @@
 """Loads the compiled extension optimas_fast._C with an error that says how to fix a missing build."""
+
 from __future__ import annotations
 
 import importlib

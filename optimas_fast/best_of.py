@@ -16,6 +16,7 @@ candidate's LM usage. N=1 is the plain run (no reward needed). ``reward`` is any
 ``score(rows) -> (rows,)`` over (component, inputs text, outputs text) rows, e.g. an
 ``optimas_fast.reward.RewardModel``.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,8 +46,9 @@ class BestOfN:
     outside (0, 2].
     """
 
-    def __init__(self, system: System, reward: Any = None, best_of: Mapping[str, int] | None = None, *,
-                 temperature: float = 0.7):
+    def __init__(
+        self, system: System, reward: Any = None, best_of: Mapping[str, int] | None = None, *, temperature: float = 0.7
+    ):
         if not isinstance(system, System):
             raise TypeError(f"BestOfN(system): expected an optimas_fast.system.System, got {type(system).__name__}")
         if best_of is None:
@@ -56,8 +58,9 @@ class BestOfN:
         plan = {}
         for name, n in best_of.items():
             if not isinstance(name, str) or name not in system.components:
-                raise ValueError(f"best_of: no component named {name!r} in system '{system.name}' "
-                                 f"(has {list(system.components)})")
+                raise ValueError(
+                    f"best_of: no component named {name!r} in system '{system.name}' (has {list(system.components)})"
+                )
             check_int(n, f"best_of[{name!r}]", min=1)
             if n > 1:
                 plan[name] = n
@@ -85,13 +88,25 @@ class BestOfN:
         """The step hooks handed to ``System.run``: this wrapper for every component with N > 1."""
         return {name: self for name in self.plan}
 
-    def run(self, example: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, *,
-            seed: int | None = None, score: bool = True) -> Trace:
+    def run(
+        self,
+        example: Mapping[str, Any],
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        seed: int | None = None,
+        score: bool = True,
+    ) -> Trace:
         """``System.run`` with best-of-N steps; the trace's steps record what was tried (``step.best_of``)."""
         return self.system.run(example, overrides, seed=seed, score=score, hooks=self.hooks)
 
-    def evaluate(self, examples: Iterable[Mapping[str, Any]], *, workers: int = 1,
-                 overrides: Mapping[str, Any] | None = None, seed: int | None = None) -> EvalResult:
+    def evaluate(
+        self,
+        examples: Iterable[Mapping[str, Any]],
+        *,
+        workers: int = 1,
+        overrides: Mapping[str, Any] | None = None,
+        seed: int | None = None,
+    ) -> EvalResult:
         """``System.evaluate`` with best-of-N steps."""
         return self.system.evaluate(examples, workers=workers, overrides=overrides, seed=seed, hooks=self.hooks)
 
@@ -133,8 +148,7 @@ class BestOfN:
                 raise ValueError(f"best_of: reward.score returned {len(scores)} scores for {len(texts)} rows")
             finite = [v if math.isfinite(v) else -math.inf for v in scores]
             chosen = max(range(len(texts)), key=lambda i: (finite[i], -i))  # ties: the earliest (plain) one
-        info = {"n": n, "candidates": [unique[t] for t in texts], "scores": scores, "chosen": chosen,
-                "failed": failed}
+        info = {"n": n, "candidates": [unique[t] for t in texts], "scores": scores, "chosen": chosen, "failed": failed}
         return unique[texts[chosen]], info
 
 
@@ -142,8 +156,13 @@ def parse_best_of(specs: list[str] | None, system: System, targets: list[str] | 
     """``--best-of`` values: ``N`` (every optimizable LM component; ``targets`` narrows them to the run's
     optimized ones) or ``name=N``, repeatable, later ones winning. ConfigError naming a bad value."""
     out: dict[str, int] = {}
-    lm_comps = [n for n in system.order if isinstance(system.components[n], LMComponent)
-                and system.components[n].variables() and (targets is None or n in targets)]
+    lm_comps = [
+        n
+        for n in system.order
+        if isinstance(system.components[n], LMComponent)
+        and system.components[n].variables()
+        and (targets is None or n in targets)
+    ]
     for spec in specs or []:
         name, eq, value = spec.rpartition("=")
         try:
@@ -154,8 +173,10 @@ def parse_best_of(specs: list[str] | None, system: System, targets: list[str] | 
             raise ConfigError(f"--best-of {spec!r}: N must be an int >= 1 (as 'N' or 'component=N')")
         if not eq:
             if not lm_comps:
-                raise ConfigError(f"--best-of {spec!r}: system has no optimizable LM component; name one with "
-                                  f"'component=N' (components: {list(system.order)})")
+                raise ConfigError(
+                    f"--best-of {spec!r}: system has no optimizable LM component; name one with "
+                    f"'component=N' (components: {list(system.order)})"
+                )
             out.update({c: n for c in lm_comps})
         elif name not in system.components:
             raise ConfigError(f"--best-of {spec!r}: no component {name!r} (components: {list(system.order)})")

@@ -4,6 +4,7 @@ format, building the system, the loop) is ``optimas_fast.run``, whose docstring 
 
 Results go to stdout, progress to stderr; a bad config or argument exits 2 with one line naming it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +33,7 @@ def _echo(line: str) -> None:
 
 def _config_help() -> str:
     """The run config's reference: the part of ``optimas_fast.run``'s docstring from "A run config" on."""
-    return run.__doc__[run.__doc__.index("A run config"):]
+    return run.__doc__[run.__doc__.index("A run config") :]
 
 
 # ----------------------------------------------------------------------------------------------- commands
@@ -62,8 +63,10 @@ def _cmd_eval(args) -> int:
     else:
         cfg = load_config(target)
     if args.best_of and not (target.is_dir() and (target / RUN_STATE).is_file()):
-        raise ConfigError(f"--best-of scores candidates with the run's trained LRF: give a run directory "
-                          f"(with {RUN_STATE}), not {target}")
+        raise ConfigError(
+            f"--best-of scores candidates with the run's trained LRF: give a run directory "
+            f"(with {RUN_STATE}), not {target}"
+        )
     system, split, rm, _ = build(cfg)
     if args.state:
         state = Path(args.state)
@@ -80,14 +83,22 @@ def _cmd_eval(args) -> int:
             raise ConfigError(f"--best-of-temperature {args.best_of_temperature}: {exc}") from None
     examples = getattr(split, args.split)
     stats: dict = {}
-    scores = evaluate_with_bar(evaluated, examples, desc=f"eval ({args.split})", workers=cfg.loop.val_workers,
-                               seed=cfg.loop.seed, progress=not args.no_progress, stats=stats)
+    scores = evaluate_with_bar(
+        evaluated,
+        examples,
+        desc=f"eval ({args.split})",
+        workers=cfg.loop.val_workers,
+        seed=cfg.loop.seed,
+        progress=not args.no_progress,
+        stats=stats,
+    )
     ci = bootstrap_ci(scores, seed=cfg.loop.seed)
     how = " (optimized)" if state else " (unoptimized)"
     if best_of:
         how += " best-of " + ", ".join(f"{n}={k}" for n, k in best_of.items())
-    print(f"{cfg.system} {args.split} score{how}: {format_ci(ci)}; {stats['lm_calls']} LM calls, "
-          f"{stats['seconds']:.1f} s")
+    print(
+        f"{cfg.system} {args.split} score{how}: {format_ci(ci)}; {stats['lm_calls']} LM calls, {stats['seconds']:.1f} s"
+    )
     if args.json:
         print(json.dumps(dict(ci, best_of=best_of, **stats)))
     return 0
@@ -100,23 +111,32 @@ def _cmd_demo(args) -> int:
     extra = run_config(parse_config(raw), raw["output"], progress=not args.no_progress, echo=_echo)
     before, after = extra.get("test_before"), extra.get("test_after")
     if before and after:
-        print(f"test accuracy: {before['mean']:.3f} -> {after['mean']:.3f} ({after['mean'] - before['mean']:+.3f}); "
-              f"total {time.perf_counter() - t0:.0f} s")
+        print(
+            f"test accuracy: {before['mean']:.3f} -> {after['mean']:.3f} ({after['mean'] - before['mean']:+.3f}); "
+            f"total {time.perf_counter() - t0:.0f} s"
+        )
     return 0
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="optimas-fast", description="Optimas: optimize compound AI systems with "
-                                     "local reward functions.", epilog=_config_help(),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="optimas-fast",
+        description="Optimas: optimize compound AI systems with local reward functions.",
+        epilog=_config_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="offline demo: optimize the Amazon example with the embedded LM (<= 15 min, CPU)")
     p.add_argument("--out", default=None, help="output directory (default: ./optimas-demo-<time>)")
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke test of a few minutes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
-    p = sub.add_parser("run", help="run the loop from a YAML config", description=run.__doc__,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "run",
+        help="run the loop from a YAML config",
+        description=run.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("config", help="YAML config file (see above)")
     p.add_argument("--out", default=None, help="run directory (overrides the config's 'output')")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -125,11 +145,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="a run directory (uses its system_state.json) or a YAML config")
     p.add_argument("--split", choices=["train", "val", "test"], default="test", help="which split (default test)")
     p.add_argument("--state", default=None, help="a system_state.json to load instead")
-    p.add_argument("--best-of", action="append", metavar="N|COMPONENT=N", default=None,
-                   help="reward-guided best-of-N with the run's LRF: N for every optimizable LM component, or "
-                        "COMPONENT=N (repeatable)")
-    p.add_argument("--best-of-temperature", type=float, default=0.7,
-                   help="sampling temperature of best-of-N candidates 2..N (default 0.7)")
+    p.add_argument(
+        "--best-of",
+        action="append",
+        metavar="N|COMPONENT=N",
+        default=None,
+        help="reward-guided best-of-N with the run's LRF: N for every optimizable LM component, or "
+        "COMPONENT=N (repeatable)",
+    )
+    p.add_argument(
+        "--best-of-temperature",
+        type=float,
+        default=0.7,
+        help="sampling temperature of best-of-N candidates 2..N (default 0.7)",
+    )
     p.add_argument("--json", action="store_true", help="also print the score and CI as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_eval)

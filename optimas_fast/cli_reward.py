@@ -13,6 +13,7 @@ one; ``--resume`` continues from it), writes the final model into ``--out`` itse
 --out`` read it) and ``--out``/train_report.json, and prints that report as the last line of stdout. Progress
 goes to stderr. Every bad argument, file or row exits with status 2 and one line on stderr that names it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,6 +71,7 @@ def _positive(kind):
         if not (v > 0 and math.isfinite(v)):
             raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
         return v
+
     return parse
 
 
@@ -86,8 +88,9 @@ def _load_yaml(path: str) -> dict:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise UsageError(f"--config {path}: must be a mapping of RewardConfig (TRL) argument names, got "
-                         f"{type(raw).__name__}")
+        raise UsageError(
+            f"--config {path}: must be a mapping of RewardConfig (TRL) argument names, got {type(raw).__name__}"
+        )
     return raw
 
 
@@ -97,8 +100,10 @@ def _load_model(path: str):
     if not os.path.isdir(path):
         raise UsageError(f"model directory {path}: no such directory")
     if not os.path.isfile(os.path.join(path, "manifest.json")):
-        raise UsageError(f"model directory {path}: no manifest.json (not a reward checkpoint written by "
-                         "'optimas-fast reward train' or RewardModel.save)")
+        raise UsageError(
+            f"model directory {path}: no manifest.json (not a reward checkpoint written by "
+            "'optimas-fast reward train' or RewardModel.save)"
+        )
     return RewardModel.load(path)
 
 
@@ -114,13 +119,20 @@ def _train_args(a) -> Any:
     names = {f for f in RewardConfig.__dataclass_fields__}
     bad = sorted(k for k in cfg if k not in names)
     if bad:
-        raise UsageError(f"--config {a.config}: unknown key(s) {', '.join(map(repr, bad))}; allowed (TRL RewardConfig "
-                         f"names): {', '.join(sorted(names))}")
+        raise UsageError(
+            f"--config {a.config}: unknown key(s) {', '.join(map(repr, bad))}; allowed (TRL RewardConfig "
+            f"names): {', '.join(sorted(names))}"
+        )
     if "output_dir" in cfg and os.path.normpath(str(cfg["output_dir"])) != os.path.normpath(a.out):
         log.warning("--config output_dir=%r is replaced by --out %r", cfg["output_dir"], a.out)
     cfg["output_dir"] = a.out
-    for flag, key in (("epochs", "num_train_epochs"), ("lr", "learning_rate"),
-                      ("batch_size", "per_device_train_batch_size"), ("max_length", "max_length"), ("bf16", "bf16")):
+    for flag, key in (
+        ("epochs", "num_train_epochs"),
+        ("lr", "learning_rate"),
+        ("batch_size", "per_device_train_batch_size"),
+        ("max_length", "max_length"),
+        ("bf16", "bf16"),
+    ):
         v = getattr(a, flag)
         if v is not None:
             cfg[key] = v
@@ -145,27 +157,62 @@ def _cmd_train(a) -> int:
     if a.resume and ckpt is None:
         raise UsageError(f"--resume: {out} has no checkpoint to continue from (checkpoint-N/ with trainer_state.json)")
     if not a.resume and ckpt is not None:
-        raise UsageError(f"--out {out} already holds checkpoints ({os.path.basename(ckpt)}): pass --resume to continue "
-                         "that run, or choose a new --out")
+        raise UsageError(
+            f"--out {out} already holds checkpoints ({os.path.basename(ckpt)}): pass --resume to continue "
+            "that run, or choose a new --out"
+        )
     t0 = time.perf_counter()
-    trainer = RewardTrainer(model=a.backbone, args=args, train_dataset=data, eval_dataset=eval_data or None,
-                            components=a.components, overlong=a.overlong, data_format=a.format)
+    trainer = RewardTrainer(
+        model=a.backbone,
+        args=args,
+        train_dataset=data,
+        eval_dataset=eval_data or None,
+        components=a.components,
+        overlong=a.overlong,
+        data_format=a.format,
+    )
     result = trainer.train(resume_from_checkpoint=True if a.resume else None)
     trainer.save_model(out)
     m = result.metrics
     report: dict[str, Any] = {
-        "pairs_used": m["pairs_used"], "pairs_dropped": m["pairs_dropped"], "pairs_truncated": m["pairs_truncated"],
-        "steps": m["steps"], "pairs_per_s": m["pairs_per_s"], "final_loss": m["final_loss"],
+        "pairs_used": m["pairs_used"],
+        "pairs_dropped": m["pairs_dropped"],
+        "pairs_truncated": m["pairs_truncated"],
+        "steps": m["steps"],
+        "pairs_per_s": m["pairs_per_s"],
+        "final_loss": m["final_loss"],
         "train_loss": m["train_loss"],
-        "epochs": m["epoch"], "seconds": time.perf_counter() - t0, "components": trainer.model.encoder.components,
-        "margin_kind": trainer.margin_kind, "overlong": a.overlong, "out": str(out),
-        "last_checkpoint": last_checkpoint(out), "resumed_from": ckpt if a.resume else None,
-        "args": {k: v for k, v in args.to_dict().items() if k in ("learning_rate", "per_device_train_batch_size",
-                                                                  "num_train_epochs", "max_steps", "max_length",
-                                                                  "lr_scheduler_type", "bf16", "seed")}}
+        "epochs": m["epoch"],
+        "seconds": time.perf_counter() - t0,
+        "components": trainer.model.encoder.components,
+        "margin_kind": trainer.margin_kind,
+        "overlong": a.overlong,
+        "out": str(out),
+        "last_checkpoint": last_checkpoint(out),
+        "resumed_from": ckpt if a.resume else None,
+        "args": {
+            k: v
+            for k, v in args.to_dict().items()
+            if k
+            in (
+                "learning_rate",
+                "per_device_train_batch_size",
+                "num_train_epochs",
+                "max_steps",
+                "max_length",
+                "lr_scheduler_type",
+                "bf16",
+                "seed",
+            )
+        },
+    }
     if trainer.eval_pairs:
-        report["eval"] = _eval_report(trainer.model, trainer.eval_pairs, trainer._raw_eval.margin_kind == "subtract",
-                                      args.center_rewards_coefficient or 0.0)
+        report["eval"] = _eval_report(
+            trainer.model,
+            trainer.eval_pairs,
+            trainer._raw_eval.margin_kind == "subtract",
+            args.center_rewards_coefficient or 0.0,
+        )
         report["eval_pairs_dropped"] = trainer.eval_dropped
     from optimas_fast._io import atomic_write_text
 
@@ -191,12 +238,19 @@ def _cmd_eval(a) -> int:
 
     data = _existing(a.data, "--data")
     model = _load_model(a.model_dir)
-    pairs = to_pairs(data, "--data", model.encoder.tokenizer, a.components, a.format,
-                     component=model.encoder.components[0] if len(model.encoder.components) == 1 else None)
+    pairs = to_pairs(
+        data,
+        "--data",
+        model.encoder.tokenizer,
+        a.components,
+        a.format,
+        component=model.encoder.components[0] if len(model.encoder.components) == 1 else None,
+    )
     unknown = sorted({p.component for p in pairs} - set(model.encoder.components))
     if unknown:
-        raise UsageError(f"--data: component(s) {unknown} have no head in {a.model_dir} (its components: "
-                         f"{model.components})")
+        raise UsageError(
+            f"--data: component(s) {unknown} have no head in {a.model_dir} (its components: {model.components})"
+        )
     max_length = model.encoder.config.template.max_length
     kept, dropped, truncated = filter_overlong(model, pairs, max_length, a.overlong, "--data")
     t0 = time.perf_counter()
@@ -222,7 +276,7 @@ def _read_rows(path: str) -> list[tuple[str, dict]]:
             raise ValueError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
         raw = raw.get("rows", raw) if isinstance(raw, dict) else raw
         if not isinstance(raw, list):
-            raise ValueError(f"{p}: a JSON file of rows must hold a list (or {{\"rows\": [...]}})")
+            raise ValueError(f'{p}: a JSON file of rows must hold a list (or {{"rows": [...]}})')
         rows = [(f"{p} row {i}", r) for i, r in enumerate(raw)]
     elif suffix == ".csv":
         import csv
@@ -266,8 +320,10 @@ def _cmd_score(a) -> int:
             continue
         comp = r.get("component", default)
         if comp is None:
-            raise ValueError(f"{where}: field 'component' is missing (the model has {len(model.components)} heads: "
-                             f"{model.components})")
+            raise ValueError(
+                f"{where}: field 'component' is missing (the model has {len(model.components)} heads: "
+                f"{model.components})"
+            )
         if comp not in model.encoder.components:
             raise ValueError(f"{where}: field 'component': {comp!r} has no head (known: {model.encoder.components})")
         if "inputs" not in r:
@@ -280,12 +336,15 @@ def _cmd_score(a) -> int:
         source = data if not single else [r for _, r in pair_rows]
         pairs = to_pairs(source, data, model.encoder.tokenizer, None, a.format, component=default)
         if len(pairs) != len(pair_rows):
-            raise ValueError(f"--data {data}: {len(pair_rows) - len(pairs)} pair row(s) carry no preference (ties) "
-                             "and cannot be scored as pairs")
+            raise ValueError(
+                f"--data {data}: {len(pair_rows) - len(pairs)} pair row(s) carry no preference (ties) "
+                "and cannot be scored as pairs"
+            )
         for i, p in zip(pos, pairs, strict=True):
             if p.component not in model.encoder.components:
-                raise ValueError(f"{rows[i][0]}: field 'component': {p.component!r} has no head (known: "
-                                 f"{model.components})")
+                raise ValueError(
+                    f"{rows[i][0]}: field 'component': {p.component!r} has no head (known: {model.components})"
+                )
             requests += [(p.component, p.inputs, p.chosen), (p.component, p.inputs, p.rejected)]
             req_of += [(i, "score_chosen"), (i, "score_rejected")]
     t0 = time.perf_counter()
@@ -298,11 +357,23 @@ def _cmd_score(a) -> int:
 
     atomic_write_text(a.out, "".join(json.dumps(r) + "\n" for r in out_rows))
     rep = model.last_report
-    _stderr_line(f"score: {len(rows)} rows ({len(requests)} scored texts) in {dt:.2f} s, "
-                 f"{len(rows) / max(dt, 1e-9):.1f} rows/s, {len(requests) / max(dt, 1e-9):.1f} texts/s"
-                 + (f", {rep.n_unique} unique, prefix sharing {rep.prefix_sharing}" if rep is not None else ""))
-    print(json.dumps({"rows": len(rows), "texts": len(requests), "seconds": dt,
-                      "rows_per_s": len(rows) / max(dt, 1e-9), "out": a.out}), flush=True)
+    _stderr_line(
+        f"score: {len(rows)} rows ({len(requests)} scored texts) in {dt:.2f} s, "
+        f"{len(rows) / max(dt, 1e-9):.1f} rows/s, {len(requests) / max(dt, 1e-9):.1f} texts/s"
+        + (f", {rep.n_unique} unique, prefix sharing {rep.prefix_sharing}" if rep is not None else "")
+    )
+    print(
+        json.dumps(
+            {
+                "rows": len(rows),
+                "texts": len(requests),
+                "seconds": dt,
+                "rows_per_s": len(rows) / max(dt, 1e-9),
+                "out": a.out,
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 
@@ -326,8 +397,16 @@ def _run(args) -> int:
     cmd = args.reward_command
     try:
         return _COMMANDS[cmd](args)
-    except (UsageError, ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError) as exc:
+    except (
+        UsageError,
+        ValueError,
+        TypeError,
+        KeyError,
+        FileNotFoundError,
+        NotADirectoryError,
+        IsADirectoryError,
+        PermissionError,
+    ) as exc:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("reward %s failed", cmd, exc_info=True)
         return _fail(cmd, exc)
@@ -335,14 +414,21 @@ def _run(args) -> int:
 
 def add_reward_parser(sub) -> argparse.ArgumentParser:
     """Register ``reward`` (train / eval / score / export) on the main CLI's sub-parsers."""
-    p = sub.add_parser("reward", help="train, evaluate, score with and export a reward model (TRL / Optimas data)",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "reward",
+        help="train, evaluate, score with and export a reward model (TRL / Optimas data)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     rs = p.add_subparsers(dest="reward_command", required=True, parser_class=_OneLineParser)
-    fmt = dict(choices=["auto", "trl", "optimas", "pairs"], default="auto",
-               help="data layout (default auto: by columns)")
-    overlong = dict(choices=["truncate_prefix", "drop", "error"],
-                    help="rows longer than --max-length: shorten the prompt (counted), drop the pair (counted; TRL's "
-                         "way) or stop with an error")
+    fmt = dict(
+        choices=["auto", "trl", "optimas", "pairs"], default="auto", help="data layout (default auto: by columns)"
+    )
+    overlong = dict(
+        choices=["truncate_prefix", "drop", "error"],
+        help="rows longer than --max-length: shorten the prompt (counted), drop the pair (counted; TRL's "
+        "way) or stop with an error",
+    )
 
     t = rs.add_parser("train", help="train a reward model (RewardTrainer) on preference data")
     t.add_argument("--data", action="append", required=True, metavar="FILE", help="training data (repeatable)")
@@ -356,10 +442,14 @@ def add_reward_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive(float), help="learning_rate")
     t.add_argument("--batch-size", type=_positive(int), help="per_device_train_batch_size")
     t.add_argument("--max-length", type=_positive(int), help="max_length (tokens per row)")
-    t.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast training (default: the engine's: bf16 on CUDA and on CPUs with native bf16 "
-                        "matmul, "
-                        "else fp32)")
+    t.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast training (default: the engine's: bf16 on CUDA and on CPUs with native bf16 "
+        "matmul, "
+        "else fp32)",
+    )
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     t.add_argument("--overlong", default="drop", **overlong)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -10,6 +10,7 @@ Sizes were chosen from measurements on the 2-core CI box (embedded LM ~10 tokens
 the summariser's 48 tokens per example dominate the first pass, later passes hit the LM cache). It prints
 the test score before and after, with 95% bootstrap intervals, and where the output went.
 """
+
 from __future__ import annotations
 
 import time
@@ -39,9 +40,16 @@ DEMO_CONFIG = {
     },
 }
 
-QUICK = {"data": {"seed": 0, "train": 8, "val": 6, "test": 8},
-         "loop": {"iterations": 2, "batch_size": 4, "initial_examples": 6, "optimizer_inputs": 3,
-                  "budget": {"max_seconds": 240}}}
+QUICK = {
+    "data": {"seed": 0, "train": 8, "val": 6, "test": 8},
+    "loop": {
+        "iterations": 2,
+        "batch_size": 4,
+        "initial_examples": 6,
+        "optimizer_inputs": 3,
+        "budget": {"max_seconds": 240},
+    },
+}
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -58,6 +66,8 @@ def demo_config(out: str | None = None, quick: bool = False) -> dict:
 
 
 def banner(raw: dict) -> str:
-    return ("optimas-fast demo: Amazon next-item system, embedded SmolLM2-135M, MiniLM LRF, "
-            f"split train {raw['data']['train']} / val {raw['data']['val']} / test {raw['data']['test']}, "
-            f"{raw['loop']['iterations']} iterations (a first run converts the embedded model: ~20 s)")
+    return (
+        "optimas-fast demo: Amazon next-item system, embedded SmolLM2-135M, MiniLM LRF, "
+        f"split train {raw['data']['train']} / val {raw['data']['val']} / test {raw['data']['test']}, "
+        f"{raw['loop']['iterations']} iterations (a first run converts the embedded model: ~20 s)"
+    )

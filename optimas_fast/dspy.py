@@ -22,13 +22,15 @@ cost report and the run's budgets cover every call DSPy makes. It plugs into DSP
 (a ``dspy.LM`` with a custom engine: ``complete(Request) -> Response``), so DSPy's own cache and retries are
 off for it (ours apply instead).
 """
+
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import logging
 import zlib
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 try:
     import dspy  # the real top-level package: absolute imports never resolve to this module
@@ -46,7 +48,7 @@ from dspy.lm15 import response_to_events
 from optimas_fast.lm.base import LM, Completion, Request, SamplingParams, Usage
 from optimas_fast.lm.factory import make_lm
 from optimas_fast.optimize import ConfigError, Optimas, OptimasConfig, OptimasResult
-from optimas_fast.reward import RewardModelConfig, RewardModel
+from optimas_fast.reward import RewardModel, RewardModelConfig
 from optimas_fast.system.context import current_run, record_usage
 from optimas_fast.system.dspy_adapter import ProgramSystem
 
@@ -65,7 +67,7 @@ class _Engine:
     """DSPy's engine contract (``complete(Request) -> Response``, see ``dspy.clients.engines.base``) over an
     optimas_fast LM: DSPy renders the prompt and parses the reply; the LM layer does the call."""
 
-    def __init__(self, backend: LM, owner: "DSPyLM | None" = None):
+    def __init__(self, backend: LM, owner: DSPyLM | None = None):
         self.backend = backend
         self.owner = owner  # the DSPyLM whose kwargs (rollout_id) apply; each copy gets its own engine
 
@@ -77,8 +79,9 @@ class _Engine:
         for m in request.messages:
             text = m.text
             if text is None:
-                raise ValueError(f"DSPyLM: a {m.role} message with non-text parts cannot go to an optimas_fast LM "
-                                 "(text only)")
+                raise ValueError(
+                    f"DSPyLM: a {m.role} message with non-text parts cannot go to an optimas_fast LM (text only)"
+                )
             messages.append({"role": _ROLES.get(m.role, "user"), "content": text})
         cfg = request.config  # DSPy fills it from the call's config and the LM's defaults (lm.kwargs)
         temperature = float(cfg.temperature) if cfg.temperature is not None else 0.0
@@ -93,15 +96,25 @@ class _Engine:
             # DSPy's lm.copy(rollout_id=k, temperature=1.0) asks for distinct samples: fold k into the seed
             # (our cache key holds the seed), deterministically across processes
             seed = zlib.crc32(f"{seed}:{rollout}".encode()) & 0x7FFFFFFF
-        out = self.backend.generate([messages], n=1, temperature=temperature, max_tokens=int(cfg.max_tokens or 256),
-                                    stop=list(cfg.stop) or None, seed=seed)
+        out = self.backend.generate(
+            [messages],
+            n=1,
+            temperature=temperature,
+            max_tokens=int(cfg.max_tokens or 256),
+            stop=list(cfg.stop) or None,
+            seed=seed,
+        )
         record_usage(out)  # the running step's usage (generate itself updated the ledger)
         c = out[0][0]
         if c.finish_reason == "error":
             raise RuntimeError(f"DSPyLM: the LM call failed: {c.error}")
-        return _Response(id=None, model=request.model, message=_Message.assistant(c.text),
-                         finish_reason="length" if c.finish_reason == "length" else "stop",
-                         usage=_Usage(input_tokens=c.usage.prompt_tokens, output_tokens=c.usage.completion_tokens))
+        return _Response(
+            id=None,
+            model=request.model,
+            message=_Message.assistant(c.text),
+            finish_reason="length" if c.finish_reason == "length" else "stop",
+            usage=_Usage(input_tokens=c.usage.prompt_tokens, output_tokens=c.usage.completion_tokens),
+        )
 
     def stream(self, request):
         return response_to_events(self.complete(request))
@@ -148,19 +161,29 @@ class DSPyLM(dspy.LM):
     Saving a predictor that holds a DSPyLM records its spec (one built from an LM instance cannot be saved).
     """
 
-    def __init__(self, lm: LM | str | Mapping = "embedded", *, temperature: float = 0.0, max_tokens: int = 256,
-                 **kwargs: Any):
+    def __init__(
+        self, lm: LM | str | Mapping = "embedded", *, temperature: float = 0.0, max_tokens: int = 256, **kwargs: Any
+    ):
         if not isinstance(lm, (LM, str, Mapping)):
-            raise TypeError(f"DSPyLM(lm): expected an optimas_fast.lm.LM or a make_lm spec (str or dict), "
-                            f"got {type(lm).__name__}")
+            raise TypeError(
+                f"DSPyLM(lm): expected an optimas_fast.lm.LM or a make_lm spec (str or dict), got {type(lm).__name__}"
+            )
         self.backend = make_lm(lm)
         self.spec = None if isinstance(lm, LM) else (lm if isinstance(lm, str) else dict(lm))
         engine = _Engine(self.backend, self)
-        super().__init__(f"optimas_fast/{self.backend.name}", model_type="chat", temperature=temperature,
-                         max_tokens=max_tokens, cache=False, num_retries=0, engine=engine,
-                         async_engine=_AsyncEngine(engine), **kwargs)
+        super().__init__(
+            f"optimas_fast/{self.backend.name}",
+            model_type="chat",
+            temperature=temperature,
+            max_tokens=max_tokens,
+            cache=False,
+            num_retries=0,
+            engine=engine,
+            async_engine=_AsyncEngine(engine),
+            **kwargs,
+        )
 
-    def copy(self, **kwargs: Any) -> "DSPyLM":
+    def copy(self, **kwargs: Any) -> DSPyLM:
         """``dspy.LM.copy`` with an engine of its own, so the copy's kwargs (``rollout_id``) apply to its calls."""
         if "engine" in kwargs:
             return super().copy(**kwargs)
@@ -171,13 +194,19 @@ class DSPyLM(dspy.LM):
 
     def dump_state(self) -> dict:
         if self.spec is None:
-            raise TypeError("DSPyLM built from an LM instance cannot be saved with the program; build it from a "
-                            "make_lm spec (e.g. DSPyLM('embedded')) or set the LM again after loading")
-        return {LM_CLASS_STATE_KEY: f"{type(self).__module__}.{type(self).__qualname__}", "lm": self.spec,
-                "temperature": self.kwargs.get("temperature"), "max_tokens": self.kwargs.get("max_tokens")}
+            raise TypeError(
+                "DSPyLM built from an LM instance cannot be saved with the program; build it from a "
+                "make_lm spec (e.g. DSPyLM('embedded')) or set the LM again after loading"
+            )
+        return {
+            LM_CLASS_STATE_KEY: f"{type(self).__module__}.{type(self).__qualname__}",
+            "lm": self.spec,
+            "temperature": self.kwargs.get("temperature"),
+            "max_tokens": self.kwargs.get("max_tokens"),
+        }
 
     @classmethod
-    def load_state(cls, state: dict, **_: Any) -> "DSPyLM":
+    def load_state(cls, state: dict, **_: Any) -> DSPyLM:
         state = {k: v for k, v in state.items() if k != LM_CLASS_STATE_KEY}
         if "lm" not in state:
             raise ValueError(f"DSPyLM.load_state: the state has no 'lm' spec (keys {sorted(state)})")
@@ -200,8 +229,11 @@ class _DSPyBackedLM(LM):
     def _request(self, prompt: Any, params: SamplingParams):
         chat = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         system = "\n\n".join(m["content"] for m in chat if m["role"] == "system") or None
-        messages = [_Message.assistant(m["content"]) if m["role"] == "assistant" else _Message.user(m["content"])
-                    for m in chat if m["role"] != "system"]
+        messages = [
+            _Message.assistant(m["content"]) if m["role"] == "assistant" else _Message.user(m["content"])
+            for m in chat
+            if m["role"] != "system"
+        ]
         config = _Config(temperature=params.temperature, max_tokens=params.max_tokens, stop=tuple(params.stop))
         return _Request(model=self.dspy_lm.model, messages=tuple(messages), system=system, config=config)
 
@@ -214,8 +246,13 @@ class _DSPyBackedLM(LM):
                 u = response.usage
                 p_tok = u.input_tokens if u.input_tokens is not None else self.estimate_prompt_tokens(r.prompt)
                 c_tok = u.output_tokens if u.output_tokens is not None else len(text) // 4 + 1
-                out.append(Completion(text, Usage(prompt_tokens=p_tok, completion_tokens=c_tok),
-                                      finish_reason="length" if response.finish_reason == "length" else "stop"))
+                out.append(
+                    Completion(
+                        text,
+                        Usage(prompt_tokens=p_tok, completion_tokens=c_tok),
+                        finish_reason="length" if response.finish_reason == "length" else "stop",
+                    )
+                )
             except Exception as exc:  # noqa: BLE001 — LM.generate accounts and raises (or records) it
                 out.append(exc)
         return out
@@ -228,20 +265,26 @@ def _as_dspy_lm(lm: Any, what: str) -> DSPyLM:
         return DSPyLM(lm)
     if isinstance(lm, dspy.BaseLM):
         return DSPyLM(_DSPyBackedLM(lm))
-    raise TypeError(f"OptimasOptimizer({what}): expected an optimas_fast.lm.LM, a make_lm spec (str or dict), a "
-                    f"DSPyLM or a dspy.BaseLM, got {type(lm).__name__}")
+    raise TypeError(
+        f"OptimasOptimizer({what}): expected an optimas_fast.lm.LM, a make_lm spec (str or dict), a "
+        f"DSPyLM or a dspy.BaseLM, got {type(lm).__name__}"
+    )
 
 
 # --------------------------------------------------------------------------------------------- the optimizer
 def _loop_config(settings: Mapping[str, Any]) -> OptimasConfig:
     unknown = sorted(k for k in settings if k not in LOOP_SETTINGS)
     if unknown:
-        raise ConfigError(f"OptimasOptimizer: unknown loop setting{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(map(repr, unknown))}; valid settings: {', '.join(LOOP_SETTINGS)} "
-                          "(plus the optimizer's own: lm, reward, proposer, run_dir, progress)")
+        raise ConfigError(
+            f"OptimasOptimizer: unknown loop setting{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(map(repr, unknown))}; valid settings: {', '.join(LOOP_SETTINGS)} "
+            "(plus the optimizer's own: lm, reward, proposer, run_dir, progress)"
+        )
     # nested sections may come as their dataclasses (collect=CollectConfig(...)) or as dicts
-    data = {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v)
-            for k, v in settings.items()}
+    data = {
+        k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v)
+        for k, v in settings.items()
+    }
     return OptimasConfig.from_dict(data)
 
 
@@ -255,8 +298,10 @@ def _examples(data: Any, what: str) -> list:
         if not isinstance(ex, dspy.Example):
             raise TypeError(f"compile({what}[{i}]): expected a dspy.Example, got {type(ex).__name__}")
         if ex._input_keys is None:
-            raise ValueError(f"compile({what}[{i}]): the example has no input keys; build it with "
-                             "dspy.Example(...).with_inputs('question', ...)")
+            raise ValueError(
+                f"compile({what}[{i}]): the example has no input keys; build it with "
+                "dspy.Example(...).with_inputs('question', ...)"
+            )
     return data
 
 
@@ -281,18 +326,30 @@ class OptimasOptimizer:
     After ``compile``, ``self.result`` is the loop's ``OptimasResult`` (history, validation scores, usage).
     """
 
-    def __init__(self, metric: Callable[..., Any], *, lm: Any = None, reward: Any = "minilm", proposer: Any = None,
-                 run_dir: str | None = None, progress: bool = False, **loop_settings: Any):
+    def __init__(
+        self,
+        metric: Callable[..., Any],
+        *,
+        lm: Any = None,
+        reward: Any = "minilm",
+        proposer: Any = None,
+        run_dir: str | None = None,
+        progress: bool = False,
+        **loop_settings: Any,
+    ):
         if not callable(metric):
-            raise TypeError(f"OptimasOptimizer(metric): expected a callable metric(example, prediction, trace=None), "
-                            f"got {type(metric).__name__}")
+            raise TypeError(
+                f"OptimasOptimizer(metric): expected a callable metric(example, prediction, trace=None), "
+                f"got {type(metric).__name__}"
+            )
         self.metric = metric
         self.config = _loop_config(loop_settings)  # settings fail here, before any data is touched
         self.lm = None if lm is None else _as_dspy_lm(lm, "lm")
         self.proposer = None if proposer is None else _as_dspy_lm(proposer, "proposer").backend
         if not isinstance(reward, str) and not hasattr(reward, "score"):
-            raise TypeError(f"OptimasOptimizer(reward): expected a RewardModel or a backbone name/path, "
-                            f"got {type(reward).__name__}")
+            raise TypeError(
+                f"OptimasOptimizer(reward): expected a RewardModel or a backbone name/path, got {type(reward).__name__}"
+            )
         self.reward = reward
         self.run_dir = run_dir
         self.progress = progress
@@ -314,15 +371,18 @@ class OptimasOptimizer:
         if not isinstance(student, dspy.Module):
             raise TypeError(f"compile(student): expected a dspy.Module, got {type(student).__name__}")
         if not student.named_predictors():
-            raise ValueError(f"compile(student): {type(student).__name__} has no predictors (dspy.Predict, "
-                             "ChainOfThought, ...) whose instructions could be optimized")
+            raise ValueError(
+                f"compile(student): {type(student).__name__} has no predictors (dspy.Predict, "
+                "ChainOfThought, ...) whose instructions could be optimized"
+            )
         train = _examples(trainset, "trainset")
         val = _examples(valset, "valset") if valset is not None else train
         lm = self.lm
         if lm is None:
             if dspy.settings.lm is None:
-                raise ValueError("OptimasOptimizer: no LM: pass lm= (e.g. DSPyLM('embedded')) or "
-                                 "dspy.configure(lm=...)")
+                raise ValueError(
+                    "OptimasOptimizer: no LM: pass lm= (e.g. DSPyLM('embedded')) or dspy.configure(lm=...)"
+                )
             lm = _as_dspy_lm(dspy.settings.lm, "lm")
         proposer = self.proposer if self.proposer is not None else lm.backend
         system = ProgramSystem(student, self.metric, lm=lm, name=type(student).__name__)
@@ -340,6 +400,10 @@ class OptimasOptimizer:
             if text is not None and text != predictor.signature.instructions:
                 predictor.signature = predictor.signature.with_instructions(text)
         optimized._compiled = True  # DSPy's mark of an optimized program (frozen when nested in another)
-        log.info("OptimasOptimizer: validation %.4f -> %.4f%s", self.result.initial_val, self.result.best_val,
-                 f" (stopped: {self.result.stopped})" if self.result.stopped else "")
+        log.info(
+            "OptimasOptimizer: validation %.4f -> %.4f%s",
+            self.result.initial_val,
+            self.result.best_val,
+            f" (stopped: {self.result.stopped})" if self.result.stopped else "",
+        )
         return optimized

@@ -10,14 +10,22 @@ engine's file formats (``reward.formats``: pairs read from TRL or reference Opti
 A *component* here is anything with ``name``, ``inputs`` and ``outputs`` (field names), e.g. a
 ``system.Component``.
 """
+
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
-__all__ = ["REWARD_INPUT_CHARS", "REWARD_OUTPUT_CHARS", "format_fields", "format_value", "render_inputs",
-           "render_outputs", "reward_row"]
+__all__ = [
+    "REWARD_INPUT_CHARS",
+    "REWARD_OUTPUT_CHARS",
+    "format_fields",
+    "format_value",
+    "render_inputs",
+    "render_outputs",
+    "reward_row",
+]
 
 # Per-field caps of the text an LRF sees: the LRF template keeps at most 512 tokens, and an over-long *output*
 # is an error there (the scored text is never truncated silently), so outputs are capped well below that.

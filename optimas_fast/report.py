@@ -9,14 +9,16 @@ Extra sections (e.g. the CLI's test-set scores) are merged in with ``extra``.
 report.png: (left) validation score per iteration with accepted changes marked and the best-so-far line;
 (right) each head's held-out pairwise accuracy and Spearman alignment per iteration (the alignment monitor).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -89,8 +91,14 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike) -> None:
         ax1.scatter(*zip(*rej), marker="x", color="tab:red", label="rejected", zorder=3)
     for h in its:
         if h.get("component"):
-            ax1.annotate(h["component"], (h["iteration"], h.get("best_val") or 0), fontsize=6, rotation=45,
-                         xytext=(0, 4), textcoords="offset points")
+            ax1.annotate(
+                h["component"],
+                (h["iteration"], h.get("best_val") or 0),
+                fontsize=6,
+                rotation=45,
+                xytext=(0, 4),
+                textcoords="offset points",
+            )
     ax1.set_xlabel("iteration")
     ax1.set_ylabel("global score (validation)")
     ax1.set_title("validation score per iteration")
@@ -118,8 +126,12 @@ def plot_report(report: Mapping[str, Any], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def write_report(run_dir: str | os.PathLike, state: Mapping[str, Any] | None = None,
-                 extra: Mapping[str, Any] | None = None, png: bool = True) -> dict:
+def write_report(
+    run_dir: str | os.PathLike,
+    state: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    png: bool = True,
+) -> dict:
     """Writes ``report.json`` (and ``report.png``) into ``run_dir``; ``state`` defaults to its run_state.json."""
     run_dir = Path(run_dir)
     if state is None:
@@ -142,5 +154,9 @@ def bootstrap_ci(scores: Sequence[float], n_boot: int = 2000, level: float = 0.9
     rng = np.random.default_rng(seed)
     means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1)
     a = (1 - level) / 2
-    return {"n": int(x.size), "mean": float(x.mean()), "lo": float(np.quantile(means, a)),
-            "hi": float(np.quantile(means, 1 - a))}
+    return {
+        "n": int(x.size),
+        "mean": float(x.mean()),
+        "lo": float(np.quantile(means, a)),
+        "hi": float(np.quantile(means, 1 - a)),
+    }

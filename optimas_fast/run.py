@@ -30,6 +30,7 @@ A run config (YAML) has these top-level keys (all optional except ``system``):
 
 A bad key or value stops with a message naming the key and what is allowed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -96,8 +97,10 @@ def _check_keys(d: Any, allowed: tuple, where: str) -> dict:
         raise ConfigError(f"{where} must be a mapping, got {type(d).__name__}")
     bad = sorted(k for k in d if k not in allowed)
     if bad:
-        raise ConfigError(f"unknown key {', '.join(repr(f'{where}.{k}' if where else k) for k in bad)}; "
-                          f"allowed keys{' under ' + where if where else ''}: {list(allowed)}")
+        raise ConfigError(
+            f"unknown key {', '.join(repr(f'{where}.{k}' if where else k) for k in bad)}; "
+            f"allowed keys{' under ' + where if where else ''}: {list(allowed)}"
+        )
     return dict(d)
 
 
@@ -111,21 +114,33 @@ def _parse_data(data: dict, system: str, base_dir: Path) -> dict:
     files = {k: data[k] for k in ("train", "val", "test") if isinstance(data.get(k), str)}
     if not files:
         for k in ("train", "val", "test"):
-            check_int(data.get(k), f"data.{k}", min=1, allow_none=True, error=ConfigError,
-                      what="an int >= 1 (a size cap), a JSONL file path or null")
+            check_int(
+                data.get(k),
+                f"data.{k}",
+                min=1,
+                allow_none=True,
+                error=ConfigError,
+                what="an int >= 1 (a size cap), a JSONL file path or null",
+            )
         if is_factory_spec(system):
-            raise ConfigError(f"system {system!r} (your own pipeline) needs its data as JSONL files: "
-                              f"data: {{train: FILE, val: FILE, test: FILE}}")
+            raise ConfigError(
+                f"system {system!r} (your own pipeline) needs its data as JSONL files: "
+                f"data: {{train: FILE, val: FILE, test: FILE}}"
+            )
         return data
     for k in ("train", "val", "test"):
         v = data.get(k)
         if v is not None and not isinstance(v, str):
-            raise ConfigError(f"data.{k}: give every split as a JSONL file path (or leave test out), not a mix of "
-                              f"files and size caps; got {v!r}")
+            raise ConfigError(
+                f"data.{k}: give every split as a JSONL file path (or leave test out), not a mix of "
+                f"files and size caps; got {v!r}"
+            )
     missing = [k for k in ("train", "val") if k not in files]
     if missing:
-        raise ConfigError(f"data.{missing[0]}: a JSONL file is required when the data are files "
-                          f"(data: {{train: FILE, val: FILE, test: FILE}})")
+        raise ConfigError(
+            f"data.{missing[0]}: a JSONL file is required when the data are files "
+            f"(data: {{train: FILE, val: FILE, test: FILE}})"
+        )
     if data.get("dir") is not None:
         raise ConfigError("data.dir is the built-in examples' data folder; it cannot be combined with JSONL files")
     out = dict(data)
@@ -144,10 +159,13 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> RunConf
     raw = _check_keys(raw, TOP_KEYS, "")
     system = raw.get("system")
     if system not in SYSTEMS and not is_factory_spec(system):
-        raise ConfigError(f"system must be one of {list(SYSTEMS)} or 'package.module:factory' (a callable returning "
-                          f"a System), got {system!r}")
-    data = _parse_data(_check_keys(raw.get("data"), DATA_KEYS, "data"), system,
-                       Path(base_dir) if base_dir is not None else Path.cwd())
+        raise ConfigError(
+            f"system must be one of {list(SYSTEMS)} or 'package.module:factory' (a callable returning "
+            f"a System), got {system!r}"
+        )
+    data = _parse_data(
+        _check_keys(raw.get("data"), DATA_KEYS, "data"), system, Path(base_dir) if base_dir is not None else Path.cwd()
+    )
     if data.get("train") is not None and isinstance(data["train"], str):
         raw = dict(raw, data=data)  # the absolute paths travel with the config
     check_int(data.get("seed"), "data.seed", allow_none=True, error=ConfigError, what="an int or null (loop.seed)")
@@ -158,13 +176,16 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> RunConf
     for k in ("lm", "proposer"):
         v = raw.get(k)
         if v is not None and not isinstance(v, (str, Mapping)):
-            raise ConfigError(f"{k} must be an LM spec string (e.g. 'embedded', 'openai:<model>@<url>') or a mapping, "
-                              f"got {v!r}")
+            raise ConfigError(
+                f"{k} must be an LM spec string (e.g. 'embedded', 'openai:<model>@<url>') or a mapping, got {v!r}"
+            )
     for where, v in [("lm", raw.get("lm")), ("proposer", raw.get("proposer"))] + [
-            (f"lms.{n}", v) for n, v in (lms or {}).items()]:
+        (f"lms.{n}", v) for n, v in (lms or {}).items()
+    ]:
         if isinstance(v, Mapping) and "factory" in v and (set(v) != {"factory"} or not is_factory_spec(v["factory"])):
-            raise ConfigError(f"{where}: an LM factory is {{factory: 'package.module:callable'}} and nothing else, "
-                              f"got {dict(v)!r}")
+            raise ConfigError(
+                f"{where}: an LM factory is {{factory: 'package.module:callable'}} and nothing else, got {dict(v)!r}"
+            )
     try:
         loop = OptimasConfig.from_dict(raw.get("loop") or {}, prefix="loop.")
     except ConfigError as exc:  # value errors name the field without its section: add it
@@ -176,8 +197,18 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> RunConf
     if data.get("seed") is None:
         data = dict(data, seed=loop.seed)  # one seed: the split follows loop.seed unless data.seed is given
     reward.seed = loop.seed
-    return RunConfig(system, data, raw.get("lm", "embedded"), dict(lms) if lms else None, raw.get("proposer"),
-                     backbone, reward, loop, out, raw)
+    return RunConfig(
+        system,
+        data,
+        raw.get("lm", "embedded"),
+        dict(lms) if lms else None,
+        raw.get("proposer"),
+        backbone,
+        reward,
+        loop,
+        out,
+        raw,
+    )
 
 
 def _parse_reward(section: Any) -> tuple[str, RewardModelConfig]:
@@ -188,15 +219,18 @@ def _parse_reward(section: Any) -> tuple[str, RewardModelConfig]:
     section = _check_keys(section, REWARD_KEYS, "reward")
     backbone = section.pop("backbone", MINILM)
     if not isinstance(backbone, str) or not (backbone in (MINILM, "tiny-random") or os.path.isdir(backbone)):
-        raise ConfigError(f"reward.backbone must be {MINILM!r}, 'tiny-random' or an existing model directory, "
-                          f"got {backbone!r}")
+        raise ConfigError(
+            f"reward.backbone must be {MINILM!r}, 'tiny-random' or an existing model directory, got {backbone!r}"
+        )
     short = "max_length" in section
     if short:
         template = section.get("template") or {}
         if isinstance(template, Mapping) and "max_length" in template:
             raise ConfigError("reward.max_length is short for reward.template.max_length: give one of them")
-        section["template"] = {**(template if isinstance(template, Mapping) else {}), "max_length":
-                               section.pop("max_length")}
+        section["template"] = {
+            **(template if isinstance(template, Mapping) else {}),
+            "max_length": section.pop("max_length"),
+        }
     lora = section.pop("lora", None)
     try:
         cfg = from_dict(RewardModelConfig, section, "reward.")
@@ -239,17 +273,21 @@ def resolve_factory(spec: str, where: str = "system") -> Any:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-            raise ConfigError(f"{where}: cannot import module {module_name!r} of {spec!r}: no module {exc.name!r} "
-                              f"in the current directory ({cwd}) or on sys.path") from None
+            raise ConfigError(
+                f"{where}: cannot import module {module_name!r} of {spec!r}: no module {exc.name!r} "
+                f"in the current directory ({cwd}) or on sys.path"
+            ) from None
         raise ConfigError(f"{where}: importing module {module_name!r} of {spec!r} failed: {exc}") from None
     except Exception as exc:  # noqa: BLE001 — the user's module raised while importing: say so in one line
-        raise ConfigError(f"{where}: importing module {module_name!r} of {spec!r} failed: "
-                          f"{type(exc).__name__}: {exc}") from None
+        raise ConfigError(
+            f"{where}: importing module {module_name!r} of {spec!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ConfigError(f"{where}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no attribute "
-                              f"{attr!r}")
+            raise ConfigError(
+                f"{where}: module {module_name!r} ({getattr(module, '__file__', '?')}) has no attribute {attr!r}"
+            )
         obj = getattr(obj, part)
     return obj
 
@@ -266,11 +304,18 @@ def build_own_system(spec: str, make_lms) -> Any:
     except (TypeError, ValueError):
         params = {}
     wants = [n for n in ("lm", "lms") if n in params]
-    required = [n for n, p in params.items() if n not in ("lm", "lms") and p.default is p.empty
-                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    required = [
+        n
+        for n, p in params.items()
+        if n not in ("lm", "lms")
+        and p.default is p.empty
+        and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
     if required:
-        raise ConfigError(f"system: factory {spec!r} has required parameters {required}; it is called with lm= "
-                          f"and/or lms= only (give the others defaults)")
+        raise ConfigError(
+            f"system: factory {spec!r} has required parameters {required}; it is called with lm= "
+            f"and/or lms= only (give the others defaults)"
+        )
     lms = make_lms() if wants else None
     kwargs = {}
     if "lm" in wants:
@@ -285,8 +330,9 @@ def build_own_system(spec: str, make_lms) -> Any:
         log.debug("factory %s failed", spec, exc_info=True)
         raise ConfigError(f"system: factory {spec!r} raised {type(exc).__name__}: {exc}") from None
     if not isinstance(system, System):
-        raise ConfigError(f"system: factory {spec!r} returned a {type(system).__name__}, not an "
-                          f"optimas_fast.system.System")
+        raise ConfigError(
+            f"system: factory {spec!r} returned a {type(system).__name__}, not an optimas_fast.system.System"
+        )
     return system, lms
 
 
@@ -297,8 +343,9 @@ def make_lm_spec(spec: Any, where: str):
         obj = resolve_factory(spec["factory"], where)
         lm = obj() if callable(obj) and not isinstance(obj, LM) else obj
         if not isinstance(lm, LM):
-            raise ConfigError(f"{where}: factory {spec['factory']!r} gave a {type(lm).__name__}, not an "
-                              f"optimas_fast.lm.LM")
+            raise ConfigError(
+                f"{where}: factory {spec['factory']!r} gave a {type(lm).__name__}, not an optimas_fast.lm.LM"
+            )
         return lm
     try:
         return make_lm(spec)
@@ -314,12 +361,15 @@ def load_jsonl(path: str | os.PathLike, *, required: tuple = (), where: str = ""
     try:
         for i, row in iter_jsonl(path):
             if not isinstance(row, dict):
-                raise ConfigError(f"{label}{path} line {i}: expected a JSON object (one example), got "
-                                  f"{type(row).__name__}")
+                raise ConfigError(
+                    f"{label}{path} line {i}: expected a JSON object (one example), got {type(row).__name__}"
+                )
             missing = [k for k in required if k not in row]
             if missing:
-                raise ConfigError(f"{label}{path} line {i}: missing field(s) {missing} that the system reads "
-                                  f"(its inputs: {list(required)})")
+                raise ConfigError(
+                    f"{label}{path} line {i}: missing field(s) {missing} that the system reads "
+                    f"(its inputs: {list(required)})"
+                )
             rows.append(row)
     except JSONLineError as exc:
         raise ConfigError(f"{label}{exc}") from None
@@ -362,20 +412,35 @@ def build(cfg: RunConfig):
         first = next(iter(lms.values())) if isinstance(lms, dict) else lms
         proposer = make_lm_spec(cfg.proposer, "proposer") if cfg.proposer is not None else first
     if files:
-        split = Split(*(load_jsonl(cfg.data[k], required=system.inputs, where=f"data.{k}") if cfg.data.get(k) else []
-                         for k in ("train", "val", "test")))
+        split = Split(
+            *(
+                load_jsonl(cfg.data[k], required=system.inputs, where=f"data.{k}") if cfg.data.get(k) else []
+                for k in ("train", "val", "test")
+            )
+        )
     else:
-        split = Split(*(getattr(split, k)[: cfg.data[k]] if cfg.data.get(k) else getattr(split, k)
-                         for k in ("train", "val", "test")))
+        split = Split(
+            *(
+                getattr(split, k)[: cfg.data[k]] if cfg.data.get(k) else getattr(split, k)
+                for k in ("train", "val", "test")
+            )
+        )
     comps = {n: system.components[n].description or n for n in system.order if system.components[n].variables()}
     if not comps:
         raise ConfigError(f"system {cfg.system!r}: no component has a variable to optimize")
     targets = cfg.loop.components or list(comps)
-    prompts = [a for n in targets if n in system.components
-               for a, v in system.components[n].variables().items() if v.kind == "prompt"]
+    prompts = [
+        a
+        for n in targets
+        if n in system.components
+        for a, v in system.components[n].variables().items()
+        if v.kind == "prompt"
+    ]
     if prompts and proposer is None and cfg.system != "synthetic":
-        raise ConfigError(f"system {cfg.system!r} optimizes Prompt variables {prompts}: give 'proposer:' (an LM spec) "
-                          f"or 'lm:', or a factory that takes lm=")
+        raise ConfigError(
+            f"system {cfg.system!r} optimizes Prompt variables {prompts}: give 'proposer:' (an LM spec) "
+            f"or 'lm:', or a factory that takes lm="
+        )
     if cfg.backbone == "tiny-random":
         rm = tiny_reward_model(comps, cfg.loop.seed)
     else:
@@ -390,8 +455,17 @@ class Split:
     test: list
 
 
-def evaluate_with_bar(system, examples, *, desc: str, workers: int, seed: int, progress: bool = True,
-                      stats: dict | None = None, **eval_kwargs):
+def evaluate_with_bar(
+    system,
+    examples,
+    *,
+    desc: str,
+    workers: int,
+    seed: int,
+    progress: bool = True,
+    stats: dict | None = None,
+    **eval_kwargs,
+):
     """``system.evaluate`` in chunks, with a tqdm bar (ETA) over examples; returns the list of scores.
     ``system`` is a System or anything with its ``evaluate`` (e.g. ``optimas_fast.best_of.BestOfN``);
     ``eval_kwargs`` go to ``evaluate``; ``stats``, when given, receives the LM calls and tokens the traces
@@ -402,7 +476,7 @@ def evaluate_with_bar(system, examples, *, desc: str, workers: int, seed: int, p
     chunk = max(1, workers)  # one LM batch per chunk; the bar moves (and estimates) per chunk
     with tqdm(total=len(examples), desc=desc, unit="ex", disable=not progress, dynamic_ncols=True) as bar:
         for i in range(0, len(examples), chunk):
-            res = system.evaluate(examples[i:i + chunk], workers=workers, seed=seed, **eval_kwargs)
+            res = system.evaluate(examples[i : i + chunk], workers=workers, seed=seed, **eval_kwargs)
             scores += res.scores
             for t in res.traces:
                 u = t.usage
@@ -420,8 +494,14 @@ def format_ci(ci: Mapping) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- commands
-def run_config(cfg: RunConfig, out: str | None, resume: bool = False, progress: bool = True,
-               test_before: bool = True, echo: Callable[[str], None] = log.info) -> dict:
+def run_config(
+    cfg: RunConfig,
+    out: str | None,
+    resume: bool = False,
+    progress: bool = True,
+    test_before: bool = True,
+    echo: Callable[[str], None] = log.info,
+) -> dict:
     """Runs (or resumes) the loop of ``cfg`` in ``out``, evaluates on the test split before and after, writes
     the report, and returns its test section. ``echo`` receives the result lines (test scores before and after,
     the validation gain, where the output went): the log by default, the terminal under the CLI."""
@@ -429,35 +509,44 @@ def run_config(cfg: RunConfig, out: str | None, resume: bool = False, progress: 
     t0 = time.perf_counter()
     system, split, rm, proposer = build(cfg)  # first: a config that cannot build leaves no run directory behind
     if not split.train or not split.val:
-        raise ConfigError(f"the train and val splits must not be empty (got {len(split.train)} and {len(split.val)} "
-                          f"examples)")
+        raise ConfigError(
+            f"the train and val splits must not be empty (got {len(split.train)} and {len(split.val)} examples)"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (out_dir / CONFIG_NAME).write_text(yaml.safe_dump(cfg.raw, sort_keys=False), encoding="utf-8")
     workers = cfg.loop.val_workers
-    extra: dict[str, Any] = {"system": cfg.system,
-                             "split_sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)}}
+    extra: dict[str, Any] = {
+        "system": cfg.system,
+        "split_sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
+    }
     before_file = out_dir / "test_before.json"
     if test_before and split.test:
         if before_file.exists():  # measured by the interrupted session already
             before = json.loads(before_file.read_text())
         else:
-            before = evaluate_with_bar(system, split.test, desc="test (before)", workers=workers, seed=cfg.loop.seed,
-                                       progress=progress)
+            before = evaluate_with_bar(
+                system, split.test, desc="test (before)", workers=workers, seed=cfg.loop.seed, progress=progress
+            )
             before_file.write_text(json.dumps(before))
         extra["test_before"] = bootstrap_ci(before, seed=cfg.loop.seed)
         echo(f"test score before: {format_ci(extra['test_before'])}")
     loop = Optimas(rm, proposer, cfg.loop, progress=progress)
     res = loop.optimize(system, split.train, split.val, run_dir=out_dir, resume_from=out_dir if resume else None)
     if split.test:
-        after = evaluate_with_bar(res.system, split.test, desc="test (after)", workers=workers, seed=cfg.loop.seed,
-                                  progress=progress)
+        after = evaluate_with_bar(
+            res.system, split.test, desc="test (after)", workers=workers, seed=cfg.loop.seed, progress=progress
+        )
         extra["test_after"] = bootstrap_ci(after, seed=cfg.loop.seed)
         echo(f"test score after:  {format_ci(extra['test_after'])}")
     extra["total_wall_seconds"] = time.perf_counter() - t0
     write_report(out_dir, extra=extra)
-    echo(f"validation: {res.initial_val:.3f} -> {res.best_val:.3f}"
-          f"{'' if res.stopped is None else f' (stopped: {res.stopped})'}")
-    echo(f"output: {out_dir}/ (report.json, report.png, system_state.json, {CONFIG_NAME}, run_state.json, LRF "
-          f"checkpoint)")
+    echo(
+        f"validation: {res.initial_val:.3f} -> {res.best_val:.3f}"
+        f"{'' if res.stopped is None else f' (stopped: {res.stopped})'}"
+    )
+    echo(
+        f"output: {out_dir}/ (report.json, report.png, system_state.json, {CONFIG_NAME}, run_state.json, LRF "
+        f"checkpoint)"
+    )
     return extra

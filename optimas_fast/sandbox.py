@@ -43,6 +43,7 @@ The supervisor (this file run as a script, by the caller's interpreter) sets the
 the namespace's init, which forks the program; it enforces the wall-clock timeout and reports the
 program's wait status on a private pipe. This module imports only the standard library for that reason.
 """
+
 from __future__ import annotations
 
 import json
@@ -128,8 +129,19 @@ def _check_positive(name: str, value, kind=(int, float)) -> None:
 
 
 def _probe(mode: str, python: str) -> SandboxResult:
-    return _run(mode, "import sys; print(sys.version_info[0])", python, timeout_s=20, memory_mb=256, max_procs=8,
-                cpu_s=20, file_size_mb=1, max_open_files=32, max_output_bytes=4096, env=None)
+    return _run(
+        mode,
+        "import sys; print(sys.version_info[0])",
+        python,
+        timeout_s=20,
+        memory_mb=256,
+        max_procs=8,
+        cpu_s=20,
+        file_size_mb=1,
+        max_open_files=32,
+        max_output_bytes=4096,
+        env=None,
+    )
 
 
 def _python_candidates() -> list[str]:
@@ -137,8 +149,13 @@ def _python_candidates() -> list[str]:
     in /root, mode 0700) that the sandbox uid cannot enter; the system's then serves (the code needs the
     standard library only: it runs with -I -S)."""
     seen, out = set(), []
-    for p in (sys.executable, getattr(sys, "_base_executable", None), "/usr/bin/python3", "/usr/local/bin/python3",
-              shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")):
+    for p in (
+        sys.executable,
+        getattr(sys, "_base_executable", None),
+        "/usr/bin/python3",
+        "/usr/local/bin/python3",
+        shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin"),
+    ):
         if p and os.path.isfile(p) and os.path.realpath(p) not in seen:
             seen.add(os.path.realpath(p))
             out.append(os.path.realpath(p))
@@ -163,9 +180,12 @@ def _select_locked() -> tuple[str, str]:
             res = _probe(mode, python)
             if res.ok and res.stdout.strip() == "3":
                 if mode in ("uid", "plain"):
-                    log.warning("sandbox: no namespaces available (%s): generated code runs with rlimits and a "
-                                "timeout only; the network is NOT disabled%s", "; ".join(tried),
-                                "" if mode == "uid" else " and the caller's files are writable by it")
+                    log.warning(
+                        "sandbox: no namespaces available (%s): generated code runs with rlimits and a "
+                        "timeout only; the network is NOT disabled%s",
+                        "; ".join(tried),
+                        "" if mode == "uid" else " and the caller's files are writable by it",
+                    )
                 with _MODE_LOCK:
                     _MODE, _PYTHON[mode] = mode, python
                 return mode, python
@@ -178,10 +198,19 @@ def sandbox_mode() -> str:
     return _select()[0]
 
 
-def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 512, max_procs: int = 16,
-               cpu_s: float | None = None, file_size_mb: int = 16, max_open_files: int = 64,
-               max_output_bytes: int = 64 * 1024, python: str | None = None,
-               env: dict | None = None) -> SandboxResult:
+def run_python(
+    code: str,
+    *,
+    timeout_s: float = 10.0,
+    memory_mb: int = 512,
+    max_procs: int = 16,
+    cpu_s: float | None = None,
+    file_size_mb: int = 16,
+    max_open_files: int = 64,
+    max_output_bytes: int = 64 * 1024,
+    python: str | None = None,
+    env: dict | None = None,
+) -> SandboxResult:
     """Runs ``code`` (Python source) as ``python -I -S main.py`` in the sandbox; never raises for the code's
     failures (they are ``ok=False`` with a ``reason``).
 
@@ -200,21 +229,37 @@ def run_python(code: str, *, timeout_s: float = 10.0, memory_mb: int = 512, max_
     if not isinstance(code, str):
         raise TypeError(f"run_python(code): expected a str, got {type(code).__name__}")
     _check_positive("timeout_s", timeout_s)
-    for name, value in (("memory_mb", memory_mb), ("max_procs", max_procs), ("file_size_mb", file_size_mb),
-                        ("max_open_files", max_open_files), ("max_output_bytes", max_output_bytes)):
+    for name, value in (
+        ("memory_mb", memory_mb),
+        ("max_procs", max_procs),
+        ("file_size_mb", file_size_mb),
+        ("max_open_files", max_open_files),
+        ("max_output_bytes", max_output_bytes),
+    ):
         _check_positive(name, value, int)
     if cpu_s is not None:
         _check_positive("cpu_s", cpu_s)
-    if env is not None and (not isinstance(env, dict)
-                            or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+    if env is not None and (
+        not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+    ):
         raise TypeError("run_python(env): expected a dict of str -> str")
     if python is not None and not os.path.isfile(python):
         raise SandboxError(f"run_python(python): {python!r} is not a file")
     mode, default_python = _select()
     interpreter = python or default_python
-    return _run(mode, code, interpreter, timeout_s=float(timeout_s), memory_mb=memory_mb, max_procs=max_procs,
-                cpu_s=cpu_s, file_size_mb=file_size_mb, max_open_files=max_open_files,
-                max_output_bytes=max_output_bytes, env=env)
+    return _run(
+        mode,
+        code,
+        interpreter,
+        timeout_s=float(timeout_s),
+        memory_mb=memory_mb,
+        max_procs=max_procs,
+        cpu_s=cpu_s,
+        file_size_mb=file_size_mb,
+        max_open_files=max_open_files,
+        max_output_bytes=max_output_bytes,
+        env=env,
+    )
 
 
 def _count_user_procs(uid: int) -> int:
@@ -232,9 +277,20 @@ def _count_user_procs(uid: int) -> int:
     return n
 
 
-def _run(mode: str, code: str, python: str, *, timeout_s: float, memory_mb: int, max_procs: int,
-         cpu_s: float | None, file_size_mb: int, max_open_files: int, max_output_bytes: int,
-         env: dict | None) -> SandboxResult:
+def _run(
+    mode: str,
+    code: str,
+    python: str,
+    *,
+    timeout_s: float,
+    memory_mb: int,
+    max_procs: int,
+    cpu_s: float | None,
+    file_size_mb: int,
+    max_open_files: int,
+    max_output_bytes: int,
+    env: dict | None,
+) -> SandboxResult:
     t0 = time.perf_counter()
     drop = mode in ("root", "uid")
     uid = _fresh_uid() if drop else os.getuid()
@@ -253,30 +309,70 @@ def _run(mode: str, code: str, python: str, *, timeout_s: float, memory_mb: int,
             os.chown(work, uid, gid)
         # RLIMIT_NPROC counts every process of the real uid: with the caller's own uid, add what it runs already
         nproc = max_procs if drop else _count_user_procs(uid) + max_procs
-        child_env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": work,
-                     "TMPDIR": work, "PYTHONDONTWRITEBYTECODE": "1", **(env or {})}
+        child_env = {
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "HOME": work,
+            "TMPDIR": work,
+            "PYTHONDONTWRITEBYTECODE": "1",
+            **(env or {}),
+        }
         read_fd, write_fd = os.pipe()
         cfg = {
-            "mode": mode, "python": python, "script": script, "work": work, "base": base, "uid": uid, "gid": gid,
-            "timeout_s": timeout_s, "report_fd": write_fd, "env": child_env,
-            "rlimits": {"CPU": int(-(-(cpu_s or timeout_s) // 1)), "AS": memory_mb << 20, "NPROC": nproc,
-                        "FSIZE": file_size_mb << 20, "NOFILE": max_open_files, "CORE": 0},
+            "mode": mode,
+            "python": python,
+            "script": script,
+            "work": work,
+            "base": base,
+            "uid": uid,
+            "gid": gid,
+            "timeout_s": timeout_s,
+            "report_fd": write_fd,
+            "env": child_env,
+            "rlimits": {
+                "CPU": int(-(-(cpu_s or timeout_s) // 1)),
+                "AS": memory_mb << 20,
+                "NPROC": nproc,
+                "FSIZE": file_size_mb << 20,
+                "NOFILE": max_open_files,
+                "CORE": 0,
+            },
         }
         proc = subprocess.Popen(
             [os.path.realpath(sys.executable), "-I", "-S", os.path.abspath(__file__), json.dumps(cfg)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=work,
-            env={"PATH": child_env["PATH"], "LANG": "C.UTF-8"}, start_new_session=True, close_fds=True,
-            pass_fds=(write_fd,))
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=work,
+            env={"PATH": child_env["PATH"], "LANG": "C.UTF-8"},
+            start_new_session=True,
+            close_fds=True,
+            pass_fds=(write_fd,),
+        )
         os.close(write_fd)
         write_fd = None
-        out, err, report, truncated = _collect(proc, read_fd, deadline=time.monotonic() + timeout_s + 10.0,
-                                               limit=max_output_bytes)
+        out, err, report, truncated = _collect(
+            proc, read_fd, deadline=time.monotonic() + timeout_s + 10.0, limit=max_output_bytes
+        )
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
-        res = _result(report, out, err, truncated, time.perf_counter() - t0, mode, uid, timeout_s, memory_mb,
-                      max_procs, cfg["rlimits"]["CPU"], proc.returncode)
+        res = _result(
+            report,
+            out,
+            err,
+            truncated,
+            time.perf_counter() - t0,
+            mode,
+            uid,
+            timeout_s,
+            memory_mb,
+            max_procs,
+            cfg["rlimits"]["CPU"],
+            proc.returncode,
+        )
         res.workdir = work
         return res
     finally:
@@ -380,11 +476,30 @@ _HINTS = (
 )
 
 
-def _result(report: dict, out: str, err: str, truncated: bool, seconds: float, mode: str, uid: int,
-            timeout_s: float, memory_mb: int, max_procs: int, cpu_s: int, sup_rc: int | None) -> SandboxResult:
+def _result(
+    report: dict,
+    out: str,
+    err: str,
+    truncated: bool,
+    seconds: float,
+    mode: str,
+    uid: int,
+    timeout_s: float,
+    memory_mb: int,
+    max_procs: int,
+    cpu_s: int,
+    sup_rc: int | None,
+) -> SandboxResult:
     isolation = tuple(report.get("isolation", ()))
-    common = dict(stdout=out, stderr=err, seconds=seconds, truncated=truncated, isolation=isolation,
-                  procs=report.get("procs"), uid=uid)
+    common = dict(
+        stdout=out,
+        stderr=err,
+        seconds=seconds,
+        truncated=truncated,
+        isolation=isolation,
+        procs=report.get("procs"),
+        uid=uid,
+    )
     if "error" in report or "status" not in report:
         why = report.get("error") or f"supervisor exited with {sup_rc} without a report: {_last_line(err)}"
         return SandboxResult(False, None, reason=f"sandbox setup failed: {why}", kind="setup", **common)
@@ -405,11 +520,13 @@ def _result(report: dict, out: str, err: str, truncated: bool, seconds: float, m
         except ValueError:
             name = "?"
         if sig == signal.SIGXCPU:
-            return SandboxResult(False, rc, reason=f"CPU time limit ({cpu_s}s): killed by signal {sig} ({name})",
-                                 kind="cpu", **common)
+            return SandboxResult(
+                False, rc, reason=f"CPU time limit ({cpu_s}s): killed by signal {sig} ({name})", kind="cpu", **common
+            )
         if sig == signal.SIGXFSZ:
-            return SandboxResult(False, rc, reason=f"file size limit: killed by signal {sig} ({name})",
-                                 kind="filesize", **common)
+            return SandboxResult(
+                False, rc, reason=f"file size limit: killed by signal {sig} ({name})", kind="filesize", **common
+            )
         return SandboxResult(False, rc, reason=f"killed by signal {sig} ({name})", kind="signal", **common)
     last = _last_line(err)
     # the last line names the failure; when many processes wrote at once (a fork bomb's children), the
@@ -465,15 +582,24 @@ def _setup_namespaces(cfg: dict, isolation: list) -> None:
     isolation.append("mntns")
 
     class MountAttr(ctypes.Structure):
-        _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
-                    ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+        _fields_ = [
+            ("attr_set", ctypes.c_uint64),
+            ("attr_clr", ctypes.c_uint64),
+            ("propagation", ctypes.c_uint64),
+            ("userns_fd", ctypes.c_uint64),
+        ]
 
     def mount_setattr(path: str, recursive: bool, attr_set: int, attr_clr: int) -> int:
         attr = MountAttr(attr_set, attr_clr, 0, 0)
         libc.syscall.restype = ctypes.c_long
-        return libc.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), path.encode(),
-                            ctypes.c_uint(AT_RECURSIVE if recursive else 0), ctypes.byref(attr),
-                            ctypes.c_size_t(ctypes.sizeof(attr)))
+        return libc.syscall(
+            ctypes.c_long(SYS_MOUNT_SETATTR),
+            ctypes.c_int(AT_FDCWD),
+            path.encode(),
+            ctypes.c_uint(AT_RECURSIVE if recursive else 0),
+            ctypes.byref(attr),
+            ctypes.c_size_t(ctypes.sizeof(attr)),
+        )
 
     ro_root = mount_setattr("/", True, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0) == 0
     if ro_root:
@@ -484,20 +610,26 @@ def _setup_namespaces(cfg: dict, isolation: list) -> None:
     covered = [d for d in WORLD_WRITABLE if os.path.isdir(d) and not os.path.islink(d)]
     tmpfs_flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
     for d in covered:
-        _check(libc.mount(b"tmpfs", d.encode(), b"tmpfs", tmpfs_flags, b"size=64k,mode=755"),
-               f"mount tmpfs on {d}", ctypes)
+        _check(
+            libc.mount(b"tmpfs", d.encode(), b"tmpfs", tmpfs_flags, b"size=64k,mode=755"), f"mount tmpfs on {d}", ctypes
+        )
     # the run's own directory, hidden by the tmpfs (or read-only), comes back writable at the same path
     os.makedirs(cfg["base"], 0o711, exist_ok=True)
-    _check(libc.mount(f"/proc/self/fd/{base_fd}".encode(), cfg["base"].encode(), None, MS_BIND, None),
-           "bind-mount the working directory", ctypes)
+    _check(
+        libc.mount(f"/proc/self/fd/{base_fd}".encode(), cfg["base"].encode(), None, MS_BIND, None),
+        "bind-mount the working directory",
+        ctypes,
+    )
     os.close(base_fd)
     for d in covered:  # read-only: in a user namespace the tmpfs belongs to the caller's uid, so mode is no bar
-        _check(libc.mount(None, d.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | tmpfs_flags, None),
-               f"remount {d} read-only", ctypes)
+        _check(
+            libc.mount(None, d.encode(), None, MS_REMOUNT | MS_BIND | MS_RDONLY | tmpfs_flags, None),
+            f"remount {d} read-only",
+            ctypes,
+        )
     isolation.append("private-tmp")
     if ro_root:  # a bind mount copies its source's flags: make this one writable again
-        _check(mount_setattr(cfg["base"], False, 0, MOUNT_ATTR_RDONLY), "make the working directory writable",
-               ctypes)
+        _check(mount_setattr(cfg["base"], False, 0, MOUNT_ATTR_RDONLY), "make the working directory writable", ctypes)
 
 
 def _exec_program(cfg: dict, report_fd: int) -> None:
@@ -622,8 +754,10 @@ def _supervise(cfg: dict) -> int:
         delay = min(delay * 2, 0.02)
     _kill_leftovers(cfg, init)
     if timed_out:
-        os.write(report_fd, (json.dumps({"timed_out": True, "status": None, "procs": procs,
-                                         "isolation": isolation}) + "\n").encode())
+        os.write(
+            report_fd,
+            (json.dumps({"timed_out": True, "status": None, "procs": procs, "isolation": isolation}) + "\n").encode(),
+        )
     return 0
 
 

@@ -52,12 +52,14 @@ Three input forms, one algorithm (all give the same Plan for the same requests):
 pure-Python twin in :mod:`optimas_fast.scheduler_reference`, which produces identical plans (tests check
 this) and is the benchmark baseline.
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -76,8 +78,18 @@ _TOKEN_DTYPES = (np.dtype(np.int32), np.dtype(np.int64))
 _EMPTY = np.zeros(0, dtype=np.int64)
 
 _COLUMNS = (
-    "dedup", "prefix_group", "group_offsets", "group_members", "group_prefix_len", "batch_offsets",
-    "rows", "row_lengths", "batch_max_len", "batch_prefix_group", "batch_prefix_len", "batch_tokens",
+    "dedup",
+    "prefix_group",
+    "group_offsets",
+    "group_members",
+    "group_prefix_len",
+    "batch_offsets",
+    "rows",
+    "row_lengths",
+    "batch_max_len",
+    "batch_prefix_group",
+    "batch_prefix_len",
+    "batch_tokens",
     "batch_oversized",
 )
 
@@ -104,8 +116,11 @@ class SchedulerConfig:
             raise ValueError(f"token_budget: must be in [1, 2**31 - 1] (cu_seqlens are int32), got {self.token_budget}")
         if self.max_rows < 1:
             raise ValueError(f"max_rows: must be >= 1, got {self.max_rows}")
-        for name, allowed in (("mode", ("padded", "packed")), ("order", ("length", "arrival")),
-                              ("backend", ("cpp", "python"))):
+        for name, allowed in (
+            ("mode", ("padded", "packed")),
+            ("order", ("length", "arrival")),
+            ("backend", ("cpp", "python")),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: must be one of {allowed}, got {getattr(self, name)!r}")
         if not isinstance(self.share_prefix, (bool, np.bool_)):
@@ -170,7 +185,7 @@ class Plan:
     def columns(self) -> dict[str, np.ndarray]:
         return dict(self._columns)
 
-    def same_as(self, other: "Plan") -> bool:
+    def same_as(self, other: Plan) -> bool:
         """True when both plans have identical columns (the C++ == Python check)."""
         a, b = self._columns, other._columns
         return all(a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]) for k in _COLUMNS)
@@ -184,23 +199,27 @@ class Plan:
         out = []
         for b in range(len(self)):
             a, e = off[b], off[b + 1]
-            out.append(Batch(
-                rows=self.rows[a:e],
-                lengths=self.row_lengths[a:e],
-                max_len=int(self.batch_max_len[b]),
-                cu_seqlens=(cs[a:e + 1] - cs[a]).astype(np.int32) if packed else None,
-                oversized=bool(self.batch_oversized[b]),
-                prefix_group=int(self.batch_prefix_group[b]),
-                prefix_len=int(self.batch_prefix_len[b]),
-                tokens=int(self.batch_tokens[b]),
-            ))
+            out.append(
+                Batch(
+                    rows=self.rows[a:e],
+                    lengths=self.row_lengths[a:e],
+                    max_len=int(self.batch_max_len[b]),
+                    cu_seqlens=(cs[a : e + 1] - cs[a]).astype(np.int32) if packed else None,
+                    oversized=bool(self.batch_oversized[b]),
+                    prefix_group=int(self.batch_prefix_group[b]),
+                    prefix_len=int(self.batch_prefix_len[b]),
+                    tokens=int(self.batch_tokens[b]),
+                )
+            )
         return out
 
     @cached_property
     def prefix_groups(self) -> list[PrefixGroup]:
         off = self.group_offsets.tolist()
-        return [PrefixGroup(g, self.group_members[off[g]:off[g + 1]], int(self.group_prefix_len[g]))
-                for g in range(len(off) - 1)]
+        return [
+            PrefixGroup(g, self.group_members[off[g] : off[g + 1]], int(self.group_prefix_len[g]))
+            for g in range(len(off) - 1)
+        ]
 
     # ---- fan-out ----
     @cached_property
@@ -239,9 +258,11 @@ class Plan:
         return self.budget_tokens / real - 1.0 if real else 0.0
 
     def __repr__(self) -> str:
-        return (f"Plan(requests={self.n_requests}, representatives={len(self.rows)}, batches={len(self)}, "
-                f"prefix_groups={len(self.group_prefix_len)}, mode={self.config.mode!r}, "
-                f"padding_waste={self.padding_waste:.3%})")
+        return (
+            f"Plan(requests={self.n_requests}, representatives={len(self.rows)}, batches={len(self)}, "
+            f"prefix_groups={len(self.group_prefix_len)}, mode={self.config.mode!r}, "
+            f"padding_waste={self.padding_waste:.3%})"
+        )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -261,8 +282,16 @@ class Scheduler:
         backend: "cpp" (default) or "python" (the pure-Python twin; identical plans, much slower).
     """
 
-    def __init__(self, token_budget: int, max_rows: int, mode: str = "padded", share_prefix: bool = False, *,
-                 order: str = "length", backend: str = "cpp"):
+    def __init__(
+        self,
+        token_budget: int,
+        max_rows: int,
+        mode: str = "padded",
+        share_prefix: bool = False,
+        *,
+        order: str = "length",
+        backend: str = "cpp",
+    ):
         self.config = SchedulerConfig(token_budget, max_rows, mode, share_prefix, order, backend)
         if backend == "cpp":
             native()  # fail now, with build instructions, rather than at the first plan
@@ -273,13 +302,16 @@ class Scheduler:
         """Plans a list of ``(head_id, prefix_ids, suffix_ids)`` requests (token ids: lists/tuples of
         ints, 1-D integer numpy arrays or CPU tensors)."""
         if isinstance(requests, (str, bytes, dict)) or not isinstance(requests, Iterable):
-            raise TypeError(f"requests: expected a list of (head_id, prefix_ids, suffix_ids), got {type(requests).__name__}")
+            raise TypeError(
+                f"requests: expected a list of (head_id, prefix_ids, suffix_ids), got {type(requests).__name__}"
+            )
         reqs = requests if isinstance(requests, (list, tuple)) else list(requests)
         if self.config.backend == "cpp":
             # One C++ pass reads and checks every request; as_tokens/head_id (the reference's checkers)
             # are called back only for unusual items, so errors read the same on both backends.
-            return self._finish(native().sched_plan_requests(reqs, as_tokens, head_id, hash_mask=self._hash_mask,
-                                                             **self._kw()))
+            return self._finish(
+                native().sched_plan_requests(reqs, as_tokens, head_id, hash_mask=self._hash_mask, **self._kw())
+            )
         return self._finish(plan_python(flatten_requests(reqs), **self._kw()))
 
     def plan_flat(self, head_ids, prefix_tokens, prefix_offsets, suffix_tokens, suffix_offsets) -> Plan:
@@ -294,9 +326,17 @@ class Scheduler:
         """
         cols = _flat_columns(head_ids, prefix_tokens, prefix_offsets, suffix_tokens, suffix_offsets)
         if self.config.backend == "cpp":
-            return self._finish(native().sched_plan_flat(
-                cols["head_ids"], cols["prefix_tokens"], cols["prefix_offsets"], cols["suffix_tokens"],
-                cols["suffix_offsets"], hash_mask=self._hash_mask, **self._kw()))
+            return self._finish(
+                native().sched_plan_flat(
+                    cols["head_ids"],
+                    cols["prefix_tokens"],
+                    cols["prefix_offsets"],
+                    cols["suffix_tokens"],
+                    cols["suffix_offsets"],
+                    hash_mask=self._hash_mask,
+                    **self._kw(),
+                )
+            )
         return self._finish(plan_python(cols, **self._kw()))
 
     def plan_arrays(self, head_ids, prefix_lens, suffix_lens, prefix_hashes=None, suffix_hashes=None) -> Plan:
@@ -304,23 +344,41 @@ class Scheduler:
         (N,) 64-bit content hashes of each prefix and suffix (int64 or uint64; see the module docstring)."""
         head = _int_column(head_ids, "head_ids", None)
         n = len(head)
-        cols = {"head_ids": head, "prefix_lens": _int_column(prefix_lens, "prefix_lens", n),
-                "suffix_lens": _int_column(suffix_lens, "suffix_lens", n)}
+        cols = {
+            "head_ids": head,
+            "prefix_lens": _int_column(prefix_lens, "prefix_lens", n),
+            "suffix_lens": _int_column(suffix_lens, "suffix_lens", n),
+        }
         _check_request_columns(cols)
         if suffix_hashes is not None and prefix_hashes is None:
-            raise ValueError("suffix_hashes: needs prefix_hashes too (identical suffixes after different prefixes "
-                             "are different requests)")
+            raise ValueError(
+                "suffix_hashes: needs prefix_hashes too (identical suffixes after different prefixes "
+                "are different requests)"
+            )
         cols["prefix_hashes"] = None if prefix_hashes is None else _hash_column(prefix_hashes, "prefix_hashes", n)
         cols["suffix_hashes"] = None if suffix_hashes is None else _hash_column(suffix_hashes, "suffix_hashes", n)
         if self.config.backend == "cpp":
-            return self._finish(native().sched_plan(cols["head_ids"], cols["prefix_lens"], cols["suffix_lens"],
-                                                    cols["prefix_hashes"], cols["suffix_hashes"], **self._kw()))
+            return self._finish(
+                native().sched_plan(
+                    cols["head_ids"],
+                    cols["prefix_lens"],
+                    cols["suffix_lens"],
+                    cols["prefix_hashes"],
+                    cols["suffix_hashes"],
+                    **self._kw(),
+                )
+            )
         return self._finish(plan_python(cols, **self._kw()))
 
     def _kw(self) -> dict:
         c = self.config
-        return dict(token_budget=c.token_budget, max_rows=c.max_rows, packed=c.mode == "packed",
-                    share_prefix=bool(c.share_prefix), by_length=c.order == "length")
+        return dict(
+            token_budget=c.token_budget,
+            max_rows=c.max_rows,
+            packed=c.mode == "packed",
+            share_prefix=bool(c.share_prefix),
+            by_length=c.order == "length",
+        )
 
     def _finish(self, out: dict) -> Plan:
         plan = Plan(out, self.config)
@@ -407,11 +465,13 @@ def _flat_columns(head_ids, prefix_tokens, prefix_offsets, suffix_tokens, suffix
             raise ValueError(f"{name}: must not decrease, got {int(o[i])} then {int(o[i + 1])} at index {i + 1}")
         if o[-1] > len(t):
             raise ValueError(f"{name}: ends at {int(o[-1])}, past the end of {side}_tokens ({len(t)} tokens)")
-        used = t[o[0]:o[-1]]  # (T,) the tokens the requests cover
+        used = t[o[0] : o[-1]]  # (T,) the tokens the requests cover
         if used.size and used.min() < 0:
             pos = int(o[0] + np.argmax(used < 0))
             i = int(np.searchsorted(o, pos, side="right") - 1)
-            raise ValueError(f"{side}_tokens: token ids must be >= 0, got {int(t[pos])} at position {pos} (request {i})")
+            raise ValueError(
+                f"{side}_tokens: token ids must be >= 0, got {int(t[pos])} at position {pos} (request {i})"
+            )
         cols[f"{side}_lens"], cols[f"{side}_offsets"], cols[f"{side}_tokens"] = lens, o, t
     _check_request_columns(cols)
     return cols

@@ -12,9 +12,10 @@ Three pieces, each the reference for a C++ part (tests require identical results
 ``Scheduler(..., backend="python")`` runs these; they are the benchmark's baseline. Nothing here
 imports the C++ extension.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -71,7 +72,9 @@ def flatten_requests(requests: Sequence) -> dict:
     parts: dict[str, list] = {"prefix": [], "suffix": []}
     for i, r in enumerate(requests):
         if not isinstance(r, (tuple, list)):
-            raise TypeError(f"requests[{i}]: expected a (head_id, prefix_ids, suffix_ids) tuple, got {type(r).__name__}")
+            raise TypeError(
+                f"requests[{i}]: expected a (head_id, prefix_ids, suffix_ids) tuple, got {type(r).__name__}"
+            )
         if len(r) != 3:
             raise ValueError(f"requests[{i}]: expected 3 items (head_id, prefix_ids, suffix_ids), got {len(r)}")
         head[i] = head_id(r[0], i)
@@ -128,8 +131,9 @@ def hash_seq(tokens: Sequence[int]) -> int:
 # The planner (the algorithm is documented in optimas_fast/scheduler.py)
 
 
-def plan_python(cols: dict, *, token_budget: int, max_rows: int, packed: bool, share_prefix: bool,
-                by_length: bool) -> dict[str, np.ndarray]:
+def plan_python(
+    cols: dict, *, token_budget: int, max_rows: int, packed: bool, share_prefix: bool, by_length: bool
+) -> dict[str, np.ndarray]:
     heads = cols["head_ids"].tolist()
     pl, sl = cols["prefix_lens"].tolist(), cols["suffix_lens"].tolist()
     n = len(heads)
@@ -137,8 +141,8 @@ def plan_python(cols: dict, *, token_budget: int, max_rows: int, packed: bool, s
     if cols.get("prefix_tokens") is not None:
         pt, po = cols["prefix_tokens"].tolist(), cols["prefix_offsets"].tolist()
         st, so = cols["suffix_tokens"].tolist(), cols["suffix_offsets"].tolist()
-        pkey = [tuple(pt[po[i]:po[i + 1]]) for i in range(n)]
-        skey = [tuple(st[so[i]:so[i + 1]]) for i in range(n)]
+        pkey = [tuple(pt[po[i] : po[i + 1]]) for i in range(n)]
+        skey = [tuple(st[so[i] : so[i + 1]]) for i in range(n)]
     else:
         ph, sh = cols.get("prefix_hashes"), cols.get("suffix_hashes")
         pkey = None if ph is None else list(zip(pl, ph.tolist()))
@@ -229,9 +233,17 @@ def plan_python(cols: dict, *, token_budget: int, max_rows: int, packed: bool, s
     group_offsets = np.zeros(G + 1, dtype=np.int64)
     np.cumsum([len(m) for m in members], out=group_offsets[1:])
     return {
-        "dedup": i64(dedup), "prefix_group": i64(prefix_group), "group_offsets": group_offsets,
-        "group_members": i64([i for m in members for i in m]), "group_prefix_len": i64(group_prefix_len),
-        "batch_offsets": i64(boff), "rows": i64(rows), "row_lengths": i64(row_lengths), "batch_max_len": i64(bmax),
-        "batch_prefix_group": i64(bgroup), "batch_prefix_len": i64(bplen), "batch_tokens": i64(btok),
+        "dedup": i64(dedup),
+        "prefix_group": i64(prefix_group),
+        "group_offsets": group_offsets,
+        "group_members": i64([i for m in members for i in m]),
+        "group_prefix_len": i64(group_prefix_len),
+        "batch_offsets": i64(boff),
+        "rows": i64(rows),
+        "row_lengths": i64(row_lengths),
+        "batch_max_len": i64(bmax),
+        "batch_prefix_group": i64(bgroup),
+        "batch_prefix_len": i64(bplen),
+        "batch_tokens": i64(btok),
         "batch_oversized": np.asarray(bover, dtype=bool),
     }

@@ -7,6 +7,7 @@
 ``optimas_fast.reward.trl_trainer``); the engine's own settings of a RewardModel (template, pooling, scoring) are
 ``optimas_fast.reward.RewardModelConfig``.
 """
+
 from optimas_fast.reward.trl_trainer import RewardConfig, RewardTrainer
 
 __all__ = ["RewardConfig", "RewardTrainer"]

@@ -1,5 +1,6 @@
 """Shared test setup: Triton runs interpreted on CPU-only machines; seeds are fresh per run but printed
 so that any failure can be replayed (OPTIMAS_TEST_SEED=<n> pytest ...)."""
+
 import importlib.util
 import os
 import random
@@ -104,15 +105,37 @@ def llama_server():
     log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
     # the real server, loading its model without llama.cpp's repacked weight buffers as LlamaCppLM does by
     # default (their AMX path segfaults on a VM that advertises AMX; see LlamaCppLM's repack_weights)
-    boot = ("import runpy, llama_cpp; from optimas_fast.lm.llamacpp import _model_params; "
-            "cm = _model_params(llama_cpp, use_extra_bufts=False); cm.__enter__(); "
-            "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)")
-    cmd = [sys.executable, "-c", boot, "--model", str(find_embedded_gguf()), "--host", "127.0.0.1",
-           "--port", str(port), "--n_ctx", "2048", "--n_threads", "2", "--model_alias", "smollm2",
-           "--verbose", "False"]
+    boot = (
+        "import runpy, llama_cpp; from optimas_fast.lm.llamacpp import _model_params; "
+        "cm = _model_params(llama_cpp, use_extra_bufts=False); cm.__enter__(); "
+        "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)"
+    )
+    cmd = [
+        sys.executable,
+        "-c",
+        boot,
+        "--model",
+        str(find_embedded_gguf()),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "2048",
+        "--n_threads",
+        "2",
+        "--model_alias",
+        "smollm2",
+        "--verbose",
+        "False",
+    ]
     # `timeout` bounds the server's life even if pytest dies without running the teardown
-    proc = subprocess.Popen(["timeout", "-s", "KILL", str(_SERVER_LIFETIME_S), *cmd], stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        ["timeout", "-s", "KILL", str(_SERVER_LIFETIME_S), *cmd],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}/v1"
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.monotonic() + _SERVER_START_S
@@ -127,8 +150,10 @@ def llama_server():
             if proc.poll() is not None or time.monotonic() > deadline:
                 with open(log.name, errors="replace") as f:
                     tail = f.read()[-3000:]
-                pytest.fail(f"llama_cpp.server did not come up on {url} within {_SERVER_START_S} s "
-                            f"(exit code {proc.poll()}); log tail:\n{tail}")
+                pytest.fail(
+                    f"llama_cpp.server did not come up on {url} within {_SERVER_START_S} s "
+                    f"(exit code {proc.poll()}); log tail:\n{tail}"
+                )
             time.sleep(0.25)
         yield url
     finally:

@@ -1,6 +1,7 @@
 """The benchmarks cannot rot: every module under benchmarks/ imports, the kernel suite collects (nothing is
 timed here), the GPU check stops at once with a clear message where there is no CUDA, and its report turns
 step results into a verdict where a skipped GPU test is a failure. No timing assertions."""
+
 from __future__ import annotations
 
 import glob
@@ -32,8 +33,16 @@ def load(name: str):
 
 
 def test_the_benchmark_modules_are_the_expected_ones():
-    for name in ("_common", "bench_ops", "bench_reward", "bench_scheduler", "bench_gpu_workloads", "conftest",
-                 "gpu_check_report", "test_bench_ops"):
+    for name in (
+        "_common",
+        "bench_ops",
+        "bench_reward",
+        "bench_scheduler",
+        "bench_gpu_workloads",
+        "conftest",
+        "gpu_check_report",
+        "test_bench_ops",
+    ):
         assert name in MODULES, name
 
 
@@ -44,8 +53,12 @@ def test_benchmark_module_imports(name):
         assert callable(getattr(mod, "main", None)), f"benchmarks/{name}.py has no main()"
     if name == "test_bench_ops":
         tests = [k for k in vars(mod) if k.startswith("test_")]
-        assert sorted(tests) == ["test_bt_loss", "test_fused_head_bt_loss", "test_last_token_hidden",
-                                 "test_multihead_score"]
+        assert sorted(tests) == [
+            "test_bt_loss",
+            "test_fused_head_bt_loss",
+            "test_last_token_hidden",
+            "test_multihead_score",
+        ]
 
 
 def test_no_benchmark_edits_sys_path():
@@ -60,21 +73,42 @@ def test_no_benchmark_edits_sys_path():
 
 def test_a_benchmark_script_runs_from_another_folder(tmp_path):
     # bench_best_of imports _common and run_examples beside it and the run assembly from the library
-    p = subprocess.run([sys.executable, os.path.join(BENCH, "bench_best_of.py"), "--help"], cwd=tmp_path,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, os.path.join(BENCH, "bench_best_of.py"), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert "usage:" in p.stdout and "--systems" in p.stdout
 
 
 def test_kernel_suite_collects_every_op_and_baseline():
-    p = subprocess.run([sys.executable, "-m", "pytest", "benchmarks/test_bench_ops.py", "--collect-only", "-q",
-                        "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "benchmarks/test_bench_ops.py",
+            "--collect-only",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     ids = [line for line in p.stdout.splitlines() if "::" in line]
-    for op, impls in (("bt_loss", ("ours", "eager", "compile")),
-                      ("multihead_score", ("ours", "eager", "compile", "all_heads")),
-                      ("fused_head_bt_loss", ("ours", "eager", "compile")),
-                      ("last_token_hidden", ("ours", "eager", "compile", "hf_head"))):
+    for op, impls in (
+        ("bt_loss", ("ours", "eager", "compile")),
+        ("multihead_score", ("ours", "eager", "compile", "all_heads")),
+        ("fused_head_bt_loss", ("ours", "eager", "compile")),
+        ("last_token_hidden", ("ours", "eager", "compile", "hf_head")),
+    ):
         for impl in impls:
             for mode in ("fwd", "fwdbwd"):
                 assert any(f"test_{op}[cpu-small-float32-{impl}-{mode}]" in i for i in ids), (op, impl, mode)
@@ -97,8 +131,14 @@ def test_machine_info_and_result_files(tmp_path):
 def test_gpu_check_fails_at_once_without_cuda(tmp_path):
     out = tmp_path / "gc"
     t0 = time.perf_counter()
-    p = subprocess.run(["bash", os.path.join(BENCH, "gpu_check.sh"), str(out)], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120, env=dict(os.environ, PYTHON=sys.executable))
+    p = subprocess.run(
+        ["bash", os.path.join(BENCH, "gpu_check.sh"), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHON=sys.executable),
+    )
     assert p.returncode == 2, p.stderr
     assert "no CUDA device is visible" in p.stderr and "nothing was run" in p.stderr
     assert not out.exists()  # it stopped before any step
@@ -107,31 +147,57 @@ def test_gpu_check_fails_at_once_without_cuda(tmp_path):
 
 def _junit(path, skipped=0, failed=0, passed=2):
     cases = [f'<testcase classname="tests.test_gpu_ops" name="t{i}"/>' for i in range(passed)]
-    cases += [f'<testcase classname="tests.test_gpu_ops" name="s{i}"><skipped message="GPU-only test: no CUDA"/>'
-              "</testcase>" for i in range(skipped)]
-    cases += [f'<testcase classname="tests.test_gpu_ops" name="f{i}"><failure message="assert 1 == 2"/></testcase>'
-              for i in range(failed)]
+    cases += [
+        f'<testcase classname="tests.test_gpu_ops" name="s{i}"><skipped message="GPU-only test: no CUDA"/></testcase>'
+        for i in range(skipped)
+    ]
+    cases += [
+        f'<testcase classname="tests.test_gpu_ops" name="f{i}"><failure message="assert 1 == 2"/></testcase>'
+        for i in range(failed)
+    ]
     suite = f'<testsuite name="pytest">{"".join(cases)}</testsuite>'
     path.write_text(f'<?xml version="1.0"?><testsuites>{suite}</testsuites>')
 
 
 def _fake_run(d, **junit):
-    (d / "steps.tsv").write_text("gpu_tests\t0\t30\t170\tpytest\nkernel_suite\t0\t60\t130\tbench\n"
-                                 "workloads\t0\t50\t150\tworkloads\n")
+    (d / "steps.tsv").write_text(
+        "gpu_tests\t0\t30\t170\tpytest\nkernel_suite\t0\t60\t130\tbench\nworkloads\t0\t50\t150\tworkloads\n"
+    )
     _junit(d / "gpu_tests.xml", **junit)
-    bench = {"machine_info": {}, "benchmarks": [
-        {"name": f"test_multihead_score[cuda-large-bfloat16-{impl}-fwd]",
-         "group": "multihead_score fwd cuda-large-bfloat16", "stats": {"median": t},
-         "extra_info": {"impl": impl, "fraction_of_copy_bw": f, "pipelined_fraction_of_copy_bw": f}}
-        for impl, t, f in (("ours", 1e-4, 0.55), ("kernel", 0.8e-4, 0.75), ("eager", 4e-4, 0.19))]}
+    bench = {
+        "machine_info": {},
+        "benchmarks": [
+            {
+                "name": f"test_multihead_score[cuda-large-bfloat16-{impl}-fwd]",
+                "group": "multihead_score fwd cuda-large-bfloat16",
+                "stats": {"median": t},
+                "extra_info": {"impl": impl, "fraction_of_copy_bw": f, "pipelined_fraction_of_copy_bw": f},
+            }
+            for impl, t, f in (("ours", 1e-4, 0.55), ("kernel", 0.8e-4, 0.75), ("eager", 4e-4, 0.19))
+        ],
+    }
     (d / "bench_ops.json").write_text(json.dumps(bench))
-    (d / "workloads.json").write_text(json.dumps({"machine": {"device": "NVIDIA H200"}, "amp": "bf16", "model": {},
-                                                  "pool": {"rows": 1024, "ours_rows_per_s": 900.0,
-                                                           "hf_rows_per_s": 100.0, "speedup_vs_hf": 9.0,
-                                                           "vllm": {"skipped": "not installed"}},
-                                                  "train": {"ours": {"pairs_per_s": 50.0},
-                                                            "reference_way": {"pairs_per_s": 5.0},
-                                                            "trl": {"pairs_per_s": 10.0}}}))
+    (d / "workloads.json").write_text(
+        json.dumps(
+            {
+                "machine": {"device": "NVIDIA H200"},
+                "amp": "bf16",
+                "model": {},
+                "pool": {
+                    "rows": 1024,
+                    "ours_rows_per_s": 900.0,
+                    "hf_rows_per_s": 100.0,
+                    "speedup_vs_hf": 9.0,
+                    "vllm": {"skipped": "not installed"},
+                },
+                "train": {
+                    "ours": {"pairs_per_s": 50.0},
+                    "reference_way": {"pairs_per_s": 5.0},
+                    "trl": {"pairs_per_s": 10.0},
+                },
+            }
+        )
+    )
 
 
 @pytest.mark.parametrize("case", ["clean", "skipped", "failed", "step_timed_out"])

@@ -2,6 +2,7 @@
 best-scored candidate is the one passed downstream, in one batched score call per example; N=1 is exactly the
 plain run; bad specs are clear errors; the system itself is untouched; the CLI's `eval --best-of` loads the
 run's LRF."""
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,13 @@ class StubScorer:
 
 def make_system(lm):
     writer = Writer(lms={"m": lm}, variable=Prompt("Write."))
-    echo = Component("echo", inputs=["draft"], outputs=["out"], description="copies",
-                     fn=lambda draft, variable: {"out": draft.upper()})
+    echo = Component(
+        "echo",
+        inputs=["draft"],
+        outputs=["out"],
+        description="copies",
+        fn=lambda draft, variable: {"out": draft.upper()},
+    )
     return System([writer, echo], lambda ex, pred: float(pred["out"].startswith("SAMPLE")), ["out"], inputs=["q"])
 
 
@@ -132,19 +138,25 @@ def test_deterministic_components_score_nothing(seed):
     assert rm.calls == [] and t.step("writer").best_of["candidates"] == [{"draft": "always this"}]
 
 
-@pytest.mark.parametrize("best_of, reward, err, match", [
-    ({"nope": 2}, "stub", ValueError, "no component named 'nope'"),
-    ({"writer": 0}, "stub", ValueError, r"best_of\['writer'\] must be an int >= 1, got 0"),
-    ({"writer": True}, "stub", ValueError, "must be an int >= 1, got True"),
-    ({"writer": "2"}, "stub", ValueError, "must be an int >= 1, got '2'"),
-    ({"writer": 2}, None, ValueError, "needs reward="),
-    ({"writer": 2}, object(), TypeError, "score"),
-    ({"writer": 2}, "headless", ValueError, r"no head for \['writer'\]"),
-    (["writer"], "stub", TypeError, "dict"),
-])
+@pytest.mark.parametrize(
+    "best_of, reward, err, match",
+    [
+        ({"nope": 2}, "stub", ValueError, "no component named 'nope'"),
+        ({"writer": 0}, "stub", ValueError, r"best_of\['writer'\] must be an int >= 1, got 0"),
+        ({"writer": True}, "stub", ValueError, "must be an int >= 1, got True"),
+        ({"writer": "2"}, "stub", ValueError, "must be an int >= 1, got '2'"),
+        ({"writer": 2}, None, ValueError, "needs reward="),
+        ({"writer": 2}, object(), TypeError, "score"),
+        ({"writer": 2}, "headless", ValueError, r"no head for \['writer'\]"),
+        (["writer"], "stub", TypeError, "dict"),
+    ],
+)
 def test_bad_best_of_specs(seed, best_of, reward, err, match):
-    rm = {"stub": StubScorer(seed), "headless": StubScorer(seed, components=["echo"])}.get(reward, reward) \
-        if isinstance(reward, str) or reward is None else reward
+    rm = (
+        {"stub": StubScorer(seed), "headless": StubScorer(seed, components=["echo"])}.get(reward, reward)
+        if isinstance(reward, str) or reward is None
+        else reward
+    )
     with pytest.raises(err, match=match):
         BestOfN(make_system(SeedLM()), rm, best_of)
 
@@ -216,8 +228,11 @@ def test_cli_eval_best_of_specs(tmp_path, monkeypatch, capsys):
     res = json.loads(text[-1])
     assert res["best_of"] == {"extract": 3, "route": 2} and "best-of extract=3, route=2" in text[-2]
     assert res["lm_calls"] == plain["lm_calls"] * 5 // 2  # 3 + 2 calls per example where plain makes 1 + 1
-    for bad, needle in [("0", "N must be an int >= 1"), ("route=x", "N must be an int >= 1"),
-                        ("nope=2", "no component 'nope'")]:
+    for bad, needle in [
+        ("0", "N must be an int >= 1"),
+        ("route=x", "N must be an int >= 1"),
+        ("nope=2", "no component 'nope'"),
+    ]:
         assert cli.main(["eval", str(out), "--best-of", bad, "--no-progress"]) == 2
         assert needle in capsys.readouterr().err
     assert cli.main(["eval", str(out), "--best-of", "2", "--best-of-temperature", "0", "--no-progress"]) == 2

@@ -1,5 +1,6 @@
 """CLI: --help on every command, strict config errors (key + allowed values: optimas_fast.run.parse_config), run /
 eval / resume end to end on the synthetic system with a tiny random LRF, and the report files."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,28 +36,40 @@ def test_help(command, capsys):
         assert "system:" in out and "loop:" in out  # the config format is documented in --help
 
 
-@pytest.mark.parametrize("raw, key, allowed", [
-    ({"system": "amazn"}, "system must be one of ['pubmedqa', 'hotpotqa', 'amazon', ", "'synthetic'] or "
-                                                                                     "'package.module:factory'"),
-    ({"system": "synthetic", "sytem": 1}, "'sytem'", "'system'"),
-    ({"system": "synthetic", "data": {"trian": 3}}, "'data.trian'", "'train'"),
-    ({"system": "synthetic", "data": {"train": 0}}, "data.train", ">= 1"),
-    ({"system": "synthetic", "reward": {"backbone": "bert-huge"}}, "reward.backbone", "'minilm', 'tiny-random'"),
-    ({"system": "synthetic", "reward": {"max_len": 3}}, "'reward.max_len'", "'max_length'"),
-    ({"system": "synthetic", "reward": {"template": {"max_lenght": 3}}}, "'reward.template.max_lenght'",
-     "'truncation_side'"),
-    ({"system": "synthetic", "reward": {"amp": "fp8"}}, "reward.amp must be 'auto', 'bf16' or 'none'", "'fp8'"),
-    ({"system": "synthetic", "reward": {"lora": {"rank": 4}}}, "'reward.lora.rank'", "'alpha'"),
-    ({"system": "synthetic", "reward": {"seed": 4}}, "reward.seed: the reward model's seed is loop.seed", ""),
-    ({"system": "synthetic", "reward": {"max_length": 64, "template": {"max_length": 32}}}, "reward.max_length",
-     "give one of them"),
-    ({"system": "synthetic", "loop": {"iterations": -1}}, "loop.iterations", ">= 0"),
-    ({"system": "synthetic", "loop": {"collect": {"strategy": "x"}}}, "collect.strategy", "'variables'"),
-    ({"system": "synthetic", "loop": {"budget": {"max_usd": -2}}}, "budget.max_usd", ">= 0"),
-    ({"system": "synthetic", "lms": []}, "lms", "mapping"),
-    ({"system": "synthetic", "lm": 3}, "lm", "'embedded'"),
-    (["system", "amazon"], "must be a mapping", ""),
-])
+@pytest.mark.parametrize(
+    "raw, key, allowed",
+    [
+        (
+            {"system": "amazn"},
+            "system must be one of ['pubmedqa', 'hotpotqa', 'amazon', ",
+            "'synthetic'] or 'package.module:factory'",
+        ),
+        ({"system": "synthetic", "sytem": 1}, "'sytem'", "'system'"),
+        ({"system": "synthetic", "data": {"trian": 3}}, "'data.trian'", "'train'"),
+        ({"system": "synthetic", "data": {"train": 0}}, "data.train", ">= 1"),
+        ({"system": "synthetic", "reward": {"backbone": "bert-huge"}}, "reward.backbone", "'minilm', 'tiny-random'"),
+        ({"system": "synthetic", "reward": {"max_len": 3}}, "'reward.max_len'", "'max_length'"),
+        (
+            {"system": "synthetic", "reward": {"template": {"max_lenght": 3}}},
+            "'reward.template.max_lenght'",
+            "'truncation_side'",
+        ),
+        ({"system": "synthetic", "reward": {"amp": "fp8"}}, "reward.amp must be 'auto', 'bf16' or 'none'", "'fp8'"),
+        ({"system": "synthetic", "reward": {"lora": {"rank": 4}}}, "'reward.lora.rank'", "'alpha'"),
+        ({"system": "synthetic", "reward": {"seed": 4}}, "reward.seed: the reward model's seed is loop.seed", ""),
+        (
+            {"system": "synthetic", "reward": {"max_length": 64, "template": {"max_length": 32}}},
+            "reward.max_length",
+            "give one of them",
+        ),
+        ({"system": "synthetic", "loop": {"iterations": -1}}, "loop.iterations", ">= 0"),
+        ({"system": "synthetic", "loop": {"collect": {"strategy": "x"}}}, "collect.strategy", "'variables'"),
+        ({"system": "synthetic", "loop": {"budget": {"max_usd": -2}}}, "budget.max_usd", ">= 0"),
+        ({"system": "synthetic", "lms": []}, "lms", "mapping"),
+        ({"system": "synthetic", "lm": 3}, "lm", "'embedded'"),
+        (["system", "amazon"], "must be a mapping", ""),
+    ],
+)
 def test_parse_config_errors(raw, key, allowed):
     with pytest.raises(ConfigError) as exc:
         run.parse_config(raw)
@@ -65,14 +78,33 @@ def test_parse_config_errors(raw, key, allowed):
 
 # a value other than the default for every field of the reward engine's config (a new field fails the test below
 # until it is given one here, so nothing the engine takes is out of the YAML's reach)
-REWARD_VALUES = {"architecture": "encoder", "pooling": "mean", "prefix_sharing": False, "shared_prefix_kernel": False,
-                 "token_budget": 2048, "max_rows": 64, "amp": "bf16", "score_amp": "none", "score_weights": "autocast",
-                 "token_cache_size": 1000, "attn_implementation": "eager", "packing": True, "pack_tokens": 512,
-                 "train_chunk_tokens": 4096, "gradient_checkpointing": True,
-                 "head_init_std": 0.05, "disable_dropout": False,
-                 "template": {"max_length": 77, "prefix_format": "{inputs}", "truncation_side": "right",
-                              "min_prefix_tokens": 2, "append_eos": True},
-                 "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["query"]}}
+REWARD_VALUES = {
+    "architecture": "encoder",
+    "pooling": "mean",
+    "prefix_sharing": False,
+    "shared_prefix_kernel": False,
+    "token_budget": 2048,
+    "max_rows": 64,
+    "amp": "bf16",
+    "score_amp": "none",
+    "score_weights": "autocast",
+    "token_cache_size": 1000,
+    "attn_implementation": "eager",
+    "packing": True,
+    "pack_tokens": 512,
+    "train_chunk_tokens": 4096,
+    "gradient_checkpointing": True,
+    "head_init_std": 0.05,
+    "disable_dropout": False,
+    "template": {
+        "max_length": 77,
+        "prefix_format": "{inputs}",
+        "truncation_side": "right",
+        "min_prefix_tokens": 2,
+        "append_eos": True,
+    },
+    "lora": {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["query"]},
+}
 
 
 def test_every_reward_model_setting_is_reachable_from_the_yaml():
@@ -106,9 +138,13 @@ def test_one_default_per_training_knob():
 
 
 def test_build_hands_the_reward_settings_to_the_model():
-    cfg = run.parse_config({"system": "synthetic", "reward": {"max_length": 64, "score_amp": "none",
-                                                              "template": {"truncation_side": "right"}},
-                            "loop": {"seed": 3}})
+    cfg = run.parse_config(
+        {
+            "system": "synthetic",
+            "reward": {"max_length": 64, "score_amp": "none", "template": {"truncation_side": "right"}},
+            "loop": {"seed": 3},
+        }
+    )
     _, _, rm, _ = run.build(cfg)
     assert rm.encoder.config.template.max_length == 64 and rm.encoder.config.template.truncation_side == "right"
     assert rm.encoder.config.score_amp == "none" and rm.encoder.config.seed == 3
@@ -130,10 +166,24 @@ def test_invalid_config_file_exits_2_with_the_key(tmp_path, capsys):
 
 
 def test_run_eval_resume_synthetic(tmp_path, seed, capsys):
-    cfg = {"system": "synthetic", "data": {"seed": seed % 1000}, "reward": {"backbone": "tiny-random"},
-           "loop": {"seed": seed % 1000, "iterations": 2, "batch_size": 8, "initial_examples": 16,
-                    "initial_epochs": 6, "lr": 1e-3, "head_lr": 1e-2, "batch_pairs": 32, "adapt_steps": 8,
-                    "val_workers": 1, "collect": {"workers": 1}}}
+    cfg = {
+        "system": "synthetic",
+        "data": {"seed": seed % 1000},
+        "reward": {"backbone": "tiny-random"},
+        "loop": {
+            "seed": seed % 1000,
+            "iterations": 2,
+            "batch_size": 8,
+            "initial_examples": 16,
+            "initial_epochs": 6,
+            "lr": 1e-3,
+            "head_lr": 1e-2,
+            "batch_pairs": 32,
+            "adapt_steps": 8,
+            "val_workers": 1,
+            "collect": {"workers": 1},
+        },
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
@@ -141,8 +191,17 @@ def test_run_eval_resume_synthetic(tmp_path, seed, capsys):
     printed = capsys.readouterr().out
     assert "test score before" in printed and "test score after" in printed and str(out) in printed
     report = json.loads((out / "report.json").read_text())
-    for key in ("config", "iterations", "best_val", "initial_val", "usage", "wall_seconds", "test_before",
-                "test_after", "final_variables"):
+    for key in (
+        "config",
+        "iterations",
+        "best_val",
+        "initial_val",
+        "usage",
+        "wall_seconds",
+        "test_before",
+        "test_after",
+        "final_variables",
+    ):
         assert key in report, key
     assert [h["iteration"] for h in report["iterations"]] == [0, 1, 2]
     assert report["test_after"]["lo"] <= report["test_after"]["mean"] <= report["test_after"]["hi"]
@@ -169,11 +228,27 @@ def test_bootstrap_ci_and_report_cleaning(seed, tmp_path):
     assert ci["mean"] == pytest.approx(sum(scores) / len(scores))
     assert bootstrap_ci([1.0] * 7) == {"n": 7, "mean": 1.0, "lo": 1.0, "hi": 1.0}
     assert bootstrap_ci([])["mean"] is None
-    state = {"history": [{"iteration": 0, "component": None, "val_score": float("nan"), "best_val": 0.2,
-                          "accepted": None, "alignment": {"a": {"accuracy": float("nan")}}},
-                         {"iteration": 1, "component": "a", "val_score": 0.1, "best_val": 0.2, "accepted": False,
-                          "alignment": {"a": {"accuracy": 0.7}}}],
-             "system": {"variables": {"a": {"kind": "choice", "value": {"k": 1}, "space": {"k": [1]}}}}}
+    state = {
+        "history": [
+            {
+                "iteration": 0,
+                "component": None,
+                "val_score": float("nan"),
+                "best_val": 0.2,
+                "accepted": None,
+                "alignment": {"a": {"accuracy": float("nan")}},
+            },
+            {
+                "iteration": 1,
+                "component": "a",
+                "val_score": 0.1,
+                "best_val": 0.2,
+                "accepted": False,
+                "alignment": {"a": {"accuracy": 0.7}},
+            },
+        ],
+        "system": {"variables": {"a": {"kind": "choice", "value": {"k": 1}, "space": {"k": [1]}}}},
+    }
     report = build_report(state, {"test_after": {"mean": float("inf")}})
     text = json.dumps(report, allow_nan=False)  # strict JSON: NaN/inf became null
     assert report["rejected"] == 1 and report["final_variables"]["a"]["value"] == {"k": 1}
@@ -220,10 +295,12 @@ def test_sigkilled_cli_run_of_an_example_resumes_to_the_same_final_state(tmp_pat
     def cli_cmd(*args):
         return [sys.executable, "-m", "optimas_fast.cli", *args, "--no-progress"]
 
-    full = subprocess.Popen(cli_cmd("run", str(config), "--out", str(tmp_path / "full")), env=env, cwd=repo,
-                            stdout=subprocess.DEVNULL)
-    victim = subprocess.Popen(cli_cmd("run", str(config), "--out", str(tmp_path / "killed")), env=env, cwd=repo,
-                              stdout=subprocess.DEVNULL)
+    full = subprocess.Popen(
+        cli_cmd("run", str(config), "--out", str(tmp_path / "full")), env=env, cwd=repo, stdout=subprocess.DEVNULL
+    )
+    victim = subprocess.Popen(
+        cli_cmd("run", str(config), "--out", str(tmp_path / "killed")), env=env, cwd=repo, stdout=subprocess.DEVNULL
+    )
     state_file = tmp_path / "killed" / "run_state.json"
     deadline, killed_at = time.time() + 240, None
     while time.time() < deadline and victim.poll() is None:
@@ -238,8 +315,14 @@ def test_sigkilled_cli_run_of_an_example_resumes_to_the_same_final_state(tmp_pat
     assert killed_at is not None, "the run finished or stalled before it could be killed"
     assert victim.returncode == -signal.SIGKILL
     assert json.loads(state_file.read_text())["iteration"] < 4 and not (tmp_path / "killed" / "report.json").exists()
-    subprocess.run(cli_cmd("resume", str(tmp_path / "killed")), env=env, cwd=repo, check=True, timeout=300,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        cli_cmd("resume", str(tmp_path / "killed")),
+        env=env,
+        cwd=repo,
+        check=True,
+        timeout=300,
+        stdout=subprocess.DEVNULL,
+    )
     assert full.wait(timeout=300) == 0
     a, b = (json.loads((tmp_path / d / "run_state.json").read_text()) for d in ("full", "killed"))
     assert a["iteration"] == b["iteration"] == 4
@@ -258,8 +341,12 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     """`optimas-fast demo --quick` exactly as a newcomer runs it (embedded SmolLM2, MiniLM LRF, offline): it exits 0,
     prints the test accuracy before and after, and leaves the report and the optimized system."""
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "optimas_fast.cli", "demo", "--quick", "--out", str(out),
-                           "--no-progress"], capture_output=True, text=True, timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, "-m", "optimas_fast.cli", "demo", "--quick", "--out", str(out), "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "test accuracy:" in proc.stdout and "->" in proc.stdout, proc.stdout[-2000:]
     report = json.loads((out / "report.json").read_text())

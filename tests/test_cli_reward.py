@@ -1,6 +1,7 @@
 """`optimas-fast reward train | eval | score | export` in subprocesses (JSON on stdout parsed), a SIGKILLed train
 resumed with --resume, and every bad argument / file / row -> exit 2 with one line naming it. A tiny random
 Llama saved to a tmp dir is the --backbone, so the runs take seconds."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,14 @@ def rows(rng: random.Random, n: int) -> list[dict]:
         good, bad = f" answer {rng.choice(['river', 'stone'])}", f" answer {rng.choice(['tau', 'phi'])}"
         if comp == "b":
             good, bad = bad, good
-        out.append({"component": comp, "prompt": "question: " + " ".join(rng.choice(WORDS) for _ in range(5)),
-                    "chosen": good, "rejected": bad})
+        out.append(
+            {
+                "component": comp,
+                "prompt": "question: " + " ".join(rng.choice(WORDS) for _ in range(5)),
+                "chosen": good,
+                "rejected": bad,
+            }
+        )
     return out
 
 
@@ -47,9 +54,17 @@ def work(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli_reward")
     tok = AutoTokenizer.from_pretrained(str(gt.get_model_path()), local_files_only=True)
     torch.manual_seed(0)
-    LlamaModel(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-               ).save_pretrained(d / "bb")
+    LlamaModel(
+        LlamaConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+    ).save_pretrained(d / "bb")
     tok.save_pretrained(d / "bb")
     rng = random.Random(0)
     write_jsonl(d / "train.jsonl", rows(rng, 64))
@@ -69,8 +84,26 @@ def last_json(stdout: str) -> dict:
 @pytest.fixture(scope="module")
 def trained(work):
     out = work / "rm"
-    p = run("train", "--data", work / "train.jsonl", "--eval-data", work / "ev.jsonl", "--backbone", work / "bb",
-            "--out", out, "--epochs", 2, "--lr", 3e-3, "--batch-size", 16, "--max-length", 64, "--no-bf16")
+    p = run(
+        "train",
+        "--data",
+        work / "train.jsonl",
+        "--eval-data",
+        work / "ev.jsonl",
+        "--backbone",
+        work / "bb",
+        "--out",
+        out,
+        "--epochs",
+        2,
+        "--lr",
+        3e-3,
+        "--batch-size",
+        16,
+        "--max-length",
+        64,
+        "--no-bf16",
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return out, p
 
@@ -99,8 +132,10 @@ def test_train_summary_report_and_eval(work, trained):
 def test_score_rows_and_pairs(work, trained, tmp_path):
     out, _ = trained
     trl = rows(random.Random(1), 3)
-    single = [{"component": "a", "inputs": "question: alpha beta", "outputs": " answer river"},
-              {"component": "b", "inputs": {"question": "gamma"}, "outputs": {"answer": "tau"}}]
+    single = [
+        {"component": "a", "inputs": "question: alpha beta", "outputs": " answer river"},
+        {"component": "b", "inputs": {"question": "gamma"}, "outputs": {"answer": "tau"}},
+    ]
     data = write_jsonl(tmp_path / "rows.jsonl", trl + single)
     p = run("score", out, "--data", data, "--out", tmp_path / "scores.jsonl")
     assert p.returncode == 0, p.stderr[-2000:]
@@ -108,9 +143,11 @@ def test_score_rows_and_pairs(work, trained, tmp_path):
     got = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
     assert len(got) == 5
     model = RewardModel.load(out)
-    want = model.score([(r["component"], r["prompt"], r["chosen"]) for r in trl]
-                       + [(r["component"], r["prompt"], r["rejected"]) for r in trl]
-                       + [("a", "question: alpha beta", " answer river"), ("b", "question: gamma", "answer: tau")])
+    want = model.score(
+        [(r["component"], r["prompt"], r["chosen"]) for r in trl]
+        + [(r["component"], r["prompt"], r["rejected"]) for r in trl]
+        + [("a", "question: alpha beta", " answer river"), ("b", "question: gamma", "answer: tau")]
+    )
     assert [g["score_chosen"] for g in got[:3]] == pytest.approx(want[:3].tolist(), abs=1e-5)
     assert [g["score_rejected"] for g in got[:3]] == pytest.approx(want[3:6].tolist(), abs=1e-5)
     assert [g["score"] for g in got[3:]] == pytest.approx(want[6:].tolist(), abs=1e-5)
@@ -131,8 +168,23 @@ def test_killed_train_resumes_to_the_same_final_step(work, tmp_path):
     out = tmp_path / "rm"
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("max_steps: 40\nsave_steps: 2\nlogging_steps: 1\nsave_total_limit: 2\n")
-    args = ["train", "--data", work / "train.jsonl", "--backbone", work / "bb", "--out", out, "--config", cfg,
-            "--batch-size", 4, "--max-length", 64, "--no-bf16", "--no-progress"]
+    args = [
+        "train",
+        "--data",
+        work / "train.jsonl",
+        "--backbone",
+        work / "bb",
+        "--out",
+        out,
+        "--config",
+        cfg,
+        "--batch-size",
+        4,
+        "--max-length",
+        64,
+        "--no-bf16",
+        "--no-progress",
+    ]
     proc = subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
     deadline = time.monotonic() + 240
     while not (out / "checkpoint-2" / "trainer_state.json").is_file():
@@ -206,14 +258,18 @@ def test_bad_arguments_exit_2_with_one_line(work, tmp_path, capsys):
 
 def test_bad_rows_and_directories_exit_2_naming_them(work, trained, tmp_path, capsys):
     out, _ = trained
-    bad = write_jsonl(tmp_path / "bad.jsonl", rows(random.Random(2), 2) + [{"component": "a", "prompt": "p",
-                                                                               "chosen": "x", "rejected": 7}])
+    bad = write_jsonl(
+        tmp_path / "bad.jsonl",
+        rows(random.Random(2), 2) + [{"component": "a", "prompt": "p", "chosen": "x", "rejected": 7}],
+    )
     rc, line = main_rc(["train", "--data", bad, "--backbone", str(work / "bb"), "--out", str(tmp_path / "o")], capsys)
     assert rc == 2 and "bad.jsonl" in line and "line 3" in line and "'rejected'" in line
     rc, line = main_rc(["eval", str(tmp_path), "--data", str(work / "ev.jsonl")], capsys)
     assert rc == 2 and "manifest.json" in line
-    unknown = write_jsonl(tmp_path / "u.jsonl", [{"component": "a", "inputs": "q", "outputs": "o"},
-                                                 {"component": "zzz", "inputs": "q", "outputs": "o"}])
+    unknown = write_jsonl(
+        tmp_path / "u.jsonl",
+        [{"component": "a", "inputs": "q", "outputs": "o"}, {"component": "zzz", "inputs": "q", "outputs": "o"}],
+    )
     rc, line = main_rc(["score", str(out), "--data", unknown, "--out", str(tmp_path / "s.jsonl")], capsys)
     assert rc == 2 and "u.jsonl line 2" in line and "'component'" in line and "zzz" in line
     broken = tmp_path / "broken.jsonl"

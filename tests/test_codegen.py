@@ -1,6 +1,7 @@
 """The HumanEval code-generation system: data, reply parsing, the executor and metric in the sandbox, and
 end-to-end runs with a scripted LM that writes the canonical solution for some problems and garbage for
 others."""
+
 import json
 import os
 import random
@@ -88,8 +89,13 @@ def test_humaneval_loads_and_splits_deterministically(seed):
     again = split_examples(load_humaneval(), seed % 1000)
     assert [e["id"] for e in again.test] == [e["id"] for e in split.test]
     assert system.order == ["code_generator", "test_generator", "executor", "final_code_generator"]
-    assert set(system.variables()) == {"code_generator", "test_generator.prompt", "test_generator.policy",
-                                       "final_code_generator.prompt", "final_code_generator.policy"}
+    assert set(system.variables()) == {
+        "code_generator",
+        "test_generator.prompt",
+        "test_generator.policy",
+        "final_code_generator.prompt",
+        "final_code_generator.policy",
+    }
     with pytest.raises(ValueError, match="embedder"):
         load_example("codegen", ScriptedLM(["x"]), embedder=object())
 
@@ -97,9 +103,12 @@ def test_humaneval_loads_and_splits_deterministically(seed):
 def test_malformed_humaneval_rows(tmp_path):
     good = dict(PROBLEMS[0])
     row = {"task_id": good["id"], **{k: good[k] for k in ("prompt", "entry_point", "canonical_solution", "test")}}
-    cases = [({**row, "entry_point": "not an identifier"}, "entry_point"),
-             ({k: v for k, v in row.items() if k != "test"}, "missing field 'test'"),
-             ({**row, "prompt": 5}, "'prompt' must be str"), ("{not json", "not valid JSON")]
+    cases = [
+        ({**row, "entry_point": "not an identifier"}, "entry_point"),
+        ({k: v for k, v in row.items() if k != "test"}, "missing field 'test'"),
+        ({**row, "prompt": 5}, "'prompt' must be str"),
+        ("{not json", "not valid JSON"),
+    ]
     for bad, message in cases:
         text = json.dumps(row) + "\n" + (bad if isinstance(bad, str) else json.dumps(bad)) + "\n"
         (tmp_path / "HumanEval.jsonl").write_text(text)
@@ -131,8 +140,8 @@ def test_extract_and_assemble_code():
     assert extract_code("```python\ndef f(x):\n    return x", "f") == "def f(x):\n    return x"  # unterminated
     assert extract_code("    return x + 1\n") == "    return x + 1"  # no fence: the reply as it is
     assert extract_code(None) == ""
-    body = assemble_program("def f(x):\n    \"\"\"Add one.\"\"\"\n", "return x + 1", "f")
-    assert body == "def f(x):\n    \"\"\"Add one.\"\"\"\n    return x + 1\n"  # an unindented body gets indented
+    body = assemble_program('def f(x):\n    """Add one."""\n', "return x + 1", "f")
+    assert body == 'def f(x):\n    """Add one."""\n    return x + 1\n'  # an unindented body gets indented
     assert assemble_program("def f(x):\n", "", "f").endswith("    pass\n")
 
 
@@ -146,7 +155,8 @@ def test_docstring_tests_pass_on_the_canonical_solution():
     p = BY_ID["HumanEval/0"]
     assert docstring_tests(p["prompt"], p["entry_point"]) == [
         "assert has_close_elements([1.0, 2.0, 3.0], 0.5) == False",
-        "assert has_close_elements([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3) == True"]
+        "assert has_close_elements([1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3) == True",
+    ]
     arrow = 'def add(x, y):\n    """\n    add(2, 3) ==> 5\n    add(5, 7) => 12\n    """\n'
     assert docstring_tests(arrow, "add") == ["assert add(2, 3) == 5", "assert add(5, 7) == 12"]
     p = BY_ID["HumanEval/2"]
@@ -272,14 +282,26 @@ def test_optimas_loop_runs_on_the_codegen_system(seed, tmp_path):
     before = system.state_dict()
     assert system.evaluate(val, workers=3).scores == [0.0] * 3
     comps = {n: system.components[n].description for n in system.order if system.components[n].variables()}
-    cfg = OptimasConfig.from_dict({
-        "seed": seed % 1000, "iterations": 2, "batch_size": 3, "initial_examples": 4, "initial_epochs": 1,
-        "batch_pairs": 8, "adapt_steps": 2, "cooldown": 0, "optimizer_inputs": 3, "val_workers": 3,
-        "components": ["test_generator", "final_code_generator"],
-        "collect": {"num_candidates": 3, "rollouts": 1, "workers": 3},
-        "prompt": {"num_proposals": 1, "max_tokens": 16, "max_inputs": 2}})
+    cfg = OptimasConfig.from_dict(
+        {
+            "seed": seed % 1000,
+            "iterations": 2,
+            "batch_size": 3,
+            "initial_examples": 4,
+            "initial_epochs": 1,
+            "batch_pairs": 8,
+            "adapt_steps": 2,
+            "cooldown": 0,
+            "optimizer_inputs": 3,
+            "val_workers": 3,
+            "components": ["test_generator", "final_code_generator"],
+            "collect": {"num_candidates": 3, "rollouts": 1, "workers": 3},
+            "prompt": {"num_proposals": 1, "max_tokens": 16, "max_inputs": 2},
+        }
+    )
     res = Optimas(tiny_reward_model(comps, seed % 1000), ScriptedLM(reply), cfg).optimize(
-        system, train, val, run_dir=tmp_path / "run")
+        system, train, val, run_dir=tmp_path / "run"
+    )
     assert system.state_dict() == before  # the input is untouched
     assert len(res.history) == 3 and res.best_val >= res.initial_val == 0.0
     assert res.system.evaluate(val, workers=3).mean == pytest.approx(res.best_val)

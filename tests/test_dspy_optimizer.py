@@ -2,6 +2,7 @@
 answerer, plain Python between them) over HotpotQA rows, with a scripted LM whose answers depend on the
 instruction text, so that optimizing the answerer's instructions changes the metric. DSPyLM's calls go through
 the LM layer (ledger, cache, budget)."""
+
 from __future__ import annotations
 
 import random
@@ -64,8 +65,11 @@ class InstructionLM(LM):
             system, last = r.prompt[0]["content"], r.prompt[-1]["content"]
             if "You improve instructions" in system:
                 k = (r.seed or 0) % 1000  # distinct texts per call; every call offers a good and a bad one
-                text = (f"Give the exact answer span from the sources, variant {k}." if r.sample_index % 2 == 0
-                        else f"Answer briefly in your own words, variant {k}.")
+                text = (
+                    f"Give the exact answer span from the sources, variant {k}."
+                    if r.sample_index % 2 == 0
+                    else f"Answer briefly in your own words, variant {k}."
+                )
             elif "[[ ## answer ## ]]" in system:
                 question = field(last, "question")
                 answer = self.gold.get(question, WRONG) if "exact" in system.split("objective is:")[-1] else WRONG
@@ -90,9 +94,21 @@ def examples(rows):
 
 
 def settings(seed: int, **extra) -> dict:
-    s = dict(seed=seed, iterations=1, batch_size=4, initial_examples=6, initial_epochs=6, lr=1e-3, head_lr=1e-2,
-             batch_pairs=16, adapt_steps=4, optimizer_inputs=4, val_workers=2,
-             collect={"num_candidates": 3, "workers": 2}, prompt={"num_proposals": 4})
+    s = dict(
+        seed=seed,
+        iterations=1,
+        batch_size=4,
+        initial_examples=6,
+        initial_epochs=6,
+        lr=1e-3,
+        head_lr=1e-2,
+        batch_pairs=16,
+        adapt_steps=4,
+        optimizer_inputs=4,
+        val_workers=2,
+        collect={"num_candidates": 3, "workers": 2},
+        prompt={"num_proposals": 4},
+    )
     s.update(extra)
     return s
 
@@ -123,8 +139,10 @@ def test_compile_optimizes_and_round_trips(rows, seed, tmp_path):
     res = opt.result
     assert res.initial_val == 0.0 and res.best_val == 1.0, res.history
     new = instructions(compiled)
-    assert "exact" in new["answer.predict"] and new["answer.predict"] != before["answer.predict"]["signature"][
-        "instructions"]
+    assert (
+        "exact" in new["answer.predict"]
+        and new["answer.predict"] != before["answer.predict"]["signature"]["instructions"]
+    )
     assert compiled.answer.predict.demos == [demo]  # demos kept
     dspy_lm = DSPyLM(lm)
     with dspy.context(lm=dspy_lm):
@@ -214,8 +232,11 @@ def test_dspy_lm_request_shape(seed):
 
         def _generate(self, requests, params):
             seen.append((requests[0].prompt, params))
-            return [Completion("[[ ## answer ## ]]\nok\n\n[[ ## completed ## ]]", Usage(prompt_tokens=7,
-                                                                                      completion_tokens=3))]
+            return [
+                Completion(
+                    "[[ ## answer ## ]]\nok\n\n[[ ## completed ## ]]", Usage(prompt_tokens=7, completion_tokens=3)
+                )
+            ]
 
     lm = DSPyLM(Echo(), temperature=0.0, max_tokens=64)
     with dspy.context(lm=lm):
@@ -260,11 +281,17 @@ def test_configured_dspy_lm_goes_through_the_lm_layer(rows, seed):
     too are accounted in the run's ledger (and cached, and under the budget)."""
     from dspy.utils.dummies import DummyLM
 
-    dummy = DummyLM({"starting with the field `[[ ## query ## ]]`": {"query": "a query"},
-                     "starting with the field `[[ ## reasoning ## ]]`": {"reasoning": "r", "answer": "x"}})
-    opt = OptimasOptimizer(exact_match, reward=tiny_reward_model({}, seed),
-                           **settings(seed, iterations=0, initial_examples=2, initial_epochs=1,
-                                      components=["answer.predict"]))  # DSPy's path names the component
+    dummy = DummyLM(
+        {
+            "starting with the field `[[ ## query ## ]]`": {"query": "a query"},
+            "starting with the field `[[ ## reasoning ## ]]`": {"reasoning": "r", "answer": "x"},
+        }
+    )
+    opt = OptimasOptimizer(
+        exact_match,
+        reward=tiny_reward_model({}, seed),
+        **settings(seed, iterations=0, initial_examples=2, initial_epochs=1, components=["answer.predict"]),
+    )  # DSPy's path names the component
     with dspy.context(lm=dummy):
         compiled = opt.compile(QA(), trainset=examples(rows[:3]))
     usage = opt.result.usage
@@ -273,5 +300,6 @@ def test_configured_dspy_lm_goes_through_the_lm_layer(rows, seed):
     assert instructions(compiled) == instructions(QA())
     assert set(opt.result.history[0]["collect"]) == {"answer"}  # only the named predictor was a target
     with pytest.raises(ValueError, match=r"config.components: no component 'nope'.*allowed"):
-        OptimasOptimizer(exact_match, lm=InstructionLM({}), reward=tiny_reward_model({}, seed),
-                         components=["nope"]).compile(QA(), trainset=examples(rows[:2]))
+        OptimasOptimizer(
+            exact_match, lm=InstructionLM({}), reward=tiny_reward_model({}, seed), components=["nope"]
+        ).compile(QA(), trainset=examples(rows[:2]))

@@ -1,7 +1,7 @@
 """Example systems: data loading and splits, bad rows, reply parsing, BM25, and end-to-end runs with a
 scripted LM (fast); one slow test runs the real embedded LM + MiniLM on one example."""
+
 import json
-import os
 import random
 import re
 import string
@@ -33,6 +33,7 @@ from optimas_fast.examples.parsing import (
 from optimas_fast.lm import make_lm
 from optimas_fast.lm.base import LM, Completion
 from optimas_fast.system.testing import ScriptedLM
+
 
 def random_text(rng, n):
     alphabet = string.ascii_letters + string.digits + string.punctuation + " \n\t éü✓"
@@ -75,16 +76,26 @@ def test_data_dir_is_configurable(tmp_path, monkeypatch):
 
 def test_malformed_pubmedqa_rows(tmp_path):
     good = {"index": "g", "question": "Q?", "context": ["c"], "groundtruth": "yes"}
-    lines = [json.dumps(good), "{not json", json.dumps({**good, "groundtruth": "perhaps"}),
-             json.dumps({k: v for k, v in good.items() if k != "question"}), json.dumps([1, 2]),
-             json.dumps({**good, "context": [1, 2]}), json.dumps({**good, "index": "g2"})]
+    lines = [
+        json.dumps(good),
+        "{not json",
+        json.dumps({**good, "groundtruth": "perhaps"}),
+        json.dumps({k: v for k, v in good.items() if k != "question"}),
+        json.dumps([1, 2]),
+        json.dumps({**good, "context": [1, 2]}),
+        json.dumps({**good, "index": "g2"}),
+    ]
     (tmp_path / "pubmedqa_train.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=r"pubmedqa_train.jsonl:2: not valid JSON"):
         load_pubmedqa(tmp_path)
     kept = load_pubmedqa(tmp_path, strict=False)
     assert [e["id"] for e in kept] == ["g", "g2"]
-    for i, match in [(2, "'groundtruth' must be one of"), (3, "missing field 'question'"),
-                     (4, "expected a JSON object"), (5, "'context' must be a list of str")]:
+    for i, match in [
+        (2, "'groundtruth' must be one of"),
+        (3, "missing field 'question'"),
+        (4, "expected a JSON object"),
+        (5, "'context' must be a list of str"),
+    ]:
         (tmp_path / "pubmedqa_train.jsonl").write_text(lines[0] + "\n" + lines[i] + "\n")
         with pytest.raises(ValueError, match=rf"pubmedqa_train.jsonl:2: .*{match}"):
             load_pubmedqa(tmp_path)
@@ -97,38 +108,58 @@ def test_malformed_hotpotqa_and_amazon_rows(tmp_path):
         load_hotpotqa(tmp_path)
     header = "question,choices,answer\n"
     rows = {
-        "code": '"Product Sequence:\nA\n","__import__(\'os\').system(\'true\')",0\n',
-        "range": '"Product Sequence:\nA\n","[\'x\', \'y\']",5\n',
-        "index": '"Product Sequence:\nA\n","[\'x\', \'y\']",two\n',
-        "session": '"Product Sequence:\n","[\'x\', \'y\']",1\n',
+        "code": "\"Product Sequence:\nA\n\",\"__import__('os').system('true')\",0\n",
+        "range": "\"Product Sequence:\nA\n\",\"['x', 'y']\",5\n",
+        "index": "\"Product Sequence:\nA\n\",\"['x', 'y']\",two\n",
+        "session": "\"Product Sequence:\n\",\"['x', 'y']\",1\n",
     }
-    for kind, match in [("code", "not a Python list literal"), ("range", "out of range"),
-                        ("index", "integer index"), ("session", "no product session")]:
+    for kind, match in [
+        ("code", "not a Python list literal"),
+        ("range", "out of range"),
+        ("index", "integer index"),
+        ("session", "no product session"),
+    ]:
         (tmp_path / "amazon_next_item.csv").write_text(header + rows[kind])
         with pytest.raises(ValueError, match=rf"amazon_next_item.csv:1: .*{match}"):
             load_amazon(tmp_path)
     (tmp_path / "amazon_next_item.csv").write_text("question,answer\nq,1\n")
     with pytest.raises(ValueError, match=r"lacks columns \['choices'\]"):
         load_amazon(tmp_path)
-    good = '"Product Sequence:\nA\nB\n","[\'x\', \'y\', \'z\']",2\n'
+    good = "\"Product Sequence:\nA\nB\n\",\"['x', 'y', 'z']\",2\n"
     (tmp_path / "amazon_next_item.csv").write_text(header + rows["code"] + good)
     assert load_amazon(tmp_path, strict=False)[0]["session"] == ["A", "B"]
 
 
 # --------------------------------------------------------------------------------------------------
 # parsing and retrieval
-@pytest.mark.parametrize("text, want", [
-    ("Yes.", "yes"), ("Based on the data, the answer is: No, since", "no"), ("I cannot tell", None),
-    ("", None), ("MAYBE", "maybe"), ("noisy yesterday", None),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("Yes.", "yes"),
+        ("Based on the data, the answer is: No, since", "no"),
+        ("I cannot tell", None),
+        ("", None),
+        ("MAYBE", "maybe"),
+        ("noisy yesterday", None),
+    ],
+)
 def test_parse_label(text, want):
     assert parse_label(text) == want
 
 
-@pytest.mark.parametrize("text, want", [
-    ("B", 1), ("(C) foo", 2), ("Answer: 3", 2), ("The user will buy option 2.", 1), ("A user like this", None),
-    ("I think 7", None), ("**D**", 3), ("", None),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("B", 1),
+        ("(C) foo", 2),
+        ("Answer: 3", 2),
+        ("The user will buy option 2.", 1),
+        ("A user like this", None),
+        ("I think 7", None),
+        ("**D**", 3),
+        ("", None),
+    ],
+)
 def test_parse_option_index(text, want):
     assert parse_option_index(text, 4) == want
 
@@ -258,14 +289,18 @@ def test_hotpotqa_end_to_end_scripted(seed):
     paragraphs = examples[0]["paragraphs"]
     target = rng.randrange(len(paragraphs))
     for weight in (0.0, 0.5, 1.0):
-        out = system.run_component("retriever", {"search_query": paragraphs[target], "paragraphs": paragraphs},
-                                   variable={"embedding_weight": weight, "top_k": 1})
+        out = system.run_component(
+            "retriever",
+            {"search_query": paragraphs[target], "paragraphs": paragraphs},
+            variable={"embedding_weight": weight, "top_k": 1},
+        )
         assert out["retrieved"][0][:50] == paragraphs[target][:50]
 
 
 def test_amazon_end_to_end_scripted(seed, gen):
     rng = random.Random(seed)
     examples = rng.sample(load_amazon(), 3)
+
     def reply(prompt, i):
         if "Options:" in prompt:
             # the example whose four options all appear in the prompt

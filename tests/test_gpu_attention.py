@@ -7,6 +7,7 @@ The same test runs on the CPU (torch's CPU flash kernel: in CI) and on CUDA (mar
 memory-efficient kernels, each forced once); in CI the CUDA branch also runs on CPU emulations of the CUDA ops'
 contracts (EmulatedCudaOps), so everything but the real CUDA kernel calls is checked without a GPU. The end-to-end
 CUDA check (a RewardModel's scores and gradients with the kernel on and off) is here too, marked `gpu`."""
+
 from __future__ import annotations
 
 import random
@@ -19,15 +20,22 @@ from test_gpu_engine import build, requests, tokenizer  # noqa: F401 - tokenizer
 from optimas_fast.reward import attention, encode
 
 # (group sizes, rows of different groups interleaved): the layouts of tests/test_reward.py's kernel test
-LAYOUTS = {"one_group": ([7], False), "equal_groups": ([2, 2, 2], False), "uneven_slots": ([3, 2, 3], True),
-           "uneven_gather": ([9, 1, 1], False)}
+LAYOUTS = {
+    "one_group": ([7], False),
+    "equal_groups": ([2, 2, 2], False),
+    "uneven_slots": ([3, 2, 3], True),
+    "uneven_gather": ([9, 1, 1], False),
+}
 # (dtype, tolerance relative to the reference's scale): fp32 kernels round at ~1e-6; bf16 inputs are quantised
 # before the reference sees them, so only the kernel's bf16 outputs / gradients round (2^-8) plus its accumulation
 DTYPES = {"float32": (torch.float32, 1e-4), "bfloat16": (torch.bfloat16, 2e-2)}
 # (device, CUDA_KERNEL): the CPU has one kernel; CUDA runs "auto" (flash where a part qualifies) and forced
 # memory-efficient, so each CUDA kernel is checked whatever "auto" picks
-CASES = [("cpu", "auto"), pytest.param("cuda", "auto", marks=pytest.mark.gpu),
-         pytest.param("cuda", "efficient", marks=pytest.mark.gpu)]
+CASES = [
+    ("cpu", "auto"),
+    pytest.param("cuda", "auto", marks=pytest.mark.gpu),
+    pytest.param("cuda", "efficient", marks=pytest.mark.gpu),
+]
 
 
 def make_inputs(layout: str, dtype: torch.dtype, device: str, seed: int, pad_prefixes: bool = True):
@@ -78,7 +86,7 @@ def test_shared_prefix_attention_equals_the_reference(device, kernel, dtype, lay
     monkeypatch.setattr(attention, "CUDA_KERNEL", kernel)
     dt, rel = DTYPES[dtype]
     sp, q, k, v, kp, vp, group, lens = make_inputs(layout, dt, device, seed)
-    scale = 16 ** -0.5
+    scale = 16**-0.5
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, kp, vp)]
     out = attention._SharedPrefixAttention.apply(sp, scale, *leaves)  # (R, h, Ls, d)
     assert out.dtype == dt and out.device.type == device
@@ -121,8 +129,7 @@ class EmulatedCudaOps:
         B, h, Lq, Lk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
         if bias is not None:
             assert bias.shape == (B, h, Lq, Lk) and bias.dtype == q.dtype and bias.stride(0) % 16 == 0
-        out, lse = self.cpu(q, k, v, 0.0, causal, attn_mask=None if bias is None else bias[:, :1, :1],
-                            scale=scale)[:2]
+        out, lse = self.cpu(q, k, v, 0.0, causal, attn_mask=None if bias is None else bias[:, :1, :1], scale=scale)[:2]
         padded = torch.full((B, h, -(-Lq // 32) * 32), float("nan"))  # (B, h, n): rows past Lq are not real
         padded[..., :Lq] = lse
         return out, padded, torch.tensor(3), torch.tensor(5)
@@ -131,8 +138,18 @@ class EmulatedCudaOps:
         Lq = q.shape[2]
         assert lse.shape[-1] == -(-Lq // 32) * 32 and lse.is_contiguous(), "the log-sum-exp at the kernel's length"
         assert (int(seed), int(off)) == (3, 5), "the forward's state must come back"
-        dq, dk, dv = self.cpu_bwd(dout, q, k, v, out, lse[..., :Lq], 0.0, causal,
-                                  attn_mask=None if bias is None else bias[:, :1, :1], scale=scale)
+        dq, dk, dv = self.cpu_bwd(
+            dout,
+            q,
+            k,
+            v,
+            out,
+            lse[..., :Lq],
+            0.0,
+            causal,
+            attn_mask=None if bias is None else bias[:, :1, :1],
+            scale=scale,
+        )
         return dq, dk, dv, None
 
 
@@ -148,7 +165,7 @@ def test_cuda_path_on_emulated_kernels_equals_the_reference(kernel, dtype, layou
     monkeypatch.setattr(attention, "CUDA_KERNEL", kernel)
     dt, rel = DTYPES[dtype]
     sp, q, k, v, kp, vp, group, lens = make_inputs(layout, dt, "cpu", seed, pad_prefixes=layout != "one_group")
-    scale = 16 ** -0.5
+    scale = 16**-0.5
     leaves = [x.detach().clone().requires_grad_(True) for x in (q, k, v, kp, vp)]
     out = attention._SharedPrefixAttention.apply(sp, scale, *leaves)
     half_auto = dt == torch.bfloat16 and kernel == "auto"
@@ -213,8 +230,12 @@ def test_shared_prefix_available_by_device():
 # ------------------------------------------------------------------------------------------------ end to end
 @pytest.mark.gpu
 @pytest.mark.parametrize("amp", ["none", "bf16"])
-def test_reward_model_on_cuda_takes_the_kernel_and_matches_the_per_row_cache(amp, tokenizer, seed,  # noqa: F811
-                                                                              monkeypatch):
+def test_reward_model_on_cuda_takes_the_kernel_and_matches_the_per_row_cache(
+    amp,
+    tokenizer,
+    seed,  # noqa: F811
+    monkeypatch,
+):
     """A decoder RewardModel on CUDA: shared-prefix calls go through the kernel (a spy), and its scores and training
     gradients equal the per-row expanded cache's (fp32: to float rounding; bf16: to bf16 rounding)."""
     calls = []

@@ -6,6 +6,7 @@
   extension, collects the GPU tests, and runs the tiny workloads (TRL included), and passes;
 - every GPU test lives where gpu_check.sh looks for them (tests/test_gpu_*.py).
 Slow-ish by nature (a download, a C++ build, TRL): about 2-3 minutes together."""
+
 from __future__ import annotations
 
 import glob
@@ -31,8 +32,13 @@ def python312() -> str | None:
     """A CPython 3.12 on this machine (the PATH's python3.12, else pyenv's), or None."""
     pyenv = sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.12*/bin/python3.12")))
     for cand in [shutil.which("python3.12"), *pyenv]:
-        if cand and subprocess.run([cand, "-c", "import sys; sys.exit(sys.version_info[:2] != (3, 12))"],
-                                   capture_output=True).returncode == 0:
+        if (
+            cand
+            and subprocess.run(
+                [cand, "-c", "import sys; sys.exit(sys.version_info[:2] != (3, 12))"], capture_output=True
+            ).returncode
+            == 0
+        ):
             return cand
     return None
 
@@ -42,16 +48,28 @@ def bundle(tmp_path_factory):
     """(bundle dir, host wheels dir), made once by gpu_bundle.sh."""
     d = tmp_path_factory.mktemp("gpu")
     out, host = d / "bundle", d / "host-wheels"
-    p = subprocess.run(["bash", os.path.join(BENCH, "gpu_bundle.sh"), "--host-wheels", str(host), str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    p = subprocess.run(
+        ["bash", os.path.join(BENCH, "gpu_bundle.sh"), "--host-wheels", str(host), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=ENV,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "offline resolution for CPython 3.12 is complete" in p.stdout + p.stderr
     return out, host
 
 
 def check(bundle_dir) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", os.path.join(BENCH, "gpu_bundle.sh"), "--check", str(bundle_dir)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env=ENV)
+    return subprocess.run(
+        ["bash", os.path.join(BENCH, "gpu_bundle.sh"), "--check", str(bundle_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
 
 
 def test_bundle_is_complete_small_and_holds_no_image_package(bundle):
@@ -91,8 +109,10 @@ def test_an_unused_or_second_version_wheel_fails(bundle, tmp_path):
     dill = next((extra / "wheels").glob("dill-*.whl"))
     shutil.copy(dill, extra / "wheels" / "dill-0.0.1-py3-none-any.whl")
     p = check(extra)
-    assert p.returncode == 1 and "dill-0.0.1-py3-none-any.whl is in the bundle but the resolution does not use it" \
-        in p.stderr
+    assert (
+        p.returncode == 1
+        and "dill-0.0.1-py3-none-any.whl is in the bundle but the resolution does not use it" in p.stderr
+    )
 
 
 def test_dry_run_passes_from_the_bundle_alone(bundle, tmp_path):
@@ -100,16 +120,31 @@ def test_dry_run_passes_from_the_bundle_alone(bundle, tmp_path):
     out, host = bundle
     res = tmp_path / "out"
     py312 = python312()
-    p = subprocess.run(["bash", str(out / "gpu_check.sh"), "--dry-run", "--host-wheels", str(host), str(res)],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                       env=dict(ENV, GPU_CHECK_WORK=str(tmp_path / "work"), GPU_CHECK_PY312=py312 or "python3.12"))
+    p = subprocess.run(
+        ["bash", str(out / "gpu_check.sh"), "--dry-run", "--host-wheels", str(host), str(res)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=dict(ENV, GPU_CHECK_WORK=str(tmp_path / "work"), GPU_CHECK_PY312=py312 or "python3.12"),
+    )
     log = (res / "gpu_check.log").read_text() if (res / "gpu_check.log").exists() else ""
     assert p.returncode == 0, p.stderr[-2000:] + log[-4000:]
     result = json.loads((res / "gpu_check.json").read_text())
     assert result["ok"] and result["dry_run"] and not result["problems"]
     steps = {s["name"]: s for s in result["steps"]}
-    for name in ("verify", "image_env", "py312", "same_set", "install", "build", "imports", "gpu_tests",
-                 "kernel_suite", "workloads"):
+    for name in (
+        "verify",
+        "image_env",
+        "py312",
+        "same_set",
+        "install",
+        "build",
+        "imports",
+        "gpu_tests",
+        "kernel_suite",
+        "workloads",
+    ):
         assert steps[name]["rc"] == 0, name
     # with a CPython 3.12 here, the sources compiled and the extension built and loaded under it
     assert steps["py312"]["note"].startswith("dry run: the sources compile" if py312 else "not run: no CPython 3.12")
@@ -122,23 +157,30 @@ def test_dry_run_passes_from_the_bundle_alone(bundle, tmp_path):
     # what was left behind on purpose shows as unmet, and nothing else
     assert {u.split(" needs ")[1].split()[0] for u in env["unmet_requirements"]} <= gpu_bundle.EXCLUDED
     assert "## Environment" in (res / "gpu_check.md").read_text()
-    assert sorted(os.listdir(res)) == sorted(["steps.tsv", "gpu_check.log", "environment.json", "workloads.json",
-                                              "gpu_check.json", "gpu_check.md"])  # <= 8 files: all come back
+    assert sorted(os.listdir(res)) == sorted(
+        ["steps.tsv", "gpu_check.log", "environment.json", "workloads.json", "gpu_check.json", "gpu_check.md"]
+    )  # <= 8 files: all come back
     assert not (tmp_path / "work").exists()  # the work folder is removed
 
 
 def test_gpu_check_usage_errors(tmp_path):
     script = os.path.join(BENCH, "gpu_check.sh")
-    p = subprocess.run(["bash", script, "--dry-run", "--bundle", str(tmp_path)], cwd=tmp_path, capture_output=True,
-                       text=True, timeout=60, env=ENV)
+    p = subprocess.run(
+        ["bash", script, "--dry-run", "--bundle", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=ENV,
+    )
     assert p.returncode == 2 and f"{tmp_path} is not a bundle" in p.stderr
-    p = subprocess.run(["bash", script, "--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                       env=ENV)
+    p = subprocess.run(["bash", script, "--dry-run"], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=ENV)
     assert p.returncode == 2 and "no bundle: pass --bundle DIR" in p.stderr
     p = subprocess.run(["bash", script, "--frobnicate"], capture_output=True, text=True, timeout=60, env=ENV)
     assert p.returncode == 2 and "usage: gpu_check.sh" in p.stderr
-    p = subprocess.run(["bash", os.path.join(BENCH, "gpu_bundle.sh")], capture_output=True, text=True, timeout=60,
-                       env=ENV)
+    p = subprocess.run(
+        ["bash", os.path.join(BENCH, "gpu_bundle.sh")], capture_output=True, text=True, timeout=60, env=ENV
+    )
     assert p.returncode == 2 and "usage: gpu_bundle.sh" in p.stderr
 
 

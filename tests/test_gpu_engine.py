@@ -5,6 +5,7 @@ without one, and the vLLM engine's greedy generation equals the transformers eng
 imports: marked `vllm` too, so that benchmarks/gpu_check.sh runs it only where vllm is installed and never
 counts its skip as a pass). Packing on CUDA: SDPA with the block mask, and flash-attn's varlen kernel (marked
 `flash`, the same way)."""
+
 from __future__ import annotations
 
 import gc
@@ -19,8 +20,10 @@ from optimas_fast.reward import PreferencePair, RewardModel, RewardModelConfig, 
 
 pytestmark = pytest.mark.gpu
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-         "upsilon phi chi psi omega river stone cloud lamp").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+    "upsilon phi chi psi omega river stone cloud lamp"
+).split()
 COMPONENTS = {"a": "component a answers", "b": "component b explains"}
 
 
@@ -34,17 +37,34 @@ def wordpiece_tokenizer(words):
     from transformers import PreTrainedTokenizerFast
 
     chars = string.ascii_lowercase + string.digits
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.punctuation, *chars,
-             *(f"##{c}" for c in chars), *sorted(set(words))]
-    tk = tokenizers.Tokenizer(tokenizers.models.WordPiece({t: i for i, t in enumerate(dict.fromkeys(vocab))},
-                                                          unk_token="[UNK]"))
+    vocab = [
+        "[PAD]",
+        "[UNK]",
+        "[CLS]",
+        "[SEP]",
+        "[MASK]",
+        *string.punctuation,
+        *chars,
+        *(f"##{c}" for c in chars),
+        *sorted(set(words)),
+    ]
+    tk = tokenizers.Tokenizer(
+        tokenizers.models.WordPiece({t: i for i, t in enumerate(dict.fromkeys(vocab))}, unk_token="[UNK]")
+    )
     tk.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
     tk.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
     tk.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
     tk.decoder = tokenizers.decoders.WordPiece()
-    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                                   sep_token="[SEP]", mask_token="[MASK]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+    )
 
 
 def _tokenizer():
@@ -61,18 +81,40 @@ def _backbone(kind: str, vocab: int, seed: int):
 
     torch.manual_seed(seed)
     if kind == "decoder":
-        return LlamaModel(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
-    return BertModel(BertConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, max_position_embeddings=512))
+        return LlamaModel(
+            LlamaConfig(
+                vocab_size=vocab,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=512,
+            )
+        )
+    return BertModel(
+        BertConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+        )
+    )
 
 
 def build(kind: str, tok, seed: int, device: str, **cfg) -> RewardModel:
     """The same weights on any device: built on CPU from the seed, then moved by RewardModel."""
     cfg.setdefault("score_amp", "none")  # fp32 on both sides unless a test asks for bf16
     cfg.setdefault("amp", "none")
-    return RewardModel(_backbone(kind, tok.vocab_size, seed), COMPONENTS, tokenizer=tok,
-                       config=RewardModelConfig(seed=seed, **cfg), device=device)
+    return RewardModel(
+        _backbone(kind, tok.vocab_size, seed),
+        COMPONENTS,
+        tokenizer=tok,
+        config=RewardModelConfig(seed=seed, **cfg),
+        device=device,
+    )
 
 
 def words(rng: random.Random, lo: int, hi: int) -> str:
@@ -89,8 +131,12 @@ def requests(rng: random.Random, n_inputs: int, n_cands: int):
 
 
 def pairs(rng: random.Random, n: int):
-    return [PreferencePair(rng.choice("ab"), f"input {i % 3}: " + words(rng, 2, 12), words(rng, 1, 6),
-                           words(rng, 1, 6), rng.random()) for i in range(n)]
+    return [
+        PreferencePair(
+            rng.choice("ab"), f"input {i % 3}: " + words(rng, 2, 12), words(rng, 1, 6), words(rng, 1, 6), rng.random()
+        )
+        for i in range(n)
+    ]
 
 
 def close_scores(got: torch.Tensor, want: torch.Tensor, rel: float):
@@ -159,8 +205,16 @@ def test_flash_attention_varlen_packing_equals_padded(tokenizer, seed):
     rng = random.Random(seed)
     reqs = requests(rng, 6, 3)
     ref = build("decoder", tokenizer, seed, "cuda", score_amp="bf16").score(reqs)
-    rm = build("decoder", tokenizer, seed, "cuda", score_amp="bf16", packing=True, pack_tokens=256,
-               attn_implementation="flash_attention_2")
+    rm = build(
+        "decoder",
+        tokenizer,
+        seed,
+        "cuda",
+        score_amp="bf16",
+        packing=True,
+        pack_tokens=256,
+        attn_implementation="flash_attention_2",
+    )
     assert rm.encoder.packs_by_positions()
     got = rm.score(reqs)
     close_scores(got, ref, 0.1)
@@ -226,8 +280,7 @@ def test_nccl_world_one_trains_like_a_single_process(tokenizer, seed, tmp_path):
     rm = build("decoder", tokenizer, seed, "cuda")
     hist = rm.train(train, epochs=2, lr=1e-3, batch_pairs=4)
     assert torch.equal(got["reduced"], torch.full((4,), 2.0))
-    torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor([h["loss"] for h in hist]),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(got["loss"]), torch.tensor([h["loss"] for h in hist]), rtol=1e-4, atol=1e-5)
     close_scores(got["scores"], rm.score(probe), 1e-3)
 
 
@@ -249,23 +302,44 @@ def test_vllm_generation_equals_transformers(tmp_path, seed):
     tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("."), behavior="isolated")
     tk.decoder = tokenizers.decoders.Fuse()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
-                                               unk_token="<unk>")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
     torch.manual_seed(seed)
     # head_dim 64 (every vLLM attention backend takes it); large init: peaky logits, no greedy near-ties
-    cfg = transformers.LlamaConfig(vocab_size=len(vocab), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                   eos_token_id=1, pad_token_id=0, bos_token_id=None, initializer_range=0.3)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=1,
+        pad_token_id=0,
+        bos_token_id=None,
+        initializer_range=0.3,
+    )
     path = str(tmp_path / "tiny-llama")
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     rng = random.Random(seed)
     prompts = ["".join(rng.choices(chars[:62], k=rng.randrange(4, 30))) for _ in range(6)]
     ledger = UsageLedger()
-    engine = VLLMEngine(path, use_chat_template=False, cache=False, ledger=ledger, dtype="bfloat16",
-                        gpu_memory_utilization=0.3, enforce_eager=True, max_model_len=256, seed=0)
-    hf = HFLocalLM(path, dtype="bfloat16", device="cuda", use_chat_template=False, cache=False,
-                   ledger=UsageLedger(), name="tiny")
+    engine = VLLMEngine(
+        path,
+        use_chat_template=False,
+        cache=False,
+        ledger=ledger,
+        dtype="bfloat16",
+        gpu_memory_utilization=0.3,
+        enforce_eager=True,
+        max_model_len=256,
+        seed=0,
+    )
+    hf = HFLocalLM(
+        path, dtype="bfloat16", device="cuda", use_chat_template=False, cache=False, ledger=UsageLedger(), name="tiny"
+    )
     got = engine.generate(prompts, max_tokens=12)
     want = hf.generate(prompts, max_tokens=12)
     same = sum(g[0].text == w[0].text for g, w in zip(got, want, strict=True))
@@ -290,8 +364,16 @@ def _sharded_worker(rank: int, init_file: str, seed: int, out_dir: str) -> None:
         reqs = requests(random.Random(seed), 6, 5)
         rm = build("decoder", _tokenizer(), seed, "cuda", token_budget=96, max_rows=4)
         scores, rep = rm.score_with_report(reqs)  # sharded: this rank's batches on CUDA, all N scores back
-        torch.save({"scores": scores, "rank": rep.rank, "world": rep.world_size, "batches": rep.n_batches,
-                    "total": rep.n_batches_total}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "scores": scores,
+                "rank": rep.rank,
+                "world": rep.world_size,
+                "batches": rep.n_batches,
+                "total": rep.n_batches_total,
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
         del rm
         gc.collect()
     finally:
@@ -316,8 +398,13 @@ def test_sharded_scoring_on_cuda_equals_one_process(tokenizer, seed, tmp_path):
 def test_cuda_defaults(tokenizer, seed):
     """What "auto" means on CUDA: bf16 scoring and training, the 16,384-token budget, the engine's SDPA kernel,
     fused AdamW (CUDA parameters), and the shared-prefix kernel on for a Llama decoder."""
-    rm = RewardModel(_backbone("decoder", tokenizer.vocab_size, seed), COMPONENTS, tokenizer=tokenizer,
-                     config=RewardModelConfig(seed=seed), device="cuda")
+    rm = RewardModel(
+        _backbone("decoder", tokenizer.vocab_size, seed),
+        COMPONENTS,
+        tokenizer=tokenizer,
+        config=RewardModelConfig(seed=seed),
+        device="cuda",
+    )
     enc = rm.encoder
     assert enc.device.type == "cuda" and enc.precision.uses_bf16(True) and enc.precision.uses_bf16(False)
     assert enc.token_budget == 16384 and enc.attention_name() == "sdpa" and enc._shared_prefix_kernel()

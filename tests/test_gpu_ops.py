@@ -2,14 +2,15 @@
 and every gradient, float32 / bfloat16 / float16, an odd shape, a shape past one column block (H > 4096,
 the kernels' loop) and the realistic size (B = 16384, H = 4096, C = 64). Skipped, and counted, without CUDA
 (tests/conftest.py); benchmarks/gpu_check.sh fails when any of them is skipped."""
+
 from __future__ import annotations
 
 import pytest
 import torch
+from test_ops import close, f64, grads, leaves
 
 import optimas_fast.ops as ops
 from optimas_fast.ops import reference as ref
-from test_ops import close, f64, grads, leaves
 
 pytestmark = pytest.mark.gpu
 
@@ -43,8 +44,12 @@ def test_auto_backend_is_triton_on_cuda():
     info = ops.backend_info()
     assert info["selected"]["cuda"] == "triton", info["why"]
     x = torch.randn(4, 8, device="cuda", requires_grad=True)
-    s = ops.multihead_score(x, torch.zeros(4, dtype=torch.long, device="cuda"), torch.randn(1, 8, device="cuda"),
-                            torch.randn(1, device="cuda"))
+    s = ops.multihead_score(
+        x,
+        torch.zeros(4, dtype=torch.long, device="cuda"),
+        torch.randn(1, 8, device="cuda"),
+        torch.randn(1, device="cuda"),
+    )
     assert "MultiheadScore" in type(s.grad_fn).__name__  # the Triton Function ran, not the reference
 
 

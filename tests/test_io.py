@@ -1,6 +1,7 @@
 """The helpers every layer shares, one of each: the JSONL reader (optimas_fast._io.iter_jsonl), the backbone
 resolver (optimas_fast.backbones), the bf16 probe; and no second copy of them in the package (a test that
 reads the source, so a new copy fails here rather than drifting)."""
+
 from __future__ import annotations
 
 import ast
@@ -81,8 +82,7 @@ def test_one_of_each_in_the_package():
         for node in ast.walk(ast.parse(text)):
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
                 defs.setdefault(node.name, []).append(str(p.relative_to(PKG)))
-    for name in ("cpu_has_native_bf16", "iter_jsonl", "resolve_backbone", "minilm_path", "format_value",
-                 "load_jsonl"):
+    for name in ("cpu_has_native_bf16", "iter_jsonl", "resolve_backbone", "minilm_path", "format_value", "load_jsonl"):
         assert len(defs.get(name, [])) <= 1, f"{name} is defined in {defs[name]}"
     for p, text in _sources():
         rel = str(p.relative_to(PKG))

@@ -1,4 +1,5 @@
 """The persistent completion cache: keys, memory/disk layers, threads, processes, corruption."""
+
 import os
 import random
 import sqlite3
@@ -95,8 +96,15 @@ WRITER = textwrap.dedent("""
 def test_two_processes_write_concurrently(tmp_path, seed):
     path = tmp_path / "c.sqlite"
     n = 150 + seed % 50
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), tag, str(n)], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for tag in ("a", "b")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path), tag, str(n)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for tag in ("a", "b")
+    ]
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     c = LMCache(path)
@@ -121,7 +129,7 @@ def test_corrupt_file_is_moved_aside(tmp_path, seed, damage):
         conn.close()
         data = bytearray(path.read_bytes())
         for off in range(4096, len(data), 4096):  # keep the header page, smash every other page
-            data[off:off + 4096] = bytes(rng.randrange(256) for _ in range(min(4096, len(data) - off)))
+            data[off : off + 4096] = bytes(rng.randrange(256) for _ in range(min(4096, len(data) - off)))
         path.write_bytes(bytes(data))
     c = LMCache(path)
     with pytest.warns(RuntimeWarning, match="corrupt"):

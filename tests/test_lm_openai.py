@@ -1,4 +1,5 @@
 """OpenAIClient against a real HTTP server on 127.0.0.1 (scripted replies and injected faults)."""
+
 import json
 import random
 import sqlite3
@@ -115,8 +116,9 @@ def test_bad_request_is_clear_and_not_retried(server):
     assert ei.value.status == 400 and server.calls == 1
 
 
-@pytest.mark.parametrize("fault,match", [("non_json", "not JSON"), ("empty", "empty body"),
-                                         ("no_choices", "without choices")])
+@pytest.mark.parametrize(
+    "fault,match", [("non_json", "not JSON"), ("empty", "empty body"), ("no_choices", "without choices")]
+)
 def test_unusable_replies_raise_or_are_recorded(server, fault, match):
     server.inject(fault)
     with pytest.raises(LMResponseError, match=match):
@@ -206,32 +208,55 @@ def test_api_key_never_reaches_the_cache(server, tmp_path, monkeypatch):
 
 
 def test_constructor_rejects_bad_arguments(server):
-    bad = [dict(base_url="ftp://x"), dict(base_url=""), dict(model=""), dict(max_concurrency=0),
-           dict(max_retries=-1), dict(timeout=0), dict(mode="edit"), dict(extra_body=[1]), dict(on_error="ignore"),
-           dict(cache=3.5)]
+    bad = [
+        dict(base_url="ftp://x"),
+        dict(base_url=""),
+        dict(model=""),
+        dict(max_concurrency=0),
+        dict(max_retries=-1),
+        dict(timeout=0),
+        dict(mode="edit"),
+        dict(extra_body=[1]),
+        dict(on_error="ignore"),
+        dict(cache=3.5),
+    ]
     for kw in bad:
         args = {"base_url": server.url, "model": "m", **kw}
-        with pytest.raises((ValueError, TypeError), match=next(iter(kw)) if next(iter(kw)) != "extra_body"
-                           else "extra_body"):
+        with pytest.raises(
+            (ValueError, TypeError), match=next(iter(kw)) if next(iter(kw)) != "extra_body" else "extra_body"
+        ):
             OpenAIClient(args.pop("base_url"), args.pop("model"), **args)
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(n=0), "n must"), (dict(temperature=-1.0), "temperature"), (dict(temperature="hot"), "temperature"),
-    (dict(max_tokens=0), "max_tokens"), (dict(stop=[1]), "stop"), (dict(stop=[""]), "stop"),
-    (dict(seed=1.5), "seed"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(n=0), "n must"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(temperature="hot"), "temperature"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(stop=[1]), "stop"),
+        (dict(stop=[""]), "stop"),
+        (dict(seed=1.5), "seed"),
+    ],
+)
 def test_generate_rejects_bad_arguments(server, kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
         client(server).generate(["x"], **kw)
     assert server.calls == 0
 
 
-@pytest.mark.parametrize("bad,match", [
-    ("just a string", "list of prompts"), ([3], r"prompts\[0\]"), ([[]], "empty list"),
-    ([[{"role": "robot", "content": "x"}]], "role"), ([[{"role": "user", "content": 5}]], "content"),
-    ([["x"]], r"prompts\[0\]\[0\]"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ("just a string", "list of prompts"),
+        ([3], r"prompts\[0\]"),
+        ([[]], "empty list"),
+        ([[{"role": "robot", "content": "x"}]], "role"),
+        ([[{"role": "user", "content": 5}]], "content"),
+        ([["x"]], r"prompts\[0\]\[0\]"),
+    ],
+)
 def test_generate_rejects_bad_prompts(server, bad, match):
     with pytest.raises((ValueError, TypeError), match=match):
         client(server).generate(bad)

@@ -1,4 +1,5 @@
 """Usage accounting per component and per run, prices, and hard budgets."""
+
 import contextvars
 import random
 import threading
@@ -173,9 +174,16 @@ def test_ledger_state_round_trip(server):
         resumed.load_state_dict({"total": {}})
 
 
-@pytest.mark.parametrize("kw,exc", [(dict(max_calls=-1), ValueError), (dict(max_calls=1.5), TypeError),
-                                    (dict(max_tokens="10"), TypeError), (dict(max_usd=float("inf")), ValueError),
-                                    (dict(max_usd=True), TypeError)])
+@pytest.mark.parametrize(
+    "kw,exc",
+    [
+        (dict(max_calls=-1), ValueError),
+        (dict(max_calls=1.5), TypeError),
+        (dict(max_tokens="10"), TypeError),
+        (dict(max_usd=float("inf")), ValueError),
+        (dict(max_usd=True), TypeError),
+    ],
+)
 def test_budget_rejects_bad_limits(kw, exc):
     with pytest.raises(exc, match=next(iter(kw))):
         Budget(**kw)

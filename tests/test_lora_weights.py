@@ -1,6 +1,7 @@
 """LoRA on a causal LM as a component's Weights: best-of-N + DPO against the LRF raises the LRF score of the
 component's greedy outputs; only the adapter changes; adapters round-trip through the run state; bad inputs
 get clear errors. A tiny random Llama with a 20-word vocabulary keeps this fast."""
+
 from __future__ import annotations
 
 import random
@@ -11,7 +12,12 @@ import torch
 peft = pytest.importorskip("peft", reason="LoRA needs the `lora` extra (installed with `test`)")
 
 from optimas_fast.optimizers import (  # noqa: E402
-    LoRAAdapter, LoRAComponent, LoRAPolicy, OptimizerBudget, WeightsConfig, WeightsOptimizer,
+    LoRAAdapter,
+    LoRAComponent,
+    LoRAPolicy,
+    OptimizerBudget,
+    WeightsConfig,
+    WeightsOptimizer,
 )
 from optimas_fast.system import Component, System, Weights  # noqa: E402
 
@@ -32,9 +38,18 @@ def tiny_policy(seed: int, r: int = 4) -> LoRAPolicy:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = tiny_tokenizer()
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
     torch.manual_seed(seed)
     return LoRAPolicy(LlamaForCausalLM(cfg), tok, r=r, alpha=2 * r, init_seed=seed)
 
@@ -56,8 +71,15 @@ def share_of_a(component, inputs_text, outputs_text):
 
 def make_component(seed):
     policy = tiny_policy(seed)
-    comp = LoRAComponent("writer", policy, inputs=["q"], output="y", prompt_fn=lambda x: x["q"],
-                         description="writes words", max_new_tokens=6)
+    comp = LoRAComponent(
+        "writer",
+        policy,
+        inputs=["q"],
+        output="y",
+        prompt_fn=lambda x: x["q"],
+        description="writes words",
+        max_new_tokens=6,
+    )
     rng = random.Random(seed)
     inputs = [{"q": " ".join(rng.choice(WORDS[1:]) for _ in range(rng.randint(2, 5)))} for _ in range(6)]
     return policy, comp, inputs
@@ -128,8 +150,9 @@ def test_bad_lora_inputs_have_clear_errors(seed):
     other = tiny_policy(seed, r=2)
     with pytest.raises(ValueError, match="shape"):
         policy.load(other.adapter())
-    plain = Component("plain", inputs=["q"], outputs=["y"], variable=Weights(policy.adapter()),
-                      fn=lambda q, variable: {"y": q})
+    plain = Component(
+        "plain", inputs=["q"], outputs=["y"], variable=Weights(policy.adapter()), fn=lambda q, variable: {"y": q}
+    )
     with pytest.raises(TypeError, match="not a LoRAComponent"):
         WeightsOptimizer().optimize(plain, inputs, FakeRM(share_of_a), rng=random.Random(seed))
     with pytest.raises(TypeError, match="LoRAAdapter"):

@@ -1,6 +1,7 @@
 """Every op, every backend vs the float64 reference: forward and every gradient, odd shapes, random
 inputs drawn fresh per run (see conftest: the seed is printed for replay). Triton runs interpreted on
 CPU (TRITON_INTERPRET=1, set by conftest), so its shapes stay small."""
+
 from __future__ import annotations
 
 import itertools
@@ -29,8 +30,14 @@ def close(actual, expected, tol, what="", scale_hint=0.0):
     # float16): rounding to that grid is the dtype's limit, not the kernel's error.
     info = torch.finfo(actual.dtype) if actual.is_floating_point() else torch.finfo(torch.float64)
     floor = info.smallest_normal * info.eps
-    torch.testing.assert_close(actual.detach().double(), expected, rtol=tol, atol=max(tol * max(scale, 1e-6), floor),
-                               equal_nan=True, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.detach().double(),
+        expected,
+        rtol=tol,
+        atol=max(tol * max(scale, 1e-6), floor),
+        equal_nan=True,
+        msg=lambda m: f"{what}: {m}",
+    )
 
 
 def rand_inputs(gen, B, H, C, dtype, weighted=True):
@@ -178,14 +185,17 @@ def test_last_token_hidden_matches_reference(gen, backend, shape, dtype, padding
 # --------------------------------------------------------------------------------------------------
 def test_reference_gradcheck(gen):
     B, H, C = 5, 6, 3
-    hc, hr, ids, W, b, w, mu = (t if t is None or not t.is_floating_point() else t.double()
-                                for t in rand_inputs(gen, B, H, C, torch.float64))
+    hc, hr, ids, W, b, w, mu = (
+        t if t is None or not t.is_floating_point() else t.double() for t in rand_inputs(gen, B, H, C, torch.float64)
+    )
     args = f64(hc, hr, W, b, w, mu)
     assert torch.autograd.gradcheck(
-        lambda a, c, Wt, bt, wt, m: ref.fused_head_bt_loss(a, c, ids, Wt, bt, wt, m, 0.1), args)
+        lambda a, c, Wt, bt, wt, m: ref.fused_head_bt_loss(a, c, ids, Wt, bt, wt, m, 0.1), args
+    )
     assert torch.autograd.gradcheck(lambda a, Wt, bt: ref.multihead_score(a, ids, Wt, bt), f64(hc, W, b))
-    assert torch.autograd.gradcheck(lambda x, y, wt, m: ref.bt_loss(x, y, wt, m, 0.2, "none"),
-                                    f64(hc[:, 0], hr[:, 0], w, mu))
+    assert torch.autograd.gradcheck(
+        lambda x, y, wt, m: ref.bt_loss(x, y, wt, m, 0.2, "none"), f64(hc[:, 0], hr[:, 0], w, mu)
+    )
     h3 = torch.randn(B, 4, H, generator=gen, dtype=torch.float64, requires_grad=True)
     lengths = torch.randint(1, 5, (B,), generator=gen)
     assert torch.autograd.gradcheck(lambda h: ref.last_token_hidden(h, lengths), (h3,))
@@ -195,8 +205,14 @@ def test_fused_equals_composition_and_function(gen):
     """fused_head_bt_loss == bt_loss(multihead_score(.), multihead_score(.)) == the autograd Function."""
     hc, hr, ids, W, b, w, mu = rand_inputs(gen, 31, 45, 4, torch.float32)
     fused = ops.fused_head_bt_loss(hc, hr, ids, W, b, w, mu, 0.02, backend="cpp")
-    composed = ops.bt_loss(ops.multihead_score(hc, ids, W, b, backend="cpp"),
-                           ops.multihead_score(hr, ids, W, b, backend="cpp"), w, mu, 0.02, backend="cpp")
+    composed = ops.bt_loss(
+        ops.multihead_score(hc, ids, W, b, backend="cpp"),
+        ops.multihead_score(hr, ids, W, b, backend="cpp"),
+        w,
+        mu,
+        0.02,
+        backend="cpp",
+    )
     direct = fn.FusedHeadBTFunction.apply(fn.FusedOptions(ids, 0.02, "mean", "cpp"), hc, hr, W, b, w, mu)
     close(fused, composed, 1e-5, "fused vs composed")
     assert torch.equal(fused, direct)
@@ -271,8 +287,10 @@ def test_pair_weights_are_checked(gen, backend):
     sum are fine; a NaN weight gives a NaN loss (like any NaN input), even next to zeros."""
     rc, rr = torch.randn(5, generator=gen), torch.randn(5, generator=gen)
     hc, hr, ids, W, b, _, _ = rand_inputs(gen, 5, 8, 2, torch.float32, False)
-    losses = (lambda w, red: ops.bt_loss(rc, rr, w, reduction=red, backend=backend),
-              lambda w, red: ops.fused_head_bt_loss(hc, hr, ids, W, b, w, reduction=red, backend=backend))
+    losses = (
+        lambda w, red: ops.bt_loss(rc, rr, w, reduction=red, backend=backend),
+        lambda w, red: ops.fused_head_bt_loss(hc, hr, ids, W, b, w, reduction=red, backend=backend),
+    )
     for loss in losses:
         with pytest.raises(ValueError, match="weight: pair weights must be >= 0"):
             loss(torch.tensor([1.0, 0.5, -0.1, 2.0, 1.0]), "mean")
@@ -281,8 +299,9 @@ def test_pair_weights_are_checked(gen, backend):
         assert float(loss(torch.zeros(5), "sum")) == 0.0
         assert torch.isnan(loss(torch.tensor([1.0, float("nan"), 1.0, 1.0, 1.0]), "mean"))
         assert torch.isnan(loss(torch.tensor([0.0, float("nan"), 0.0, 0.0, 0.0]), "mean"))
-        torch.testing.assert_close(loss(torch.tensor([0.0, 0.0, 3.0, 0.0, 0.0]), "mean"),
-                                   loss(torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0]), "sum"))
+        torch.testing.assert_close(
+            loss(torch.tensor([0.0, 0.0, 3.0, 0.0, 0.0]), "mean"), loss(torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0]), "sum")
+        )
 
 
 @pytest.mark.parametrize("backend", ["torch", *fast_backends()])
@@ -335,7 +354,7 @@ FUSED_BAD = [
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-@pytest.mark.parametrize("key,mutate,exc,match", FUSED_BAD, ids=[f"{k}-{i}" for i, (k, *_ ) in enumerate(FUSED_BAD)])
+@pytest.mark.parametrize("key,mutate,exc,match", FUSED_BAD, ids=[f"{k}-{i}" for i, (k, *_) in enumerate(FUSED_BAD)])
 def test_fused_bad_inputs(gen, backend, key, mutate, exc, match):
     a = _fused_args(gen)
     a[key] = mutate(a)

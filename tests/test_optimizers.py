@@ -1,5 +1,6 @@
 """Optimizers: one interface; the incumbent is scored with the candidates on the same inputs, rows stay
 aligned with their inputs, the choice path scores >= 10,000 rows in one call, ES improves a torch module."""
+
 from __future__ import annotations
 
 import random
@@ -8,8 +9,15 @@ import pytest
 import torch
 
 from optimas_fast.optimizers import (
-    ChoiceConfig, ChoiceOptimizer, OptimizerBudget, PromptConfig, PromptOptimizer, WeightsConfig, WeightsOptimizer,
-    parse_instruction, score_matrix,
+    ChoiceConfig,
+    ChoiceOptimizer,
+    OptimizerBudget,
+    PromptConfig,
+    PromptOptimizer,
+    WeightsConfig,
+    WeightsOptimizer,
+    parse_instruction,
+    score_matrix,
 )
 from optimas_fast.system import Choice, Component, Prompt, Weights
 from optimas_fast.system.testing import ScriptedLM
@@ -31,17 +39,23 @@ class FakeRM:
 def _field(text, name):
     for line in text.splitlines():
         if line.startswith(name + ": "):
-            return line[len(name) + 2:]
+            return line[len(name) + 2 :]
     raise KeyError(name)
 
 
 def test_choice_picks_the_lrf_best_in_one_score_call(seed):
     rng = random.Random(seed)
     a_star, b_star = rng.randrange(50), rng.randrange(50)
-    comp = Component("c", inputs=["q"], outputs=["y"], variable=Choice(a=list(range(50)), b=list(range(50))),
-                     fn=lambda q, variable: {"y": f"{variable['a']} {variable['b']} {q}"})
-    rm = FakeRM(lambda c, x, y: -abs(int(_field(y, "y").split()[0]) - a_star)
-                - abs(int(_field(y, "y").split()[1]) - b_star))
+    comp = Component(
+        "c",
+        inputs=["q"],
+        outputs=["y"],
+        variable=Choice(a=list(range(50)), b=list(range(50))),
+        fn=lambda q, variable: {"y": f"{variable['a']} {variable['b']} {q}"},
+    )
+    rm = FakeRM(
+        lambda c, x, y: -abs(int(_field(y, "y").split()[0]) - a_star) - abs(int(_field(y, "y").split()[1]) - b_star)
+    )
     inputs = [{"q": f"q{i}"} for i in range(4)]
     p = ChoiceOptimizer(ChoiceConfig(max_candidates=10_000, max_inputs=4)).optimize(comp, inputs, rm, rng=rng)
     assert p.variable.value == {"a": a_star, "b": b_star}
@@ -51,11 +65,17 @@ def test_choice_picks_the_lrf_best_in_one_score_call(seed):
 
 
 def test_choice_samples_a_huge_pool_and_keeps_the_incumbent(seed):
-    comp = Component("c", inputs=["q"], outputs=["y"], variable=Choice(a=list(range(1000)), b=list(range(1000))),
-                     fn=lambda q, variable: {"y": variable["a"]})
+    comp = Component(
+        "c",
+        inputs=["q"],
+        outputs=["y"],
+        variable=Choice(a=list(range(1000)), b=list(range(1000))),
+        fn=lambda q, variable: {"y": variable["a"]},
+    )
     rm = FakeRM(lambda c, x, y: 0.0)  # all equal: a tie keeps the incumbent
     p = ChoiceOptimizer(ChoiceConfig(max_candidates=300, max_inputs=2)).optimize(
-        comp, [{"q": 1}, {"q": 2}, {"q": 3}], rm, rng=random.Random(seed))
+        comp, [{"q": 1}, {"q": 2}, {"q": 3}], rm, rng=random.Random(seed)
+    )
     assert p.variable is p.incumbent and not p.changed
     assert rm.calls == [301 * 2] and p.info["pool"] == 301
     p = ChoiceOptimizer().optimize(comp, [{"q": 1}], rm, OptimizerBudget(max_rows=50), rng=random.Random(seed))
@@ -65,8 +85,13 @@ def test_choice_samples_a_huge_pool_and_keeps_the_incumbent(seed):
 def test_rows_stay_aligned_with_their_inputs(seed):
     # the reward is high only when the output answers *its own* input: misaligned rows would score low
     rng = random.Random(seed)
-    comp = Component("c", inputs=["q"], outputs=["y"], variable=Choice(shift=[3, 0, 1, 2]),
-                     fn=lambda q, variable: {"y": (q + variable["shift"]) % 7})
+    comp = Component(
+        "c",
+        inputs=["q"],
+        outputs=["y"],
+        variable=Choice(shift=[3, 0, 1, 2]),
+        fn=lambda q, variable: {"y": (q + variable["shift"]) % 7},
+    )
     rm = FakeRM(lambda c, x, y: float(_field(y, "y") == _field(x, "q")))
     qs = [{"q": rng.randrange(7)} for _ in range(rng.randint(3, 9))]
     p = ChoiceOptimizer().optimize(comp, qs, rm, OptimizerBudget(max_inputs=len(qs)), rng=rng)
@@ -79,11 +104,20 @@ def test_rows_stay_aligned_with_their_inputs(seed):
 
 
 def test_prompt_optimizer_scores_incumbent_and_proposals(seed):
-    replies = ["Instruction: Answer carefully and say GOOD at the end.", "Be brief please now.", "ok",
-               "Be brief please now."]
+    replies = [
+        "Instruction: Answer carefully and say GOOD at the end.",
+        "Be brief please now.",
+        "ok",
+        "Be brief please now.",
+    ]
     lm = ScriptedLM(lambda prompt, i: replies[i % len(replies)])
-    comp = Component("c", inputs=["q"], outputs=["y"], variable=Prompt("Answer the question."),
-                     fn=lambda q, variable: {"y": f"{q} {'GOOD' if 'GOOD' in variable.text else 'meh'}"})
+    comp = Component(
+        "c",
+        inputs=["q"],
+        outputs=["y"],
+        variable=Prompt("Answer the question."),
+        fn=lambda q, variable: {"y": f"{q} {'GOOD' if 'GOOD' in variable.text else 'meh'}"},
+    )
     rm = FakeRM(lambda c, x, y: 1.0 if "GOOD" in y else 0.0)
     opt = PromptOptimizer(lm, PromptConfig(num_proposals=4))
     inputs = [{"q": f"question {i}"} for i in range(5)]
@@ -119,25 +153,38 @@ def test_prompt_proposals_that_parrot_the_meta_prompt_are_dropped(seed):
     # replies seen from SmolLM2-135M: a continuation of the meta-prompt and a quote of the example inputs
     rng = random.Random(seed)
     qtext = " ".join(rng.choice(["alpha", "beta", "gamma", "delta", "omega"]) for _ in range(12))
-    replies = ["A component of an AI pipeline: A video, how to make it in 1 minute.",
-               f"Question: {qtext}",
-               "Answer the question with a short phrase from the text.",  # a rewrite sharing words: kept
-               "Instructions tried so far, from worst to best score: none"]
+    replies = [
+        "A component of an AI pipeline: A video, how to make it in 1 minute.",
+        f"Question: {qtext}",
+        "Answer the question with a short phrase from the text.",  # a rewrite sharing words: kept
+        "Instructions tried so far, from worst to best score: none",
+    ]
     lm = ScriptedLM(lambda prompt, i: replies[i % len(replies)])
-    comp = Component("c", inputs=["question"], outputs=["y"], variable=Prompt("Answer the question with a short phrase."),
-                     fn=lambda question, variable: {"y": question}, description="Answers a question.")
+    comp = Component(
+        "c",
+        inputs=["question"],
+        outputs=["y"],
+        variable=Prompt("Answer the question with a short phrase."),
+        fn=lambda question, variable: {"y": question},
+        description="Answers a question.",
+    )
     opt = PromptOptimizer(lm, PromptConfig(num_proposals=4))
     p = opt.optimize(comp, [{"question": qtext}], FakeRM(lambda *a: 0.0), rng=rng)
-    assert [c["value"] for c in p.candidates] == ["Answer the question with a short phrase.",
-                                                  "Answer the question with a short phrase from the text."]
+    assert [c["value"] for c in p.candidates] == [
+        "Answer the question with a short phrase.",
+        "Answer the question with a short phrase from the text.",
+    ]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Instruction: Do the thing well.", "Do the thing well."),
-    ('"Quote me on this one."\n\nExtra explanation.', "Quote me on this one."),
-    ("too short", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Instruction: Do the thing well.", "Do the thing well."),
+        ('"Quote me on this one."\n\nExtra explanation.', "Quote me on this one."),
+        ("too short", None),
+        ("", None),
+    ],
+)
 def test_parse_instruction(text, expected):
     assert parse_instruction(text) == expected
 
@@ -177,8 +224,9 @@ def test_weights_es_improves_the_lrf_score(seed):
 
 
 def test_weights_rejects_path_and_bad_config():
-    comp = Component("s", inputs=["q"], outputs=["y"], variable=Weights(path="/tmp/adapter"),
-                     fn=lambda q, variable: {"y": q})
+    comp = Component(
+        "s", inputs=["q"], outputs=["y"], variable=Weights(path="/tmp/adapter"), fn=lambda q, variable: {"y": q}
+    )
     with pytest.raises(NotImplementedError, match="path-based"):
         WeightsOptimizer().optimize(comp, [{"q": 1}], FakeRM(lambda *a: 0))
     with pytest.raises(ValueError, match="weights.population must be even"):
@@ -188,8 +236,13 @@ def test_weights_rejects_path_and_bad_config():
 
 
 def test_multi_variable_component_needs_an_address():
-    comp = Component("m", inputs=["q"], outputs=["y"], variable={"p": Prompt("x"), "c": Choice(k=[1, 2])},
-                     fn=lambda q, variable: {"y": variable["c"]["k"]})
+    comp = Component(
+        "m",
+        inputs=["q"],
+        outputs=["y"],
+        variable={"p": Prompt("x"), "c": Choice(k=[1, 2])},
+        fn=lambda q, variable: {"y": variable["c"]["k"]},
+    )
     rm = FakeRM(lambda c, x, y: float(_field(y, "y")))
     with pytest.raises(ValueError, match="several variables"):
         ChoiceOptimizer().optimize(comp, [{"q": 1}], rm)
@@ -207,9 +260,14 @@ def test_choice_with_a_real_tiny_reward_model_scores_10k_rows(seed):
     torch.set_num_threads(1)
     try:
         rm = tiny_reward_model({"c": "picks two numbers"}, seed, hidden=16)
-        comp = Component("c", inputs=["q"], outputs=["y"], description="picks two numbers",
-                         variable=Choice(a=list(range(100)), b=list(range(101))),
-                         fn=lambda q, variable: {"y": f"{variable['a']} {variable['b']}"})
+        comp = Component(
+            "c",
+            inputs=["q"],
+            outputs=["y"],
+            description="picks two numbers",
+            variable=Choice(a=list(range(100)), b=list(range(101))),
+            fn=lambda q, variable: {"y": f"{variable['a']} {variable['b']}"},
+        )
         p = ChoiceOptimizer().optimize(comp, [{"q": "z"}], rm, rng=random.Random(seed))
         # 10,100 configurations > max_candidates=10,000: a sample of 10,000 plus the incumbent, one call
         assert rm.last_report.n_requests == 10_001 and p.n_rows == 10_001
@@ -223,8 +281,13 @@ def test_choice_with_a_real_tiny_reward_model_scores_10k_rows(seed):
 
 def test_prompt_seed_pool_feeds_collection_and_candidates(seed):
     lm = ScriptedLM(lambda prompt, i: f"Rewrite number {i} of the instruction.")
-    comp = Component("c", inputs=["q"], outputs=["y"], variable=Prompt("Answer the question."),
-                     fn=lambda q, variable: {"y": variable.text})
+    comp = Component(
+        "c",
+        inputs=["q"],
+        outputs=["y"],
+        variable=Prompt("Answer the question."),
+        fn=lambda q, variable: {"y": variable.text},
+    )
     opt = PromptOptimizer(lm, PromptConfig(num_proposals=2))
     texts = opt.seed_pool(comp, "c", {"q": "x"}, 3, random.Random(seed))
     assert texts == [f"Rewrite number {i} of the instruction." for i in range(3)]

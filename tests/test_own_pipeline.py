@@ -1,5 +1,6 @@
 """Your own pipeline: the runnable example file, the same through `optimas-fast run` on its YAML (a factory
 system, a factory LM, JSONL data), and every bad factory / data file as one clear line with exit code 2."""
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,14 @@ def one_torch_thread():
 
 def test_example_file_runs_and_improves_on_the_scripted_lm(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, str(EXAMPLE), "--iterations", "1", "--out", str(tmp_path / "run")],
-                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--iterations", "1", "--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["val"][1] >= res["val"][0]
@@ -59,10 +66,13 @@ def test_cli_runs_the_example_yaml_then_evaluates_it(tmp_path, monkeypatch, caps
 
 # ----------------------------------------------------------------------------------------------- errors
 def _write_config(tmp_path, **over):
-    cfg = {"system": "examples.own_pipeline:build_system",
-           "lm": {"factory": "examples.own_pipeline:scripted_lm"},
-           "data": {k: str(DATA / f"{k}.jsonl") for k in ("train", "val", "test")},
-           "reward": {"backbone": "tiny-random"}, "loop": {"iterations": 0}}
+    cfg = {
+        "system": "examples.own_pipeline:build_system",
+        "lm": {"factory": "examples.own_pipeline:scripted_lm"},
+        "data": {k: str(DATA / f"{k}.jsonl") for k in ("train", "val", "test")},
+        "reward": {"backbone": "tiny-random"},
+        "loop": {"iterations": 0},
+    }
     for k, v in over.items():
         cfg[k] = v
     path = tmp_path / f"c-{uuid.uuid4().hex[:6]}.yaml"
@@ -92,8 +102,11 @@ def test_bad_factories_are_one_clear_line(tmp_path, monkeypatch, capsys):
     boom = _module(tmp_path, "raise RuntimeError('boom at import')\n")
     _fails(capsys, _write_config(tmp_path, system=f"{boom}:build"), boom, "RuntimeError: boom at import")
     _fails(capsys, _write_config(tmp_path, system="examples.own_pipeline:nope"), "no attribute 'nope'")
-    mod = _module(tmp_path, "x = 3\ndef three():\n    return 3\ndef needs(n_rows):\n    return None\n"
-                            "def broken():\n    raise KeyError('k')\n")
+    mod = _module(
+        tmp_path,
+        "x = 3\ndef three():\n    return 3\ndef needs(n_rows):\n    return None\n"
+        "def broken():\n    raise KeyError('k')\n",
+    )
     _fails(capsys, _write_config(tmp_path, system=f"{mod}:x"), f"'{mod}:x'", "not a callable")
     _fails(capsys, _write_config(tmp_path, system=f"{mod}:three"), f"'{mod}:three'", "returned a int", "System")
     _fails(capsys, _write_config(tmp_path, system=f"{mod}:needs"), "required parameters ['n_rows']")
@@ -107,12 +120,19 @@ def test_bad_factories_are_one_clear_line(tmp_path, monkeypatch, capsys):
 def test_bad_data_files_name_the_file_and_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     good = {k: str(DATA / f"{k}.jsonl") for k in ("train", "val", "test")}
-    _fails(capsys, _write_config(tmp_path, data={**good, "train": str(tmp_path / "nope.jsonl")}),
-           "data.train", "nope.jsonl", "not found")
-    cases = {"notjson": ('{"ticket": "a", "department": "tech"}\n{"ticket": oops}\n', "line 2", "not valid JSON"),
-             "notobj": ('["ticket"]\n', "line 1", "expected a JSON object"),
-             "nofield": ('{"ticket": "a"}\n\n{"text": "b"}\n', "line 3", "missing field(s) ['ticket']"),
-             "empty": ("\n", "has no examples", "")}
+    _fails(
+        capsys,
+        _write_config(tmp_path, data={**good, "train": str(tmp_path / "nope.jsonl")}),
+        "data.train",
+        "nope.jsonl",
+        "not found",
+    )
+    cases = {
+        "notjson": ('{"ticket": "a", "department": "tech"}\n{"ticket": oops}\n', "line 2", "not valid JSON"),
+        "notobj": ('["ticket"]\n', "line 1", "expected a JSON object"),
+        "nofield": ('{"ticket": "a"}\n\n{"text": "b"}\n', "line 3", "missing field(s) ['ticket']"),
+        "empty": ("\n", "has no examples", ""),
+    }
     for name, (text, *needles) in cases.items():
         f = tmp_path / f"{name}.jsonl"
         f.write_text(text)
@@ -124,13 +144,16 @@ def test_bad_data_files_name_the_file_and_line(tmp_path, monkeypatch, capsys):
     _fails(capsys, _write_config(tmp_path, data={**good, "val": "sub/v.jsonl"}), str(tmp_path / "sub" / "v.jsonl"))
 
 
-@pytest.mark.parametrize("data, needle", [
-    (None, "needs its data as JSONL files"),
-    ({"train": 5, "val": 3}, "needs its data as JSONL files"),
-    ({"train": "t.jsonl", "val": 3}, "data.val: give every split as a JSONL file"),
-    ({"train": "t.jsonl"}, "data.val: a JSONL file is required"),
-    ({"train": "t.jsonl", "val": "t.jsonl", "dir": "x"}, "data.dir"),
-])
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        (None, "needs its data as JSONL files"),
+        ({"train": 5, "val": 3}, "needs its data as JSONL files"),
+        ({"train": "t.jsonl", "val": 3}, "data.val: give every split as a JSONL file"),
+        ({"train": "t.jsonl"}, "data.val: a JSONL file is required"),
+        ({"train": "t.jsonl", "val": "t.jsonl", "dir": "x"}, "data.dir"),
+    ],
+)
 def test_data_spec_errors(tmp_path, data, needle):
     (tmp_path / "t.jsonl").write_text('{"ticket": "a"}\n')
     raw = {"system": "examples.own_pipeline:build_system", "data": data}
@@ -142,8 +165,14 @@ def test_jsonl_files_also_feed_a_builtin_system(tmp_path, capsys):
     # the synthetic system reads "x"; its examples can come from files too
     for k, n in (("train", 12), ("val", 6)):
         (tmp_path / f"{k}.jsonl").write_text("".join(json.dumps({"id": i, "x": f"item {i}"}) + "\n" for i in range(n)))
-    cfg = run.parse_config({"system": "synthetic", "data": {"train": "train.jsonl", "val": "val.jsonl"},
-                            "reward": {"backbone": "tiny-random"}}, base_dir=tmp_path)
+    cfg = run.parse_config(
+        {
+            "system": "synthetic",
+            "data": {"train": "train.jsonl", "val": "val.jsonl"},
+            "reward": {"backbone": "tiny-random"},
+        },
+        base_dir=tmp_path,
+    )
     system, split, _, _ = run.build(cfg)
     assert [len(split.train), len(split.val), len(split.test)] == [12, 6, 0]
     assert split.train[3] == {"id": 3, "x": "item 3"}

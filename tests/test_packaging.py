@@ -2,6 +2,7 @@
 dependency imports, the example data ships inside the package, and the Triton kernels import as
 optimas_fast.kernels from a checkout. (The wheel is checked by .ci/run: built, installed into a fresh venv and
 run from an empty directory.)"""
+
 import importlib.metadata
 import json
 import os
@@ -72,19 +73,29 @@ def test_no_root_entry_shadows_an_installed_package():
     root_entries = {os.path.splitext(e)[0] for e in os.listdir(ROOT)}
     at_risk = [n for n in provided if n in root_entries and n != "optimas_fast"]  # (ours is meant to resolve here)
     assert "kernels" in at_risk  # the case this test exists for: HF's kernels vs our kernels/ folder
-    code = ("import importlib.util, json, sys; "
-            "print(json.dumps({n: getattr(importlib.util.find_spec(n), 'origin', None) for n in sys.argv[1:]}))")
+    code = (
+        "import importlib.util, json, sys; "
+        "print(json.dumps({n: getattr(importlib.util.find_spec(n), 'origin', None) for n in sys.argv[1:]}))"
+    )
     origins = _run_at_root(["-c", code, *at_risk])
-    shadowed = {n: o for n, o in origins.items()
-                if o is None or os.path.abspath(o).startswith(os.path.join(ROOT, n))}  # None: a namespace portion won
+    shadowed = {
+        n: o for n, o in origins.items() if o is None or os.path.abspath(o).startswith(os.path.join(ROOT, n))
+    }  # None: a namespace portion won
     assert not shadowed, f"repository root entries shadow installed packages: {shadowed}"
 
 
 def test_kernels_import_as_optimas_fast_kernels_from_a_checkout():
     res = subprocess.run(
-        [sys.executable, "-c",
-         "import optimas_fast.kernels._utils as u, optimas_fast.kernels.bt_loss as b; print(u.__file__, b.__file__)"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-c",
+            "import optimas_fast.kernels._utils as u, optimas_fast.kernels.bt_loss as b; print(u.__file__, b.__file__)",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert all(p.endswith(".py") for p in res.stdout.split())
 

@@ -1,6 +1,7 @@
 """metrics.pair_metrics, the one pairwise accuracy (ties count half), loss and margin: against its definition on
 random scores with ties, and every reporter agrees on the same pairs (RewardModel.evaluate, the loop's alignment
 monitor, the TRL-style RewardTrainer.evaluate, `optimas-fast reward eval`), ties included."""
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,12 @@ def _reference(rc, rr, mu, center):
         d = c - r - m
         losses.append(math.log1p(math.exp(-d)) + center * (c + r) ** 2)  # -log sigmoid(d); |d| small here
     n = len(hits)
-    return {"n_pairs": n, "accuracy": sum(hits) / n, "loss": sum(losses) / n,
-            "margin": sum(c - r for c, r in zip(rc, rr, strict=True)) / n}
+    return {
+        "n_pairs": n,
+        "accuracy": sum(hits) / n,
+        "loss": sum(losses) / n,
+        "margin": sum(c - r for c, r in zip(rc, rr, strict=True)) / n,
+    }
 
 
 def test_pair_metrics_matches_its_definition(seed):
@@ -61,11 +66,14 @@ def test_pair_metrics_matches_its_definition(seed):
     assert empty["n_pairs"] == 0 and math.isnan(empty["accuracy"])
 
 
-@pytest.mark.parametrize("kw, name", [
-    ({"r_rejected": [1.0]}, "r_rejected"),
-    ({"components": ["a"]}, "components"),
-    ({"margin": [0.0]}, "margin"),
-])
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        ({"r_rejected": [1.0]}, "r_rejected"),
+        ({"components": ["a"]}, "components"),
+        ({"margin": [0.0]}, "margin"),
+    ],
+)
 def test_pair_metrics_bad_lengths_are_named(kw, name):
     args = {"r_chosen": [1.0, 2.0], "r_rejected": [0.0, 3.0], **kw}
     with pytest.raises(ValueError, match=name):
@@ -85,11 +93,24 @@ def test_every_reporter_agrees_ties_included(tokenizer, tmp_path, seed, capsys):
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(seed)
-    backbone = LlamaModel(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=256))
-    rm = RewardModel(backbone, {"a": "first", "b": "second"}, tokenizer=tokenizer, device="cpu",
-                     config=RewardModelConfig(seed=seed, score_amp="none", template=TemplateConfig(max_length=64)))
+    backbone = LlamaModel(
+        LlamaConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+    )
+    rm = RewardModel(
+        backbone,
+        {"a": "first", "b": "second"},
+        tokenizer=tokenizer,
+        device="cpu",
+        config=RewardModelConfig(seed=seed, score_amp="none", template=TemplateConfig(max_length=64)),
+    )
     with torch.no_grad():  # head b scores every row 0: all of its pairs are ties
         key = rm.encoder.net.head_keys[rm.head_id("b")]
         rm.encoder.net.head_weight[key].zero_()
@@ -99,12 +120,14 @@ def test_every_reporter_agrees_ties_included(tokenizer, tmp_path, seed, capsys):
     def text(k):
         return " ".join(rng.choice(WORDS) for _ in range(k))
 
-    pairs = [PreferencePair(rng.choice("ab"), text(4), text(3), text(2), round(rng.uniform(0.1, 1), 3))
-             for _ in range(24)]
+    pairs = [
+        PreferencePair(rng.choice("ab"), text(4), text(3), text(2), round(rng.uniform(0.1, 1), 3)) for _ in range(24)
+    ]
     pairs += [PreferencePair(c, text(4), text(2), text(3), 0.5) for c in "ab"]  # both components present
-    scores = rm.score([(p.component, p.inputs, p.chosen) for p in pairs]
-                      + [(p.component, p.inputs, p.rejected) for p in pairs])
-    want = pair_metrics(scores[:len(pairs)], scores[len(pairs):], [p.component for p in pairs])
+    scores = rm.score(
+        [(p.component, p.inputs, p.chosen) for p in pairs] + [(p.component, p.inputs, p.rejected) for p in pairs]
+    )
+    want = pair_metrics(scores[: len(pairs)], scores[len(pairs) :], [p.component for p in pairs])
     assert want["per_component"]["b"]["accuracy"] == 0.5  # ties count half (strict > would read 0)
 
     def same_numbers(got: dict, ref: dict, what: str):
@@ -117,11 +140,14 @@ def test_every_reporter_agrees_ties_included(tokenizer, tmp_path, seed, capsys):
     for c in "ab":
         same_numbers(ev["per_component"][c], want["per_component"][c], f"evaluate {c}")
     # 2. the loop's alignment monitor (Optimas._alignment over a store holding the pairs as held-out)
-    store = types.SimpleNamespace(pairs=lambda comp=None, held_out=False: list(pairs) if held_out else [],
-                                  candidates=lambda held_out=False: [])
-    loop = types.SimpleNamespace(config=types.SimpleNamespace(min_alignment_pairs=1, alignment_threshold=0.0,
-                                                              min_spearman=None),
-                                 store=store, rm=rm)
+    store = types.SimpleNamespace(
+        pairs=lambda comp=None, held_out=False: list(pairs) if held_out else [], candidates=lambda held_out=False: []
+    )
+    loop = types.SimpleNamespace(
+        config=types.SimpleNamespace(min_alignment_pairs=1, alignment_threshold=0.0, min_spearman=None),
+        store=store,
+        rm=rm,
+    )
     monitor, retrained = Optimas._alignment(loop, ["a", "b"])
     assert retrained == []
     for c in "ab":
@@ -133,8 +159,11 @@ def test_every_reporter_agrees_ties_included(tokenizer, tmp_path, seed, capsys):
     te = tr.evaluate()
     same_numbers({k: te[f"eval_{k}"] for k in ("accuracy", "loss", "margin")}, want, "RewardTrainer")
     for c in "ab":
-        same_numbers({k: te[f"eval_{c}_{k}"] for k in ("accuracy", "loss", "margin")}, want["per_component"][c],
-                     f"RewardTrainer {c}")
+        same_numbers(
+            {k: te[f"eval_{c}_{k}"] for k in ("accuracy", "loss", "margin")},
+            want["per_component"][c],
+            f"RewardTrainer {c}",
+        )
     # 4. optimas-fast reward eval on the saved model and the same pairs (own format file)
     rm.save(tmp_path / "rm")
     data = save_pairs(pairs, tmp_path / "pairs.jsonl")

@@ -1,4 +1,5 @@
 """Preference collection: all ordered pairs, weights, PairStore, candidate sampling and rollouts."""
+
 from __future__ import annotations
 
 import itertools
@@ -8,7 +9,13 @@ import random
 import pytest
 
 from optimas_fast.preference import (
-    CollectConfig, PairStore, build_pairs, collect_preferences, is_held_out, pair_weights, sample_variants,
+    CollectConfig,
+    PairStore,
+    build_pairs,
+    collect_preferences,
+    is_held_out,
+    pair_weights,
+    sample_variants,
 )
 from optimas_fast.system import Choice, Component, Prompt, System
 
@@ -74,6 +81,7 @@ def test_pair_store_split_bounds_and_round_trip(seed):
 
 def _system(counter):
     """a: picks a level; b: doubles it; metric: closeness of b to 6."""
+
     def fa(x, variable):
         return {"a": variable["level"]}
 
@@ -81,8 +89,10 @@ def _system(counter):
         counter.append(a)
         return {"b": 2 * a}
 
-    comps = [Component("a", inputs=["x"], outputs=["a"], variable=Choice(level=[0, 1, 2, 3, 4]), fn=fa),
-             Component("b", inputs=["a"], outputs=["b"], variable=None, fn=fb)]
+    comps = [
+        Component("a", inputs=["x"], outputs=["a"], variable=Choice(level=[0, 1, 2, 3, 4]), fn=fa),
+        Component("b", inputs=["a"], outputs=["b"], variable=None, fn=fb),
+    ]
     return System(comps, lambda ex, pred: 1.0 - abs(pred["b"] - 6) / 8, ["b"], inputs=["x"])
 
 
@@ -109,16 +119,29 @@ def test_last_component_is_scored_once_and_small_groups_skipped(seed):
     calls = []
     system = _system(calls)
     system.components["b"].variable = Choice(scale=[1])  # one option: no variant can differ
-    res = collect_preferences(system, "b", [{"id": 0, "x": 0}], random.Random(seed),
-                              CollectConfig(num_candidates=3, rollouts=5, workers=1))
+    res = collect_preferences(
+        system, "b", [{"id": 0, "x": 0}], random.Random(seed), CollectConfig(num_candidates=3, rollouts=5, workers=1)
+    )
     assert res.n_skipped == 1 and res.pairs == []
     # the last component with several candidates: each candidate scored once despite rollouts=5
     calls.clear()
-    system2 = System([Component("a", inputs=["x"], outputs=["a"], variable=Choice(level=[0, 1, 2]),
-                                fn=lambda x, variable: {"a": variable["level"]})],
-                     lambda ex, pred: calls.append(1) or float(pred["a"]), ["a"], inputs=["x"])
-    res = collect_preferences(system2, "a", [{"id": 0, "x": 0}], random.Random(seed),
-                              CollectConfig(num_candidates=3, rollouts=5, workers=1))
+    system2 = System(
+        [
+            Component(
+                "a",
+                inputs=["x"],
+                outputs=["a"],
+                variable=Choice(level=[0, 1, 2]),
+                fn=lambda x, variable: {"a": variable["level"]},
+            )
+        ],
+        lambda ex, pred: calls.append(1) or float(pred["a"]),
+        ["a"],
+        inputs=["x"],
+    )
+    res = collect_preferences(
+        system2, "a", [{"id": 0, "x": 0}], random.Random(seed), CollectConfig(num_candidates=3, rollouts=5, workers=1)
+    )
     # variants are sampled, so 2 or 3 distinct levels (seed 399 draws two): every ordered pair of them, once each
     k = len({p.chosen for p in res.pairs} | {p.rejected for p in res.pairs})
     assert res.n_groups == 1 and k >= 2 and len(res.pairs) == k * (k - 1) // 2
@@ -137,10 +160,16 @@ def test_sample_variants_kinds(seed):
     assert multi and all(set(v) <= {"p", "c"} and v for v in multi)
 
 
-@pytest.mark.parametrize("field, value, allowed", [
-    ("num_candidates", 1, ">= 2"), ("rollouts", 0, ">= 1"), ("strategy", "random", "['variables', 'resample', 'both']"),
-    ("workers", 0, ">= 1"), ("weights_noise", -1.0, ">= 0"),
-])
+@pytest.mark.parametrize(
+    "field, value, allowed",
+    [
+        ("num_candidates", 1, ">= 2"),
+        ("rollouts", 0, ">= 1"),
+        ("strategy", "random", "['variables', 'resample', 'both']"),
+        ("workers", 0, ">= 1"),
+        ("weights_noise", -1.0, ">= 0"),
+    ],
+)
 def test_collect_config_errors(field, value, allowed):
     cfg = CollectConfig(**{field: value})
     with pytest.raises(ValueError) as exc:

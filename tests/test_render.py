@@ -1,6 +1,7 @@
 """optimas_fast.render: the one rendering of field values and (component, inputs, outputs) rows into the text an
 LRF reads, shared by the loop's pairs, the optimizers, best-of-N and the reward file formats; and the layering
 it makes possible (render below system and reward; system knows no rewards; reward knows no system)."""
+
 from __future__ import annotations
 
 import ast
@@ -18,16 +19,19 @@ from optimas_fast.system import Component
 PKG = Path(render.__file__).resolve().parent
 
 
-@pytest.mark.parametrize("value, text", [
-    ("plain text", "plain text"),
-    (0.123456, "0.1235"),
-    (3, "3"),
-    ([0.5, 0.25], "[0.5, 0.25]"),
-    ([1, "a"], '[1, "a"]'),
-    ({"k": "é"}, '{"k": "é"}'),  # JSON without ASCII escapes
-    (None, "null"),
-    ({(1, 2): "x"}, None),  # JSON refuses the key: str() of it
-])
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        ("plain text", "plain text"),
+        (0.123456, "0.1235"),
+        (3, "3"),
+        ([0.5, 0.25], "[0.5, 0.25]"),
+        ([1, "a"], '[1, "a"]'),
+        ({"k": "é"}, '{"k": "é"}'),  # JSON without ASCII escapes
+        (None, "null"),
+        ({(1, 2): "x"}, None),  # JSON refuses the key: str() of it
+    ],
+)
 def test_format_value(value, text):
     assert format_value(value) == (str(value) if text is None else text)
 
@@ -49,8 +53,13 @@ def test_format_fields_order_and_missing_fields():
 
 
 def test_rows_use_the_components_declared_fields_and_caps():
-    c = Component("solver", inputs=["question", "context"], outputs=["answer"], description="answers",
-                  fn=lambda question, context, variable: {"answer": question})
+    c = Component(
+        "solver",
+        inputs=["question", "context"],
+        outputs=["answer"],
+        description="answers",
+        fn=lambda question, context, variable: {"answer": question},
+    )
     inputs = {"context": "c" * 5000, "question": "why?", "unused": 1}
     name, x, y = reward_row(c, inputs, {"answer": 0.5})
     assert name == "solver" and y == "answer: 0.5"
@@ -67,9 +76,13 @@ def test_rows_use_the_components_declared_fields_and_caps():
 def test_pairs_read_from_reference_files_render_like_the_loop(tmp_path):
     # a reference-Optimas row: the context and responses are JSON objects; they must read as the loop renders
     ctx = {"question": "what?", "k": 3}
-    row = {"context": json.dumps(ctx), "response_chosen": json.dumps({"answer": "yes", "p": 0.75}),
-           "response_rejected": json.dumps({"answer": "no", "p": 0.125}), "score_chosen": 1.0,
-           "score_rejected": 0.0}
+    row = {
+        "context": json.dumps(ctx),
+        "response_chosen": json.dumps({"answer": "yes", "p": 0.75}),
+        "response_rejected": json.dumps({"answer": "no", "p": 0.125}),
+        "score_chosen": 1.0,
+        "score_rejected": 0.0,
+    }
     (tmp_path / "solver.jsonl").write_text(json.dumps(row) + "\n")
     pair = load_pairs(tmp_path)[0]
     assert pair.inputs == format_fields(ctx) == "question: what?\nk: 3"
@@ -88,13 +101,20 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("files, forbidden", [
-    (["render.py"], ("optimas_fast",)),  # the bottom: imports nothing of the package
-    (["system/"], ("optimas_fast.reward", "optimas_fast.best_of", "optimas_fast.preference",
-                   "optimas_fast.optimize")),  # the system knows nothing of rewards
-    (["reward/"], ("optimas_fast.system", "optimas_fast.preference", "optimas_fast.optimize",
-                   "optimas_fast.best_of")),  # the reward engine knows nothing of systems or the loop
-])
+@pytest.mark.parametrize(
+    "files, forbidden",
+    [
+        (["render.py"], ("optimas_fast",)),  # the bottom: imports nothing of the package
+        (
+            ["system/"],
+            ("optimas_fast.reward", "optimas_fast.best_of", "optimas_fast.preference", "optimas_fast.optimize"),
+        ),  # the system knows nothing of rewards
+        (
+            ["reward/"],
+            ("optimas_fast.system", "optimas_fast.preference", "optimas_fast.optimize", "optimas_fast.best_of"),
+        ),  # the reward engine knows nothing of systems or the loop
+    ],
+)
 def test_layers(files, forbidden):
     paths = [p for f in files for p in ((PKG / f).rglob("*.py") if f.endswith("/") else [PKG / f])]
     assert paths

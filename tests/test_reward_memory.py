@@ -2,6 +2,7 @@
 what a training step holds beside its activations, and the knobs that bound the activations themselves, each
 checked exact against the plain step on fresh random data. Tiny randomly initialised backbones over MiniLM's
 tokenizer; the code paths are device-agnostic, so the CPU checks what CUDA runs."""
+
 from __future__ import annotations
 
 import random
@@ -19,8 +20,9 @@ tokenizer = test_reward.tokenizer  # the module-scoped fixture (a tiny model's t
 
 
 def _pairs(rng: random.Random, reqs) -> list[PreferencePair]:
-    return [PreferencePair(c, i, o, reqs[(k + 1) % len(reqs)][2], rng.uniform(0.1, 1.0))
-            for k, (c, i, o) in enumerate(reqs)]
+    return [
+        PreferencePair(c, i, o, reqs[(k + 1) % len(reqs)][2], rng.uniform(0.1, 1.0)) for k, (c, i, o) in enumerate(reqs)
+    ]
 
 
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
@@ -68,12 +70,10 @@ def test_chunked_step_equals_the_whole_batch(kind, sharing, tokenizer, seed):
     weights = [rng.uniform(0.2, 2.0) for _ in pairs]
     margins = [rng.uniform(0.0, 0.5) for _ in pairs] if rng.random() < 0.5 else None
     center = rng.choice([0.0, 0.05])
-    whole = make_model(kind, tokenizer, seed, components=("a", "b"), prefix_sharing=sharing,
-                       train_chunk_tokens=None)
+    whole = make_model(kind, tokenizer, seed, components=("a", "b"), prefix_sharing=sharing, train_chunk_tokens=None)
     ref, ref_grads = _step_once(whole, pairs, weights, margins, center, 1e-3)
     for budget in (1, rng.randint(20, 80), 10**6):
-        rm = make_model(kind, tokenizer, seed, components=("a", "b"), prefix_sharing=sharing,
-                        train_chunk_tokens=budget)
+        rm = make_model(kind, tokenizer, seed, components=("a", "b"), prefix_sharing=sharing, train_chunk_tokens=budget)
         n_chunks = len(pair_chunks(pair_rows(rm.encoder, pairs), budget, rm.encoder.shares_prefix))
         assert n_chunks > 1 if budget == 1 else n_chunks >= 1  # budget 1: one input a chunk (5+ pairs: 2+ inputs)
         assert n_chunks == 1 or budget < 10**6

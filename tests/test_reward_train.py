@@ -1,5 +1,6 @@
 """Reward training details: bf16 training on CPU against fp32, the one pair_weights, the overlong policy and
 the train report. Tiny randomly initialised backbones over MiniLM's tokenizer."""
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,11 @@ BF16_GRAD_REL = 1e-2
 def _linear_dtypes(rm):
     """Records the dtype of every Linear output inside the backbone (bf16 when autocast really runs)."""
     seen = set()
-    hooks = [m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
-             for m in rm.encoder.net.backbone.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+        for m in rm.encoder.net.backbone.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
     return seen, hooks
 
 
@@ -92,11 +96,20 @@ def test_pair_weights_is_one_function_with_one_meaning(seed):
 def test_trainer_weights_pairs_with_pair_weights(tokenizer, seed):
     """The loss the trainer reports is the pair_weights-weighted mean of the per-pair BT losses."""
     rng = random.Random(seed)
-    pairs = [PreferencePair("a", f"q {i} " + words(rng, 2, 6), words(rng, 1, 4) + " yes", words(rng, 1, 4) + " no",
-                            rng.uniform(0.01, 2.0)) for i in range(6)]
+    pairs = [
+        PreferencePair(
+            "a",
+            f"q {i} " + words(rng, 2, 6),
+            words(rng, 1, 4) + " yes",
+            words(rng, 1, 4) + " no",
+            rng.uniform(0.01, 2.0),
+        )
+        for i in range(6)
+    ]
     rm = make_model("encoder", tokenizer, seed, components=("a",))
-    s = rm.score([(p.component, p.inputs, p.chosen) for p in pairs]
-                 + [(p.component, p.inputs, p.rejected) for p in pairs])
+    s = rm.score(
+        [(p.component, p.inputs, p.chosen) for p in pairs] + [(p.component, p.inputs, p.rejected) for p in pairs]
+    )
     nll = -torch.nn.functional.logsigmoid(s[:6] - s[6:]).double()  # (B,)
     w = torch.tensor(pair_weights([p.margin for p in pairs], 0.05), dtype=torch.float64)
     loss = rm.train(pairs, epochs=1, lr=1e-3, batch_pairs=6, group_by_input=False)[0]["loss"]
@@ -106,8 +119,10 @@ def test_trainer_weights_pairs_with_pair_weights(tokenizer, seed):
 
 # ------------------------------------------------------------------------------------------------ overlong
 def _overlong_pairs(rng, n_ok: int, n_long: int):
-    ok = [PreferencePair("a", f"short {i}", "good " + words(rng, 1, 3), "bad " + words(rng, 1, 3), 1.0)
-          for i in range(n_ok)]
+    ok = [
+        PreferencePair("a", f"short {i}", "good " + words(rng, 1, 3), "bad " + words(rng, 1, 3), 1.0)
+        for i in range(n_ok)
+    ]
     long = [PreferencePair("a", f"long {i} " + words(rng, 60, 80), "good", "bad", 1.0) for i in range(n_long)]
     pairs = ok + long
     rng.shuffle(pairs)
@@ -131,11 +146,15 @@ def test_overlong_policies_and_the_train_report(tokenizer, seed):
     hist = rm.train(pairs, epochs=1, lr=1e-3, batch_pairs=64, overlong="drop")
     rep = rm.last_train_report
     assert (rep.pairs_used, rep.pairs_dropped, rep.pairs_truncated) == (n_ok, n_long, 0)
-    assert hist[0]["pairs"] == n_ok and all(not p.inputs.startswith("long") for buf in rm.loops.replay.values()
-                                            for p in buf)
+    assert hist[0]["pairs"] == n_ok and all(
+        not p.inputs.startswith("long") for buf in rm.loops.replay.values() for p in buf
+    )
     first = min(long_idx)
-    with pytest.raises(ValueError, match=rf"pairs\[{first}\] is longer than max_length=40 with overlong='error': "
-                                         r"chosen row \d+ tokens, rejected row \d+ tokens"):
+    with pytest.raises(
+        ValueError,
+        match=rf"pairs\[{first}\] is longer than max_length=40 with overlong='error': "
+        r"chosen row \d+ tokens, rejected row \d+ tokens",
+    ):
         make_model("encoder", tokenizer, seed, components=("a",), template=tmpl).train(pairs, overlong="error")
     ok_only = [p for i, p in enumerate(pairs) if i not in long_idx]
     rm.train(ok_only, overlong="error")  # nothing over-long: trains
@@ -158,8 +177,15 @@ def test_packed_batches_equal_padded_scores_and_gradients(pooling, tokenizer, se
     rng = random.Random(seed)
     reqs = [(c, i, o) for c, i, o in random_requests_mixed(rng)]
     padded = make_model("encoder", tokenizer, seed, components=("a", "b"), pooling=pooling)
-    packed = make_model("encoder", tokenizer, seed, components=("a", "b"), pooling=pooling, packing=True,
-                        pack_tokens=rng.choice([64, 128, 4096]))
+    packed = make_model(
+        "encoder",
+        tokenizer,
+        seed,
+        components=("a", "b"),
+        pooling=pooling,
+        packing=True,
+        pack_tokens=rng.choice([64, 128, 4096]),
+    )
     s_pad, rep_pad = padded.score_with_report(reqs)
     s_pack, rep_pack = packed.score_with_report(reqs)
     torch.testing.assert_close(s_pack, s_pad, atol=2e-5, rtol=1e-4)
@@ -169,7 +195,9 @@ def test_packed_batches_equal_padded_scores_and_gradients(pooling, tokenizer, se
     l_pad = padded.train(pairs, epochs=1, lr=1e-3, batch_pairs=len(pairs))[0]["loss"]
     l_pack = packed.train(pairs, epochs=1, lr=1e-3, batch_pairs=len(pairs))[0]["loss"]
     assert l_pack == pytest.approx(l_pad, abs=1e-5)
-    for (n, a), (_, b) in zip(padded.encoder.net.named_parameters(), packed.encoder.net.named_parameters(), strict=True):
+    for (n, a), (_, b) in zip(
+        padded.encoder.net.named_parameters(), packed.encoder.net.named_parameters(), strict=True
+    ):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-3, msg=n)
 
@@ -185,16 +213,18 @@ def test_packing_needs_a_supported_backbone(tokenizer, seed):
 
     gpt2 = GPT2Model(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=1, n_head=2, n_positions=512))
     cfg = RewardModelConfig(seed=seed, packing=True, architecture="decoder")
-    with pytest.raises(ValueError,
-                       match=r"config.packing=True needs a backbone of model_type .*got 'gpt2' \(decoder\)"):
+    with pytest.raises(
+        ValueError, match=r"config.packing=True needs a backbone of model_type .*got 'gpt2' \(decoder\)"
+    ):
         RewardModel(gpt2, ["a"], tokenizer=tokenizer, config=cfg)
     with pytest.raises(ValueError, match="pack_tokens"):
         make_model("encoder", tokenizer, seed, packing=True, pack_tokens=0)
 
 
 @pytest.mark.parametrize("prefix_sharing,by_positions", [(True, False), (False, False), (True, True)])
-def test_decoder_packed_batches_equal_padded_scores_and_gradients(prefix_sharing, by_positions, tokenizer, seed,
-                                                                  monkeypatch):
+def test_decoder_packed_batches_equal_padded_scores_and_gradients(
+    prefix_sharing, by_positions, tokenizer, seed, monkeypatch
+):
     """Llama-type decoder, packs of several prefix groups (a prefix once per group, its suffixes after it) and
     of lone rows, an empty output among them: the same scores, loss and every gradient as padded batches, and
     only the distinct prefix and suffix tokens through the backbone. ``by_positions``: the path a flash-attention
@@ -227,7 +257,9 @@ def test_decoder_packed_batches_equal_padded_scores_and_gradients(prefix_sharing
     l_pack = packed.train(pairs, epochs=1, lr=1e-3, batch_pairs=len(pairs))[0]["loss"]
     assert l_pack == pytest.approx(l_pad, abs=1e-5)
     n_grads = 0
-    for (n, a), (_, b) in zip(padded.encoder.net.named_parameters(), packed.encoder.net.named_parameters(), strict=True):
+    for (n, a), (_, b) in zip(
+        padded.encoder.net.named_parameters(), packed.encoder.net.named_parameters(), strict=True
+    ):
         if a.grad is not None:
             torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-3, msg=n)
             n_grads += 1

@@ -2,6 +2,7 @@
 schedule and the loss against transformers' and TRL's formulas, accuracy on separable data, the output_dir layout
 (checkpoint-N/, trainer_state.json), save_total_limit, resume, best checkpoint, tensorboard, bad arguments.
 Tiny random Llama / BERT backbones with the MiniLM tokenizer."""
+
 from __future__ import annotations
 
 import copy
@@ -52,16 +53,33 @@ def tiny_llama(vocab: int, seed: int):
     from transformers import LlamaConfig, LlamaModel
 
     torch.manual_seed(seed)
-    return LlamaModel(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256))
+    return LlamaModel(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+        )
+    )
 
 
 def tiny_bert(vocab: int, seed: int):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
-    return BertModel(BertConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, max_position_embeddings=256))
+    return BertModel(
+        BertConfig(
+            vocab_size=vocab,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+        )
+    )
 
 
 def trl_rows(rng: random.Random, n: int, components=None, margin: bool = False) -> list[dict]:
@@ -94,8 +112,13 @@ def make_trainer(tokenizer, seed, tmp_path, rows, eval_rows=None, kind="decoder"
     kw.setdefault("bf16", False)
     args = RewardConfig(output_dir=str(tmp_path / "out"), seed=seed, **kw)
     build = tiny_llama if kind == "decoder" else tiny_bert
-    return RewardTrainer(model=build(tokenizer.vocab_size, seed), args=args, train_dataset=dataset(rows),
-                         eval_dataset=dataset(eval_rows) if eval_rows else None, processing_class=tokenizer)
+    return RewardTrainer(
+        model=build(tokenizer.vocab_size, seed),
+        args=args,
+        train_dataset=dataset(rows),
+        eval_dataset=dataset(eval_rows) if eval_rows else None,
+        processing_class=tokenizer,
+    )
 
 
 def fp32_scoring(trainer):
@@ -110,12 +133,34 @@ def test_defaults_are_trl_1_16_and_transformers():
     a = RewardConfig()
     # TRL 1.16's RewardConfig / _BaseConfig overrides of transformers' defaults (trl/trainer/reward_config.py)
     assert (a.learning_rate, a.logging_steps, a.disable_dropout, a.max_length, a.center_rewards_coefficient) == (
-        1e-4, 10, True, 1024, None)
+        1e-4,
+        10,
+        True,
+        1024,
+        None,
+    )
     hf = {f.name: f.default for f in dataclasses.fields(TrainingArguments)}
-    same = ["per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-            "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay", "max_grad_norm",
-            "seed", "eval_strategy", "eval_steps", "save_strategy", "save_steps", "save_total_limit",
-            "load_best_model_at_end", "metric_for_best_model", "greater_is_better", "report_to"]
+    same = [
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "num_train_epochs",
+        "max_steps",
+        "lr_scheduler_type",
+        "warmup_steps",
+        "weight_decay",
+        "max_grad_norm",
+        "seed",
+        "eval_strategy",
+        "eval_steps",
+        "save_strategy",
+        "save_steps",
+        "save_total_limit",
+        "load_best_model_at_end",
+        "metric_for_best_model",
+        "greater_is_better",
+        "report_to",
+    ]
     for name in same:
         ours = getattr(a, name)
         assert ours == hf[name], f"{name}: ours {ours!r} vs transformers {hf[name]!r}"
@@ -126,6 +171,7 @@ def test_config_is_a_plain_dataclass_and_unknown_arguments_are_named():
     assert dataclasses.is_dataclass(RewardConfig) and RewardConfig.__init__.__qualname__ == "RewardConfig.__init__"
     assert RewardConfig.__module__ == "optimas_fast.reward.trl_trainer"
     import optimas_fast.reward as engine
+
     assert not hasattr(engine, "RewardConfig") and not hasattr(engine, "RewardTrainingArguments")
     with pytest.raises(TypeError, match="'gradient_checkpointing'"):
         RewardConfig(output_dir="x", gradient_checkpointing=True)
@@ -137,25 +183,30 @@ def test_config_is_a_plain_dataclass_and_unknown_arguments_are_named():
         assert name in msg
 
 
-@pytest.mark.parametrize("kw, name", [
-    ({"learning_rate": -1.0}, "learning_rate"),
-    ({"learning_rate": float("nan")}, "learning_rate"),
-    ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
-    ({"gradient_accumulation_steps": 1.5}, "gradient_accumulation_steps"),
-    ({"lr_scheduler_type": "polynomial"}, "lr_scheduler_type"),
-    ({"eval_strategy": "sometimes"}, "eval_strategy"),
-    ({"report_to": "wandb"}, "report_to"),
-    ({"max_length": 2}, "max_length"),
-    ({"max_steps": 0}, "max_steps"),
-    ({"save_total_limit": 0}, "save_total_limit"),
-    ({"warmup_steps": 2.5}, "warmup_steps"),
-    ({"warmup_steps": 3, "warmup_ratio": 0.1}, "warmup_ratio"),
-    ({"lr_scheduler_type": "constant", "warmup_steps": 3}, "constant"),
-    ({"load_best_model_at_end": True}, "load_best_model_at_end"),
-    ({"load_best_model_at_end": True, "eval_strategy": "steps", "eval_steps": 3, "save_steps": 4},
-     "multiple of eval_steps"),
-    ({"center_rewards_coefficient": -0.1}, "center_rewards_coefficient"),
-])
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        ({"learning_rate": -1.0}, "learning_rate"),
+        ({"learning_rate": float("nan")}, "learning_rate"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),
+        ({"gradient_accumulation_steps": 1.5}, "gradient_accumulation_steps"),
+        ({"lr_scheduler_type": "polynomial"}, "lr_scheduler_type"),
+        ({"eval_strategy": "sometimes"}, "eval_strategy"),
+        ({"report_to": "wandb"}, "report_to"),
+        ({"max_length": 2}, "max_length"),
+        ({"max_steps": 0}, "max_steps"),
+        ({"save_total_limit": 0}, "save_total_limit"),
+        ({"warmup_steps": 2.5}, "warmup_steps"),
+        ({"warmup_steps": 3, "warmup_ratio": 0.1}, "warmup_ratio"),
+        ({"lr_scheduler_type": "constant", "warmup_steps": 3}, "constant"),
+        ({"load_best_model_at_end": True}, "load_best_model_at_end"),
+        (
+            {"load_best_model_at_end": True, "eval_strategy": "steps", "eval_steps": 3, "save_steps": 4},
+            "multiple of eval_steps",
+        ),
+        ({"center_rewards_coefficient": -0.1}, "center_rewards_coefficient"),
+    ],
+)
 def test_bad_values_name_the_argument(kw, name):
     with pytest.raises(ValueError, match=name):
         RewardConfig(output_dir="x", **kw)
@@ -164,11 +215,19 @@ def test_bad_values_name_the_argument(kw, name):
 def test_unknown_trainer_argument_and_missing_data(tokenizer, tmp_path, seed):
     rows = trl_rows(random.Random(seed), 8)
     with pytest.raises(TypeError, match="data_collator.*supported: model, args"):
-        RewardTrainer(model=tiny_llama(tokenizer.vocab_size, 0), args=RewardConfig(output_dir=str(tmp_path)),
-                      train_dataset=dataset(rows), processing_class=tokenizer, data_collator=object())
+        RewardTrainer(
+            model=tiny_llama(tokenizer.vocab_size, 0),
+            args=RewardConfig(output_dir=str(tmp_path)),
+            train_dataset=dataset(rows),
+            processing_class=tokenizer,
+            data_collator=object(),
+        )
     with pytest.raises(ValueError, match="train_dataset"):
-        RewardTrainer(model=tiny_llama(tokenizer.vocab_size, 0), args=RewardConfig(output_dir=str(tmp_path)),
-                      processing_class=tokenizer)
+        RewardTrainer(
+            model=tiny_llama(tokenizer.vocab_size, 0),
+            args=RewardConfig(output_dir=str(tmp_path)),
+            processing_class=tokenizer,
+        )
     with pytest.raises(ValueError, match="eval_strategy='steps' needs an eval_dataset"):
         make_trainer(tokenizer, seed, tmp_path, rows, eval_strategy="steps")
     with pytest.raises(ValueError, match="field 'chosen'"):
@@ -194,9 +253,22 @@ def test_trainer_applies_the_schedule_and_trl_loss(tokenizer, tmp_path, seed):
     rng = random.Random(seed)
     rows = trl_rows(rng, 20, margin=True)
     center = 0.01
-    tr = fp32_scoring(make_trainer(tokenizer, seed, tmp_path, rows, per_device_train_batch_size=4, max_steps=5,
-                                   learning_rate=5e-3, lr_scheduler_type="cosine", warmup_steps=2, logging_steps=1,
-                                   center_rewards_coefficient=center, save_strategy="no"))
+    tr = fp32_scoring(
+        make_trainer(
+            tokenizer,
+            seed,
+            tmp_path,
+            rows,
+            per_device_train_batch_size=4,
+            max_steps=5,
+            learning_rate=5e-3,
+            lr_scheduler_type="cosine",
+            warmup_steps=2,
+            logging_steps=1,
+            center_rewards_coefficient=center,
+            save_strategy="no",
+        )
+    )
     from transformers import get_cosine_schedule_with_warmup
 
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-3)
@@ -233,8 +305,16 @@ def test_trainer_applies_the_schedule_and_trl_loss(tokenizer, tmp_path, seed):
 
 def test_gradient_accumulation_is_the_global_batch(tokenizer, tmp_path, seed):
     rows = trl_rows(random.Random(seed), 21)
-    tr = make_trainer(tokenizer, seed, tmp_path, rows, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-                      num_train_epochs=2, save_strategy="no")
+    tr = make_trainer(
+        tokenizer,
+        seed,
+        tmp_path,
+        rows,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        num_train_epochs=2,
+        save_strategy="no",
+    )
     assert tr.plan() == {"steps_per_epoch": 3, "max_steps": 6, "warmup_steps": 0}
     assert tr.train().global_step == 6
 
@@ -243,8 +323,18 @@ def test_gradient_accumulation_is_the_global_batch(tokenizer, tmp_path, seed):
 @pytest.mark.parametrize("kind", ["decoder", "encoder"])
 def test_separable_trl_set_reaches_90_percent_held_out(kind, tokenizer, tmp_path, seed):
     rng = random.Random(seed)
-    tr = make_trainer(tokenizer, seed, tmp_path, trl_rows(rng, 96), trl_rows(rng, 48), kind=kind,
-                      per_device_train_batch_size=16, num_train_epochs=3, learning_rate=3e-3, save_strategy="no")
+    tr = make_trainer(
+        tokenizer,
+        seed,
+        tmp_path,
+        trl_rows(rng, 96),
+        trl_rows(rng, 48),
+        kind=kind,
+        per_device_train_batch_size=16,
+        num_train_epochs=3,
+        learning_rate=3e-3,
+        save_strategy="no",
+    )
     tr.train()
     m = tr.evaluate()
     assert m["eval_accuracy"] > 0.9, m
@@ -254,8 +344,17 @@ def test_separable_trl_set_reaches_90_percent_held_out(kind, tokenizer, tmp_path
 def test_component_column_trains_one_head_per_component(tokenizer, tmp_path, seed):
     rng = random.Random(seed)
     comps = ["a", "b"]
-    tr = make_trainer(tokenizer, seed, tmp_path, trl_rows(rng, 128, comps), trl_rows(rng, 48, comps),
-                      per_device_train_batch_size=16, num_train_epochs=3, learning_rate=3e-3, save_strategy="no")
+    tr = make_trainer(
+        tokenizer,
+        seed,
+        tmp_path,
+        trl_rows(rng, 128, comps),
+        trl_rows(rng, 48, comps),
+        per_device_train_batch_size=16,
+        num_train_epochs=3,
+        learning_rate=3e-3,
+        save_strategy="no",
+    )
     assert sorted(tr.model.encoder.components) == comps
     tr.train()
     m = tr.evaluate()
@@ -266,15 +365,40 @@ def test_component_column_trains_one_head_per_component(tokenizer, tmp_path, see
 # ------------------------------------------------------------------------------------------------ output_dir
 def test_output_dir_layout_rotation_and_best_checkpoint(tokenizer, tmp_path, seed):
     rng = random.Random(seed)
-    tr = make_trainer(tokenizer, seed, tmp_path, trl_rows(rng, 32), trl_rows(rng, 16), per_device_train_batch_size=8,
-                      max_steps=8, learning_rate=3e-3, logging_steps=2, eval_strategy="steps", eval_steps=2,
-                      save_steps=2, save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="accuracy")
+    tr = make_trainer(
+        tokenizer,
+        seed,
+        tmp_path,
+        trl_rows(rng, 32),
+        trl_rows(rng, 16),
+        per_device_train_batch_size=8,
+        max_steps=8,
+        learning_rate=3e-3,
+        logging_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_steps=2,
+        save_total_limit=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+    )
     out = tmp_path / "out"
     result = tr.train()
     assert result.global_step == 8
     state = json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())
-    for key in ("global_step", "log_history", "best_metric", "best_model_checkpoint", "best_global_step", "epoch",
-                "max_steps", "logging_steps", "eval_steps", "save_steps", "train_batch_size"):
+    for key in (
+        "global_step",
+        "log_history",
+        "best_metric",
+        "best_model_checkpoint",
+        "best_global_step",
+        "epoch",
+        "max_steps",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+        "train_batch_size",
+    ):
         assert key in state, key
     assert state["global_step"] == 8 and state["max_steps"] == 8
     evals = [h for h in state["log_history"] if "eval_accuracy" in h]
@@ -302,8 +426,9 @@ def test_resume_continues_exactly(tokenizer, tmp_path, seed):
     """Training 6 steps straight equals training 3, 'crashing', and resuming from checkpoint-3."""
     rng = random.Random(seed)
     rows, ev = trl_rows(rng, 24), trl_rows(rng, 8)
-    kw = dict(per_device_train_batch_size=8, max_steps=6, learning_rate=3e-3, save_steps=3, logging_steps=1,
-              warmup_steps=2)
+    kw = dict(
+        per_device_train_batch_size=8, max_steps=6, learning_rate=3e-3, save_steps=3, logging_steps=1, warmup_steps=2
+    )
     full = fp32_scoring(make_trainer(tokenizer, seed, tmp_path, rows, ev, **kw))
     full.train()
     crashed = tmp_path / "crashed"
@@ -351,14 +476,25 @@ def test_trl_data_on_a_decoder_appends_eos_by_default(tokenizer, tmp_path, seed)
     assert tr.train().global_step == 1
     tr.save_model(str(tmp_path / "saved"))
     assert RewardModel.load(tmp_path / "saved").encoder.config.template.append_eos is True
-    off = RewardTrainer(model=tiny_llama(tok.vocab_size, seed), train_dataset=dataset(rows), processing_class=tok,
-                        append_eos=False, args=RewardConfig(output_dir=str(tmp_path / "off"),
-                                                                       save_strategy="no", disable_tqdm=True))
+    off = RewardTrainer(
+        model=tiny_llama(tok.vocab_size, seed),
+        train_dataset=dataset(rows),
+        processing_class=tok,
+        append_eos=False,
+        args=RewardConfig(output_dir=str(tmp_path / "off"), save_strategy="no", disable_tqdm=True),
+    )
     assert not off.append_eos and off.model.tokenise(p.component, p.inputs, p.chosen).suffix[-1] != eos
     # the EOS takes a token of max_length: pairs that fit exactly without it are dropped with it
-    lens = [max(len(x.prefix) + len(x.suffix) for x in (off.model.tokenise(q.component, q.inputs, q.chosen),
-                                                         off.model.tokenise(q.component, q.inputs, q.rejected)))
-            for q in off.train_pairs]
+    lens = [
+        max(
+            len(x.prefix) + len(x.suffix)
+            for x in (
+                off.model.tokenise(q.component, q.inputs, q.chosen),
+                off.model.tokenise(q.component, q.inputs, q.rejected),
+            )
+        )
+        for q in off.train_pairs
+    ]
     cap = max(lens)
     tight = make_trainer(tok, seed, tmp_path / "tight", rows, save_strategy="no", max_length=cap)
     assert tight.pairs_dropped == lens.count(cap) > 0
@@ -379,8 +515,19 @@ def test_tensorboard_event_files(tokenizer, tmp_path, seed):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     rng = random.Random(seed)
-    tr = make_trainer(tokenizer, seed, tmp_path, trl_rows(rng, 16), trl_rows(rng, 8), max_steps=4, logging_steps=2,
-                      eval_strategy="steps", eval_steps=2, save_strategy="no", report_to="tensorboard")
+    tr = make_trainer(
+        tokenizer,
+        seed,
+        tmp_path,
+        trl_rows(rng, 16),
+        trl_rows(rng, 8),
+        max_steps=4,
+        logging_steps=2,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="no",
+        report_to="tensorboard",
+    )
     tr.train()
     runs = tmp_path / "out" / "runs"
     acc = EventAccumulator(str(runs))
@@ -399,10 +546,22 @@ def test_existing_reward_model_and_seq_cls_object(tokenizer, tmp_path, seed):
     tr = RewardTrainer(model=rm, args=args, train_dataset=dataset(trl_rows(rng, 8)))
     assert tr.model is rm and sorted(rm.encoder.components) == ["default", "x"]  # a head added for the data's component
     assert tr.train().global_step == 2
-    cfg = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=0)
-    tr = RewardTrainer(model=LlamaForSequenceClassification(cfg), args=args, train_dataset=dataset(trl_rows(rng, 8)),
-                       processing_class=tokenizer)
+    cfg = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_labels=1,
+        pad_token_id=0,
+    )
+    tr = RewardTrainer(
+        model=LlamaForSequenceClassification(cfg),
+        args=args,
+        train_dataset=dataset(trl_rows(rng, 8)),
+        processing_class=tokenizer,
+    )
     assert tr.train().global_step == 2
 
 
@@ -423,9 +582,9 @@ def test_trl_documentation_script_runs_with_only_the_import_changed(tokenizer, t
 
         model_id = {str(bb)!r}
         tokenizer = AutoTokenizer.from_pretrained(model_id)
-        dataset = Dataset.from_list(json.load(open({str(tmp_path / 'rows.json')!r})))
+        dataset = Dataset.from_list(json.load(open({str(tmp_path / "rows.json")!r})))
 
-        training_args = RewardConfig(output_dir={str(tmp_path / 'trl-out')!r}, per_device_train_batch_size=8,
+        training_args = RewardConfig(output_dir={str(tmp_path / "trl-out")!r}, per_device_train_batch_size=8,
                                      num_train_epochs=1, learning_rate=1e-3, logging_steps=1)
         trainer = RewardTrainer(model=model_id, args=training_args, processing_class=tokenizer,
                                 train_dataset=dataset)
@@ -454,10 +613,16 @@ def test_optimas_format_trains_per_component_with_margin_weights(tokenizer, tmp_
     rows = []
     for _ in range(16):
         comp = rng.choice(["answer", "rationale"])
-        rows.append({"component": comp, "context": json.dumps({"question": " ".join(rng.sample(WORDS, 4))}),
-                     "response_chosen": json.dumps({"text": rng.choice(GOOD)}),
-                     "response_rejected": json.dumps({"text": rng.choice(BAD)}),
-                     "score_chosen": 1.0, "score_rejected": round(rng.uniform(0.0, 0.9), 2)})
+        rows.append(
+            {
+                "component": comp,
+                "context": json.dumps({"question": " ".join(rng.sample(WORDS, 4))}),
+                "response_chosen": json.dumps({"text": rng.choice(GOOD)}),
+                "response_rejected": json.dumps({"text": rng.choice(BAD)}),
+                "score_chosen": 1.0,
+                "score_rejected": round(rng.uniform(0.0, 0.9), 2),
+            }
+        )
     tr = make_trainer(tokenizer, seed, tmp_path, rows, max_steps=2, save_strategy="no")
     assert tr.margin_kind == "weight" and not tr.subtract_margin
     assert sorted(tr.model.encoder.components) == sorted({r["component"] for r in rows})
@@ -466,7 +631,7 @@ def test_optimas_format_trains_per_component_with_margin_weights(tokenizer, tmp_
     assert tr.train().global_step == 2
     gb = tr.global_batch
     for k, batch in enumerate(seen):  # margin weights (the engine's pair_weights over the batch), nothing subtracted
-        margins = [tr.train_pairs[i].margin for i in tr._epoch_order(0)[k * gb:(k + 1) * gb]]
+        margins = [tr.train_pairs[i].margin for i in tr._epoch_order(0)[k * gb : (k + 1) * gb]]
         assert batch.margins is None and batch.center == 0.0
         assert list(batch.weights) == pytest.approx(pair_weights(margins, 0.05, sum(margins) / len(margins)))
     assert len(seen) == 2 and any(w != 1.0 for b in seen for w in b.weights)

@@ -1,6 +1,7 @@
 """The sandbox for generated code: each hostile program ends ok=False with a clear reason, a normal one ends
 ok=True with its output, and afterwards the calling process and the machine are healthy (it can still spawn
 processes; nothing of the sandbox uid is left; the working directory is gone)."""
+
 import json
 import os
 import pathlib
@@ -53,8 +54,11 @@ def assert_healthy(res):
 
 
 def test_normal_program_ok():
-    res = run_bounded("import os, sys\nopen('out.txt', 'w').write('42')\nprint(open('out.txt').read(), os.getcwd())\n"
-                      "print('warn', file=sys.stderr)", timeout_s=10)
+    res = run_bounded(
+        "import os, sys\nopen('out.txt', 'w').write('42')\nprint(open('out.txt').read(), os.getcwd())\n"
+        "print('warn', file=sys.stderr)",
+        timeout_s=10,
+    )
     assert res.ok and res.returncode == 0 and res.reason == "ok" and res.kind == "ok"
     value, cwd = res.stdout.split()
     assert value == "42" and cwd == res.workdir  # writes inside the working directory work
@@ -107,16 +111,19 @@ def test_fork_bomb_is_contained(swallow):
 
 
 def test_processes_that_leave_the_group_are_killed():
-    code = ("import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(120)\n"
-            "    os._exit(0)\nprint('parent done')\n")
+    code = (
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        time.sleep(120)\n"
+        "    os._exit(0)\nprint('parent done')\n"
+    )
     res = run_bounded(code, timeout_s=5)
     assert res.ok and res.stdout == "parent done\n"
     assert_healthy(res)  # the daemonised grandchild is gone too
 
 
 def test_memory_hog():
-    res = run_bounded("chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 2**20))\n", timeout_s=20,
-                      memory_mb=256)
+    res = run_bounded(
+        "chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 2**20))\n", timeout_s=20, memory_mb=256
+    )
     assert not res.ok and res.kind == "memory" and "memory limit (256 MB)" in res.reason
     assert "MemoryError" in res.reason
     assert_healthy(res)
@@ -125,10 +132,13 @@ def test_memory_hog():
 @needs_ns
 @pytest.mark.parametrize("where", ["tmp", "repo", "home"])
 def test_writing_outside_the_working_directory_fails(where):
-    target = {"tmp": f"/tmp/optimas-sandbox-escape-{uuid.uuid4().hex}",
-              "repo": os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                   f"escape-{uuid.uuid4().hex}.txt"),
-              "home": os.path.join(os.path.expanduser("~"), f"escape-{uuid.uuid4().hex}.txt")}[where]
+    target = {
+        "tmp": f"/tmp/optimas-sandbox-escape-{uuid.uuid4().hex}",
+        "repo": os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), f"escape-{uuid.uuid4().hex}.txt"
+        ),
+        "home": os.path.join(os.path.expanduser("~"), f"escape-{uuid.uuid4().hex}.txt"),
+    }[where]
     res = run_bounded(f"open({target!r}, 'w').write('escaped')", timeout_s=10)
     assert not res.ok, res.reason
     if target.startswith(("/tmp/", "/var/tmp/")) and where != "tmp" and ISOLATED:
@@ -149,9 +159,12 @@ def test_environment_secret_is_not_inherited(monkeypatch):
     assert not res.ok and res.kind == "exit" and "KeyError: 'SECRET_TOKEN'" in res.reason
     assert secret not in res.stdout + res.stderr
     # nor can it be read from the caller's /proc entry, nor is anything of the caller's environment there
-    res = run_bounded(f"import os\nprint(dict(os.environ))\ntry:\n"
-                      f"    print(open('/proc/{os.getpid()}/environ').read())\n"
-                      "except OSError as e:\n    print('denied', e)\n", timeout_s=10)
+    res = run_bounded(
+        f"import os\nprint(dict(os.environ))\ntry:\n"
+        f"    print(open('/proc/{os.getpid()}/environ').read())\n"
+        "except OSError as e:\n    print('denied', e)\n",
+        timeout_s=10,
+    )
     assert secret not in res.stdout + res.stderr
     assert "SECRET_TOKEN" not in res.stdout
     if ISOLATED:
@@ -165,8 +178,9 @@ def test_socket_connection_fails():
     server.settimeout(0.5)
     port = server.getsockname()[1]
     try:
-        res = run_bounded(f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=3).sendall(b'x')",
-                          timeout_s=10)
+        res = run_bounded(
+            f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=3).sendall(b'x')", timeout_s=10
+        )
         assert not res.ok and res.kind == "network" and "network disabled" in res.reason, res.reason
         with pytest.raises(socket.timeout):
             server.accept()  # nothing ever reached the server
@@ -176,8 +190,11 @@ def test_socket_connection_fails():
 
 
 def test_output_is_bounded():
-    res = run_bounded("import sys\nfor _ in range(200):\n    sys.stdout.write('x' * 100000)\n"
-                      "print('end', file=sys.stderr)", timeout_s=20, max_output_bytes=1000)
+    res = run_bounded(
+        "import sys\nfor _ in range(200):\n    sys.stdout.write('x' * 100000)\nprint('end', file=sys.stderr)",
+        timeout_s=20,
+        max_output_bytes=1000,
+    )
     assert res.ok and len(res.stdout) == 1000 and res.truncated and res.stderr == "end\n"
     assert_healthy(res)
 
@@ -223,8 +240,10 @@ def test_extra_env_is_passed():
     assert "SECRET_TOKEN" not in res.stdout
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK) or not shutil.which("setpriv"),
-                    reason="needs root (to become an unprivileged user), a system python3 and setpriv (util-linux)")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.access("/usr/bin/python3", os.X_OK) or not shutil.which("setpriv"),
+    reason="needs root (to become an unprivileged user), a system python3 and setpriv (util-linux)",
+)
 def test_unprivileged_caller_gets_user_namespaces():
     """The non-root path: the module run by an unprivileged user (nobody) picks the userns mode where the kernel
     allows it, and still blocks the network and writes outside the working directory; or reports plain mode."""
@@ -250,13 +269,27 @@ def _run_as_nobody(src, tmp_path):
         "                   ('bomb', 'import os\\nwhile True:\\n    os.fork()\\n')]:\n"
         "    r = m.run_python(code, timeout_s=5, max_procs=8)\n"
         "    out[name] = [r.ok, r.kind, r.stdout]\n"
-        "print(json.dumps(out))\n")
+        "print(json.dumps(out))\n"
+    )
     os.chmod(tmp_path, 0o755)
     for p in tmp_path.iterdir():
         os.chmod(p, 0o644)
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3",
-                           str(driver), str(tmp_path / "sandbox.py")], capture_output=True, text=True, timeout=120,
-                          cwd="/", env={"PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "/usr/bin/python3",
+            str(driver),
+            str(tmp_path / "sandbox.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["ok"] == [True, "ok", "42\n"]
@@ -274,15 +307,28 @@ def test_uid_fallback_mode_contains_fork_bombs_and_escapees():
     """Root without namespaces (a container without CAP_SYS_ADMIN): the fresh uid alone bounds the processes,
     and every process of that uid, including a setsid escapee, is killed after the run."""
     python = sandbox._select()[1]
-    kw = dict(timeout_s=3.0, memory_mb=256, max_procs=8, cpu_s=None, file_size_mb=1, max_open_files=32,
-              max_output_bytes=4096, env=None)
+    kw = dict(
+        timeout_s=3.0,
+        memory_mb=256,
+        max_procs=8,
+        cpu_s=None,
+        file_size_mb=1,
+        max_open_files=32,
+        max_output_bytes=4096,
+        env=None,
+    )
     res = sandbox._run("uid", "import os; print(os.getuid())", python, **kw)
     assert res.ok and res.stdout == f"{res.uid}\n" and "netns" not in res.isolation
-    bomb = sandbox._run("uid", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n"
-                        "        pass\n", python, **kw)
+    bomb = sandbox._run(
+        "uid", "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n", python, **kw
+    )
     assert not bomb.ok and bomb.kind == "timeout" and bomb.procs is not None and bomb.procs <= 8
     assert_healthy(bomb)
-    escapee = sandbox._run("uid", "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(120)\n"
-                           "print('done')\n", python, **kw)
+    escapee = sandbox._run(
+        "uid",
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(120)\nprint('done')\n",
+        python,
+        **kw,
+    )
     assert escapee.ok and escapee.stdout == "done\n"
     assert_healthy(escapee)

@@ -1,6 +1,7 @@
 """Scheduler tests: C++ planner == pure-Python planner (optimas_fast.scheduler_reference), on every input
 form (request lists, flat buffers, columns), and the plan's properties checked from scratch against the
 raw requests (dedup map, prefix groups, budgets, ordering, fan-out), plus edge cases and every bad input."""
+
 from collections import defaultdict
 
 import numpy as np
@@ -20,8 +21,10 @@ _SETTINGS = settings(max_examples=120, deadline=None, suppress_health_check=[Hea
 
 
 def both(token_budget, max_rows, mode="padded", share_prefix=False, order="length"):
-    return (Scheduler(token_budget, max_rows, mode, share_prefix, order=order),
-            Scheduler(token_budget, max_rows, mode, share_prefix, order=order, backend="python"))
+    return (
+        Scheduler(token_budget, max_rows, mode, share_prefix, order=order),
+        Scheduler(token_budget, max_rows, mode, share_prefix, order=order, backend="python"),
+    )
 
 
 def flat(reqs, dtype=np.int32, gap=0):
@@ -34,7 +37,7 @@ def flat(reqs, dtype=np.int32, gap=0):
         off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64) + gap
         tok = np.full(int(off[-1]) + gap, 9999, dtype=dtype)
         for i, r in enumerate(reqs):
-            tok[off[i]:off[i + 1]] = r[side]
+            tok[off[i] : off[i + 1]] = r[side]
         out += [tok, off]
     return tuple(out)
 
@@ -125,7 +128,7 @@ def check_plan(plan: Plan, reqs, cfg):
                 assert (prev[0], -prev[1]) <= (pool, -b.max_len)
         # next-fit never splits needlessly: the next row would not have fit the previous batch
         if prev is not None and prev[0] == pool and not prev[2] and not b.oversized:
-            p_rows, p_lens, P = prev[3], prev[4], b.prefix_len
+            p_lens, P = prev[4], b.prefix_len
             grown = p_lens + [expected[0]]
             cost = P + (sum(grown) if packed else len(grown) * max(grown))
             assert len(grown) > cfg["max_rows"] or cost > budget
@@ -161,16 +164,21 @@ def request_lists(draw):
     return reqs
 
 
-configs = st.fixed_dictionaries({
-    "token_budget": st.integers(1, 40), "max_rows": st.integers(1, 6), "mode": st.sampled_from(MODES),
-    "share_prefix": st.booleans(), "order": st.sampled_from(("length", "length", "arrival")),
-})
+configs = st.fixed_dictionaries(
+    {
+        "token_budget": st.integers(1, 40),
+        "max_rows": st.integers(1, 6),
+        "mode": st.sampled_from(MODES),
+        "share_prefix": st.booleans(),
+        "order": st.sampled_from(("length", "length", "arrival")),
+    }
+)
 
 
 def random_requests(rng, n, vocab=5, max_prefix=6, max_suffix=8, n_prefixes=4, n_heads=3, dup_frac=0.2):
     prefixes = [rng.integers(0, vocab, rng.integers(0, max_prefix + 1)).tolist() for _ in range(n_prefixes)]
     reqs = []
-    for i in range(n):
+    for _ in range(n):
         if reqs and rng.random() < dup_frac:
             reqs.append(reqs[rng.integers(0, len(reqs))])
             continue
@@ -223,8 +231,13 @@ def test_hash_collisions_never_merge_different_requests(seed, mask, share_prefix
 def test_medium_random_plan(seed, mode, share_prefix):
     rng = np.random.default_rng(seed)
     reqs = random_requests(rng, 1003, vocab=50, max_prefix=40, max_suffix=120, n_prefixes=9, n_heads=5)
-    cfg = dict(token_budget=int(rng.integers(150, 700)), max_rows=int(rng.integers(3, 17)), mode=mode,
-               share_prefix=share_prefix, order="length")
+    cfg = dict(
+        token_budget=int(rng.integers(150, 700)),
+        max_rows=int(rng.integers(3, 17)),
+        mode=mode,
+        share_prefix=share_prefix,
+        order="length",
+    )
     plan = plan_both(reqs, cfg["token_budget"], cfg["max_rows"], mode, share_prefix)
     check_plan(plan, reqs, cfg)
 
@@ -301,8 +314,12 @@ def _as_form(seq, form, rng):
     if form == 1:
         return tuple(seq)
     if form == 2:  # every numpy integer dtype
-        return np.asarray(seq, dtype=(np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64,
-                                      np.uint64)[rng.integers(0, 8)])
+        return np.asarray(
+            seq,
+            dtype=(np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64)[
+                rng.integers(0, 8)
+            ],
+        )
     if form == 3:  # strided view
         return np.repeat(np.asarray(seq, dtype=np.int64), 2)[::2]
     if form == 4:  # non-native byte order
@@ -343,13 +360,20 @@ def test_plan_flat_matches_plan(seed, dtype, gap, share_prefix):
         a = cpp.plan_flat(*f)
         assert_same(a, cpp.plan(reqs))
         assert_same(a, py.plan_flat(*f))
-        cfg = dict(token_budget=cpp.config.token_budget, max_rows=cpp.config.max_rows, mode=mode,
-                   share_prefix=share_prefix, order="length")
+        cfg = dict(
+            token_budget=cpp.config.token_budget,
+            max_rows=cpp.config.max_rows,
+            mode=mode,
+            share_prefix=share_prefix,
+            order="length",
+        )
         check_plan(a, reqs, cfg)
     # array-likes and any integer offsets dtype are accepted
     head, pt, po, st_, so = flat(reqs[:20], dtype)
-    assert_same(Scheduler(100, 4).plan_flat(head.tolist(), pt, po.astype(np.int32), st_.tolist(), so),
-                Scheduler(100, 4).plan(reqs[:20]))
+    assert_same(
+        Scheduler(100, 4).plan_flat(head.tolist(), pt, po.astype(np.int32), st_.tolist(), so),
+        Scheduler(100, 4).plan(reqs[:20]),
+    )
 
 
 def test_large_token_ids_on_every_path(seed):
@@ -371,14 +395,14 @@ def test_shared_prefix_objects_plan_like_copies(seed):
     """One prefix object for many requests (hashed once) plans exactly like equal copies."""
     rng = np.random.default_rng(seed)
     prompts = [rng.integers(0, 1000, int(rng.integers(1, 50))) for _ in range(13)]
-    reqs = [(int(rng.integers(0, 3)), prompts[int(rng.integers(0, 13))],
-             rng.integers(0, 1000, int(rng.integers(1, 30)))) for _ in range(2000)]
+    reqs = [
+        (int(rng.integers(0, 3)), prompts[int(rng.integers(0, 13))], rng.integers(0, 1000, int(rng.integers(1, 30))))
+        for _ in range(2000)
+    ]
     copies = [(h, p.copy(), s_.astype(np.int32)) for h, p, s_ in reqs]
     s = Scheduler(512, 16, "packed", True)
     assert_same(s.plan(reqs), s.plan(copies))
     assert_same(s.plan(reqs), Scheduler(512, 16, "packed", True, backend="python").plan(reqs))
-
-
 
 
 def test_token_input_forms_agree(seed):
@@ -389,8 +413,10 @@ def test_token_input_forms_agree(seed):
     s = Scheduler(40, 3)
     base = s.plan(reqs)
     dtypes = (np.int32, np.int64, np.uint16, np.uint64)
-    as_arrays = [(np.int64(h), np.asarray(p, dtype=dtypes[i % 4]), np.asarray(s_, dtype=dtypes[(i + 1) % 4]))
-                 for i, (h, p, s_) in enumerate(reqs)]
+    as_arrays = [
+        (np.int64(h), np.asarray(p, dtype=dtypes[i % 4]), np.asarray(s_, dtype=dtypes[(i + 1) % 4]))
+        for i, (h, p, s_) in enumerate(reqs)
+    ]
     assert_same(s.plan(as_arrays), base)
     assert_same(s.plan([(h, tuple(p), torch.tensor(s_, dtype=torch.int64)) for h, p, s_ in reqs]), base)
     assert_same(s.plan(iter(reqs)), base)  # any iterable
@@ -401,10 +427,20 @@ def test_token_input_forms_agree(seed):
 @pytest.mark.parametrize("mode", MODES)
 def test_empty_plan(backend, mode):
     s = Scheduler(100, 4, mode, True, backend=backend)
-    empty_flat = (np.zeros(0, np.int64), np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32),
-                  np.zeros(1, np.int64))
-    for plan in (s.plan([]), s.plan(()), s.plan_arrays([], [], []), s.plan_flat(*empty_flat),
-                 s.plan_flat([], [], [0], [], [0])):
+    empty_flat = (
+        np.zeros(0, np.int64),
+        np.zeros(0, np.int32),
+        np.zeros(1, np.int64),
+        np.zeros(0, np.int32),
+        np.zeros(1, np.int64),
+    )
+    for plan in (
+        s.plan([]),
+        s.plan(()),
+        s.plan_arrays([], [], []),
+        s.plan_flat(*empty_flat),
+        s.plan_flat([], [], [0], [], [0]),
+    ):
         assert plan.n_requests == 0 and len(plan) == 0 and plan.batches == [] and plan.prefix_groups == []
         assert plan.dedup.shape == (0,) and plan.dedup.dtype == np.int64
         assert plan.scatter(np.zeros(0)).shape == (0,)
@@ -487,8 +523,13 @@ def test_planning_from_threads_is_consistent(seed):
 
     rng = np.random.default_rng(seed)
     n = 50_000
-    args = (rng.integers(0, 4, n), rng.integers(0, 100, n), rng.integers(1, 400, n),
-            rng.integers(0, 50, n).astype(np.uint64), rng.integers(0, 5000, n).astype(np.uint64))
+    args = (
+        rng.integers(0, 4, n),
+        rng.integers(0, 100, n),
+        rng.integers(1, 400, n),
+        rng.integers(0, 50, n).astype(np.uint64),
+        rng.integers(0, 5000, n).astype(np.uint64),
+    )
     s = Scheduler(4096, 32, "packed", True)
     ref = s.plan_arrays(*args)
     with ThreadPoolExecutor(3) as ex:
@@ -500,7 +541,7 @@ def test_planning_from_threads_is_consistent(seed):
     f = flat(reqs)
     ref = s.plan(reqs)
     with ThreadPoolExecutor(3) as ex:
-        for k, plan in enumerate(ex.map(lambda k: s.plan(reqs) if k % 2 else s.plan_flat(*f), range(4))):
+        for plan in ex.map(lambda k: s.plan(reqs) if k % 2 else s.plan_flat(*f), range(4)):
             assert_same(plan, ref)
 
 
@@ -508,54 +549,64 @@ def test_planning_from_threads_is_consistent(seed):
 # bad input
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(token_budget=-1, max_rows=4), ValueError, "token_budget"),
-    (dict(token_budget=0, max_rows=4), ValueError, "token_budget"),
-    (dict(token_budget=2**31, max_rows=4), ValueError, "token_budget"),
-    (dict(token_budget=10.0, max_rows=4), TypeError, "token_budget"),
-    (dict(token_budget=True, max_rows=4), TypeError, "token_budget"),
-    (dict(token_budget=10, max_rows=0), ValueError, "max_rows"),
-    (dict(token_budget=10, max_rows=-3), ValueError, "max_rows"),
-    (dict(token_budget=10, max_rows="4"), TypeError, "max_rows"),
-    (dict(token_budget=10, max_rows=4, mode="ragged"), ValueError, "mode"),
-    (dict(token_budget=10, max_rows=4, share_prefix="yes"), TypeError, "share_prefix"),
-    (dict(token_budget=10, max_rows=4, order="random"), ValueError, "order"),
-    (dict(token_budget=10, max_rows=4, backend="rust"), ValueError, "backend"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(token_budget=-1, max_rows=4), ValueError, "token_budget"),
+        (dict(token_budget=0, max_rows=4), ValueError, "token_budget"),
+        (dict(token_budget=2**31, max_rows=4), ValueError, "token_budget"),
+        (dict(token_budget=10.0, max_rows=4), TypeError, "token_budget"),
+        (dict(token_budget=True, max_rows=4), TypeError, "token_budget"),
+        (dict(token_budget=10, max_rows=0), ValueError, "max_rows"),
+        (dict(token_budget=10, max_rows=-3), ValueError, "max_rows"),
+        (dict(token_budget=10, max_rows="4"), TypeError, "max_rows"),
+        (dict(token_budget=10, max_rows=4, mode="ragged"), ValueError, "mode"),
+        (dict(token_budget=10, max_rows=4, share_prefix="yes"), TypeError, "share_prefix"),
+        (dict(token_budget=10, max_rows=4, order="random"), ValueError, "order"),
+        (dict(token_budget=10, max_rows=4, backend="rust"), ValueError, "backend"),
+    ],
+)
 def test_bad_config(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         Scheduler(**kwargs)
 
 
-@pytest.mark.parametrize("reqs, exc, match", [
-    ("abc", TypeError, "requests"),
-    (5, TypeError, "requests"),
-    ([(0, [1], [2]), 7], TypeError, r"requests\[1\]"),
-    ([(0, [1])], ValueError, r"requests\[0\]: expected 3 items"),
-    ([(-1, [1], [2])], ValueError, r"requests\[0\]: head_id"),
-    ([(1.0, [1], [2])], TypeError, r"requests\[0\]: head_id"),
-    ([(True, [1], [2])], TypeError, r"requests\[0\]: head_id"),
-    ([(0, [1], [2]), (0, [1.5], [2])], TypeError, r"requests\[1\] prefix_ids: token ids must be integers"),
-    ([(0, [1], ["a"])], TypeError, r"requests\[0\] suffix_ids"),
-    ([(0, [1], [True])], TypeError, r"requests\[0\] suffix_ids"),
-    ([(0, [1], np.ones(3))], TypeError, r"requests\[0\] suffix_ids"),
-    ([(0, [[1, 2]], [3])], ValueError, r"requests\[0\] prefix_ids: expected a 1-D"),
-    ([(0, 5, [3])], TypeError, r"requests\[0\] prefix_ids"),
-    ([(0, "ab", [3])], TypeError, r"requests\[0\] prefix_ids"),
-    ([(0, [1], [2]), (0, [1], [2, -3])], ValueError, r"requests\[1\] suffix_ids: token ids must be >= 0"),
-    ([(0, [1], [2]), (0, [3], [2]), (0, [-4], [2])], ValueError, r"requests\[2\] prefix_ids"),
-    ([(0, np.array([2**63], dtype=np.uint64), [2])], ValueError, r"requests\[0\] prefix_ids"),
-    ([(0, [1], [2]), (0, [], [])], ValueError, "request 1 has no tokens"),
-    ([(0, [1, -2, 1.5], [2])], TypeError, r"requests\[0\] prefix_ids: token ids must be integers"),
-    ([(0, [1], [2**64])], TypeError, r"requests\[0\] suffix_ids: token ids must be integers"),
-    ([(0, [1], [2**63])], ValueError, r"requests\[0\] suffix_ids: token ids above"),
-    ([(0, [1], np.array([3, -1], dtype=np.int32))], ValueError, r"requests\[0\] suffix_ids: token ids must be >= 0"),
-    ([(0, [1], np.array([3, 0, -1, 5])[::2])], ValueError, r"requests\[0\] suffix_ids: token ids must be >= 0"),
-    ([(0, [np.int64(-1)], [1])], ValueError, r"requests\[0\] prefix_ids: token ids must be >= 0"),
-    ([(2**63, [1], [2])], ValueError, r"requests\[0\]: head_id must be at most"),
-    ([(0, [1], [2]), (np.int64(-5), [1], [2])], ValueError, r"requests\[1\]: head_id must be >= 0"),
-    ([[0, [1], [2]], [0, [1], [2], 3]], ValueError, r"requests\[1\]: expected 3 items"),
-])
+@pytest.mark.parametrize(
+    "reqs, exc, match",
+    [
+        ("abc", TypeError, "requests"),
+        (5, TypeError, "requests"),
+        ([(0, [1], [2]), 7], TypeError, r"requests\[1\]"),
+        ([(0, [1])], ValueError, r"requests\[0\]: expected 3 items"),
+        ([(-1, [1], [2])], ValueError, r"requests\[0\]: head_id"),
+        ([(1.0, [1], [2])], TypeError, r"requests\[0\]: head_id"),
+        ([(True, [1], [2])], TypeError, r"requests\[0\]: head_id"),
+        ([(0, [1], [2]), (0, [1.5], [2])], TypeError, r"requests\[1\] prefix_ids: token ids must be integers"),
+        ([(0, [1], ["a"])], TypeError, r"requests\[0\] suffix_ids"),
+        ([(0, [1], [True])], TypeError, r"requests\[0\] suffix_ids"),
+        ([(0, [1], np.ones(3))], TypeError, r"requests\[0\] suffix_ids"),
+        ([(0, [[1, 2]], [3])], ValueError, r"requests\[0\] prefix_ids: expected a 1-D"),
+        ([(0, 5, [3])], TypeError, r"requests\[0\] prefix_ids"),
+        ([(0, "ab", [3])], TypeError, r"requests\[0\] prefix_ids"),
+        ([(0, [1], [2]), (0, [1], [2, -3])], ValueError, r"requests\[1\] suffix_ids: token ids must be >= 0"),
+        ([(0, [1], [2]), (0, [3], [2]), (0, [-4], [2])], ValueError, r"requests\[2\] prefix_ids"),
+        ([(0, np.array([2**63], dtype=np.uint64), [2])], ValueError, r"requests\[0\] prefix_ids"),
+        ([(0, [1], [2]), (0, [], [])], ValueError, "request 1 has no tokens"),
+        ([(0, [1, -2, 1.5], [2])], TypeError, r"requests\[0\] prefix_ids: token ids must be integers"),
+        ([(0, [1], [2**64])], TypeError, r"requests\[0\] suffix_ids: token ids must be integers"),
+        ([(0, [1], [2**63])], ValueError, r"requests\[0\] suffix_ids: token ids above"),
+        (
+            [(0, [1], np.array([3, -1], dtype=np.int32))],
+            ValueError,
+            r"requests\[0\] suffix_ids: token ids must be >= 0",
+        ),
+        ([(0, [1], np.array([3, 0, -1, 5])[::2])], ValueError, r"requests\[0\] suffix_ids: token ids must be >= 0"),
+        ([(0, [np.int64(-1)], [1])], ValueError, r"requests\[0\] prefix_ids: token ids must be >= 0"),
+        ([(2**63, [1], [2])], ValueError, r"requests\[0\]: head_id must be at most"),
+        ([(0, [1], [2]), (np.int64(-5), [1], [2])], ValueError, r"requests\[1\]: head_id must be >= 0"),
+        ([[0, [1], [2]], [0, [1], [2], 3]], ValueError, r"requests\[1\]: expected 3 items"),
+    ],
+)
 @pytest.mark.parametrize("backend", ["cpp", "python"])
 def test_bad_requests(reqs, exc, match, backend):
     with pytest.raises(exc, match=match):
@@ -566,19 +617,22 @@ def _cols(n=4):
     return np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64), np.ones(n, dtype=np.int64)
 
 
-@pytest.mark.parametrize("args, exc, match", [
-    ((np.zeros(4), *_cols()[1:]), TypeError, "head_ids"),
-    ((np.zeros((2, 2), dtype=np.int64), *_cols()[1:]), ValueError, "head_ids"),
-    ((np.array([0, -1, 0, 0]), *_cols()[1:]), ValueError, "head_ids: must be >= 0, got -1 at request 1"),
-    ((*_cols()[:1], np.ones(3, dtype=np.int64), _cols()[2]), ValueError, "prefix_lens: expected length 4"),
-    ((*_cols()[:2], np.ones(4)), TypeError, "suffix_lens"),
-    ((*_cols()[:2], np.array([1, 1, -2, 1])), ValueError, "suffix_lens: must be >= 0"),
-    ((_cols()[0], np.zeros(4, np.int64), np.array([1, 0, 1, 1])), ValueError, "request 1 has no tokens"),
-    ((*_cols(), np.zeros(4)), TypeError, "prefix_hashes"),
-    ((*_cols(), np.zeros(3, np.uint64)), ValueError, "prefix_hashes"),
-    ((*_cols(), None, np.zeros(4, np.uint64)), ValueError, "suffix_hashes: needs prefix_hashes"),
-    ((*_cols(), np.zeros(4, np.uint64), np.zeros((4, 1), np.uint64)), ValueError, "suffix_hashes"),
-])
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        ((np.zeros(4), *_cols()[1:]), TypeError, "head_ids"),
+        ((np.zeros((2, 2), dtype=np.int64), *_cols()[1:]), ValueError, "head_ids"),
+        ((np.array([0, -1, 0, 0]), *_cols()[1:]), ValueError, "head_ids: must be >= 0, got -1 at request 1"),
+        ((*_cols()[:1], np.ones(3, dtype=np.int64), _cols()[2]), ValueError, "prefix_lens: expected length 4"),
+        ((*_cols()[:2], np.ones(4)), TypeError, "suffix_lens"),
+        ((*_cols()[:2], np.array([1, 1, -2, 1])), ValueError, "suffix_lens: must be >= 0"),
+        ((_cols()[0], np.zeros(4, np.int64), np.array([1, 0, 1, 1])), ValueError, "request 1 has no tokens"),
+        ((*_cols(), np.zeros(4)), TypeError, "prefix_hashes"),
+        ((*_cols(), np.zeros(3, np.uint64)), ValueError, "prefix_hashes"),
+        ((*_cols(), None, np.zeros(4, np.uint64)), ValueError, "suffix_hashes: needs prefix_hashes"),
+        ((*_cols(), np.zeros(4, np.uint64), np.zeros((4, 1), np.uint64)), ValueError, "suffix_hashes"),
+    ],
+)
 @pytest.mark.parametrize("backend", ["cpp", "python"])
 def test_bad_arrays(args, exc, match, backend):
     with pytest.raises(exc, match=match):
@@ -587,8 +641,13 @@ def test_bad_arrays(args, exc, match, backend):
 
 def _flat4():
     """A valid flat form of 4 requests: head ids, then (tokens, offsets) per side."""
-    return (np.zeros(4, np.int64), np.arange(6, dtype=np.int32), np.array([0, 1, 3, 3, 6]),
-            np.arange(4, dtype=np.int32), np.array([0, 1, 2, 3, 4]))
+    return (
+        np.zeros(4, np.int64),
+        np.arange(6, dtype=np.int32),
+        np.array([0, 1, 3, 3, 6]),
+        np.arange(4, dtype=np.int32),
+        np.array([0, 1, 2, 3, 4]),
+    )
 
 
 def _with(i, v):
@@ -597,24 +656,34 @@ def _with(i, v):
     return tuple(args)
 
 
-@pytest.mark.parametrize("args, exc, match", [
-    (_with(0, np.zeros(4)), TypeError, "head_ids: expected integers"),
-    (_with(0, np.zeros((2, 2), np.int64)), ValueError, "head_ids: expected a 1-D"),
-    (_with(0, np.array([0, 0, -1, 0])), ValueError, "head_ids: must be >= 0, got -1 at request 2"),
-    (_with(0, np.zeros(3, np.int64)), ValueError, r"prefix_offsets: expected shape \(4,\) \(one more than the 3"),
-    (_with(1, np.arange(6, dtype=np.float32)), TypeError, "prefix_tokens: expected int32 or int64"),
-    (_with(3, np.arange(4, dtype=np.uint16)), TypeError, "suffix_tokens: expected int32 or int64"),
-    (_with(1, np.arange(6, dtype=np.int32).reshape(2, 3)), ValueError, "prefix_tokens: expected a 1-D"),
-    (_with(2, np.array([0, 1, 3, 3])), ValueError, r"prefix_offsets: expected shape \(5,\)"),
-    (_with(2, np.array([0.0, 1, 3, 3, 6])), TypeError, "prefix_offsets: expected integer offsets"),
-    (_with(2, np.array([[0, 1, 3, 3, 6]])), ValueError, "prefix_offsets: expected shape"),
-    (_with(2, np.array([0, 3, 1, 3, 6])), ValueError, "prefix_offsets: must not decrease, got 3 then 1 at index 2"),
-    (_with(4, np.array([-1, 1, 2, 3, 4])), ValueError, "suffix_offsets: must be >= 0"),
-    (_with(2, np.array([0, 1, 3, 3, 7])), ValueError, r"prefix_offsets: ends at 7, past the end of prefix_tokens \(6"),
-    (_with(3, np.array([0, 1, -2, 3], np.int32)), ValueError,
-     r"suffix_tokens: token ids must be >= 0, got -2 at position 2 \(request 2\)"),
-    (_with(4, np.array([0, 1, 2, 2, 4])), ValueError, "request 2 has no tokens"),
-])
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        (_with(0, np.zeros(4)), TypeError, "head_ids: expected integers"),
+        (_with(0, np.zeros((2, 2), np.int64)), ValueError, "head_ids: expected a 1-D"),
+        (_with(0, np.array([0, 0, -1, 0])), ValueError, "head_ids: must be >= 0, got -1 at request 2"),
+        (_with(0, np.zeros(3, np.int64)), ValueError, r"prefix_offsets: expected shape \(4,\) \(one more than the 3"),
+        (_with(1, np.arange(6, dtype=np.float32)), TypeError, "prefix_tokens: expected int32 or int64"),
+        (_with(3, np.arange(4, dtype=np.uint16)), TypeError, "suffix_tokens: expected int32 or int64"),
+        (_with(1, np.arange(6, dtype=np.int32).reshape(2, 3)), ValueError, "prefix_tokens: expected a 1-D"),
+        (_with(2, np.array([0, 1, 3, 3])), ValueError, r"prefix_offsets: expected shape \(5,\)"),
+        (_with(2, np.array([0.0, 1, 3, 3, 6])), TypeError, "prefix_offsets: expected integer offsets"),
+        (_with(2, np.array([[0, 1, 3, 3, 6]])), ValueError, "prefix_offsets: expected shape"),
+        (_with(2, np.array([0, 3, 1, 3, 6])), ValueError, "prefix_offsets: must not decrease, got 3 then 1 at index 2"),
+        (_with(4, np.array([-1, 1, 2, 3, 4])), ValueError, "suffix_offsets: must be >= 0"),
+        (
+            _with(2, np.array([0, 1, 3, 3, 7])),
+            ValueError,
+            r"prefix_offsets: ends at 7, past the end of prefix_tokens \(6",
+        ),
+        (
+            _with(3, np.array([0, 1, -2, 3], np.int32)),
+            ValueError,
+            r"suffix_tokens: token ids must be >= 0, got -2 at position 2 \(request 2\)",
+        ),
+        (_with(4, np.array([0, 1, 2, 2, 4])), ValueError, "request 2 has no tokens"),
+    ],
+)
 @pytest.mark.parametrize("backend", ["cpp", "python"])
 def test_bad_flat(args, exc, match, backend):
     with pytest.raises(exc, match=match):
@@ -631,6 +700,7 @@ def test_flat_ignores_tokens_outside_the_offsets():
 def test_request_list_changed_by_a_checker_callback():
     """An item whose __array__ clears the request list (the C++ ingest calls back into Python for such
     items): a clear error, never a read of freed objects."""
+
     class Clears:
         def __init__(self, reqs):
             self.reqs = reqs

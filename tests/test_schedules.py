@@ -1,5 +1,6 @@
 """reward/schedules.py: the one LR schedule module of every training loop equals transformers' schedulers step by
 step (random step counts), min_lr_ratio equals transformers' cosine-with-min-lr, bad arguments are named."""
+
 from __future__ import annotations
 
 import math
@@ -64,17 +65,20 @@ def test_warmup_steps_of_follows_transformers():
         assert schedules.warmup_steps_of(w, 17) == theirs, w
 
 
-@pytest.mark.parametrize("call, name", [
-    (lambda: schedules.lr_factor("polynomial", 0, 0, 5), "schedule"),
-    (lambda: schedules.lr_factor("linear", -1, 0, 5), "step"),
-    (lambda: schedules.lr_factor("linear", 0, 1.5, 5), "warmup_steps"),
-    (lambda: schedules.lr_factor("linear", 0, 0, 0), "total_steps"),
-    (lambda: schedules.lr_factor("linear", 0, 0, 5, min_lr_ratio=1.5), "min_lr_ratio"),
-    (lambda: schedules.lr_factor("linear", 0, 0, 5, min_lr_ratio=math.nan), "min_lr_ratio"),
-    (lambda: schedules.lr_factor("constant", 0, 2, 5), "constant_with_warmup"),
-    (lambda: schedules.warmup_steps_of(2.5, 10), "warmup_steps"),
-    (lambda: schedules.warmup_steps_of(-1, 10), "warmup_steps"),
-])
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: schedules.lr_factor("polynomial", 0, 0, 5), "schedule"),
+        (lambda: schedules.lr_factor("linear", -1, 0, 5), "step"),
+        (lambda: schedules.lr_factor("linear", 0, 1.5, 5), "warmup_steps"),
+        (lambda: schedules.lr_factor("linear", 0, 0, 0), "total_steps"),
+        (lambda: schedules.lr_factor("linear", 0, 0, 5, min_lr_ratio=1.5), "min_lr_ratio"),
+        (lambda: schedules.lr_factor("linear", 0, 0, 5, min_lr_ratio=math.nan), "min_lr_ratio"),
+        (lambda: schedules.lr_factor("constant", 0, 2, 5), "constant_with_warmup"),
+        (lambda: schedules.warmup_steps_of(2.5, 10), "warmup_steps"),
+        (lambda: schedules.warmup_steps_of(-1, 10), "warmup_steps"),
+    ],
+)
 def test_bad_arguments_are_named(call, name):
     with pytest.raises(ValueError, match=name):
         call()

@@ -1,4 +1,5 @@
 """System API: variables, components, DAG validation and order, runs, overrides under threads, state, evaluate."""
+
 import contextvars
 import json
 import random
@@ -27,8 +28,10 @@ def exact(example, prediction):
 
 def comp(name, inputs, outputs, variable=None, fn=None):
     if fn is None:
+
         def fn(variable=None, **kw):
             return {o: f"{name}({','.join(str(kw[i]) for i in inputs)})" for o in outputs}
+
     return Component(name, inputs=inputs, outputs=outputs, description=f"{name} does things", variable=variable, fn=fn)
 
 
@@ -313,10 +316,16 @@ def test_run_component_and_run_downstream():
         def inner(variable=None, **kw):
             calls[name] += 1
             return fn(variable=variable, **kw)
+
         return inner
 
-    a = Component("a", inputs=["x"], outputs=["y"], variable=Prompt("A"),
-                  fn=counted("a", lambda x, variable: {"y": variable.text + x}))
+    a = Component(
+        "a",
+        inputs=["x"],
+        outputs=["y"],
+        variable=Prompt("A"),
+        fn=counted("a", lambda x, variable: {"y": variable.text + x}),
+    )
     b = Component("b", inputs=["y"], outputs=["z"], fn=counted("b", lambda y, variable: {"z": y + "!"}))
     c = Component("c", inputs=["x"], outputs=["w"], fn=counted("c", lambda x, variable: {"w": x * 2}))
     system = System([a, b, c], lambda e, p: float(p["z"] == e["gold"]), ["z", "w"])
@@ -380,8 +389,9 @@ def test_evaluate_error_accounting(seed):
     # contextvars set by the caller reach the worker threads (the LM layer's ledger and budget live there)
     marker = contextvars.ContextVar("marker", default=None)
     seen = []
-    probe = Component("p", inputs=["x"], outputs=["out"],
-                      fn=lambda x, variable: seen.append(marker.get()) or {"out": 0})
+    probe = Component(
+        "p", inputs=["x"], outputs=["out"], fn=lambda x, variable: seen.append(marker.get()) or {"out": 0}
+    )
     token = marker.set("caller")
     try:
         System([probe], metric, ["out"]).evaluate([{"x": i} for i in range(6)], workers=3)
@@ -408,12 +418,17 @@ def make_stateful(gen=None):
             for p in net.parameters():
                 p.copy_(torch.randn(p.shape, generator=gen))
     a = Component("a", inputs=["x"], outputs=["y"], variable=Prompt("first"), fn=lambda x, variable: {"y": x})
-    b = Component("b", inputs=["y"], outputs=["z"], variable=Choice(k=[1, 2, 3], mode=["p", "q"]),
-                  fn=lambda y, variable: {"z": y})
+    b = Component(
+        "b", inputs=["y"], outputs=["z"], variable=Choice(k=[1, 2, 3], mode=["p", "q"]), fn=lambda y, variable: {"z": y}
+    )
     c = Component("c", inputs=["z"], outputs=["w"], variable=Weights(net), fn=lambda z, variable: {"w": z})
-    d = Component("d", inputs=["w"], outputs=["out"],
-                  variable={"prompt": Prompt("dp"), "trust": Choice(t=["lm", "scorer"]), "adapter": Weights(path="ad/0")},
-                  fn=lambda w, variable: {"out": w})
+    d = Component(
+        "d",
+        inputs=["w"],
+        outputs=["out"],
+        variable={"prompt": Prompt("dp"), "trust": Choice(t=["lm", "scorer"]), "adapter": Weights(path="ad/0")},
+        fn=lambda w, variable: {"out": w},
+    )
     return System([a, b, c, d], exact, ["out"], name="stateful")
 
 
@@ -433,8 +448,10 @@ def test_state_round_trip_every_variable_type(gen, tmp_path):
     assert dst.variables()["d.prompt"] == Prompt("decider prompt")
     assert dst.variables()["d.trust"]["t"] == "scorer"
     assert dst.variables()["d.adapter"].path == "ad/7"
-    for (k1, v1), (k2, v2) in zip(src.components["c"].variable.module.state_dict().items(),
-                                  dst.components["c"].variable.module.state_dict().items()):
+    for (k1, v1), (k2, v2) in zip(
+        src.components["c"].variable.module.state_dict().items(),
+        dst.components["c"].variable.module.state_dict().items(),
+    ):
         assert k1 == k2 and torch.equal(v1, v2)
 
     path = tmp_path / "sub" / "state.json"
@@ -460,8 +477,9 @@ def test_copy_has_independent_variables_and_shares_the_rest(gen):
     dst.set_variable("b", {"k": 2, "mode": "q"})
     dst.set_variable("d.trust", {"t": "scorer"})
     other = make_stateful(torch.Generator().manual_seed(gen.initial_seed() + 1))
-    dst.load_state_dict({**dst.state_dict(), "variables": {**dst.state_dict()["variables"],
-                                                           "c": other.state_dict()["variables"]["c"]}})
+    dst.load_state_dict(
+        {**dst.state_dict(), "variables": {**dst.state_dict()["variables"], "c": other.state_dict()["variables"]["c"]}}
+    )
     with torch.no_grad():
         next(dst.components["c"].variable.module.parameters()).add_(1.0)
     assert json.dumps(src.state_dict(), sort_keys=True) == before

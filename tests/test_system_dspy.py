@@ -2,6 +2,7 @@
 instruction overrides are run-scoped (also across threads), rollouts replay the prefix and re-run the rest,
 failures are recorded and budget stops propagate, best-of-N picks by the reward, and the program handed in
 is never touched."""
+
 from __future__ import annotations
 
 import random
@@ -51,8 +52,10 @@ class EchoLM(LM):
                 out.append(RuntimeError("scripted failure"))
                 continue
             if "[[ ## answer ## ]]" in system:
-                body = (f"[[ ## reasoning ## ]]\nseed {params.seed} t {params.temperature}\n\n"
-                        f"[[ ## answer ## ]]\n{objective(system)} | {field(last, 'query')}")
+                body = (
+                    f"[[ ## reasoning ## ]]\nseed {params.seed} t {params.temperature}\n\n"
+                    f"[[ ## answer ## ]]\n{objective(system)} | {field(last, 'query')}"
+                )
             else:
                 body = f"[[ ## query ## ]]\n{field(last, 'question')} / {objective(system)}"
             out.append(Completion(body + "\n\n[[ ## completed ## ]]", Usage(prompt_tokens=5, completion_tokens=5)))
@@ -200,6 +203,7 @@ def test_failures_and_budget(seed):
     assert not t.ok and t.failed_component == "answer" and t.score == 0.0
     assert t.error.startswith("component 'answer':") and "scripted failure" in t.error
     assert t["rewrite"].outputs is not None and t["answer"].outputs is None
+
     # a program that fails in its own Python code names the program
     class Broken(QA):
         def forward(self, question):

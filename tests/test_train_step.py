@@ -2,6 +2,7 @@
 quantities computed by hand, its arguments checked, and loops that never change each other's settings (a TRL-style
 run followed by adapt() and train() on the same model uses their own replay, grouping, weights and optimizer
 settings). Tiny randomly initialised backbones over MiniLM's tokenizer."""
+
 from __future__ import annotations
 
 import random
@@ -89,13 +90,16 @@ def test_step_clips_to_max_grad_norm_and_reports_the_norm_before(tokenizer, seed
     assert all(float(s["step"]) == 1 for s in rm2.trainer.optimizer.state.values())
 
 
-@pytest.mark.parametrize("kw, name", [
-    ({"lr": -1e-3}, "lr"),
-    ({"lr": float("nan")}, "lr"),
-    ({"head_lr": -1.0}, "head_lr"),
-    ({"weight_decay": float("inf")}, "weight_decay"),
-    ({"max_grad_norm": 0.0}, "max_grad_norm"),
-])
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        ({"lr": -1e-3}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"head_lr": -1.0}, "head_lr"),
+        ({"weight_decay": float("inf")}, "weight_decay"),
+        ({"max_grad_norm": 0.0}, "max_grad_norm"),
+    ],
+)
 def test_step_arguments_are_checked(kw, name, tokenizer, seed):
     rng = random.Random(seed)
     rm = make_model("encoder", tokenizer, seed, components=("a", "b"))
@@ -116,18 +120,27 @@ def test_trl_run_then_adapt_and_train_use_their_own_settings(tokenizer, tmp_path
     rng = random.Random(seed)
     rm = make_model("decoder", tokenizer, seed, components=("a", "b"))
     trl_pairs = _pairs(rng, 6, comps=("a",))
-    rows = [{"prompt": p.inputs, "chosen": p.chosen, "rejected": p.rejected, "margin": p.margin, "component": "a"}
-            for p in trl_pairs]
+    rows = [
+        {"prompt": p.inputs, "chosen": p.chosen, "rejected": p.rejected, "margin": p.margin, "component": "a"}
+        for p in trl_pairs
+    ]
     import datasets
 
-    args = RewardConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, max_steps=3,
-                        learning_rate=1e-3, weight_decay=0.3, max_grad_norm=0.5, save_strategy="no", disable_tqdm=True)
+    args = RewardConfig(
+        output_dir=str(tmp_path / "trl"),
+        per_device_train_batch_size=4,
+        max_steps=3,
+        learning_rate=1e-3,
+        weight_decay=0.3,
+        max_grad_norm=0.5,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
     calls = []
     real_step = rm.trainer.step
 
     def spy(batch, lr, **kw):
-        calls.append({"weights": list(batch.weights), "margins": batch.margins, "center": batch.center, "lr": lr,
-                      **kw})
+        calls.append({"weights": list(batch.weights), "margins": batch.margins, "center": batch.center, "lr": lr, **kw})
         return real_step(batch, lr, **kw)
 
     monkeypatch.setattr(rm.trainer, "step", spy)
@@ -139,8 +152,10 @@ def test_trl_run_then_adapt_and_train_use_their_own_settings(tokenizer, tmp_path
     assert rm.loops.config == TrainConfig() and rm.loops.replay == {}  # the TRL run left the engine loops alone
     # adapt(): the model's settings (margin weights, no subtracted margin, heads at 20x, clip 1.0, no decay)
     calls.clear()
-    fresh = [PreferencePair("b", f"question {i}", "excellent " * (1 + i % 2), "poor", m)
-             for i, m in enumerate([0.1, 0.4, 0.9])]  # distinct margins: margin weights are not uniform
+    fresh = [
+        PreferencePair("b", f"question {i}", "excellent " * (1 + i % 2), "poor", m)
+        for i, m in enumerate([0.1, 0.4, 0.9])
+    ]  # distinct margins: margin weights are not uniform
     h1 = rm.adapt(fresh, steps=2, lr=2e-4, batch_pairs=4)
     h2 = rm.adapt(fresh, steps=2, lr=2e-4, batch_pairs=4)
     assert all(h["replay"] == 0 for h in h1)  # nothing remembered before the first adapt (TRL keeps no replay)

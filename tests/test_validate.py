@@ -23,7 +23,6 @@ from optimas_fast.preference.collect import CollectConfig
 from optimas_fast.reward import RewardModelConfig, TemplateConfig, TrainConfig
 from optimas_fast.reward.data import as_pairs
 from optimas_fast.reward.distributed import shard_batches
-from optimas_fast.reward.distributed import shard_batches
 from optimas_fast.reward.template import TokenCache
 from optimas_fast.run import parse_config
 from optimas_fast.sandbox import run_python
@@ -37,21 +36,52 @@ class _MyError(ValueError):
     pass
 
 
-@pytest.mark.parametrize("v, ok", [(0, True), (-3, True), (2**70, True), (True, False), (False, False),
-                                   (1.0, False), ("1", False), (None, False), (np.int64(3), False)])
+@pytest.mark.parametrize(
+    "v, ok",
+    [
+        (0, True),
+        (-3, True),
+        (2**70, True),
+        (True, False),
+        (False, False),
+        (1.0, False),
+        ("1", False),
+        (None, False),
+        (np.int64(3), False),
+    ],
+)
 def test_is_int(v, ok):
     assert is_int(v) is ok
 
 
-@pytest.mark.parametrize("v, ok", [(np.int64(3), True), (np.int32(-1), True), (np.bool_(True), False),
-                                   (True, False), (3, True), (np.float64(1.0), False)])
+@pytest.mark.parametrize(
+    "v, ok",
+    [
+        (np.int64(3), True),
+        (np.int32(-1), True),
+        (np.bool_(True), False),
+        (True, False),
+        (3, True),
+        (np.float64(1.0), False),
+    ],
+)
 def test_is_int_numpy(v, ok):
     assert is_int(v, numpy=True) is ok
 
 
-@pytest.mark.parametrize("v, ok, ok_finite", [(1, True, True), (0.5, True, True), (math.nan, True, False),
-                                              (math.inf, True, False), (-math.inf, True, False),
-                                              (True, False, False), ("1.0", False, False), (None, False, False)])
+@pytest.mark.parametrize(
+    "v, ok, ok_finite",
+    [
+        (1, True, True),
+        (0.5, True, True),
+        (math.nan, True, False),
+        (math.inf, True, False),
+        (-math.inf, True, False),
+        (True, False, False),
+        ("1.0", False, False),
+        (None, False, False),
+    ],
+)
 def test_is_number(v, ok, ok_finite):
     assert is_number(v) is ok
     assert is_number(v, finite=True) is ok_finite
@@ -156,8 +186,11 @@ def _raises(fn, exc, pattern):
 
 
 def test_ops_and_scheduler_sites():
-    _raises(lambda: ops.bt_loss(torch.zeros(2), torch.zeros(2), center=True), TypeError,
-            "center: expected a float, got bool")
+    _raises(
+        lambda: ops.bt_loss(torch.zeros(2), torch.zeros(2), center=True),
+        TypeError,
+        "center: expected a float, got bool",
+    )
     _raises(lambda: SchedulerConfig(True, 2), TypeError, "token_budget: expected an int, got bool")
     _raises(lambda: SchedulerConfig(8, 2.0), TypeError, "max_rows: expected an int, got float")
     assert SchedulerConfig(np.int64(8), 2).token_budget == 8  # numpy ints stay accepted
@@ -171,33 +204,55 @@ def test_lm_sites():
     _raises(lambda: check_sampling(1, 0.0, 0, None, None), ValueError, "max_tokens must be an int >= 1, got 0")
     _raises(lambda: check_sampling(1, 0.0, 8, None, False), TypeError, "seed must be an int or None, got bool")
     assert check_sampling(2, 1, 8, "x", 3).temperature == 1.0
-    _raises(lambda: register_price("m", True, 1.0), ValueError,
-            "register_price: input_per_mtok must be a finite number >= 0, got True")
+    _raises(
+        lambda: register_price("m", True, 1.0),
+        ValueError,
+        "register_price: input_per_mtok must be a finite number >= 0, got True",
+    )
     _raises(lambda: Budget(max_calls=True), TypeError, "Budget: max_calls must be an integer or None, got True")
-    _raises(lambda: LMCache(":memory:", memory_entries=False), ValueError,
-            "LMCache: memory_entries must be an int >= 0, got False")
+    _raises(
+        lambda: LMCache(":memory:", memory_entries=False),
+        ValueError,
+        "LMCache: memory_entries must be an int >= 0, got False",
+    )
     url = "http://127.0.0.1:9/v1"
-    _raises(lambda: OpenAIClient(url, "m", max_concurrency=True), ValueError,
-            "OpenAIClient: max_concurrency must be an int >= 1, got True")
-    _raises(lambda: OpenAIClient(url, "m", max_retries=-1), ValueError,
-            "OpenAIClient: max_retries must be an int >= 0, got -1")
-    _raises(lambda: OpenAIClient(url, "m", backoff_max=True), ValueError,
-            "OpenAIClient: backoff_max must be a number > 0, got True")
+    _raises(
+        lambda: OpenAIClient(url, "m", max_concurrency=True),
+        ValueError,
+        "OpenAIClient: max_concurrency must be an int >= 1, got True",
+    )
+    _raises(
+        lambda: OpenAIClient(url, "m", max_retries=-1),
+        ValueError,
+        "OpenAIClient: max_retries must be an int >= 0, got -1",
+    )
+    _raises(
+        lambda: OpenAIClient(url, "m", backoff_max=True),
+        ValueError,
+        "OpenAIClient: backoff_max must be a number > 0, got True",
+    )
     _raises(lambda: LlamaCppLM(n_ctx=True), ValueError, "LlamaCppLM: n_ctx must be an int >= 16, got True")
     _raises(lambda: LlamaCppLM(n_threads=0), ValueError, "LlamaCppLM: n_threads must be an int >= 1 or None, got 0")
-    _raises(lambda: HFLocalLM("unused", batch_size=True), ValueError,
-            "HFLocalLM: batch_size must be an int >= 1, got True")
-    _raises(lambda: HFLocalLM("unused", batch_wait_ms=math.nan), ValueError,
-            "HFLocalLM: batch_wait_ms must be a number >= 0, got nan")
+    _raises(
+        lambda: HFLocalLM("unused", batch_size=True), ValueError, "HFLocalLM: batch_size must be an int >= 1, got True"
+    )
+    _raises(
+        lambda: HFLocalLM("unused", batch_wait_ms=math.nan),
+        ValueError,
+        "HFLocalLM: batch_wait_ms must be a number >= 0, got nan",
+    )
 
 
-@pytest.mark.parametrize("kw, msg", [
-    ({"per_device_train_batch_size": True}, "per_device_train_batch_size must be an int >= 1, got True"),
-    ({"learning_rate": math.nan}, "learning_rate must be a positive finite number, got nan"),
-    ({"weight_decay": True}, "weight_decay must be a finite number >= 0, got True"),
-    ({"max_length": False}, "max_length must be None or an int >= 4, got False"),
-    ({"seed": 1.0}, "seed must be an int, got 1.0"),
-])
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"per_device_train_batch_size": True}, "per_device_train_batch_size must be an int >= 1, got True"),
+        ({"learning_rate": math.nan}, "learning_rate must be a positive finite number, got nan"),
+        ({"weight_decay": True}, "weight_decay must be a finite number >= 0, got True"),
+        ({"max_length": False}, "max_length must be None or an int >= 4, got False"),
+        ({"seed": 1.0}, "seed must be an int, got 1.0"),
+    ],
+)
 def test_reward_training_arguments_sites(kw, msg):
     _raises(lambda: RewardConfig(**kw), ValueError, re.escape(f"RewardConfig.{msg}"))
 
@@ -206,20 +261,38 @@ def test_reward_training_arguments_sites(kw, msg):
 
 
 def test_reward_sites():
-    _raises(lambda: RewardModelConfig(token_cache_size=True).validate(), ValueError,
-            re.escape("config.token_cache_size must be an int >= 1 or None, got True"))
-    _raises(lambda: RewardModelConfig(token_budget=True).validate(), ValueError,
-            "config.token_budget and config.max_rows must be >= 1")
-    _raises(lambda: RewardModelConfig(pack_tokens=False).validate(), ValueError,
-            "config.pack_tokens must be an int >= 1, got False")
+    _raises(
+        lambda: RewardModelConfig(token_cache_size=True).validate(),
+        ValueError,
+        re.escape("config.token_cache_size must be an int >= 1 or None, got True"),
+    )
+    _raises(
+        lambda: RewardModelConfig(token_budget=True).validate(),
+        ValueError,
+        "config.token_budget and config.max_rows must be >= 1",
+    )
+    _raises(
+        lambda: RewardModelConfig(pack_tokens=False).validate(),
+        ValueError,
+        "config.pack_tokens must be an int >= 1, got False",
+    )
     _raises(lambda: as_pairs([("c", "in", "a", "b", True)]), TypeError, r"\[0\]\.margin must be a real number")
-    _raises(lambda: TrainConfig(batch_pairs=True).validate(), ValueError,  # now refused
-            "batch_pairs must be an int >= 1, got True")
+    _raises(
+        lambda: TrainConfig(batch_pairs=True).validate(),
+        ValueError,  # now refused
+        "batch_pairs must be an int >= 1, got True",
+    )
     _raises(lambda: TrainConfig(replay_size=-1).validate(), ValueError, "replay_size must be an int >= 0, got -1")
-    _raises(lambda: TemplateConfig(max_length=True).validate(), ValueError,  # now refused
-            "TemplateConfig.max_length must be an int >= 4, got True")
-    _raises(lambda: TokenCache(None, TemplateConfig(), True, max_entries=True), ValueError,
-            "token cache max_entries must be an int >= 1 or None, got True")
+    _raises(
+        lambda: TemplateConfig(max_length=True).validate(),
+        ValueError,  # now refused
+        "TemplateConfig.max_length must be an int >= 4, got True",
+    )
+    _raises(
+        lambda: TokenCache(None, TemplateConfig(), True, max_entries=True),
+        ValueError,
+        "token cache max_entries must be an int >= 1 or None, got True",
+    )
     _raises(lambda: shard_batches(np.array([3, 2]), True), ValueError, "world_size must be an int >= 1, got True")
     _raises(lambda: shard_batches(np.array([3, 2]), True), ValueError, "world_size must be an int >= 1, got True")
 
@@ -227,12 +300,21 @@ def test_reward_sites():
 def test_system_sites():
     echo = Component("echo", inputs=["q"], outputs=["out"], description="copies", fn=lambda q, variable: {"out": q})
     system = System([echo], lambda ex, pred: 1.0, ["out"], inputs=["q"])
-    _raises(lambda: system.evaluate([{"q": "x"}], workers=True), ValueError,  # now refused
-            re.escape("evaluate(workers): expected an int >= 1, got True"))
-    _raises(lambda: BestOfN(system, None, {"echo": True}), ValueError,
-            re.escape("best_of['echo'] must be an int >= 1, got True"))
-    _raises(lambda: BestOfN(system, _Scorer(), {"echo": 2}, temperature=True),
-            ValueError, re.escape("temperature must be a number in (0, 2], got True"))
+    _raises(
+        lambda: system.evaluate([{"q": "x"}], workers=True),
+        ValueError,  # now refused
+        re.escape("evaluate(workers): expected an int >= 1, got True"),
+    )
+    _raises(
+        lambda: BestOfN(system, None, {"echo": True}),
+        ValueError,
+        re.escape("best_of['echo'] must be an int >= 1, got True"),
+    )
+    _raises(
+        lambda: BestOfN(system, _Scorer(), {"echo": 2}, temperature=True),
+        ValueError,
+        re.escape("temperature must be a number in (0, 2], got True"),
+    )
 
 
 class _Scorer:
@@ -242,72 +324,105 @@ class _Scorer:
 
 def test_optimizer_sites():
     _raises(lambda: ChoiceConfig(max_inputs=True).validate(), ValueError, "choice.max_inputs must be an int >= 1")
-    _raises(lambda: OptimizerBudget(max_rows=False).validate(), ValueError,
-            "OptimizerBudget.max_rows must be an int >= 1 or None, got False")
+    _raises(
+        lambda: OptimizerBudget(max_rows=False).validate(),
+        ValueError,
+        "OptimizerBudget.max_rows must be an int >= 1 or None, got False",
+    )
     _raises(lambda: PromptConfig(max_chars=True).validate(), ValueError, "prompt.max_chars must be an int >= 1")
     _raises(lambda: WeightsConfig(steps=True).validate(), ValueError, "weights.steps must be an int >= 1, got True")
     _raises(lambda: WeightsConfig(lora_samples=1).validate(), ValueError, "weights.lora_samples must be an int >= 2")
-    _raises(lambda: WeightsConfig(lora_lr=True).validate(), ValueError,
-            "weights.lora_lr must be a number > 0, got True")
-    _raises(lambda: LoRAPolicy(torch.nn.Linear(1, 1), None, r=True), ValueError,
-            "LoRAPolicy: r must be an int >= 1, got True")
+    _raises(
+        lambda: WeightsConfig(lora_lr=True).validate(), ValueError, "weights.lora_lr must be a number > 0, got True"
+    )
+    _raises(
+        lambda: LoRAPolicy(torch.nn.Linear(1, 1), None, r=True),
+        ValueError,
+        "LoRAPolicy: r must be an int >= 1, got True",
+    )
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"iterations": True}, "iterations must be an int >= 0, got True"),
-    ({"cooldown": -1}, "cooldown must be an int >= 0, got -1"),
-    ({"seed": False}, "seed must be an int, got False"),
-    ({"initial_examples": 0}, "initial_examples must be an int >= 1, got 0"),
-    ({"lr": math.inf}, "lr must be a finite number > 0, got inf"),
-    ({"head_lr": True}, re.escape("head_lr must be a number > 0 or null, got True")),  # now refused
-    ({"gap_ema": True}, re.escape("gap_ema must be a number in (0, 1], got True")),  # now refused
-    ({"alignment_threshold": 2}, re.escape("alignment_threshold must be a number in [0, 1], got 2")),
-    ({"gate_confidence": 1.0}, re.escape("gate_confidence must be a number in [0.5, 1) or null, got 1.0")),
-    ({"min_spearman": True}, re.escape("min_spearman must be a number in [-1, 1] or null, got True")),
-    ({"holdout_fraction": math.nan}, re.escape("holdout_fraction must be a number in [0, 1), got nan")),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"iterations": True}, "iterations must be an int >= 0, got True"),
+        ({"cooldown": -1}, "cooldown must be an int >= 0, got -1"),
+        ({"seed": False}, "seed must be an int, got False"),
+        ({"initial_examples": 0}, "initial_examples must be an int >= 1, got 0"),
+        ({"lr": math.inf}, "lr must be a finite number > 0, got inf"),
+        ({"head_lr": True}, re.escape("head_lr must be a number > 0 or null, got True")),  # now refused
+        ({"gap_ema": True}, re.escape("gap_ema must be a number in (0, 1], got True")),  # now refused
+        ({"alignment_threshold": 2}, re.escape("alignment_threshold must be a number in [0, 1], got 2")),
+        ({"gate_confidence": 1.0}, re.escape("gate_confidence must be a number in [0.5, 1) or null, got 1.0")),
+        ({"min_spearman": True}, re.escape("min_spearman must be a number in [-1, 1] or null, got True")),
+        ({"holdout_fraction": math.nan}, re.escape("holdout_fraction must be a number in [0, 1), got nan")),
+    ],
+)
 def test_optimas_config_sites(kw, match):
     _raises(lambda: OptimasConfig(**kw).validate(), ConfigError, match)
 
 
 def test_optimas_config_budget_and_types():
-    _raises(lambda: OptimasConfig(budget=BudgetConfig(max_usd=math.nan)).validate(), ConfigError,
-            "budget.max_usd must be a finite number >= 0 or null, got nan")
+    _raises(
+        lambda: OptimasConfig(budget=BudgetConfig(max_usd=math.nan)).validate(),
+        ConfigError,
+        "budget.max_usd must be a finite number >= 0 or null, got nan",
+    )
     _raises(lambda: OptimasConfig.from_dict({"batch_size": True}), ConfigError, "batch_size")
     assert OptimasConfig.from_dict({"lr": 1, "gate_confidence": 0.9}).lr == 1  # an int is a fine float
 
 
 def test_preference_sites():
-    _raises(lambda: CollectConfig(num_candidates=True).validate(), ValueError,  # now refused
-            "num_candidates must be an int >= 2, got True")
+    _raises(
+        lambda: CollectConfig(num_candidates=True).validate(),
+        ValueError,  # now refused
+        "num_candidates must be an int >= 2, got True",
+    )
     _raises(lambda: CollectConfig(rollouts=True).validate(), ValueError, "rollouts must be an int >= 1, got True")
     _raises(lambda: CollectConfig(workers=0).validate(), ValueError, "workers must be an int >= 1, got 0")
     _raises(lambda: PairStore(max_groups=True), ValueError, "PairStore.max_groups must be an int >= 1, got True")
 
 
 def test_example_sites():
-    _raises(lambda: build_pubmedqa_system("embedded", config=PubMedQAConfig(solver_max_tokens=(8, True))), ValueError,
-            "PubMedQAConfig.solver_max_tokens must be a non-empty tuple of ints >= 1")
-    _raises(lambda: build_codegen_system("embedded", config=CodegenConfig(num_tests=(3, False))), ValueError,
-            "CodegenConfig.num_tests must be a non-empty tuple of ints >= 1")
+    _raises(
+        lambda: build_pubmedqa_system("embedded", config=PubMedQAConfig(solver_max_tokens=(8, True))),
+        ValueError,
+        "PubMedQAConfig.solver_max_tokens must be a non-empty tuple of ints >= 1",
+    )
+    _raises(
+        lambda: build_codegen_system("embedded", config=CodegenConfig(num_tests=(3, False))),
+        ValueError,
+        "CodegenConfig.num_tests must be a non-empty tuple of ints >= 1",
+    )
     _raises(lambda: HashEmbedder(dim=True), ValueError, re.escape("HashEmbedder(dim): expected an int >= 2, got True"))
     _raises(lambda: HashEmbedder(cache_size=True), ValueError, "cache_size: expected an int >= 0, got True")
     _raises(lambda: split_examples([1, 2, 3], seed=True), TypeError, re.escape("split_examples(seed): expected an int"))
 
 
 # sandbox.py keeps its own check: its supervisor runs the file as a script, where optimas_fast is not importable
-@pytest.mark.parametrize("kw, name", [({"timeout_s": True}, "timeout_s"), ({"memory_mb": 1.5}, "memory_mb"),
-                                      ({"max_procs": True}, "max_procs"), ({"cpu_s": 0}, "cpu_s")])
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        ({"timeout_s": True}, "timeout_s"),
+        ({"memory_mb": 1.5}, "memory_mb"),
+        ({"max_procs": True}, "max_procs"),
+        ({"cpu_s": 0}, "cpu_s"),
+    ],
+)
 def test_sandbox_checks(kw, name):
     _raises(lambda: run_python("pass", **kw), ValueError, re.escape(f"run_python({name}): expected a positive number"))
 
 
-@pytest.mark.parametrize("data, reward, match", [
-    ({"train": True}, {}, "data.train must be an int >= 1 (a size cap), a JSONL file path or null, got True"),
-    ({"seed": True}, {}, "data.seed must be an int or null (loop.seed), got True"),  # now refused
-    ({}, {"max_length": True}, "reward.max_length must be of type int, got True"),
-    ({}, {"max_length": 3}, "reward.max_length must be an int >= 4, got 3"),  # the engine's own bound
-])
+@pytest.mark.parametrize(
+    "data, reward, match",
+    [
+        ({"train": True}, {}, "data.train must be an int >= 1 (a size cap), a JSONL file path or null, got True"),
+        ({"seed": True}, {}, "data.seed must be an int or null (loop.seed), got True"),  # now refused
+        ({}, {"max_length": True}, "reward.max_length must be of type int, got True"),
+        ({}, {"max_length": 3}, "reward.max_length must be an int >= 4, got 3"),  # the engine's own bound
+    ],
+)
 def test_cli_sites(data, reward, match):
-    _raises(lambda: parse_config({"system": "synthetic", "data": data, "reward": reward}), ConfigError,
-            re.escape(match))
+    _raises(
+        lambda: parse_config({"system": "synthetic", "data": data, "reward": reward}), ConfigError, re.escape(match)
+    )

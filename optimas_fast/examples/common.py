@@ -1,9 +1,10 @@
 """Pieces shared by the example systems: LM resolution and chat prompts. ``LMComponent`` (the batched LM
 component base) lives in ``optimas_fast.system``; it is re-exported here for existing imports."""
+
 from __future__ import annotations
 
 import logging
-from typing import Mapping
+from collections.abc import Mapping
 
 import optimas_fast.lm as lm_pkg
 from optimas_fast.lm.base import LM

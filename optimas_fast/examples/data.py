@@ -13,6 +13,7 @@ Each loader returns a list of example dicts with the fields the system reads plu
 A malformed row raises ValueError naming the file, the line and the field (``strict=True``, default);
 with ``strict=False`` it is skipped with a warning and counted in the loader's log line.
 """
+
 from __future__ import annotations
 
 import ast
@@ -20,9 +21,9 @@ import csv
 import logging
 import os
 import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from optimas_fast._io import JSONLineError, iter_jsonl
 from optimas_fast._validate import is_int
@@ -132,8 +133,12 @@ def _parse_pubmedqa(row: object, where: str) -> dict:
         raise RowError(f"{where}: field 'groundtruth' must be one of {PUBMEDQA_LABELS}, got {label!r}")
     if not question or not context.strip():
         raise RowError(f"{where}: empty 'question' or 'context'")
-    return {"id": str(row.get("index", row.get("key", where))), "question": question, "context": context,
-            "answer": label}
+    return {
+        "id": str(row.get("index", row.get("key", where))),
+        "question": question,
+        "context": context,
+        "answer": label,
+    }
 
 
 def load_pubmedqa(data_dir: str | os.PathLike | None = None, *, strict: bool = True) -> list[dict]:
@@ -160,8 +165,13 @@ def _parse_hotpotqa(row: object, where: str) -> dict:
     support_titles = sorted(set(support.get("title", []))) if isinstance(support, dict) else []
     if not question or not answer:
         raise RowError(f"{where}: empty 'question' or 'answer'")
-    return {"id": str(row.get("id", where)), "question": question, "paragraphs": paragraphs, "answer": answer,
-            "supporting_titles": support_titles}
+    return {
+        "id": str(row.get("id", where)),
+        "question": question,
+        "paragraphs": paragraphs,
+        "answer": answer,
+        "supporting_titles": support_titles,
+    }
 
 
 def load_hotpotqa(data_dir: str | os.PathLike | None = None, *, strict: bool = True) -> list[dict]:
@@ -239,4 +249,4 @@ def split_examples(examples: list, seed: int = 0, fractions: tuple[float, float,
     n_train = int(round(fractions[0] * len(order)))
     n_val = int(round(fractions[1] * len(order)))
     pick = lambda idx: [examples[i] for i in idx]  # noqa: E731
-    return Split(pick(order[:n_train]), pick(order[n_train:n_train + n_val]), pick(order[n_train + n_val:]))
+    return Split(pick(order[:n_train]), pick(order[n_train : n_train + n_val]), pick(order[n_train + n_val :]))

@@ -9,6 +9,7 @@ products, choices) are encoded once.
 ``HashEmbedder`` is a deterministic bag-of-words hashing embedder with the same interface: no model, no
 weights, used by the fast tests and as a fallback when the MiniLM package is absent.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,8 +18,8 @@ import re
 import threading
 import zlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -152,8 +153,13 @@ class MiniLMEmbedder(_CachedEmbedder):
         out = []
         with self._lock:
             for i in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
-                                       max_length=self.max_length, return_tensors="pt").to(self.device)
+                batch = self.tokenizer(
+                    texts[i : i + self.batch_size],
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                ).to(self.device)
                 hidden = self.model(**batch).last_hidden_state  # (B, T, H)
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)  # (B, H)

@@ -8,10 +8,12 @@
 - ``answer_generator`` (Prompt): a short answer from the retrieved paragraphs; the span is the text after
   an "Answer:" marker (if any), first sentence, at most 12 words.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -70,8 +72,11 @@ class Retriever(Component):
     description = "Selects the paragraphs most relevant to the search query (BM25, MiniLM embeddings or a hybrid)."
 
     def __init__(self, embedder: Embedder | None, config: HotpotQAConfig):
-        variable = Choice({"embedding_weight": config.default_weight, "top_k": config.default_top_k},
-                          embedding_weight=WEIGHTS, top_k=TOP_KS)
+        variable = Choice(
+            {"embedding_weight": config.default_weight, "top_k": config.default_top_k},
+            embedding_weight=WEIGHTS,
+            top_k=TOP_KS,
+        )
         super().__init__(name="retriever", variable=variable)
         self._embedder = embedder
         self.config = config
@@ -84,8 +89,12 @@ class Retriever(Component):
 
     def rank(self, query: str, paragraphs: Sequence[str], weight: float) -> list[int]:
         """Paragraph indices, best first (ties broken by paragraph order, so ranking is deterministic)."""
-        if not isinstance(paragraphs, (list, tuple)) or not paragraphs or not all(isinstance(p, str) for p in paragraphs):
-            raise ValueError(f"component 'retriever': paragraphs must be a non-empty list of str")
+        if (
+            not isinstance(paragraphs, (list, tuple))
+            or not paragraphs
+            or not all(isinstance(p, str) for p in paragraphs)
+        ):
+            raise ValueError("component 'retriever': paragraphs must be a non-empty list of str")
         score = torch.zeros(len(paragraphs))
         if weight < 1.0:
             score += (1.0 - weight) * _minmax(torch.tensor(BM25(paragraphs).scores(query)))  # (P,)
@@ -123,8 +132,11 @@ def hotpotqa_metric(example: Mapping[str, Any], prediction: Mapping[str, Any]) -
     return answer_f1(str(prediction.get("answer", "")), example["answer"])
 
 
-def build_hotpotqa_system(lms: LM | Mapping[str, LM] | str | None = None, config: HotpotQAConfig | None = None,
-                          embedder: Embedder | None = None) -> System:
+def build_hotpotqa_system(
+    lms: LM | Mapping[str, LM] | str | None = None,
+    config: HotpotQAConfig | None = None,
+    embedder: Embedder | None = None,
+) -> System:
     """The HotpotQA system; ``embedder`` defaults to the shared MiniLM (loaded when first needed)."""
     config = config or HotpotQAConfig()
     if config.default_weight not in WEIGHTS or config.default_top_k not in TOP_KS:

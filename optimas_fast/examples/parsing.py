@@ -1,13 +1,14 @@
 """Robust parsing of LM replies. Small models ramble; every parser returns None (or "") on a reply it
 cannot read instead of raising, and the component decides on the fallback and records it.
 """
+
 from __future__ import annotations
 
 import json
 import re
 import string
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = [
     "parse_label",
@@ -24,7 +25,7 @@ _ANSWER_TAG = re.compile(r"(?:final\s+)?answer\s*(?:is|:|=)\s*", re.IGNORECASE)
 def _after_answer_tag(text: str) -> str:
     """The text after the last 'Answer:' marker, or the whole text when there is none."""
     matches = list(_ANSWER_TAG.finditer(text))
-    return text[matches[-1].end():] if matches else text
+    return text[matches[-1].end() :] if matches else text
 
 
 def parse_label(text: str, labels: Sequence[str] = ("yes", "no", "maybe")) -> str | None:
@@ -96,7 +97,7 @@ def parse_json_object(text: str) -> dict | None:
                 depth -= 1
                 if depth == 0:
                     try:
-                        value = json.loads(text[start:end + 1])
+                        value = json.loads(text[start : end + 1])
                     except json.JSONDecodeError:
                         break
                     return value if isinstance(value, dict) else None

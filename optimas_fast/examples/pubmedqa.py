@@ -12,10 +12,12 @@
 Parsing: the solver's label is the first yes/no/maybe word of its reply (after an "Answer:" marker if
 any); if there is none it falls back to the draft's label, then to the policy's ``fallback``.
 """
+
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from optimas_fast._validate import is_int
 from optimas_fast.examples.common import LMComponent, chat, clip, resolve_lms
@@ -57,7 +59,10 @@ class ContextAnalyst(LMComponent):
 
     def forward_batch(self, batch: Sequence[Mapping[str, Any]], variable: Prompt) -> list[dict]:
         prompts = [
-            chat(variable.text, f"Question: {b['question']}\nAbstract: {clip(b['context'], self.config.max_context_chars)}")
+            chat(
+                variable.text,
+                f"Question: {b['question']}\nAbstract: {clip(b['context'], self.config.max_context_chars)}",
+            )
             for b in batch
         ]
         texts = self.complete(self.lm(), prompts, max_tokens=self.config.analyst_max_tokens, temperature=0.0)
@@ -77,8 +82,12 @@ class AnswerModel(LMComponent):
 
     def forward_batch(self, batch: Sequence[Mapping[str, Any]], variable: Choice) -> list[dict]:
         prompts = [chat(DRAFT_PROMPT, f"Question: {b['question']}\nFindings: {b['summary']}") for b in batch]
-        texts = self.complete(self.lm(variable["model"]), prompts, max_tokens=int(variable["max_tokens"]),
-                              temperature=float(variable["temperature"]))
+        texts = self.complete(
+            self.lm(variable["model"]),
+            prompts,
+            max_tokens=int(variable["max_tokens"]),
+            temperature=float(variable["temperature"]),
+        )
         return [{"draft_answer": t} for t in texts]
 
 
@@ -89,16 +98,22 @@ class Solver(LMComponent):
 
     def __init__(self, lms: Mapping[str, LM], config: PubMedQAConfig):
         fallbacks = [config.fallback_label] + [f for f in ("",) + LABELS if f != config.fallback_label]
-        policy = Choice({"max_tokens": config.solver_max_tokens[0], "fallback": config.fallback_label},
-                        max_tokens=list(config.solver_max_tokens), fallback=fallbacks)
+        policy = Choice(
+            {"max_tokens": config.solver_max_tokens[0], "fallback": config.fallback_label},
+            max_tokens=list(config.solver_max_tokens),
+            fallback=fallbacks,
+        )
         super().__init__(lms, name="solver", variable={"prompt": Prompt(SOLVER_PROMPT), "policy": policy})
         self.config = config
 
     def forward_batch(self, batch: Sequence[Mapping[str, Any]], variable: Mapping[str, Any]) -> list[dict]:
         policy = variable["policy"]
         prompts = [
-            chat(variable["prompt"].text, f"Question: {b['question']}\nFindings: {b['summary']}\n"
-                                          f"Draft answer: {b['draft_answer']}\nAnswer (yes, no or maybe):")
+            chat(
+                variable["prompt"].text,
+                f"Question: {b['question']}\nFindings: {b['summary']}\n"
+                f"Draft answer: {b['draft_answer']}\nAnswer (yes, no or maybe):",
+            )
             for b in batch
         ]
         texts = self.complete(self.lm(), prompts, max_tokens=int(policy["max_tokens"]), temperature=0.0)
@@ -114,17 +129,22 @@ def pubmedqa_metric(example: Mapping[str, Any], prediction: Mapping[str, Any]) -
     return float(str(prediction.get("answer", "")).strip().lower() == example["answer"])
 
 
-def build_pubmedqa_system(lms: LM | Mapping[str, LM] | str | None = None,
-                          config: PubMedQAConfig | None = None) -> System:
+def build_pubmedqa_system(
+    lms: LM | Mapping[str, LM] | str | None = None, config: PubMedQAConfig | None = None
+) -> System:
     """The PubMedQA system. ``lms``: one LM, a dict name -> LM (the answer model chooses among them; the
     first one serves the analyst and solver), a ``make_lm`` spec, or None for the embedded default."""
     config = config or PubMedQAConfig()
     if config.fallback_label not in LABELS + ("",):
         raise ValueError(f"PubMedQAConfig.fallback_label must be one of {LABELS} or '', got {config.fallback_label!r}")
-    if (not isinstance(config.solver_max_tokens, (tuple, list)) or not config.solver_max_tokens
-            or not all(is_int(n) and n >= 1 for n in config.solver_max_tokens)):
-        raise ValueError(f"PubMedQAConfig.solver_max_tokens must be a non-empty tuple of ints >= 1, "
-                         f"got {config.solver_max_tokens!r}")
+    if (
+        not isinstance(config.solver_max_tokens, (tuple, list))
+        or not config.solver_max_tokens
+        or not all(is_int(n) and n >= 1 for n in config.solver_max_tokens)
+    ):
+        raise ValueError(
+            f"PubMedQAConfig.solver_max_tokens must be a non-empty tuple of ints >= 1, got {config.solver_max_tokens!r}"
+        )
     lms = resolve_lms(lms)
     components = [ContextAnalyst(lms, config), AnswerModel(lms, config), Solver(lms, config)]
     return System(components, pubmedqa_metric, ["answer"], inputs=["question", "context"], name="pubmedqa")

@@ -7,6 +7,7 @@ whenever the repository root is on ``sys.path`` -- ``python -c``, a script or a 
 A wheel carries the modules here, beside this file (setup.py copies them in); a source checkout or an
 editable install reaches them through this package's ``__path__``.
 """
+
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent

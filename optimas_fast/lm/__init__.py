@@ -10,6 +10,7 @@ Importing this package does not import torch or transformers; backends load them
 See ``optimas_fast.lm.usage`` for how the System attributes usage to components (``usage_scope``)
 and how budgets stop a run (``BudgetExceeded``).
 """
+
 from optimas_fast.lm.base import LM, Completion, Message, Prompt, Request, SamplingParams, Usage
 from optimas_fast.lm.cache import LMCache, cache_key, default_cache_dir, resolve_cache
 from optimas_fast.lm.embedded import EmbeddedLM
@@ -42,11 +43,37 @@ from optimas_fast.lm.vllm_engine import VLLMEngine
 
 __all__ = [
     "LlamaCppLM",
-    "LM", "Completion", "Usage", "Message", "Prompt", "Request", "SamplingParams",
-    "LMCache", "cache_key", "default_cache_dir", "resolve_cache",
-    "EmbeddedLM", "HFLocalLM", "OpenAIClient", "VLLMEngine", "make_lm",
-    "LMError", "LMAuthError", "LMRequestError", "LMResponseError", "LMServerError", "BudgetExceeded",
+    "LM",
+    "Completion",
+    "Usage",
+    "Message",
+    "Prompt",
+    "Request",
+    "SamplingParams",
+    "LMCache",
+    "cache_key",
+    "default_cache_dir",
+    "resolve_cache",
+    "EmbeddedLM",
+    "HFLocalLM",
+    "OpenAIClient",
+    "VLLMEngine",
+    "make_lm",
+    "LMError",
+    "LMAuthError",
+    "LMRequestError",
+    "LMResponseError",
+    "LMServerError",
+    "BudgetExceeded",
     "MissingDependencyError",
-    "UNSCOPED", "Budget", "UsageLedger", "usage_scope", "current_component", "use_ledger", "current_ledger",
-    "default_ledger", "set_default_ledger", "register_price",
+    "UNSCOPED",
+    "Budget",
+    "UsageLedger",
+    "usage_scope",
+    "current_component",
+    "use_ledger",
+    "current_ledger",
+    "default_ledger",
+    "set_default_ledger",
+    "register_price",
 ]

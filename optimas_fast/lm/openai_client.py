@@ -13,6 +13,7 @@
 - The API key is read from ``api_key_env`` when the client is built; it is sent only in the
   ``Authorization`` header and never enters cache keys, reprs or logs. No key is fine for local servers.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -42,8 +43,7 @@ __all__ = ["OpenAIClient"]
 logger = logging.getLogger(__name__)
 
 _RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx
-_NET_ERRORS = (TimeoutError, socket.timeout, ConnectionError, urllib.error.URLError, http.client.HTTPException,
-               OSError)
+_NET_ERRORS = (TimeoutError, socket.timeout, ConnectionError, urllib.error.URLError, http.client.HTTPException, OSError)
 
 
 def _is_loopback(host: str) -> bool:
@@ -81,8 +81,9 @@ class OpenAIClient(LM):
             raise TypeError(f"OpenAIClient: base_url must be a non-empty str, got {base_url!r}")
         parsed = urllib.parse.urlparse(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ValueError(f"OpenAIClient: base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, "
-                             f"got {base_url!r}")
+            raise ValueError(
+                f"OpenAIClient: base_url must be an http(s) URL such as http://127.0.0.1:8000/v1, got {base_url!r}"
+            )
         if not isinstance(model, str) or not model:
             raise TypeError(f"OpenAIClient: model must be a non-empty str, got {model!r}")
         check_int(max_concurrency, "OpenAIClient: max_concurrency", min=1)
@@ -116,8 +117,11 @@ class OpenAIClient(LM):
         host = parsed.hostname or ""
         self.priced = (not _is_loopback(host)) if priced is None else bool(priced)
         # loopback servers never go through a proxy; others follow the usual *_proxy variables
-        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({})) if _is_loopback(host) \
+        self._opener = (
+            urllib.request.build_opener(urllib.request.ProxyHandler({}))
+            if _is_loopback(host)
             else urllib.request.build_opener()
+        )
         self._rng = random.Random()
         self._sleep = time.sleep  # tests may replace it
         self._pool: ThreadPoolExecutor | None = None
@@ -132,15 +136,16 @@ class OpenAIClient(LM):
         u = urllib.parse.urlparse(self.base_url)
         host = u.hostname or ""
         server = f"{u.scheme}://{host}{f':{u.port}' if u.port else ''}{u.path.rstrip('/')}"
-        return {"backend": "openai", "server": server, "model": self.model, "mode": self.mode,
-                "extra": self.extra_body}
+        return {"backend": "openai", "server": server, "model": self.model, "mode": self.mode, "extra": self.extra_body}
 
     def _generate(self, requests: list[Request], params: SamplingParams) -> list[Completion | Exception]:
         if self.mode == "completions":
             for r in requests:
                 if not isinstance(r.prompt, str):
-                    raise ValueError("OpenAIClient(mode='completions') needs plain-string prompts, "
-                                     "got a list of messages; use mode='chat'")
+                    raise ValueError(
+                        "OpenAIClient(mode='completions') needs plain-string prompts, "
+                        "got a list of messages; use mode='chat'"
+                    )
         pool = self._executor()
         futures = [pool.submit(self._request_one, r, params) for r in requests]
         out: list[Completion | Exception] = []
@@ -165,8 +170,7 @@ class OpenAIClient(LM):
                 self._pool = None
 
     def _payload(self, r: Request, params: SamplingParams) -> dict:
-        body: dict[str, Any] = {"model": self.model, "temperature": params.temperature,
-                                "max_tokens": params.max_tokens}
+        body: dict[str, Any] = {"model": self.model, "temperature": params.temperature, "max_tokens": params.max_tokens}
         if self.mode == "chat":
             body["messages"] = [{"role": "user", "content": r.prompt}] if isinstance(r.prompt, str) else r.prompt
         else:
@@ -216,8 +220,11 @@ class OpenAIClient(LM):
                     return self._parse(body, params, url)
                 snippet = body[:500].decode("utf-8", "replace").strip()
                 if status in (401, 403):
-                    hint = (f"check the key in ${self.api_key_env}" if self._api_key
-                            else f"no API key was sent: set ${self.api_key_env}")
+                    hint = (
+                        f"check the key in ${self.api_key_env}"
+                        if self._api_key
+                        else f"no API key was sent: set ${self.api_key_env}"
+                    )
                     raise LMAuthError(f"{url} refused the request (HTTP {status}): {hint}. Server said: {snippet}")
                 if status in _RETRY_STATUS or status >= 500:
                     last = f"HTTP {status}: {snippet}"
@@ -226,12 +233,19 @@ class OpenAIClient(LM):
                     except ValueError:
                         retry_after = None
                 else:
-                    raise LMRequestError(f"{url} rejected the request (HTTP {status}, model {self.model!r}): "
-                                         f"{snippet}", status=status)
+                    raise LMRequestError(
+                        f"{url} rejected the request (HTTP {status}, model {self.model!r}): {snippet}", status=status
+                    )
             if attempt < self.max_retries:
                 delay = self._backoff(attempt, retry_after)
-                logger.info("LM request to %s failed (%s); retry %d/%d in %.2fs", url, last, attempt + 1,
-                            self.max_retries, delay)
+                logger.info(
+                    "LM request to %s failed (%s); retry %d/%d in %.2fs",
+                    url,
+                    last,
+                    attempt + 1,
+                    self.max_retries,
+                    delay,
+                )
                 self._sleep(delay)
         raise LMServerError(f"{url} failed after {self.max_retries + 1} attempts; last error: {last}")
 
@@ -241,8 +255,9 @@ class OpenAIClient(LM):
         try:
             obj = json.loads(body)
         except ValueError:
-            raise LMResponseError(f"{url} returned a body that is not JSON: "
-                                  f"{body[:200].decode('utf-8', 'replace')!r}") from None
+            raise LMResponseError(
+                f"{url} returned a body that is not JSON: {body[:200].decode('utf-8', 'replace')!r}"
+            ) from None
         choices = obj.get("choices") if isinstance(obj, dict) else None
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             raise LMResponseError(f"{url} returned JSON without choices: {str(obj)[:200]}")
@@ -259,8 +274,9 @@ class OpenAIClient(LM):
         text, cut = cut_at_stop(text, params.stop)  # for servers that ignore `stop`
         finish = "stop" if cut else (ch.get("finish_reason") or "stop")
         u = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
-        usage = Usage(prompt_tokens=int(u.get("prompt_tokens") or 0),
-                      completion_tokens=int(u.get("completion_tokens") or 0))
+        usage = Usage(
+            prompt_tokens=int(u.get("prompt_tokens") or 0), completion_tokens=int(u.get("completion_tokens") or 0)
+        )
         if not text:
             logger.warning("%s returned an empty completion (finish_reason=%s)", url, finish)
         return Completion(text, usage, finish_reason=str(finish))

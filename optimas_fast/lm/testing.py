@@ -13,14 +13,15 @@ Faults for ``inject``: an int HTTP status (with a JSON error body), ``"timeout"`
 ``timeout_sleep`` seconds before answering), ``"non_json"``, ``"empty"`` (200 with no body),
 ``"no_choices"``, ``"null_content"``, ``"drop"`` (closes the connection without answering).
 """
+
 from __future__ import annotations
 
 import json
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 __all__ = ["FakeOpenAIServer"]
 
@@ -30,8 +31,14 @@ def _default_reply(prompt_text: str, body: dict) -> str:
 
 
 class FakeOpenAIServer:
-    def __init__(self, reply_fn: Callable[[str, dict], str] | None = None, *, delay: float = 0.0,
-                 require_key: str | None = None, timeout_sleep: float = 1.0):
+    def __init__(
+        self,
+        reply_fn: Callable[[str, dict], str] | None = None,
+        *,
+        delay: float = 0.0,
+        require_key: str | None = None,
+        timeout_sleep: float = 1.0,
+    ):
         self.reply_fn = reply_fn or _default_reply
         self.delay = delay  # seconds every request takes (to observe concurrency)
         self.require_key = require_key  # when set, other keys get 401
@@ -61,7 +68,7 @@ class FakeOpenAIServer:
         assert self._server is not None, "server not started"
         return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
 
-    def start(self) -> "FakeOpenAIServer":
+    def start(self) -> FakeOpenAIServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -140,18 +147,29 @@ class FakeOpenAIServer:
                 else:
                     prompt_text = body.get("prompt", "")
                 text = None if fault == "null_content" else outer.reply_fn(prompt_text, body)
-                choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                          if route == "/v1/chat/completions" else {"index": 0, "text": text, "finish_reason": "stop"})
-                usage = {"prompt_tokens": len(str(prompt_text).split()) + 3,
-                         "completion_tokens": len((text or "").split())}
-                out = {"id": "fake", "object": "chat.completion", "model": body.get("model"), "choices": [choice],
-                       "usage": usage}
+                choice = (
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                    if route == "/v1/chat/completions"
+                    else {"index": 0, "text": text, "finish_reason": "stop"}
+                )
+                usage = {
+                    "prompt_tokens": len(str(prompt_text).split()) + 3,
+                    "completion_tokens": len((text or "").split()),
+                }
+                out = {
+                    "id": "fake",
+                    "object": "chat.completion",
+                    "model": body.get("model"),
+                    "choices": [choice],
+                    "usage": usage,
+                }
                 return self._send(200, json.dumps(out).encode())
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="fake-openai", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="fake-openai", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -161,7 +179,7 @@ class FakeOpenAIServer:
             self._server.server_close()
             self._server = None
 
-    def __enter__(self) -> "FakeOpenAIServer":
+    def __enter__(self) -> FakeOpenAIServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -1,13 +1,14 @@
 """Plain data types of the LM layer (no behaviour, no imports from the rest of the layer)."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence, Union
 
 __all__ = ["Message", "Prompt", "Usage", "Completion"]
 
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
-Prompt = Union[str, Sequence[Message]]
+Prompt = str | Sequence[Message]
 
 
 @dataclass
@@ -20,7 +21,7 @@ class Usage:
     cache_hits: int = 0  # completions served from the cache
     cost_usd: float = 0.0  # from the price table; 0 for local models
 
-    def __iadd__(self, other: "Usage") -> "Usage":
+    def __iadd__(self, other: Usage) -> Usage:
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
         self.calls += other.calls
@@ -28,7 +29,7 @@ class Usage:
         self.cost_usd += other.cost_usd
         return self
 
-    def __add__(self, other: "Usage") -> "Usage":
+    def __add__(self, other: Usage) -> Usage:
         out = Usage(**vars(self))
         out += other
         return out

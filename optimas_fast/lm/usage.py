@@ -34,6 +34,7 @@ the reservation is replaced by the actual usage. Prompt tokens are exact for loc
 Prices are US dollars per million tokens (input, output), looked up by exact model name, then by the
 longest registered prefix; local models cost 0. Extend with ``register_price``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,12 +42,12 @@ import contextvars
 import logging
 import math
 import threading
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 from optimas_fast._validate import check_number, is_number
-from optimas_fast.lm.types import Usage
 from optimas_fast.lm.errors import BudgetExceeded
+from optimas_fast.lm.types import Usage
 
 __all__ = [
     "UNSCOPED",
@@ -112,8 +113,11 @@ def cost_usd(model: str, prompt_tokens: int, completion_tokens: int, *, priced: 
     if p is None:
         if model not in _WARNED_UNPRICED:
             _WARNED_UNPRICED.add(model)
-            logger.warning("no price registered for model %r: its cost is counted as $0 "
-                           "(add one with optimas_fast.lm.register_price)", model)
+            logger.warning(
+                "no price registered for model %r: its cost is counted as $0 "
+                "(add one with optimas_fast.lm.register_price)",
+                model,
+            )
         return 0.0
     return (prompt_tokens * p[0] + completion_tokens * p[1]) / 1e6
 
@@ -164,7 +168,7 @@ class UsageLedger:
         self._reserved = [0, 0, 0.0]
 
     # --- budget ---------------------------------------------------------------------------------
-    def reserve(self, calls: int, tokens: int, usd: float) -> "Reservation":
+    def reserve(self, calls: int, tokens: int, usd: float) -> Reservation:
         """Reserves the worst case of a batch of requests or raises ``BudgetExceeded`` (nothing reserved)."""
         with self._lock:
             b = self.budget
@@ -230,8 +234,10 @@ class UsageLedger:
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or not {"total", "by_component", "by_model"} <= set(state):
-            raise ValueError("UsageLedger.load_state_dict: state must be a dict from state_dict() "
-                             "with 'total', 'by_component' and 'by_model'")
+            raise ValueError(
+                "UsageLedger.load_state_dict: state must be a dict from state_dict() "
+                "with 'total', 'by_component' and 'by_model'"
+            )
         with self._lock:
             self._total = _usage_from_dict(state["total"])
             self._by_component = {k: _usage_from_dict(v) for k, v in state["by_component"].items()}
@@ -243,8 +249,10 @@ class UsageLedger:
         """One line per component, for logs and the CLI."""
         rows = [f"{'component':<24}{'calls':>8}{'hits':>8}{'tok in':>10}{'tok out':>10}{'$':>10}"]
         for name, u in sorted(self.by_component().items()) + [("TOTAL", self.total)]:
-            rows.append(f"{name:<24}{u.calls:>8}{u.cache_hits:>8}{u.prompt_tokens:>10}"
-                        f"{u.completion_tokens:>10}{u.cost_usd:>10.4f}")
+            rows.append(
+                f"{name:<24}{u.calls:>8}{u.cache_hits:>8}{u.prompt_tokens:>10}"
+                f"{u.completion_tokens:>10}{u.cost_usd:>10.4f}"
+            )
         return "\n".join(rows)
 
 

@@ -5,6 +5,7 @@ pins ``transformers < 5.20`` (README, "vLLM on the CPU"; tests/test_vllm.py).
 vLLM does its own continuous batching, so one ``generate`` call submits every missing request at once.
 Sampling uses vLLM's per-request seeds, so samples are reproducible per (prompt, sample index, seed).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -69,14 +70,26 @@ class VLLMEngine(LM):
         msgs = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         if self.use_chat_template and getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        return prompt if isinstance(prompt, str) else "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+        return (
+            prompt
+            if isinstance(prompt, str)
+            else "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+        )
 
     def estimate_prompt_tokens(self, prompt) -> int:
         return len(self.tokenizer(self._render(prompt))["input_ids"])
 
     def _generate(self, requests: list[Request], params: SamplingParams) -> list[Completion | Exception]:
-        sp = [self._vllm.SamplingParams(n=1, temperature=params.temperature, max_tokens=params.max_tokens,
-                                        stop=list(params.stop) or None, seed=r.seed) for r in requests]
+        sp = [
+            self._vllm.SamplingParams(
+                n=1,
+                temperature=params.temperature,
+                max_tokens=params.max_tokens,
+                stop=list(params.stop) or None,
+                seed=r.seed,
+            )
+            for r in requests
+        ]
         texts = [self._render(r.prompt) for r in requests]
         with self._lock:
             results = self.engine.generate(texts, sp, use_tqdm=False)
@@ -85,6 +98,11 @@ class VLLMEngine(LM):
             o = res.outputs[0]
             text, cut = cut_at_stop(o.text, params.stop)
             finish = "stop" if cut else (o.finish_reason or "stop")
-            out.append(Completion(text, Usage(prompt_tokens=len(res.prompt_token_ids or []),
-                                              completion_tokens=len(o.token_ids or [])), finish_reason=finish))
+            out.append(
+                Completion(
+                    text,
+                    Usage(prompt_tokens=len(res.prompt_token_ids or []), completion_tokens=len(o.token_ids or [])),
+                    finish_reason=finish,
+                )
+            )
         return out

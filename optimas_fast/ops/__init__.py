@@ -9,6 +9,7 @@
 Backends: "torch" (reference, ops/reference.py), "cpp" (CPU, csrc/cpu_ops.cpp), "triton" (CUDA, kernels/).
 OPTIMAS_FAST_BACKEND=torch|cpp|triton|auto or the per-call `backend=` argument chooses.
 """
+
 from optimas_fast.ops._backend import BACKENDS, BackendUnavailableError, backend_info
 from optimas_fast.ops.functional import bt_loss, fused_head_bt_loss, last_token_hidden, multihead_score
 

@@ -2,6 +2,7 @@
 (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1). OPTIMAS_FAST_BACKEND or a per-call
 `backend=` forces one; `auto` picks the fastest one available for the tensors' device and dtype.
 Nothing here touches a GPU at import time."""
+
 from __future__ import annotations
 
 import functools
@@ -29,7 +30,7 @@ def requested(backend: str | None) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -92,8 +93,10 @@ def _select(name: str, dev: str, dtype: torch.dtype, interpret: bool) -> str:
     if not ok:
         raise BackendUnavailableError(f"backend {name!r} was requested but cannot run here: {why}")
     if dtype == torch.float64:
-        raise TypeError(f"backend {name!r} computes in float32 and does not take float64 tensors; "
-                        "use backend='torch' (the reference) for float64")
+        raise TypeError(
+            f"backend {name!r} computes in float32 and does not take float64 tensors; "
+            "use backend='torch' (the reference) for float64"
+        )
     return name
 
 

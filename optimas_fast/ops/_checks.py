@@ -1,5 +1,6 @@
 """Argument checks for the public ops: every bad input becomes a ValueError/TypeError naming the argument,
 before any kernel touches memory. Non-contiguous inputs are made contiguous (handled, not rejected)."""
+
 from __future__ import annotations
 
 import torch

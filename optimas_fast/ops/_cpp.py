@@ -1,6 +1,7 @@
 """Thin wrappers from checked, contiguous CPU tensors to optimas_fast._C (pointers + sizes).
 
 Callers (ops/functional.py) have already validated shapes, ranges and devices."""
+
 from __future__ import annotations
 
 import torch
@@ -70,8 +71,28 @@ def fused_head_bt(hc, hr, ids, W32, b32, w, mu, center, scale, need_grad):
         dW, db = torch.empty(C, H, dtype=torch.float32), torch.empty(C, dtype=torch.float32)
     else:
         dhc = dhr = dW = db = None
-    native().fused_head_bt(_code(hc), B, H, C, _p(hc), _p(hr), _p(ids), _p(W32), _p(b32), _p(w), _p(mu), center,
-                           scale, _p(loss), _p(gd), _p(nls), _p(dhc), _p(dhr), _p(dW), _p(db))
+    native().fused_head_bt(
+        _code(hc),
+        B,
+        H,
+        C,
+        _p(hc),
+        _p(hr),
+        _p(ids),
+        _p(W32),
+        _p(b32),
+        _p(w),
+        _p(mu),
+        center,
+        scale,
+        _p(loss),
+        _p(gd),
+        _p(nls),
+        _p(dhc),
+        _p(dhr),
+        _p(dW),
+        _p(db),
+    )
     return loss, gd, nls, dhc, dhr, dW, db
 
 

@@ -5,6 +5,7 @@ accumulate in float32, return losses and scores in float32 (scores: the promotio
 dtypes), and gradients in each input's dtype. NaN in any input propagates to the outputs (it is not
 an error: a NaN reward is something the caller must see, not a crash). float64 runs on the reference.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -93,8 +94,16 @@ class BTLossFunction(torch.autograd.Function):
         return _grads(ctx, ga, gb, gw, gmu)
 
 
-def bt_loss(r_chosen, r_rejected, weight=None, margin=None, center: float = 0.0, reduction: str = "mean",
-            *, backend: str | None = None):
+def bt_loss(
+    r_chosen,
+    r_rejected,
+    weight=None,
+    margin=None,
+    center: float = 0.0,
+    reduction: str = "mean",
+    *,
+    backend: str | None = None,
+):
     """Pairwise Bradley–Terry loss.
 
     r_chosen, r_rejected: (B,) rewards of the preferred and the other output of each pair.
@@ -149,8 +158,9 @@ class MultiheadScoreFunction(torch.autograd.Function):
         hidden, ids, W32 = ctx.saved_tensors
         _, need_h, need_W, need_b = ctx.needs_input_grad
         dh, dW, db = _impl(ctx.impl).multihead_score_bwd(hidden, ids, W32, g, need_h, need_W, need_b)
-        return _grads(ctx, dh, dW.to(ctx.w_dtype) if dW is not None else None,
-                      db.to(ctx.b_dtype) if db is not None else None)
+        return _grads(
+            ctx, dh, dW.to(ctx.w_dtype) if dW is not None else None, db.to(ctx.b_dtype) if db is not None else None
+        )
 
 
 def multihead_score(hidden, head_ids, W, b, *, backend: str | None = None):
@@ -162,8 +172,9 @@ def multihead_score(hidden, head_ids, W, b, *, backend: str | None = None):
     chk.tensor(hidden, "hidden", 2)
     N, H = hidden.shape
     chk.heads(W, b, H)
-    chk.same_device(("hidden", hidden), ("head_ids", head_ids if isinstance(head_ids, torch.Tensor) else None),
-                    ("W", W), ("b", b))
+    chk.same_device(
+        ("hidden", hidden), ("head_ids", head_ids if isinstance(head_ids, torch.Tensor) else None), ("W", W), ("b", b)
+    )
     ids = chk.head_ids(head_ids, N, W.shape[0])
     name = select(hidden.device, hidden.dtype, backend)
     if name == "torch":
@@ -198,11 +209,11 @@ class FusedHeadBTFunction(torch.autograd.Function):
         W32 = W.detach().to(torch.float32).contiguous()  # (C, H)
         b32 = b.detach().to(torch.float32).contiguous()  # (C,)
         _, scale = _mean_denominator(w, hc.shape[0], opts.reduction)
-        rows, gd, nls, dhc, dhr, dW, db = impl.fused_head_bt(hc, hr, opts.head_ids, W32, b32, w, mu, opts.center,
-                                                             scale, need_grad)
+        rows, gd, nls, dhc, dhr, dW, db = impl.fused_head_bt(
+            hc, hr, opts.head_ids, W32, b32, w, mu, opts.center, scale, need_grad
+        )
         out = rows.sum() * scale  # () f32
-        ctx.save_for_backward(dhc, dhr, dW, db, gd, nls,
-                              out if (w is not None and opts.reduction == "mean") else None)
+        ctx.save_for_backward(dhc, dhr, dW, db, gd, nls, out if (w is not None and opts.reduction == "mean") else None)
         ctx.scale, ctx.w_dtype, ctx.b_dtype = scale, W.dtype, b.dtype
         return out
 
@@ -215,12 +226,30 @@ class FusedHeadBTFunction(torch.autograd.Function):
         f = g.float() * ctx.scale
         gw = (f * (nls - L) if L is not None else f * nls) if ctx.needs_input_grad[5] else None
         gmu = -f * gd if ctx.needs_input_grad[6] else None
-        return _grads(ctx, dhc, dhr, None if dW is None else dW.to(ctx.w_dtype),
-                      None if db is None else db.to(ctx.b_dtype), gw, gmu)
+        return _grads(
+            ctx,
+            dhc,
+            dhr,
+            None if dW is None else dW.to(ctx.w_dtype),
+            None if db is None else db.to(ctx.b_dtype),
+            gw,
+            gmu,
+        )
 
 
-def fused_head_bt_loss(h_chosen, h_rejected, head_ids, W, b, weight=None, margin=None, center: float = 0.0,
-                       reduction: str = "mean", *, backend: str | None = None):
+def fused_head_bt_loss(
+    h_chosen,
+    h_rejected,
+    head_ids,
+    W,
+    b,
+    weight=None,
+    margin=None,
+    center: float = 0.0,
+    reduction: str = "mean",
+    *,
+    backend: str | None = None,
+):
     """Per-component head + Bradley–Terry loss, fused: scalar loss with gradients for h_chosen,
     h_rejected, W and b (and weight/margin if they require grad).
 
@@ -242,15 +271,22 @@ def fused_head_bt_loss(h_chosen, h_rejected, head_ids, W, b, weight=None, margin
     weight = chk.weights(weight, B, reduction)
     margin = chk.optional_rows(margin, "margin", B)
     center = chk.center(center)
-    chk.same_device(("h_chosen", h_chosen), ("h_rejected", h_rejected),
-                    ("head_ids", head_ids if isinstance(head_ids, torch.Tensor) else None), ("W", W), ("b", b),
-                    ("weight", weight), ("margin", margin))
+    chk.same_device(
+        ("h_chosen", h_chosen),
+        ("h_rejected", h_rejected),
+        ("head_ids", head_ids if isinstance(head_ids, torch.Tensor) else None),
+        ("W", W),
+        ("b", b),
+        ("weight", weight),
+        ("margin", margin),
+    )
     ids = chk.head_ids(head_ids, B, W.shape[0])
     name = select(h_chosen.device, h_chosen.dtype, backend)
     if name == "torch":
         return ref.fused_head_bt_loss(h_chosen, h_rejected, ids, W, b, weight, margin, center, reduction)
-    return FusedHeadBTFunction.apply(FusedOptions(ids, center, reduction, name), h_chosen.contiguous(),
-                                     h_rejected.contiguous(), W, b, weight, margin)
+    return FusedHeadBTFunction.apply(
+        FusedOptions(ids, center, reduction, name), h_chosen.contiguous(), h_rejected.contiguous(), W, b, weight, margin
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,8 +334,9 @@ class LastTokenFunction(torch.autograd.Function):
         return _grads(ctx, grad)
 
 
-def last_token_hidden(hidden, lengths, padding_side: str = "right", *, sparse_grad: bool = False,
-                      backend: str | None = None):
+def last_token_hidden(
+    hidden, lengths, padding_side: str = "right", *, sparse_grad: bool = False, backend: str | None = None
+):
     """Hidden state at each row's last real token.
 
     hidden: (B, T, H); lengths: (B,) integers in [1, T] -> (B, H).

@@ -3,6 +3,7 @@ against (in float64). Autograd does the backward. Any device, any floating dtype
 
 These are deliberately the obvious formulas; the fast backends must agree with them.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,8 +41,9 @@ def multihead_score(hidden, head_ids, W, b):
     return (hidden * W[head_ids]).sum(-1) + b[head_ids]  # (N, H) gather of heads, not an (N, C) product
 
 
-def fused_head_bt_loss(h_chosen, h_rejected, head_ids, W, b, weight=None, margin=None, center: float = 0.0,
-                       reduction: str = "mean"):
+def fused_head_bt_loss(
+    h_chosen, h_rejected, head_ids, W, b, weight=None, margin=None, center: float = 0.0, reduction: str = "mean"
+):
     rc = multihead_score(h_chosen, head_ids, W, b)  # (B,)
     rr = multihead_score(h_rejected, head_ids, W, b)  # (B,)
     return bt_loss(rc, rr, weight, margin, center, reduction)

@@ -4,12 +4,14 @@
 key (``"loop.collect.strategy"``) and what is allowed, so a typo in a YAML file never silently falls back to
 a default.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from optimas_fast._validate import check_int, check_number, is_int, is_number
 from optimas_fast.optimizers.choice import ChoiceConfig
@@ -37,10 +39,18 @@ class BudgetConfig:
 
     def validate(self) -> None:
         for name in ("max_calls", "max_tokens", "max_usd", "max_seconds"):
-            check_number(getattr(self, name), f"budget.{name}", min=0, finite=True, allow_none=True, none="null",
-                         error=ConfigError)
-        check_int(self.max_metric_calls, "budget.max_metric_calls", min=1, allow_none=True, none="null",
-                  error=ConfigError)
+            check_number(
+                getattr(self, name),
+                f"budget.{name}",
+                min=0,
+                finite=True,
+                allow_none=True,
+                none="null",
+                error=ConfigError,
+            )
+        check_int(
+            self.max_metric_calls, "budget.max_metric_calls", min=1, allow_none=True, none="null", error=ConfigError
+        )
 
 
 @dataclass
@@ -84,8 +94,17 @@ class OptimasConfig:
 
         for name in ("iterations",):
             pos_int(name, 0)
-        for name in ("batch_size", "initial_epochs", "batch_pairs", "adapt_steps", "optimizer_inputs",
-                     "retrain_epochs", "max_groups", "val_workers", "min_alignment_pairs"):
+        for name in (
+            "batch_size",
+            "initial_epochs",
+            "batch_pairs",
+            "adapt_steps",
+            "optimizer_inputs",
+            "retrain_epochs",
+            "max_groups",
+            "val_workers",
+            "min_alignment_pairs",
+        ):
             pos_int(name)
         pos_int("cooldown", 0)
         check_int(self.seed, "seed", error=ConfigError)
@@ -96,12 +115,14 @@ class OptimasConfig:
         check_number(self.head_lr, "head_lr", gt=0, allow_none=True, none="null", error=ConfigError)
         check_number(self.gap_ema, "gap_ema", gt=0, max=1, error=ConfigError)
         check_number(self.alignment_threshold, "alignment_threshold", min=0, max=1, error=ConfigError)
-        check_number(self.gate_confidence, "gate_confidence", min=0.5, lt=1, allow_none=True, none="null",
-                     error=ConfigError)
+        check_number(
+            self.gate_confidence, "gate_confidence", min=0.5, lt=1, allow_none=True, none="null", error=ConfigError
+        )
         check_number(self.min_spearman, "min_spearman", min=-1, max=1, allow_none=True, none="null", error=ConfigError)
         check_number(self.holdout_fraction, "holdout_fraction", min=0, lt=1, error=ConfigError)
-        if self.components is not None and (not isinstance(self.components, list)
-                                            or not all(isinstance(c, str) for c in self.components)):
+        if self.components is not None and (
+            not isinstance(self.components, list) or not all(isinstance(c, str) for c in self.components)
+        ):
             raise ConfigError(f"components must be a list of component names or null, got {self.components!r}")
         for sub in ("collect", "prompt", "choice", "weights"):
             try:
@@ -114,7 +135,7 @@ class OptimasConfig:
         self.budget.validate()
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None, prefix: str = "") -> "OptimasConfig":
+    def from_dict(cls, data: Mapping[str, Any] | None, prefix: str = "") -> OptimasConfig:
         cfg = from_dict(cls, data or {}, prefix)
         cfg.validate()
         return cfg
@@ -146,15 +167,18 @@ def _type_ok(value: Any, tp: Any) -> bool:
 def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     """A ``cls`` dataclass from a dict: unknown keys and wrongly typed values raise ConfigError."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of keys to values, got "
-                          f"{type(data).__name__}")
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'config'} must be a mapping of keys to values, got {type(data).__name__}"
+        )
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(k for k in data if k not in fields)
     if unknown:
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(repr(prefix + k) for k in unknown)}; allowed keys under "
-                          f"{prefix.rstrip('.') or 'the top level'}: {sorted(fields)}")
+        raise ConfigError(
+            f"unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(prefix + k) for k in unknown)}; allowed keys under "
+            f"{prefix.rstrip('.') or 'the top level'}: {sorted(fields)}"
+        )
     kwargs = {}
     for k, v in data.items():
         tp = hints[k]

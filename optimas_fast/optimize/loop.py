@@ -41,27 +41,32 @@ stops with ``stopped`` saying why. A budget hit during the initial phase saves t
 "initial"); resuming runs the initial phase again, its earlier LM calls replayed from the cache. Everything
 is deterministic given ``config.seed``.
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import random
-import shutil
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from optimas_fast.lm.cache import default_cache_dir
 from optimas_fast.lm.errors import BudgetExceeded
 from optimas_fast.lm.usage import Budget, UsageLedger, set_default_ledger
-from optimas_fast.optimizers import (
-    ChoiceOptimizer, Optimizer, OptimizerBudget, PromptOptimizer, WeightsOptimizer,
-)
 from optimas_fast.optimize.budget import MetricCounter, attach, detach
 from optimas_fast.optimize.config import OptimasConfig
 from optimas_fast.optimize.state import load_run_state, save_run_state
+from optimas_fast.optimizers import (
+    ChoiceOptimizer,
+    Optimizer,
+    OptimizerBudget,
+    PromptOptimizer,
+    WeightsOptimizer,
+)
 from optimas_fast.preference import CollectResult, PairStore, collect_preferences, example_key
 from optimas_fast.system import System
 
@@ -82,8 +87,9 @@ class OptimasResult:
     metric_calls: int = 0  # scored runs the loop made (rollouts, validation passes), resumed sessions included
 
 
-def select_component(gaps: Mapping[str, float], recent: Sequence[str], temperature: float, cooldown: int,
-                     rng: random.Random) -> tuple[str, dict[str, float]]:
+def select_component(
+    gaps: Mapping[str, float], recent: Sequence[str], temperature: float, cooldown: int, rng: random.Random
+) -> tuple[str, dict[str, float]]:
     """Softmax over preference gaps, components picked in the last ``cooldown`` iterations excluded (all
     eligible again if that would exclude everyone). Returns (pick, probabilities)."""
     names = sorted(gaps)
@@ -108,8 +114,9 @@ class Optimas:
     for missing components are added); ``proposer`` is the LM that writes prompt candidates (only needed
     when a Prompt variable is optimized)."""
 
-    def __init__(self, reward_model: Any, proposer: Any = None, config: OptimasConfig | None = None,
-                 progress: bool = False):
+    def __init__(
+        self, reward_model: Any, proposer: Any = None, config: OptimasConfig | None = None, progress: bool = False
+    ):
         self.rm = reward_model
         self.proposer = proposer
         self.config = config or OptimasConfig()
@@ -143,9 +150,16 @@ class Optimas:
 
     def _collect(self, system, name, trainset, idx, rng) -> CollectResult:
         prompt_opt = self.optimizers["prompt"]
-        return collect_preferences(system, name, [trainset[i] for i in idx], rng, self.config.collect,
-                                   self.store, prompt_pool=prompt_opt.pool(),
-                                   keys=[example_key(trainset[i], i) for i in idx])
+        return collect_preferences(
+            system,
+            name,
+            [trainset[i] for i in idx],
+            rng,
+            self.config.collect,
+            self.store,
+            prompt_pool=prompt_opt.pool(),
+            keys=[example_key(trainset[i], i) for i in idx],
+        )
 
     def _train_kwargs(self) -> dict:
         kw = {"lr": self.config.lr, "batch_pairs": self.config.batch_pairs}
@@ -154,16 +168,25 @@ class Optimas:
         return kw
 
     def _snapshot(self, system: System) -> dict:
-        return {"system": system.state_dict(), "store": self.store.state_dict(), "gaps": dict(self.gaps),
-                "recent": list(self.recent), "best_val": self.best_val, "initial_val": self.initial_val,
-                "best_scores": self.best_scores,
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
-                "history": self.history, "usage": self.ledger.state_dict(), "elapsed": self._elapsed(),
-                "metric_calls": self.metric_calls.used,
-                "config": self.config.to_dict(), "stopped": self.stopped,
-                # the LM completion cache lives outside the run (SQLite, shared across runs); a resumed run
-                # replays identical LM calls from it when it points at the same place
-                "lm_cache_dir": str(default_cache_dir())}
+        return {
+            "system": system.state_dict(),
+            "store": self.store.state_dict(),
+            "gaps": dict(self.gaps),
+            "recent": list(self.recent),
+            "best_val": self.best_val,
+            "initial_val": self.initial_val,
+            "best_scores": self.best_scores,
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "history": self.history,
+            "usage": self.ledger.state_dict(),
+            "elapsed": self._elapsed(),
+            "metric_calls": self.metric_calls.used,
+            "config": self.config.to_dict(),
+            "stopped": self.stopped,
+            # the LM completion cache lives outside the run (SQLite, shared across runs); a resumed run
+            # replays identical LM calls from it when it points at the same place
+            "lm_cache_dir": str(default_cache_dir()),
+        }
 
     def _restore(self, system: System, state: dict, run_dir: Path) -> int:
         system.load_state_dict(state["system"])
@@ -203,14 +226,23 @@ class Optimas:
             if not (low_acc or low_rho):
                 continue
             train_pairs = self.store.pairs(comp, held_out=False)
-            log.warning("alignment monitor: head %r held-out accuracy %.3f (threshold %.3f), alignment (Spearman) "
-                        "%.3f (threshold %s); re-training it on its %d stored pairs", comp, m["accuracy"],
-                        cfg.alignment_threshold, m["alignment"], cfg.min_spearman, len(train_pairs))
+            log.warning(
+                "alignment monitor: head %r held-out accuracy %.3f (threshold %.3f), alignment (Spearman) "
+                "%.3f (threshold %s); re-training it on its %d stored pairs",
+                comp,
+                m["accuracy"],
+                cfg.alignment_threshold,
+                m["alignment"],
+                cfg.min_spearman,
+                len(train_pairs),
+            )
             if train_pairs:
                 self.rm.train(train_pairs, epochs=cfg.retrain_epochs, **self._train_kwargs())
                 retrained.append(comp)
-        clean = {c: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
-                 for c, m in per.items()}
+        clean = {
+            c: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
+            for c, m in per.items()
+        }
         return clean, retrained
 
     def _elapsed(self) -> float:
@@ -224,8 +256,15 @@ class Optimas:
         return None
 
     # ------------------------------------------------------------------------------------------ the loop
-    def optimize(self, system: System, trainset: Sequence[Mapping], valset: Sequence[Mapping], *,
-                 run_dir: str | Path | None = None, resume_from: str | Path | None = None) -> OptimasResult:
+    def optimize(
+        self,
+        system: System,
+        trainset: Sequence[Mapping],
+        valset: Sequence[Mapping],
+        *,
+        run_dir: str | Path | None = None,
+        resume_from: str | Path | None = None,
+    ) -> OptimasResult:
         """Runs (or, with ``resume_from``, continues) the loop and returns an ``OptimasResult`` whose
         ``system`` is the optimized copy of ``system``; ``system`` itself is not changed."""
         cfg = self.config
@@ -314,8 +353,16 @@ class Optimas:
         detach(system, self._metrics)
         system.save_state(run_dir / "system_state.json")
         usage = self.ledger.state_dict()
-        return OptimasResult(system, self.history, self.initial_val, self.best_val, self.stopped, str(run_dir),
-                             usage, self.metric_calls.used)
+        return OptimasResult(
+            system,
+            self.history,
+            self.initial_val,
+            self.best_val,
+            self.stopped,
+            str(run_dir),
+            usage,
+            self.metric_calls.used,
+        )
 
     def _initial(self, system, trainset, valset, targets, run_dir) -> bool:
         """Iteration 0. Returns False when a budget stopped it (nothing to resume from then)."""
@@ -354,8 +401,11 @@ class Optimas:
                 bar.close()
         except BudgetExceeded as exc:
             self.stopped = f"budget: {getattr(exc, 'limit', exc)} exhausted"
-            log.warning("the budget ran out during the initial phase (%s): nothing was optimized; `resume` with a "
-                        "larger budget runs the initial phase again", exc)
+            log.warning(
+                "the budget ran out during the initial phase (%s): nothing was optimized; `resume` with a "
+                "larger budget runs the initial phase again",
+                exc,
+            )
             # save the starting point (the system is untouched: collection runs on overrides, and the LRF is
             # only trained after every LM call of the phase), with the usage spent, so the run can resume
             self.store = PairStore(cfg.max_groups, cfg.holdout_fraction)
@@ -366,13 +416,26 @@ class Optimas:
                 o.load_state_dict(fresh_optimizer_states[o.kind])
             self._checkpoint(system, run_dir, 0, phase="initial")
             return False
-        self.history.append({"iteration": 0, "component": None, "val_score": self.initial_val,
-                             "best_val": self.best_val, "accepted": None, "collect": collected,
-                             "train_loss_first": losses[0] if losses else None,
-                             "train_loss_last": losses[-1] if losses else None, "n_train_pairs": len(pairs),
-                             "alignment": alignment, "retrained": retrained, "gaps": dict(self.gaps),
-                             "proposals": [], "usage": self.ledger.state_dict()["total"],
-                             "metric_calls": self.metric_calls.used, "seconds": time.perf_counter() - t0})
+        self.history.append(
+            {
+                "iteration": 0,
+                "component": None,
+                "val_score": self.initial_val,
+                "best_val": self.best_val,
+                "accepted": None,
+                "collect": collected,
+                "train_loss_first": losses[0] if losses else None,
+                "train_loss_last": losses[-1] if losses else None,
+                "n_train_pairs": len(pairs),
+                "alignment": alignment,
+                "retrained": retrained,
+                "gaps": dict(self.gaps),
+                "proposals": [],
+                "usage": self.ledger.state_dict()["total"],
+                "metric_calls": self.metric_calls.used,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
         self._checkpoint(system, run_dir, 0)
         return True
 
@@ -407,7 +470,7 @@ class Optimas:
         alignment, retrained = self._alignment(targets)
 
         comp = system.components[name]
-        inputs = self.store.inputs(name)[-4 * cfg.optimizer_inputs:]
+        inputs = self.store.inputs(name)[-4 * cfg.optimizer_inputs :]
         proposals = []
         # a head that has never seen a training pair scores at random: optimizing against it is noise that
         # the gate would reject at the price of a validation pass, so wait for its first pairs
@@ -417,8 +480,16 @@ class Optimas:
         if inputs and trained:
             for address, var in comp.variables().items():
                 opt = self.optimizers[var.kind]
-                proposals.append(opt.optimize(comp, inputs, self.rm, OptimizerBudget(max_inputs=cfg.optimizer_inputs),
-                                              address=address, rng=random.Random(f"{cfg.seed}:{t}:{address}")))
+                proposals.append(
+                    opt.optimize(
+                        comp,
+                        inputs,
+                        self.rm,
+                        OptimizerBudget(max_inputs=cfg.optimizer_inputs),
+                        address=address,
+                        rng=random.Random(f"{cfg.seed}:{t}:{address}"),
+                    )
+                )
         # validation gate, one variable at a time in order of LRF gain, each on top of those accepted before
         # it: a change that does not help on its own (e.g. the prompt of a policy that no longer calls the
         # LM) cannot ride along with one that does
@@ -437,17 +508,36 @@ class Optimas:
             gate.append({**entry, "accepted": ok})
         val = max((g["val_score"] for g in gate), default=None)
         accepted = any(g["accepted"] for g in gate)
-        log.info("iteration %d: %s, %d proposal(s) changed, val %s, best %.4f, %s", t, name, len(changed),
-                 "-" if val is None else f"{val:.4f}", self.best_val,
-                 "accepted" if accepted else ("rejected" if changed else "no change"))
-        self.history.append({"iteration": t, "component": name, "probabilities": probs, "gaps": dict(self.gaps),
-                             "collect": _collect_summary(res), "adapt_loss": adapt_loss, "alignment": alignment,
-                             "retrained": retrained, "head_trained": trained,
-                             "proposals": [p.summary() for p in proposals],
-                             "val_score": val, "best_val": self.best_val, "accepted": accepted if changed else None,
-                             "gate": gate,
-                             "usage": self.ledger.state_dict()["total"], "metric_calls": self.metric_calls.used,
-                             "seconds": time.perf_counter() - t0})
+        log.info(
+            "iteration %d: %s, %d proposal(s) changed, val %s, best %.4f, %s",
+            t,
+            name,
+            len(changed),
+            "-" if val is None else f"{val:.4f}",
+            self.best_val,
+            "accepted" if accepted else ("rejected" if changed else "no change"),
+        )
+        self.history.append(
+            {
+                "iteration": t,
+                "component": name,
+                "probabilities": probs,
+                "gaps": dict(self.gaps),
+                "collect": _collect_summary(res),
+                "adapt_loss": adapt_loss,
+                "alignment": alignment,
+                "retrained": retrained,
+                "head_trained": trained,
+                "proposals": [p.summary() for p in proposals],
+                "val_score": val,
+                "best_val": self.best_val,
+                "accepted": accepted if changed else None,
+                "gate": gate,
+                "usage": self.ledger.state_dict()["total"],
+                "metric_calls": self.metric_calls.used,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
 
 
 def prob_better(new: Sequence[float], old: Sequence[float], rng: random.Random, n_boot: int = 2000) -> float:
@@ -464,8 +554,15 @@ def prob_better(new: Sequence[float], old: Sequence[float], rng: random.Random, 
 
 
 def _collect_summary(res: CollectResult) -> dict:
-    return {"examples": res.n_examples, "groups": res.n_groups, "skipped": res.n_skipped, "pairs": len(res.pairs),
-            "train_pairs": len(res.train_pairs), "mean_gap": res.mean_gap, "mean_margin": res.mean_margin}
+    return {
+        "examples": res.n_examples,
+        "groups": res.n_groups,
+        "skipped": res.n_skipped,
+        "pairs": len(res.pairs),
+        "train_pairs": len(res.train_pairs),
+        "mean_gap": res.mean_gap,
+        "mean_margin": res.mean_margin,
+    }
 
 
 def _bar(enabled: bool, total: int, initial: int, desc: str):

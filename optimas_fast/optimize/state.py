@@ -14,6 +14,7 @@ checkpoint is complete. The loop's own randomness needs no saved state: iteratio
 ``random.Random(f"{seed}:{t}")`` (seeded by a string, which Python hashes with SHA-512, never with the
 per-process salted ``hash``), so a resumed iteration t+1 draws what an uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,10 @@ def save_run_state(run_dir: str | os.PathLike, state: dict, reward_model: Any, i
 def load_run_state(run_dir: str | os.PathLike) -> dict:
     path = Path(run_dir) / RUN_STATE
     if not path.is_file():
-        raise FileNotFoundError(f"no {RUN_STATE} in {run_dir}: not a run directory, or the run was killed before "
-                                "its first checkpoint (start it again)")
+        raise FileNotFoundError(
+            f"no {RUN_STATE} in {run_dir}: not a run directory, or the run was killed before "
+            "its first checkpoint (start it again)"
+        )
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:

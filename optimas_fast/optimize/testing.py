@@ -8,6 +8,7 @@ Driver (used by the resume-after-SIGKILL test):
 
     python -m optimas_fast.optimize.testing RUN_DIR --seed S --iterations N [--resume] [--digest OUT.json]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,10 +47,22 @@ def build_synthetic(seed: int, levels: int = 6) -> tuple[System, dict, list, lis
         return 1.0 - (abs(la - a_star) + abs(lb - b_star)) / (2 * (levels - 1))
 
     comps = [
-        Component("pick_a", inputs=["x"], outputs=["a"], description="picks a colour",
-                  variable=Choice(level=list(range(levels))), fn=fa),
-        Component("pick_b", inputs=["x", "a"], outputs=["b"], description="picks a shape",
-                  variable=Choice(level=list(range(levels))), fn=fb),
+        Component(
+            "pick_a",
+            inputs=["x"],
+            outputs=["a"],
+            description="picks a colour",
+            variable=Choice(level=list(range(levels))),
+            fn=fa,
+        ),
+        Component(
+            "pick_b",
+            inputs=["x", "a"],
+            outputs=["b"],
+            description="picks a shape",
+            variable=Choice(level=list(range(levels))),
+            fn=fb,
+        ),
     ]
     system = System(comps, metric, ["a", "b"], inputs=["x"], name="synthetic")
     examples = [{"id": i, "x": f"item {rng.randrange(1000)}"} for i in range(40)]
@@ -67,11 +80,17 @@ def tiny_reward_model(components: dict, seed: int, hidden: int = 32):
     """A RewardModel on a randomly initialised 2-layer BERT (MiniLM's tokenizer); the global RNG is untouched."""
     from transformers import BertConfig, BertModel
 
-    from optimas_fast.reward import RewardModelConfig, RewardModel
+    from optimas_fast.reward import RewardModel, RewardModelConfig
 
     tok = _tokenizer()
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = BertModel(cfg)
@@ -87,6 +106,7 @@ def run_digest(result_system: System, history: list, rm: Any) -> dict:
     for k, v in sorted(stable_parameters(rm).items()):
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
+
     def strip(x):  # wall times differ between runs by nature
         if isinstance(x, dict):
             return {k: strip(v) for k, v in x.items() if k != "seconds"}
@@ -95,19 +115,36 @@ def run_digest(result_system: System, history: list, rm: Any) -> dict:
         return x
 
     hist = strip(history)
-    return {"variables": result_system.state_dict()["variables"], "history": hist, "lrf_sha256": h.hexdigest(),
-            "lrf_step": rm.trainer.global_step}
+    return {
+        "variables": result_system.state_dict()["variables"],
+        "history": hist,
+        "lrf_sha256": h.hexdigest(),
+        "lrf_step": rm.trainer.global_step,
+    }
 
 
 def synthetic_config(seed: int, iterations: int):
     from optimas_fast.optimize.config import OptimasConfig
 
-    return OptimasConfig.from_dict({
-        "seed": seed, "iterations": iterations, "batch_size": 8, "initial_examples": 16, "initial_epochs": 6,
-        "lr": 1e-3, "head_lr": 1e-2, "batch_pairs": 32, "adapt_steps": 8, "cooldown": 1, "optimizer_inputs": 4,
-        "selection_temperature": 0.1, "holdout_fraction": 0.2, "val_workers": 1,
-        "collect": {"num_candidates": 4, "workers": 1},
-    })
+    return OptimasConfig.from_dict(
+        {
+            "seed": seed,
+            "iterations": iterations,
+            "batch_size": 8,
+            "initial_examples": 16,
+            "initial_epochs": 6,
+            "lr": 1e-3,
+            "head_lr": 1e-2,
+            "batch_pairs": 32,
+            "adapt_steps": 8,
+            "cooldown": 1,
+            "optimizer_inputs": 4,
+            "selection_temperature": 0.1,
+            "holdout_fraction": 0.2,
+            "val_workers": 1,
+            "collect": {"num_candidates": 4, "workers": 1},
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     system, _, train, val = build_synthetic(args.seed)
     rm = tiny_reward_model({"pick_a": "picks a colour", "pick_b": "picks a shape"}, args.seed)
     loop = Optimas(rm, None, synthetic_config(args.seed, args.iterations))
-    res = loop.optimize(system, train, val, run_dir=None if args.resume else args.run_dir,
-                        resume_from=args.run_dir if args.resume else None)
+    res = loop.optimize(
+        system,
+        train,
+        val,
+        run_dir=None if args.resume else args.run_dir,
+        resume_from=args.run_dir if args.resume else None,
+    )
     if args.digest:
         with open(args.digest, "w") as f:
             json.dump(run_digest(res.system, res.history, rm), f, sort_keys=True)

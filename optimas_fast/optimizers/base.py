@@ -16,14 +16,16 @@ the incumbent, with every candidate's mean LRF score). Candidates and the incumb
 inputs, and each output row stays aligned with the input it came from (rows are built per (candidate,
 input), scored in one batched call, and reshaped back).
 """
+
 from __future__ import annotations
 
 import logging
 import math
 import random
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from optimas_fast._validate import check_int
 from optimas_fast.lm.errors import BudgetExceeded
@@ -73,11 +75,20 @@ class Proposal:
         return self.variable is not self.incumbent and self.variable != self.incumbent
 
     def summary(self) -> dict:
-        return {"address": self.address, "changed": self.changed, "value": self.variable.describe(),
-                "incumbent": self.incumbent.describe(), "score": self.score,
-                "incumbent_score": self.incumbent_score, "n_candidates": len(self.candidates),
-                "n_rows": self.n_rows, "n_inputs": self.n_inputs, "seconds": self.seconds,
-                "top": sorted(self.candidates, key=lambda c: -c["score"])[:5], **self.info}
+        return {
+            "address": self.address,
+            "changed": self.changed,
+            "value": self.variable.describe(),
+            "incumbent": self.incumbent.describe(),
+            "score": self.score,
+            "incumbent_score": self.incumbent_score,
+            "n_candidates": len(self.candidates),
+            "n_rows": self.n_rows,
+            "n_inputs": self.n_inputs,
+            "seconds": self.seconds,
+            "top": sorted(self.candidates, key=lambda c: -c["score"])[:5],
+            **self.info,
+        }
 
 
 def resolve_address(component: Component, address: str | None) -> tuple[str, str | None, Variable]:
@@ -99,8 +110,9 @@ def override_for(key: str | None, value: Variable) -> Any:
     return value if key is None else {key: value}
 
 
-def run_batch(component: Component, inputs: Sequence[Mapping[str, Any]], override: Any = None,
-              seed: int | None = None) -> list[dict | None]:
+def run_batch(
+    component: Component, inputs: Sequence[Mapping[str, Any]], override: Any = None, seed: int | None = None
+) -> list[dict | None]:
     """The component's outputs for each input with ``override`` applied; None where a call failed.
 
     Components with ``forward_batch`` (the examples' LM components) get the whole list in one call, which
@@ -120,7 +132,9 @@ def run_batch(component: Component, inputs: Sequence[Mapping[str, Any]], overrid
         out: list[dict | None] = []
         for x in inputs:
             try:
-                out.append(component.check_outputs(component.forward(variable=var, **{f: x[f] for f in component.inputs})))
+                out.append(
+                    component.check_outputs(component.forward(variable=var, **{f: x[f] for f in component.inputs}))
+                )
             except BudgetExceeded:
                 raise
             except Exception as exc:  # noqa: BLE001 — a failing (candidate, input) is penalised, not fatal
@@ -129,8 +143,12 @@ def run_batch(component: Component, inputs: Sequence[Mapping[str, Any]], overrid
         return out
 
 
-def score_matrix(component: Component, reward_model: Any, inputs: Sequence[Mapping[str, Any]],
-                 outputs: Sequence[Sequence[dict | None]]) -> list[list[float]]:
+def score_matrix(
+    component: Component,
+    reward_model: Any,
+    inputs: Sequence[Mapping[str, Any]],
+    outputs: Sequence[Sequence[dict | None]],
+) -> list[list[float]]:
     """LRF scores (candidates × inputs) of ``outputs[c][i]`` (None = failed), in **one** ``score`` call.
 
     Rows are built per (candidate, input) in that order and reshaped back, so a score always belongs to the
@@ -171,9 +189,16 @@ class Optimizer:
 
     kind: str = ""  # the variable kind it optimizes ("prompt", "choice", "weights")
 
-    def optimize(self, component: Component, inputs: Sequence[Mapping[str, Any]], reward_model: Any,
-                 budget: OptimizerBudget | None = None, *, address: str | None = None,
-                 rng: random.Random | None = None) -> Proposal:
+    def optimize(
+        self,
+        component: Component,
+        inputs: Sequence[Mapping[str, Any]],
+        reward_model: Any,
+        budget: OptimizerBudget | None = None,
+        *,
+        address: str | None = None,
+        rng: random.Random | None = None,
+    ) -> Proposal:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
@@ -195,8 +220,14 @@ class Optimizer:
     def _clock() -> float:
         return time.perf_counter()
 
-    def _start(self, component: Component, budget: OptimizerBudget | None, address: str | None,
-               rng: random.Random | None, expected: type):
+    def _start(
+        self,
+        component: Component,
+        budget: OptimizerBudget | None,
+        address: str | None,
+        rng: random.Random | None,
+        expected: type,
+    ):
         """The common opening of every ``optimize``: start the clock, default and check the budget, find the
         variable and check its type. Returns (t0, rng, budget, address, key, current variable)."""
         t0 = self._clock()
@@ -205,6 +236,8 @@ class Optimizer:
         budget.validate()
         address, key, current = resolve_address(component, address)
         if not isinstance(current, expected):
-            raise TypeError(f"{type(self).__name__}: variable {address!r} is a {current.kind}, "
-                            f"not {'weights' if self.kind == 'weights' else 'a ' + self.kind}")
+            raise TypeError(
+                f"{type(self).__name__}: variable {address!r} is a {current.kind}, "
+                f"not {'weights' if self.kind == 'weights' else 'a ' + self.kind}"
+            )
         return t0, rng, budget, address, key, current

@@ -5,15 +5,24 @@ included), run the component for every (candidate, input), and score **all** row
 ``reward_model.score`` call (the reward engine dedupes identical rows, so candidates that give the same
 output cost one encoding). The best mean LRF score wins; ties keep the incumbent.
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from optimas_fast._validate import check_int
 from optimas_fast.optimizers.base import (
-    Optimizer, OptimizerBudget, Proposal, mean, override_for, pick_best, run_batch, score_matrix,
+    Optimizer,
+    OptimizerBudget,
+    Proposal,
+    mean,
+    override_for,
+    pick_best,
+    run_batch,
+    score_matrix,
 )
 from optimas_fast.system import Choice, Component
 
@@ -37,9 +46,16 @@ class ChoiceOptimizer(Optimizer):
         self.config = config or ChoiceConfig()
         self.config.validate()
 
-    def optimize(self, component: Component, inputs: Sequence[Mapping[str, Any]], reward_model: Any,
-                 budget: OptimizerBudget | None = None, *, address: str | None = None,
-                 rng: random.Random | None = None) -> Proposal:
+    def optimize(
+        self,
+        component: Component,
+        inputs: Sequence[Mapping[str, Any]],
+        reward_model: Any,
+        budget: OptimizerBudget | None = None,
+        *,
+        address: str | None = None,
+        rng: random.Random | None = None,
+    ) -> Proposal:
         t0, rng, budget, address, key, current = self._start(component, budget, address, rng, Choice)
         xs = self._inputs(inputs, budget.max_inputs or self.config.max_inputs, rng)
         cap = min(self.config.max_candidates, budget.max_candidates or self.config.max_candidates)
@@ -54,7 +70,15 @@ class ChoiceOptimizer(Optimizer):
         mat = score_matrix(component, reward_model, xs, outputs)  # (candidates, inputs), one score call
         means = [mean(row) for row in mat]
         best = pick_best(means)
-        return Proposal(address, cands[best], current, means[best], means[0],
-                        [{"value": c.describe(), "score": s} for c, s in zip(cands, means)],
-                        n_rows=sum(y is not None for outs in outputs for y in outs), n_inputs=len(xs),
-                        seconds=self._clock() - t0, info={"pool": len(cands), "space": current.size()})
+        return Proposal(
+            address,
+            cands[best],
+            current,
+            means[best],
+            means[0],
+            [{"value": c.describe(), "score": s} for c, s in zip(cands, means)],
+            n_rows=sum(y is not None for outs in outputs for y in outs),
+            n_inputs=len(xs),
+            seconds=self._clock() - t0,
+            info={"pool": len(cands), "space": current.size()},
+        )

@@ -27,11 +27,13 @@ has. DPO (Rafailov et al., 2023) needs only preference pairs, which the LRF give
 
 The validation gate then decides on the global metric, as for every other proposal.
 """
+
 from __future__ import annotations
 
 import random
 import threading
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,7 +57,8 @@ class LoRAAdapter(torch.nn.Module):
     def __init__(self, tensors: Mapping[str, torch.Tensor]):
         super().__init__()
         self.tensors = torch.nn.ParameterDict(
-            {_key(n): torch.nn.Parameter(t.detach().clone().float(), requires_grad=False) for n, t in tensors.items()})
+            {_key(n): torch.nn.Parameter(t.detach().clone().float(), requires_grad=False) for n, t in tensors.items()}
+        )
 
     def get(self, name: str) -> torch.Tensor:
         return self.tensors[_key(name)]
@@ -64,8 +67,16 @@ class LoRAAdapter(torch.nn.Module):
 class LoRAPolicy:
     """A causal LM with a peft LoRA adapter; thread-safe (one lock around every use of the shared model)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, *, r: int = 8, alpha: int = 16,
-                 target_modules: Sequence[str] | None = None, init_seed: int = 0):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        *,
+        r: int = 8,
+        alpha: int = 16,
+        target_modules: Sequence[str] | None = None,
+        init_seed: int = 0,
+    ):
         try:
             import peft
         except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -73,8 +84,13 @@ class LoRAPolicy:
         check_int(r, "LoRAPolicy: r", min=1)
         if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
             raise ValueError("LoRAPolicy: the tokenizer has neither a pad nor an eos token")
-        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, task_type="CAUSAL_LM",
-                              target_modules=list(target_modules) if target_modules else None)
+        cfg = peft.LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=0.0,
+            task_type="CAUSAL_LM",
+            target_modules=list(target_modules) if target_modules else None,
+        )
         fork = torch.random.fork_rng(devices=[])  # peft draws its init from the global RNG: keep ours untouched
         with fork:
             torch.manual_seed(init_seed)
@@ -103,15 +119,25 @@ class LoRAPolicy:
                 except KeyError:
                     raise ValueError(f"LoRA adapter lacks tensor {n!r}: it belongs to another policy") from None
                 if src.shape != params[n].shape:
-                    raise ValueError(f"LoRA adapter tensor {n!r} has shape {tuple(src.shape)}, the policy "
-                                     f"expects {tuple(params[n].shape)}")
+                    raise ValueError(
+                        f"LoRA adapter tensor {n!r} has shape {tuple(src.shape)}, the policy "
+                        f"expects {tuple(params[n].shape)}"
+                    )
                 params[n].copy_(src)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def generate(self, prompts: Sequence[str], adapter: LoRAAdapter, *, max_new_tokens: int = 32,
-                 temperature: float = 0.0, n: int = 1, seed: int | None = None) -> list[list[str]]:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        adapter: LoRAAdapter,
+        *,
+        max_new_tokens: int = 32,
+        temperature: float = 0.0,
+        n: int = 1,
+        seed: int | None = None,
+    ) -> list[list[str]]:
         """``n`` completions per prompt (greedy when temperature is 0; else Gumbel sampling with one generator
         per row, drawn in row order from ``seed``: the same call with the same seed gives the same samples,
         and the global RNG is never touched)."""
@@ -120,8 +146,15 @@ class LoRAPolicy:
         rows = [p for p in prompts for _ in range(n)]
         input_ids, mask = left_pad([self._encode(p) for p in rows], self.pad_id)  # (B, T) each
         width = input_ids.shape[1]
-        kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
-                                  eos_token_id=self.eos_id, temperature=None, top_p=None, top_k=None)
+        kw: dict[str, Any] = dict(
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+        )
         if temperature > 0:
             base = random.Random(f"lora-sample:{seed}")
             gens = [torch.Generator().manual_seed(base.randrange(2**31)) for _ in rows]
@@ -134,7 +167,7 @@ class LoRAPolicy:
             if self.eos_id is not None and self.eos_id in row:
                 row = row[: row.index(self.eos_id)]
             texts.append(self.tokenizer.decode([t for t in row if t != self.pad_id], skip_special_tokens=True).strip())
-        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+        return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def logprobs(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         """Summed log-probability (B,) of each completion given its prompt under the *loaded* adapter
@@ -151,9 +184,9 @@ class LoRAPolicy:
         mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T): real tokens
         target = torch.zeros((len(seqs), width), dtype=torch.bool)  # (B, T): completion positions
         for i, (s, st) in enumerate(zip(seqs, starts)):
-            ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-            mask[i, :len(s)] = 1
-            target[i, st:len(s)] = True
+            ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            mask[i, : len(s)] = 1
+            target[i, st : len(s)] = True
         ids, target = ids.to(self.device), target.to(self.device)
         logits = self.model(input_ids=ids, attention_mask=mask.to(self.device)).logits  # (B, T, V)
         logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V): token t+1 given tokens <= t
@@ -164,10 +197,24 @@ class LoRAPolicy:
 class LoRAComponent(Component):
     """A component whose output ``output`` is the LoRA policy's completion of ``prompt_fn(inputs)``."""
 
-    def __init__(self, name: str, policy: LoRAPolicy, inputs: Sequence[str], output: str,
-                 prompt_fn: Callable[[Mapping[str, Any]], str], *, description: str = "", max_new_tokens: int = 32):
-        super().__init__(name=name, inputs=list(inputs), outputs=[output], variable=Weights(policy.adapter()),
-                         description=description)
+    def __init__(
+        self,
+        name: str,
+        policy: LoRAPolicy,
+        inputs: Sequence[str],
+        output: str,
+        prompt_fn: Callable[[Mapping[str, Any]], str],
+        *,
+        description: str = "",
+        max_new_tokens: int = 32,
+    ):
+        super().__init__(
+            name=name,
+            inputs=list(inputs),
+            outputs=[output],
+            variable=Weights(policy.adapter()),
+            description=description,
+        )
         self.policy, self.output, self.prompt_fn, self.max_new_tokens = policy, output, prompt_fn, max_new_tokens
 
     def forward_batch(self, batch: Sequence[Mapping[str, Any]], variable: Weights) -> list[dict]:
@@ -185,16 +232,29 @@ def _adapter_of(variable: Weights) -> LoRAAdapter:
     return variable.module
 
 
-def optimize_lora(component: LoRAComponent, xs: Sequence[Mapping[str, Any]], key: str | None, current: Weights,
-                  reward_model: Any, cfg: Any, rng: random.Random) -> tuple[list[Weights], list[float], dict]:
+def optimize_lora(
+    component: LoRAComponent,
+    xs: Sequence[Mapping[str, Any]],
+    key: str | None,
+    current: Weights,
+    reward_model: Any,
+    cfg: Any,
+    rng: random.Random,
+) -> tuple[list[Weights], list[float], dict]:
     """Best-of-N + DPO (module docstring); ``cfg`` is the ``WeightsConfig`` (its ``lora_*`` fields).
 
     Returns (candidates [incumbent, trained], their mean LRF scores, info); scoring goes through the shared
     run/score helpers so rows stay aligned with their inputs."""
     policy, incumbent = component.policy, _adapter_of(current)
     prompts = [component.prompt_fn(x) for x in xs]
-    samples = policy.generate(prompts, incumbent, max_new_tokens=component.max_new_tokens,
-                              temperature=cfg.lora_temperature, n=cfg.lora_samples, seed=rng.randrange(2**31))
+    samples = policy.generate(
+        prompts,
+        incumbent,
+        max_new_tokens=component.max_new_tokens,
+        temperature=cfg.lora_temperature,
+        n=cfg.lora_samples,
+        seed=rng.randrange(2**31),
+    )
     outs = [[{component.output: samples[i][j]} for i in range(len(xs))] for j in range(cfg.lora_samples)]
     mat = score_matrix(component, reward_model, xs, outs)  # (samples, inputs)
     chosen, rejected, ps = [], [], []
@@ -234,4 +294,3 @@ def optimize_lora(component: LoRAComponent, xs: Sequence[Mapping[str, Any]], key
     greedy = [run_batch(component, xs, override_for(key, c)) for c in cands]
     scores = [mean(row) for row in score_matrix(component, reward_model, xs, greedy)]
     return cands, scores, info
-

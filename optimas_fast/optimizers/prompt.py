@@ -6,19 +6,29 @@ History: per variable address, the instructions tried so far with their mean LRF
 last (OPRO shows the top of the trajectory in ascending order so the model continues the trend). It is part
 of the run state (``state_dict``) so a resumed run proposes exactly what an uninterrupted one would.
 """
+
 from __future__ import annotations
 
 import logging
 import random
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from optimas_fast._validate import check_int
 from optimas_fast.lm.base import LM
 from optimas_fast.lm.usage import usage_scope as lm_usage_scope
 from optimas_fast.optimizers.base import (
-    Optimizer, OptimizerBudget, Proposal, mean, override_for, pick_best, resolve_address, run_batch, score_matrix,
+    Optimizer,
+    OptimizerBudget,
+    Proposal,
+    mean,
+    override_for,
+    pick_best,
+    resolve_address,
+    run_batch,
+    score_matrix,
 )
 from optimas_fast.system import Component, Prompt
 
@@ -59,7 +69,7 @@ def parse_instruction(text: str, max_chars: int = 500) -> str | None:
 
 def _ngrams(text: str, n: int = 5) -> set[tuple[str, ...]]:
     w = re.findall(r"[a-z0-9]+", text.lower())
-    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+    return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
 
 
 def echoes(proposal: str, context: str, allowed: str, n: int = 5) -> bool:
@@ -72,14 +82,19 @@ def echoes(proposal: str, context: str, allowed: str, n: int = 5) -> bool:
 
 def meta_prompt(component: Component, current: str, history: Sequence[tuple[str, float]], example: str) -> list[dict]:
     lines = [f"Score {s:.3f}: {t}" for t, s in sorted(history, key=lambda h: h[1])]
-    body = (f"A component of an AI pipeline: {component.description}\n"
-            f"Its inputs look like this:\n{example}\n\n"
-            f"Instructions tried so far, from worst to best score:\n" + ("\n".join(lines) or "(none yet)") +
-            f"\n\nCurrent instruction: {current}\n\n"
-            "Write one new instruction that is different from all of the above and likely to score higher. "
-            "Reply with the instruction only.")
-    return [{"role": "system", "content": "You improve instructions for language models."},
-            {"role": "user", "content": body}]
+    body = (
+        f"A component of an AI pipeline: {component.description}\n"
+        f"Its inputs look like this:\n{example}\n\n"
+        f"Instructions tried so far, from worst to best score:\n"
+        + ("\n".join(lines) or "(none yet)")
+        + f"\n\nCurrent instruction: {current}\n\n"
+        "Write one new instruction that is different from all of the above and likely to score higher. "
+        "Reply with the instruction only."
+    )
+    return [
+        {"role": "system", "content": "You improve instructions for language models."},
+        {"role": "user", "content": body},
+    ]
 
 
 class PromptOptimizer(Optimizer):
@@ -100,8 +115,9 @@ class PromptOptimizer(Optimizer):
             out[a] += [t for t, _ in h if t not in out[a]]
         return out
 
-    def seed_pool(self, component: Component, address: str, example: Mapping[str, Any], n: int,
-                  rng: random.Random) -> list[str]:
+    def seed_pool(
+        self, component: Component, address: str, example: Mapping[str, Any], n: int, rng: random.Random
+    ) -> list[str]:
         """Ask the proposer for ``n`` rewrites of the current instruction, without scores: a Prompt's "search
         space" for preference collection before the optimizer has run (else a temperature-0 prompt component
         has a single candidate output and never gets pairs)."""
@@ -110,15 +126,20 @@ class PromptOptimizer(Optimizer):
         self.seeds.setdefault(address, []).extend(t for t in texts if t not in self.seeds.get(address, []))
         return texts
 
-    def propose(self, component: Component, address: str, current: str, example: str, n: int,
-                rng: random.Random) -> list[str]:
+    def propose(
+        self, component: Component, address: str, current: str, example: str, n: int, rng: random.Random
+    ) -> list[str]:
         if self.proposer is None:
             raise ValueError("PromptOptimizer: no proposer LM was given (set the loop's proposer)")
-        hist = self.history.get(address, [])[-self.config.history_size:]
+        hist = self.history.get(address, [])[-self.config.history_size :]
         with lm_usage_scope("proposer"):
-            out = self.proposer.generate([meta_prompt(component, current, hist, example)], n=n,
-                                         temperature=self.config.temperature, max_tokens=self.config.max_tokens,
-                                         seed=rng.randrange(2**31))
+            out = self.proposer.generate(
+                [meta_prompt(component, current, hist, example)],
+                n=n,
+                temperature=self.config.temperature,
+                max_tokens=self.config.max_tokens,
+                seed=rng.randrange(2**31),
+            )
         seen = {current} | {t for t, _ in self.history.get(address, [])} | set(self.seeds.get(address, []))
         # what a reply may legitimately reuse (the instructions) vs what it must not parrot (everything else
         # the proposer was shown)
@@ -137,9 +158,16 @@ class PromptOptimizer(Optimizer):
             log.info("prompt proposals for %s: dropped %d that copy the meta-prompt or the example", address, echoed)
         return props
 
-    def optimize(self, component: Component, inputs: Sequence[Mapping[str, Any]], reward_model: Any,
-                 budget: OptimizerBudget | None = None, *, address: str | None = None,
-                 rng: random.Random | None = None) -> Proposal:
+    def optimize(
+        self,
+        component: Component,
+        inputs: Sequence[Mapping[str, Any]],
+        reward_model: Any,
+        budget: OptimizerBudget | None = None,
+        *,
+        address: str | None = None,
+        rng: random.Random | None = None,
+    ) -> Proposal:
         t0, rng, budget, address, key, current = self._start(component, budget, address, rng, Prompt)
         xs = self._inputs(inputs, budget.max_inputs or self.config.max_inputs, rng)
         n = min(self.config.num_proposals, budget.max_candidates or self.config.num_proposals)
@@ -158,14 +186,24 @@ class PromptOptimizer(Optimizer):
                 hist.append((c.text, s))
                 known.add(c.text)
         best = pick_best(means)
-        return Proposal(address, cands[best], current, means[best], means[0],
-                        [{"value": c.text, "score": s} for c, s in zip(cands, means)],
-                        n_rows=sum(y is not None for outs in outputs for y in outs), n_inputs=len(xs),
-                        seconds=self._clock() - t0, info={"proposals": len(texts)})
+        return Proposal(
+            address,
+            cands[best],
+            current,
+            means[best],
+            means[0],
+            [{"value": c.text, "score": s} for c, s in zip(cands, means)],
+            n_rows=sum(y is not None for outs in outputs for y in outs),
+            n_inputs=len(xs),
+            seconds=self._clock() - t0,
+            info={"proposals": len(texts)},
+        )
 
     def state_dict(self) -> dict:
-        return {"history": {a: [[t, s] for t, s in h] for a, h in self.history.items()},
-                "seeds": {a: list(v) for a, v in self.seeds.items()}}
+        return {
+            "history": {a: [[t, s] for t, s in h] for a, h in self.history.items()},
+            "seeds": {a: list(v) for a, v in self.seeds.items()},
+        }
 
     def load_state_dict(self, state: Mapping) -> None:
         self.history = {a: [(t, float(s)) for t, s in h] for a, h in state.get("history", {}).items()}

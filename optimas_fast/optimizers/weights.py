@@ -15,17 +15,26 @@ This works for any module whose forward produces the component's outputs (the Am
 A Hugging Face causal LM with a LoRA adapter (``LoRAComponent`` with a ``Weights(LoRAAdapter)`` variable) is
 optimized by best-of-N sampling + DPO instead (``optimizers/lora.py`` documents the choice).
 """
+
 from __future__ import annotations
 
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
 from optimas_fast._validate import check_int, check_number
 from optimas_fast.optimizers.base import (
-    Optimizer, OptimizerBudget, Proposal, mean, override_for, pick_best, run_batch, score_matrix,
+    Optimizer,
+    OptimizerBudget,
+    Proposal,
+    mean,
+    override_for,
+    pick_best,
+    run_batch,
+    score_matrix,
 )
 from optimas_fast.optimizers.lora import LoRAAdapter, LoRAComponent, optimize_lora
 from optimas_fast.system import Component, Weights
@@ -80,7 +89,7 @@ def _with_theta(w: Weights, theta: torch.Tensor) -> Weights:
             if not p.requires_grad:
                 continue
             n = p.numel()
-            p.copy_(theta[i:i + n].view_as(p).to(p.dtype))
+            p.copy_(theta[i : i + n].view_as(p).to(p.dtype))
             i += n
     return new
 
@@ -99,26 +108,45 @@ class WeightsOptimizer(Optimizer):
         self.config = config or WeightsConfig()
         self.config.validate()
 
-    def optimize(self, component: Component, inputs: Sequence[Mapping[str, Any]], reward_model: Any,
-                 budget: OptimizerBudget | None = None, *, address: str | None = None,
-                 rng: random.Random | None = None) -> Proposal:
+    def optimize(
+        self,
+        component: Component,
+        inputs: Sequence[Mapping[str, Any]],
+        reward_model: Any,
+        budget: OptimizerBudget | None = None,
+        *,
+        address: str | None = None,
+        rng: random.Random | None = None,
+    ) -> Proposal:
         t0, rng, budget, address, key, current = self._start(component, budget, address, rng, Weights)
         if current.module is None:
-            raise NotImplementedError(f"WeightsOptimizer: {address!r} is a path-based Weights ({current.path}); "
-                                      "it optimizes in-process modules: a torch module (ES) or a LoRAAdapter of a "
-                                      "LoRAComponent (best-of-N + DPO, optimas_fast.optimizers.lora)")
+            raise NotImplementedError(
+                f"WeightsOptimizer: {address!r} is a path-based Weights ({current.path}); "
+                "it optimizes in-process modules: a torch module (ES) or a LoRAAdapter of a "
+                "LoRAComponent (best-of-N + DPO, optimas_fast.optimizers.lora)"
+            )
         cfg = self.config
         xs = self._inputs(inputs, budget.max_inputs or cfg.max_inputs, rng)
         if isinstance(current.module, LoRAAdapter):
             if not isinstance(component, LoRAComponent):
-                raise TypeError(f"WeightsOptimizer: {address!r} holds a LoRAAdapter but component "
-                                f"'{component.name}' is not a LoRAComponent (its policy generates the samples)")
+                raise TypeError(
+                    f"WeightsOptimizer: {address!r} holds a LoRAAdapter but component "
+                    f"'{component.name}' is not a LoRAComponent (its policy generates the samples)"
+                )
             cands, scores, info = optimize_lora(component, xs, key, current, reward_model, cfg, rng)
             best = pick_best(scores)  # ties keep the incumbent
-            return Proposal(address, cands[best], current, scores[best], scores[0],
-                            [{"value": "incumbent" if i == 0 else "dpo", "score": s} for i, s in enumerate(scores)],
-                            n_rows=len(xs) * (cfg.lora_samples + len(cands)), n_inputs=len(xs),
-                            seconds=self._clock() - t0, info=info)
+            return Proposal(
+                address,
+                cands[best],
+                current,
+                scores[best],
+                scores[0],
+                [{"value": "incumbent" if i == 0 else "dpo", "score": s} for i, s in enumerate(scores)],
+                n_rows=len(xs) * (cfg.lora_samples + len(cands)),
+                n_inputs=len(xs),
+                seconds=self._clock() - t0,
+                info=info,
+            )
         gen = torch.Generator().manual_seed(rng.randrange(2**31))
         theta, scale = _flat(current.module)
         pool: list[tuple[Weights, float]] = []  # every evaluated candidate with its mean score
@@ -145,8 +173,21 @@ class WeightsOptimizer(Optimizer):
         cands = [current] + [c for c, _ in pool] + [final]
         scores = [incumbent_score] + [s for _, s in pool] + [final_score]
         best = pick_best(scores)  # ties keep the incumbent
-        return Proposal(address, cands[best], current, scores[best], incumbent_score,
-                        [{"value": f"candidate {i}", "score": s} for i, s in enumerate(scores)],
-                        n_rows=len(xs) * len(cands), n_inputs=len(xs), seconds=self._clock() - t0,
-                        info={"es": history, "final_score": final_score, "picked": "incumbent" if best == 0 else
-                              ("final" if best == len(cands) - 1 else f"population {best - 1}")})
+        return Proposal(
+            address,
+            cands[best],
+            current,
+            scores[best],
+            incumbent_score,
+            [{"value": f"candidate {i}", "score": s} for i, s in enumerate(scores)],
+            n_rows=len(xs) * len(cands),
+            n_inputs=len(xs),
+            seconds=self._clock() - t0,
+            info={
+                "es": history,
+                "final_score": final_score,
+                "picked": "incumbent"
+                if best == 0
+                else ("final" if best == len(cands) - 1 else f"population {best - 1}"),
+            },
+        )

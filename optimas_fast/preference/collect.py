@@ -15,14 +15,16 @@ ledgers follow), which is what lets a batching LM backend decode many of them to
 is drawn up front, in example order, from the caller's ``random.Random``: results do not depend on thread
 timing.
 """
+
 from __future__ import annotations
 
 import contextvars
 import logging
 import random
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -102,9 +104,14 @@ def _variant_of(var: Variable, rng: random.Random, prompt_pool: Sequence[str], n
     return None
 
 
-def sample_variants(current: Variable | dict | None, k: int, rng: random.Random,
-                    prompt_pool: Mapping[str, Sequence[str]] | None = None, noise: float = 0.05,
-                    address: str = "") -> list[Any]:
+def sample_variants(
+    current: Variable | dict | None,
+    k: int,
+    rng: random.Random,
+    prompt_pool: Mapping[str, Sequence[str]] | None = None,
+    noise: float = 0.05,
+    address: str = "",
+) -> list[Any]:
     """Up to ``k`` overrides of a component's variable (a Variable, or a {key: Variable} dict), distinct
     from the current one where the space allows. ``prompt_pool``: alternative instructions per address."""
     prompt_pool = prompt_pool or {}
@@ -137,8 +144,9 @@ def sample_variants(current: Variable | dict | None, k: int, rng: random.Random,
     return out
 
 
-def _one_example(system: System, name: str, example: Mapping, seed: int, variants: list, cfg: CollectConfig
-                 ) -> tuple[dict, list[tuple[str, float]]] | None:
+def _one_example(
+    system: System, name: str, example: Mapping, seed: int, variants: list, cfg: CollectConfig
+) -> tuple[dict, list[tuple[str, float]]] | None:
     """(component inputs, [(rendered output, mean reward)]) for one example, or None when skipped."""
     comp = system.components[name]
     trace = system.run(example, seed=seed)
@@ -181,11 +189,17 @@ def _one_example(system: System, name: str, example: Mapping, seed: int, variant
     return x, scored
 
 
-def collect_preferences(system: System, name: str, examples: Sequence[Mapping], rng: random.Random,
-                        config: CollectConfig | None = None, store: PairStore | None = None,
-                        prompt_pool: Mapping[str, Sequence[str]] | None = None,
-                        keys: Sequence[str] | None = None,
-                        progress: Callable[[int], None] | None = None) -> CollectResult:
+def collect_preferences(
+    system: System,
+    name: str,
+    examples: Sequence[Mapping],
+    rng: random.Random,
+    config: CollectConfig | None = None,
+    store: PairStore | None = None,
+    prompt_pool: Mapping[str, Sequence[str]] | None = None,
+    keys: Sequence[str] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> CollectResult:
     """Preference pairs for component ``name`` on ``examples`` (see the module docstring).
 
     ``store`` (optional) receives every scored group; ``keys`` are the examples' stable keys (default
@@ -245,6 +259,13 @@ def collect_preferences(system: System, name: str, examples: Sequence[Mapping], 
             res.train_pairs += pairs
     res.mean_gap = sum(gaps) / len(gaps) if gaps else 0.0
     res.mean_margin = sum(margins) / len(margins) if margins else 0.0
-    log.info("collect %s: %d examples, %d groups, %d pairs (%d train), mean gap %.3f", name, res.n_examples,
-             res.n_groups, len(res.pairs), len(res.train_pairs), res.mean_gap)
+    log.info(
+        "collect %s: %d examples, %d groups, %d pairs (%d train), mean gap %.3f",
+        name,
+        res.n_examples,
+        res.n_groups,
+        len(res.pairs),
+        len(res.train_pairs),
+        res.mean_gap,
+    )
     return res

@@ -9,13 +9,14 @@ Weights: ``pair_weights`` is the reward engine's (optimas_fast.reward.pair_weigh
 normalised margin w = m / mean(m), floored at ``floor`` so that no valid pair gets weight 0; an empty list
 gives [] and all-equal margins give 1.0 each, never NaN.
 """
+
 from __future__ import annotations
 
 import math
 import zlib
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
 
 from optimas_fast._validate import check_int
 from optimas_fast.reward import Candidate, PreferencePair, pair_weights
@@ -75,8 +76,14 @@ class PairStore:
         self._groups: dict[str, deque] = {}
         self._inputs: dict[str, deque] = {}
 
-    def add_group(self, component: str, key: str, inputs: str, candidates: Sequence[tuple[str, float]],
-                  raw_inputs: dict | None = None) -> list[PreferencePair]:
+    def add_group(
+        self,
+        component: str,
+        key: str,
+        inputs: str,
+        candidates: Sequence[tuple[str, float]],
+        raw_inputs: dict | None = None,
+    ) -> list[PreferencePair]:
         """Store one input's scored candidates; returns its pairs (empty if all rewards tie)."""
         pairs = build_pairs(component, inputs, candidates)
         g = _Group(component, key, inputs, [t for t, _ in candidates], [float(s) for _, s in candidates])
@@ -102,8 +109,11 @@ class PairStore:
         return out
 
     def candidates(self, component: str | None = None, held_out: bool = True) -> list[Candidate]:
-        return [Candidate(g.component, g.inputs, o, r) for g in self._select(component, held_out)
-                for o, r in zip(g.outputs, g.rewards)]
+        return [
+            Candidate(g.component, g.inputs, o, r)
+            for g in self._select(component, held_out)
+            for o, r in zip(g.outputs, g.rewards)
+        ]
 
     def inputs(self, component: str) -> list[dict]:
         """Recent raw train inputs of ``component`` (oldest first)."""
@@ -116,15 +126,19 @@ class PairStore:
         return sum(len(v) for v in self._groups.values())
 
     def state_dict(self) -> dict:
-        return {"max_groups": self.max_groups, "holdout_fraction": self.holdout_fraction,
-                "max_inputs": self.max_inputs,
-                "groups": {c: [asdict(g) for g in gs] for c, gs in self._groups.items()},
-                "inputs": {c: list(v) for c, v in self._inputs.items()}}
+        return {
+            "max_groups": self.max_groups,
+            "holdout_fraction": self.holdout_fraction,
+            "max_inputs": self.max_inputs,
+            "groups": {c: [asdict(g) for g in gs] for c, gs in self._groups.items()},
+            "inputs": {c: list(v) for c, v in self._inputs.items()},
+        }
 
     @classmethod
-    def from_state(cls, state: dict) -> "PairStore":
+    def from_state(cls, state: dict) -> PairStore:
         store = cls(state["max_groups"], state["holdout_fraction"], state["max_inputs"])
-        store._groups = {c: deque((_Group(**g) for g in gs), maxlen=store.max_groups)
-                         for c, gs in state["groups"].items()}
+        store._groups = {
+            c: deque((_Group(**g) for g in gs), maxlen=store.max_groups) for c, gs in state["groups"].items()
+        }
         store._inputs = {c: deque(v, maxlen=store.max_inputs) for c, v in state["inputs"].items()}
         return store

@@ -13,6 +13,7 @@ Parts (each depends only on those above it): data, template, config, schedules, 
 (Trainer.step, the one training step; TrainLoops: train / adapt) -> checkpoint -> model (the RewardModel facade)
 -> trl_trainer (the TRL-style RewardTrainer, another loop over Trainer.step).
 """
+
 from .checkpoint import describe as describe_checkpoint
 from .config import LoraSettings, RewardModelConfig
 from .data import Candidate, PreferencePair, ScoreRequest, pair_weights
@@ -29,11 +30,37 @@ from .trainer import OVERLONG_POLICIES, PairBatch, StepReport, TrainConfig, Trai
 from .trl_trainer import RewardTrainer  # the TRL-style face; its arguments: optimas_fast.trl.RewardConfig
 
 __all__ = [
-    "LoadReport", "PairFormatError", "PairSet", "load_pairs", "save_pairs",
-    "DEFAULT_BACKBONE", "OVERLONG_POLICIES", "Candidate", "DistInfo", "Encoder", "LoraSettings", "PreferencePair",
-    "RewardModelConfig", "RewardModel", "Rows", "ScoreReport", "ScoreRequest", "TemplateConfig", "TrainConfig",
-    "TrainReport", "Trainer", "TrainLoops", "PairBatch", "StepReport", "backend_report", "cleanup_distributed",
-    "cpu_has_native_bf16", "describe_checkpoint",
-    "init_distributed", "load_backbone", "pair_weights", "spearman",
+    "LoadReport",
+    "PairFormatError",
+    "PairSet",
+    "load_pairs",
+    "save_pairs",
+    "DEFAULT_BACKBONE",
+    "OVERLONG_POLICIES",
+    "Candidate",
+    "DistInfo",
+    "Encoder",
+    "LoraSettings",
+    "PreferencePair",
+    "RewardModelConfig",
+    "RewardModel",
+    "Rows",
+    "ScoreReport",
+    "ScoreRequest",
+    "TemplateConfig",
+    "TrainConfig",
+    "TrainReport",
+    "Trainer",
+    "TrainLoops",
+    "PairBatch",
+    "StepReport",
+    "backend_report",
+    "cleanup_distributed",
+    "cpu_has_native_bf16",
+    "describe_checkpoint",
+    "init_distributed",
+    "load_backbone",
+    "pair_weights",
+    "spearman",
     "RewardTrainer",
 ]

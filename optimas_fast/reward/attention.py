@@ -34,6 +34,7 @@ the CUDA branch too on the CPU, through CPU emulations of those calls' contracts
 real kernels on a GPU. flash-attn (the package) is not used: torch's flash kernel is the same algorithm, and
 flash-attn is neither on the GPU image nor small enough to carry there, so a path for it could not be tested anywhere.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -73,7 +74,7 @@ def shared_prefix_available(device: torch.device) -> bool:
 
 
 def _cuda_kernel(q: torch.Tensor, mask: torch.Tensor | None) -> str:
-    """"flash" or "efficient" for one CUDA part (see CUDA_KERNEL)."""
+    """ "flash" or "efficient" for one CUDA part (see CUDA_KERNEL)."""
     d = q.shape[-1]
     flash_ok = mask is None and q.dtype in (torch.float16, torch.bfloat16) and d <= 256 and d % 8 == 0
     return "flash" if flash_ok and CUDA_KERNEL in ("auto", "flash") else "efficient"
@@ -101,7 +102,8 @@ class _CudaOps:
     @staticmethod
     def flash_bwd(dout, q, k, v, out, lse, cq, ck, mq, mk, causal, seed, off, scale):
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed, off, scale=scale)
+            dout, q, k, v, out, lse, cq, ck, mq, mk, 0.0, causal, seed, off, scale=scale
+        )
 
     @staticmethod
     def efficient_fwd(q, k, v, bias, causal, scale):
@@ -110,19 +112,21 @@ class _CudaOps:
     @staticmethod
     def efficient_bwd(dout, q, k, v, bias, out, lse, seed, off, causal, scale):
         return torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            dout, q, k, v, bias, out, lse, seed, off, 0.0, [True, True, True, False], causal, scale=scale)
+            dout, q, k, v, bias, out, lse, seed, off, 0.0, [True, True, True, False], causal, scale=scale
+        )
 
 
 _cuda_ops = _CudaOps()
 
 
 def _kernel(q: torch.Tensor, mask: torch.Tensor | None) -> str:
-    """"cpu", "flash" or "efficient": the kernel one part runs on."""
+    """ "cpu", "flash" or "efficient": the kernel one part runs on."""
     return "cpu" if q.device.type == "cpu" else _cuda_kernel(q, mask)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: torch.Tensor | None, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, tuple]:
     """Softmax attention (B, h, Lq, d) x (B, h, Lk, d) by the device's kernel: (out in q's dtype, log-sum-exp
     (B, h, Lq) fp32, state for ``_attend_backward``). ``mask``: additive, (B, 1, 1, Lk), or None."""
     Lq = q.shape[2]
@@ -142,14 +146,24 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mas
     return out, lse[..., :Lq], state
 
 
-def _attend_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                     lse: torch.Tensor, causal: bool, mask: torch.Tensor | None, scale: float,
-                     state: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _attend_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    mask: torch.Tensor | None,
+    scale: float,
+    state: tuple,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of ``_attend`` given the MERGED output and log-sum-exp (see _SharedPrefixAttention)."""
     kind = state[0]
     if kind == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale)
+            dout, q, k, v, out, lse, 0.0, causal, attn_mask=mask, scale=scale
+        )
     n = state[1]
     lse = torch.nn.functional.pad(lse, (0, n - lse.shape[-1])).contiguous()  # (B, h, n) as the kernel made it
     if kind == "flash":
@@ -169,8 +183,7 @@ class SharedPrefix:
     (the largest group) when that wastes little (G * rmax <= 1.5 R: pools, unique pairs); a run of very
     uneven groups instead gathers each row's prefix (R copies of the prefix keys, still no cat or repeat)."""
 
-    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], group: np.ndarray,
-                 prefix_lens: np.ndarray):
+    def __init__(self, layers: Sequence[tuple[torch.Tensor, torch.Tensor]], group: np.ndarray, prefix_lens: np.ndarray):
         self.layers = list(layers)
         G, Lp = self.layers[0][0].shape[0], self.layers[0][0].shape[2]
         R = len(group)
@@ -187,8 +200,9 @@ class SharedPrefix:
             rank[order] = np.arange(R) - start[group[order]]  # (R,) a row's place within its group
             slot = group.astype(np.int64) * self.rmax + rank  # (R,) slot of each row
             # identity layout (one group, or equal groups already in order): plain views, no gathers
-            self.slot = None if np.array_equal(slot, np.arange(R)) and G * self.rmax == R else \
-                torch.from_numpy(slot).to(dev)
+            self.slot = (
+                None if np.array_equal(slot, np.arange(R)) and G * self.rmax == R else torch.from_numpy(slot).to(dev)
+            )
             self.n_slots = G * self.rmax
             self.group = None
         else:
@@ -269,8 +283,9 @@ class _SharedPrefixAttention(torch.autograd.Function):
             o_p, l_p = o_p.reshape(R, h, Ls, d), l_p.reshape(R, h, Ls)
         # exact merge of the two softmaxes: weights exp(lse_part - lse_all), in fp32
         lse = torch.logaddexp(l_p, l_s)  # (R, h, Ls)
-        out = (o_p.float() * (l_p - lse).exp_()[..., None] + o_s.float() * (l_s - lse).exp_()[..., None]
-               ).to(query.dtype)  # (R, h, Ls, d)
+        out = (o_p.float() * (l_p - lse).exp_()[..., None] + o_s.float() * (l_s - lse).exp_()[..., None]).to(
+            query.dtype
+        )  # (R, h, Ls, d)
         if any(ctx.needs_input_grad):
             ctx.save_for_backward(query, ks, vs, kp, vp, out, lse)
             ctx.sp, ctx.scale, ctx.g, ctx.states = sp, scale, g, (st_s, st_p)
@@ -290,23 +305,42 @@ class _SharedPrefixAttention(torch.autograd.Function):
         dvalue = dvs.reshape(R, kvh, g, Ls, d).sum(2) if g > 1 else dvs
         mask = sp.prefix_mask(query.dtype)
         if sp.group is None:
-            dq_g, dkp, dvp = _attend_backward(_to_groups(sp, dout, G, kvh), _to_groups(sp, query, G, kvh), kp, vp,
-                                              _to_groups(sp, out, G, kvh), _to_groups(sp, lse, G, kvh).contiguous(),
-                                              False, mask, scale, st_p)
+            dq_g, dkp, dvp = _attend_backward(
+                _to_groups(sp, dout, G, kvh),
+                _to_groups(sp, query, G, kvh),
+                kp,
+                vp,
+                _to_groups(sp, out, G, kvh),
+                _to_groups(sp, lse, G, kvh).contiguous(),
+                False,
+                mask,
+                scale,
+                st_p,
+            )
             dq = dq + _from_groups(sp, dq_g, h, Ls)
         else:
             kr, vr = kp.index_select(0, sp.group), vp.index_select(0, sp.group)  # (R, kvh, Lp, d)
-            dq_r, dkr, dvr = _attend_backward(dout.reshape(R, kvh, g * Ls, d), query.reshape(R, kvh, g * Ls, d),
-                                              kr, vr, out.reshape(R, kvh, g * Ls, d), lse.reshape(R, kvh, g * Ls),
-                                              False, mask, scale, st_p)
+            dq_r, dkr, dvr = _attend_backward(
+                dout.reshape(R, kvh, g * Ls, d),
+                query.reshape(R, kvh, g * Ls, d),
+                kr,
+                vr,
+                out.reshape(R, kvh, g * Ls, d),
+                lse.reshape(R, kvh, g * Ls),
+                False,
+                mask,
+                scale,
+                st_p,
+            )
             dq = dq + dq_r.reshape(R, h, Ls, d)
             dkp = torch.zeros_like(kp).index_add_(0, sp.group, dkr)  # (G, kvh, Lp, d): rows summed per prefix
             dvp = torch.zeros_like(vp).index_add_(0, sp.group, dvr)
         return None, None, dq, dkey, dvalue, dkp, dvp
 
 
-def _shared_forward(sp: SharedPrefix, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                    scaling: float | None) -> torch.Tensor:
+def _shared_forward(
+    sp: SharedPrefix, module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None
+) -> torch.Tensor:
     """Attention of suffix queries over [its prefix ; its own causal block]: (R, Ls, heads, d)."""
     # as autocast runs SDPA: inputs and output in the autocast dtype (rotary embeddings leave q, k in fp32
     # beside a bf16 v); bf16 CPU training computes in fp32, as _forward does (see the module doc); CUDA's kernels
@@ -316,13 +350,26 @@ def _shared_forward(sp: SharedPrefix, module: Any, query: torch.Tensor, key: tor
     dt = torch.float32 if out_dtype == torch.bfloat16 and torch.is_grad_enabled() and dev == "cpu" else out_dtype
     kp, vp = sp.layers[module.layer_idx]  # (G, kvh, Lp, d)
     with torch.autocast(dev, enabled=False):
-        out = _SharedPrefixAttention.apply(sp, scaling if scaling is not None else query.shape[-1] ** -0.5,
-                                           query.to(dt), key.to(dt), value.to(dt), kp.to(dt), vp.to(dt))
+        out = _SharedPrefixAttention.apply(
+            sp,
+            scaling if scaling is not None else query.shape[-1] ** -0.5,
+            query.to(dt),
+            key.to(dt),
+            value.to(dt),
+            kp.to(dt),
+            vp.to(dt),
+        )
     return out.to(out_dtype).transpose(1, 2).contiguous()  # (R, Ls, h, d)
 
 
-def _forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-             attention_mask: torch.Tensor | None, **kwargs: Any):
+def _forward(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     # query/key/value: (B, heads, L, D) (key/value may have fewer heads: GQA); attention_mask: bool or additive
@@ -334,8 +381,7 @@ def _forward(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.T
         if mask is not None and mask.is_floating_point():
             mask = mask.float()
         with torch.autocast("cpu", enabled=False):
-            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask,
-                                                  **kwargs)
+            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), mask, **kwargs)
         return out.to(query.dtype), weights  # out: (B, L, heads, D), transformers' layout
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 

@@ -16,6 +16,7 @@ head-init RNG) and ``Trainer.state_dict``/``load_state_dict`` (optimizer moments
 imports neither the trainer nor the RewardModel facade; the format is unchanged since before the reward/
 package split (tests/fixtures/reward_ckpt_v1 holds checkpoints written then).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -47,9 +48,14 @@ def backbone_fingerprint(encoder: Encoder) -> dict:
     c = encoder.hf_config
     shapes = sorted((n, tuple(p.shape)) for n, p in encoder.net.backbone.state_dict().items())
     digest = hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
-    return {"model_type": getattr(c, "model_type", None), "hidden_size": encoder.net.hidden_size,
-            "num_hidden_layers": getattr(c, "num_hidden_layers", None), "vocab_size": getattr(c, "vocab_size", None),
-            "param_shapes_sha256": digest, "name_or_path": getattr(c, "_name_or_path", "")}
+    return {
+        "model_type": getattr(c, "model_type", None),
+        "hidden_size": encoder.net.hidden_size,
+        "num_hidden_layers": getattr(c, "num_hidden_layers", None),
+        "vocab_size": getattr(c, "vocab_size", None),
+        "param_shapes_sha256": digest,
+        "name_or_path": getattr(c, "_name_or_path", ""),
+    }
 
 
 def stable_parameters(model: Any) -> dict[str, torch.nn.Parameter]:
@@ -62,8 +68,9 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def save_checkpoint(path: str | os.PathLike, encoder: Encoder, trainer: Any = None,
-                    config: RewardModelConfig | None = None) -> None:
+def save_checkpoint(
+    path: str | os.PathLike, encoder: Encoder, trainer: Any = None, config: RewardModelConfig | None = None
+) -> None:
     """Write encoder (+ trainer, when given) state to ``path`` atomically; ``config`` defaults to the
     encoder's RewardModelConfig."""
     path = os.fspath(path)
@@ -120,8 +127,9 @@ def _read_checked(path: str, name: str, manifest: dict) -> bytes:
     with open(os.path.join(path, name), "rb") as f:
         data = f.read()
     if _sha256(data) != manifest["files"][name]:
-        raise ValueError(f"{os.path.join(path, name)} does not match the manifest's checksum: the checkpoint is "
-                         "torn or was modified")
+        raise ValueError(
+            f"{os.path.join(path, name)} does not match the manifest's checksum: the checkpoint is torn or was modified"
+        )
     return data
 
 
@@ -134,18 +142,23 @@ def load_checkpoint(path: str | os.PathLike, encoder: Encoder) -> dict | None:
     keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "param_shapes_sha256")
     diff = {k: (want.get(k), have.get(k)) for k in keys if want.get(k) != have.get(k)}
     if diff:
-        raise ValueError(f"checkpoint {path!r} was written for another backbone "
-                         f"({want.get('name_or_path') or want.get('model_type')}); mismatched (checkpoint, this "
-                         f"model): {diff}")
+        raise ValueError(
+            f"checkpoint {path!r} was written for another backbone "
+            f"({want.get('name_or_path') or want.get('model_type')}); mismatched (checkpoint, this "
+            f"model): {diff}"
+        )
     saved_cfg, cfg = manifest["reward_config"], encoder.config
     if saved_cfg.get("pooling") != cfg.pooling or saved_cfg.get("architecture") != cfg.architecture:
-        raise ValueError(f"checkpoint {path!r} used pooling={saved_cfg.get('pooling')!r}, architecture="
-                         f"{saved_cfg.get('architecture')!r}; this model has {cfg.pooling!r}, {cfg.architecture!r}")
+        raise ValueError(
+            f"checkpoint {path!r} used pooling={saved_cfg.get('pooling')!r}, architecture="
+            f"{saved_cfg.get('architecture')!r}; this model has {cfg.pooling!r}, {cfg.architecture!r}"
+        )
     _check_template(path, saved_cfg.get("template") or {}, cfg.template)
     weights = st_load(_read_checked(path, "model.safetensors", manifest))
     tensors = st_load(_read_checked(path, "trainer.safetensors", manifest))
-    encoder.load_state_dict({"tensors": weights, "components": manifest["components"],
-                             "head_rng": tensors["model.head_rng"]})
+    encoder.load_state_dict(
+        {"tensors": weights, "components": manifest["components"], "head_rng": tensors["model.head_rng"]}
+    )
     logger.info("loaded reward checkpoint %s", path)
     if manifest["trainer"] is None:
         return None
@@ -158,22 +171,37 @@ def _check_template(path: str, saved: dict, have) -> None:
     side changes only over-long rows, so it is a warning. Fields a checkpoint predates are skipped (an old
     checkpoint without append_eos was trained without it)."""
     defaults = {"append_eos": False}  # absent from checkpoints written before the field existed
-    layout = {k: (saved.get(k, defaults.get(k)), getattr(have, k)) for k in ("prefix_format", "append_eos")
-              if k in saved or k in defaults}
+    layout = {
+        k: (saved.get(k, defaults.get(k)), getattr(have, k))
+        for k in ("prefix_format", "append_eos")
+        if k in saved or k in defaults
+    }
     wrong = {k: v for k, v in layout.items() if v[0] != v[1]}
     if wrong:
-        raise ValueError(f"checkpoint {path!r} was trained with another text layout; mismatched template fields "
-                         f"(checkpoint, this model): {wrong}. Build the model with the checkpoint's template "
-                         "(RewardModel.load(path) does), or its scores would be for text it never saw")
-    length = {k: (saved[k], getattr(have, k)) for k in ("max_length", "truncation_side")
-              if k in saved and saved[k] != getattr(have, k)}
+        raise ValueError(
+            f"checkpoint {path!r} was trained with another text layout; mismatched template fields "
+            f"(checkpoint, this model): {wrong}. Build the model with the checkpoint's template "
+            "(RewardModel.load(path) does), or its scores would be for text it never saw"
+        )
+    length = {
+        k: (saved[k], getattr(have, k))
+        for k in ("max_length", "truncation_side")
+        if k in saved and saved[k] != getattr(have, k)
+    }
     if length:
-        logger.warning("checkpoint %s was trained with other truncation settings (checkpoint, this model): %s; "
-                       "rows longer than either limit score differently", path, length)
+        logger.warning(
+            "checkpoint %s was trained with other truncation settings (checkpoint, this model): %s; "
+            "rows longer than either limit score differently",
+            path,
+            length,
+        )
 
 
 def describe(path: str | os.PathLike) -> dict[str, Any]:
     """Components, backbone and trainer step of a checkpoint, without loading any weights."""
     m = read_manifest(path)
-    return {"components": list(m["components"]), "backbone": m["backbone"]["fingerprint"],
-            "step": (m["trainer"] or {}).get("step", 0)}
+    return {
+        "components": list(m["components"]),
+        "backbone": m["backbone"]["fingerprint"],
+        "step": (m["trainer"] or {}).get("step", 0),
+    }

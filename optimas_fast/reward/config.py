@@ -3,11 +3,13 @@
 The lowest module of reward/ besides the plain-data ones: the encoder, the trainer, the checkpoint module and
 the RewardModel facade all read a RewardModelConfig; nothing here imports them.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 from optimas_fast._validate import check_bool, check_int, is_int
+
 from .template import TemplateConfig
 
 

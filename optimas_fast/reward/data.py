@@ -3,11 +3,13 @@
 Everything is plain strings: the System layer renders a component's inputs and outputs as text and the
 engine never needs to know what a component is beyond its name and description.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from optimas_fast._validate import is_number
 
@@ -79,7 +81,9 @@ def as_requests(requests: Iterable[Any]) -> list[ScoreRequest]:
             out.append(r)
             continue
         if not isinstance(r, (tuple, list)) or len(r) != 3:
-            raise TypeError(f"requests[{i}] must be a ScoreRequest or a (component, inputs, outputs) tuple, got {r!r:.80}")
+            raise TypeError(
+                f"requests[{i}] must be a ScoreRequest or a (component, inputs, outputs) tuple, got {r!r:.80}"
+            )
         out.append(ScoreRequest(*(_check_str(v, f"requests[{i}][{j}]") for j, v in enumerate(r))))
     return out
 
@@ -92,8 +96,10 @@ def as_pairs(pairs: Iterable[Any], what: str = "pairs") -> list[PreferencePair]:
     for i, p in enumerate(pairs):
         if not isinstance(p, PreferencePair):
             if not isinstance(p, (tuple, list)) or len(p) not in (4, 5):
-                raise TypeError(f"{what}[{i}] must be a PreferencePair or a (component, inputs, chosen, rejected"
-                                f"[, margin]) tuple, got {p!r:.80}")
+                raise TypeError(
+                    f"{what}[{i}] must be a PreferencePair or a (component, inputs, chosen, rejected"
+                    f"[, margin]) tuple, got {p!r:.80}"
+                )
             p = PreferencePair(*p)
         for field_name in ("component", "inputs", "chosen", "rejected"):
             _check_str(getattr(p, field_name), f"{what}[{i}].{field_name}")
@@ -102,8 +108,10 @@ def as_pairs(pairs: Iterable[Any], what: str = "pairs") -> list[PreferencePair]:
         if not math.isfinite(p.margin):
             raise ValueError(f"{what}[{i}].margin is {p.margin}: margins must be finite (NaN/inf reward gap?)")
         if p.margin < 0:
-            raise ValueError(f"{what}[{i}].margin is {p.margin} < 0: chosen must score at least as high as rejected "
-                             "(swap chosen and rejected)")
+            raise ValueError(
+                f"{what}[{i}].margin is {p.margin} < 0: chosen must score at least as high as rejected "
+                "(swap chosen and rejected)"
+            )
         out.append(p)
     if not out:
         raise ValueError(f"{what} is empty: need at least one preference pair")

@@ -12,14 +12,15 @@ under DistributedDataParallel (see trainer.py); nothing else changes in user cod
 ``RewardModel.score`` shards too: every rank passes the same requests, encodes only its share of the planned
 batches (``shard_batches``) and gets all N scores back (``gather_row_scores``), equal to one process's.
 """
+
 from __future__ import annotations
 
 import heapq
 import logging
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -39,8 +40,9 @@ class DistInfo:
     device: torch.device  # where this rank's model should live
 
 
-def init_distributed(backend: str | None = None, init_method: str | None = None, rank: int | None = None,
-                     world_size: int | None = None) -> DistInfo:
+def init_distributed(
+    backend: str | None = None, init_method: str | None = None, rank: int | None = None, world_size: int | None = None
+) -> DistInfo:
     """Initialise the default process group (idempotent). Without arguments it reads torchrun's
     environment; ``backend`` defaults to NCCL when CUDA is available, else gloo."""
     if not dist.is_available():
@@ -126,13 +128,16 @@ def gather_row_scores(local: np.ndarray, owner_of_row: np.ndarray, key: int) -> 
     dist.all_gather_object(parts, (int(key), np.ascontiguousarray(local, dtype=np.float32)))
     keys = [k for k, _ in parts]
     if any(k != keys[0] for k in keys):
-        raise RuntimeError(f"score under torch.distributed: the ranks passed different requests or settings "
-                           f"(input fingerprints by rank: {keys}); every rank must call score with the same rows")
+        raise RuntimeError(
+            f"score under torch.distributed: the ranks passed different requests or settings "
+            f"(input fingerprints by rank: {keys}); every rank must call score with the same rows"
+        )
     out = np.empty(len(owner_of_row), dtype=np.float32)  # (U,)
     for r, (_, s) in enumerate(parts):
         sel = owner_of_row == r  # (U,)
         if int(sel.sum()) != len(s):
-            raise RuntimeError(f"score under torch.distributed: rank {r} returned {len(s)} scores for "
-                               f"{int(sel.sum())} rows")
+            raise RuntimeError(
+                f"score under torch.distributed: rank {r} returned {len(s)} scores for {int(sel.sum())} rows"
+            )
         out[sel] = s
     return out

@@ -16,6 +16,7 @@ check it). Bidirectional encoders cannot do this (every prefix token attends to 
 The functions read the encoder through ``EncoderView`` (what they need of it, nothing more): this module does
 not import encoder.py, which composes it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -82,8 +83,15 @@ def _cache_layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return list(zip(cache.key_cache, cache.value_cache))
 
 
-def _gather_padded(tokens: np.ndarray, starts: np.ndarray, lens: np.ndarray, T: int, pad: int,
-                   out: np.ndarray | None = None, col0: np.ndarray | None = None) -> np.ndarray:
+def _gather_padded(
+    tokens: np.ndarray,
+    starts: np.ndarray,
+    lens: np.ndarray,
+    T: int,
+    pad: int,
+    out: np.ndarray | None = None,
+    col0: np.ndarray | None = None,
+) -> np.ndarray:
     """Writes ``tokens[starts[r] : starts[r] + lens[r]]`` into row r of ``out`` (R, T) from column col0[r]
     (default 0), by index arithmetic over the (R, T) grid: no Python loop over rows."""
     R = len(starts)
@@ -130,8 +138,9 @@ def encode_rows(enc: EncoderView, rows: Rows, idx: np.ndarray, inference: bool) 
     return _pool(enc, hidden.float(), mask, lens), ids.size
 
 
-def encode_packed(enc: EncoderView, rows: Rows, idx: np.ndarray, inference: bool,
-                  share: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
+def encode_packed(
+    enc: EncoderView, rows: Rows, idx: np.ndarray, inference: bool, share: np.ndarray | None = None
+) -> tuple[torch.Tensor, int]:
     """Rows ``idx`` as ONE padding-free pack (1, L): pooled states (R, H) in fp32, and tokens pushed (no
     padding).
 
@@ -201,8 +210,13 @@ def encode_packed(enc: EncoderView, rows: Rows, idx: np.ndarray, inference: bool
     backbone, ctx = enc.forward_backbone(inference)
     kw = {} if enc.is_encoder else {"use_cache": False}
     with ctx:
-        hidden = enc._run(backbone, input_ids=torch.from_numpy(ids)[None].to(dev), attention_mask=mask,
-                           position_ids=torch.from_numpy(pos)[None].to(dev), **kw).last_hidden_state[0]
+        hidden = enc._run(
+            backbone,
+            input_ids=torch.from_numpy(ids)[None].to(dev),
+            attention_mask=mask,
+            position_ids=torch.from_numpy(pos)[None].to(dev),
+            **kw,
+        ).last_hidden_state[0]
     hidden = hidden.float()  # (L, H)
     if enc.pooling == "last":  # a row's last suffix token; an empty suffix reads its prefix's last token
         last = np.where(ls > 0, seg_off[seg_of_row] + ls - 1, seg_off[seg_of_prefix[grp] + 1] - 1)  # (R,)
@@ -241,16 +255,23 @@ def encode_shared(enc: EncoderView, rows: Rows, idx: np.ndarray, inference: bool
             # the kernel attends to each prefix once (attention.py); no cache expanded per row
             sp = attention.SharedPrefix(_cache_layers(cache), inverse, lp)
             with attention.shared_prefix(sp):
-                hidden = enc._run(backbone, input_ids=s_ids_t, position_ids=pos,
-                                   use_cache=False).last_hidden_state  # (R, Ls, H)
+                hidden = enc._run(
+                    backbone, input_ids=s_ids_t, position_ids=pos, use_cache=False
+                ).last_hidden_state  # (R, Ls, H)
         else:
             # one cache row per suffix row: an index gather, differentiable, so training backpropagates
             # through each shared prefix exactly once per batch
             cache.batch_select_indices(gidx)
             # a shorter prefix's padding stays masked: (R, Lp + Ls), the suffix after the padded prefix block
             mask = torch.cat([p_mask.index_select(0, gidx), s_mask], dim=1)
-            hidden = enc._run(backbone, input_ids=s_ids_t, attention_mask=mask, position_ids=pos,
-                               use_cache=True, **{enc._cache_kw: cache}).last_hidden_state  # (R, Ls, H)
+            hidden = enc._run(
+                backbone,
+                input_ids=s_ids_t,
+                attention_mask=mask,
+                position_ids=pos,
+                use_cache=True,
+                **{enc._cache_kw: cache},
+            ).last_hidden_state  # (R, Ls, H)
     h = ops.last_token_hidden(hidden, s_lens, padding_side="right").float()  # (R, H)
     return h, p_ids.size + s_ids.size
 
@@ -283,8 +304,7 @@ def _runs(enc: EncoderView, plan: Plan, batches: Sequence[int]) -> list[tuple[li
     g = r = lp = ls = 0  # the open shared run: prefixes, rows, longest prefix, longest suffix (g=0: none)
     for b in batches:
         a, z = int(off[b]), int(off[b + 1])
-        if not (enc.shares_prefix and plan.batch_prefix_group[b] >= 0
-                and z - a > 1 and lens[a:z].min() > 0):
+        if not (enc.shares_prefix and plan.batch_prefix_group[b] >= 0 and z - a > 1 and lens[a:z].min() > 0):
             runs.append(([b], False))
             g = 0
             continue
@@ -299,18 +319,18 @@ def _runs(enc: EncoderView, plan: Plan, batches: Sequence[int]) -> list[tuple[li
     return runs
 
 
-def encode_planned(enc: EncoderView, rows: Rows, plan: Plan, inference: bool,
-                   batches: Sequence[int] | None = None) -> tuple[torch.Tensor, int]:
+def encode_planned(
+    enc: EncoderView, rows: Rows, plan: Plan, inference: bool, batches: Sequence[int] | None = None
+) -> tuple[torch.Tensor, int]:
     """Every planned batch (or only ``batches``, ascending batch indices) through the backbone: states of
     their rows in ``plan.rows`` order ((U, H) for all batches), and tokens pushed."""
     hs, tokens = [], 0
     off = plan.batch_offsets
     for run, shared in _runs(enc, plan, range(len(off) - 1) if batches is None else batches):
-        idx = np.concatenate([plan.rows[off[b]:off[b + 1]] for b in run])  # (R,) request indices, in order
+        idx = np.concatenate([plan.rows[off[b] : off[b + 1]] for b in run])  # (R,) request indices, in order
         if enc.config.packing:
             # rows of planner prefix groups (encode_packed decides whether they share inside the pack)
-            share = np.concatenate([np.full(off[b + 1] - off[b], plan.batch_prefix_group[b] >= 0)
-                                    for b in run])  # (R,)
+            share = np.concatenate([np.full(off[b + 1] - off[b], plan.batch_prefix_group[b] >= 0) for b in run])  # (R,)
             h, n = encode_packed(enc, rows, idx, inference, share)
         elif shared:
             h, n = encode_shared(enc, rows, idx, inference)

@@ -26,6 +26,7 @@ attends to the suffix), so they run independent rows and ``ScoreReport.prefix_sh
 Nothing here knows about training or checkpoints: the trainer (trainer.py) drives ``prepare``/``plan``/
 ``encode.encode_planned`` and the checkpoint module goes through ``state_dict``/``load_state_dict``.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -91,18 +92,19 @@ def _apply_lora(backbone: nn.Module, lora: LoraSettings) -> nn.Module:
         import peft
     except ImportError as e:
         raise ImportError("config.lora needs peft: pip install 'optimas-fast[lora]'") from e
-    cfg = peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=lora.target_modules)
+    cfg = peft.LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules
+    )
     if cfg.target_modules is None:
         # peft only knows defaults for some architectures; the attention projections exist everywhere we test
         names = {n.rsplit(".", 1)[-1] for n, m in backbone.named_modules() if isinstance(m, nn.Linear)}
         pick = [n for n in ("q_proj", "v_proj", "query", "value") if n in names]
         if not pick:
-            raise ValueError(f"LoraSettings.target_modules is None and no q/v projection was found among {sorted(names)}")
+            raise ValueError(
+                f"LoraSettings.target_modules is None and no q/v projection was found among {sorted(names)}"
+            )
         cfg.target_modules = pick
     return peft.get_peft_model(backbone, cfg)
-
-
 
 
 class Encoder:
@@ -116,14 +118,17 @@ class Encoder:
         device: where the backbone runs (default: CUDA if available, else CPU).
     """
 
-    def __init__(self, backbone: nn.Module, tokenizer: Any, config: RewardModelConfig,
-                 device: str | torch.device | None = None):
+    def __init__(
+        self, backbone: nn.Module, tokenizer: Any, config: RewardModelConfig, device: str | torch.device | None = None
+    ):
         if not isinstance(config, RewardModelConfig):
             raise TypeError(f"config must be a RewardModelConfig, got {type(config).__name__}")
         config.validate()
         if not isinstance(backbone, nn.Module) or not hasattr(backbone, "config"):
-            raise TypeError(f"backbone must be a Hugging Face model (nn.Module with .config) or a path, "
-                            f"got {type(backbone).__name__}")
+            raise TypeError(
+                f"backbone must be a Hugging Face model (nn.Module with .config) or a path, "
+                f"got {type(backbone).__name__}"
+            )
         if tokenizer is None:
             raise ValueError("tokenizer is required when backbone is passed as a module")
         self.config = config
@@ -138,13 +143,17 @@ class Encoder:
                 pass  # an architecture that takes only built-in names: plain "sdpa" below
         if want is not None and getattr(hf_config, "_attn_implementation", None) != want:
             if not hasattr(backbone, "set_attn_implementation"):
-                raise ValueError(f"config.attn_implementation={want!r}: this backbone cannot switch attention "
-                                 "implementation; pass attn_implementation=None to keep its own")
+                raise ValueError(
+                    f"config.attn_implementation={want!r}: this backbone cannot switch attention "
+                    "implementation; pass attn_implementation=None to keep its own"
+                )
             try:
                 backbone.set_attn_implementation(want)
             except (ValueError, ImportError) as e:
-                raise ValueError(f"config.attn_implementation={want!r} is not usable with this backbone "
-                                 f"({type(backbone).__name__}): {e}") from e
+                raise ValueError(
+                    f"config.attn_implementation={want!r} is not usable with this backbone "
+                    f"({type(backbone).__name__}): {e}"
+                ) from e
         arch = config.architecture
         if arch == "auto":
             arch = "encoder" if _is_masked_lm_type(getattr(hf_config, "model_type", "") or "") else "decoder"
@@ -164,23 +173,31 @@ class Encoder:
             # for rotary decoders with full attention; RoBERTa-style position offsets or sliding-window layers
             # would need their own handling
             kind = "encoder" if self.is_encoder else "decoder"
-            raise ValueError(f"config.packing=True needs a backbone of model_type {PACKABLE_ENCODERS} (encoders) or "
-                             f"{PACKABLE_DECODERS} (decoders), got {model_type!r} ({kind})")
+            raise ValueError(
+                f"config.packing=True needs a backbone of model_type {PACKABLE_ENCODERS} (encoders) or "
+                f"{PACKABLE_DECODERS} (decoders), got {model_type!r} ({kind})"
+            )
         self.hf_config = hf_config  # read by _flash_attention and the packing paths
         if config.packing and self.is_encoder and self._flash_attention():
-            raise ValueError("config.packing=True on an encoder needs an attention that takes a block mask (sdpa or "
-                             f"eager), got {hf_config._attn_implementation!r}: transformers' flash-attention path "
-                             "packs only causal decoders")
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+            raise ValueError(
+                "config.packing=True on an encoder needs an attention that takes a block mask (sdpa or "
+                f"eager), got {hf_config._attn_implementation!r}: transformers' flash-attention path "
+                "packs only causal decoders"
+            )
+        self.device = (
+            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         hidden = int(getattr(hf_config, "hidden_size", 0) or getattr(hf_config, "d_model", 0))
         if hidden <= 0:
             raise ValueError("cannot read the backbone's hidden size from its config (hidden_size / d_model)")
         self.tokenizer = tokenizer
         self.net = RewardNet(backbone, hidden).to(self.device)
         self.tokens = TokenCache(tokenizer, config.template, self.is_encoder, max_entries=config.token_cache_size)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
-            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+        self.pad_id = (
+            tokenizer.pad_token_id
+            if tokenizer.pad_token_id is not None
+            else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+        )
         base = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
         params = inspect.signature(base.forward).parameters
         # transformers 5 names the KV-cache argument `cache`; 4.x called it `past_key_values`
@@ -242,9 +259,11 @@ class Encoder:
             weights[f"heads.{comp}.bias"] = self.net.head_bias[key]
         # clone: safetensors refuses tensors sharing storage (tied weights), and a caller must not hold views
         # of parameters that keep training
-        return {"tensors": {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()},
-                "components": {c: self.descriptions[c] for c in self.components},
-                "head_rng": self.head_rng.get_state()}
+        return {
+            "tensors": {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()},
+            "components": {c: self.descriptions[c] for c in self.components},
+            "head_rng": self.head_rng.get_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict()`` output: heads rebuilt in its order (components added since are dropped,
@@ -258,7 +277,7 @@ class Encoder:
             with torch.no_grad():
                 self.net.head_weight[key].copy_(weights[f"heads.{comp}.weight"])
                 self.net.head_bias[key].copy_(weights[f"heads.{comp}.bias"])
-        body = {k[len("backbone."):]: v for k, v in weights.items() if k.startswith("backbone.")}
+        body = {k[len("backbone.") :]: v for k, v in weights.items() if k.startswith("backbone.")}
         self.net.backbone.load_state_dict(body, strict=True)
         self.head_rng.set_state(state["head_rng"])
 
@@ -284,21 +303,23 @@ class Encoder:
         name = str(getattr(self.hf_config, "_attn_implementation", "unknown"))
         return "sdpa" if name == attention.NAME else name
 
-
     # ---------------------------------------------------------------------------------------- tokenising
     def tokenise(self, component: str, inputs: str, outputs: str) -> Tokenised:
         """One row through the template (the per-row form; ``prepare`` is the batched one, same ids)."""
         return self.tokens.encode(self.head_id(component), self.descriptions[component], inputs, outputs)
 
-    def prepare(self, components: Sequence[str], inputs: Sequence[str], outputs: Sequence[str],
-                check_fit: bool = True) -> Rows:
+    def prepare(
+        self, components: Sequence[str], inputs: Sequence[str], outputs: Sequence[str], check_fit: bool = True
+    ) -> Rows:
         """Columns of N (component, inputs text, outputs text) rows -> Rows (see ``prepare_requests``)."""
         n = len(components)
         if not (len(inputs) == len(outputs) == n):
-            raise ValueError(f"components, inputs and outputs must have one entry per row, got {n}, {len(inputs)}, "
-                             f"{len(outputs)}")
-        return prepare_rows(zip(components, inputs, outputs), self.tokens, self.head_id, self.descriptions,
-                            check_fit, parse=False)
+            raise ValueError(
+                f"components, inputs and outputs must have one entry per row, got {n}, {len(inputs)}, {len(outputs)}"
+            )
+        return prepare_rows(
+            zip(components, inputs, outputs), self.tokens, self.head_id, self.descriptions, check_fit, parse=False
+        )
 
     def prepare_requests(self, requests: Iterable[Any], check_fit: bool = True) -> Rows:
         """ScoreRequest objects or (component, inputs, outputs) tuples -> Rows.
@@ -315,14 +336,26 @@ class Encoder:
     def plan(self, rows: Rows) -> Plan:
         """The C++ planner over the rows: distinct prefix/suffix ids serve as exact content identities."""
         if self.config.packing:  # packs of at most pack_tokens (a row longer than that gets a pack of its own)
-            sched = Scheduler(token_budget=min(self.token_budget, self.config.pack_tokens),
-                              max_rows=self.config.max_rows, mode="packed",
-                              share_prefix=self.shares_in_packs())
+            sched = Scheduler(
+                token_budget=min(self.token_budget, self.config.pack_tokens),
+                max_rows=self.config.max_rows,
+                mode="packed",
+                share_prefix=self.shares_in_packs(),
+            )
         else:
-            sched = Scheduler(token_budget=self.token_budget, max_rows=self.config.max_rows, mode="padded",
-                              share_prefix=self.shares_prefix)
-        return sched.plan_arrays(rows.head_ids, rows.prefix_lens, rows.suffix_lens,
-                                 prefix_hashes=rows.prefix_of, suffix_hashes=rows.suffix_of)
+            sched = Scheduler(
+                token_budget=self.token_budget,
+                max_rows=self.config.max_rows,
+                mode="padded",
+                share_prefix=self.shares_prefix,
+            )
+        return sched.plan_arrays(
+            rows.head_ids,
+            rows.prefix_lens,
+            rows.suffix_lens,
+            prefix_hashes=rows.prefix_of,
+            suffix_hashes=rows.suffix_of,
+        )
 
     # ------------------------------------------------------------------------------------------ forward
     def forward_backbone(self, inference: bool) -> tuple[nn.Module, Any]:
@@ -349,18 +382,21 @@ class Encoder:
     def _shared_prefix_kernel(self) -> bool:
         """Whether shared-prefix calls (scoring and training) go through attention.py's shared-prefix kernel:
         this engine's SDPA kernel on the CPU or CUDA (attention.shared_prefix_available), a rotary decoder with
-        full attention in every layer (llama / qwen2 / qwen3). ``config.shared_prefix_kernel=False`` keeps the per-row expanded cache (the reference
+        full attention in every layer (llama / qwen2 / qwen3). ``config.shared_prefix_kernel=False`` keeps the per-row
+        expanded cache (the reference
         it is tested against)."""
         layer_types = getattr(self.hf_config, "layer_types", None) or ()
-        return (self.config.shared_prefix_kernel and attention.shared_prefix_available(self.device)
-                and getattr(self.hf_config, "_attn_implementation", None) == attention.NAME
-                and getattr(self.hf_config, "model_type", None) in PACKABLE_DECODERS
-                and not getattr(self.hf_config, "use_sliding_window", False)
-                and all(t == "full_attention" for t in layer_types))
+        return (
+            self.config.shared_prefix_kernel
+            and attention.shared_prefix_available(self.device)
+            and getattr(self.hf_config, "_attn_implementation", None) == attention.NAME
+            and getattr(self.hf_config, "model_type", None) in PACKABLE_DECODERS
+            and not getattr(self.hf_config, "use_sliding_window", False)
+            and all(t == "full_attention" for t in layer_types)
+        )
 
     def shares_in_packs(self) -> bool:
         """Whether rows of a prefix group share one copy of the prefix inside a pack: decoders with prefix
         sharing and last-token pooling, not on a flash-attention kernel (it takes segments, not a tree mask;
         cls / mean pooling would average a row's own tokens, which a shared prefix is not)."""
         return self.shares_prefix and self.pooling == "last" and not self.packs_by_positions()
-

@@ -49,6 +49,7 @@ required when there are several).
 Bad data never trains silently: every problem is a ``PairFormatError`` (a ``ValueError``) naming the file,
 the row (``line N`` for JSONL / CSV, ``row N`` from 0 for JSON, Parquet and Datasets) and the field.
 """
+
 from __future__ import annotations
 
 import csv
@@ -57,9 +58,10 @@ import logging
 import math
 import os
 from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 from optimas_fast._io import JSONLineError, iter_jsonl
 from optimas_fast._validate import is_number
@@ -69,7 +71,13 @@ from optimas_fast.reward.data import PreferencePair
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "FORMATS", "LoadReport", "PairFormatError", "PairSet", "load_components", "load_pairs", "merge_pair_sets",
+    "FORMATS",
+    "LoadReport",
+    "PairFormatError",
+    "PairSet",
+    "load_components",
+    "load_pairs",
+    "merge_pair_sets",
     "save_pairs",
 ]
 
@@ -83,7 +91,8 @@ LAYOUTS = (
     "supported layouts (columns): "
     "trl = {prompt, chosen, rejected} or {chosen, rejected} (+ optional margin, component; strings or chat "
     "message lists); optimas = {context, response_chosen, response_rejected, score_chosen, score_rejected} "
-    "(+ optional component); pairs = {component, inputs, chosen, rejected} (+ optional margin)")
+    "(+ optional component); pairs = {component, inputs, chosen, rejected} (+ optional margin)"
+)
 
 
 class PairFormatError(ValueError):
@@ -123,9 +132,14 @@ class PairSet(list):
     component's description: Optimas, own pairs); ``reports``: one LoadReport per table read.
     """
 
-    def __init__(self, pairs: Iterable[PreferencePair] = (), components: Mapping[str, str] | None = None,
-                 margin_kind: str = "weight", prefix_format: str | None = None,
-                 reports: Sequence[LoadReport] = ()):
+    def __init__(
+        self,
+        pairs: Iterable[PreferencePair] = (),
+        components: Mapping[str, str] | None = None,
+        margin_kind: str = "weight",
+        prefix_format: str | None = None,
+        reports: Sequence[LoadReport] = (),
+    ):
         super().__init__(pairs)
         self.components = dict(components or {})
         self.margin_kind = margin_kind
@@ -136,8 +150,9 @@ class PairSet(list):
         """A slice is a PairSet with the same components, margin kind and template (the reports stay the
         source's); an index is a PreferencePair."""
         if isinstance(index, slice):
-            return PairSet(super().__getitem__(index), self.components, self.margin_kind, self.prefix_format,
-                           self.reports)
+            return PairSet(
+                super().__getitem__(index), self.components, self.margin_kind, self.prefix_format, self.reports
+            )
         return super().__getitem__(index)
 
     @property
@@ -152,13 +167,21 @@ class PairSet(list):
 
     def summary(self) -> dict:
         """JSON-ready: pairs, per component, format, margin kind, the per-table reports."""
-        return {"pairs": len(self), "components": self.counts(), "format": self.format,
-                "margin_kind": self.margin_kind, "ties_dropped": sum(r.ties_dropped for r in self.reports),
-                "swapped": sum(r.swapped for r in self.reports), "sources": [r.as_dict() for r in self.reports]}
+        return {
+            "pairs": len(self),
+            "components": self.counts(),
+            "format": self.format,
+            "margin_kind": self.margin_kind,
+            "ties_dropped": sum(r.ties_dropped for r in self.reports),
+            "swapped": sum(r.swapped for r in self.reports),
+            "sources": [r.as_dict() for r in self.reports],
+        }
 
     def __repr__(self) -> str:
-        return (f"PairSet({len(self)} pairs, format={self.format!r}, margin_kind={self.margin_kind!r}, "
-                f"components={self.counts()})")
+        return (
+            f"PairSet({len(self)} pairs, format={self.format!r}, margin_kind={self.margin_kind!r}, "
+            f"components={self.counts()})"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -178,8 +201,9 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict]]:
     try:
         for n, row in iter_jsonl(path):
             if not isinstance(row, dict):
-                raise PairFormatError(f"{path} line {n}", None,
-                                      f"a row must be a JSON object, got {type(row).__name__}")
+                raise PairFormatError(
+                    f"{path} line {n}", None, f"a row must be a JSON object, got {type(row).__name__}"
+                )
             yield f"line {n}", row
     except JSONLineError as e:
         raise PairFormatError(f"{path} line {e.line}", None, f"not valid JSON ({e.msg} at column {e.column})") from None
@@ -202,8 +226,9 @@ def _csv_rows(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
                     if not any(c.strip() for c in cells):
                         start = reader.line_num + 1
                         continue
-                    raise PairFormatError(f"{path} line {start}", None,
-                                          f"{len(cells)} cells for {len(header)} columns {header}")
+                    raise PairFormatError(
+                        f"{path} line {start}", None, f"{len(cells)} cells for {len(header)} columns {header}"
+                    )
                 yield f"line {start}", dict(zip(header, cells))
                 start = reader.line_num + 1
 
@@ -246,10 +271,10 @@ def _json_tables(path: Path) -> list[_Table]:
         if data and all(isinstance(v, list) for v in data.values()):
             # {name: [rows]}: components (optimas) or splits; a row dict can not be a list of lists
             if all(all(isinstance(r, Mapping) for r in v) for v in data.values()):
-                return [_Table(f"{path}[{k!r}]", _list_rows(v, f"{path}[{k!r}]"), None, key=k)
-                        for k, v in data.items()]
-    raise PairFormatError(str(path), None, 'a JSON file must hold a list of rows, {"rows": [...]} or '
-                          '{name: [rows], ...}; ' + LAYOUTS)
+                return [_Table(f"{path}[{k!r}]", _list_rows(v, f"{path}[{k!r}]"), None, key=k) for k, v in data.items()]
+    raise PairFormatError(
+        str(path), None, 'a JSON file must hold a list of rows, {"rows": [...]} or {name: [rows], ...}; ' + LAYOUTS
+    )
 
 
 def _file_tables(path: Path) -> list[_Table]:
@@ -266,34 +291,44 @@ def _file_tables(path: Path) -> list[_Table]:
 
         table = pq.read_table(path)
         return [_Table(str(path), _list_rows(table.to_pylist(), str(path)), list(table.column_names))]
-    raise PairFormatError(str(path), None, f"unsupported file type {suffix!r}: use one of {list(DATA_SUFFIXES)} "
-                          "or a folder")
+    raise PairFormatError(
+        str(path), None, f"unsupported file type {suffix!r}: use one of {list(DATA_SUFFIXES)} or a folder"
+    )
 
 
 def _folder_tables(path: Path) -> tuple[list[_Table], Path | None]:
     """A saved Dataset / DatasetDict, or one data file per component / split (+ an optional components file)."""
-    if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file() \
-            or (path / "state.json").is_file():
+    if (
+        (path / "dataset_dict.json").is_file()
+        or (path / "dataset_info.json").is_file()
+        or (path / "state.json").is_file()
+    ):
         import datasets  # lazy: only saved datasets need it
 
         return _memory_tables(datasets.load_from_disk(str(path)), str(path)), None
     comp_file = next((path / n for n in COMPONENT_FILES if (path / n).is_file()), None)
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES
-                   and p != comp_file)
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in DATA_SUFFIXES and p != comp_file)
     if not files:
-        raise PairFormatError(str(path), None, f"folder has no data files ({', '.join(DATA_SUFFIXES)}) and is "
-                              "not a saved Dataset / DatasetDict")
+        raise PairFormatError(
+            str(path),
+            None,
+            f"folder has no data files ({', '.join(DATA_SUFFIXES)}) and is not a saved Dataset / DatasetDict",
+        )
     stems = Counter(p.stem for p in files)
     dup = [s for s, n in stems.items() if n > 1]
     if dup:
-        raise PairFormatError(str(path), None, f"several files for the same name {dup}: one file per component "
-                              "or split")
+        raise PairFormatError(
+            str(path), None, f"several files for the same name {dup}: one file per component or split"
+        )
     tables = []
     for p in files:
         for t in _file_tables(p):
             if t.key is not None:
-                raise PairFormatError(str(p), None, "a file in a folder must hold one table (the file's stem "
-                                      "names it), not {name: [rows]}")
+                raise PairFormatError(
+                    str(p),
+                    None,
+                    "a file in a folder must hold one table (the file's stem names it), not {name: [rows]}",
+                )
             t.key = p.stem
             tables.append(t)
     return tables, comp_file
@@ -317,8 +352,12 @@ def _memory_tables(obj: Any, name: str) -> list[_Table]:
         return tables
     if isinstance(obj, Sequence) and not isinstance(obj, (str, bytes)):
         return [_Table(name, _list_rows(obj, name), None)]
-    raise PairFormatError(name, None, f"unsupported source type {type(obj).__name__}: pass a path, a folder, a "
-                          "datasets.Dataset / DatasetDict, a dict of row lists or a list of row dicts")
+    raise PairFormatError(
+        name,
+        None,
+        f"unsupported source type {type(obj).__name__}: pass a path, a folder, a "
+        "datasets.Dataset / DatasetDict, a dict of row lists or a list of row dicts",
+    )
 
 
 def load_components(components: Any) -> dict[str, str] | None:
@@ -353,8 +392,12 @@ def load_components(components: Any) -> dict[str, str] | None:
         if isinstance(desc, Mapping):
             desc = desc.get("description")
         if not isinstance(name, str) or not name or not isinstance(desc, str):
-            raise PairFormatError(where, str(name), "components must map a non-empty name to a description string"
-                                  f" (or to {{\"description\": ...}}), got {desc!r:.60}")
+            raise PairFormatError(
+                where,
+                str(name),
+                "components must map a non-empty name to a description string"
+                f' (or to {{"description": ...}}), got {desc!r:.60}',
+            )
         out[name] = desc
     return out
 
@@ -365,13 +408,21 @@ def _detect(columns: Iterable[str], where: str) -> str:
     optimas = cols & {"context", "response_chosen", "response_rejected"}
     trl = cols & {"chosen", "rejected"}
     if optimas and trl:
-        raise PairFormatError(where, None, f"ambiguous columns {sorted(cols)}: Optimas ({sorted(optimas)}) and "
-                              f"TRL / pairs ({sorted(trl)}) at once; pass format='optimas' or 'trl'. " + LAYOUTS)
+        raise PairFormatError(
+            where,
+            None,
+            f"ambiguous columns {sorted(cols)}: Optimas ({sorted(optimas)}) and "
+            f"TRL / pairs ({sorted(trl)}) at once; pass format='optimas' or 'trl'. " + LAYOUTS,
+        )
     if optimas:
         return "optimas"
     if "inputs" in cols and "prompt" in cols:
-        raise PairFormatError(where, None, f"ambiguous columns {sorted(cols)}: 'inputs' (pairs) and 'prompt' "
-                              "(TRL) at once; pass format='pairs' or 'trl'. " + LAYOUTS)
+        raise PairFormatError(
+            where,
+            None,
+            f"ambiguous columns {sorted(cols)}: 'inputs' (pairs) and 'prompt' "
+            "(TRL) at once; pass format='pairs' or 'trl'. " + LAYOUTS,
+        )
     if "inputs" in cols:
         return "pairs"
     if trl:
@@ -453,17 +504,22 @@ def _messages(r: _Row, name: str, value: Any) -> list[dict]:
 
 def _chat(tokenizer: Any, r: _Row, messages: list[dict], generation_prompt: bool) -> str:
     if tokenizer is None:
-        raise r.error("chosen", "conversational rows (message lists) need the backbone tokenizer's chat template: "
-                      "pass tokenizer=")
+        raise r.error(
+            "chosen", "conversational rows (message lists) need the backbone tokenizer's chat template: pass tokenizer="
+        )
     if not getattr(tokenizer, "chat_template", None):
-        raise r.error("chosen", f"conversational rows need a chat template, and the tokenizer "
-                      f"({type(tokenizer).__name__} {getattr(tokenizer, 'name_or_path', '')!r}) has none: set "
-                      "tokenizer.chat_template or render the rows to text first")
+        raise r.error(
+            "chosen",
+            f"conversational rows need a chat template, and the tokenizer "
+            f"({type(tokenizer).__name__} {getattr(tokenizer, 'name_or_path', '')!r}) has none: set "
+            "tokenizer.chat_template or render the rows to text first",
+        )
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _render_conversation(tokenizer: Any, r: _Row, prompt: list[dict], chosen: list[dict],
-                         rejected: list[dict]) -> tuple[str, str, str]:
+def _render_conversation(
+    tokenizer: Any, r: _Row, prompt: list[dict], chosen: list[dict], rejected: list[dict]
+) -> tuple[str, str, str]:
     """TRL's maybe_apply_chat_template: prompt with the generation prompt; a response = the render of prompt +
     response minus the prompt's render (cut at their common prefix, as TRL does, where a template renders the
     generation prompt differently from the start of an answer)."""
@@ -486,8 +542,9 @@ def _word_split(chosen: str, rejected: str) -> int:
     """Longest common prefix cut back to the end of a whole word; trailing whitespace goes with the responses."""
     n = _common_prefix(chosen, rejected)
     n = min(n, len(chosen) - 1, len(rejected) - 1)  # each response keeps at least one character
-    while n > 0 and not ((chosen[n].isspace() or chosen[n - 1].isspace())
-                         and (rejected[n].isspace() or rejected[n - 1].isspace())):
+    while n > 0 and not (
+        (chosen[n].isspace() or chosen[n - 1].isspace()) and (rejected[n].isspace() or rejected[n - 1].isspace())
+    ):
         n -= 1
     while n > 0 and chosen[n - 1].isspace():  # the prompt ends at a word; whitespace starts the responses
         n -= 1
@@ -496,6 +553,7 @@ def _word_split(chosen: str, rejected: str) -> int:
 
 def _token_split(tokenizer: Any, chosen: str, rejected: str, max_backoff: int = 16) -> int:
     """Longest common token prefix whose split reproduces both texts' ids when the parts are tokenised alone."""
+
     def ids(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -551,8 +609,11 @@ def _trl_pair(r: _Row, tokenizer: Any, default_component: str) -> tuple[Preferen
     if r.has("margin"):
         margin = r.number("margin")
         if margin < 0:
-            raise r.error("margin", f"is {margin} < 0: a subtracted margin must be >= 0 here (PreferencePair "
-                          "margins are >= 0); drop the row or swap chosen and rejected")
+            raise r.error(
+                "margin",
+                f"is {margin} < 0: a subtracted margin must be >= 0 here (PreferencePair "
+                "margins are >= 0); drop the row or swap chosen and rejected",
+            )
     return PreferencePair(comp, inputs, chosen, rejected, margin), layout
 
 
@@ -585,8 +646,9 @@ def _optimas_value(r: _Row, name: str, json_mode: dict) -> Any:
     try:
         obj = json.loads(v)
     except json.JSONDecodeError as e:
-        raise r.error(name, f"is not valid JSON ({e.msg} at char {e.pos}) while the column holds JSON "
-                      f"objects: {v.strip()[:40]!r}") from None
+        raise r.error(
+            name, f"is not valid JSON ({e.msg} at char {e.pos}) while the column holds JSON objects: {v.strip()[:40]!r}"
+        ) from None
     if not isinstance(obj, dict):
         raise r.error(name, f"must be a JSON object, got JSON {type(obj).__name__}")
     return obj
@@ -613,8 +675,9 @@ def _as_text(v: Any) -> str:
     return format_fields(v) if isinstance(v, dict) else v  # as the loop renders rows
 
 
-def _optimas_pair(r: _Row, component: str, json_mode: dict, ties: str, negative: str
-                  ) -> tuple[PreferencePair | None, str]:
+def _optimas_pair(
+    r: _Row, component: str, json_mode: dict, ties: str, negative: str
+) -> tuple[PreferencePair | None, str]:
     for c in OPTIMAS_COLUMNS:
         r.get(c)  # missing columns first, in a fixed order
     ctx = _optimas_value(r, "context", json_mode)
@@ -631,8 +694,11 @@ def _optimas_pair(r: _Row, component: str, json_mode: dict, ties: str, negative:
         return None, "tie"
     if margin < 0:
         if negative == "error":
-            raise r.error("score_chosen", f"is below score_rejected (margin {margin}): chosen must score higher "
-                          "(negative_margin='swap' swaps such pairs)")
+            raise r.error(
+                "score_chosen",
+                f"is below score_rejected (margin {margin}): chosen must score higher "
+                "(negative_margin='swap' swaps such pairs)",
+            )
         return PreferencePair(component, inputs, rejected, chosen, -margin), "swapped"
     return PreferencePair(component, inputs, chosen, rejected, margin), "ok"
 
@@ -689,8 +755,12 @@ def _select_split(tables: list[_Table], fmt: str, split: str | None, name: str) 
     keyed = [t for t in tables if t.key is not None]
     if fmt == "optimas" or not keyed:
         if split is not None and keyed:
-            raise PairFormatError(name, None, f"split={split!r} given, but optimas data is keyed by component "
-                                  f"({[t.key for t in keyed]}), not by split")
+            raise PairFormatError(
+                name,
+                None,
+                f"split={split!r} given, but optimas data is keyed by component "
+                f"({[t.key for t in keyed]}), not by split",
+            )
         if split is not None:
             raise PairFormatError(name, None, f"split={split!r} given, but the source has no splits")
         return tables
@@ -704,13 +774,23 @@ def _select_split(tables: list[_Table], fmt: str, split: str | None, name: str) 
     return [t for t in tables if t.key == split]
 
 
-_USED_COLUMNS = {"trl": {"prompt", "chosen", "rejected", "margin", "component", "component_name"},
-                 "optimas": set(OPTIMAS_COLUMNS) | {"component", "component_name"},
-                 "pairs": set(PAIRS_COLUMNS) | {"margin"}}
+_USED_COLUMNS = {
+    "trl": {"prompt", "chosen", "rejected", "margin", "component", "component_name"},
+    "optimas": set(OPTIMAS_COLUMNS) | {"component", "component_name"},
+    "pairs": set(PAIRS_COLUMNS) | {"margin"},
+}
 
 
-def _read_table(t: _Table, fmt: str, out: list, comps: dict | None, tokenizer: Any, default_comp: str,
-                ties: str, negative_margin: str) -> LoadReport:
+def _read_table(
+    t: _Table,
+    fmt: str,
+    out: list,
+    comps: dict | None,
+    tokenizer: Any,
+    default_comp: str,
+    ties: str,
+    negative_margin: str,
+) -> LoadReport:
     """Validates and converts one table's rows, appending its pairs to ``out``; returns its report."""
     rep = LoadReport(t.name, fmt, ignored_columns=sorted(c for c in t.schema if c not in _USED_COLUMNS[fmt]))
     json_mode: dict = {}  # optimas: column -> holds JSON objects (decided by its first row)
@@ -743,9 +823,17 @@ def _read_table(t: _Table, fmt: str, out: list, comps: dict | None, tokenizer: A
     return rep
 
 
-def load_pairs(source: Any, format: str = "auto", components: Any = None, *, tokenizer: Any = None,
-               split: str | None = None, component: str | None = None, ties: str = "drop",
-               negative_margin: str = "error") -> PairSet:
+def load_pairs(
+    source: Any,
+    format: str = "auto",
+    components: Any = None,
+    *,
+    tokenizer: Any = None,
+    split: str | None = None,
+    component: str | None = None,
+    ties: str = "drop",
+    negative_margin: str = "error",
+) -> PairSet:
     """Preference pairs from a file, folder, ``datasets`` object, dict or list (see the module docstring).
 
     ``format``: "auto" (by columns) | "trl" | "optimas" | "pairs". ``components``: name -> description (a
@@ -763,8 +851,19 @@ def load_pairs(source: Any, format: str = "auto", components: Any = None, *, tok
     if negative_margin not in ("error", "swap"):
         raise ValueError(f"negative_margin must be 'error' or 'swap', got {negative_margin!r}")
     if isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, os.PathLike)) for s in source):
-        parts = [load_pairs(s, format, components, tokenizer=tokenizer, split=split, component=component,
-                            ties=ties, negative_margin=negative_margin) for s in source]
+        parts = [
+            load_pairs(
+                s,
+                format,
+                components,
+                tokenizer=tokenizer,
+                split=split,
+                component=component,
+                ties=ties,
+                negative_margin=negative_margin,
+            )
+            for s in source
+        ]
         return merge_pair_sets(parts)
     tables, comp_file, name = _tables_of(source)
     comps = load_components(components if components is not None else comp_file)
@@ -789,8 +888,12 @@ def load_pairs(source: Any, format: str = "auto", components: Any = None, *, tok
     for t in tables:
         reports.append(_read_table(t, fmt, pairs, comps, tokenizer, default_comp, ties, negative_margin))
     if not pairs:
-        raise PairFormatError(name, None, f"no usable pairs ({sum(r.rows for r in reports)} rows, "
-                              f"{sum(r.ties_dropped for r in reports)} ties dropped)")
+        raise PairFormatError(
+            name,
+            None,
+            f"no usable pairs ({sum(r.rows for r in reports)} rows, "
+            f"{sum(r.ties_dropped for r in reports)} ties dropped)",
+        )
     seen = dict.fromkeys(p.component for p in pairs)
     descriptions = {c: (comps or {}).get(c, c) for c in seen}
     if comps:  # keep the caller's order, and its components without pairs (they still get a head)
@@ -803,19 +906,24 @@ def merge_pair_sets(parts: Sequence[PairSet]) -> PairSet:
     """One PairSet from several (several files): margin kinds must agree, descriptions must not conflict."""
     kinds = {p.margin_kind for p in parts}
     if len(kinds) > 1:
-        raise ValueError(f"can not merge pair sets with different margin kinds {sorted(kinds)} "
-                         "(TRL subtracted margins vs Optimas weights): train them separately")
+        raise ValueError(
+            f"can not merge pair sets with different margin kinds {sorted(kinds)} "
+            "(TRL subtracted margins vs Optimas weights): train them separately"
+        )
     prefixes = {p.prefix_format for p in parts}
     if len(prefixes) > 1:
-        raise ValueError("can not merge TRL pairs (scored as prompt + response) with Optimas / own pairs (scored "
-                         "through the component template): train them separately")
+        raise ValueError(
+            "can not merge TRL pairs (scored as prompt + response) with Optimas / own pairs (scored "
+            "through the component template): train them separately"
+        )
     comps: dict[str, str] = {}
     for p in parts:
         for c, d in p.components.items():
             if comps.setdefault(c, d) != d:
                 raise ValueError(f"component {c!r} has two descriptions: {comps[c]!r} and {d!r}")
-    return PairSet([x for p in parts for x in p], comps, kinds.pop(), prefixes.pop(),
-                   [r for p in parts for r in p.reports])
+    return PairSet(
+        [x for p in parts for x in p], comps, kinds.pop(), prefixes.pop(), [r for p in parts for r in p.reports]
+    )
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -823,8 +931,16 @@ def save_pairs(pairs: Iterable[PreferencePair], path: str | os.PathLike) -> Path
     """Write pairs in the project's own format ({component, inputs, chosen, rejected, margin}) as JSONL, JSON,
     CSV or Parquet (by the suffix); ``load_pairs(path)`` reads them back equal."""
     path = Path(path)
-    rows = [{"component": p.component, "inputs": p.inputs, "chosen": p.chosen, "rejected": p.rejected,
-             "margin": float(p.margin)} for p in pairs]
+    rows = [
+        {
+            "component": p.component,
+            "inputs": p.inputs,
+            "chosen": p.chosen,
+            "rejected": p.rejected,
+            "margin": float(p.margin),
+        }
+        for p in pairs
+    ]
     suffix = path.suffix.lower()
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".jsonl":

@@ -4,6 +4,7 @@ Heads are separate parameters (one (H,) weight and one (1,) bias per component, 
 order they were made) so that adding or removing a component never touches the others nor their optimizer
 state. The encoder (encoder.py) keeps the component names, descriptions and head ids in the same order.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,5 +42,3 @@ class RewardNet(nn.Module):
         W = torch.stack([self.head_weight[k] for k in self.head_keys])  # (C, H)
         b = torch.cat([self.head_bias[k] for k in self.head_keys])  # (C,)
         return W, b
-
-

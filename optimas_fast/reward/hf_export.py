@@ -38,6 +38,7 @@ decoder reward model (``*ForSequenceClassification`` with a ``score`` layer): it
 heads (one per label; bias 0) and the template is ``"{inputs}"`` (prompt text followed by the response), so an
 existing reward model can be scored and adapted here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,7 +47,8 @@ import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Mapping, Protocol, Sequence, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn as nn
@@ -120,8 +122,12 @@ def _export_pad_id(model: Exportable) -> int:
         return pad
     unk = model.tokenizer.unk_token_id
     new = unk if unk is not None and unk != eos else (1 if eos == 0 else 0)
-    logger.info("export: the pad id %d is the EOS that append_eos ends rows with; the export pads with id %d "
-                "(HF pools the last non-pad token)", pad, new)
+    logger.info(
+        "export: the pad id %d is the EOS that append_eos ends rows with; the export pads with id %d "
+        "(HF pools the last non-pad token)",
+        pad,
+        new,
+    )
     return int(new)
 
 
@@ -140,12 +146,17 @@ def _meta(model: Exportable, layout: str, biases: list[float], pad_id: int | Non
         "pooling": model.pooling,
         "components": list(model.components),
         "descriptions": {c: model.descriptions[c] for c in model.components},
-        "template": {"prefix_format": t.prefix_format, "max_length": t.max_length,
-                     "truncation_side": t.truncation_side, "min_prefix_tokens": t.min_prefix_tokens,
-                     "append_eos": eos, "eos_token_id": model.tokens.eos[0] if eos else None,
-                     "tokenisation": "lead + tok(prefix text) [+ sep] + tok(outputs) [+ sep] [+ eos], two calls; "
-                                     "lead = CLS (encoders) or BOS (decoders) when the tokenizer has one, "
-                                     "sep = SEP on encoders only, eos = EOS on decoders when append_eos"},
+        "template": {
+            "prefix_format": t.prefix_format,
+            "max_length": t.max_length,
+            "truncation_side": t.truncation_side,
+            "min_prefix_tokens": t.min_prefix_tokens,
+            "append_eos": eos,
+            "eos_token_id": model.tokens.eos[0] if eos else None,
+            "tokenisation": "lead + tok(prefix text) [+ sep] + tok(outputs) [+ sep] [+ eos], two calls; "
+            "lead = CLS (encoders) or BOS (decoders) when the tokenizer has one, "
+            "sep = SEP on encoders only, eos = EOS on decoders when append_eos",
+        },
         "pad_token_id": pad_id,
         # seq-cls: the heads' biases are dropped (BT training is invariant to a per-head constant)
         "dropped_bias": biases if layout == "seq-cls" else None,
@@ -205,8 +216,9 @@ def export_hf(model: Exportable, out_dir: str | os.PathLike) -> dict:
             base = getattr(seq, seq.base_model_prefix)
             missing, unexpected = base.load_state_dict(backbone.state_dict(), strict=False)
             if unexpected or [k for k in missing if "rotary" not in k]:
-                raise ValueError(f"cannot place the backbone in {type(seq).__name__}: missing {missing}, "
-                                 f"unexpected {unexpected}")
+                raise ValueError(
+                    f"cannot place the backbone in {type(seq).__name__}: missing {missing}, unexpected {unexpected}"
+                )
             head = getattr(seq, "score", None)
             if not isinstance(head, nn.Linear) or head.bias is not None:
                 raise ValueError(f"{type(seq).__name__} has no bias-free `score` layer; cannot export as seq-cls")
@@ -241,7 +253,7 @@ def _set_heads(model: Exportable, W: torch.Tensor, b: torch.Tensor) -> None:
     with torch.no_grad():
         for i, key in enumerate(model.net.head_keys):
             model.net.head_weight[key].copy_(W[i].to(model.net.head_weight[key]))
-            model.net.head_bias[key].copy_(b[i:i + 1].to(model.net.head_bias[key]))
+            model.net.head_bias[key].copy_(b[i : i + 1].to(model.net.head_bias[key]))
 
 
 def _read_meta(path: str) -> dict | None:
@@ -257,9 +269,13 @@ def _read_meta(path: str) -> dict | None:
 
 def _template(meta: dict) -> TemplateConfig:
     t = meta["template"]
-    return TemplateConfig(max_length=int(t["max_length"]), prefix_format=t["prefix_format"],
-                          truncation_side=t["truncation_side"], min_prefix_tokens=int(t["min_prefix_tokens"]),
-                          append_eos=bool(t.get("append_eos", False)))  # absent in exports made before it
+    return TemplateConfig(
+        max_length=int(t["max_length"]),
+        prefix_format=t["prefix_format"],
+        truncation_side=t["truncation_side"],
+        min_prefix_tokens=int(t["min_prefix_tokens"]),
+        append_eos=bool(t.get("append_eos", False)),
+    )  # absent in exports made before it
 
 
 def _seq_cls_parts(path: str) -> tuple[nn.Module, nn.Linear, Any]:
@@ -268,19 +284,28 @@ def _seq_cls_parts(path: str) -> tuple[nn.Module, nn.Linear, Any]:
     cfg = AutoConfig.from_pretrained(path, local_files_only=True)
     archs = getattr(cfg, "architectures", None) or []
     if not any(a.endswith("ForSequenceClassification") for a in archs):
-        raise ValueError(f"{path}: config.json names architectures {archs}: not a *ForSequenceClassification "
-                         "reward model, and there is no optimas_reward.json (not an optimas-fast export)")
+        raise ValueError(
+            f"{path}: config.json names architectures {archs}: not a *ForSequenceClassification "
+            "reward model, and there is no optimas_reward.json (not an optimas-fast export)"
+        )
     seq = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
     head = getattr(seq, "score", None)
     if not isinstance(head, nn.Linear):
-        raise ValueError(f"{path}: {type(seq).__name__} has no `score` linear layer; only decoder reward models "
-                         "(a linear score on the last token) can be imported (encoder classifiers pool through "
-                         "their own pooler layer, which RewardModel does not reproduce)")
+        raise ValueError(
+            f"{path}: {type(seq).__name__} has no `score` linear layer; only decoder reward models "
+            "(a linear score on the last token) can be imported (encoder classifiers pool through "
+            "their own pooler layer, which RewardModel does not reproduce)"
+        )
     return getattr(seq, seq.base_model_prefix), head, cfg
 
 
-def load_pretrained(path: str | os.PathLike, build: Callable[..., M], config: RewardModelConfig,
-                    config_given: bool, device: str | torch.device | None = None) -> M:
+def load_pretrained(
+    path: str | os.PathLike,
+    build: Callable[..., M],
+    config: RewardModelConfig,
+    config_given: bool,
+    device: str | torch.device | None = None,
+) -> M:
     """A RewardModel from an optimas-fast HF export or a plain HF decoder ``*ForSequenceClassification``.
 
     ``build(backbone, components, tokenizer=, config=, device=)`` constructs the model (the facade passes

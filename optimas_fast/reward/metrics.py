@@ -6,6 +6,7 @@ global reward of candidates).
 through it the loop's alignment monitor), the TRL-style ``RewardTrainer.evaluate``, ``optimas-fast reward eval``
 and ``Trainer.step``'s per-component training accuracy all report it.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -23,8 +24,9 @@ def pair_hits(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
     return (diff > 0).double() + 0.5 * (diff == 0).double()
 
 
-def pair_metrics(r_chosen, r_rejected, components: Sequence[str] | None = None, margin=None,
-                 center: float = 0.0) -> dict:
+def pair_metrics(
+    r_chosen, r_rejected, components: Sequence[str] | None = None, margin=None, center: float = 0.0
+) -> dict:
     """Pairwise metrics of scored preference pairs.
 
     r_chosen, r_rejected: (B,) scores of each pair's preferred and other output (tensors or sequences).
@@ -53,15 +55,20 @@ def pair_metrics(r_chosen, r_rejected, components: Sequence[str] | None = None, 
         raise ValueError(f"pair_metrics: components has {len(components)} names for {n} pairs")
     diff = rc - rr  # (B,)
     hits = pair_hits(rc, rr)  # (B,): 1 right, 1/2 tie, 0 wrong
-    loss = (ops.bt_loss(rc, rr, margin=mu, center=center, reduction="none") if n
-            else torch.zeros(0, dtype=torch.float64))  # (B,)
+    loss = (
+        ops.bt_loss(rc, rr, margin=mu, center=center, reduction="none") if n else torch.zeros(0, dtype=torch.float64)
+    )  # (B,)
 
     def block(sel: torch.Tensor | None) -> dict:
         h, lo, d = (hits, loss, diff) if sel is None else (hits[sel], loss[sel], diff[sel])
         k = int(h.shape[0])
         nan = float("nan")
-        return {"n_pairs": k, "accuracy": float(h.mean()) if k else nan, "loss": float(lo.mean()) if k else nan,
-                "margin": float(d.mean()) if k else nan}
+        return {
+            "n_pairs": k,
+            "accuracy": float(h.mean()) if k else nan,
+            "loss": float(lo.mean()) if k else nan,
+            "margin": float(d.mean()) if k else nan,
+        }
 
     out = block(None)
     out["per_component"] = {}
@@ -83,7 +90,7 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
         j = i
         while j + 1 < len(x) and xs[j + 1] == xs[i]:
             j += 1
-        ranks[order[i: j + 1]] = (i + j) / 2.0
+        ranks[order[i : j + 1]] = (i + j) / 2.0
         i = j + 1
     return ranks
 

@@ -18,6 +18,7 @@ The parts it joins depend only downward and never import it back:
     trainer.py    Trainer.step (the one training step), TrainLoops (train / adapt: schedule, replay), evaluate
     checkpoint.py save / load through Encoder and TrainLoops (+ Trainer) state_dicts
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,17 @@ from .trainer import Trainer, TrainLoops, TrainReport, evaluate
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DEFAULT_BACKBONE", "LoraSettings", "RewardModelConfig", "RewardModel", "RewardNet", "ScoreReport",
-    "backend_report", "cpu_has_native_bf16", "load_backbone", "reward_config_from_dict", "reward_config_to_dict",
+    "DEFAULT_BACKBONE",
+    "LoraSettings",
+    "RewardModelConfig",
+    "RewardModel",
+    "RewardNet",
+    "ScoreReport",
+    "backend_report",
+    "cpu_has_native_bf16",
+    "load_backbone",
+    "reward_config_from_dict",
+    "reward_config_to_dict",
 ]
 
 
@@ -66,9 +76,14 @@ class RewardModel:
     cache, the device and the policies (``encoder.config``, ``encoder.components``, ``encoder.device``, ...).
     """
 
-    def __init__(self, backbone: Any = DEFAULT_BACKBONE, components: Sequence[str] | Mapping[str, str] = (),
-                 tokenizer: Any = None, config: RewardModelConfig | None = None,
-                 device: str | torch.device | None = None):
+    def __init__(
+        self,
+        backbone: Any = DEFAULT_BACKBONE,
+        components: Sequence[str] | Mapping[str, str] = (),
+        tokenizer: Any = None,
+        config: RewardModelConfig | None = None,
+        device: str | torch.device | None = None,
+    ):
         config = config if config is not None else RewardModelConfig()
         if not isinstance(config, RewardModelConfig):
             raise TypeError(f"config must be a RewardModelConfig, got {type(config).__name__}")
@@ -126,8 +141,9 @@ class RewardModel:
         return scores, report
 
     # ---------------------------------------------------------------------------------- training facade
-    def train(self, pairs, epochs: int = 1, lr: float | None = None, overlong: str = "truncate_prefix",
-              **overrides) -> list[dict]:
+    def train(
+        self, pairs, epochs: int = 1, lr: float | None = None, overlong: str = "truncate_prefix", **overrides
+    ) -> list[dict]:
         """Initial training on preference pairs. Settings: ``self.loops.config`` (a ``trainer.TrainConfig``) with
         the keyword overrides on top, for this call only.
 
@@ -185,12 +201,18 @@ class RewardModel:
         return hf_export.export_hf(self.encoder, path)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, device: str | torch.device | None = None,
-                        config: RewardModelConfig | None = None) -> RewardModel:
+    def from_pretrained(
+        cls, path: str | os.PathLike, device: str | torch.device | None = None, config: RewardModelConfig | None = None
+    ) -> RewardModel:
         """Load an ``export_hf`` directory, or a plain HF decoder ``*ForSequenceClassification`` reward model
         (its score layer becomes the heads; template ``"{inputs}"`` unless ``config`` says otherwise)."""
-        return hf_export.load_pretrained(path, build=cls, config=config if config is not None else RewardModelConfig(),
-                                         config_given=config is not None, device=device)
+        return hf_export.load_pretrained(
+            path,
+            build=cls,
+            config=config if config is not None else RewardModelConfig(),
+            config_given=config is not None,
+            device=device,
+        )
 
 
 def _config_from_dict(d: dict):
@@ -198,4 +220,3 @@ def _config_from_dict(d: dict):
 
     d = dict(d)
     return AutoConfig.for_model(d.pop("model_type"), **d)
-

@@ -4,6 +4,7 @@ backbone that scoring uses with ``score_weights="cast"``.
 Nothing here knows about rows, batches or heads: the encoder asks ``Precision`` for the backbone and context
 of one encoding call (``forward_backbone``) and the trainer frees the copy before a step (``release_copy``).
 """
+
 from __future__ import annotations
 
 import contextlib

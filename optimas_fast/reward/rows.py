@@ -7,6 +7,7 @@
 Nothing here knows about backbones, heads' parameters or batches: a component's head id and description come
 in as arguments.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,7 +38,6 @@ def _text_row(i: int, component: Any, inputs: Any, outputs: Any) -> tuple[str, s
             kind = "a str" if j == 0 else "a str or a mapping of field -> value"
             raise TypeError(f"requests[{i}][{j}] must be {kind}, got {type(v).__name__}")
     return component, inputs, outputs
-
 
 
 @dataclass
@@ -71,19 +71,29 @@ class Rows:
     def suffix_lens(self) -> np.ndarray:
         return np.diff(self.suffix_offsets)[self.suffix_of]  # (N,)
 
-    def take(self, idx) -> "Rows":
+    def take(self, idx) -> Rows:
         """The rows ``idx`` (any integer index array); token buffers are shared, not copied."""
         idx = np.asarray(idx, dtype=np.int64)
-        return Rows(self.head_ids[idx], self.prefix_of[idx], self.suffix_of[idx], self.prefix_tokens,
-                    self.prefix_offsets, self.suffix_tokens, self.suffix_offsets, self.truncated[idx],
-                    self.full_length[idx], self.unfit[idx])
+        return Rows(
+            self.head_ids[idx],
+            self.prefix_of[idx],
+            self.suffix_of[idx],
+            self.prefix_tokens,
+            self.prefix_offsets,
+            self.suffix_tokens,
+            self.suffix_offsets,
+            self.truncated[idx],
+            self.full_length[idx],
+            self.unfit[idx],
+        )
 
     def row(self, i: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         p, s = int(self.prefix_of[i]), int(self.suffix_of[i])
         po, so = self.prefix_offsets, self.suffix_offsets
-        return (tuple(self.prefix_tokens[po[p]:po[p + 1]].tolist()),
-                tuple(self.suffix_tokens[so[s]:so[s + 1]].tolist()))
-
+        return (
+            tuple(self.prefix_tokens[po[p] : po[p + 1]].tolist()),
+            tuple(self.suffix_tokens[so[s] : so[s + 1]].tolist()),
+        )
 
 
 @contextlib.contextmanager
@@ -110,9 +120,14 @@ def _flat(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
     return flat, off
 
 
-
-def prepare_rows(triples: Iterable[Any], tokens: TokenCache, head_id: Callable[[str], int],
-                 descriptions: Mapping[str, str], check_fit: bool, parse: bool) -> Rows:
+def prepare_rows(
+    triples: Iterable[Any],
+    tokens: TokenCache,
+    head_id: Callable[[str], int],
+    descriptions: Mapping[str, str],
+    check_fit: bool,
+    parse: bool,
+) -> Rows:
     """(component, inputs, outputs) rows -> Rows, through the template of ``tokens`` (its TemplateConfig).
 
     The rows are parsed (``parse``: ScoreRequest objects or 3-tuples), type-checked and deduplicated at text
@@ -125,8 +140,14 @@ def prepare_rows(triples: Iterable[Any], tokens: TokenCache, head_id: Callable[[
         return _prepare_rows(triples, tokens, head_id, descriptions, check_fit, parse)
 
 
-def _prepare_rows(triples: Iterable[Any], tokens: TokenCache, head_id: Callable[[str], int],
-                  descriptions: Mapping[str, str], check_fit: bool, parse: bool) -> Rows:
+def _prepare_rows(
+    triples: Iterable[Any],
+    tokens: TokenCache,
+    head_id: Callable[[str], int],
+    descriptions: Mapping[str, str],
+    check_fit: bool,
+    parse: bool,
+) -> Rows:
     key_of: dict = {}  # (component, inputs) -> distinct key
     sfx_of: dict = {}  # outputs text -> distinct suffix
     pk: list[int] = []  # (N,) row -> key
@@ -136,8 +157,9 @@ def _prepare_rows(triples: Iterable[Any], tokens: TokenCache, head_id: Callable[
             if isinstance(r, ScoreRequest):
                 r = (r.component, r.inputs, r.outputs)
             elif not (isinstance(r, (tuple, list)) and len(r) == 3):
-                raise TypeError(f"requests[{i}] must be a ScoreRequest or a (component, inputs, outputs) tuple, "
-                                f"got {r!r:.80}")
+                raise TypeError(
+                    f"requests[{i}] must be a ScoreRequest or a (component, inputs, outputs) tuple, got {r!r:.80}"
+                )
         c, x, y = r
         if type(c) is not str or type(x) is not str or type(y) is not str:
             c, x, y = _text_row(i, c, x, y)
@@ -159,8 +181,11 @@ def _prepare_rows(triples: Iterable[Any], tokens: TokenCache, head_id: Callable[
     key_head = np.fromiter((head_id(c) for c, _ in keys), dtype=np.int64, count=len(keys))  # (K,)
     # prefix text per key; keys with equal text (two components, same description) share a prefix
     text_of: dict[str, int] = {}
-    key_text = np.fromiter((text_of.setdefault(tokens.prefix_text(descriptions[c], x), len(text_of))
-                            for c, x in keys), dtype=np.int64, count=len(keys))  # (K,)
+    key_text = np.fromiter(
+        (text_of.setdefault(tokens.prefix_text(descriptions[c], x), len(text_of)) for c, x in keys),
+        dtype=np.int64,
+        count=len(keys),
+    )  # (K,)
     bodies = tokens.ids_many(list(text_of))  # distinct prefix bodies
     outs = tokens.ids_many(list(sfx_of))  # distinct outputs
     lead, sep = tokens.lead, tokens.sep
@@ -178,7 +203,8 @@ def _prepare_rows(triples: Iterable[Any], tokens: TokenCache, head_id: Callable[
         raise ValueError(
             f"requests[{i}]: outputs text is {int(s_len[i])} tokens: with the template it needs "
             f"{int(fixed[i]) + tmpl.min_prefix_tokens} > max_length={tmpl.max_length}; the suffix is never "
-            "truncated: raise max_length or shorten the outputs")
+            "truncated: raise max_length or shorten the outputs"
+        )
     b_len = body_len[row_text]  # (N,)
     dropped = np.where(unfit, 0, np.maximum(0, b_len - room))  # (N,)
     # distinct prefixes = distinct (text, tokens dropped): untruncated rows use the text's own id
@@ -194,6 +220,15 @@ def _prepare_rows(triples: Iterable[Any], tokens: TokenCache, head_id: Callable[
     prefixes = [lead + b + sep for b in bodies]
     prefixes += [lead + (bodies[t][d:] if left else bodies[t][: len(bodies[t]) - d]) + sep for t, d in extra]
     prefix_tokens, prefix_offsets = _flat(prefixes)
-    return Rows(head_ids=key_head[pk], prefix_of=variant, suffix_of=sk, prefix_tokens=prefix_tokens,
-                prefix_offsets=prefix_offsets, suffix_tokens=suffix_tokens, suffix_offsets=suffix_offsets,
-                truncated=dropped, full_length=len(lead) + len(sep) + b_len + s_len, unfit=unfit)
+    return Rows(
+        head_ids=key_head[pk],
+        prefix_of=variant,
+        suffix_of=sk,
+        prefix_tokens=prefix_tokens,
+        prefix_offsets=prefix_offsets,
+        suffix_tokens=suffix_tokens,
+        suffix_offsets=suffix_offsets,
+        truncated=dropped,
+        full_length=len(lead) + len(sep) + b_len + s_len,
+        unfit=unfit,
+    )

@@ -15,6 +15,7 @@ with ``num_cycles=0.5``), evaluated at the 0-based step of the loop, so a loop h
 the peak instead of 0: ``factor * (1 - min_lr_ratio) + min_lr_ratio`` after the warm-up, which is transformers'
 ``get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=...)`` for cosine.
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,10 @@ def lr_factor(kind: str, step: int, warmup_steps: int = 0, total_steps: int = 1,
         raise ValueError(f"min_lr_ratio must be a number in [0, 1], got {min_lr_ratio!r}")
     if kind == "constant":
         if warmup_steps:
-            raise ValueError(f"schedule 'constant' has no warm-up (as transformers' get_constant_schedule), got "
-                             f"warmup_steps={warmup_steps}: use 'constant_with_warmup'")
+            raise ValueError(
+                f"schedule 'constant' has no warm-up (as transformers' get_constant_schedule), got "
+                f"warmup_steps={warmup_steps}: use 'constant_with_warmup'"
+            )
         return 1.0
     if step < warmup_steps:
         return float(step) / float(max(1, warmup_steps))

@@ -5,6 +5,7 @@ what one call did.
     rows --plan--> batches --shard_batches--> this rank's batches --encode_planned--> states (U_rank, H)
          --ops.multihead_score--> (U_rank,) --gather_row_scores--> (U,) --Plan.scatter--> (N,)
 """
+
 from __future__ import annotations
 
 import logging
@@ -48,7 +49,6 @@ class ScoreReport:
     n_batches_total: int = 0  # planned batches over all ranks
 
 
-
 def score_rows(enc: Encoder, rows: Rows, shard: bool = True) -> tuple[torch.Tensor, ScoreReport]:
     """Rewards (N,) float32 on CPU for prepared rows, and what it took.
 
@@ -77,22 +77,40 @@ def score_rows(enc: Encoder, rows: Rows, shard: bool = True) -> tuple[torch.Tens
             W, b = enc.net.stacked_heads()  # (C, H), (C,)
             s = ops.multihead_score(h, head_ids, W, b).float().cpu()  # (U or U_rank,)
         if mine is not None:
-            key = fingerprint((rows.head_ids, rows.prefix_of, rows.suffix_of, rows.prefix_tokens,
-                               rows.prefix_offsets, rows.suffix_tokens, rows.suffix_offsets,
-                               plan.batch_tokens))
+            key = fingerprint(
+                (
+                    rows.head_ids,
+                    rows.prefix_of,
+                    rows.suffix_of,
+                    rows.prefix_tokens,
+                    rows.prefix_offsets,
+                    rows.suffix_tokens,
+                    rows.suffix_offsets,
+                    plan.batch_tokens,
+                )
+            )
             s = torch.from_numpy(gather_row_scores(s.numpy(), owner_of_row, key))  # (U,) all ranks' rows
         scores = plan.scatter(s)  # (N,) duplicates get their representative's score
     finally:
         enc.net.train(was_training)
     seconds = time.perf_counter() - t0
     report = ScoreReport(
-        n_requests=len(rows), n_unique=len(plan.rows), n_batches=len(plan) if mine is None else len(mine),
+        n_requests=len(rows),
+        n_unique=len(plan.rows),
+        n_batches=len(plan) if mine is None else len(mine),
         prefix_sharing=enc.prefix_sharing_status(),
-        tokens_encoded=n_tok, tokens_naive=int((rows.prefix_lens + rows.suffix_lens).sum()), scheduler="native",
-        ops="optimas_fast.ops", amp="bf16" if enc.precision.uses_bf16(True) else "fp32",
-        attention=enc.attention_name(), seconds=seconds,
-        host_seconds=seconds - enc._backbone_seconds, rank=rank, world_size=world_size,
-        n_batches_total=len(plan))
+        tokens_encoded=n_tok,
+        tokens_naive=int((rows.prefix_lens + rows.suffix_lens).sum()),
+        scheduler="native",
+        ops="optimas_fast.ops",
+        amp="bf16" if enc.precision.uses_bf16(True) else "fp32",
+        attention=enc.attention_name(),
+        seconds=seconds,
+        host_seconds=seconds - enc._backbone_seconds,
+        rank=rank,
+        world_size=world_size,
+        n_batches_total=len(plan),
+    )
     return scores, report
 
 

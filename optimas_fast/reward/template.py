@@ -9,12 +9,14 @@ The two halves are tokenised separately (and cached separately), so a prefix's i
 suffix it is paired with. Truncation only ever shortens the prefix body; an output that does not fit on its
 own is an error, because silently cutting the thing being scored would change what the reward means.
 """
+
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from optimas_fast._native import native_available
 from optimas_fast._validate import check_int
@@ -121,8 +123,10 @@ class TokenCache:
         eos = None if is_encoder else getattr(tokenizer, "eos_token_id", None)
         self.eos: tuple[int, ...] = (eos,) if eos is not None else ()  # decoders' EOS, for append_eos
         if config.append_eos and not is_encoder and not self.eos:
-            logger.warning("TemplateConfig.append_eos=True, but the tokenizer has no eos_token_id: rows end with "
-                           "the outputs' last token (set tokenizer.eos_token to append one)")
+            logger.warning(
+                "TemplateConfig.append_eos=True, but the tokenizer has no eos_token_id: rows end with "
+                "the outputs' last token (set tokenizer.eos_token to append one)"
+            )
         self._text_ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()
         self._prefix_keys: OrderedDict[tuple[int, ...], int] = OrderedDict()
         self._next_key = 0
@@ -212,9 +216,11 @@ class TokenCache:
         room = self.config.max_length - fixed
         if room < self.config.min_prefix_tokens:
             raise ValueError(
-                f"outputs text is {len(suffix)} tokens: with the template it needs {fixed + self.config.min_prefix_tokens}"
+                f"outputs text is {len(suffix)} tokens: with the template it needs "
+                f"{fixed + self.config.min_prefix_tokens}"
                 f" > max_length={self.config.max_length}; the suffix is never truncated: raise max_length or "
-                "shorten the outputs")
+                "shorten the outputs"
+            )
         dropped = max(0, len(body) - room)
         if dropped:
             body = body[dropped:] if self.config.truncation_side == "left" else body[: len(body) - dropped]

@@ -27,6 +27,7 @@ contiguous shard of every global batch and the backbone runs under DistributedDa
 shard's row sum over the global weight total (times the world size) so that DDP's gradient average equals the
 single-process weighted mean exactly (up to float summation order).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -108,8 +109,14 @@ class _PairLoss(nn.Module):
         self.net = encoder.net
         self._encoder = (encoder,)  # a tuple keeps the (non-Module) encoder out of the module tree
 
-    def forward(self, rows: Rows, weights: Sequence[float], margins: Sequence[float] | None, divisor: float | None,
-                center: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def forward(
+        self,
+        rows: Rows,
+        weights: Sequence[float],
+        margins: Sequence[float] | None,
+        divisor: float | None,
+        center: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(loss, r_chosen, r_rejected, tokens) of the pairs whose chosen rows are ``rows[:B]`` and rejected rows
         ``rows[B:]``: the weighted mean loss (divisor None), or the row sum / divisor (DDP shards); the (B,)
         scores are detached (for the step's accuracy)."""
@@ -127,8 +134,10 @@ class _PairLoss(nn.Module):
         if divisor is None:
             loss = ops.fused_head_bt_loss(h_c, h_r, head_ids, W, b, weight=w, margin=mu, center=center)
         else:
-            loss = ops.fused_head_bt_loss(h_c, h_r, head_ids, W, b, weight=w, margin=mu, center=center,
-                                          reduction="sum") / divisor
+            loss = (
+                ops.fused_head_bt_loss(h_c, h_r, head_ids, W, b, weight=w, margin=mu, center=center, reduction="sum")
+                / divisor
+            )
         with torch.no_grad():  # the scores again for the accuracy: two (B, H) x H products, no graph
             Wd, bd = W.detach(), b.detach()
             r_c = ops.multihead_score(h_c.detach().float(), head_ids, Wd, bd)  # (B,)
@@ -178,9 +187,11 @@ def _set_checkpointing(encoder: Encoder, on: bool) -> None:
     read live, so each step follows it."""
     backbone = encoder.net.backbone
     if on and encoder.shares_prefix:
-        raise ValueError("config.gradient_checkpointing=True cannot run with prefix sharing on a decoder "
-                         "(transformers' checkpointing drops the KV cache the prefix call passes to the suffix "
-                         "call): set config.prefix_sharing=False, or bound activations with config.train_chunk_tokens")
+        raise ValueError(
+            "config.gradient_checkpointing=True cannot run with prefix sharing on a decoder "
+            "(transformers' checkpointing drops the KV cache the prefix call passes to the suffix "
+            "call): set config.prefix_sharing=False, or bound activations with config.train_chunk_tokens"
+        )
     # what transformers' is_activation_checkpointing reads (its older name is deprecated in 5.x)
     if any(getattr(m, "gradient_checkpointing", False) is True for m in backbone.modules()) == on:
         return
@@ -189,8 +200,9 @@ def _set_checkpointing(encoder: Encoder, on: bool) -> None:
         (backbone.activation_checkpointing_disable if new_api else backbone.gradient_checkpointing_disable)()
         return
     if not getattr(backbone, "supports_gradient_checkpointing", False) and not hasattr(backbone, "get_base_model"):
-        raise ValueError(f"config.gradient_checkpointing=True: {type(backbone).__name__} does not support "
-                         "activation checkpointing")
+        raise ValueError(
+            f"config.gradient_checkpointing=True: {type(backbone).__name__} does not support activation checkpointing"
+        )
     kwargs = {"use_reentrant": False}  # non-reentrant: works with inputs that need no grad and with autocast
     if new_api:
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -202,8 +214,9 @@ def pair_rows(encoder: Encoder, pairs: Sequence[PreferencePair], check_fit: bool
     """2B prepared rows: the chosen outputs of ``pairs`` first, then the rejected ones (one batched pass)."""
     comps = [p.component for p in pairs]
     ins = [p.inputs for p in pairs]
-    return encoder.prepare(comps + comps, ins + ins, [p.chosen for p in pairs] + [p.rejected for p in pairs],
-                           check_fit=check_fit)
+    return encoder.prepare(
+        comps + comps, ins + ins, [p.chosen for p in pairs] + [p.rejected for p in pairs], check_fit=check_fit
+    )
 
 
 class Trainer:
@@ -254,7 +267,10 @@ class Trainer:
             body, heads = self._param_groups()
             self.optimizer = torch.optim.AdamW(
                 [{"params": [p for _, p in body]}, {"params": [p for _, p in heads], "weight_decay": 0.0}],
-                lr=0.0, weight_decay=0.0, fused=_can_fuse(p for _, p in body + heads))
+                lr=0.0,
+                weight_decay=0.0,
+                fused=_can_fuse(p for _, p in body + heads),
+            )
         return self.optimizer
 
     def _wrapped(self) -> nn.Module:
@@ -265,13 +281,21 @@ class Trainer:
 
             dev = self.encoder.device
             # find_unused_parameters: encoders' poolers and heads absent from a shard get no gradient
-            self._ddp = DDP(self._loss_module, device_ids=[dev.index] if dev.type == "cuda" else None,
-                            find_unused_parameters=True)
+            self._ddp = DDP(
+                self._loss_module, device_ids=[dev.index] if dev.type == "cuda" else None, find_unused_parameters=True
+            )
         return self._ddp
 
     # ------------------------------------------------------------------------------------------ step
-    def step(self, batch: PairBatch, lr: float, *, head_lr: float | None = None, weight_decay: float = 0.0,
-             max_grad_norm: float | None = None) -> StepReport:
+    def step(
+        self,
+        batch: PairBatch,
+        lr: float,
+        *,
+        head_lr: float | None = None,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+    ) -> StepReport:
         """One optimizer step on a global batch: the loss through ``ops``, backward, clipping, AdamW.
 
         lr: the backbone's learning rate for this step (>= 0: a warm-up may start at 0); head_lr: the heads'
@@ -287,8 +311,10 @@ class Trainer:
         rows, weights = batch.rows, list(batch.weights)
         n = len(batch)
         if n < 1 or len(rows) != 2 * n or len(weights) != n or (batch.margins is not None and len(batch.margins) != n):
-            raise ValueError(f"Trainer.step: a batch of {len(rows)} rows needs 2B rows (chosen, then rejected) and B "
-                             f"weights / margins, got {len(weights)} weights")
+            raise ValueError(
+                f"Trainer.step: a batch of {len(rows)} rows needs 2B rows (chosen, then rejected) and B "
+                f"weights / margins, got {len(weights)} weights"
+            )
         rank, world = _world()
         if world > 1:
             # ops' mean is sum(rows) / sum(w) (the centering term included), so a shard contributes
@@ -339,11 +365,25 @@ class Trainer:
             value /= world
             tally = tally.cpu()
         acc = {c: float(tally[0, i] / tally[1, i]) for i, c in enumerate(self.encoder.components) if tally[1, i] > 0}
-        return StepReport(loss=float(value), accuracy=acc, grad_norm=float(grad_norm), tokens=int(tokens), pairs=n,
-                          lr=float(lr), seconds=time.perf_counter() - t0)
+        return StepReport(
+            loss=float(value),
+            accuracy=acc,
+            grad_norm=float(grad_norm),
+            tokens=int(tokens),
+            pairs=n,
+            lr=float(lr),
+            seconds=time.perf_counter() - t0,
+        )
 
-    def _forward_backward(self, shard: Rows, weights: list[float], mu: list[float] | None, divisor: float | None,
-                          center: float, world: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def _forward_backward(
+        self,
+        shard: Rows,
+        weights: list[float],
+        mu: list[float] | None,
+        divisor: float | None,
+        center: float,
+        world: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """The shard's loss (detached), scores (b,) each and tokens, its gradient accumulated into ``.grad``: in one
         forward and backward, or chunk by chunk under ``config.train_chunk_tokens`` (see ``pair_chunks``): each
         chunk's row sum divided by the whole shard's divisor, so the gradients add up to the unchunked ones."""
@@ -362,8 +402,9 @@ class Trainer:
                     mu_k = None if mu is None else [mu[i] for i in idx]
                     loss, c, r, t = module(part, [weights[i] for i in idx], mu_k, div, center)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {self.global_step}; lower lr or "
-                                             "check data")
+                    raise FloatingPointError(
+                        f"non-finite loss {loss.item()} at step {self.global_step}; lower lr or check data"
+                    )
                 loss.backward()
             if len(chunks) == 1:
                 return loss.detach(), c, r, t
@@ -403,16 +444,23 @@ class Trainer:
         slots: dict[str, dict[str, torch.Tensor]] = {}
         for k, v in tensors.items():
             if k.startswith("opt::"):
-                name, slot = k[len("opt::"):].rsplit("::", 1)
+                name, slot = k[len("opt::") :].rsplit("::", 1)
                 slots.setdefault(name, {})[slot] = v
         fused = bool(opt.defaults.get("fused"))
         for name, st in slots.items():
             p = params[name]
             # the moments live with the parameter; `step` stays on the CPU, except that fused AdamW keeps it with
             # the parameter (as torch's own Optimizer.load_state_dict places it)
-            opt.state[p] = {k: (v.to(p.device, torch.float32).clone() if k == "step" and fused else
-                                v.clone() if k == "step" else v.to(p.device).clone())
-                            for k, v in st.items()}
+            opt.state[p] = {
+                k: (
+                    v.to(p.device, torch.float32).clone()
+                    if k == "step" and fused
+                    else v.clone()
+                    if k == "step"
+                    else v.to(p.device).clone()
+                )
+                for k, v in st.items()
+            }
 
 
 # ------------------------------------------------------------------------------------------------ the engine loops
@@ -467,8 +515,9 @@ class TrainConfig:
         if not 0.0 <= self.replay_fraction < 1.0:
             raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
         if not (self.margin_floor > 0):
-            raise ValueError(f"margin_floor must be > 0 (else zero-margin pairs get weight 0), got "
-                             f"{self.margin_floor!r}")
+            raise ValueError(
+                f"margin_floor must be > 0 (else zero-margin pairs get weight 0), got {self.margin_floor!r}"
+            )
         check_int(self.warmup_steps, "warmup_steps", min=0)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
@@ -480,8 +529,9 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be a finite float > 0 or None, got {self.grad_clip!r}")
 
 
-def make_batches(pairs: Sequence[PreferencePair], batch_pairs: int, group_by_input: bool,
-                 gen: torch.Generator) -> list[list[int]]:
+def make_batches(
+    pairs: Sequence[PreferencePair], batch_pairs: int, group_by_input: bool, gen: torch.Generator
+) -> list[list[int]]:
     """Shuffled batches of pair indices; with group_by_input, pairs of one (component, inputs) stay adjacent."""
     if not group_by_input:
         order = torch.randperm(len(pairs), generator=gen).tolist()
@@ -494,7 +544,7 @@ def make_batches(pairs: Sequence[PreferencePair], batch_pairs: int, group_by_inp
         for g in torch.randperm(len(keys), generator=gen).tolist():
             members = groups[keys[g]]
             order += [members[j] for j in torch.randperm(len(members), generator=gen).tolist()]
-    return [order[i: i + batch_pairs] for i in range(0, len(order), batch_pairs)]
+    return [order[i : i + batch_pairs] for i in range(0, len(order), batch_pairs)]
 
 
 class TrainLoops:
@@ -538,15 +588,18 @@ class TrainLoops:
     def _step(self, batch: PairBatch, factor: float, cfg: TrainConfig) -> StepReport:
         """One step at ``factor`` times the call's learning rates (the schedule's multiplier)."""
         head_lr = cfg.head_lr if cfg.head_lr is not None else 20.0 * cfg.lr
-        return self.trainer.step(batch, cfg.lr * factor, head_lr=head_lr * factor, weight_decay=cfg.weight_decay,
-                                 max_grad_norm=cfg.grad_clip)
+        return self.trainer.step(
+            batch, cfg.lr * factor, head_lr=head_lr * factor, weight_decay=cfg.weight_decay, max_grad_norm=cfg.grad_clip
+        )
 
     def _check_components(self, pairs: Sequence[PreferencePair], what: str) -> None:
         known = set(self.encoder.components)
         for i, p in enumerate(pairs):
             if p.component not in known:
-                raise ValueError(f"{what}[{i}] is for unknown component {p.component!r}: known components are "
-                                 f"{self.encoder.components} (add_component() first)")
+                raise ValueError(
+                    f"{what}[{i}] is for unknown component {p.component!r}: known components are "
+                    f"{self.encoder.components} (add_component() first)"
+                )
 
     def _follow_heads(self) -> None:
         """Drop the replay buffers of components whose heads are gone."""
@@ -573,25 +626,30 @@ class TrainLoops:
         unfit = rows.unfit[:n] | rows.unfit[n:]  # (B,)
         if policy == "error" and over.any():
             i = int(np.argmax(over))
-            raise ValueError(f"pairs[{i}] is longer than max_length={max_len} with overlong='error': chosen row "
-                             f"{int(full_c[i])} tokens, rejected row {int(full_r[i])} tokens (prefix included); use "
-                             "overlong='truncate_prefix' or 'drop', or raise max_length")
+            raise ValueError(
+                f"pairs[{i}] is longer than max_length={max_len} with overlong='error': chosen row "
+                f"{int(full_c[i])} tokens, rejected row {int(full_r[i])} tokens (prefix included); use "
+                "overlong='truncate_prefix' or 'drop', or raise max_length"
+            )
         if policy == "drop":
             return ~over, int(over.sum()), 0
         if unfit.any():
             i = int(np.argmax(unfit))
             side, k = ("chosen", i) if rows.unfit[i] else ("rejected", n + i)
             need = int(rows.suffix_lens[k]) + len(self.encoder.tokens.lead) + len(self.encoder.tokens.sep)
-            raise ValueError(f"pairs[{i}].{side}: the outputs text is {int(rows.suffix_lens[k])} tokens and the row "
-                             f"needs at least {need + self.encoder.config.template.min_prefix_tokens} > max_length="
-                             f"{max_len}; the suffix is never truncated: raise max_length, shorten the outputs or "
-                             "use overlong='drop'")
+            raise ValueError(
+                f"pairs[{i}].{side}: the outputs text is {int(rows.suffix_lens[k])} tokens and the row "
+                f"needs at least {need + self.encoder.config.template.min_prefix_tokens} > max_length="
+                f"{max_len}; the suffix is never truncated: raise max_length, shorten the outputs or "
+                "use overlong='drop'"
+            )
         truncated = (rows.truncated[:n] > 0) | (rows.truncated[n:] > 0)  # (B,)
         return np.ones(n, dtype=bool), 0, int(truncated.sum())
 
     # ------------------------------------------------------------------------------------- the loops
-    def train(self, pairs, epochs: int = 1, lr: float | None = None, overlong: str = "truncate_prefix",
-              **overrides) -> list[dict]:
+    def train(
+        self, pairs, epochs: int = 1, lr: float | None = None, overlong: str = "truncate_prefix", **overrides
+    ) -> list[dict]:
         """Initial training: ``epochs`` passes over ``pairs`` in shuffled batches of ``batch_pairs``, the learning
         rate following ``schedule`` over this call's steps (warm-up, then decay to ``min_lr_ratio``).
 
@@ -612,8 +670,10 @@ class TrainLoops:
         keep, dropped, truncated = self._overlong(rows, n, overlong)
         kept = np.flatnonzero(keep)  # (K,) indices into pairs
         if not len(kept):
-            raise ValueError(f"every one of the {n} pairs is longer than max_length="
-                             f"{self.encoder.config.template.max_length} and overlong='drop' left none to train on")
+            raise ValueError(
+                f"every one of the {n} pairs is longer than max_length="
+                f"{self.encoder.config.template.max_length} and overlong='drop' left none to train on"
+            )
         used = [pairs[i] for i in kept]
         margins = [p.margin for p in used]
         ref = float(np.mean(margins))  # weights do not depend on which pairs a batch happens to hold
@@ -624,22 +684,42 @@ class TrainLoops:
         for epoch in range(epochs):
             for batch_idx in make_batches(used, cfg.batch_pairs, cfg.group_by_input, self.gen):
                 src = kept[batch_idx]  # (b,) indices into pairs
-                batch = self._batch(rows.take(np.concatenate([src, src + n])), [margins[i] for i in batch_idx], ref,
-                                    cfg)
+                batch = self._batch(
+                    rows.take(np.concatenate([src, src + n])), [margins[i] for i in batch_idx], ref, cfg
+                )
                 f = schedules.lr_factor(kind, len(history), cfg.warmup_steps, total, floor)
                 rep = self._step(batch, f, cfg)
-                history.append({"epoch": epoch, "step": self.trainer.global_step, "loss": rep.loss,
-                                "pairs": rep.pairs, "seconds": rep.seconds, "lr": rep.lr, "grad_norm": rep.grad_norm,
-                                "tokens": rep.tokens, "accuracy": rep.accuracy})
-            logger.info("train epoch %d: mean loss %.4f", epoch,
-                        float(np.mean([h["loss"] for h in history if h["epoch"] == epoch])))
+                history.append(
+                    {
+                        "epoch": epoch,
+                        "step": self.trainer.global_step,
+                        "loss": rep.loss,
+                        "pairs": rep.pairs,
+                        "seconds": rep.seconds,
+                        "lr": rep.lr,
+                        "grad_norm": rep.grad_norm,
+                        "tokens": rep.tokens,
+                        "accuracy": rep.accuracy,
+                    }
+                )
+            logger.info(
+                "train epoch %d: mean loss %.4f",
+                epoch,
+                float(np.mean([h["loss"] for h in history if h["epoch"] == epoch])),
+            )
         self._remember(used, cfg.replay_size)
         seconds = time.perf_counter() - t_start
         self.last_report = TrainReport(
-            pairs_used=len(used), pairs_dropped=dropped, pairs_truncated=truncated, steps=len(history),
-            seconds=seconds, pairs_per_s=len(used) * epochs / seconds if seconds > 0 else float("nan"),
-            final_loss=history[-1]["loss"], overlong=overlong,
-            amp="bf16" if self.encoder.precision.uses_bf16(inference=False) else "fp32")
+            pairs_used=len(used),
+            pairs_dropped=dropped,
+            pairs_truncated=truncated,
+            steps=len(history),
+            seconds=seconds,
+            pairs_per_s=len(used) * epochs / seconds if seconds > 0 else float("nan"),
+            final_loss=history[-1]["loss"],
+            overlong=overlong,
+            amp="bf16" if self.encoder.precision.uses_bf16(inference=False) else "fp32",
+        )
         logger.info("train: %s", asdict(self.last_report))
         return history
 
@@ -664,14 +744,28 @@ class TrainLoops:
                     cursor, order = 0, torch.randperm(len(pairs), generator=self.gen).tolist()
                 fresh.append(pairs[order[cursor]])
                 cursor += 1
-            replay = ([pool[i] for i in torch.randint(len(pool), (n_replay,), generator=self.gen).tolist()]
-                      if n_replay else [])
+            replay = (
+                [pool[i] for i in torch.randint(len(pool), (n_replay,), generator=self.gen).tolist()]
+                if n_replay
+                else []
+            )
             chosen = fresh + replay
-            rep = self._step(self._batch(pair_rows(self.encoder, chosen), [p.margin for p in chosen], ref, cfg), 1.0,
-                             cfg)
-            history.append({"step": self.trainer.global_step, "loss": rep.loss, "fresh": len(fresh),
-                            "replay": len(replay), "seconds": rep.seconds, "lr": rep.lr, "grad_norm": rep.grad_norm,
-                            "tokens": rep.tokens, "accuracy": rep.accuracy})
+            rep = self._step(
+                self._batch(pair_rows(self.encoder, chosen), [p.margin for p in chosen], ref, cfg), 1.0, cfg
+            )
+            history.append(
+                {
+                    "step": self.trainer.global_step,
+                    "loss": rep.loss,
+                    "fresh": len(fresh),
+                    "replay": len(replay),
+                    "seconds": rep.seconds,
+                    "lr": rep.lr,
+                    "grad_norm": rep.grad_norm,
+                    "tokens": rep.tokens,
+                    "accuracy": rep.accuracy,
+                }
+            )
         self._remember(pairs, cfg.replay_size)
         return history
 
@@ -680,9 +774,14 @@ class TrainLoops:
         """The checkpoint's trainer section (format unchanged since optimas-fast-reward/1): {"meta": config,
         step, replay buffers, ...; "tensors": the RNG state and the Trainer's optimizer moments}."""
         tr = self.trainer.state_dict()
-        meta = {"config": asdict(self.config), "step": tr["meta"]["step"], "horizon": None,
-                "has_optimizer": tr["meta"]["has_optimizer"], "base_lrs": None,
-                "replay": {c: [asdict(p) for p in buf] for c, buf in self.replay.items()}}
+        meta = {
+            "config": asdict(self.config),
+            "step": tr["meta"]["step"],
+            "horizon": None,
+            "has_optimizer": tr["meta"]["has_optimizer"],
+            "base_lrs": None,
+            "replay": {c: [asdict(p) for p in buf] for c, buf in self.replay.items()},
+        }
         return {"meta": meta, "tensors": {"trainer.rng": self.gen.get_state(), **tr["tensors"]}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -694,8 +793,12 @@ class TrainLoops:
         self.gen.set_state(tensors["trainer.rng"])
         keep = self.config.replay_size
         self.replay = {c: [PreferencePair(**d) for d in ps][-keep:] if keep else [] for c, ps in meta["replay"].items()}
-        self.trainer.load_state_dict({"meta": {"step": meta["step"], "has_optimizer": meta["has_optimizer"]},
-                                      "tensors": {k: v for k, v in tensors.items() if k.startswith("opt::")}})
+        self.trainer.load_state_dict(
+            {
+                "meta": {"step": meta["step"], "has_optimizer": meta["has_optimizer"]},
+                "tensors": {k: v for k, v in tensors.items() if k.startswith("opt::")},
+            }
+        )
 
 
 def evaluate(encoder: Encoder, pairs, candidates=None, subtract_margin: bool = False, center: float = 0.0) -> dict:
@@ -717,14 +820,18 @@ def evaluate(encoder: Encoder, pairs, candidates=None, subtract_margin: bool = F
     for i, c in enumerate(cands):
         if c.component not in known:
             raise ValueError(f"candidates[{i}] is for unknown component {c.component!r}")
-    reqs = ([(p.component, p.inputs, p.chosen) for p in pairs] + [(p.component, p.inputs, p.rejected) for p in pairs]
-            + [(c.component, c.inputs, c.outputs) for c in cands])
+    reqs = (
+        [(p.component, p.inputs, p.chosen) for p in pairs]
+        + [(p.component, p.inputs, p.rejected) for p in pairs]
+        + [(c.component, c.inputs, c.outputs) for c in cands]
+    )
     s = score(encoder, reqs)[0] if reqs else torch.zeros(0)  # (2B + K,)
     n = len(pairs)
     comps = [p.component for p in pairs]
-    pm = pair_metrics(s[:n], s[n: 2 * n], comps, margin=[p.margin for p in pairs] if subtract_margin else None,
-                      center=center)
-    cand_scores = s[2 * n:].tolist()
+    pm = pair_metrics(
+        s[:n], s[n : 2 * n], comps, margin=[p.margin for p in pairs] if subtract_margin else None, center=center
+    )
+    cand_scores = s[2 * n :].tolist()
     groups: dict[str, dict[str, dict]] = {}  # component -> inputs -> {"scores", "rewards"}
     for c, sc in zip(cands, cand_scores, strict=True):
         g = groups.setdefault(c.component, {}).setdefault(c.inputs, {"scores": [], "rewards": []})
@@ -739,6 +846,7 @@ def evaluate(encoder: Encoder, pairs, candidates=None, subtract_margin: bool = F
         m = dict(m) if m is not None else {"n_pairs": 0, "accuracy": nan, "loss": nan, "margin": nan}
         out["per_component"][comp] = {**m, "alignment": grouped_spearman(groups.get(comp, {}))}
     all_groups = {(comp, inp): g for comp, gs in groups.items() for inp, g in gs.items()}
-    out.update(n_pairs=n, accuracy=pm["accuracy"], loss=pm["loss"], margin=pm["margin"],
-               alignment=grouped_spearman(all_groups))
+    out.update(
+        n_pairs=n, accuracy=pm["accuracy"], loss=pm["loss"], margin=pm["margin"], alignment=grouped_spearman(all_groups)
+    )
     return out

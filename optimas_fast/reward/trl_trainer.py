@@ -35,6 +35,7 @@ a data set with a ``component`` column trains one head per component (TRL allows
 counts a tie (r+ == r-) as one half, TRL's as wrong (``metrics.pair_metrics``: the package's one definition). Any
 argument that is not implemented is a TypeError that lists the supported ones: nothing is silently ignored.
 """
+
 from __future__ import annotations
 
 import functools
@@ -59,9 +60,9 @@ from optimas_fast.backbones import resolve_backbone
 
 from . import schedules
 from .data import PreferencePair, as_pairs, pair_weights
-from .rows import Rows
 from .formats import PairSet, load_pairs
 from .model import RewardModel, RewardModelConfig
+from .rows import Rows
 from .template import TemplateConfig
 from .trainer import PairBatch, TrainConfig, pair_rows
 
@@ -127,8 +128,10 @@ class RewardConfig:
         names = [f.name for f in fields(cls)]
         unknown = [k for k in settings if k not in names]
         if unknown:
-            raise TypeError(f"RewardConfig got unsupported argument(s) {', '.join(map(repr, unknown))}; supported "
-                            f"(TRL RewardConfig names): {', '.join(names)}")
+            raise TypeError(
+                f"RewardConfig got unsupported argument(s) {', '.join(map(repr, unknown))}; supported "
+                f"(TRL RewardConfig names): {', '.join(names)}"
+            )
         return cls(**settings)
 
 
@@ -149,22 +152,34 @@ def _check_args(a: RewardConfig) -> None:
     need(is_int(a.max_steps) and (a.max_steps == -1 or a.max_steps >= 1), "max_steps", "-1 or an int >= 1")
     need(a.lr_scheduler_type in schedules.SCHEDULES, "lr_scheduler_type", f"one of {list(schedules.SCHEDULES)}")
     need(_is_num(a.warmup_ratio) and 0 <= a.warmup_ratio <= 1, "warmup_ratio", "a number in [0, 1]")
-    need(_is_num(a.warmup_steps) and a.warmup_steps >= 0 and (a.warmup_steps < 1 or float(a.warmup_steps).is_integer()),
-         "warmup_steps", "an int >= 0 or a ratio in [0, 1)")
+    need(
+        _is_num(a.warmup_steps) and a.warmup_steps >= 0 and (a.warmup_steps < 1 or float(a.warmup_steps).is_integer()),
+        "warmup_steps",
+        "an int >= 0 or a ratio in [0, 1)",
+    )
     if a.warmup_ratio > 0 and a.warmup_steps > 0:
-        raise ValueError(f"RewardConfig: warmup_ratio={a.warmup_ratio!r} and warmup_steps="
-                         f"{a.warmup_steps!r} both set; give one")
+        raise ValueError(
+            f"RewardConfig: warmup_ratio={a.warmup_ratio!r} and warmup_steps={a.warmup_steps!r} both set; give one"
+        )
     if a.lr_scheduler_type == "constant" and (a.warmup_ratio > 0 or a.warmup_steps > 0):
         # transformers' "constant" ignores warm-up; ignoring it silently here would be worse
-        raise ValueError("RewardConfig.lr_scheduler_type='constant' has no warm-up (as in transformers): "
-                         "use 'constant_with_warmup' or set warmup_steps / warmup_ratio to 0")
+        raise ValueError(
+            "RewardConfig.lr_scheduler_type='constant' has no warm-up (as in transformers): "
+            "use 'constant_with_warmup' or set warmup_steps / warmup_ratio to 0"
+        )
     need(_is_num(a.weight_decay) and a.weight_decay >= 0, "weight_decay", "a finite number >= 0")
-    need(a.max_grad_norm is None or (_is_num(a.max_grad_norm) and a.max_grad_norm >= 0), "max_grad_norm",
-         "None or a finite number >= 0")
+    need(
+        a.max_grad_norm is None or (_is_num(a.max_grad_norm) and a.max_grad_norm >= 0),
+        "max_grad_norm",
+        "None or a finite number >= 0",
+    )
     need(a.max_length is None or (is_int(a.max_length) and a.max_length >= 4), "max_length", "None or an int >= 4")
-    need(a.center_rewards_coefficient is None or (_is_num(a.center_rewards_coefficient)
-                                                  and a.center_rewards_coefficient >= 0),
-         "center_rewards_coefficient", "None or a finite number >= 0")
+    need(
+        a.center_rewards_coefficient is None
+        or (_is_num(a.center_rewards_coefficient) and a.center_rewards_coefficient >= 0),
+        "center_rewards_coefficient",
+        "None or a finite number >= 0",
+    )
     for name in ("disable_dropout", "load_best_model_at_end"):
         need(isinstance(getattr(a, name), bool), name, "a bool")
     for name in ("bf16", "greater_is_better", "disable_tqdm"):
@@ -173,28 +188,44 @@ def _check_args(a: RewardConfig) -> None:
     for name in ("logging_steps", "save_steps"):
         v = getattr(a, name)
         need(_is_num(v) and v > 0 and (v < 1 or float(v).is_integer()), name, "an int >= 1 or a ratio in (0, 1)")
-    need(a.eval_steps is None or (_is_num(a.eval_steps) and a.eval_steps > 0
-                                  and (a.eval_steps < 1 or float(a.eval_steps).is_integer())),
-         "eval_steps", "None, an int >= 1 or a ratio in (0, 1)")
+    need(
+        a.eval_steps is None
+        or (_is_num(a.eval_steps) and a.eval_steps > 0 and (a.eval_steps < 1 or float(a.eval_steps).is_integer())),
+        "eval_steps",
+        "None, an int >= 1 or a ratio in (0, 1)",
+    )
     for name in ("eval_strategy", "save_strategy"):
         need(getattr(a, name) in STRATEGIES, name, f"one of {list(STRATEGIES)}")
-    need(a.save_total_limit is None or (is_int(a.save_total_limit) and a.save_total_limit >= 1),
-         "save_total_limit", "None or an int >= 1")
-    need(a.metric_for_best_model is None or isinstance(a.metric_for_best_model, str), "metric_for_best_model",
-         "a metric name or None")
+    need(
+        a.save_total_limit is None or (is_int(a.save_total_limit) and a.save_total_limit >= 1),
+        "save_total_limit",
+        "None or an int >= 1",
+    )
+    need(
+        a.metric_for_best_model is None or isinstance(a.metric_for_best_model, str),
+        "metric_for_best_model",
+        "a metric name or None",
+    )
     need(a.logging_dir is None or isinstance(a.logging_dir, (str, os.PathLike)), "logging_dir", "a path or None")
     reports = [a.report_to] if isinstance(a.report_to, str) or a.report_to is None else a.report_to
-    need(isinstance(reports, (list, tuple)) and all(r in (None, "none", "tensorboard") for r in reports),
-         "report_to", "'none', 'tensorboard' or a list of those (other integrations are not implemented)")
+    need(
+        isinstance(reports, (list, tuple)) and all(r in (None, "none", "tensorboard") for r in reports),
+        "report_to",
+        "'none', 'tensorboard' or a list of those (other integrations are not implemented)",
+    )
     if a.load_best_model_at_end:
         if a.eval_strategy == "no" or a.eval_strategy != a.save_strategy:
-            raise ValueError("RewardConfig.load_best_model_at_end requires eval_strategy and save_strategy "
-                             f"to match and not be 'no', got eval_strategy={a.eval_strategy!r}, "
-                             f"save_strategy={a.save_strategy!r}")
+            raise ValueError(
+                "RewardConfig.load_best_model_at_end requires eval_strategy and save_strategy "
+                f"to match and not be 'no', got eval_strategy={a.eval_strategy!r}, "
+                f"save_strategy={a.save_strategy!r}"
+            )
         ev = a.eval_steps if a.eval_steps is not None else a.logging_steps
         if a.eval_strategy == "steps" and (a.save_steps >= 1) == (ev >= 1) and a.save_steps >= 1 and a.save_steps % ev:
-            raise ValueError(f"RewardConfig.load_best_model_at_end requires save_steps ({a.save_steps}) to be "
-                             f"a multiple of eval_steps ({ev})")
+            raise ValueError(
+                f"RewardConfig.load_best_model_at_end requires save_steps ({a.save_steps}) to be "
+                f"a multiple of eval_steps ({ev})"
+            )
     if a.metric_for_best_model is None and a.load_best_model_at_end:
         a.metric_for_best_model = "loss"  # transformers' default
     if a.greater_is_better is None and a.metric_for_best_model is not None:
@@ -214,8 +245,14 @@ def warmup_steps_of(args: RewardConfig, total: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def to_pairs(source: Any, what: str, tokenizer: Any = None, components: Any = None,
-             data_format: str = "auto", component: str | None = None) -> PairSet:
+def to_pairs(
+    source: Any,
+    what: str,
+    tokenizer: Any = None,
+    components: Any = None,
+    data_format: str = "auto",
+    component: str | None = None,
+) -> PairSet:
     """A PairSet from PreferencePairs / tuples (the engine's own pairs), a PairSet, a ``datasets.Dataset`` /
     ``DatasetDict``, rows, or files / folders (``formats.load_pairs``: TRL, reference-Optimas, own format)."""
     if source is None:
@@ -240,8 +277,13 @@ def _tokenizer_of(model: Any) -> Any:
     return None
 
 
-def filter_overlong(model: RewardModel, pairs: Sequence[PreferencePair], max_length: int | None,
-                    policy: str = "drop", what: str = "train_dataset") -> tuple[list[PreferencePair], int, int]:
+def filter_overlong(
+    model: RewardModel,
+    pairs: Sequence[PreferencePair],
+    max_length: int | None,
+    policy: str = "drop",
+    what: str = "train_dataset",
+) -> tuple[list[PreferencePair], int, int]:
     """(kept pairs, n dropped, n truncated). A row's length is its full template length (prefix + suffix,
     special tokens). drop: a pair with a row over ``max_length`` is left out (TRL filters so); truncate_prefix:
     the template shortens the prefix (counted); error: ValueError naming the pair."""
@@ -268,8 +310,10 @@ def filter_overlong(model: RewardModel, pairs: Sequence[PreferencePair], max_len
                 dropped += 1
                 continue
             if policy == "error":
-                raise ValueError(f"{what} pair {i} (component {p.component!r}): a row is {over} tokens > max_length="
-                                 f"{max_length} (overlong='error')")
+                raise ValueError(
+                    f"{what} pair {i} (component {p.component!r}): a row is {over} tokens > max_length="
+                    f"{max_length} (overlong='error')"
+                )
         truncated += int(cut and policy == "truncate_prefix")
         kept.append(p)
     return kept, dropped, truncated
@@ -302,13 +346,26 @@ class RewardTrainer:
             too, which otherwise keeps its own template).
     """
 
-    def __init__(self, model: Any = None, args: RewardConfig | None = None, train_dataset: Any = None,
-                 eval_dataset: Any = None, processing_class: Any = None, *, components: Mapping[str, str] | None = None,
-                 overlong: str = "drop", data_format: str = "auto", append_eos: bool | None = None, **unsupported):
+    def __init__(
+        self,
+        model: Any = None,
+        args: RewardConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        *,
+        components: Mapping[str, str] | None = None,
+        overlong: str = "drop",
+        data_format: str = "auto",
+        append_eos: bool | None = None,
+        **unsupported,
+    ):
         if unsupported:
-            raise TypeError(f"RewardTrainer got unsupported argument(s) {', '.join(map(repr, unsupported))}; "
-                            "supported: model, args, train_dataset, eval_dataset, processing_class, components, "
-                            "overlong, data_format, append_eos")
+            raise TypeError(
+                f"RewardTrainer got unsupported argument(s) {', '.join(map(repr, unsupported))}; "
+                "supported: model, args, train_dataset, eval_dataset, processing_class, components, "
+                "overlong, data_format, append_eos"
+            )
         if append_eos is not None and not isinstance(append_eos, bool):
             raise TypeError(f"RewardTrainer: append_eos must be True, False or None, got {append_eos!r}")
         if model is None:
@@ -317,8 +374,9 @@ class RewardTrainer:
             name = model if isinstance(model, str) else type(model).__name__
             args = RewardConfig(output_dir=f"{os.path.basename(os.path.normpath(name))}-Reward")
         if not isinstance(args, RewardConfig):
-            raise TypeError(f"RewardTrainer: args must be a RewardConfig (optimas_fast.trl.RewardConfig), "
-                            f"got {type(args).__name__}")
+            raise TypeError(
+                f"RewardTrainer: args must be a RewardConfig (optimas_fast.trl.RewardConfig), got {type(args).__name__}"
+            )
         if overlong not in OVERLONG:
             raise ValueError(f"RewardTrainer: overlong must be one of {list(OVERLONG)}, got {overlong!r}")
         if train_dataset is None:
@@ -329,20 +387,24 @@ class RewardTrainer:
         # the tokenizer first: the loaders split implicit prompts on whole tokens and render chat rows with it
         tok = processing_class if processing_class is not None else _tokenizer_of(model)
         self._raw_train = to_pairs(train_dataset, "train_dataset", tok, components, data_format)
-        self._raw_eval = (to_pairs(eval_dataset, "eval_dataset", tok, components, data_format)
-                          if eval_dataset is not None else None)
+        self._raw_eval = (
+            to_pairs(eval_dataset, "eval_dataset", tok, components, data_format) if eval_dataset is not None else None
+        )
         # TRL's margin column is subtracted with uniform weights; Optimas / own margins weight pairs (the
         # reference's way); data without margins trains with uniform weights and no margin (TRL)
         self.margin_kind = self._raw_train.margin_kind
         self.subtract_margin = self.margin_kind == "subtract"
         descriptions = dict(self._raw_train.components)
-        for c, d in (self._raw_eval.components.items() if self._raw_eval is not None else ()):
+        for c, d in self._raw_eval.components.items() if self._raw_eval is not None else ():
             descriptions.setdefault(c, d)
         self.prefix_format = self._raw_train.prefix_format
         # TRL appends EOS to prompt + response; only its own format has that text (the engine's component
         # template is ours), and only a tokenizer with an EOS can (no warning for the ones without)
-        self.append_eos = append_eos if append_eos is not None else (
-            self.prefix_format == "{inputs}" and getattr(tok, "eos_token_id", None) is not None)
+        self.append_eos = (
+            append_eos
+            if append_eos is not None
+            else (self.prefix_format == "{inputs}" and getattr(tok, "eos_token_id", None) is not None)
+        )
         self._append_eos_given = append_eos is not None
         self.model = self._build_model(model, processing_class, descriptions)
         template = self.model.encoder.config.template
@@ -351,18 +413,25 @@ class RewardTrainer:
         self.append_eos = self.model.encoder.tokens.appends_eos  # what the rows get
         self.processing_class = self.model.encoder.tokenizer
         self.train_pairs, self.pairs_dropped, self.pairs_truncated = filter_overlong(
-            self.model, self._raw_train, args.max_length, overlong, "train_dataset")
+            self.model, self._raw_train, args.max_length, overlong, "train_dataset"
+        )
         if not self.train_pairs:
-            raise ValueError(f"train_dataset: all {len(self._raw_train)} pairs are longer than max_length="
-                             f"{args.max_length} tokens")
+            raise ValueError(
+                f"train_dataset: all {len(self._raw_train)} pairs are longer than max_length={args.max_length} tokens"
+            )
         if self.pairs_dropped:
-            logger.warning("train_dataset: dropped %d of %d pairs longer than max_length=%s tokens",
-                           self.pairs_dropped, len(self._raw_train), args.max_length)
+            logger.warning(
+                "train_dataset: dropped %d of %d pairs longer than max_length=%s tokens",
+                self.pairs_dropped,
+                len(self._raw_train),
+                args.max_length,
+            )
         self.eval_pairs = None
         self.eval_dropped = 0
         if self._raw_eval is not None:
             self.eval_pairs, self.eval_dropped, _ = filter_overlong(
-                self.model, self._raw_eval, args.max_length, overlong, "eval_dataset")
+                self.model, self._raw_eval, args.max_length, overlong, "eval_dataset"
+            )
         if args.eval_strategy != "no" and not self.eval_pairs:
             raise ValueError(f"RewardConfig.eval_strategy={args.eval_strategy!r} needs an eval_dataset")
         self.state = self._fresh_state()
@@ -393,9 +462,12 @@ class RewardTrainer:
             if self._append_eos_given:  # otherwise the model keeps the layout it was trained with
                 model.encoder.config.template.append_eos = self.append_eos
             if self.prefix_format is not None and model.encoder.config.template.prefix_format != self.prefix_format:
-                logger.warning("RewardTrainer: the model's template prefix %r differs from the data's %r; rows "
-                               "are rendered with the model's", model.encoder.config.template.prefix_format,
-                               self.prefix_format)
+                logger.warning(
+                    "RewardTrainer: the model's template prefix %r differs from the data's %r; rows "
+                    "are rendered with the model's",
+                    model.encoder.config.template.prefix_format,
+                    self.prefix_format,
+                )
             if a.bf16 is not None:
                 model.config.amp = "bf16" if a.bf16 else "none"
             if a.disable_dropout:
@@ -406,15 +478,20 @@ class RewardTrainer:
         if isinstance(model, nn.Module):
             base = getattr(model, "base_model", model)
             if base is not model:
-                logger.warning("RewardTrainer: %s's score layer is replaced by the engine's per-component heads "
-                               "(new, initialised with std %.3g)", type(model).__name__,
-                               RewardModelConfig().head_init_std)
+                logger.warning(
+                    "RewardTrainer: %s's score layer is replaced by the engine's per-component heads "
+                    "(new, initialised with std %.3g)",
+                    type(model).__name__,
+                    RewardModelConfig().head_init_std,
+                )
             if processing_class is None:
                 raise ValueError("RewardTrainer: processing_class (the tokenizer) is required with a model object")
             model = base
         elif not isinstance(model, (str, os.PathLike)):
-            raise TypeError("RewardTrainer: model must be a backbone name/path, a Hugging Face model or a RewardModel, "
-                            f"got {type(model).__name__}")
+            raise TypeError(
+                "RewardTrainer: model must be a backbone name/path, a Hugging Face model or a RewardModel, "
+                f"got {type(model).__name__}"
+            )
         else:
             model = os.fspath(model)
         torch.manual_seed(self.args.seed)  # as TRL's set_seed before building the model
@@ -422,12 +499,24 @@ class RewardTrainer:
 
     # ------------------------------------------------------------------------------------------ state
     def _fresh_state(self) -> dict:
-        return {"global_step": 0, "epoch": 0.0, "max_steps": 0, "num_train_epochs": self.args.num_train_epochs,
-                "logging_steps": None, "eval_steps": None, "save_steps": None,
-                "train_batch_size": self.args.per_device_train_batch_size, "best_metric": None,
-                "best_global_step": None, "best_model_checkpoint": None, "log_history": [],
-                "is_local_process_zero": True, "is_world_process_zero": True, "total_flos": 0,
-                "optimas_fast": {"loss_sum": 0.0, "pairs_seen": 0, "train_seconds": 0.0}}
+        return {
+            "global_step": 0,
+            "epoch": 0.0,
+            "max_steps": 0,
+            "num_train_epochs": self.args.num_train_epochs,
+            "logging_steps": None,
+            "eval_steps": None,
+            "save_steps": None,
+            "train_batch_size": self.args.per_device_train_batch_size,
+            "best_metric": None,
+            "best_global_step": None,
+            "best_model_checkpoint": None,
+            "log_history": [],
+            "is_local_process_zero": True,
+            "is_world_process_zero": True,
+            "total_flos": 0,
+            "optimas_fast": {"loss_sum": 0.0, "pairs_seen": 0, "train_seconds": 0.0},
+        }
 
     @property
     def global_batch(self) -> int:
@@ -441,8 +530,9 @@ class RewardTrainer:
 
     def learning_rate_at(self, step: int) -> float:
         p = self.plan()
-        return self.args.learning_rate * schedules.lr_factor(self.args.lr_scheduler_type, step, p["warmup_steps"],
-                                                             p["max_steps"])
+        return self.args.learning_rate * schedules.lr_factor(
+            self.args.lr_scheduler_type, step, p["warmup_steps"], p["max_steps"]
+        )
 
     def _epoch_order(self, epoch: int) -> list[int]:
         # a permutation per epoch from (seed, epoch) alone: a resumed run sees the same batches
@@ -455,7 +545,7 @@ class RewardTrainer:
         """The pairs of optimizer step ``step`` as the loss sees them (TRL's: uniform weights, the margin column
         subtracted; reference-Optimas / own margins weight the pairs instead)."""
         epoch, k = divmod(step, spe)
-        idx = np.asarray(self._epoch_order(epoch)[k * self.global_batch:(k + 1) * self.global_batch])  # (b,)
+        idx = np.asarray(self._epoch_order(epoch)[k * self.global_batch : (k + 1) * self.global_batch])  # (b,)
         margins = [self.train_pairs[i].margin for i in idx]
         n = len(self.train_pairs)
         if self.margin_kind == "weight":
@@ -463,8 +553,12 @@ class RewardTrainer:
             weights = pair_weights(margins, TrainConfig.margin_floor, float(np.mean(margins)))
         else:
             weights = [1.0] * len(idx)
-        return PairBatch(rows.take(np.concatenate([idx, idx + n])), weights,
-                         margins if self.subtract_margin else None, self.args.center_rewards_coefficient or 0.0)
+        return PairBatch(
+            rows.take(np.concatenate([idx, idx + n])),
+            weights,
+            margins if self.subtract_margin else None,
+            self.args.center_rewards_coefficient or 0.0,
+        )
 
     # ----------------------------------------------------------------------------------------- train
     def train(self, resume_from_checkpoint: bool | str | os.PathLike | None = None) -> TrainOutput:
@@ -474,18 +568,26 @@ class RewardTrainer:
         p = self.plan()
         spe, total, warm = p["steps_per_epoch"], p["max_steps"], p["warmup_steps"]
         if resume_from_checkpoint:
-            path = (last_checkpoint(self.output_dir) if resume_from_checkpoint is True
-                    else os.fspath(resume_from_checkpoint))
+            path = (
+                last_checkpoint(self.output_dir)
+                if resume_from_checkpoint is True
+                else os.fspath(resume_from_checkpoint)
+            )
             if path is None:
-                raise ValueError(f"resume_from_checkpoint=True: no valid checkpoint found in output_dir "
-                                 f"{self.output_dir}")
+                raise ValueError(
+                    f"resume_from_checkpoint=True: no valid checkpoint found in output_dir {self.output_dir}"
+                )
             self._load_checkpoint(path)
         else:
             self.state = self._fresh_state()
         st = self.state
-        st.update(max_steps=total, logging_steps=_steps_of(a.logging_steps, total),
-                  eval_steps=_steps_of(a.eval_steps if a.eval_steps is not None else a.logging_steps, total),
-                  save_steps=_steps_of(a.save_steps, total), train_batch_size=a.per_device_train_batch_size)
+        st.update(
+            max_steps=total,
+            logging_steps=_steps_of(a.logging_steps, total),
+            eval_steps=_steps_of(a.eval_steps if a.eval_steps is not None else a.logging_steps, total),
+            save_steps=_steps_of(a.save_steps, total),
+            train_batch_size=a.per_device_train_batch_size,
+        )
         os.makedirs(self.output_dir, exist_ok=True)
         extra = st["optimas_fast"]
         clip = a.max_grad_norm if a.max_grad_norm else None
@@ -513,38 +615,58 @@ class RewardTrainer:
                 end_of_epoch = done % spe == 0
                 if done % st["logging_steps"] == 0 or done == total:
                     # transformers' log entry: the interval's mean loss, the last step's grad norm and lr
-                    self._log({"loss": logged_loss / logged_n, "grad_norm": rep.grad_norm, "learning_rate": lr,
-                               "epoch": st["epoch"], "step": done})
+                    self._log(
+                        {
+                            "loss": logged_loss / logged_n,
+                            "grad_norm": rep.grad_norm,
+                            "learning_rate": lr,
+                            "epoch": st["epoch"],
+                            "step": done,
+                        }
+                    )
                     logged_loss, logged_n = 0.0, 0
                 metrics = None
                 if (a.eval_strategy == "steps" and (done % st["eval_steps"] == 0 or done == total)) or (
-                        a.eval_strategy == "epoch" and end_of_epoch):
+                    a.eval_strategy == "epoch" and end_of_epoch
+                ):
                     metrics = self.evaluate()
                 if (a.save_strategy == "steps" and (done % st["save_steps"] == 0 or done == total)) or (
-                        a.save_strategy == "epoch" and end_of_epoch):
+                    a.save_strategy == "epoch" and end_of_epoch
+                ):
                     self._save_checkpoint(metrics)
         finally:
             if bar is not None:
                 bar.close()
         run_seconds = time.perf_counter() - t_start
         if a.load_best_model_at_end and st["best_model_checkpoint"] and os.path.isdir(st["best_model_checkpoint"]):
-            logger.info("loading the best checkpoint %s (%s=%s)", st["best_model_checkpoint"],
-                        a.metric_for_best_model, st["best_metric"])
+            logger.info(
+                "loading the best checkpoint %s (%s=%s)",
+                st["best_model_checkpoint"],
+                a.metric_for_best_model,
+                st["best_metric"],
+            )
             self.model.load_state(st["best_model_checkpoint"])
         steps = max(1, st["global_step"])
         train_loss = extra["loss_sum"] / steps
         done_here = st["global_step"] - start_step  # steps of this call (a resumed run did the rest before)
-        metrics = {"train_runtime": run_seconds,  # transformers' meaning: this call's wall time, evals and saves in
-                   "train_samples_per_second": done_here * self.global_batch / max(run_seconds, 1e-9),
-                   "train_steps_per_second": done_here / max(run_seconds, 1e-9), "train_loss": train_loss,
-                   "epoch": st["epoch"], "pairs_used": len(self.train_pairs), "pairs_dropped": self.pairs_dropped,
-                   "pairs_truncated": self.pairs_truncated, "steps": st["global_step"],
-                   # ours: pairs per second of optimizer steps alone (no evaluation, no checkpoint writes)
-                   "pairs_per_s": extra["pairs_seen"] / max(extra["train_seconds"], 1e-9),
-                   # the last logged interval's mean loss (what TRL's log shows last)
-                   "final_loss": next((h["loss"] for h in reversed(st["log_history"]) if "loss" in h), train_loss)}
-        self._log({"train_runtime": run_seconds, "train_loss": train_loss, "epoch": st["epoch"],
-                   "step": st["global_step"]})
+        metrics = {
+            "train_runtime": run_seconds,  # transformers' meaning: this call's wall time, evals and saves in
+            "train_samples_per_second": done_here * self.global_batch / max(run_seconds, 1e-9),
+            "train_steps_per_second": done_here / max(run_seconds, 1e-9),
+            "train_loss": train_loss,
+            "epoch": st["epoch"],
+            "pairs_used": len(self.train_pairs),
+            "pairs_dropped": self.pairs_dropped,
+            "pairs_truncated": self.pairs_truncated,
+            "steps": st["global_step"],
+            # ours: pairs per second of optimizer steps alone (no evaluation, no checkpoint writes)
+            "pairs_per_s": extra["pairs_seen"] / max(extra["train_seconds"], 1e-9),
+            # the last logged interval's mean loss (what TRL's log shows last)
+            "final_loss": next((h["loss"] for h in reversed(st["log_history"]) if "loss" in h), train_loss),
+        }
+        self._log(
+            {"train_runtime": run_seconds, "train_loss": train_loss, "epoch": st["epoch"], "step": st["global_step"]}
+        )
         if self._tb is not None:
             self._tb.flush()
         return TrainOutput(st["global_step"], train_loss, metrics)
@@ -565,7 +687,7 @@ class RewardTrainer:
             for k, v in entry.items():
                 if k in ("step", "epoch") or not isinstance(v, (int, float)):
                     continue
-                tag = f"eval/{k[len('eval_'):]}" if k.startswith("eval_") else f"train/{k}"
+                tag = f"eval/{k[len('eval_') :]}" if k.startswith("eval_") else f"train/{k}"
                 writer.add_scalar(tag, v, step)
 
     def _reports_tensorboard(self) -> bool:
@@ -594,12 +716,17 @@ class RewardTrainer:
         t0 = time.perf_counter()
         m = self.model.evaluate(pairs, subtract_margin=margin, center=self.args.center_rewards_coefficient or 0.0)
         p = metric_key_prefix
-        out = {f"{p}_loss": m["loss"], f"{p}_accuracy": m["accuracy"], f"{p}_margin": m["margin"],
-               f"{p}_n": m["n_pairs"]}
+        out = {
+            f"{p}_loss": m["loss"],
+            f"{p}_accuracy": m["accuracy"],
+            f"{p}_margin": m["margin"],
+            f"{p}_n": m["n_pairs"],
+        }
         if len(m["per_component"]) > 1:
             for c, cm in m["per_component"].items():
-                out.update({f"{p}_{c}_accuracy": cm["accuracy"], f"{p}_{c}_margin": cm["margin"],
-                            f"{p}_{c}_loss": cm["loss"]})
+                out.update(
+                    {f"{p}_{c}_accuracy": cm["accuracy"], f"{p}_{c}_margin": cm["margin"], f"{p}_{c}_loss": cm["loss"]}
+                )
         out[f"{p}_runtime"] = time.perf_counter() - t0
         out["epoch"] = self.state["epoch"]
         self._log({**out, "step": self.state["global_step"]})
@@ -618,8 +745,10 @@ class RewardTrainer:
             return None
         key = name if name.startswith("eval_") else f"eval_{name}"
         if key not in metrics:
-            raise KeyError(f"metric_for_best_model={name!r}: the evaluation has no {key!r}; available: "
-                           f"{sorted(k for k in metrics if k.startswith('eval_'))}")
+            raise KeyError(
+                f"metric_for_best_model={name!r}: the evaluation has no {key!r}; available: "
+                f"{sorted(k for k in metrics if k.startswith('eval_'))}"
+            )
         return float(metrics[key])
 
     def _save_checkpoint(self, metrics: dict | None) -> str:
@@ -628,8 +757,9 @@ class RewardTrainer:
         final = os.path.join(self.output_dir, name)
         value = self._metric_value(metrics)
         if value is not None:
-            better = (st["best_metric"] is None or (value > st["best_metric"] if self.args.greater_is_better
-                                                    else value < st["best_metric"]))
+            better = st["best_metric"] is None or (
+                value > st["best_metric"] if self.args.greater_is_better else value < st["best_metric"]
+            )
             if better:
                 st.update(best_metric=value, best_global_step=st["global_step"], best_model_checkpoint=final)
         # written under a temporary name and renamed whole: a kill leaves the previous checkpoints intact
@@ -667,8 +797,9 @@ class RewardTrainer:
     def _load_checkpoint(self, path: str) -> None:
         state_file = os.path.join(path, TRAINER_STATE_NAME)
         if not os.path.isfile(state_file):
-            raise ValueError(f"resume_from_checkpoint: {path} has no {TRAINER_STATE_NAME}: not a RewardTrainer "
-                             "checkpoint")
+            raise ValueError(
+                f"resume_from_checkpoint: {path} has no {TRAINER_STATE_NAME}: not a RewardTrainer checkpoint"
+            )
         with open(state_file, encoding="utf-8") as f:
             state = json.load(f)
         self.model.load_state(path)
@@ -698,5 +829,12 @@ def last_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return ckpts[-1] if ckpts else None
 
 
-__all__ = ["RewardTrainer", "RewardConfig", "TrainOutput", "last_checkpoint",
-           "filter_overlong", "to_pairs", "warmup_steps_of"]
+__all__ = [
+    "RewardTrainer",
+    "RewardConfig",
+    "TrainOutput",
+    "last_checkpoint",
+    "filter_overlong",
+    "to_pairs",
+    "warmup_steps_of",
+]

@@ -12,10 +12,12 @@ isolate punctuation", which ``csrc/wordpiece.cpp`` implements; tests check equal
 Why: at a million short candidate outputs the Rust tokenizer's batched call costs ~15 us wall per text on
 two cores, most of ``RewardModel.score``'s host time (issue 9's target is <= 10 us per row all told).
 """
+
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from optimas_fast._native import native
 
@@ -42,13 +44,21 @@ class NativeWordPiece:
         self.added = [t["content"] for t in spec.get("added_tokens") or []]
         mod = native()
         if not hasattr(mod, "WordPiece"):
-            raise ImportError("optimas_fast._C predates csrc/wordpiece.cpp: rebuild it with "
-                              "`pip install -c constraints-cpu.txt -e .` from the source tree")
-        self._impl = mod.WordPiece(list(vocab.items()), int(vocab[unk]), model.get("continuing_subword_prefix") or "",
-                                        int(model.get("max_input_chars_per_word", 100)), self.lowercase, self.added)
+            raise ImportError(
+                "optimas_fast._C predates csrc/wordpiece.cpp: rebuild it with "
+                "`pip install -c constraints-cpu.txt -e .` from the source tree"
+            )
+        self._impl = mod.WordPiece(
+            list(vocab.items()),
+            int(vocab[unk]),
+            model.get("continuing_subword_prefix") or "",
+            int(model.get("max_input_chars_per_word", 100)),
+            self.lowercase,
+            self.added,
+        )
 
     @classmethod
-    def from_tokenizer(cls, tokenizer: Any) -> "NativeWordPiece | None":
+    def from_tokenizer(cls, tokenizer: Any) -> NativeWordPiece | None:
         """One for ``tokenizer`` if its pipeline is exactly BERT's (see the module docstring), else None."""
         spec = _pipeline(tokenizer)
         if spec is None:

@@ -2,6 +2,7 @@
 
 See ``system.py`` for the run/evaluate/override/state API and ``component.py`` for defining components.
 """
+
 from optimas_fast.system.component import Component, ComponentError
 from optimas_fast.system.context import RunContext, current_run, record_usage
 from optimas_fast.system.lm_component import LMComponent

@@ -18,10 +18,12 @@ variables when a component has several knobs (e.g. ``{"prompt": Prompt(...), "po
 ``forward`` then receives the dict. Each variable has an *address*: the component name for a single
 variable, ``"component.key"`` for one of several. Optimizers and overrides use addresses.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from optimas_fast.lm.base import LM, Completion
 from optimas_fast.render import format_fields
@@ -122,10 +124,10 @@ class Component:
     def variables(self) -> dict[str, Variable]:
         """Every variable by address (``name`` for a single one, ``name.key`` for one of several)."""
         if self._single:
-            return {self.name: v for v in self._variables.values()}
+            return {self.name: v for v in self._variables.values()}  # noqa: B035 (exactly one variable here)
         return {f"{self.name}.{k}": v for k, v in self._variables.items()}
 
-    def copy(self) -> "Component":
+    def copy(self) -> Component:
         """A copy whose variables are independent of this component's: setting or loading a variable on one
         never shows on the other. Prompt and Choice values are immutable and shared; a module-held
         ``Weights`` is deep-copied (``Weights.copy``), since loading a state writes into its module. Every

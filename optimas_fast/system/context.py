@@ -5,15 +5,15 @@ state: a run sets them for the duration of one component call and restores them 
 Components reach them through ``current_run()`` / ``record_usage()`` (or ``Component.generate``,
 which does both). Code that spawns its own threads must copy the context (``contextvars.copy_context``).
 """
+
 from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 from optimas_fast.lm.base import Completion, Usage
-
 from optimas_fast.lm.usage import usage_scope as _lm_usage_scope
 
 __all__ = ["RunContext", "current_run", "record_usage", "usage_scope"]

@@ -34,6 +34,7 @@ How it works:
 Not supported: ``run(start_from=..., given=...)`` (the program's forward decides the data flow; rollouts go
 through ``run_downstream``) and async programs (``aforward``).
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -42,9 +43,10 @@ import inspect
 import re
 import time
 import traceback as tb
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from optimas_fast.lm.errors import BudgetExceeded
 from optimas_fast.system.component import Component
@@ -134,8 +136,9 @@ class _Run:
                 else:
                     prediction = self._real(original, run_sig, kwargs)
             except Exception as exc:
-                self.steps.append(Step(name, inputs, None, var, time.perf_counter() - s0, ctx.usage,
-                                       f"{type(exc).__name__}: {exc}"))
+                self.steps.append(
+                    Step(name, inputs, None, var, time.perf_counter() - s0, ctx.usage, f"{type(exc).__name__}: {exc}")
+                )
                 self.failed = self.failed or name
                 raise
         outputs = {f: prediction.get(f) for f in sig.output_fields}
@@ -185,8 +188,9 @@ class PredictorComponent(Component):
     """One predictor of a ProgramSystem's working copy. Called alone (``run_component``, the optimizers'
     batches) it runs that predictor with the given instructions under the system's LM."""
 
-    def __init__(self, name: str, dspy_name: str, predictor: Any, program: Any, *, lm: Any = None,
-                 description: str | None = None):
+    def __init__(
+        self, name: str, dspy_name: str, predictor: Any, program: Any, *, lm: Any = None, description: str | None = None
+    ):
         sig = predictor.signature
         super().__init__(
             name,
@@ -223,8 +227,10 @@ class PredictorComponent(Component):
         if len(batch) <= 1 or self.batch_workers <= 1:
             return [self.forward(variable, **row) for row in batch]
         with ThreadPoolExecutor(min(self.batch_workers, len(batch)), thread_name_prefix="optimas-dspy") as pool:
-            futures = [pool.submit(contextvars.copy_context().run, functools.partial(self.forward, variable, **row))
-                       for row in batch]
+            futures = [
+                pool.submit(contextvars.copy_context().run, functools.partial(self.forward, variable, **row))
+                for row in batch
+            ]
             return [f.result() for f in futures]
 
 
@@ -248,8 +254,10 @@ class ProgramSystem(System):
         if lm is not None and not isinstance(lm, dspy.BaseLM):
             raise TypeError(f"ProgramSystem(lm): expected a dspy.BaseLM or None, got {type(lm).__name__}")
         if not program.named_predictors():
-            raise ValueError(f"ProgramSystem(program): {type(program).__name__} has no predictors (dspy.Predict, "
-                             "ChainOfThought, ...) to optimize")
+            raise ValueError(
+                f"ProgramSystem(program): {type(program).__name__} has no predictors (dspy.Predict, "
+                "ChainOfThought, ...) to optimize"
+            )
         self.program = program.deepcopy()  # the working copy: hooks go on it, never on the caller's program
         self.dspy_lm = lm
         self.dspy_metric = metric
@@ -270,10 +278,13 @@ class ProgramSystem(System):
         self._position = {n: i for i, n in enumerate(self.order)}
         # "descendants" = predictors declared later: what a rollout may re-run (a program may call them in
         # any order; the loop only uses this to skip repeated rollouts of a last predictor)
-        self._children = {n: set(self.order[i + 1:]) for i, n in enumerate(self.order)}
+        self._children = {n: set(self.order[i + 1 :]) for i, n in enumerate(self.order)}
         self.producers = {}
-        params = [p for p in inspect.signature(type(self.program).forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][1:]  # [1:]: self
+        params = [
+            p
+            for p in inspect.signature(type(self.program).forward).parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        ][1:]  # [1:]: self
         # what a dict example must provide: the forward's parameters; a forward(**kwargs) (Predict,
         # ChainOfThought) takes its first predictor's input fields
         self.inputs = tuple(p.name for p in params) or tuple(components[0].inputs)
@@ -282,7 +293,7 @@ class ProgramSystem(System):
     # ----------------------------------------------------------------------------------------------
     def descendants(self, name: str) -> list[str]:
         self._check_component(name)
-        return self.order[self._position[name] + 1:]
+        return self.order[self._position[name] + 1 :]
 
     def predictor_paths(self) -> dict[str, str]:
         """Component name -> the predictor's path in the program (``answer.predict``)."""
@@ -294,28 +305,47 @@ class ProgramSystem(System):
         dspy = _dspy()
         if isinstance(example, dspy.Example):
             if example._input_keys is None:
-                raise ValueError(f"ProgramSystem.run(example): {example!r:.120} has no input keys; build it with "
-                                 "dspy.Example(...).with_inputs('field', ...)")
+                raise ValueError(
+                    f"ProgramSystem.run(example): {example!r:.120} has no input keys; build it with "
+                    "dspy.Example(...).with_inputs('field', ...)"
+                )
             return dict(example.inputs().items())
         if isinstance(example, Mapping):
             return {k: example[k] for k in self.inputs if k in example}
         raise TypeError(f"ProgramSystem.run(example): expected a dspy.Example or a dict, got {type(example).__name__}")
 
-    def run(self, example: Any, overrides: Mapping[str, Any] | None = None, *, seed: int | None = None,
-            start_from: str | None = None, given: Mapping[str, Any] | None = None, score: bool = True,
-            hooks: Mapping[str, Any] | None = None) -> Trace:
+    def run(
+        self,
+        example: Any,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        seed: int | None = None,
+        start_from: str | None = None,
+        given: Mapping[str, Any] | None = None,
+        score: bool = True,
+        hooks: Mapping[str, Any] | None = None,
+    ) -> Trace:
         """Runs the program's forward on one example (errors are recorded in the trace, not raised).
         ``hooks={predictor: hook}``: that predictor's calls are made by the hook, as in ``System.run`` (e.g.
         best-of-N: ``optimas_fast.best_of.BestOfN``)."""
         if start_from is not None or given is not None:
-            raise ValueError("ProgramSystem.run: start_from/given are not supported (the program's forward decides "
-                             "the data flow); use run_downstream to replace one predictor's outputs")
+            raise ValueError(
+                "ProgramSystem.run: start_from/given are not supported (the program's forward decides "
+                "the data flow); use run_downstream to replace one predictor's outputs"
+            )
         hooks = self._check_hooks(hooks)
         return self._run_program(example, self._resolve_overrides(overrides), seed, score, hooks=hooks)
 
-    def run_downstream(self, name: str, outputs: Mapping[str, Any], trace: Trace,
-                       overrides: Mapping[str, Any] | None = None, *, seed: int | None = None,
-                       score: bool = True) -> Trace:
+    def run_downstream(
+        self,
+        name: str,
+        outputs: Mapping[str, Any],
+        trace: Trace,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        seed: int | None = None,
+        score: bool = True,
+    ) -> Trace:
         """A rollout: the forward again on ``trace``'s example, ``name``'s first call returning ``outputs``;
         calls before it replay their recorded outputs, calls after it run (see the module docstring)."""
         c = self._check_component(name)
@@ -325,12 +355,26 @@ class ProgramSystem(System):
         first = next((i for i, s in enumerate(trace.steps) if s.component == name), None)
         if first is None:
             raise ValueError(f"run_downstream: the trace has no step for '{name}' (the run did not call it)")
-        return self._run_program(trace.example, self._resolve_overrides(overrides), seed, score,
-                                 replay=trace.steps[:first], target=(name, new_outputs))
+        return self._run_program(
+            trace.example,
+            self._resolve_overrides(overrides),
+            seed,
+            score,
+            replay=trace.steps[:first],
+            target=(name, new_outputs),
+        )
 
-    def _run_program(self, example: Any, resolved: dict, seed: int | None, score: bool, *,
-                     replay: list[Step] | None = None, target: tuple[str, dict] | None = None,
-                     hooks: Mapping[str, Any] | None = None) -> Trace:
+    def _run_program(
+        self,
+        example: Any,
+        resolved: dict,
+        seed: int | None,
+        score: bool,
+        *,
+        replay: list[Step] | None = None,
+        target: tuple[str, dict] | None = None,
+        hooks: Mapping[str, Any] | None = None,
+    ) -> Trace:
         dspy = _dspy()
         inputs = self.program_inputs(example)
         variables = {n: (resolved[n] if n in resolved else c.variable) for n, c in self.components.items()}

@@ -16,9 +16,11 @@ inputs at once (``optimizers.run_batch`` looks for it by name), so a batching LM
 together; ``forward`` is the batch of one. LM calls go through ``self.generate`` / ``self.complete``, so the
 run's sampling seed (and, under best-of-N, its sampling temperature) and the usage accounting apply.
 """
+
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from optimas_fast.lm.base import LM
 from optimas_fast.system.component import Component
@@ -36,12 +38,15 @@ class LMComponent(Component):
         if isinstance(lms, LM):
             lms = {lms.name: lms}
         if not isinstance(lms, Mapping) or not lms:
-            raise TypeError(f"component '{self.name}': lms must be an LM or a non-empty dict name -> LM, "
-                            f"got {type(lms).__name__}")
+            raise TypeError(
+                f"component '{self.name}': lms must be an LM or a non-empty dict name -> LM, got {type(lms).__name__}"
+            )
         for name, lm in lms.items():
             if not isinstance(name, str) or not isinstance(lm, LM):
-                raise TypeError(f"component '{self.name}': lms must map str -> optimas_fast.lm.LM, got "
-                                f"{name!r}: {type(lm).__name__}")
+                raise TypeError(
+                    f"component '{self.name}': lms must map str -> optimas_fast.lm.LM, got "
+                    f"{name!r}: {type(lm).__name__}"
+                )
         self.lms = dict(lms)
 
     def forward(self, variable: Any = None, **inputs) -> dict:

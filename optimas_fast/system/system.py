@@ -35,6 +35,7 @@ bytes, see ``variables.py``) plus a signature of the system; ``load_state_dict``
 so that a state from another system is a clear error, and builds every new variable before assigning
 any, so a failed load leaves the system unchanged.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -46,8 +47,9 @@ import math
 import os
 import time
 import traceback as tb
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from optimas_fast._io import atomic_write_text
 from optimas_fast._validate import is_int
@@ -143,9 +145,7 @@ class System:
         for c in components:
             for f in c.outputs:
                 if f in self.producers:
-                    raise ValueError(
-                        f"System: field '{f}' is produced by both '{self.producers[f]}' and '{c.name}'"
-                    )
+                    raise ValueError(f"System: field '{f}' is produced by both '{self.producers[f]}' and '{c.name}'")
                 self.producers[f] = c.name
         consumed = [f for c in components for f in c.inputs]
         if inputs is None:
@@ -267,7 +267,7 @@ class System:
         else:
             c.variable = c.resolve_variable({key: value})
 
-    def copy(self) -> "System":
+    def copy(self) -> System:
         """An independent copy for optimizing (DSPy's convention: the optimizer returns a new program and
         leaves its input as it was). Each component is ``Component.copy()``: variables are independent,
         while LM clients, caches, indexes and models are shared; the graph and the metric are shared (never
@@ -356,7 +356,9 @@ class System:
             raise ValueError(f"run_downstream: the trace has no step for '{name}' (it failed before it)")
         base = prior[name]
         prior[name] = Step(name, dict(base.inputs), dict(new_outputs), base.variable, reused=True)
-        return self._execute(trace.example, fields, self.descendants(name), resolved, seed=seed, score=score, prior=prior)
+        return self._execute(
+            trace.example, fields, self.descendants(name), resolved, seed=seed, score=score, prior=prior
+        )
 
     def _execute(
         self,
@@ -377,8 +379,9 @@ class System:
             if name not in to_run:
                 if prior is not None and name in prior:
                     s = prior[name]
-                    trace.steps.append(Step(s.component, s.inputs, s.outputs, s.variable, s.seconds, s.usage,
-                                            s.error, reused=True))
+                    trace.steps.append(
+                        Step(s.component, s.inputs, s.outputs, s.variable, s.seconds, s.usage, s.error, reused=True)
+                    )
                 continue
             c = self.components[name]
             var = resolved[name] if name in resolved else c.variable
@@ -404,8 +407,9 @@ class System:
                 except Exception as exc:  # noqa: BLE001 — a failed component is recorded, never propagated
                     outputs, err = None, f"component '{name}': {type(exc).__name__}: {exc}"
                     trace.traceback = tb.format_exc()
-            trace.steps.append(Step(name, inputs, outputs, var, time.perf_counter() - s0, ctx.usage, err,
-                                    best_of=record))
+            trace.steps.append(
+                Step(name, inputs, outputs, var, time.perf_counter() - s0, ctx.usage, err, best_of=record)
+            )
             if err is not None:
                 trace.error, trace.failed_component = err, name
                 break
@@ -429,11 +433,14 @@ class System:
             raise TypeError(f"hooks must be a dict {{component: hook}}, got {type(hooks).__name__}")
         for name, hook in hooks.items():
             if not isinstance(name, str) or name not in self.components:
-                raise ValueError(f"hooks: no component named {name!r} in system '{self.name}' "
-                                 f"(has {list(self.components)})")
+                raise ValueError(
+                    f"hooks: no component named {name!r} in system '{self.name}' (has {list(self.components)})"
+                )
             if not callable(hook):
-                raise TypeError(f"hooks[{name!r}] must be callable (component, inputs, variable, ctx) -> "
-                                f"(outputs, record), got {type(hook).__name__}")
+                raise TypeError(
+                    f"hooks[{name!r}] must be callable (component, inputs, variable, ctx) -> "
+                    f"(outputs, record), got {type(hook).__name__}"
+                )
         return dict(hooks)
 
     def evaluate(
@@ -464,9 +471,14 @@ class System:
             except BudgetExceeded:
                 raise
             except Exception as exc:  # noqa: BLE001 — e.g. an example that is not a dict
-                return Trace(example=example if isinstance(example, Mapping) else {"example": example},
-                             fields={}, steps=[], score=0.0, error=f"example: {type(exc).__name__}: {exc}",
-                             traceback=tb.format_exc())
+                return Trace(
+                    example=example if isinstance(example, Mapping) else {"example": example},
+                    fields={},
+                    steps=[],
+                    score=0.0,
+                    error=f"example: {type(exc).__name__}: {exc}",
+                    traceback=tb.format_exc(),
+                )
 
         if workers == 1 or len(examples) <= 1:
             traces = [one(e) for e in examples]
@@ -514,7 +526,9 @@ class System:
         if not isinstance(state, Mapping):
             raise TypeError(f"load_state_dict(state): expected a dict, got {type(state).__name__}")
         if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"load_state_dict: unknown state format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+            raise ValueError(
+                f"load_state_dict: unknown state format {state.get('format')!r}, expected {STATE_FORMAT!r}"
+            )
         theirs, ours = state.get("signature"), self.signature()
         if theirs != ours:
             raise ValueError("load_state_dict: the state is for a different system: " + _signature_diff(ours, theirs))
@@ -577,4 +591,3 @@ def _signature_diff(ours: Mapping, theirs: Any) -> str:
         return f"components missing from the state {missing}, unexpected in the state {unexpected}"
     diffs = [n for n in ours if ours[n] != theirs[n]]
     return "; ".join(f"'{n}': ours {ours[n]}, state {theirs[n]}" for n in diffs)
-

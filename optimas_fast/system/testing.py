@@ -5,10 +5,11 @@
 
 Usage is counted as whitespace tokens so that accounting code has something real to add up.
 """
+
 from __future__ import annotations
 
 import threading
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from optimas_fast.lm.base import LM, Completion, Prompt, Usage
 

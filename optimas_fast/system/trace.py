@@ -1,10 +1,12 @@
 """Trace of one system run, and the result of evaluating a system on many examples."""
+
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from optimas_fast.lm.base import Usage
 from optimas_fast.system.variables import Variable
@@ -83,7 +85,7 @@ class Trace:
 
     __getitem__ = step
 
-    def raise_for_error(self) -> "Trace":
+    def raise_for_error(self) -> Trace:
         """Raises RuntimeError with the recorded error (and traceback) if the run failed; else returns self."""
         if self.error is not None:
             raise RuntimeError(f"{self.error}\n{self.traceback or ''}".rstrip())

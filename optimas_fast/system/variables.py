@@ -15,6 +15,7 @@ variable holds a live module (training mutates it in place); overriding it swaps
 Serialization is JSON only (no pickle). ``Weights`` tensors are stored as the bytes of a safetensors file,
 base64-encoded inside the JSON, so that one state dict is one self-contained JSON document.
 """
+
 from __future__ import annotations
 
 import base64
@@ -24,7 +25,8 @@ import json
 import math
 import os
 import random
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -32,9 +34,7 @@ __all__ = ["Variable", "Prompt", "Choice", "Weights", "variable_from_state"]
 
 
 def _is_json_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, str)) or (
-        isinstance(value, float) and math.isfinite(value)
-    )
+    return value is None or isinstance(value, (bool, int, str)) or (isinstance(value, float) and math.isfinite(value))
 
 
 class Variable:
@@ -46,10 +46,10 @@ class Variable:
         raise NotImplementedError
 
     @classmethod
-    def from_state(cls, state: Mapping) -> "Variable":
+    def from_state(cls, state: Mapping) -> Variable:
         raise NotImplementedError
 
-    def coerce(self, value: Any) -> "Variable":
+    def coerce(self, value: Any) -> Variable:
         """A new variable of this kind from an override value (a Variable or a raw value)."""
         raise NotImplementedError
 
@@ -73,10 +73,10 @@ class Prompt(Variable):
     def text(self) -> str:
         return self._text
 
-    def replace(self, text: str) -> "Prompt":
+    def replace(self, text: str) -> Prompt:
         return Prompt(text)
 
-    def coerce(self, value: Any) -> "Prompt":
+    def coerce(self, value: Any) -> Prompt:
         if isinstance(value, Prompt):
             return value
         if isinstance(value, str):
@@ -87,7 +87,7 @@ class Prompt(Variable):
         return {"kind": self.kind, "text": self._text}
 
     @classmethod
-    def from_state(cls, state: Mapping) -> "Prompt":
+    def from_state(cls, state: Mapping) -> Prompt:
         text = state.get("text")
         if not isinstance(text, str):
             raise ValueError("Prompt state: field 'text' must be a str")
@@ -163,7 +163,7 @@ class Choice(Variable):
     def __getitem__(self, key: str) -> Any:
         return self._value[key]
 
-    def replace(self, **values) -> "Choice":
+    def replace(self, **values) -> Choice:
         """Same space, some keys set to new values (each must be an allowed option)."""
         new = Choice.__new__(Choice)
         new._space = self._space
@@ -174,13 +174,13 @@ class Choice(Variable):
         """Number of distinct configurations in the space."""
         return math.prod(len(v) for v in self._space.values())
 
-    def candidates(self) -> Iterator["Choice"]:
+    def candidates(self) -> Iterator[Choice]:
         """Every configuration of the space, in a deterministic order (row-major over the keys)."""
         keys = list(self._space)
         for combo in itertools.product(*(self._space[k] for k in keys)):
             yield self.replace(**dict(zip(keys, combo)))
 
-    def sample(self, k: int, rng: random.Random) -> list["Choice"]:
+    def sample(self, k: int, rng: random.Random) -> list[Choice]:
         """``k`` distinct configurations drawn without replacement (all of them if ``k`` >= size)."""
         size = self.size()
         if k >= size:
@@ -197,7 +197,7 @@ class Choice(Variable):
             out.append(self.replace(**{key: self._space[key][i] for key, i in zip(keys, idx)}))
         return out
 
-    def coerce(self, value: Any) -> "Choice":
+    def coerce(self, value: Any) -> Choice:
         if isinstance(value, Choice):
             if value._space != self._space:
                 raise ValueError("a Choice override must have the same space as the component's Choice")
@@ -210,7 +210,7 @@ class Choice(Variable):
         return {"kind": self.kind, "space": self.space, "value": self.value}
 
     @classmethod
-    def from_state(cls, state: Mapping) -> "Choice":
+    def from_state(cls, state: Mapping) -> Choice:
         space, value = state.get("space"), state.get("value")
         if not isinstance(space, Mapping) or not isinstance(value, Mapping):
             raise ValueError("Choice state: fields 'space' and 'value' must be objects")
@@ -264,13 +264,13 @@ class Weights(Variable):
     def path(self) -> str | None:
         return self._path
 
-    def copy(self) -> "Weights":
+    def copy(self) -> Weights:
         """An independent deep copy (for candidates that train without touching the incumbent)."""
         if self._module is not None:
             return Weights(copy.deepcopy(self._module))
         return Weights(path=self._path)
 
-    def coerce(self, value: Any) -> "Weights":
+    def coerce(self, value: Any) -> Weights:
         if isinstance(value, Weights):
             return value
         if isinstance(value, torch.nn.Module):
@@ -294,13 +294,13 @@ class Weights(Variable):
         }
 
     @classmethod
-    def from_state(cls, state: Mapping) -> "Weights":
+    def from_state(cls, state: Mapping) -> Weights:
         """Only path states can be rebuilt alone; module states load into an existing module (``load_state``)."""
         if state.get("path") is not None:
             return cls(path=state["path"])
         raise ValueError("Weights state holds tensors: load it into a module with Weights.load_state(state)")
 
-    def load_state(self, state: Mapping) -> "Weights":
+    def load_state(self, state: Mapping) -> Weights:
         """A Weights with ``state`` applied: tensors are copied into this module in place (same architecture)."""
         if state.get("kind") != self.kind:
             raise ValueError(f"Weights.load_state: state kind is {state.get('kind')!r}, expected 'weights'")
