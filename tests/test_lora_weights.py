@@ -91,7 +91,9 @@ def test_dpo_raises_the_lrf_score_and_changes_only_the_adapter(seed):
     incumbent = comp.variable
     incumbent_tensors = {n: incumbent.module.get(n).clone() for n in policy.names}
     rm = FakeRM(share_of_a)
-    cfg = WeightsConfig(max_inputs=6, lora_samples=8, lora_steps=25, lora_lr=0.05, lora_beta=0.5)
+    # 60 DPO steps: with 25, about 1 seed in 17 (seed 110; also one clean-clone CI run) fitted its pairs without
+    # moving the greedy outputs, so the LRF score could not rise; 60 passed 17 of 17 seeds including that one
+    cfg = WeightsConfig(max_inputs=6, lora_samples=8, lora_steps=60, lora_lr=0.05, lora_beta=0.5)
     p = WeightsOptimizer(cfg).optimize(comp, inputs, rm, OptimizerBudget(max_inputs=6), rng=random.Random(seed))
     assert p.info["method"] == "best-of-N + DPO" and p.info["pairs"] > 0
     assert p.info["dpo_loss"][1] < p.info["dpo_loss"][0]  # DPO fitted its pairs
