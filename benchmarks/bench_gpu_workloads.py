@@ -40,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from _common import machine_info, write_results  # noqa: E402
 
 from optimas_fast.reward import PreferencePair, RewardModel, RewardModelConfig, TemplateConfig, spearman  # noqa: E402
+from optimas_fast.reward.testing import wordpiece_tokenizer  # noqa: E402
 
 COMPONENTS = ("answer", "context", "reason")
 FILLER = (
@@ -97,40 +98,7 @@ def parse_pools(text: str) -> list[tuple[int, int]]:
 def tokenizer():
     """A BERT-style WordPiece tokenizer built in code: the filler words whole, any other lowercase word spelled out
     in letters and digits (see the module doc)."""
-    import string
-
-    import tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = string.ascii_lowercase + string.digits
-    vocab = [
-        "[PAD]",
-        "[UNK]",
-        "[CLS]",
-        "[SEP]",
-        "[MASK]",
-        *string.punctuation,
-        *chars,
-        *(f"##{c}" for c in chars),
-        *sorted(set(FILLER) | {"case", "excellent", "poor", "answer", "context", "reason"}),
-    ]
-    tk = tokenizers.Tokenizer(
-        tokenizers.models.WordPiece({t: i for i, t in enumerate(dict.fromkeys(vocab))}, unk_token="[UNK]")
-    )
-    tk.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
-    tk.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    tk.decoder = tokenizers.decoders.WordPiece()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
+    return wordpiece_tokenizer(set(FILLER) | {"case", "excellent", "poor", "answer", "context", "reason"})
 
 
 def build(size: str, device: str, seed: int, amp: str):

@@ -17,6 +17,7 @@ import torch
 import torch.multiprocessing as mp
 
 from optimas_fast.reward import PreferencePair, RewardModel, RewardModelConfig, init_distributed, spearman
+from optimas_fast.reward.testing import wordpiece_tokenizer
 
 pytestmark = pytest.mark.gpu
 
@@ -25,46 +26,6 @@ WORDS = (
     "upsilon phi chi psi omega river stone cloud lamp"
 ).split()
 COMPONENTS = {"a": "component a answers", "b": "component b explains"}
-
-
-def wordpiece_tokenizer(words):
-    """A BERT-style WordPiece tokenizer built in code: ``words`` whole, any other lowercase ASCII word spelled out
-    in letters and digits. Why not MiniLM's: the GPU machine has no model packages (benchmarks/gpu_bundle.py
-    leaves them out), and these tests need a tokenizer, not its vocabulary."""
-    import string
-
-    import tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    chars = string.ascii_lowercase + string.digits
-    vocab = [
-        "[PAD]",
-        "[UNK]",
-        "[CLS]",
-        "[SEP]",
-        "[MASK]",
-        *string.punctuation,
-        *chars,
-        *(f"##{c}" for c in chars),
-        *sorted(set(words)),
-    ]
-    tk = tokenizers.Tokenizer(
-        tokenizers.models.WordPiece({t: i for i, t in enumerate(dict.fromkeys(vocab))}, unk_token="[UNK]")
-    )
-    tk.normalizer = tokenizers.normalizers.BertNormalizer(lowercase=True)
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.BertPreTokenizer()
-    tk.post_processor = tokenizers.processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
-    tk.decoder = tokenizers.decoders.WordPiece()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-    )
 
 
 def _tokenizer():
