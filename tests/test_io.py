@@ -16,7 +16,7 @@ import pytest
 import optimas_fast
 from optimas_fast._io import JSONLineError, iter_jsonl
 from optimas_fast.backbones import MINILM, minilm_path, resolve_backbone
-from optimas_fast.reward import cpu_has_native_bf16
+from optimas_fast.reward import cpu_has_amx_bf16, cpu_has_native_bf16
 
 PKG = Path(optimas_fast.__file__).resolve().parent
 ROOT = PKG.parent
@@ -70,6 +70,7 @@ def test_cpu_has_native_bf16_reads_the_flags():
     with open("/proc/cpuinfo") as f:
         flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     assert cpu_has_native_bf16() is ("avx512_bf16" in flags or "amx_bf16" in flags)
+    assert cpu_has_amx_bf16() is ("amx_bf16" in flags)
 
 
 def _sources():

@@ -559,13 +559,15 @@ def test_bf16_weight_copy_follows_training_and_loading(kind, tokenizer, seed, tm
 
 def test_amp_auto_follows_the_hardware(tokenizer, seed, monkeypatch):
     rm = make_model("decoder", tokenizer, seed, score_amp="auto", amp="auto")
-    for native in (True, False):
+    # (native bf16 GEMMs, AMX): no bf16; avx512_bf16 only (EPYC); AMX (Sapphire Rapids: amx_bf16 implies native)
+    for native, amx in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(precision_mod, "_NATIVE_BF16", native)
-        assert precision_mod.cpu_has_native_bf16() is native
-        assert rm.uses_bf16(inference=True) is native  # scoring: bf16 only with native bf16 GEMMs
-        assert rm.uses_bf16(inference=False) is native  # training too (RESULTS.md: same accuracy, faster)
+        monkeypatch.setattr(precision_mod, "_AMX_BF16", amx)
+        assert precision_mod.cpu_has_native_bf16() is native and precision_mod.cpu_has_amx_bf16() is amx
+        assert rm.uses_bf16(inference=True) is amx  # scoring: bf16 only with AMX (measured per CPU kind)
+        assert rm.uses_bf16(inference=False) is native  # training: with any native bf16 (same accuracy, faster)
         _, rep = rm.score_with_report([("a", "in put", "out put")])
-        assert rep.amp == ("bf16" if native else "fp32")
+        assert rep.amp == ("bf16" if amx else "fp32")
         loss = rm.train([("a", "in put", "good out", "bad out")], epochs=1)[0]["loss"]
         assert math.isfinite(loss)
         assert rm.last_train_report.amp == ("bf16" if native else "fp32")

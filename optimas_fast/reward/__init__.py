@@ -22,7 +22,7 @@ from .encoder import DEFAULT_BACKBONE, Encoder, backend_report, load_backbone
 from .formats import LoadReport, PairFormatError, PairSet, load_pairs, save_pairs
 from .metrics import spearman
 from .model import RewardModel
-from .precision import cpu_has_native_bf16
+from .precision import cpu_has_amx_bf16, cpu_has_native_bf16
 from .rows import Rows
 from .sharded import ScoreReport
 from .template import TemplateConfig
@@ -56,6 +56,7 @@ __all__ = [
     "StepReport",
     "backend_report",
     "cleanup_distributed",
+    "cpu_has_amx_bf16",
     "cpu_has_native_bf16",
     "describe_checkpoint",
     "init_distributed",

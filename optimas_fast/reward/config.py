@@ -42,9 +42,10 @@ class RewardModelConfig:
     # unique 367-token pairs, 2-core EPYC: bf16 1.44x the pairs/s of fp32, held-out accuracy 0.83 both
     # (benchmarks/RESULTS.md, "Unique-pair reward training")
     amp: str = "auto"
-    # inference autocast for score()/evaluate(): "auto" = bf16 on CUDA and on CPUs with native bf16 matmul
-    # (avx512_bf16 / AMX; see cpu_has_native_bf16), fp32 elsewhere | "bf16" | "none" (fp32). Measured on an
-    # AMD EPYC (avx512_bf16, 2 threads), MiniLM-L6, 440-token rows: see benchmarks/RESULTS.md (LRF engine).
+    # inference precision for score()/evaluate(): "auto" = bf16 on CUDA and on CPUs with AMX-BF16 (see
+    # cpu_has_amx_bf16), fp32 elsewhere, avx512_bf16-only CPUs included | "bf16" | "none" (fp32). Chosen per
+    # CPU kind by measurement on held-out pairs: AMX Xeon, bf16 2.8x fp32 on MiniLM-L6 and SmolLM2-135M; EPYC
+    # with avx512_bf16 only, bf16 +4% on MiniLM and -13% on SmolLM2 (RESULTS.md, "Pair scoring precision")
     score_amp: str = "auto"
     # how bf16 scoring runs: "cast" = a bf16 copy of the backbone, made once per weight version (re-made only
     # after training or loading changed a parameter), so no op re-casts fp32 weights or round-trips through

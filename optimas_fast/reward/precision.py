@@ -17,22 +17,37 @@ from .config import RewardModelConfig
 
 # ------------------------------------------------------------------------------------------- hardware
 _NATIVE_BF16: bool | None = None
+_AMX_BF16: bool | None = None
+
+
+def _cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
 
 
 def cpu_has_native_bf16() -> bool:
     """True when the CPU multiplies bf16 natively (avx512_bf16 or AMX-BF16 in /proc/cpuinfo's flags).
 
     Plain AVX-512 only emulates bf16 (oneDNN converts to fp32), which is slower than fp32 itself, so it does
-    not count. Non-Linux hosts (no /proc/cpuinfo) report False: score_amp="auto" then stays in fp32."""
+    not count. Non-Linux hosts (no /proc/cpuinfo) report False: amp="auto" then stays in fp32."""
     global _NATIVE_BF16
     if _NATIVE_BF16 is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-        except OSError:
-            flags = []
+        flags = _cpu_flags()
         _NATIVE_BF16 = "avx512_bf16" in flags or "amx_bf16" in flags
     return _NATIVE_BF16
+
+
+def cpu_has_amx_bf16() -> bool:
+    """True when the CPU has AMX tiles for bf16 (``amx_bf16``: Intel Sapphire Rapids and later), whose bf16
+    GEMMs and CPU flash attention run several times faster than fp32; avx512_bf16 alone (AMD Zen 4, Intel
+    Cooper Lake) gives bf16 dot products at about twice fp32's GEMM rate and a slower bf16 attention."""
+    global _AMX_BF16
+    if _AMX_BF16 is None:
+        _AMX_BF16 = "amx_bf16" in _cpu_flags()
+    return _AMX_BF16
 
 
 # ------------------------------------------------------------------------------------------- the policy
@@ -55,10 +70,19 @@ class Precision:
             return amp == "bf16"
         if self.device.type == "cuda":
             return True
-        # training and scoring use bf16 where the CPU has native bf16 GEMMs, measured faster there at the same
-        # held-out accuracy (RESULTS.md: MiniLM on unique 367-token pairs trains 1.44x faster in bf16, 0.83
-        # accuracy either way); fp32 elsewhere, where bf16 is emulated and slower
-        return self.device.type == "cpu" and cpu_has_native_bf16()
+        if self.device.type != "cpu":
+            return False
+        if not inference:
+            # training: bf16 wherever the CPU has native bf16 GEMMs, measured faster there at the same held-out
+            # accuracy (RESULTS.md: MiniLM on unique 367-token pairs, avx512_bf16 EPYC, 1.44x the pairs/s of
+            # fp32, 0.83 accuracy either way); fp32 where bf16 is emulated and slower
+            return cpu_has_native_bf16()
+        # scoring: bf16 only with AMX. Measured per CPU kind on held-out unique PubMedQA pairs
+        # (benchmarks/bench_pair_scoring.py, RESULTS.md "Pair scoring precision"): with AMX (2-core Xeon) bf16
+        # scores 2.8x faster than fp32 on MiniLM-L6 and on SmolLM2-135M with the same pair decisions (98.8% /
+        # 100% agreement); with avx512_bf16 alone (2-core EPYC, issue 18's table) bf16 gained MiniLM 4% and
+        # cost SmolLM2 13% (its CPU attention is slower in bf16 there), so scoring stays in fp32 on such CPUs
+        return cpu_has_amx_bf16()
 
     def autocast(self, inference: bool = False):
         if self.uses_bf16(inference):
