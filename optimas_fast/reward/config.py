@@ -68,6 +68,11 @@ class RewardModelConfig:
     # RESULTS.md). Not with prefix sharing on a decoder (transformers drops the KV cache under checkpointing): a
     # ValueError at the first step
     gradient_checkpointing: bool = False
+    # training memory: Llama / Mistral / Qwen-type RMSNorms and SwiGLU MLPs keep fewer bytes for the backward (the
+    # norm's input and one scalar per token instead of input + normalised output; the MLP's bf16 input, gate and up
+    # instead of two input casts, gate, silu, up and product), recomputing the rest in the backward: same outputs,
+    # gradients equal to rounding (reward/lean.py). Read when the model is built
+    lean_activations: bool = True
     # backbone attention kernel: "sdpa" (torch scaled_dot_product_attention; MiniLM-L6, 32 x 440-token rows,
     # CPU: 1.7x faster than "eager" in fp32, 2.1x in bf16), "eager", any name transformers accepts, or None to
     # keep what the backbone was built with. A backbone that cannot use it raises a ValueError at construction.
@@ -103,6 +108,7 @@ class RewardModelConfig:
         check_int(n, "config.token_cache_size", min=1, allow_none=True)
         check_int(self.train_chunk_tokens, "config.train_chunk_tokens", min=1, allow_none=True)
         check_bool(self.gradient_checkpointing, "config.gradient_checkpointing")
+        check_bool(self.lean_activations, "config.lean_activations")
         a = self.attn_implementation
         if a is not None and (not isinstance(a, str) or not a):
             raise ValueError(f"config.attn_implementation must be a non-empty str or None, got {a!r}")

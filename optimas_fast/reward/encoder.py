@@ -47,6 +47,7 @@ from . import attention
 from .config import LoraSettings, RewardModelConfig
 from .encode import PACKABLE_DECODERS, PACKABLE_ENCODERS
 from .heads import RewardNet
+from .lean import apply_lean_modules
 from .precision import Precision
 from .rows import Rows, prepare_rows
 from .template import TokenCache, Tokenised
@@ -167,6 +168,8 @@ class Encoder:
                     m.p = 0.0
         if config.lora is not None:
             backbone = _apply_lora(backbone, config.lora)
+        if config.lean_activations:  # after LoRA: adapted projections keep their own forward (lean.py)
+            apply_lean_modules(backbone)
         model_type = getattr(hf_config, "model_type", None)
         if config.packing and model_type not in (PACKABLE_ENCODERS if self.is_encoder else PACKABLE_DECODERS):
             # packing passes per-row positions and a custom 4-D mask: right for BERT's absolute positions and
