@@ -184,7 +184,7 @@ def _cmd_train(a) -> int:
         "train_loss": m["train_loss"],
         "epochs": m["epoch"],
         "seconds": time.perf_counter() - t0,
-        "components": trainer.model.encoder.components,
+        "components": list(trainer.model.encoder.components),
         "margin_kind": trainer.margin_kind,
         "overlong": a.overlong,
         "out": str(out),
@@ -249,7 +249,7 @@ def _cmd_eval(a) -> int:
     unknown = sorted({p.component for p in pairs} - set(model.encoder.components))
     if unknown:
         raise UsageError(
-            f"--data: component(s) {unknown} have no head in {a.model_dir} (its components: {model.components})"
+            f"--data: component(s) {unknown} have no head in {a.model_dir} (its components: {model.encoder.components})"
         )
     max_length = model.encoder.config.template.max_length
     kept, dropped, truncated = filter_overlong(model, pairs, max_length, a.overlong, "--data")
@@ -321,8 +321,8 @@ def _cmd_score(a) -> int:
         comp = r.get("component", default)
         if comp is None:
             raise ValueError(
-                f"{where}: field 'component' is missing (the model has {len(model.components)} heads: "
-                f"{model.components})"
+                f"{where}: field 'component' is missing (the model has {len(model.encoder.components)} heads: "
+                f"{model.encoder.components})"
             )
         if comp not in model.encoder.components:
             raise ValueError(f"{where}: field 'component': {comp!r} has no head (known: {model.encoder.components})")
@@ -343,7 +343,7 @@ def _cmd_score(a) -> int:
         for i, p in zip(pos, pairs, strict=True):
             if p.component not in model.encoder.components:
                 raise ValueError(
-                    f"{rows[i][0]}: field 'component': {p.component!r} has no head (known: {model.components})"
+                    f"{rows[i][0]}: field 'component': {p.component!r} has no head (known: {model.encoder.components})"
                 )
             requests += [(p.component, p.inputs, p.chosen), (p.component, p.inputs, p.rejected)]
             req_of += [(i, "score_chosen"), (i, "score_rejected")]

@@ -282,3 +282,19 @@ def test_entry_point_exit_code(tmp_path):
     p = run("eval", tmp_path / "missing", "--data", tmp_path / "x.jsonl")
     assert p.returncode == 2
     assert "x.jsonl" in one_error_line(p.stderr)
+
+
+def test_component_errors_name_the_models_components(trained, tmp_path, capsys):
+    """A row for a component the model has no head for, or one naming no component on a model of several heads,
+    exits 2 with one line naming the model's components (eval; score with pair rows and with single rows)."""
+    out, _ = trained
+    known = str(list(json.loads((out / "manifest.json").read_text())["components"]))  # in head order
+    assert sorted(json.loads((out / "manifest.json").read_text())["components"]) == ["a", "b"]
+    pairs = write_jsonl(tmp_path / "e.jsonl", [{"component": "zzz", "prompt": "p", "chosen": "x", "rejected": "y"}])
+    rc, line = main_rc(["eval", str(out), "--data", pairs], capsys)
+    assert rc == 2 and "['zzz']" in line and f"its components: {known}" in line
+    rc, line = main_rc(["score", str(out), "--data", pairs, "--out", str(tmp_path / "s.jsonl")], capsys)
+    assert rc == 2 and "e.jsonl" in line and "'zzz' has no head" in line and f"known: {known}" in line
+    nameless = write_jsonl(tmp_path / "n.jsonl", [{"inputs": "q", "outputs": "o"}])
+    rc, line = main_rc(["score", str(out), "--data", nameless, "--out", str(tmp_path / "s.jsonl")], capsys)
+    assert rc == 2 and "n.jsonl line 1" in line and f"'component' is missing (the model has 2 heads: {known})" in line

@@ -183,7 +183,7 @@ def test_add_and_remove_heads_leave_others_untouched(tokenizer, seed):
     opt_state = {id(p): s["exp_avg"].clone() for p, s in rm.trainer.optimizer.state.items()}
     rm.add_component("d", "a new component")
     rm.remove_component("b")
-    assert rm.encoder.components == ["a", "c", "d"]
+    assert list(rm.encoder.components) == ["a", "c", "d"]
     torch.testing.assert_close(rm.score(reqs), before, atol=0, rtol=0)
     for p, s in rm.trainer.optimizer.state.items():  # surviving parameters kept their moments
         assert torch.equal(s["exp_avg"], opt_state[id(p)])
@@ -433,7 +433,7 @@ def test_checkpoint_round_trip_is_bit_exact(kind, tokenizer, seed, tmp_path):
     # load_state into an existing model of the same architecture (different components) restores it too
     other = make_model(kind, tokenizer, seed + 1, components=("zz",))
     other.load_state(tmp_path / "ck")
-    assert other.encoder.components == ["a", "b", "late.comp"]
+    assert list(other.encoder.components) == ["a", "b", "late.comp"]
 
 
 def test_checkpoint_errors(tokenizer, seed, tmp_path):

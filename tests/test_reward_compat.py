@@ -28,7 +28,7 @@ def test_v1_checkpoint_loads_scores_and_trains_on(kind):
     with open(os.path.join(FIXTURE, kind, "manifest.json")) as f:
         assert "append_eos" not in json.load(f)["reward_config"]["template"]  # written before the field existed
     rm = RewardModel.load(os.path.join(FIXTURE, kind), device="cpu")
-    assert rm.encoder.components == ["first", "second"] and rm.encoder.is_encoder == (kind == "bert")
+    assert list(rm.encoder.components) == ["first", "second"] and rm.encoder.is_encoder == (kind == "bert")
     assert rm.encoder.config.template.append_eos is False  # the layout it was trained with
     assert rm.trainer.global_step == 2
     torch.testing.assert_close(rm.score(rows), torch.tensor(exp["scores"]), atol=ATOL, rtol=RTOL)

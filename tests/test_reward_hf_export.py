@@ -195,14 +195,14 @@ def test_decoder_export_reloads_into_reward_model(tokenizer, seed, tmp_path):
     meta = export_hf(model.encoder, tmp_path / "hf")
     back = RewardModel.from_pretrained(tmp_path / "hf")
     back.encoder.config.score_amp = "none"
-    assert back.encoder.components == model.encoder.components
-    assert back.encoder.descriptions == model.encoder.descriptions
+    assert list(back.encoder.components) == list(model.encoder.components)
+    assert back.encoder.components.descriptions == model.encoder.components.descriptions
     bias = torch.tensor([meta["dropped_bias"][model.head_id(c)] for c, _, _ in rows], dtype=torch.float64)
     assert torch.allclose(back.score(rows).double(), model.score(rows).double() - bias, atol=1e-4, rtol=0)
     # a plain HF reward model (no optimas_reward.json) loads too: its score layer becomes the heads
     os.remove(tmp_path / "hf" / META)
     plain = RewardModel.from_pretrained(tmp_path / "hf")
-    assert plain.encoder.components == ["writer", "judge"]
+    assert list(plain.encoder.components) == ["writer", "judge"]
     assert plain.encoder.config.template.prefix_format == "{inputs}"
     W, _ = plain.encoder.net.stacked_heads()
     W0, _ = model.encoder.net.stacked_heads()

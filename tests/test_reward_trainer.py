@@ -602,7 +602,7 @@ def test_trl_documentation_script_runs_with_only_the_import_changed(tokenizer, t
     state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and [h["step"] for h in state["log_history"] if "loss" in h] == [1, 2, 3]
     model = RewardModel.load(out)  # save_model wrote the final model into output_dir
-    assert model.encoder.components == ["default"]
+    assert list(model.encoder.components) == ["default"]
     assert TrlNameTrainer is RewardTrainer
 
 
@@ -649,3 +649,17 @@ def test_bf16_flag_trains_under_bf16_autocast(tokenizer, tmp_path, seed):
     assert any(not torch.equal(a, b) for a, b in zip(before, tr.model.encoder.net.parameters(), strict=True))
     fp32 = make_trainer(tokenizer, seed, tmp_path / "fp32", rows, bf16=False, max_steps=1, save_strategy="no")
     assert fp32.model.encoder.config.amp == "none" and not fp32.model.uses_bf16(inference=False)
+
+
+def test_bf16_argument_sets_a_given_models_training_precision(tokenizer, tmp_path, seed):
+    """RewardTrainer(model=<a RewardModel>, args with bf16 set) trains that model at the precision asked for (the
+    setting lives on the model's encoder config); bf16=None leaves the model's own."""
+    rng = random.Random(seed)
+    for bf16, amp in ((False, "none"), (True, "bf16"), (None, "auto")):
+        rm = RewardModel(tiny_llama(tokenizer.vocab_size, seed), ["default"], tokenizer=tokenizer)
+        assert rm.encoder.config.amp == "auto"
+        args = RewardConfig(
+            output_dir=str(tmp_path / "a"), max_steps=1, disable_tqdm=True, save_strategy="no", bf16=bf16
+        )
+        tr = RewardTrainer(model=rm, args=args, train_dataset=dataset(trl_rows(rng, 4)))
+        assert tr.model is rm and rm.encoder.config.amp == amp

@@ -8,7 +8,8 @@ prefix-shared scoring of large candidate pools, checkpoints and DDP.
     rm.evaluate(held_out_pairs, candidates)        # accuracy, loss, alignment per component
     rm.save("ckpt/"); RewardModel.load("ckpt/")
 
-Parts (each depends only on those above it): data, template, config, schedules, metrics -> heads, precision, rows
+Parts (each depends only on those above it): data, template, config, schedules, metrics -> heads (RewardNet, the
+HeadRegistry of component names), precision, rows
 -> encode -> encoder -> sharded -> trainer
 (Trainer.step, the one training step; TrainLoops: train / adapt) -> checkpoint -> model (the RewardModel facade)
 -> trl_trainer (the TRL-style RewardTrainer, another loop over Trainer.step).
@@ -20,6 +21,7 @@ from .data import Candidate, PreferencePair, ScoreRequest, pair_weights
 from .distributed import DistInfo, cleanup_distributed, init_distributed
 from .encoder import DEFAULT_BACKBONE, Encoder, backend_report, load_backbone
 from .formats import LoadReport, PairFormatError, PairSet, load_pairs, save_pairs
+from .heads import HeadRegistry, UnknownComponentError
 from .metrics import spearman
 from .model import RewardModel
 from .precision import cpu_has_amx_bf16, cpu_has_native_bf16
@@ -40,6 +42,7 @@ __all__ = [
     "Candidate",
     "DistInfo",
     "Encoder",
+    "HeadRegistry",
     "LoraSettings",
     "PreferencePair",
     "RewardModelConfig",
@@ -52,6 +55,7 @@ __all__ = [
     "TrainReport",
     "Trainer",
     "TrainLoops",
+    "UnknownComponentError",
     "PairBatch",
     "StepReport",
     "backend_report",

@@ -1,7 +1,8 @@
 """The reward engine's encoder: one shared Hugging Face backbone + one linear head per component, composed from
 parts that each do one job (and never import this module back):
 
-    heads.py      RewardNet: the backbone and the per-component head parameters
+    heads.py      RewardNet: the backbone and the per-component head parameters; HeadRegistry: component
+                  name -> head id and description, adding and removing heads (``encoder.components``)
     precision.py  which path runs in bf16, autocast, the bf16 scoring copy of the backbone
     rows.py       (component, inputs, outputs) rows -> Rows: template, batched tokenising, dedupe, truncation
     (here)        the planner (Scheduler.plan_arrays) over Rows, with this encoder's policies
@@ -24,7 +25,8 @@ suffixes run against it with explicit positions. Bidirectional encoders cannot d
 attends to the suffix), so they run independent rows and ``ScoreReport.prefix_sharing`` says why.
 
 Nothing here knows about training or checkpoints: the trainer (trainer.py) drives ``prepare``/``plan``/
-``encode.encode_planned`` and the checkpoint module goes through ``state_dict``/``load_state_dict``.
+``encode.encode_planned`` and the checkpoint module goes through ``state_dict``/``load_state_dict`` (the
+backbone's weights here, the heads' from the registry).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from optimas_fast.scheduler import Plan, Scheduler
 from . import attention
 from .config import LoraSettings, RewardModelConfig
 from .encode import PACKABLE_DECODERS, PACKABLE_ENCODERS
-from .heads import RewardNet
+from .heads import HeadRegistry, RewardNet
 from .lean import apply_lean_modules
 from .precision import Precision
 from .rows import Rows, prepare_rows
@@ -110,6 +112,9 @@ def _apply_lora(backbone: nn.Module, lora: LoraSettings) -> nn.Module:
 
 class Encoder:
     """Backbone + heads, tokenising, planning, encoding, pooling and the bf16 scoring copy.
+
+    The components (names, head ids, descriptions; ``add`` / ``remove``) are ``encoder.components``, a
+    heads.HeadRegistry over ``encoder.net``'s heads.
 
     Args:
         backbone: a Hugging Face ``PreTrainedModel`` (base model, e.g. from ``AutoModel``) or any nn.Module with
@@ -205,84 +210,44 @@ class Encoder:
         params = inspect.signature(base.forward).parameters
         # transformers 5 names the KV-cache argument `cache`; 4.x called it `past_key_values`
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self.head_rng = torch.Generator().manual_seed(config.seed)  # head init (CPU: reproducible anywhere)
-        self.components: list[str] = []
-        self.descriptions: dict[str, str] = {}
-        # bumped by every head added or removed: a trainer compares it with the version its optimizer was
-        # built for and re-syncs (the encoder never calls back into a trainer)
-        self.heads_version = 0
+        # component name -> head id and description; its ``version`` moves with every head added or removed: a
+        # trainer compares it with the version its optimizer was built for and re-syncs (the encoder never calls
+        # back into a trainer)
+        self.components = HeadRegistry(self.net, config.head_init_std, config.seed, self.device)
         # bf16 or fp32 per path, autocast, and the bf16 scoring copy (its weights_version is bumped by whoever
         # changes parameters in place without bumping their version counters: fused AdamW's kernel does not)
         self.precision = Precision(config, self.device)
         self._backbone_seconds = 0.0  # time inside backbone calls (ScoreReport.host_seconds is the rest)
 
-    # ------------------------------------------------------------------------------------------- heads
-    def add_component(self, name: str, description: str | None = None) -> int:
-        """Add a head for a new component (others, and their optimizer state, are untouched); returns its id."""
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"component name must be a non-empty str, got {name!r}")
-        if name in self.descriptions:
-            raise ValueError(f"component {name!r} already has a head")
-        w = torch.randn(self.net.hidden_size, generator=self.head_rng) * self.config.head_init_std  # (H,)
-        self.net.add_head(w.to(self.device), torch.zeros(1, device=self.device))
-        self.components.append(name)
-        self.descriptions[name] = description if description is not None else name
-        self.heads_version += 1
-        return len(self.components) - 1
-
-    def remove_component(self, name: str) -> None:
-        """Drop a component's head; the other heads keep their order."""
-        idx = self.head_id(name)
-        self.net.remove_head(idx)
-        self.components.pop(idx)
-        del self.descriptions[name]
-        self.heads_version += 1
-
-    def head_id(self, name: str) -> int:
-        try:
-            return self.components.index(name)
-        except ValueError:
-            raise ValueError(f"unknown component {name!r}: known components are {self.components}") from None
-
+    # --------------------------------------------------------------------------------------- state
     def stable_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters by position-independent names: "backbone.<name>", "heads.<component>.weight|bias"."""
         out = {f"backbone.{n}": p for n, p in self.net.backbone.named_parameters()}
-        for comp, key in zip(self.components, self.net.head_keys):
-            out[f"heads.{comp}.weight"] = self.net.head_weight[key]
-            out[f"heads.{comp}.bias"] = self.net.head_bias[key]
+        out.update(self.components.stable_parameters())
         return out
 
-    # --------------------------------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """{"tensors": backbone weights ("backbone.<name>") and heads ("heads.<component>.weight|bias") as CPU
         copies, "components": {name: description} in head order, "head_rng": the head-init RNG state}."""
-        weights = {f"backbone.{n}": t for n, t in self.net.backbone.state_dict().items()}
-        for comp, key in zip(self.components, self.net.head_keys):
-            weights[f"heads.{comp}.weight"] = self.net.head_weight[key]
-            weights[f"heads.{comp}.bias"] = self.net.head_bias[key]
+        heads = self.components.state_dict()
         # clone: safetensors refuses tensors sharing storage (tied weights), and a caller must not hold views
         # of parameters that keep training
+        body = {
+            f"backbone.{n}": t.detach().cpu().contiguous().clone() for n, t in self.net.backbone.state_dict().items()
+        }
         return {
-            "tensors": {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()},
-            "components": {c: self.descriptions[c] for c in self.components},
-            "head_rng": self.head_rng.get_state(),
+            "tensors": {**body, **heads["tensors"]},
+            "components": heads["components"],
+            "head_rng": heads["head_rng"],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state_dict()`` output: heads rebuilt in its order (components added since are dropped,
-        missing ones added), the backbone loaded strictly, the head-init RNG restored."""
+        """Restore ``state_dict()`` output: heads rebuilt in its order (HeadRegistry.load_state_dict: components
+        added since are dropped, missing ones added, the head-init RNG restored), the backbone loaded strictly."""
+        self.components.load_state_dict(state)
         weights = state["tensors"]
-        for comp in list(self.components):
-            self.remove_component(comp)
-        for comp, desc in state["components"].items():
-            self.add_component(comp, desc)
-            key = self.net.head_keys[-1]
-            with torch.no_grad():
-                self.net.head_weight[key].copy_(weights[f"heads.{comp}.weight"])
-                self.net.head_bias[key].copy_(weights[f"heads.{comp}.bias"])
         body = {k[len("backbone.") :]: v for k, v in weights.items() if k.startswith("backbone.")}
         self.net.backbone.load_state_dict(body, strict=True)
-        self.head_rng.set_state(state["head_rng"])
 
     # ------------------------------------------------------------------------------------------ policy
     @property
@@ -309,7 +274,8 @@ class Encoder:
     # ---------------------------------------------------------------------------------------- tokenising
     def tokenise(self, component: str, inputs: str, outputs: str) -> Tokenised:
         """One row through the template (the per-row form; ``prepare`` is the batched one, same ids)."""
-        return self.tokens.encode(self.head_id(component), self.descriptions[component], inputs, outputs)
+        heads = self.components
+        return self.tokens.encode(heads.head_id(component), heads.descriptions[component], inputs, outputs)
 
     def prepare(
         self, components: Sequence[str], inputs: Sequence[str], outputs: Sequence[str], check_fit: bool = True
@@ -320,8 +286,9 @@ class Encoder:
             raise ValueError(
                 f"components, inputs and outputs must have one entry per row, got {n}, {len(inputs)}, {len(outputs)}"
             )
+        heads = self.components
         return prepare_rows(
-            zip(components, inputs, outputs), self.tokens, self.head_id, self.descriptions, check_fit, parse=False
+            zip(components, inputs, outputs), self.tokens, heads.head_id, heads.descriptions, check_fit, parse=False
         )
 
     def prepare_requests(self, requests: Iterable[Any], check_fit: bool = True) -> Rows:
@@ -333,7 +300,8 @@ class Encoder:
         row) when a row's outputs cannot fit max_length; otherwise such rows are flagged in ``Rows.unfit`` (and
         must not be encoded).
         """
-        return prepare_rows(requests, self.tokens, self.head_id, self.descriptions, check_fit, parse=True)
+        heads = self.components
+        return prepare_rows(requests, self.tokens, heads.head_id, heads.descriptions, check_fit, parse=True)
 
     # ------------------------------------------------------------------------------------------ planning
     def plan(self, rows: Rows) -> Plan:

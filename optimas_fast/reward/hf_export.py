@@ -47,7 +47,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 import torch
@@ -57,6 +57,7 @@ from safetensors.torch import load_file, save_file
 from optimas_fast._io import atomic_write_bytes
 
 from .config import RewardModelConfig
+from .heads import HeadRegistry
 from .template import TemplateConfig
 
 
@@ -66,8 +67,7 @@ class Exportable(Protocol):
     the facade."""
 
     net: Any  # the RewardNet: backbone, stacked_heads(), head_keys, head_weight / head_bias
-    components: Sequence[str]  # head names, in head order
-    descriptions: Mapping[str, str]  # component -> description (the template's prefix)
+    components: HeadRegistry  # head names in head order, their descriptions (the template's prefix)
     tokenizer: Any  # the backbone's tokenizer
     tokens: Any  # the TokenCache: appends_eos, eos
     config: RewardModelConfig
@@ -145,7 +145,7 @@ def _meta(model: Exportable, layout: str, biases: list[float], pad_id: int | Non
         "architecture": "encoder" if model.is_encoder else "decoder",
         "pooling": model.pooling,
         "components": list(model.components),
-        "descriptions": {c: model.descriptions[c] for c in model.components},
+        "descriptions": dict(model.components.descriptions),
         "template": {
             "prefix_format": t.prefix_format,
             "max_length": t.max_length,

@@ -9,7 +9,7 @@ The parts it joins depend only downward and never import it back:
 
     config.py     RewardModelConfig, LoraSettings
     template.py   text layout, token cache
-    heads.py      RewardNet: backbone + per-component head parameters
+    heads.py      RewardNet: backbone + per-component head parameters; HeadRegistry: component name -> head
     precision.py  bf16 or fp32 per path, autocast, the bf16 scoring copy
     rows.py       tokenising (batched), dedupe, truncation -> Rows
     encode.py     one function per batch layout (padded, shared-prefix, packed) -> pooled states
@@ -72,8 +72,9 @@ class RewardModel:
     TrainConfig, saved in checkpoints); a call's keyword overrides apply to that call alone.
 
     Everything else has one name, on its part: ``rm.encoder`` (reward/encoder.py) holds the configuration,
-    the backbone and heads (``encoder.net``), the component names and descriptions, the tokenizer and token
-    cache, the device and the policies (``encoder.config``, ``encoder.components``, ``encoder.device``, ...).
+    the backbone and heads (``encoder.net``), the component registry (``encoder.components``, a
+    heads.HeadRegistry: names in head order, head ids, descriptions), the tokenizer and token cache, the device
+    and the policies (``encoder.config``, ``encoder.device``, ...).
     """
 
     def __init__(
@@ -102,16 +103,18 @@ class RewardModel:
             self.add_component(name, desc)
 
     # ------------------------------------------------------------------------------------------- heads
+    # the facade's verbs on the component registry, ``self.encoder.components`` (heads.HeadRegistry)
     def add_component(self, name: str, description: str | None = None) -> int:
         """Add a head for a new component (others, and their optimizer state, are untouched); returns its id."""
-        return self.encoder.add_component(name, description)
+        return self.encoder.components.add(name, description)
 
     def remove_component(self, name: str) -> None:
         """Drop a component's head (and, at the trainer's next step, its replay buffer)."""
-        self.encoder.remove_component(name)
+        self.encoder.components.remove(name)
 
     def head_id(self, name: str) -> int:
-        return self.encoder.head_id(name)
+        """The head id of component ``name`` (UnknownComponentError, a KeyError, names the known ones)."""
+        return self.encoder.components.head_id(name)
 
     def tokenise(self, component: str, inputs: str, outputs: str) -> Tokenised:
         return self.encoder.tokenise(component, inputs, outputs)

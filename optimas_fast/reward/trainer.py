@@ -19,7 +19,7 @@ order, schedule (schedules.py) and settings:
 - ``trl_trainer.RewardTrainer.train``: TRL's names, steps and schedule (also ``optimas-fast reward train``).
 
 The Trainer keeps the optimizer (its moments persist across calls and loops, as one model's state) and the count
-of steps taken; heads added or removed on the encoder are noticed through ``Encoder.heads_version`` at the next
+of steps taken; heads added or removed on the encoder are noticed through ``Encoder.components.version`` at the next
 step: the optimizer is rebuilt over the current parameters, keeping the moments of those that remain.
 
 Multi-process: when ``torch.distributed`` is initialised (``torchrun``; see distributed.py) each rank takes a
@@ -233,7 +233,7 @@ class Trainer:
         self.global_step = 0  # optimizer steps taken so far, by every loop
         self._loss_module = _PairLoss(encoder)
         self._ddp: nn.Module | None = None
-        self._heads_version = encoder.heads_version  # the encoder's heads the optimizer was built over
+        self._heads_version = encoder.components.version  # the encoder's heads the optimizer was built over
 
     # --------------------------------------------------------------------------------------- plumbing
     def _param_groups(self) -> list[list[tuple[str, nn.Parameter]]]:
@@ -244,9 +244,9 @@ class Trainer:
 
     def sync_params(self) -> None:
         """Follow the encoder's heads: rebuild the optimizer over the current parameters, keeping the state of
-        those that remain. Called by the trainer itself whenever ``encoder.heads_version`` moved; harmless to
+        those that remain. Called by the trainer itself whenever ``encoder.components.version`` moved; harmless to
         call at any time."""
-        self._heads_version = self.encoder.heads_version
+        self._heads_version = self.encoder.components.version
         self._ddp = None
         if self.optimizer is None:
             return
@@ -261,7 +261,7 @@ class Trainer:
     def ensure_optimizer(self) -> torch.optim.AdamW:
         """The optimizer over the encoder's current parameters: group 0 the backbone, group 1 the heads (never
         weight-decayed). Learning rates and weight decay are set by each ``step``."""
-        if self._heads_version != self.encoder.heads_version:
+        if self._heads_version != self.encoder.components.version:
             self.sync_params()
         if self.optimizer is None:
             body, heads = self._param_groups()
@@ -422,7 +422,7 @@ class Trainer:
         """{"meta": {"step", "has_optimizer"}, "tensors": optimizer moments}. Moments are stored by the encoder's
         stable parameter names ("opt::<name>::<slot>"), not by position, so they survive heads being added or
         removed."""
-        if self._heads_version != self.encoder.heads_version:
+        if self._heads_version != self.encoder.components.version:
             self.sync_params()
         tensors: dict[str, torch.Tensor] = {}
         if self.optimizer is not None:
@@ -436,7 +436,7 @@ class Trainer:
         meta, tensors = state["meta"], state["tensors"]
         self.global_step = int(meta["step"])
         self.optimizer, self._ddp = None, None
-        self._heads_version = self.encoder.heads_version
+        self._heads_version = self.encoder.components.version
         if not meta["has_optimizer"]:
             return
         opt = self.ensure_optimizer()

@@ -454,7 +454,7 @@ class RewardTrainer:
         a = self.args
         if isinstance(model, RewardModel):
             for c, d in descriptions.items():
-                if c not in model.encoder.descriptions:
+                if c not in model.encoder.components:
                     logger.info("RewardTrainer: adding a head for component %r", c)
                     model.add_component(c, d)
             if a.max_length is not None:  # rows follow args.max_length, as they would in TRL
@@ -469,7 +469,7 @@ class RewardTrainer:
                     self.prefix_format,
                 )
             if a.bf16 is not None:
-                model.config.amp = "bf16" if a.bf16 else "none"
+                model.encoder.config.amp = "bf16" if a.bf16 else "none"
             if a.disable_dropout:
                 for m in model.encoder.net.modules():
                     if isinstance(m, nn.Dropout):
