@@ -11,8 +11,9 @@ directory), and the manifest (with the checksums) goes last: a crash leaves eith
 new one, and a torn mixture is detected at load by its checksums. Parameters are addressed by stable names
 (component names, not positions), so optimizer state survives heads being added or removed.
 
-This module goes through public state only: ``Encoder.state_dict``/``load_state_dict`` (weights, heads,
-head-init RNG) and ``Trainer.state_dict``/``load_state_dict`` (optimizer moments, RNG, LR position, replay). It
+This module goes through public state only: ``Encoder.state_dict``/``load_state_dict`` (the backbone's weights,
+and the heads, components and head-init RNG of its ``heads.HeadRegistry``) and ``Trainer.state_dict``/
+``load_state_dict`` (optimizer moments, RNG, LR position, replay). It
 imports neither the trainer nor the RewardModel facade; the format is unchanged since before the reward/
 package split (tests/fixtures/reward_ckpt_v1 holds checkpoints written then).
 """
