@@ -37,8 +37,6 @@ def loop_config(args) -> OptimasConfig:
             "batch_size": min(5, args.train),
             "initial_examples": min(8, args.train),
             "initial_epochs": 2,
-            "lr": 5e-5,
-            "batch_pairs": 16,
             "adapt_steps": 4,
             "cooldown": 1,
             "optimizer_inputs": min(6, args.train),

@@ -10,7 +10,8 @@
 ``train`` runs ``RewardTrainer`` (TRL's RewardConfig names; ``--config`` is a YAML mapping of them, the flags
 override it) with checkpoints in ``--out``/checkpoint-N/ (a killed run loses at most the steps since the last
 one; ``--resume`` continues from it), writes the final model into ``--out`` itself (``reward eval/score/export
---out`` read it) and ``--out``/train_report.json, and prints that report as the last line of stdout. Progress
+--out`` read it) and ``--out``/train_report.json, and prints that report as the last line of stdout. ``train`` and
+``eval`` drop pairs longer than max_length by default, as TRL does (``--overlong``; see OVERLONG_DEFAULT). Progress
 goes to stderr. Every bad argument, file or row exits with status 2 and one line on stderr that names it.
 """
 
@@ -78,9 +79,11 @@ def _positive(kind):
 def _load_yaml(path: str) -> dict:
     import yaml
 
+    from optimas_fast.run import read_yaml  # reads learning_rate: 1e-5 as a number (YAML 1.2), as run configs
+
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = read_yaml(f)
     except FileNotFoundError:
         raise UsageError(f"--config {path}: no such file") from None
     except yaml.YAMLError as exc:
@@ -112,6 +115,14 @@ def _stderr_line(text: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- train
+# Pairs longer than max_length, in `reward train` and `reward eval` alike: dropped (counted in the report). These
+# commands are the TRL face (RewardTrainer, TRL's data and names), and TRL drops such pairs; eval must treat them as
+# train did, or a model would be scored on pairs cut in a way it never trained on. The engine's own loops
+# (RewardModel.train / adapt, the Optimas loop) truncate the prefix instead: their pairs come from the loop's own
+# rollouts, where every pair carries signal and the outputs (the suffix) are what is judged.
+OVERLONG_DEFAULT = "drop"
+
+
 def _train_args(a) -> Any:
     from optimas_fast.trl import RewardConfig
 
@@ -426,8 +437,10 @@ def add_reward_parser(sub) -> argparse.ArgumentParser:
     )
     overlong = dict(
         choices=["truncate_prefix", "drop", "error"],
-        help="rows longer than --max-length: shorten the prompt (counted), drop the pair (counted; TRL's "
-        "way) or stop with an error",
+        default=OVERLONG_DEFAULT,
+        help="pairs longer than the model's max_length: drop the pair (counted; the default, TRL's way, the same in "
+        "train and eval), shorten the prompt (counted; RewardModel.train's and the Optimas loop's way) or stop "
+        "with an error",
     )
 
     t = rs.add_parser("train", help="train a reward model (RewardTrainer) on preference data")
@@ -451,7 +464,7 @@ def add_reward_parser(sub) -> argparse.ArgumentParser:
         "else fp32)",
     )
     t.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    t.add_argument("--overlong", default="drop", **overlong)
+    t.add_argument("--overlong", **overlong)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = rs.add_parser("eval", help="held-out pairwise accuracy / margin of a trained model -> JSON")
@@ -459,7 +472,7 @@ def add_reward_parser(sub) -> argparse.ArgumentParser:
     e.add_argument("--data", action="append", required=True, metavar="FILE", help="held-out data (repeatable)")
     e.add_argument("--format", **fmt)
     e.add_argument("--components", metavar="FILE", help="JSON / YAML mapping component name -> description")
-    e.add_argument("--overlong", default="truncate_prefix", **overlong)
+    e.add_argument("--overlong", **overlong)
 
     s = rs.add_parser("score", help="score rows ({component, inputs, outputs}) or pairs (TRL rows) -> JSONL")
     s.add_argument("model_dir", metavar="DIR", help="a model written by 'reward train' (or a checkpoint-N/)")

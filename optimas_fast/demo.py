@@ -26,8 +26,6 @@ DEMO_CONFIG = {
         "batch_size": 5,
         "initial_examples": 8,
         "initial_epochs": 2,
-        "lr": 5e-5,
-        "batch_pairs": 16,
         "adapt_steps": 4,
         "cooldown": 1,
         "optimizer_inputs": 6,

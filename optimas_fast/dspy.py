@@ -48,6 +48,7 @@ from dspy.lm15 import response_to_events
 from optimas_fast.lm.base import LM, Completion, Request, SamplingParams, Usage
 from optimas_fast.lm.factory import make_lm
 from optimas_fast.optimize import ConfigError, Optimas, OptimasConfig, OptimasResult
+from optimas_fast.optimize.config import MOVED_KEYS
 from optimas_fast.reward import RewardModel, RewardModelConfig
 from optimas_fast.system.context import current_run, record_usage
 from optimas_fast.system.dspy_adapter import ProgramSystem
@@ -273,7 +274,8 @@ def _as_dspy_lm(lm: Any, what: str) -> DSPyLM:
 
 # --------------------------------------------------------------------------------------------- the optimizer
 def _loop_config(settings: Mapping[str, Any]) -> OptimasConfig:
-    unknown = sorted(k for k in settings if k not in LOOP_SETTINGS)
+    # a moved key (lr, ...) goes on to OptimasConfig.from_dict, which says where it lives now
+    unknown = sorted(k for k in settings if k not in LOOP_SETTINGS and k not in MOVED_KEYS)
     if unknown:
         raise ConfigError(
             f"OptimasOptimizer: unknown loop setting{'s' if len(unknown) > 1 else ''} "

@@ -25,6 +25,8 @@ A run config (YAML) has these top-level keys (all optional except ``system``):
     reward: {backbone: minilm, max_length: 256}   # LRF backbone: minilm, a local HF directory, or tiny-random (tests)
                               # and any optimas_fast.reward.RewardModelConfig field (template: {...}, amp, pooling,
                               # lora: {...}, ...); max_length is short for template.max_length; the seed is loop.seed
+      train: {lr: 5e-5, ...}  # how the LRF trains: optimas_fast.reward.TrainConfig fields (lr, head_lr, batch_pairs,
+                              # schedule, warmup_steps, replay_size, ...), for its initial training and adaptation
     loop: {...}               # optimas_fast.optimize.OptimasConfig fields (iterations, batch_size, budget, ...)
     output: runs/my-run       # run directory (run_state.json, LRF checkpoint, report.json/png, system_state.json)
 
@@ -59,7 +61,7 @@ from optimas_fast.optimize import ConfigError, Optimas, OptimasConfig
 from optimas_fast.optimize.config import from_dict
 from optimas_fast.optimize.testing import build_synthetic, tiny_reward_model
 from optimas_fast.report import bootstrap_ci, write_report
-from optimas_fast.reward import LoraSettings, RewardModel, RewardModelConfig
+from optimas_fast.reward import LoraSettings, RewardModel, RewardModelConfig, TrainConfig
 from optimas_fast.system import System
 
 log = logging.getLogger("optimas_fast.run")
@@ -69,9 +71,15 @@ SYSTEMS = (*EXAMPLES, "synthetic")  # the built-in examples (optimas_fast.exampl
 FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 TOP_KEYS = ("system", "data", "lm", "lms", "proposer", "reward", "loop", "output")
 DATA_KEYS = ("dir", "seed", "train", "val", "test")
-# reward: the backbone, max_length (short for template.max_length) and every RewardModelConfig field but its seed,
-# which is loop.seed: one seed drives the run (the split's too, unless data.seed is given)
-REWARD_KEYS = ("backbone", "max_length", *sorted(f.name for f in fields(RewardModelConfig) if f.name != "seed"))
+# reward: the backbone, max_length (short for template.max_length), train (the TrainConfig) and every
+# RewardModelConfig field but its seed, which is loop.seed: one seed drives the run (the split's too, unless data.seed
+# is given; TrainConfig has none: the model's data order and replay draws follow the model's seed)
+REWARD_KEYS = (
+    "backbone",
+    "max_length",
+    "train",
+    *sorted(f.name for f in fields(RewardModelConfig) if f.name != "seed"),
+)
 CONFIG_NAME = "config.yaml"  # the config as given, copied into the run directory (what `resume` reads)
 
 
@@ -85,6 +93,7 @@ class RunConfig:
     proposer: Any  # make_lm spec of the proposer (None: the components' LM)
     backbone: str  # reward.backbone: "minilm", a local model directory, or "tiny-random" (tests)
     reward: RewardModelConfig  # the rest of reward: (the engine's settings; its seed is loop.seed)
+    train: TrainConfig  # reward.train: how the reward model trains (learning rates, pairs per step, schedule, replay)
     loop: OptimasConfig  # the loop settings
     output: str | None  # run directory
     raw: dict  # the config as given (copied into the run directory)
@@ -169,7 +178,7 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> RunConf
     if data.get("train") is not None and isinstance(data["train"], str):
         raw = dict(raw, data=data)  # the absolute paths travel with the config
     check_int(data.get("seed"), "data.seed", allow_none=True, error=ConfigError, what="an int or null (loop.seed)")
-    backbone, reward = _parse_reward(raw.get("reward"))
+    backbone, reward, train = _parse_reward(raw.get("reward"))
     lms = raw.get("lms")
     if lms is not None and (not isinstance(lms, Mapping) or not lms):
         raise ConfigError(f"lms must be a non-empty mapping name -> LM spec, got {lms!r}")
@@ -186,11 +195,7 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> RunConf
             raise ConfigError(
                 f"{where}: an LM factory is {{factory: 'package.module:callable'}} and nothing else, got {dict(v)!r}"
             )
-    try:
-        loop = OptimasConfig.from_dict(raw.get("loop") or {}, prefix="loop.")
-    except ConfigError as exc:  # value errors name the field without its section: add it
-        msg = str(exc)
-        raise ConfigError(msg if "'loop." in msg or msg.startswith("loop.") else f"loop.{msg}") from None
+    loop = OptimasConfig.from_dict(raw.get("loop") or {}, prefix="loop.")
     out = raw.get("output")
     if out is not None and not isinstance(out, str):
         raise ConfigError(f"output must be a directory path, got {out!r}")
@@ -205,15 +210,17 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> RunConf
         raw.get("proposer"),
         backbone,
         reward,
+        train,
         loop,
         out,
         raw,
     )
 
 
-def _parse_reward(section: Any) -> tuple[str, RewardModelConfig]:
-    """(backbone, engine config) from the ``reward:`` section: strict keys, every value checked by the engine's own
-    validation, errors naming the key path (``reward.template.max_length``)."""
+def _parse_reward(section: Any) -> tuple[str, RewardModelConfig, TrainConfig]:
+    """(backbone, engine config, training settings) from the ``reward:`` section: strict keys, every value checked
+    by the engine's own validation, errors naming the key path (``reward.template.max_length``,
+    ``reward.train.lr``)."""
     if isinstance(section, Mapping) and "seed" in section:
         raise ConfigError("reward.seed: the reward model's seed is loop.seed (one seed drives the run)")
     section = _check_keys(section, REWARD_KEYS, "reward")
@@ -232,6 +239,7 @@ def _parse_reward(section: Any) -> tuple[str, RewardModelConfig]:
             "max_length": section.pop("max_length"),
         }
     lora = section.pop("lora", None)
+    train = _parse_train(section.pop("train", None))
     try:
         cfg = from_dict(RewardModelConfig, section, "reward.")
         if lora is not None:
@@ -244,13 +252,43 @@ def _parse_reward(section: Any) -> tuple[str, RewardModelConfig]:
     except ConfigError as exc:
         msg = str(exc)
         raise ConfigError(msg.replace("reward.template.max_length", "reward.max_length") if short else msg) from None
-    return backbone, cfg
+    return backbone, cfg, train
+
+
+def _parse_train(section: Any) -> TrainConfig:
+    """``reward.train:``: TrainConfig's fields, strict keys and types, then TrainConfig's own checks (the prefix is
+    passed down, so every message names ``reward.train.<field>``)."""
+    if isinstance(section, Mapping) and "seed" in section:
+        raise ConfigError("reward.train.seed: the reward model's training follows loop.seed (one seed drives the run)")
+    cfg = from_dict(TrainConfig, section if section is not None else {}, "reward.train.")
+    try:
+        cfg.validate("reward.train.")
+    except ValueError as exc:  # the engine raises ValueError (it knows nothing of configuration files)
+        raise ConfigError(str(exc)) from None
+    return cfg
+
+
+class YamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads ``1e-4`` as a float. PyYAML follows YAML 1.1, whose floats need a dot
+    (``1.0e-4``), so ``lr: 1e-4``, the way everyone writes a learning rate, would arrive as the string "1e-4";
+    YAML 1.2 (and JSON) read it as a number, and so does this loader."""
+
+
+YamlLoader.add_implicit_resolver(  # copies SafeLoader's resolvers first: yaml.safe_load is unchanged
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
+
+
+def read_yaml(stream: Any) -> Any:
+    """A YAML document (a file object or a string) with ``YamlLoader``: what run configs and ``reward train
+    --config`` files are read with."""
+    return yaml.load(stream, Loader=YamlLoader)  # safe: YamlLoader is a SafeLoader
 
 
 def load_config(path: str | os.PathLike) -> RunConfig:
     try:
         with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f)
+            raw = read_yaml(f)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found") from None
     except yaml.YAMLError as exc:
@@ -441,10 +479,11 @@ def build(cfg: RunConfig):
             f"system {cfg.system!r} optimizes Prompt variables {prompts}: give 'proposer:' (an LM spec) "
             f"or 'lm:', or a factory that takes lm="
         )
+    train = copy.deepcopy(cfg.train)  # the parsed config stays as parsed
     if cfg.backbone == "tiny-random":
-        rm = tiny_reward_model(comps, cfg.loop.seed)
+        rm = tiny_reward_model(comps, cfg.loop.seed, train=train)
     else:
-        rm = RewardModel(cfg.backbone, comps, config=copy.deepcopy(cfg.reward))
+        rm = RewardModel(cfg.backbone, comps, config=copy.deepcopy(cfg.reward), train_config=train)
     return system, split, rm, proposer
 
 

@@ -63,6 +63,18 @@ def test_help(command, capsys):
             "give one of them",
         ),
         ({"system": "synthetic", "loop": {"iterations": -1}}, "loop.iterations", ">= 0"),
+        ({"system": "synthetic", "loop": {"collect": {"num_candidates": 1}}}, "loop.collect.num_candidates", ">= 2"),
+        ({"system": "synthetic", "reward": {"train": {"lr": -1}}}, "reward.train.lr must be", "> 0, got -1"),
+        ({"system": "synthetic", "reward": {"train": {"lr": "fast"}}}, "reward.train.lr must be of type", "'fast'"),
+        ({"system": "synthetic", "reward": {"train": {"shedule": "x"}}}, "'reward.train.shedule'", "'schedule'"),
+        ({"system": "synthetic", "reward": {"train": {"schedule": "x"}}}, "reward.train.schedule", "'cosine'"),
+        ({"system": "synthetic", "reward": {"train": {"replay_fraction": 1}}}, "reward.train.replay_fraction", "1)"),
+        ({"system": "synthetic", "reward": {"train": {"group_by_input": 1}}}, "reward.train.group_by_input", "bool"),
+        ({"system": "synthetic", "reward": {"train": [1]}}, "reward.train must be a mapping", "list"),
+        ({"system": "synthetic", "reward": {"train": {"seed": 1}}}, "reward.train.seed", "loop.seed"),
+        ({"system": "synthetic", "loop": {"lr": 1e-3}}, "loop.lr moved to reward.train.lr", "TrainConfig"),
+        ({"system": "synthetic", "loop": {"head_lr": 1e-3}}, "loop.head_lr moved to reward.train.head_lr", ""),
+        ({"system": "synthetic", "loop": {"batch_pairs": 4}}, "loop.batch_pairs moved to reward.train.batch_pairs", ""),
         ({"system": "synthetic", "loop": {"collect": {"strategy": "x"}}}, "collect.strategy", "'variables'"),
         ({"system": "synthetic", "loop": {"budget": {"max_usd": -2}}}, "budget.max_usd", ">= 0"),
         ({"system": "synthetic", "lms": []}, "lms", "mapping"),
@@ -94,6 +106,7 @@ REWARD_VALUES = {
     "pack_tokens": 512,
     "train_chunk_tokens": 4096,
     "gradient_checkpointing": True,
+    "lean_activations": False,
     "head_init_std": 0.05,
     "disable_dropout": False,
     "template": {
@@ -129,12 +142,96 @@ def test_one_seed_drives_the_split_and_the_reward_model():
     assert cfg.data["seed"] == 2 and cfg.reward.seed == 5  # an explicit split seed stays
 
 
-def test_one_default_per_training_knob():
-    # the loop's LRF knobs are the engine's (TrainConfig) unless the YAML sets them
-    engine, loop = TrainConfig(), run.parse_config({"system": "synthetic"}).loop
-    assert (loop.lr, loop.head_lr, loop.batch_pairs) == (engine.lr, engine.head_lr, engine.batch_pairs)
-    loop = run.parse_config({"system": "synthetic", "loop": {"lr": 1e-3, "batch_pairs": 4}}).loop
-    assert (loop.lr, loop.batch_pairs) == (1e-3, 4)
+# a value other than the default for every field of the reward model's training settings (a new TrainConfig field
+# fails the test below until it is given one here)
+TRAIN_VALUES = {
+    "lr": 1e-4,
+    "head_lr": 2e-3,
+    "weight_decay": 0.01,
+    "warmup_steps": 3,
+    "schedule": "cosine",
+    "min_lr_ratio": 0.0,
+    "batch_pairs": 8,
+    "weighting": "uniform",
+    "margin_floor": 0.1,
+    "subtract_margin": True,
+    "margin_scale": 0.5,
+    "center": 0.01,
+    "grad_clip": None,
+    "group_by_input": False,
+    "replay_size": 16,
+    "replay_fraction": 0.25,
+}
+
+
+def test_every_training_setting_is_reachable_from_the_yaml():
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert names == set(TRAIN_VALUES), f"TRAIN_VALUES and TrainConfig differ: {sorted(names ^ set(TRAIN_VALUES))}"
+    cfg = run.parse_config({"system": "synthetic", "reward": {"train": TRAIN_VALUES}})
+    assert isinstance(cfg.train, TrainConfig)
+    for name, value in TRAIN_VALUES.items():
+        assert getattr(cfg.train, name) == value != getattr(TrainConfig(), name), name
+    assert run.parse_config({"system": "synthetic"}).train == TrainConfig()  # unset: the engine's one default
+
+
+def test_the_run_trains_its_reward_model_with_reward_train(tmp_path):
+    """``reward.train`` from a YAML file reaches the built model's training settings (the ones the loop trains it
+    with: the loop has no learning rate of its own), for a backbone directory and for tiny-random alike."""
+    from transformers import BertConfig, BertModel
+
+    from optimas_fast.optimize.testing import _tokenizer
+
+    backbone = tmp_path / "tiny-bert"  # a local model directory, loaded as a user's backbone is
+    BertModel(
+        BertConfig(
+            vocab_size=_tokenizer().vocab_size,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+        )
+    ).save_pretrained(backbone)
+    _tokenizer().save_pretrained(backbone)
+    for name in ("tiny-random", str(backbone)):
+        path = tmp_path / "run.yaml"
+        path.write_text(
+            f"system: synthetic\nreward:\n  backbone: {name}\n"
+            "  train: {lr: 1e-4, schedule: cosine, replay_size: 16}\nloop: {seed: 4}\n"
+        )
+        cfg = run.load_config(path)
+        _, _, rm, _ = run.build(cfg)
+        assert rm.loops.config == TrainConfig(lr=1e-4, schedule="cosine", replay_size=16), name
+        assert rm.loops.config is not cfg.train  # the parsed config stays as parsed
+        assert rm.encoder.config.seed == 4  # one seed: the model's data order and replay follow loop.seed
+    for gone in ("lr", "head_lr", "batch_pairs"):  # one home per knob
+        assert gone not in {f.name for f in dataclasses.fields(run.OptimasConfig)}
+    with pytest.raises(TypeError):
+        run.OptimasConfig(lr=1e-3)
+
+
+def test_the_loop_trains_with_the_models_settings(monkeypatch):
+    """The loop passes no training settings of its own: every rm.train / rm.adapt call runs on rm.loops.config."""
+    from optimas_fast.optimize import Optimas
+    from optimas_fast.optimize.testing import build_synthetic, tiny_reward_model
+
+    system, _, train, val = build_synthetic(3)
+    rm = tiny_reward_model({"pick_a": "a", "pick_b": "b"}, 3, train=TrainConfig(lr=2e-3, batch_pairs=4))
+    seen = []
+    for name in ("train", "adapt"):
+        real = getattr(rm.loops, name)
+
+        def spy(pairs, *args, _real=real, _name=name, **kwargs):
+            seen.append((_name, {k: v for k, v in kwargs.items() if k not in ("epochs", "steps", "overlong")}))
+            return _real(pairs, *args, **kwargs)
+
+        monkeypatch.setattr(rm.loops, name, spy)
+    cfg = run.OptimasConfig.from_dict(
+        {"seed": 3, "iterations": 1, "initial_examples": 6, "initial_epochs": 1, "adapt_steps": 1, "val_workers": 1}
+    )
+    Optimas(rm, None, cfg).optimize(system, train[:10], val[:4])
+    assert {n for n, _ in seen} == {"train", "adapt"}
+    assert all(kw in ({}, {"lr": None}) for _, kw in seen), seen  # no override: the model's settings rule
+    assert rm.loops.config.lr == 2e-3 and rm.loops.config.batch_pairs == 4
 
 
 def test_build_hands_the_reward_settings_to_the_model():
@@ -169,16 +266,13 @@ def test_run_eval_resume_synthetic(tmp_path, seed, capsys):
     cfg = {
         "system": "synthetic",
         "data": {"seed": seed % 1000},
-        "reward": {"backbone": "tiny-random"},
+        "reward": {"backbone": "tiny-random", "train": {"lr": 1e-3, "head_lr": 1e-2, "batch_pairs": 32}},
         "loop": {
             "seed": seed % 1000,
             "iterations": 2,
             "batch_size": 8,
             "initial_examples": 16,
             "initial_epochs": 6,
-            "lr": 1e-3,
-            "head_lr": 1e-2,
-            "batch_pairs": 32,
             "adapt_steps": 8,
             "val_workers": 1,
             "collect": {"workers": 1},

@@ -284,6 +284,32 @@ def test_entry_point_exit_code(tmp_path):
     assert "x.jsonl" in one_error_line(p.stderr)
 
 
+def test_train_and_eval_treat_overlong_pairs_alike():
+    """One default per family: `reward train` and `reward eval` (the TRL face) both drop pairs longer than
+    max_length, as the TRL-style RewardTrainer does; the engine's own loop truncates the prefix."""
+    import argparse
+    import inspect
+
+    from optimas_fast.reward.trl_trainer import RewardTrainer
+
+    parser = argparse.ArgumentParser()
+    cli_reward.add_reward_parser(parser.add_subparsers(dest="command"))
+    train = parser.parse_args(["reward", "train", "--data", "x.jsonl", "--out", "o"])
+    evaluate = parser.parse_args(["reward", "eval", "m", "--data", "x.jsonl"])
+    assert train.overlong == evaluate.overlong == cli_reward.OVERLONG_DEFAULT == "drop"
+    assert inspect.signature(RewardTrainer).parameters["overlong"].default == cli_reward.OVERLONG_DEFAULT
+    assert inspect.signature(RewardModel.train).parameters["overlong"].default == "truncate_prefix"
+    chosen = parser.parse_args(["reward", "eval", "m", "--data", "x.jsonl", "--overlong", "truncate_prefix"])
+    assert chosen.overlong == "truncate_prefix"
+
+
+def test_train_config_yaml_reads_exponent_floats(tmp_path):
+    """`learning_rate: 1e-5` in a --config file is a number (YAML 1.2), not the string PyYAML's 1.1 rules give."""
+    path = tmp_path / "args.yaml"
+    path.write_text("learning_rate: 1e-5\nweight_decay: 0.01\nmax_steps: 3\n")
+    assert cli_reward._load_yaml(str(path)) == {"learning_rate": 1e-5, "weight_decay": 0.01, "max_steps": 3}
+
+
 def test_component_errors_name_the_models_components(trained, tmp_path, capsys):
     """A row for a component the model has no head for, or one naming no component on a model of several heads,
     exits 2 with one line naming the model's components (eval; score with pair rows and with single rows)."""

@@ -262,6 +262,7 @@ def test_optimas_loop_runs_on_the_codegen_system(seed, tmp_path):
     discrete knobs (revise never, docstring tests) are what can repair it."""
     from optimas_fast.optimize import Optimas, OptimasConfig
     from optimas_fast.optimize.testing import tiny_reward_model
+    from optimas_fast.reward import TrainConfig
 
     def reply(text, i):
         if text.startswith(TESTS_PROMPT):
@@ -289,7 +290,6 @@ def test_optimas_loop_runs_on_the_codegen_system(seed, tmp_path):
             "batch_size": 3,
             "initial_examples": 4,
             "initial_epochs": 1,
-            "batch_pairs": 8,
             "adapt_steps": 2,
             "cooldown": 0,
             "optimizer_inputs": 3,
@@ -299,9 +299,8 @@ def test_optimas_loop_runs_on_the_codegen_system(seed, tmp_path):
             "prompt": {"num_proposals": 1, "max_tokens": 16, "max_inputs": 2},
         }
     )
-    res = Optimas(tiny_reward_model(comps, seed % 1000), ScriptedLM(reply), cfg).optimize(
-        system, train, val, run_dir=tmp_path / "run"
-    )
+    rm = tiny_reward_model(comps, seed % 1000, train=TrainConfig(batch_pairs=8))
+    res = Optimas(rm, ScriptedLM(reply), cfg).optimize(system, train, val, run_dir=tmp_path / "run")
     assert system.state_dict() == before  # the input is untouched
     assert len(res.history) == 3 and res.best_val >= res.initial_val == 0.0
     assert res.system.evaluate(val, workers=3).mean == pytest.approx(res.best_val)

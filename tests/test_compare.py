@@ -26,7 +26,7 @@ from optimas_fast.lm.errors import BudgetExceeded
 from optimas_fast.optimize import ConfigError, Optimas, OptimasConfig
 from optimas_fast.optimize.budget import MetricBudgetExceeded, MetricCounter, attach, detach, unwrap
 from optimas_fast.optimize.state import load_run_state
-from optimas_fast.optimize.testing import build_synthetic, synthetic_config, tiny_reward_model
+from optimas_fast.optimize.testing import SYNTHETIC_TRAIN, build_synthetic, synthetic_config, tiny_reward_model
 from optimas_fast.reward import PreferencePair
 from optimas_fast.system import Component, Prompt, System
 from optimas_fast.system.testing import ScriptedLM
@@ -384,9 +384,11 @@ def test_the_loop_stops_at_max_metric_calls_and_resumes_counting(seed, tmp_path)
     system.metric = metric
     cfg = synthetic_config(seed, 50)
     cfg.budget.max_metric_calls = 300
-    res = Optimas(tiny_reward_model({"pick_a": "picks a colour", "pick_b": "picks a shape"}, seed), None, cfg).optimize(
-        system, train, val, run_dir=tmp_path / "run"
-    )
+    res = Optimas(
+        tiny_reward_model({"pick_a": "picks a colour", "pick_b": "picks a shape"}, seed, train=SYNTHETIC_TRAIN),
+        None,
+        cfg,
+    ).optimize(system, train, val, run_dir=tmp_path / "run")
     assert res.stopped == "budget: max_metric_calls exhausted"
     assert res.metric_calls == seen["calls"] <= 300
     state = load_run_state(tmp_path / "run")
@@ -399,7 +401,9 @@ def test_the_loop_stops_at_max_metric_calls_and_resumes_counting(seed, tmp_path)
     cfg.budget.max_metric_calls = 400
     seen["calls"] = 0
     more = Optimas(
-        tiny_reward_model({"pick_a": "picks a colour", "pick_b": "picks a shape"}, seed), None, cfg
+        tiny_reward_model({"pick_a": "picks a colour", "pick_b": "picks a shape"}, seed, train=SYNTHETIC_TRAIN),
+        None,
+        cfg,
     ).optimize(system, train, val, resume_from=tmp_path / "run")
     assert more.metric_calls == res.metric_calls + seen["calls"] <= 400
 

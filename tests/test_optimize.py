@@ -19,7 +19,13 @@ from optimas_fast.lm.base import LM
 from optimas_fast.lm.types import Completion, Usage
 from optimas_fast.optimize import ConfigError, Optimas, OptimasConfig, load_run_state, select_component
 from optimas_fast.optimize.loop import prob_better
-from optimas_fast.optimize.testing import build_synthetic, run_digest, synthetic_config, tiny_reward_model
+from optimas_fast.optimize.testing import (
+    SYNTHETIC_TRAIN,
+    build_synthetic,
+    run_digest,
+    synthetic_config,
+    tiny_reward_model,
+)
 from optimas_fast.reward.checkpoint import stable_parameters
 from optimas_fast.system import Choice, Component, System
 
@@ -41,7 +47,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _run(seed, tmp_path, iterations=6, **overrides):
     system, optimum, train, val = build_synthetic(seed)
-    rm = tiny_reward_model(COMPONENTS, seed)
+    rm = tiny_reward_model(COMPONENTS, seed, train=SYNTHETIC_TRAIN)
     cfg = synthetic_config(seed, iterations)
     for k, v in overrides.items():
         setattr(cfg, k, v)
@@ -70,7 +76,7 @@ def test_optimize_returns_a_new_system_and_leaves_its_input_as_it_was(seed, tmp_
     # DSPy's convention: the optimizer returns the optimized program, the student stays as it was
     system, optimum, train, val = build_synthetic(seed)
     before = json.dumps(system.state_dict(), sort_keys=True)
-    res = Optimas(tiny_reward_model(COMPONENTS, seed), None, synthetic_config(seed, 6)).optimize(
+    res = Optimas(tiny_reward_model(COMPONENTS, seed, train=SYNTHETIC_TRAIN), None, synthetic_config(seed, 6)).optimize(
         system, train, val, run_dir=tmp_path / "run"
     )
     assert json.dumps(system.state_dict(), sort_keys=True) == before
@@ -83,9 +89,9 @@ def test_optimize_returns_a_new_system_and_leaves_its_input_as_it_was(seed, tmp_
     assert system.evaluate(val).mean == pytest.approx(res.initial_val)
     assert res.system.evaluate(val).mean == pytest.approx(res.best_val)
     # resuming from the run also leaves its input alone
-    res2 = Optimas(tiny_reward_model(COMPONENTS, seed), None, synthetic_config(seed, 6)).optimize(
-        system, train, val, resume_from=tmp_path / "run"
-    )
+    res2 = Optimas(
+        tiny_reward_model(COMPONENTS, seed, train=SYNTHETIC_TRAIN), None, synthetic_config(seed, 6)
+    ).optimize(system, train, val, resume_from=tmp_path / "run")
     assert json.dumps(system.state_dict(), sort_keys=True) == before
     assert res2.system.state_dict() == res.system.state_dict()
 
@@ -177,7 +183,8 @@ def test_resume_of_a_finished_run_changes_nothing(seed, tmp_path):
     res, _, rm = _run(seed, tmp_path / "run", iterations=2)
     before = run_digest(res.system, res.history, rm)
     system, _, train, val = build_synthetic(seed)
-    rm2 = tiny_reward_model(COMPONENTS, seed + 1)  # different init: the checkpoint must overwrite it
+    # different init: the checkpoint must overwrite it
+    rm2 = tiny_reward_model(COMPONENTS, seed + 1, train=SYNTHETIC_TRAIN)
     res2 = Optimas(rm2, None, synthetic_config(seed, 2)).optimize(system, train, val, resume_from=tmp_path / "run")
     assert run_digest(res2.system, res2.history, rm2) == before
 
@@ -205,7 +212,7 @@ def _lm_system(lm):
 def test_lm_call_budget_stops_at_an_iteration_boundary(seed, tmp_path):
     system = _lm_system(CountingLM())
     data = [{"id": i, "x": f"q{i}-{seed}"} for i in range(12)]
-    rm = tiny_reward_model({"pick_a": "echo"}, seed)
+    rm = tiny_reward_model({"pick_a": "echo"}, seed, train=SYNTHETIC_TRAIN)
     cfg = synthetic_config(seed, 50)
     cfg.budget.max_calls = 60
     res = Optimas(rm, None, cfg).optimize(system, data[:8], data[8:], run_dir=tmp_path / "run")
@@ -224,7 +231,7 @@ def test_wall_time_budget_stops_cleanly(seed, tmp_path):
     system, _, train, val = build_synthetic(seed)
     cfg = synthetic_config(seed, 50)
     cfg.budget.max_seconds = 0.0
-    res = Optimas(tiny_reward_model(COMPONENTS, seed), None, cfg).optimize(
+    res = Optimas(tiny_reward_model(COMPONENTS, seed, train=SYNTHETIC_TRAIN), None, cfg).optimize(
         system, train, val, run_dir=tmp_path / "short"
     )
     assert res.stopped is not None and "max_seconds" in res.stopped
@@ -234,7 +241,7 @@ def test_wall_time_budget_stops_cleanly(seed, tmp_path):
 
 def monitored_model(seed, accuracy, alignment):
     """A tiny reward model whose held-out metrics always read (accuracy, alignment) for every head."""
-    rm = tiny_reward_model(COMPONENTS, seed)
+    rm = tiny_reward_model(COMPONENTS, seed, train=SYNTHETIC_TRAIN)
     real = rm.evaluate
 
     def fixed(pairs, candidates=None):
@@ -277,7 +284,7 @@ def test_tie_keeps_the_incumbent(seed, tmp_path):
     system, _, train, val = build_synthetic(seed)
     system.metric = lambda ex, pred: 0.5
     before = system.state_dict()["variables"]
-    rm = tiny_reward_model(COMPONENTS, seed)
+    rm = tiny_reward_model(COMPONENTS, seed, train=SYNTHETIC_TRAIN)
     res = Optimas(rm, None, synthetic_config(seed, 4)).optimize(system, train, val, run_dir=tmp_path / "run")
     assert res.system.state_dict()["variables"] == before
     assert all(h["accepted"] in (None, False) for h in res.history[1:])
@@ -299,9 +306,9 @@ def test_gate_judges_each_variable_on_its_own(seed, tmp_path):
     )
     system = System([comp], lambda ex, pred: int(pred["y"].split()[0]) / 3, ["y"], inputs=["x"])
     data = [{"id": i, "x": f"q{i}"} for i in range(20)]
-    res = Optimas(tiny_reward_model({"pick": "picks"}, seed), None, synthetic_config(seed, 3)).optimize(
-        system, data[:14], data[14:], run_dir=tmp_path / "run"
-    )
+    res = Optimas(
+        tiny_reward_model({"pick": "picks"}, seed, train=SYNTHETIC_TRAIN), None, synthetic_config(seed, 3)
+    ).optimize(system, data[:14], data[14:], run_dir=tmp_path / "run")
     assert res.system.variables()["pick.good"]["level"] == 3
     assert res.system.variables()["pick.noise"]["level"] == 0  # never accepted: it never changes the score
     accepted = [g["address"] for h in res.history[1:] for g in h["gate"] if g["accepted"]]
@@ -366,7 +373,7 @@ def test_bad_config_names_key_and_allowed_values(data, key, allowed):
 
 def test_bad_component_list_and_empty_data(seed, tmp_path):
     system, _, train, val = build_synthetic(seed)
-    rm = tiny_reward_model(COMPONENTS, seed)
+    rm = tiny_reward_model(COMPONENTS, seed, train=SYNTHETIC_TRAIN)
     cfg = synthetic_config(seed, 1)
     cfg.components = ["pick_z"]
     with pytest.raises(ValueError, match=r"pick_z.*allowed.*pick_a"):
@@ -401,9 +408,9 @@ def test_prompt_only_component_gets_seeded_variants_and_is_optimized(seed, tmp_p
     system = System([comp], metric, ["y"], inputs=["x"])
     data = [{"id": i, "x": f"q{i}"} for i in range(20)]
     cfg = synthetic_config(seed, 2)
-    res = Optimas(tiny_reward_model({"writer": "writes a number"}, seed), proposer, cfg).optimize(
-        system, data[:14], data[14:], run_dir=tmp_path / "run"
-    )
+    res = Optimas(
+        tiny_reward_model({"writer": "writes a number"}, seed, train=SYNTHETIC_TRAIN), proposer, cfg
+    ).optimize(system, data[:14], data[14:], run_dir=tmp_path / "run")
     assert res.history[0]["collect"]["writer"]["pairs"] > 0
     assert res.system.components["writer"].variable.text == f"Please answer with number {target} now."
     state = load_run_state(tmp_path / "run")
@@ -416,7 +423,7 @@ def test_budget_stop_in_the_initial_phase_is_resumable(seed, tmp_path):
     def run(max_calls, **kw):
         cfg = synthetic_config(seed, 2)
         cfg.budget.max_calls = max_calls
-        rm = tiny_reward_model({"pick_a": "echo"}, seed)
+        rm = tiny_reward_model({"pick_a": "echo"}, seed, train=SYNTHETIC_TRAIN)
         system = _lm_system(CountingLM())
         return Optimas(rm, None, cfg).optimize(system, data[:8], data[8:], **kw), rm
 
@@ -446,12 +453,12 @@ def test_resume_after_a_budget_stop_continues_with_a_raised_budget(seed, tmp_pat
     data = [{"id": i, "x": f"q{i}-{seed}"} for i in range(12)]
     cfg = synthetic_config(seed, 3)
     cfg.budget.max_calls = 60
-    rm = tiny_reward_model({"pick_a": "echo"}, seed)
+    rm = tiny_reward_model({"pick_a": "echo"}, seed, train=SYNTHETIC_TRAIN)
     res = Optimas(rm, None, cfg).optimize(_lm_system(CountingLM()), data[:8], data[8:], run_dir=tmp_path / "run")
     assert res.stopped and load_run_state(tmp_path / "run")["iteration"] < 3
     cfg2 = synthetic_config(seed, 3)
     cfg2.budget.max_calls = 100_000
-    res2 = Optimas(tiny_reward_model({"pick_a": "echo"}, seed), None, cfg2).optimize(
+    res2 = Optimas(tiny_reward_model({"pick_a": "echo"}, seed, train=SYNTHETIC_TRAIN), None, cfg2).optimize(
         _lm_system(CountingLM()), data[:8], data[8:], resume_from=tmp_path / "run"
     )
     assert res2.stopped is None and load_run_state(tmp_path / "run")["iteration"] == 3

@@ -1103,3 +1103,38 @@ def test_preparing_rows_pauses_the_garbage_collector_and_restores_it(tokenizer, 
         assert not gc.isenabled()  # a caller's choice to keep it off is kept
     finally:
         gc.enable()
+
+
+def test_train_config_is_the_models_training_defaults_and_survives_a_checkpoint(tokenizer, seed, tmp_path):
+    """RewardModel(train_config=...) sets what train / adapt run with (a call's keywords override it for that call
+    alone); a bad one fails at construction naming the field; a checkpoint brings the settings it was saved with,
+    and one saved before any training keeps the loading model's."""
+    rng = random.Random(seed)
+    settings = TrainConfig(lr=2e-3, batch_pairs=3, replay_size=5)
+    rm = RewardModel(
+        tiny_encoder(tokenizer.vocab_size, seed),
+        ["a", "b"],
+        tokenizer=tokenizer,
+        config=RewardModelConfig(seed=seed, amp="none", score_amp="none"),
+        train_config=settings,
+    )
+    pairs = separable_pairs(rng, 4)
+    hist = rm.train(pairs, epochs=1)
+    assert {h["lr"] for h in hist} == {2e-3} and all(h["pairs"] <= 3 for h in hist)
+    assert all(len(buf) <= 5 for buf in rm.loops.replay.values())
+    assert rm.train(pairs, epochs=1, batch_pairs=100)[0]["pairs"] == len(pairs)  # this call only
+    assert rm.loops.config == settings
+    with pytest.raises(ValueError, match=r"^lr must be a finite number > 0, got -1"):
+        RewardModel(rm.encoder.net.backbone, ["a"], tokenizer=tokenizer, train_config=TrainConfig(lr=-1))
+    with pytest.raises(TypeError, match="train_config must be a TrainConfig, got dict"):
+        RewardModel(rm.encoder.net.backbone, ["a"], tokenizer=tokenizer, train_config={"lr": 1e-3})
+    rm.save(tmp_path / "trained")
+    fresh = RewardModel(tiny_encoder(tokenizer.vocab_size, seed), ["a", "b"], tokenizer=tokenizer)
+    fresh.load_state(tmp_path / "trained")
+    assert fresh.loops.config == settings  # the checkpoint's settings
+    untrained = RewardModel(tiny_encoder(tokenizer.vocab_size, seed), ["a", "b"], tokenizer=tokenizer)
+    untrained.save(tmp_path / "untrained")
+    mine = TrainConfig(lr=3e-4)
+    other = RewardModel(tiny_encoder(tokenizer.vocab_size, seed), ["a", "b"], tokenizer=tokenizer, train_config=mine)
+    other.load_state(tmp_path / "untrained")  # no trainer state in it: the model's own settings stay
+    assert other.loops.config == mine

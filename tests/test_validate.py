@@ -349,8 +349,7 @@ def test_optimizer_sites():
         ({"cooldown": -1}, "cooldown must be an int >= 0, got -1"),
         ({"seed": False}, "seed must be an int, got False"),
         ({"initial_examples": 0}, "initial_examples must be an int >= 1, got 0"),
-        ({"lr": math.inf}, "lr must be a finite number > 0, got inf"),
-        ({"head_lr": True}, re.escape("head_lr must be a number > 0 or null, got True")),  # now refused
+        ({"selection_temperature": math.inf}, "selection_temperature must be a finite number > 0, got inf"),
         ({"gap_ema": True}, re.escape("gap_ema must be a number in (0, 1], got True")),  # now refused
         ({"alignment_threshold": 2}, re.escape("alignment_threshold must be a number in [0, 1], got 2")),
         ({"gate_confidence": 1.0}, re.escape("gate_confidence must be a number in [0.5, 1) or null, got 1.0")),
@@ -369,7 +368,50 @@ def test_optimas_config_budget_and_types():
         "budget.max_usd must be a finite number >= 0 or null, got nan",
     )
     _raises(lambda: OptimasConfig.from_dict({"batch_size": True}), ConfigError, "batch_size")
-    assert OptimasConfig.from_dict({"lr": 1, "gate_confidence": 0.9}).lr == 1  # an int is a fine float
+    assert OptimasConfig.from_dict({"selection_temperature": 1, "gate_confidence": 0.9}).selection_temperature == 1
+    # the prefix names the full key, the sections' fields included
+    _raises(lambda: OptimasConfig(iterations=-1).validate("loop."), ConfigError, "loop.iterations must be")
+    _raises(lambda: OptimasConfig(cooldown=-1).validate("loop."), ConfigError, "loop.cooldown must be")
+    _raises(
+        lambda: OptimasConfig(budget=BudgetConfig(max_calls=-1)).validate("loop."),
+        ConfigError,
+        "loop.budget.max_calls must be",
+    )
+    _raises(
+        lambda: OptimasConfig.from_dict({"collect": {"num_candidates": 1}}, prefix="loop."),
+        ConfigError,
+        "loop.collect.num_candidates must be an int >= 2, got 1",
+    )
+    # the reward model's training knobs live in TrainConfig only: the loop's old keys say where they went
+    for key in ("lr", "head_lr", "batch_pairs"):
+        _raises(lambda key=key: OptimasConfig.from_dict({key: 1}), ConfigError, f"{key} moved to reward.train.{key}")
+        _raises(lambda key=key: OptimasConfig(**{key: 1}), TypeError, key)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"lr": math.inf}, "lr must be a finite number > 0, got inf"),
+        ({"lr": True}, "lr must be a finite number > 0, got True"),  # now refused
+        ({"head_lr": 0}, re.escape("head_lr must be a finite number > 0 or None, got 0")),
+        ({"schedule": "cosin"}, re.escape("schedule must be one of ['constant', 'linear', 'cosine'], got 'cosin'")),
+        ({"weighting": "none"}, re.escape("weighting must be one of ['margin', 'uniform'], got 'none'")),
+        ({"min_lr_ratio": 2}, re.escape("min_lr_ratio must be a number in [0, 1], got 2")),
+        ({"margin_floor": 0}, re.escape("margin_floor must be a finite number > 0 (else zero-margin pairs")),
+        ({"margin_scale": math.nan}, "margin_scale must be a finite number, got nan"),
+        ({"subtract_margin": 1}, "subtract_margin must be a bool, got 1"),
+        ({"group_by_input": None}, "group_by_input must be a bool, got None"),
+        ({"center": -1}, "center must be a finite number >= 0, got -1"),
+        ({"weight_decay": True}, "weight_decay must be a finite number >= 0, got True"),
+        ({"grad_clip": 0}, re.escape("grad_clip must be a finite number > 0 or None, got 0")),
+        ({"warmup_steps": 1.5}, "warmup_steps must be an int >= 0, got 1.5"),
+        ({"replay_fraction": 1.0}, re.escape("replay_fraction must be a number in [0, 1), got 1.0")),
+    ],
+)
+def test_train_config_sites(kw, match):
+    _raises(lambda: TrainConfig(**kw).validate(), ValueError, match)
+    # the prefix is passed down, never pasted on afterwards: a run's loader gets the YAML key
+    _raises(lambda: TrainConfig(**kw).validate("reward.train."), ValueError, "reward.train." + match)
 
 
 def test_preference_sites():

@@ -28,8 +28,8 @@ SECTIONS = [
         "A run: `optimas-fast run CONFIG.yaml`",
         "The top-level keys of a run's YAML file, all optional but `system` (`optimas_fast.run.load_config` parses "
         "them into a `RunConfig`; an unknown key or a wrong value stops with a message naming it). `loop:` takes the "
-        "loop's settings below; `reward:` takes `backbone`, `max_length` (short for `template.max_length`) and any "
-        "`RewardModelConfig` field.",
+        "loop's settings below; `reward:` takes `backbone`, `max_length` (short for `template.max_length`), any "
+        "`RewardModelConfig` field and `train:`, the reward model's `TrainConfig` (`reward.train.lr`, ...).",
         ["optimas_fast.run:RunConfig"],
     ),
     (
@@ -46,10 +46,12 @@ SECTIONS = [
         ],
     ),
     (
-        "The reward model: `RewardModel(..., config=RewardModelConfig(...))`",
+        "The reward model: `reward:` in YAML, `RewardModel(..., config=..., train_config=...)` in Python",
         "The engine's settings of a reward model (text layout, pooling, precision, batching); `TemplateConfig` is its "
-        "`template`, `LoraSettings` its `lora`. `TrainConfig` fields are keyword arguments of `RewardModel.train` and "
-        "`RewardModel.adapt`.",
+        "`template`, `LoraSettings` its `lora`, all under `reward:` in a run's YAML. `TrainConfig` is how it trains: "
+        "`RewardModel(..., train_config=TrainConfig(...))`, `reward.train:` in a run's YAML (the Optimas loop trains "
+        "the model with it and has no learning rate of its own); its fields are also keyword overrides of one "
+        "`RewardModel.train` or `RewardModel.adapt` call.",
         [
             "optimas_fast.reward.config:RewardModelConfig",
             "optimas_fast.reward.template:TemplateConfig",

@@ -14,21 +14,42 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from optimas_fast._validate import check_int, check_number, is_int, is_number
+from optimas_fast.lm.usage import Budget
 from optimas_fast.optimizers.choice import ChoiceConfig
 from optimas_fast.optimizers.prompt import PromptConfig
 from optimas_fast.optimizers.weights import WeightsConfig
 from optimas_fast.preference.collect import CollectConfig
-from optimas_fast.reward.trainer import TrainConfig
 
-__all__ = ["ConfigError", "BudgetConfig", "OptimasConfig", "from_dict", "to_dict"]
+__all__ = ["ConfigError", "BudgetConfig", "MOVED_KEYS", "OptimasConfig", "from_dict", "moved_key_message", "to_dict"]
 
 
 class ConfigError(ValueError):
     """A bad configuration key or value; the message names the key and the allowed values."""
 
 
+# loop settings that moved to the reward model's training settings (one home per knob: TrainConfig), so that an
+# old YAML file or script stops with where the key lives now rather than "unknown key"
+MOVED_KEYS = ("lr", "head_lr", "batch_pairs")
+
+
+def moved_key_message(where: str, key: str) -> str:
+    """``where`` (the key as the user wrote it, e.g. ``loop.lr``) moved to the reward model's TrainConfig."""
+    return (
+        f"{where} moved to reward.train.{key} (the reward model's training settings, "
+        f"optimas_fast.reward.TrainConfig: RewardModel(..., train_config=TrainConfig({key}=...)) in Python)"
+    )
+
+
 @dataclass
 class BudgetConfig:
+    """The user's spending limits for a whole run (``loop.budget:`` in YAML): configuration, read at the start (and
+    again at a resume, which may raise them). The loop enforces them through runtime trackers, each with one job:
+    the LM limits become the ``optimas_fast.lm.Budget`` of the run's ``UsageLedger`` (``lm_budget()``; the ledger
+    reserves the worst case before each LM request), ``max_metric_calls`` a ``optimize.budget.MetricCounter`` in
+    front of the metric (charged before each scored run), ``max_seconds`` the wall clock checked at iteration
+    boundaries. ``optimizers.base.OptimizerBudget`` is something else: per-call caps on one optimizer's search
+    (candidates, inputs, rows), not a spending limit."""
+
     max_calls: int | None = None  # LM backend requests over the whole run (cache hits are free)
     max_tokens: int | None = None  # LM prompt + completion tokens over the whole run
     max_usd: float | None = None  # dollars over the whole run (hosted LMs; local models cost 0)
@@ -37,11 +58,12 @@ class BudgetConfig:
     # example scored by the metric (rollouts, gate passes; GEPA's max_metric_calls); never exceeded
     max_metric_calls: int | None = None
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "budget.") -> None:
+        """ConfigError naming the bad field as ``{prefix}{field}``."""
         for name in ("max_calls", "max_tokens", "max_usd", "max_seconds"):
             check_number(
                 getattr(self, name),
-                f"budget.{name}",
+                f"{prefix}{name}",
                 min=0,
                 finite=True,
                 allow_none=True,
@@ -49,20 +71,27 @@ class BudgetConfig:
                 error=ConfigError,
             )
         check_int(
-            self.max_metric_calls, "budget.max_metric_calls", min=1, allow_none=True, none="null", error=ConfigError
+            self.max_metric_calls, f"{prefix}max_metric_calls", min=1, allow_none=True, none="null", error=ConfigError
         )
+
+    def lm_budget(self) -> Budget:
+        """The LM part of these limits, as the ``UsageLedger``'s hard cap."""
+        return Budget(max_calls=self.max_calls, max_tokens=self.max_tokens, max_usd=self.max_usd)
 
 
 @dataclass
 class OptimasConfig:
-    seed: int = 0  # every random draw of the run derives from it (no global RNG is touched)
+    """The Optimas loop's settings (``loop:`` in a run's YAML). The reward model's training settings (learning
+    rates, pairs per step, replay) are not here: they are the model's ``TrainConfig`` (``reward.train:``), which the
+    loop trains it with; the loop decides when and on how many pairs the LRF trains (epochs, steps)."""
+
+    # every random draw of the run derives from it (no global RNG is touched); a run also seeds the reward model
+    # (its initialisation, data order and replay draws) and, unless data.seed is given, the data split with it
+    seed: int = 0
     iterations: int = 10  # loop iterations after the initial LRF training
     batch_size: int = 8  # training examples per iteration's fresh preference collection
     initial_examples: int | None = None  # examples per component for the initial pairs (None: all train)
     initial_epochs: int = 3  # epochs of the initial LRF training
-    lr: float = TrainConfig.lr  # LRF backbone learning rate (heads use 20x unless head_lr is set); the engine's default
-    head_lr: float | None = TrainConfig.head_lr  # LRF head learning rate; the engine's default (TrainConfig)
-    batch_pairs: int = TrainConfig.batch_pairs  # pairs per LRF optimizer step; the engine's default (TrainConfig)
     adapt_steps: int = 4  # LRF optimizer steps per iteration (online adaptation)
     selection_temperature: float = 0.1  # softmax temperature over preference gaps (lower: greedier)
     cooldown: int = 1  # a component picked at iteration t is not picked again before t + 1 + cooldown
@@ -88,16 +117,18 @@ class OptimasConfig:
     weights: WeightsConfig = field(default_factory=WeightsConfig)  # weights optimizer
     budget: BudgetConfig = field(default_factory=BudgetConfig)  # stops the run at an iteration boundary
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "") -> None:
+        """ConfigError naming the bad field as ``{prefix}{field}`` (a run's loader passes ``"loop."``)."""
+        p = prefix
+
         def pos_int(name, lo=1):
-            check_int(getattr(self, name), name, min=lo, error=ConfigError)
+            check_int(getattr(self, name), f"{p}{name}", min=lo, error=ConfigError)
 
         for name in ("iterations",):
             pos_int(name, 0)
         for name in (
             "batch_size",
             "initial_epochs",
-            "batch_pairs",
             "adapt_steps",
             "optimizer_inputs",
             "retrain_epochs",
@@ -107,37 +138,40 @@ class OptimasConfig:
         ):
             pos_int(name)
         pos_int("cooldown", 0)
-        check_int(self.seed, "seed", error=ConfigError)
+        check_int(self.seed, f"{p}seed", error=ConfigError)
         if self.initial_examples is not None:
             pos_int("initial_examples")
-        for name in ("lr", "selection_temperature"):
-            check_number(getattr(self, name), name, gt=0, finite=True, error=ConfigError)
-        check_number(self.head_lr, "head_lr", gt=0, allow_none=True, none="null", error=ConfigError)
-        check_number(self.gap_ema, "gap_ema", gt=0, max=1, error=ConfigError)
-        check_number(self.alignment_threshold, "alignment_threshold", min=0, max=1, error=ConfigError)
+        check_number(self.selection_temperature, f"{p}selection_temperature", gt=0, finite=True, error=ConfigError)
+        check_number(self.gap_ema, f"{p}gap_ema", gt=0, max=1, error=ConfigError)
+        check_number(self.alignment_threshold, f"{p}alignment_threshold", min=0, max=1, error=ConfigError)
         check_number(
-            self.gate_confidence, "gate_confidence", min=0.5, lt=1, allow_none=True, none="null", error=ConfigError
+            self.gate_confidence, f"{p}gate_confidence", min=0.5, lt=1, allow_none=True, none="null", error=ConfigError
         )
-        check_number(self.min_spearman, "min_spearman", min=-1, max=1, allow_none=True, none="null", error=ConfigError)
-        check_number(self.holdout_fraction, "holdout_fraction", min=0, lt=1, error=ConfigError)
+        check_number(
+            self.min_spearman, f"{p}min_spearman", min=-1, max=1, allow_none=True, none="null", error=ConfigError
+        )
+        check_number(self.holdout_fraction, f"{p}holdout_fraction", min=0, lt=1, error=ConfigError)
         if self.components is not None and (
             not isinstance(self.components, list) or not all(isinstance(c, str) for c in self.components)
         ):
-            raise ConfigError(f"components must be a list of component names or null, got {self.components!r}")
+            raise ConfigError(f"{p}components must be a list of component names or null, got {self.components!r}")
         for sub in ("collect", "prompt", "choice", "weights"):
             try:
                 getattr(self, sub).validate()
-            except ConfigError:
-                raise
             except ValueError as exc:
+                # the sections' own checks name their field with or without the section ("weights.lora_lr",
+                # "num_candidates"): give every message the full key
                 msg = str(exc)
-                raise ConfigError(msg if msg.startswith(f"{sub}.") else f"{sub}.{msg}") from None
-        self.budget.validate()
+                raise ConfigError(f"{p}{msg}" if msg.startswith(f"{sub}.") else f"{p}{sub}.{msg}") from None
+        self.budget.validate(f"{p}budget.")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, prefix: str = "") -> OptimasConfig:
+        for key in MOVED_KEYS:
+            if isinstance(data, Mapping) and key in data:
+                raise ConfigError(moved_key_message(f"{prefix}{key}", key))
         cfg = from_dict(cls, data or {}, prefix)
-        cfg.validate()
+        cfg.validate(prefix)
         return cfg
 
     def to_dict(self) -> dict:

@@ -56,7 +56,7 @@ from typing import Any
 
 from optimas_fast.lm.cache import default_cache_dir
 from optimas_fast.lm.errors import BudgetExceeded
-from optimas_fast.lm.usage import Budget, UsageLedger, set_default_ledger
+from optimas_fast.lm.usage import UsageLedger, set_default_ledger
 from optimas_fast.optimize.budget import MetricCounter, attach, detach
 from optimas_fast.optimize.config import OptimasConfig
 from optimas_fast.optimize.state import load_run_state, save_run_state
@@ -111,8 +111,10 @@ def select_component(
 
 class Optimas:
     """The loop; see the module docstring. ``reward_model`` is a ``optimas_fast.reward.RewardModel`` (heads
-    for missing components are added); ``proposer`` is the LM that writes prompt candidates (only needed
-    when a Prompt variable is optimized)."""
+    for missing components are added), trained and adapted with its own settings (``rm.loops.config``, a
+    ``TrainConfig``: learning rates, pairs per step, replay; ``reward.train:`` in a run's YAML): the loop decides
+    when and on what the LRF trains (epochs, steps), never how; ``proposer`` is the LM that writes prompt
+    candidates (only needed when a Prompt variable is optimized)."""
 
     def __init__(
         self, reward_model: Any, proposer: Any = None, config: OptimasConfig | None = None, progress: bool = False
@@ -160,12 +162,6 @@ class Optimas:
             prompt_pool=prompt_opt.pool(),
             keys=[example_key(trainset[i], i) for i in idx],
         )
-
-    def _train_kwargs(self) -> dict:
-        kw = {"lr": self.config.lr, "batch_pairs": self.config.batch_pairs}
-        if self.config.head_lr is not None:
-            kw["head_lr"] = self.config.head_lr
-        return kw
 
     def _snapshot(self, system: System) -> dict:
         return {
@@ -237,7 +233,7 @@ class Optimas:
                 len(train_pairs),
             )
             if train_pairs:
-                self.rm.train(train_pairs, epochs=cfg.retrain_epochs, **self._train_kwargs())
+                self.rm.train(train_pairs, epochs=cfg.retrain_epochs)
                 retrained.append(comp)
         clean = {
             c: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
@@ -280,7 +276,7 @@ class Optimas:
             if name not in self.rm.encoder.components:
                 self.rm.add_component(name, system.components[name].description or name)
         b = cfg.budget
-        self.ledger = UsageLedger(Budget(b.max_calls, b.max_tokens, b.max_usd))
+        self.ledger = UsageLedger(b.lm_budget())
         # every scored run of the working copy is counted here (and stopped at max_metric_calls); the returned
         # system gets back the metric it came with
         self.metric_calls = MetricCounter(b.max_metric_calls)
@@ -301,7 +297,7 @@ class Optimas:
                 state = load_run_state(run_dir)
                 start = self._restore(system, state, run_dir)
                 # resuming is a request to go on: this config's budget applies (it may have been raised)
-                self.ledger.budget, self.stopped = Budget(b.max_calls, b.max_tokens, b.max_usd), None
+                self.ledger.budget, self.stopped = b.lm_budget(), None
                 if state.get("phase") == "initial":
                     # a budget stopped the initial phase: run it again from the saved starting point; the
                     # calls it had made replay from the LM cache (free) when the cache is the same
@@ -391,7 +387,7 @@ class Optimas:
                     bar.update(1)
             losses = []
             if pairs:
-                hist = self.rm.train(pairs, epochs=cfg.initial_epochs, **self._train_kwargs())
+                hist = self.rm.train(pairs, epochs=cfg.initial_epochs)
                 losses = [h["loss"] for h in hist]
             else:
                 log.warning("initial collection produced no training pairs: the LRF starts untrained")
@@ -465,7 +461,7 @@ class Optimas:
             self.gaps[name] = (1 - cfg.gap_ema) * self.gaps.get(name, 0.0) + cfg.gap_ema * res.mean_gap
         adapt_loss = None
         if res.train_pairs:
-            hist = self.rm.adapt(res.train_pairs, steps=cfg.adapt_steps, **self._train_kwargs())
+            hist = self.rm.adapt(res.train_pairs, steps=cfg.adapt_steps)
             adapt_loss = hist[-1]["loss"]
         alignment, retrained = self._alignment(targets)
 

@@ -22,12 +22,25 @@ from typing import Any
 import torch
 
 from optimas_fast.backbones import minilm_path
+from optimas_fast.reward.trainer import TrainConfig
 from optimas_fast.system import Choice, Component, System
 
-__all__ = ["COLOURS", "SHAPES", "build_synthetic", "tiny_reward_model", "run_digest", "synthetic_config"]
+__all__ = [
+    "COLOURS",
+    "SHAPES",
+    "SYNTHETIC_TRAIN",
+    "build_synthetic",
+    "tiny_reward_model",
+    "run_digest",
+    "synthetic_config",
+]
 
 COLOURS = ("red", "blue", "green", "black", "white", "yellow")
 SHAPES = ("circle", "square", "triangle", "star", "line", "box")
+# the tiny random LRF's training settings for the synthetic system's loop tests: a randomly initialised 2-layer
+# backbone needs a far larger learning rate than the engine's default (5e-5, for pretrained backbones) to learn the
+# synthetic preferences within the tests' few epochs
+SYNTHETIC_TRAIN = TrainConfig(lr=1e-3, head_lr=1e-2, batch_pairs=32)
 
 
 def build_synthetic(seed: int, levels: int = 6) -> tuple[System, dict, list, list]:
@@ -76,8 +89,9 @@ def _tokenizer():
     return AutoTokenizer.from_pretrained(str(minilm_path()), local_files_only=True)
 
 
-def tiny_reward_model(components: dict, seed: int, hidden: int = 32):
-    """A RewardModel on a randomly initialised 2-layer BERT (MiniLM's tokenizer); the global RNG is untouched."""
+def tiny_reward_model(components: dict, seed: int, hidden: int = 32, train: TrainConfig | None = None):
+    """A RewardModel on a randomly initialised 2-layer BERT (MiniLM's tokenizer); the global RNG is untouched.
+    ``train``: its training settings (None: the engine's defaults; the synthetic loop tests use SYNTHETIC_TRAIN)."""
     from transformers import BertConfig, BertModel
 
     from optimas_fast.reward import RewardModel, RewardModelConfig
@@ -94,7 +108,9 @@ def tiny_reward_model(components: dict, seed: int, hidden: int = 32):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = BertModel(cfg)
-    return RewardModel(backbone, components, tokenizer=tok, config=RewardModelConfig(seed=seed), device="cpu")
+    return RewardModel(
+        backbone, components, tokenizer=tok, config=RewardModelConfig(seed=seed), device="cpu", train_config=train
+    )
 
 
 def run_digest(result_system: System, history: list, rm: Any) -> dict:
@@ -133,9 +149,6 @@ def synthetic_config(seed: int, iterations: int):
             "batch_size": 8,
             "initial_examples": 16,
             "initial_epochs": 6,
-            "lr": 1e-3,
-            "head_lr": 1e-2,
-            "batch_pairs": 32,
             "adapt_steps": 8,
             "cooldown": 1,
             "optimizer_inputs": 4,
@@ -159,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # bit-identical floats between the processes being compared
     system, _, train, val = build_synthetic(args.seed)
-    rm = tiny_reward_model({"pick_a": "picks a colour", "pick_b": "picks a shape"}, args.seed)
+    rm = tiny_reward_model({"pick_a": "picks a colour", "pick_b": "picks a shape"}, args.seed, train=SYNTHETIC_TRAIN)
     loop = Optimas(rm, None, synthetic_config(args.seed, args.iterations))
     res = loop.optimize(
         system,

@@ -37,7 +37,7 @@ from .precision import cpu_has_native_bf16
 from .rows import Rows
 from .sharded import ScoreReport, score
 from .template import Tokenised
-from .trainer import Trainer, TrainLoops, TrainReport, evaluate
+from .trainer import TrainConfig, Trainer, TrainLoops, TrainReport, evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class RewardModel:
         components: component names, or a mapping name -> description (used in the template prefix).
         tokenizer: the backbone's tokenizer (required when ``backbone`` is a module).
         config: RewardModelConfig.
+        train_config: TrainConfig, the defaults of ``train`` / ``adapt`` (None: TrainConfig()).
         device: where the backbone runs (default: CUDA if available, else CPU).
 
     Training: ``train`` and ``adapt`` are loops (``self.loops``, trainer.TrainLoops) over the one training step
@@ -84,8 +85,13 @@ class RewardModel:
         tokenizer: Any = None,
         config: RewardModelConfig | None = None,
         device: str | torch.device | None = None,
+        train_config: TrainConfig | None = None,
     ):
         config = config if config is not None else RewardModelConfig()
+        if train_config is not None and not isinstance(train_config, TrainConfig):
+            raise TypeError(f"train_config must be a TrainConfig, got {type(train_config).__name__}")
+        if train_config is not None:
+            train_config.validate()
         if not isinstance(config, RewardModelConfig):
             raise TypeError(f"config must be a RewardModelConfig, got {type(config).__name__}")
         config.validate()
@@ -96,7 +102,7 @@ class RewardModel:
         # the training step (optimizer, steps taken), shared by every loop over this model; the engine's own loops
         # (train / adapt: their default settings, data-order RNG, replay buffers)
         self.trainer = Trainer(self.encoder)
-        self.loops = TrainLoops(self.trainer, seed=config.seed + 1)
+        self.loops = TrainLoops(self.trainer, seed=config.seed + 1, config=train_config)
         self.last_report: ScoreReport | None = None
         items = components.items() if isinstance(components, Mapping) else ((c, c) for c in components)
         for name, desc in items:
@@ -180,7 +186,8 @@ class RewardModel:
         """Restore a checkpoint into this model (same backbone architecture, else ValueError)."""
         trainer_state = load_checkpoint(path, self.encoder)
         self.trainer = Trainer(self.encoder)
-        self.loops = TrainLoops(self.trainer, seed=self.encoder.config.seed + 1)
+        # a checkpoint without trainer state keeps this model's training settings (one with it brings its own)
+        self.loops = TrainLoops(self.trainer, seed=self.encoder.config.seed + 1, config=self.loops.config)
         if trainer_state is not None:
             self.loops.load_state_dict(trainer_state)
 

@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from optimas_fast import ops
-from optimas_fast._validate import check_int
+from optimas_fast._validate import check_bool, check_choice, check_int, check_number
 
 from . import schedules
 from .data import PreferencePair, as_candidates, as_pairs, pair_weights
@@ -57,6 +57,10 @@ from .sharded import score
 logger = logging.getLogger(__name__)
 
 OVERLONG_POLICIES = ("truncate_prefix", "drop", "error")
+# TrainConfig.schedule: train()'s learning-rate schedule ("constant" warms up when warmup_steps > 0: schedules.py's
+# "constant_with_warmup"); TrainConfig.weighting: how a pair's margin weights its loss
+TRAIN_SCHEDULES = ("constant", "linear", "cosine")
+WEIGHTINGS = ("margin", "uniform")
 
 
 def _can_fuse(params) -> bool:
@@ -481,8 +485,12 @@ class TrainReport:
 
 @dataclass
 class TrainConfig:
-    """Settings of ``RewardModel.train`` and ``RewardModel.adapt`` (the engine's own loops). The model holds one
-    (``RewardModel.train_config``) as the defaults of both; a call's keyword overrides apply to that call alone."""
+    """Settings of ``RewardModel.train`` and ``RewardModel.adapt`` (the engine's own loops).
+
+    The model holds one (``rm.loops.config``, given as ``RewardModel(..., train_config=...)`` or as ``reward.train:``
+    in a run's YAML) as the defaults of both; a call's keyword overrides apply to that call alone. The Optimas loop
+    trains the reward model with these settings and has none of its own. No seed here: the data order and replay
+    draws follow the model's seed (``RewardModelConfig.seed``, which a run sets from ``loop.seed``)."""
 
     lr: float = 5e-5  # backbone learning rate (AdamW)
     head_lr: float | None = None  # heads' learning rate; None = 20 x lr (heads start random, the backbone not)
@@ -501,32 +509,32 @@ class TrainConfig:
     replay_size: int = 256  # per-component replay buffer bound (pairs)
     replay_fraction: float = 0.5  # adapt(): share of each batch drawn from the replay buffers
 
-    def validate(self) -> None:
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive finite float, got {self.lr!r}")
-        if self.head_lr is not None and not (self.head_lr > 0 and math.isfinite(self.head_lr)):
-            raise ValueError(f"head_lr must be a positive finite float or None, got {self.head_lr!r}")
-        if self.schedule not in ("constant", "linear", "cosine"):
-            raise ValueError(f"schedule must be 'constant', 'linear' or 'cosine', got {self.schedule!r}")
-        if self.weighting not in ("margin", "uniform"):
-            raise ValueError(f"weighting must be 'margin' or 'uniform', got {self.weighting!r}")
-        check_int(self.batch_pairs, "batch_pairs", min=1)
-        check_int(self.replay_size, "replay_size", min=0)
-        if not 0.0 <= self.replay_fraction < 1.0:
-            raise ValueError(f"replay_fraction must be in [0, 1), got {self.replay_fraction!r}")
-        if not (self.margin_floor > 0):
-            raise ValueError(
-                f"margin_floor must be > 0 (else zero-margin pairs get weight 0), got {self.margin_floor!r}"
-            )
-        check_int(self.warmup_steps, "warmup_steps", min=0)
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
-        if self.center < 0 or not math.isfinite(self.center):
-            raise ValueError(f"center must be a finite float >= 0, got {self.center!r}")
-        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a finite float >= 0, got {self.weight_decay!r}")
-        if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
-            raise ValueError(f"grad_clip must be a finite float > 0 or None, got {self.grad_clip!r}")
+    def validate(self, prefix: str = "") -> None:
+        """ValueError naming the bad field as ``{prefix}{field}`` (a run's loader passes ``"reward.train."``, so the
+        message names the YAML key)."""
+        p = prefix
+        check_number(self.lr, f"{p}lr", gt=0, finite=True)
+        check_number(self.head_lr, f"{p}head_lr", gt=0, finite=True, allow_none=True)
+        check_number(self.weight_decay, f"{p}weight_decay", min=0, finite=True)
+        check_int(self.warmup_steps, f"{p}warmup_steps", min=0)
+        check_choice(self.schedule, f"{p}schedule", list(TRAIN_SCHEDULES))
+        check_number(self.min_lr_ratio, f"{p}min_lr_ratio", min=0, max=1)
+        check_int(self.batch_pairs, f"{p}batch_pairs", min=1)
+        check_choice(self.weighting, f"{p}weighting", list(WEIGHTINGS))
+        check_number(
+            self.margin_floor,
+            f"{p}margin_floor",
+            gt=0,
+            finite=True,
+            what="a finite number > 0 (else zero-margin pairs get weight 0)",
+        )
+        check_bool(self.subtract_margin, f"{p}subtract_margin")
+        check_number(self.margin_scale, f"{p}margin_scale", finite=True)
+        check_number(self.center, f"{p}center", min=0, finite=True)
+        check_number(self.grad_clip, f"{p}grad_clip", gt=0, finite=True, allow_none=True)
+        check_bool(self.group_by_input, f"{p}group_by_input")
+        check_int(self.replay_size, f"{p}replay_size", min=0)
+        check_number(self.replay_fraction, f"{p}replay_fraction", min=0, lt=1)
 
 
 def make_batches(
