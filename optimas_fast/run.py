@@ -61,7 +61,7 @@ from optimas_fast.optimize import ConfigError, Optimas, OptimasConfig
 from optimas_fast.optimize.config import from_dict
 from optimas_fast.optimize.testing import build_synthetic, tiny_reward_model
 from optimas_fast.report import bootstrap_ci, write_report
-from optimas_fast.reward import LoraSettings, RewardModel, RewardModelConfig, TrainConfig
+from optimas_fast.reward import LoraSettings, RewardModel, RewardModelConfig, TemplateConfig, TrainConfig
 from optimas_fast.system import System
 
 log = logging.getLogger("optimas_fast.run")
@@ -229,30 +229,30 @@ def _parse_reward(section: Any) -> tuple[str, RewardModelConfig, TrainConfig]:
         raise ConfigError(
             f"reward.backbone must be {MINILM!r}, 'tiny-random' or an existing model directory, got {backbone!r}"
         )
-    short = "max_length" in section
-    if short:
+    if "max_length" in section:
         template = section.get("template") or {}
         if isinstance(template, Mapping) and "max_length" in template:
             raise ConfigError("reward.max_length is short for reward.template.max_length: give one of them")
-        section["template"] = {
-            **(template if isinstance(template, Mapping) else {}),
-            "max_length": section.pop("max_length"),
-        }
+        max_length = section.pop("max_length")
+        # checked as written (the template's own check with the prefix "reward.": it names reward.max_length)
+        _validated(from_dict(TemplateConfig, {"max_length": max_length}, "reward."), "reward.")
+        section["template"] = {**(template if isinstance(template, Mapping) else {}), "max_length": max_length}
     lora = section.pop("lora", None)
     train = _parse_train(section.pop("train", None))
+    cfg = from_dict(RewardModelConfig, section, "reward.")
+    if lora is not None:
+        cfg.lora = from_dict(LoraSettings, lora, "reward.lora.")
+    return backbone, _validated(cfg, "reward."), train
+
+
+def _validated(cfg: Any, prefix: str) -> Any:
+    """``cfg`` after its own ``validate(prefix)``: the engine's dataclasses raise ValueError (they know nothing of
+    configuration files) naming ``{prefix}{field}``; here it becomes a ConfigError with the same message."""
     try:
-        cfg = from_dict(RewardModelConfig, section, "reward.")
-        if lora is not None:
-            cfg.lora = from_dict(LoraSettings, lora, "reward.lora.")
-        try:
-            cfg.validate()
-        except ValueError as exc:  # the engine's messages name config.x / TemplateConfig.x: give the YAML path
-            msg = str(exc).replace("TemplateConfig.", "reward.template.").replace("config.", "reward.")
-            raise ConfigError(msg) from None
-    except ConfigError as exc:
-        msg = str(exc)
-        raise ConfigError(msg.replace("reward.template.max_length", "reward.max_length") if short else msg) from None
-    return backbone, cfg, train
+        cfg.validate(prefix)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return cfg
 
 
 def _parse_train(section: Any) -> TrainConfig:
@@ -260,12 +260,7 @@ def _parse_train(section: Any) -> TrainConfig:
     passed down, so every message names ``reward.train.<field>``)."""
     if isinstance(section, Mapping) and "seed" in section:
         raise ConfigError("reward.train.seed: the reward model's training follows loop.seed (one seed drives the run)")
-    cfg = from_dict(TrainConfig, section if section is not None else {}, "reward.train.")
-    try:
-        cfg.validate("reward.train.")
-    except ValueError as exc:  # the engine raises ValueError (it knows nothing of configuration files)
-        raise ConfigError(str(exc)) from None
-    return cfg
+    return _validated(from_dict(TrainConfig, section if section is not None else {}, "reward.train."), "reward.train.")
 
 
 class YamlLoader(yaml.SafeLoader):

@@ -54,7 +54,22 @@ def test_help(command, capsys):
             "'reward.template.max_lenght'",
             "'truncation_side'",
         ),
-        ({"system": "synthetic", "reward": {"amp": "fp8"}}, "reward.amp must be 'auto', 'bf16' or 'none'", "'fp8'"),
+        (
+            {"system": "synthetic", "reward": {"amp": "fp8"}},
+            "reward.amp must be one of ['auto', 'bf16', 'none']",
+            "'fp8'",
+        ),
+        ({"system": "synthetic", "reward": {"max_length": 2}}, "reward.max_length must be an int >= 4", "got 2"),
+        ({"system": "synthetic", "reward": {"max_length": "x"}}, "reward.max_length must be of type int", "'x'"),
+        ({"system": "synthetic", "reward": {"template": {"max_length": 2}}}, "reward.template.max_length must", ">= 4"),
+        (
+            {"system": "synthetic", "reward": {"template": {"truncation_side": "up"}}},
+            "reward.template.truncation_side must be one of ['left', 'right']",
+            "'up'",
+        ),
+        ({"system": "synthetic", "reward": {"lora": {"r": 0}}}, "reward.lora.r must be an int >= 1", "got 0"),
+        ({"system": "synthetic", "reward": {"lora": {"dropout": 1}}}, "reward.lora.dropout must be", "[0, 1)"),
+        ({"system": "synthetic", "reward": {"packing": 1}}, "reward.packing must be of type bool", "got 1"),
         ({"system": "synthetic", "reward": {"lora": {"rank": 4}}}, "'reward.lora.rank'", "'alpha'"),
         ({"system": "synthetic", "reward": {"seed": 4}}, "reward.seed: the reward model's seed is loop.seed", ""),
         (

@@ -20,7 +20,7 @@ from optimas_fast.optimize import BudgetConfig, ConfigError, OptimasConfig
 from optimas_fast.optimizers import ChoiceConfig, LoRAPolicy, OptimizerBudget, PromptConfig, WeightsConfig
 from optimas_fast.preference import PairStore
 from optimas_fast.preference.collect import CollectConfig
-from optimas_fast.reward import RewardModelConfig, TemplateConfig, TrainConfig
+from optimas_fast.reward import LoraSettings, RewardModelConfig, TemplateConfig, TrainConfig
 from optimas_fast.reward.data import as_pairs
 from optimas_fast.reward.distributed import shard_batches
 from optimas_fast.reward.template import TokenCache
@@ -269,7 +269,7 @@ def test_reward_sites():
     _raises(
         lambda: RewardModelConfig(token_budget=True).validate(),
         ValueError,
-        "config.token_budget and config.max_rows must be >= 1",
+        "config.token_budget must be an int >= 1 or None, got True",
     )
     _raises(
         lambda: RewardModelConfig(pack_tokens=False).validate(),
@@ -283,6 +283,24 @@ def test_reward_sites():
         "batch_pairs must be an int >= 1, got True",
     )
     _raises(lambda: TrainConfig(replay_size=-1).validate(), ValueError, "replay_size must be an int >= 0, got -1")
+    _raises(
+        lambda: LoraSettings(target_modules="query").validate(),
+        ValueError,
+        "lora.target_modules must be a non-empty list of module names or None, got 'query'",
+    )
+    _raises(lambda: LoraSettings(alpha=0).validate(), ValueError, "lora.alpha must be a finite number > 0, got 0")
+    # the prefix is passed down to the nested settings: the YAML's key path, or config.<field> in Python
+    _raises(
+        lambda: RewardModelConfig(lora=LoraSettings(r=0)).validate("reward."),
+        ValueError,
+        "reward.lora.r must be an int >= 1, got 0",
+    )
+    _raises(
+        lambda: RewardModelConfig(template=TemplateConfig(min_prefix_tokens=-1)).validate(),
+        ValueError,
+        "config.template.min_prefix_tokens must be an int >= 0, got -1",
+    )
+    _raises(lambda: RewardModelConfig(head_init_std=math.nan).validate(), ValueError, "config.head_init_std must be")
     _raises(
         lambda: TemplateConfig(max_length=True).validate(),
         ValueError,  # now refused

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from optimas_fast._validate import check_bool, check_int, is_int
+from optimas_fast._validate import check_bool, check_choice, check_int, check_number
 
 from .template import TemplateConfig
 
@@ -19,6 +19,15 @@ class LoraSettings:
     alpha: int = 16  # LoRA scaling numerator (scale = alpha / r)
     dropout: float = 0.0  # adapter dropout (0 keeps training deterministic)
     target_modules: list[str] | None = None  # module names to adapt; None lets peft pick per architecture
+
+    def validate(self, prefix: str = "lora.") -> None:
+        """ValueError naming the bad field as ``{prefix}{field}``."""
+        check_int(self.r, f"{prefix}r", min=1)
+        check_number(self.alpha, f"{prefix}alpha", gt=0, finite=True)
+        check_number(self.dropout, f"{prefix}dropout", min=0, lt=1)
+        t = self.target_modules
+        if t is not None and (not isinstance(t, list) or not t or not all(isinstance(m, str) and m for m in t)):
+            raise ValueError(f"{prefix}target_modules must be a non-empty list of module names or None, got {t!r}")
 
 
 @dataclass
@@ -91,32 +100,34 @@ class RewardModelConfig:
     lora: LoraSettings | None = None  # LoRA on the backbone via peft (optional extra `lora`)
     seed: int = 0  # seeds head initialisation and the trainer's shuffling
 
-    def validate(self) -> None:
-        if self.architecture not in ("auto", "encoder", "decoder"):
-            raise ValueError(f"config.architecture must be 'auto', 'encoder' or 'decoder', got {self.architecture!r}")
-        if self.pooling not in ("auto", "last", "mean", "cls"):
-            raise ValueError(f"config.pooling must be 'auto', 'last', 'mean' or 'cls', got {self.pooling!r}")
-        if self.amp not in ("auto", "bf16", "none"):
-            raise ValueError(f"config.amp must be 'auto', 'bf16' or 'none', got {self.amp!r}")
-        if self.score_amp not in ("auto", "bf16", "none"):
-            raise ValueError(f"config.score_amp must be 'auto', 'bf16' or 'none', got {self.score_amp!r}")
-        if self.score_weights not in ("cast", "autocast"):
-            raise ValueError(f"config.score_weights must be 'cast' or 'autocast', got {self.score_weights!r}")
-        check_bool(self.prefix_sharing, "config.prefix_sharing")
-        check_bool(self.shared_prefix_kernel, "config.shared_prefix_kernel")
-        n = self.token_cache_size
-        check_int(n, "config.token_cache_size", min=1, allow_none=True)
-        check_int(self.train_chunk_tokens, "config.train_chunk_tokens", min=1, allow_none=True)
-        check_bool(self.gradient_checkpointing, "config.gradient_checkpointing")
-        check_bool(self.lean_activations, "config.lean_activations")
+    def validate(self, prefix: str = "config.") -> None:
+        """ValueError naming the bad field as ``{prefix}{field}`` (a run's loader passes ``"reward."``, so the message
+        names the YAML key: ``reward.amp``, ``reward.template.max_length``, ``reward.lora.r``)."""
+        p = prefix
+        check_choice(self.architecture, f"{p}architecture", ["auto", "encoder", "decoder"])
+        check_choice(self.pooling, f"{p}pooling", ["auto", "last", "mean", "cls"])
+        check_choice(self.amp, f"{p}amp", ["auto", "bf16", "none"])
+        check_choice(self.score_amp, f"{p}score_amp", ["auto", "bf16", "none"])
+        check_choice(self.score_weights, f"{p}score_weights", ["cast", "autocast"])
+        check_bool(self.prefix_sharing, f"{p}prefix_sharing")
+        check_bool(self.shared_prefix_kernel, f"{p}shared_prefix_kernel")
+        check_int(self.token_cache_size, f"{p}token_cache_size", min=1, allow_none=True)
+        check_int(self.train_chunk_tokens, f"{p}train_chunk_tokens", min=1, allow_none=True)
+        check_bool(self.gradient_checkpointing, f"{p}gradient_checkpointing")
+        check_bool(self.lean_activations, f"{p}lean_activations")
         a = self.attn_implementation
         if a is not None and (not isinstance(a, str) or not a):
-            raise ValueError(f"config.attn_implementation must be a non-empty str or None, got {a!r}")
-        b = self.token_budget
-        if (b is not None and (not is_int(b) or b < 1)) or self.max_rows < 1:
-            raise ValueError(f"config.token_budget and config.max_rows must be >= 1, got {b}, {self.max_rows}")
-        check_int(self.pack_tokens, "config.pack_tokens", min=1)
-        self.template.validate()
+            raise ValueError(f"{p}attn_implementation must be a non-empty str or None, got {a!r}")
+        check_int(self.token_budget, f"{p}token_budget", min=1, allow_none=True)
+        check_int(self.max_rows, f"{p}max_rows", min=1)
+        check_bool(self.packing, f"{p}packing")
+        check_int(self.pack_tokens, f"{p}pack_tokens", min=1)
+        check_number(self.head_init_std, f"{p}head_init_std", min=0, finite=True)
+        check_bool(self.disable_dropout, f"{p}disable_dropout")
+        check_int(self.seed, f"{p}seed")
+        self.template.validate(f"{p}template.")
+        if self.lora is not None:
+            self.lora.validate(f"{p}lora.")
 
 
 def reward_config_to_dict(c: RewardModelConfig) -> dict:

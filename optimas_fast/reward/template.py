@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from optimas_fast._native import native_available
-from optimas_fast._validate import check_int
+from optimas_fast._validate import check_bool, check_choice, check_int
 
 from .wordpiece import NativeWordPiece
 
@@ -67,14 +67,16 @@ class TemplateConfig:
     # written before it existed: they load with False, the layout they were trained with.
     append_eos: bool = False
 
-    def validate(self) -> None:
-        check_int(self.max_length, "TemplateConfig.max_length", min=4)
-        if self.truncation_side not in ("left", "right"):
-            raise ValueError(f"TemplateConfig.truncation_side must be 'left' or 'right', got {self.truncation_side!r}")
-        if "{inputs}" not in self.prefix_format:
-            raise ValueError("TemplateConfig.prefix_format must contain '{inputs}'")
-        if not isinstance(self.append_eos, bool):
-            raise ValueError(f"TemplateConfig.append_eos must be a bool, got {self.append_eos!r}")
+    def validate(self, prefix: str = "TemplateConfig.") -> None:
+        """ValueError naming the bad field as ``{prefix}{field}`` (``config.template.`` inside a RewardModelConfig,
+        ``reward.template.`` in a run's YAML)."""
+        p = prefix
+        check_int(self.max_length, f"{p}max_length", min=4)
+        if not isinstance(self.prefix_format, str) or "{inputs}" not in self.prefix_format:
+            raise ValueError(f"{p}prefix_format must be a str containing '{{inputs}}', got {self.prefix_format!r}")
+        check_choice(self.truncation_side, f"{p}truncation_side", ["left", "right"])
+        check_int(self.min_prefix_tokens, f"{p}min_prefix_tokens", min=0)
+        check_bool(self.append_eos, f"{p}append_eos")
 
 
 @dataclass(frozen=True)
