@@ -134,7 +134,9 @@ def _check_limit(name: str, v, integer: bool):
 
 @dataclass(frozen=True)
 class Budget:
-    """Hard limits for one run; None means unlimited. See the module docstring for the semantics."""
+    """Hard limits on LM spending that a ``UsageLedger`` enforces at run time (reserving each request's worst case
+    before it is sent); None means unlimited. See the module docstring for the semantics. A run's configuration is
+    ``optimize.BudgetConfig`` (``loop.budget:``), whose LM limits become this (``BudgetConfig.lm_budget()``)."""
 
     max_calls: int | None = None  # backend requests (cache hits are free)
     max_tokens: int | None = None  # prompt + completion tokens over all requests

@@ -44,7 +44,9 @@ class MetricBudgetExceeded(BudgetExceeded):
 
 
 class MetricCounter:
-    """Thread-safe count of metric calls with an optional hard limit (None: count only)."""
+    """Thread-safe count of metric calls with an optional hard limit (None: count only): a runtime tracker. The
+    limit a run is configured with is ``BudgetConfig.max_metric_calls`` (``loop.budget:``); a comparison harness
+    puts its own counter under the loop's."""
 
     def __init__(self, limit: int | None = None, used: int = 0):
         check_int(limit, "max_metric_calls", min=0, allow_none=True)

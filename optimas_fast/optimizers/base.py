@@ -44,7 +44,9 @@ FAILURE_PENALTY = 1.0
 
 @dataclass
 class OptimizerBudget:
-    """Caps for one ``optimize`` call; None = the optimizer's own default."""
+    """The size of one ``optimize`` call's search (candidates, inputs, rows scored by the LRF); None = the optimizer's
+    own default. Not a spending limit: a run's limits are ``optimize.BudgetConfig`` (``loop.budget:``), enforced
+    by ``lm.Budget`` (LM calls, tokens, dollars) and ``optimize.budget.MetricCounter`` (metric calls)."""
 
     max_candidates: int | None = None  # candidates scored (the incumbent not counted)
     max_inputs: int | None = None  # stored inputs each candidate runs on
