@@ -36,6 +36,7 @@ A bad key or value stops with a message naming the key and what is allowed.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import inspect
 import json
@@ -478,7 +479,10 @@ def build(cfg: RunConfig):
     if cfg.backbone == "tiny-random":
         rm = tiny_reward_model(comps, cfg.loop.seed, train=train)
     else:
-        rm = RewardModel(cfg.backbone, comps, config=copy.deepcopy(cfg.reward), train_config=train)
+        # one seed: the model's is loop.seed, read here, so a config whose loop.seed is replaced (a comparison's
+        # seeds) re-seeds the model's heads, data order and replay draws too
+        reward = dataclasses.replace(copy.deepcopy(cfg.reward), seed=cfg.loop.seed)
+        rm = RewardModel(cfg.backbone, comps, config=reward, train_config=train)
     return system, split, rm, proposer
 
 

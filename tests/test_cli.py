@@ -261,6 +261,9 @@ def test_build_hands_the_reward_settings_to_the_model():
     assert rm.encoder.config.template.max_length == 64 and rm.encoder.config.template.truncation_side == "right"
     assert rm.encoder.config.score_amp == "none" and rm.encoder.config.seed == 3
     assert rm.encoder.config is not cfg.reward  # the parsed config stays as parsed
+    # one seed: another loop.seed (what a comparison's cells do) re-seeds the model too
+    _, _, rm, _ = run.build(dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, seed=9)))
+    assert rm.encoder.config.seed == 9
 
 
 def test_invalid_config_file_exits_2_with_the_key(tmp_path, capsys):
