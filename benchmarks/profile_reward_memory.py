@@ -33,6 +33,7 @@ from bench_reward import TemplateIds, ours_correct, unique_model
 
 from optimas_fast.reward import RewardModel, RewardModelConfig, TemplateConfig, cpu_has_native_bf16
 from optimas_fast.reward.formats import load_pairs
+from optimas_fast.reward.lean import apply_lean_modules
 from optimas_fast.reward.trainer import Trainer
 
 MiB = 1024 * 1024
@@ -294,20 +295,35 @@ def speed_ab(args, train, template, bf16: bool) -> dict:
         PairBatch(pair_rows(rm.encoder, train[i : i + B]), [1.0] * len(train[i : i + B]))
         for i in range(0, len(train) - B + 1, B)
     ]
-    settings = [None if c == 0 else c for c in args.ab_chunks]
-    times: dict[str, list[float]] = {str(c): [] for c in settings}
+    backbone = rm.encoder.net.backbone
+
+    def set_lean(on: bool) -> None:  # lean_activations is read at build: switch the module instances directly
+        if on:
+            apply_lean_modules(backbone)
+        else:
+            for m in backbone.modules():
+                vars(m).pop("forward", None)
+
+    if args.ab_lean:
+        settings = {"lean": lambda: set_lean(True), "plain": lambda: set_lean(False)}
+    else:
+        settings = {
+            str(c): (lambda c=c: setattr(rm.encoder.config, "train_chunk_tokens", None if c == 0 else c))
+            for c in args.ab_chunks
+        }
+    times: dict[str, list[float]] = {k: [] for k in settings}
     rm.trainer.step(batches[0], 0.0)  # warm-up: optimizer state, first-call costs
     for _ in range(args.ab_reps):
         for batch in batches:
-            for c in settings:
-                rm.encoder.config.train_chunk_tokens = c
+            for k, apply in settings.items():
+                apply()
                 t0 = time.perf_counter()
                 rm.trainer.step(batch, 0.0)
-                times[str(c)].append(time.perf_counter() - t0)
+                times[k].append(time.perf_counter() - t0)
     return {
         "ab_seconds_per_step_median": {k: round(float(np.median(v)), 3) for k, v in times.items()},
         "ab_seconds_per_step_mean": {k: round(float(np.mean(v)), 3) for k, v in times.items()},
-        "steps_each": len(times[str(settings[0])]),
+        "steps_each": len(next(iter(times.values()))),
         "load_average_end": os.getloadavg(),
     }
 
@@ -336,7 +352,10 @@ def main():
         metavar="TOKENS",
         help="instead: a same-process speed A/B of these train_chunk_tokens (0 = no chunking)",
     )
-    ap.add_argument("--ab-reps", type=int, default=2, help="--ab-chunks: passes over the batches")
+    ap.add_argument(
+        "--ab-lean", action="store_true", help="instead: a same-process speed A/B of lean_activations on / off"
+    )
+    ap.add_argument("--ab-reps", type=int, default=2, help="--ab-chunks / --ab-lean: passes over the batches")
     args = ap.parse_args()
     args.lr = args.lr or {"encoder": 5e-5, "decoder": 2e-5 if args.decoder == "smollm2" else 3e-4}[args.kind]
     train = load_pairs(os.path.join(args.unique, "train.jsonl"))
@@ -344,7 +363,7 @@ def main():
     template = TemplateConfig(max_length=args.max_length, prefix_format=train.prefix_format or "{inputs}")
     train, held = train[: args.train_pairs], held[: args.heldout_pairs]
     bf16 = {"auto": cpu_has_native_bf16(), "bf16": True, "fp32": False}[args.precision]
-    if args.ab_chunks:
+    if args.ab_chunks or args.ab_lean:
         print(
             json.dumps(
                 {

@@ -13,7 +13,7 @@ import test_reward
 import torch
 from test_reward import make_model, random_requests, separable_pairs
 
-from optimas_fast.reward import PreferencePair, RewardModelConfig
+from optimas_fast.reward import PreferencePair, RewardModelConfig, attention
 from optimas_fast.reward.trainer import PairBatch, pair_chunks, pair_rows
 
 tokenizer = test_reward.tokenizer  # the module-scoped fixture (a tiny model's tokenizer: MiniLM's)
@@ -142,20 +142,53 @@ def test_gradient_checkpointing_is_exact_and_saves_less(kind, tokenizer, seed):
     ref_bytes, ref_grads = _saved_bytes(plain, pairs, weights)
     rm = make_model(kind, tokenizer, seed, components=("a", "b"), prefix_sharing=False, gradient_checkpointing=True)
     ck_bytes, grads = _saved_bytes(rm, pairs, weights)
-    assert rm.encoder.net.backbone.is_gradient_checkpointing
+    assert rm.encoder.net.backbone.is_activation_checkpointing
     assert ck_bytes < 0.7 * ref_bytes
     assert grads.keys() == ref_grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
     rm.encoder.config.gradient_checkpointing = False
     _saved_bytes(rm, pairs, weights)
-    assert not rm.encoder.net.backbone.is_gradient_checkpointing
+    assert not rm.encoder.net.backbone.is_activation_checkpointing
 
 
-def test_gradient_checkpointing_refuses_prefix_sharing(tokenizer, seed):
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_gradient_checkpointing_with_prefix_sharing_is_exact_and_saves_less(amp, tokenizer, seed):
+    """Checkpointing with prefix sharing on a decoder (the shared-prefix kernel: the prefix's keys/values taken as
+    the prefix call makes them, each suffix layer recomputed in its shared-prefix context): the same loss and
+    gradients as the plain shared-prefix step, fewer bytes kept for the backward, and the kernel ran in the
+    recompute too."""
     rng = random.Random(seed)
-    rm = make_model("decoder", tokenizer, seed, components=("a", "b"), gradient_checkpointing=True)
-    with pytest.raises(ValueError, match="config.gradient_checkpointing.*prefix sharing"):
+    pairs = separable_pairs(rng, 4)
+    weights = [rng.uniform(0.2, 2.0) for _ in pairs]
+    cfg = dict(components=("a", "b"), amp=amp, train_chunk_tokens=None)
+    plain = make_model("decoder", tokenizer, seed, **cfg)
+    assert plain.encoder.shares_prefix and plain.encoder._shared_prefix_kernel()
+    ref_bytes, ref_grads = _saved_bytes(plain, pairs, weights)
+    rm = make_model("decoder", tokenizer, seed, gradient_checkpointing=True, **cfg)
+    calls = []
+    real = attention._shared_forward
+    attention._shared_forward = lambda *a, **k: calls.append(torch.is_grad_enabled()) or real(*a, **k)
+    try:
+        ck_bytes, grads = _saved_bytes(rm, pairs, weights)
+    finally:
+        attention._shared_forward = real
+    n_layers = rm.encoder.hf_config.num_hidden_layers
+    assert len(calls) == 2 * n_layers  # each suffix layer: its forward, then its recompute in the backward
+    assert rm.encoder.net.backbone.is_activation_checkpointing
+    assert ck_bytes < 0.7 * ref_bytes, (ck_bytes, ref_bytes)
+    assert grads.keys() == ref_grads.keys()
+    tol = (1e-4, 1e-6) if amp == "none" else (0, 0)  # the recompute repeats the forward's ops exactly
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=tol[0], atol=tol[1], msg=name)
+
+
+def test_gradient_checkpointing_refuses_prefix_sharing_without_the_kernel(tokenizer, seed):
+    rng = random.Random(seed)
+    rm = make_model(
+        "decoder", tokenizer, seed, components=("a", "b"), gradient_checkpointing=True, shared_prefix_kernel=False
+    )
+    with pytest.raises(ValueError, match="config.gradient_checkpointing.*prefix sharing.*shared_prefix_kernel"):
         rm.train(separable_pairs(rng, 2), epochs=1, lr=1e-3)
     with pytest.raises(ValueError, match="config.gradient_checkpointing"):
         RewardModelConfig(gradient_checkpointing="yes").validate()

@@ -49,6 +49,8 @@ NAME = "optimas_sdpa"
 
 _registered = False
 _SHARED: contextvars.ContextVar = contextvars.ContextVar("optimas_shared_prefix", default=None)
+# a dict layer index -> (keys, values) that this kernel fills during a prefix call run without a KV cache
+_CAPTURE: contextvars.ContextVar = contextvars.ContextVar("optimas_kv_capture", default=None)
 
 
 # Which CUDA kernel the shared-prefix parts use: "auto" (flash where a part qualifies, else memory-efficient), or
@@ -235,6 +237,39 @@ def shared_prefix(sp: SharedPrefix):
         _SHARED.reset(token)
 
 
+@contextlib.contextmanager
+def capture_kv():
+    """Within: each layer's keys and values of the forward call that runs are collected into the yielded dict
+    (layer index -> (keys, values), each (B, kv_heads, L, d), as a KV cache holds them). Why: under activation
+    checkpointing transformers runs no KV cache, yet the shared-prefix kernel needs the prefix's keys and values;
+    taken here they stay in the autograd graph, and the checkpointed layers that made them are recomputed in the
+    backward like any other."""
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    token = _CAPTURE.set(layers)
+    try:
+        yield layers
+    finally:
+        _CAPTURE.reset(token)
+
+
+def checkpoint_contexts():
+    """``context_fn`` for ``torch.utils.checkpoint`` (non-reentrant): a checkpointed layer's recompute in the backward
+    runs in the shared-prefix context its forward ran in (a suffix call's ``SharedPrefix``: without it the recompute
+    would attend to the suffix alone) and captures nothing (a prefix call's capture is over by then)."""
+    sp = _SHARED.get()
+
+    @contextlib.contextmanager
+    def recompute():
+        t_sp, t_cap = _SHARED.set(sp), _CAPTURE.set(None)
+        try:
+            yield
+        finally:
+            _CAPTURE.reset(t_cap)
+            _SHARED.reset(t_sp)
+
+    return contextlib.nullcontext(), recompute()
+
+
 def _to_groups(sp: SharedPrefix, x: torch.Tensor, G: int, kvh: int) -> torch.Tensor:
     """(R, h, Ls, ...) per-row tensor -> (G, kvh, r * g * Ls, ...) with each prefix group's rows as one block
     per KV head (r = slots per group; empty slots hold zeros: finite, and they add nothing to a gradient)."""
@@ -374,6 +409,9 @@ def _forward(
 
     # query/key/value: (B, heads, L, D) (key/value may have fewer heads: GQA); attention_mask: bool or additive
     sp = _SHARED.get()
+    captured = _CAPTURE.get()
+    if captured is not None:  # a prefix call without a KV cache (activation checkpointing): keep its keys/values
+        captured[module.layer_idx] = (key, value)
     if sp is not None:  # a shared-prefix suffix call: the suffix-only mask transformers built is not needed
         return _shared_forward(sp, module, query, key, value, kwargs.get("scaling")), None
     if query.dtype == torch.bfloat16 and query.device.type == "cpu" and torch.is_grad_enabled():

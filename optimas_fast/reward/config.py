@@ -72,10 +72,11 @@ class RewardModelConfig:
     # step 1.20 vs 1.21-1.28 s whole-batch (same-process A/B medians); 1024 saves more (1493) but costs 10-16%
     train_chunk_tokens: int | None = 2048
     # training memory: activation checkpointing of the backbone (transformers' own, non-reentrant): each layer keeps
-    # only its input and is recomputed in the backward (one more forward of compute). For contexts too long for one
-    # chunk; TRL's RewardConfig turns it on by default (MiniLM: 87 vs 825 MiB saved for backward a step of 8 pairs,
-    # RESULTS.md). Not with prefix sharing on a decoder (transformers drops the KV cache under checkpointing): a
-    # ValueError at the first step
+    # only its input and is recomputed in the backward (one more forward of compute). TRL's RewardConfig turns it on
+    # by default (MiniLM: 87 vs 825 MiB saved for backward a step of 8 pairs, RESULTS.md). With prefix sharing on a
+    # decoder it runs through the shared-prefix attention kernel (the prefix's keys/values taken as the prefix call
+    # makes them, each suffix layer recomputed against them: attention.capture_kv / checkpoint_contexts); the
+    # per-row cache path (shared_prefix_kernel=False) cannot, a ValueError at the first step
     gradient_checkpointing: bool = False
     # training memory: Llama / Mistral / Qwen-type RMSNorms and SwiGLU MLPs keep fewer bytes for the backward (the
     # norm's input and one scalar per token instead of input + normalised output; the MLP's bf16 input, gate and up

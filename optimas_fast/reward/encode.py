@@ -245,15 +245,31 @@ def encode_shared(enc: EncoderView, rows: Rows, idx: np.ndarray, inference: bool
     s_ids_t, s_mask, s_lens = _ids_mask(enc, s_ids, ls)
     gidx = torch.from_numpy(inverse.astype(np.int64)).to(enc.device)  # (R,) cache row of each suffix row
     backbone, ctx = enc.forward_backbone(inference)
+    kernel = enc._shared_prefix_kernel() and int(lp.min()) >= 1
+    # activation checkpointing (training): transformers runs no KV cache then, so the kernel's attention takes the
+    # prefix's keys/values as the prefix call makes them (attention.capture_kv); the per-row cache path needs a cache
+    checkpointed = not inference and enc.config.gradient_checkpointing
+    if checkpointed and not kernel:
+        raise ValueError(
+            "config.gradient_checkpointing=True with prefix sharing on a decoder runs through the shared-prefix "
+            "attention kernel (config.shared_prefix_kernel=True, attn_implementation='sdpa', a llama / qwen2 / qwen3 "
+            "backbone with full attention, non-empty prefixes); without it set config.prefix_sharing=False, or bound "
+            "activations with config.train_chunk_tokens"
+        )
     with ctx:
-        out = enc._run(backbone, input_ids=p_ids_t, attention_mask=p_mask, use_cache=True)
-        # per layer keys/values (G, heads, Lp, d); the output field follows the argument's name
-        cache = getattr(out, enc._cache_kw)
+        if checkpointed:
+            with attention.capture_kv() as kv:
+                enc._run(backbone, input_ids=p_ids_t, attention_mask=p_mask, use_cache=False)
+            layers = [kv[i] for i in range(len(kv))]  # (G, kv_heads, Lp, d) per layer
+        else:
+            out = enc._run(backbone, input_ids=p_ids_t, attention_mask=p_mask, use_cache=True)
+            # per layer keys/values (G, heads, Lp, d); the output field follows the argument's name
+            cache = getattr(out, enc._cache_kw)
         # positions continue from each row's real prefix length (rotary positions ignore the padding)
         pos = p_lens.index_select(0, gidx)[:, None] + torch.arange(s_ids.shape[1], device=enc.device)  # (R, Ls)
-        if enc._shared_prefix_kernel() and int(lp.min()) >= 1:
+        if kernel:
             # the kernel attends to each prefix once (attention.py); no cache expanded per row
-            sp = attention.SharedPrefix(_cache_layers(cache), inverse, lp)
+            sp = attention.SharedPrefix(layers if checkpointed else _cache_layers(cache), inverse, lp)
             with attention.shared_prefix(sp):
                 hidden = enc._run(
                     backbone, input_ids=s_ids_t, position_ids=pos, use_cache=False

@@ -46,7 +46,7 @@ import torch.nn as nn
 from optimas_fast import ops
 from optimas_fast._validate import check_bool, check_choice, check_int, check_number
 
-from . import schedules
+from . import attention, schedules
 from .data import PreferencePair, as_candidates, as_pairs, pair_weights
 from .encode import encode_planned
 from .encoder import Encoder
@@ -190,11 +190,13 @@ def _set_checkpointing(encoder: Encoder, on: bool) -> None:
     """Turn the backbone's activation checkpointing (``config.gradient_checkpointing``) on or off; the config is
     read live, so each step follows it."""
     backbone = encoder.net.backbone
-    if on and encoder.shares_prefix:
+    if on and encoder.shares_prefix and not encoder._shared_prefix_kernel():
         raise ValueError(
-            "config.gradient_checkpointing=True cannot run with prefix sharing on a decoder "
-            "(transformers' checkpointing drops the KV cache the prefix call passes to the suffix "
-            "call): set config.prefix_sharing=False, or bound activations with config.train_chunk_tokens"
+            "config.gradient_checkpointing=True with prefix sharing on a decoder needs the shared-prefix attention "
+            "kernel (config.shared_prefix_kernel=True, attn_implementation='sdpa', a llama / qwen2 / qwen3 backbone "
+            "with full attention): transformers' checkpointing drops the KV cache that the per-row path passes from "
+            "the prefix call to the suffix call. Set config.prefix_sharing=False, or bound activations with "
+            "config.train_chunk_tokens"
         )
     # what transformers' is_activation_checkpointing reads (its older name is deprecated in 5.x)
     if any(getattr(m, "gradient_checkpointing", False) is True for m in backbone.modules()) == on:
@@ -207,7 +209,9 @@ def _set_checkpointing(encoder: Encoder, on: bool) -> None:
         raise ValueError(
             f"config.gradient_checkpointing=True: {type(backbone).__name__} does not support activation checkpointing"
         )
-    kwargs = {"use_reentrant": False}  # non-reentrant: works with inputs that need no grad and with autocast
+    # non-reentrant: works with inputs that need no grad and with autocast; the context makes a suffix layer's
+    # recompute attend to its shared prefix again (attention.checkpoint_contexts)
+    kwargs = {"use_reentrant": False, "context_fn": attention.checkpoint_contexts}
     if new_api:
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
