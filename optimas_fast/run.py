@@ -14,6 +14,7 @@ A run config (YAML) has these top-level keys (all optional except ``system``):
                               # or your own pipeline: "package.module:factory", a callable returning a System
                               # (imported from the current directory or sys.path; called with lm= and/or lms=
                               # when it declares those parameters)
+    system_config: {max_items: 8}   # a built-in example's settings (AmazonConfig, PubMedQAConfig, ... fields)
     data: {dir: null, seed: null, train: null, val: null, test: null}   # split seed (null: loop.seed) and size caps, or
                               # JSONL files {train: FILE, val: FILE, test: FILE} (one example dict a line: the
                               # system's input fields plus what the metric reads; paths relative to this file)
@@ -56,7 +57,7 @@ from tqdm.auto import tqdm
 from optimas_fast._io import JSONLineError, iter_jsonl
 from optimas_fast._validate import check_int
 from optimas_fast.backbones import MINILM
-from optimas_fast.examples import EXAMPLES, load_example
+from optimas_fast.examples import EXAMPLES, AmazonConfig, CodegenConfig, HotpotQAConfig, PubMedQAConfig, load_example
 from optimas_fast.lm import LM, make_lm
 from optimas_fast.optimize import ConfigError, Optimas, OptimasConfig
 from optimas_fast.optimize.config import from_dict
@@ -70,7 +71,14 @@ log = logging.getLogger("optimas_fast.run")
 SYSTEMS = (*EXAMPLES, "synthetic")  # the built-in examples (optimas_fast.examples) and the loop's test system
 # "package.module:factory" (the attribute may be dotted: "module:Class.build")
 FACTORY_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-TOP_KEYS = ("system", "data", "lm", "lms", "proposer", "reward", "loop", "output")
+TOP_KEYS = ("system", "system_config", "data", "lm", "lms", "proposer", "reward", "loop", "output")
+# system_config: the settings class of each built-in example (load_example(name, config=...))
+EXAMPLE_CONFIGS = {
+    "pubmedqa": PubMedQAConfig,
+    "hotpotqa": HotpotQAConfig,
+    "amazon": AmazonConfig,
+    "codegen": CodegenConfig,
+}
 DATA_KEYS = ("dir", "seed", "train", "val", "test")
 # reward: the backbone, max_length (short for template.max_length), train (the TrainConfig) and every
 # RewardModelConfig field but its seed, which is loop.seed: one seed drives the run (the split's too, unless data.seed
@@ -88,6 +96,8 @@ CONFIG_NAME = "config.yaml"  # the config as given, copied into the run director
 @dataclass
 class RunConfig:
     system: str  # a built-in system name, or "package.module:factory"
+    # system_config: a built-in example's own settings (run.EXAMPLE_CONFIGS: AmazonConfig, ...); None: its defaults
+    system_config: Any
     data: dict  # dir, seed, train/val/test caps (ints) or absolute JSONL paths (str)
     lm: Any  # make_lm spec of the components' LM
     lms: dict | None  # several named LM specs
@@ -180,6 +190,7 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> RunConf
         raw = dict(raw, data=data)  # the absolute paths travel with the config
     check_int(data.get("seed"), "data.seed", allow_none=True, error=ConfigError, what="an int or null (loop.seed)")
     backbone, reward, train = _parse_reward(raw.get("reward"))
+    system_config = _parse_system_config(raw.get("system_config"), system)
     lms = raw.get("lms")
     if lms is not None and (not isinstance(lms, Mapping) or not lms):
         raise ConfigError(f"lms must be a non-empty mapping name -> LM spec, got {lms!r}")
@@ -205,6 +216,7 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> RunConf
     reward.seed = loop.seed
     return RunConfig(
         system,
+        system_config,
         data,
         raw.get("lm", "embedded"),
         dict(lms) if lms else None,
@@ -216,6 +228,19 @@ def parse_config(raw: Any, base_dir: str | os.PathLike | None = None) -> RunConf
         out,
         raw,
     )
+
+
+def _parse_system_config(section: Any, system: str) -> Any:
+    """``system_config:``: the built-in example's settings dataclass (strict keys and types), or None."""
+    if section is None:
+        return None
+    if system not in EXAMPLE_CONFIGS:
+        raise ConfigError(
+            f"system_config: only the built-in examples {sorted(EXAMPLE_CONFIGS)} take settings here; system "
+            f"{system!r} takes none (your own factory's settings are its own code's)"
+        )
+    cfg = from_dict(EXAMPLE_CONFIGS[system], section, "system_config.")
+    return _validated(cfg, "system_config.") if hasattr(cfg, "validate") else cfg
 
 
 def _parse_reward(section: Any) -> tuple[str, RewardModelConfig, TrainConfig]:
@@ -442,7 +467,13 @@ def build(cfg: RunConfig):
     else:
         lms = make_lms()
         lms = lms if cfg.lms else next(iter(lms.values()))
-        system, split = load_example(cfg.system, lms, data_dir=cfg.data.get("dir"), seed=cfg.data.get("seed", 0))
+        system, split = load_example(
+            cfg.system,
+            lms,
+            data_dir=cfg.data.get("dir"),
+            seed=cfg.data.get("seed", 0),
+            config=copy.deepcopy(cfg.system_config),
+        )
         first = next(iter(lms.values())) if isinstance(lms, dict) else lms
         proposer = make_lm_spec(cfg.proposer, "proposer") if cfg.proposer is not None else first
     if files:

@@ -92,6 +92,9 @@ def test_help(command, capsys):
         ({"system": "synthetic", "loop": {"batch_pairs": 4}}, "loop.batch_pairs moved to reward.train.batch_pairs", ""),
         ({"system": "synthetic", "loop": {"collect": {"strategy": "x"}}}, "collect.strategy", "'variables'"),
         ({"system": "synthetic", "loop": {"budget": {"max_usd": -2}}}, "budget.max_usd", ">= 0"),
+        ({"system": "amazon", "system_config": {"max_itemz": 4}}, "'system_config.max_itemz'", "'max_items'"),
+        ({"system": "pubmedqa", "system_config": {"analyst_max_tokens": "x"}}, "system_config.analyst_max_tokens", "x"),
+        ({"system": "synthetic", "system_config": {}}, "system_config: only the built-in examples", "'synthetic'"),
         ({"system": "synthetic", "lms": []}, "lms", "mapping"),
         ({"system": "synthetic", "lm": 3}, "lm", "'embedded'"),
         (["system", "amazon"], "must be a mapping", ""),
@@ -148,6 +151,35 @@ def test_every_reward_model_setting_is_reachable_from_the_yaml():
     # max_length is short for template.max_length; unset, the engine's one default applies
     assert run.parse_config({"system": "synthetic", "reward": {"max_length": 64}}).reward.template.max_length == 64
     assert run.parse_config({"system": "synthetic"}).reward.template.max_length == TemplateConfig().max_length
+
+
+def test_every_example_systems_settings_are_reachable_from_the_yaml(monkeypatch):
+    """system_config: is the built-in example's own settings class (the one its builder takes), handed to
+    load_example; every example has one."""
+    import typing
+
+    from optimas_fast.examples import EXAMPLES
+
+    assert set(run.EXAMPLE_CONFIGS) == set(EXAMPLES)
+    for name, (_, builder, _) in EXAMPLES.items():
+        assert run.EXAMPLE_CONFIGS[name] in typing.get_args(typing.get_type_hints(builder)["config"]), name
+    cfg = run.parse_config({"system": "amazon", "system_config": {"max_items": 4, "init_scale": 5}})
+    assert cfg.system_config == run.EXAMPLE_CONFIGS["amazon"](max_items=4, init_scale=5)
+    # a YAML list becomes the tuple a tuple field holds
+    pub = run.parse_config({"system": "pubmedqa", "system_config": {"temperatures": [0.0, 0.3, 1.0]}})
+    assert pub.system_config.temperatures == (0.0, 0.3, 1.0)
+    assert run.parse_config({"system": "amazon"}).system_config is None  # the example's own defaults
+    seen = {}
+
+    def fake_load_example(name, lms, **kwargs):
+        seen.update(kwargs, name=name)
+        raise RuntimeError("stop here")  # what matters is what build passed
+
+    monkeypatch.setattr(run, "load_example", fake_load_example)
+    monkeypatch.setattr(run, "make_lm_spec", lambda spec, where: object())
+    with pytest.raises(RuntimeError, match="stop here"):
+        run.build(cfg)
+    assert seen["name"] == "amazon" and seen["config"] == cfg.system_config and seen["config"] is not cfg.system_config
 
 
 def test_one_seed_drives_the_split_and_the_reward_model():

@@ -29,7 +29,8 @@ SECTIONS = [
         "The top-level keys of a run's YAML file, all optional but `system` (`optimas_fast.run.load_config` parses "
         "them into a `RunConfig`; an unknown key or a wrong value stops with a message naming it). `loop:` takes the "
         "loop's settings below; `reward:` takes `backbone`, `max_length` (short for `template.max_length`), any "
-        "`RewardModelConfig` field and `train:`, the reward model's `TrainConfig` (`reward.train.lr`, ...).",
+        "`RewardModelConfig` field and `train:`, the reward model's `TrainConfig` (`reward.train.lr`, ...); "
+        "`system_config:` takes the built-in example's settings (the example systems' classes at the end).",
         ["optimas_fast.run:RunConfig"],
     ),
     (
@@ -70,7 +71,7 @@ SECTIONS = [
         ["optimas_fast.scheduler:SchedulerConfig"],
     ),
     (
-        "The example systems: `load_example(name, config=...)`",
+        "The example systems: `system_config:` in YAML, `load_example(name, config=...)` in Python",
         "Each example system's own knobs (prompt lengths, the options its `Choice` variables range over).",
         [
             "optimas_fast.examples.pubmedqa:PubMedQAConfig",

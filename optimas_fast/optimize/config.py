@@ -221,6 +221,8 @@ def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         else:
             if not _type_ok(v, tp):
                 raise ConfigError(f"{prefix}{k} must be of type {getattr(tp, '__name__', tp)}, got {v!r}")
+            if isinstance(v, list) and (tp is tuple or typing.get_origin(tp) is tuple):
+                v = tuple(v)  # YAML has lists only; a tuple field gets the tuple its code expects
             kwargs[k] = v
     return cls(**kwargs)
 
