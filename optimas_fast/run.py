@@ -23,10 +23,11 @@ A run config (YAML) has these top-level keys (all optional except ``system``):
     lms: null                 # or several named LMs {name: spec}: components use the first, model choices range
                               # over all
     proposer: null            # LM writing prompt proposals (default: the components' LM)
-    reward: {backbone: minilm, max_length: 256}   # LRF backbone: minilm, a local HF directory, or tiny-random (tests)
-                              # and any optimas_fast.reward.RewardModelConfig field (template: {...}, amp, pooling,
-                              # lora: {...}, ...); max_length is short for template.max_length; the seed is loop.seed
-      train: {lr: 5e-5, ...}  # how the LRF trains: optimas_fast.reward.TrainConfig fields (lr, head_lr, batch_pairs,
+    reward:                   # the LRF (local reward function)
+      backbone: minilm        # minilm, a local HF directory, or tiny-random (tests)
+      max_length: 256         # short for template.max_length; also any optimas_fast.reward.RewardModelConfig field
+                              # (template: {...}, amp, pooling, lora: {...}, ...); the seed is loop.seed
+      train: {lr: 5e-5}       # how the LRF trains: optimas_fast.reward.TrainConfig fields (lr, head_lr, batch_pairs,
                               # schedule, warmup_steps, replay_size, ...), for its initial training and adaptation
     loop: {...}               # optimas_fast.optimize.OptimasConfig fields (iterations, batch_size, budget, ...)
     output: runs/my-run       # run directory (run_state.json, LRF checkpoint, report.json/png, system_state.json)
