@@ -297,15 +297,19 @@ def speed_ab(args, train, template, bf16: bool) -> dict:
     ]
     backbone = rm.encoder.net.backbone
 
-    def set_lean(on: bool) -> None:  # lean_activations is read at build: switch the module instances directly
-        if on:
-            apply_lean_modules(backbone)
-        else:
-            for m in backbone.modules():
-                vars(m).pop("forward", None)
+    def set_lean(mode: str) -> None:  # lean_activations is read at build: switch the module instances directly
+        for m in backbone.modules():
+            vars(m).pop("forward", None)
+        if mode != "none":
+            apply_lean_modules(backbone, mlp=mode == "all")
 
     if args.ab_lean:
-        settings = {"lean": lambda: set_lean(True), "plain": lambda: set_lean(False)}
+        settings = {mode: (lambda mode=mode: set_lean(mode)) for mode in ("norm", "all", "none")}
+    elif args.ab_checkpointing:  # read live by each step
+        settings = {
+            "checkpointing": lambda: setattr(rm.encoder.config, "gradient_checkpointing", True),
+            "plain": lambda: setattr(rm.encoder.config, "gradient_checkpointing", False),
+        }
     else:
         settings = {
             str(c): (lambda c=c: setattr(rm.encoder.config, "train_chunk_tokens", None if c == 0 else c))
@@ -353,7 +357,12 @@ def main():
         help="instead: a same-process speed A/B of these train_chunk_tokens (0 = no chunking)",
     )
     ap.add_argument(
-        "--ab-lean", action="store_true", help="instead: a same-process speed A/B of lean_activations on / off"
+        "--ab-lean", action="store_true", help="instead: a same-process speed A/B of lean_activations norm / all / none"
+    )
+    ap.add_argument(
+        "--ab-checkpointing",
+        action="store_true",
+        help="instead: a same-process speed A/B of gradient_checkpointing on / off",
     )
     ap.add_argument("--ab-reps", type=int, default=2, help="--ab-chunks / --ab-lean: passes over the batches")
     args = ap.parse_args()
@@ -363,7 +372,7 @@ def main():
     template = TemplateConfig(max_length=args.max_length, prefix_format=train.prefix_format or "{inputs}")
     train, held = train[: args.train_pairs], held[: args.heldout_pairs]
     bf16 = {"auto": cpu_has_native_bf16(), "bf16": True, "fp32": False}[args.precision]
-    if args.ab_chunks or args.ab_lean:
+    if args.ab_chunks or args.ab_lean or args.ab_checkpointing:
         print(
             json.dumps(
                 {

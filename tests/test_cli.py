@@ -124,7 +124,7 @@ REWARD_VALUES = {
     "pack_tokens": 512,
     "train_chunk_tokens": 4096,
     "gradient_checkpointing": True,
-    "lean_activations": False,
+    "lean_activations": "all",
     "head_init_std": 0.05,
     "disable_dropout": False,
     "template": {

@@ -125,9 +125,10 @@ def test_apply_lean_modules_takes_only_what_it_recognises():
     assert twin.forward.__self__ is twin
 
 
+@pytest.mark.parametrize("lean_mode", ["norm", "all"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("amp", ["none", "bf16"])
-def test_training_step_with_lean_modules_equals_without(arch, amp, tokenizer, seed):
+def test_training_step_with_lean_modules_equals_without(lean_mode, arch, amp, tokenizer, seed):
     """A whole RewardModel training step (decoder, prefix sharing, random weights, margins and centering) with
     lean_activations on and off: the same loss and accuracy, every gradient equal to rounding, fewer bytes kept
     for the backward; the lean model really switched its modules."""
@@ -137,7 +138,9 @@ def test_training_step_with_lean_modules_equals_without(arch, amp, tokenizer, se
     margins = [rng.uniform(0.0, 0.5) for _ in pairs]
     out = {}
     for on in (True, False):
-        cfg = dict(components=("a", "b"), amp=amp, lean_activations=on, train_chunk_tokens=None)
+        cfg = dict(
+            components=("a", "b"), amp=amp, lean_activations=lean_mode if on else "none", train_chunk_tokens=None
+        )
         if arch == "llama":
             rm = make_model("decoder", tokenizer, seed, **cfg)
         else:
@@ -150,7 +153,8 @@ def test_training_step_with_lean_modules_equals_without(arch, amp, tokenizer, se
                 ),
             )
         switched = sum("forward" in vars(m) for m in rm.encoder.net.backbone.modules())
-        assert switched == (2 * 2 + 1 + 2 + (4 if arch == "qwen3" else 0) if on else 0)  # norms (+ q/k norms), MLPs
+        n_mlp = 2 if lean_mode == "all" else 0
+        assert switched == (2 * 2 + 1 + n_mlp + (4 if arch == "qwen3" else 0) if on else 0)  # norms (+ q/k), MLPs
         batch = PairBatch(pair_rows(rm.encoder, pairs), weights, margins, 0.05)
         report, nbytes = _saved_bytes(lambda rm=rm, batch=batch: rm.trainer.step(batch, 1e-3))
         grads = {n: p.grad.clone() for n, p in rm.encoder.net.named_parameters() if p.grad is not None}
@@ -163,3 +167,14 @@ def test_training_step_with_lean_modules_equals_without(arch, amp, tokenizer, se
         scale = max(1.0, g_r[k].abs().max().item())
         torch.testing.assert_close(g_l[k], g_r[k], atol=tol * scale, rtol=tol if amp == "bf16" else 1e-4, msg=k)
     assert b_l < b_r, (b_l, b_r)
+
+
+def test_lean_activations_default_and_choices(tokenizer, seed):
+    """The default switches the norms only (the MLP form costs speed: RESULTS.md); a bad value names the field."""
+    assert RewardModelConfig().lean_activations == "norm"
+    rm = make_model("decoder", tokenizer, seed)
+    kinds = {type(m).__name__ for m in rm.encoder.net.backbone.modules() if "forward" in vars(m)}
+    assert kinds == {"LlamaRMSNorm"}
+    for bad in (True, "mlp", None):
+        with pytest.raises(ValueError, match="lean_activations"):
+            RewardModelConfig(lean_activations=bad).validate()

@@ -78,11 +78,14 @@ class RewardModelConfig:
     # makes them, each suffix layer recomputed against them: attention.capture_kv / checkpoint_contexts); the
     # per-row cache path (shared_prefix_kernel=False) cannot, a ValueError at the first step
     gradient_checkpointing: bool = False
-    # training memory: Llama / Mistral / Qwen-type RMSNorms and SwiGLU MLPs keep fewer bytes for the backward (the
-    # norm's input and one scalar per token instead of input + normalised output; the MLP's bf16 input, gate and up
-    # instead of two input casts, gate, silu, up and product), recomputing the rest in the backward: same outputs,
-    # gradients equal to rounding (reward/lean.py). Read when the model is built
-    lean_activations: bool = True
+    # training memory: "norm" = Llama / Mistral / Qwen-type RMSNorms keep their input and one scalar per token for
+    # the backward instead of input + normalised output (fp32); "all" = also the SwiGLU MLPs keep their bf16 input
+    # once, gate, up and product instead of two input casts, gate, silu, up and product; "none" = transformers' own
+    # modules. The rest is recomputed in the backward: same outputs, gradients equal to rounding (reward/lean.py).
+    # "norm" by measurement (RESULTS.md, "Reward training memory on an AMX Xeon"): random 26M decoder, same-process
+    # A/B, norms +2-4% a step (noise level), the MLP form +8-9% (its extra silu pass and weight casts); SmolLM2-135M
+    # peak RSS 6849 -> 6278 MiB with "all". Read when the model is built
+    lean_activations: str = "norm"
     # backbone attention kernel: "sdpa" (torch scaled_dot_product_attention; MiniLM-L6, 32 x 440-token rows,
     # CPU: 1.7x faster than "eager" in fp32, 2.1x in bf16), "eager", any name transformers accepts, or None to
     # keep what the backbone was built with. A backbone that cannot use it raises a ValueError at construction.
@@ -115,7 +118,7 @@ class RewardModelConfig:
         check_int(self.token_cache_size, f"{p}token_cache_size", min=1, allow_none=True)
         check_int(self.train_chunk_tokens, f"{p}train_chunk_tokens", min=1, allow_none=True)
         check_bool(self.gradient_checkpointing, f"{p}gradient_checkpointing")
-        check_bool(self.lean_activations, f"{p}lean_activations")
+        check_choice(self.lean_activations, f"{p}lean_activations", ("none", "norm", "all"))
         a = self.attn_implementation
         if a is not None and (not isinstance(a, str) or not a):
             raise ValueError(f"{p}attn_implementation must be a non-empty str or None, got {a!r}")

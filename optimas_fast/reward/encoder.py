@@ -173,8 +173,8 @@ class Encoder:
                     m.p = 0.0
         if config.lora is not None:
             backbone = _apply_lora(backbone, config.lora)
-        if config.lean_activations:  # after LoRA: adapted projections keep their own forward (lean.py)
-            apply_lean_modules(backbone)
+        if config.lean_activations != "none":  # after LoRA: adapted projections keep their own forward (lean.py)
+            apply_lean_modules(backbone, mlp=config.lean_activations == "all")
         model_type = getattr(hf_config, "model_type", None)
         if config.packing and model_type not in (PACKABLE_ENCODERS if self.is_encoder else PACKABLE_DECODERS):
             # packing passes per-row positions and a custom 4-D mask: right for BERT's absolute positions and
