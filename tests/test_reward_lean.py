@@ -170,11 +170,12 @@ def test_training_step_with_lean_modules_equals_without(lean_mode, arch, amp, to
 
 
 def test_lean_activations_default_and_choices(tokenizer, seed):
-    """The default switches the norms only (the MLP form costs speed: RESULTS.md); a bad value names the field."""
-    assert RewardModelConfig().lean_activations == "norm"
-    rm = make_model("decoder", tokenizer, seed)
-    kinds = {type(m).__name__ for m in rm.encoder.net.backbone.modules() if "forward" in vars(m)}
-    assert kinds == {"LlamaRMSNorm"}
+    """The default keeps transformers' modules (the lean forms are opt-in: RESULTS.md); "norm" switches the norms
+    only, "all" the MLPs too; a bad value names the field."""
+    assert RewardModelConfig().lean_activations == "none"
+    for mode, want in (("none", set()), ("norm", {"LlamaRMSNorm"}), ("all", {"LlamaRMSNorm", "LlamaMLP"})):
+        rm = make_model("decoder", tokenizer, seed, lean_activations=mode)
+        assert {type(m).__name__ for m in rm.encoder.net.backbone.modules() if "forward" in vars(m)} == want
     for bad in (True, "mlp", None):
         with pytest.raises(ValueError, match="lean_activations"):
             RewardModelConfig(lean_activations=bad).validate()

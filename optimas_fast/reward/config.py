@@ -82,10 +82,10 @@ class RewardModelConfig:
     # the backward instead of input + normalised output (fp32); "all" = also the SwiGLU MLPs keep their bf16 input
     # once, gate, up and product instead of two input casts, gate, silu, up and product; "none" = transformers' own
     # modules. The rest is recomputed in the backward: same outputs, gradients equal to rounding (reward/lean.py).
-    # "norm" by measurement (RESULTS.md, "Reward training memory on an AMX Xeon"): random 26M decoder, same-process
-    # A/B, norms +2-4% a step (noise level), the MLP form +8-9% (its extra silu pass and weight casts); SmolLM2-135M
-    # peak RSS 6849 -> 6278 MiB with "all". Read when the model is built
-    lean_activations: str = "norm"
+    # "none" by measurement (RESULTS.md, "Reward training memory"): on SmolLM2-135M through the engine, "norm" left
+    # peak RSS and saved bytes unchanged (6898 vs 6898 MiB, same commit) at no speed cost; "all" saved 571 MiB at
+    # peak for 5% a step (random 26M decoder, same-process A/B). Read when the model is built
+    lean_activations: str = "none"
     # backbone attention kernel: "sdpa" (torch scaled_dot_product_attention; MiniLM-L6, 32 x 440-token rows,
     # CPU: 1.7x faster than "eager" in fp32, 2.1x in bf16), "eager", any name transformers accepts, or None to
     # keep what the backbone was built with. A backbone that cannot use it raises a ValueError at construction.
