@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import random
+from typing import Any
 
 import pytest
 import test_reward
@@ -20,8 +21,8 @@ from optimas_fast.reward.trainer import PairBatch, pair_rows
 tokenizer = test_reward.tokenizer  # the module-scoped fixture (MiniLM's tokenizer for the tiny backbones)
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward while fn() runs."""
+def _saved_bytes(fn) -> tuple[Any, int]:
+    """(fn(), bytes of the distinct storages autograd keeps for the backward while fn() runs)."""
     seen: dict[int, int] = {}
 
     def pack(t):
