@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 
-from optimas_fast.compare import DEFAULT_METHODS, METHODS, compare
+from optimas_fast.compare import DEFAULT_METHODS, JUDGE_EXAMPLES, METHODS, compare
 from optimas_fast.optimize.config import ConfigError
 
 __all__ = ["add_compare_parser"]
@@ -27,7 +27,14 @@ def _cmd_compare(args) -> int:
     if not args.quiet:
         logging.getLogger("optimas_fast.compare").setLevel(logging.INFO)  # one line per cell on stderr
     try:
-        report = compare(args.configs, methods=args.methods, budget=args.budget, seeds=args.seeds, out=args.out)
+        report = compare(
+            args.configs,
+            methods=args.methods,
+            budget=args.budget,
+            seeds=args.seeds,
+            out=args.out,
+            judge_examples=args.judge_examples,
+        )
     except ConfigError as exc:
         print(f"optimas-fast compare: {exc}", file=sys.stderr)
         return 2
@@ -64,6 +71,14 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--budget", type=int, default=200, help="metric calls per method and seed (default 200)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per method: 0..N-1 (default 3)")
+    p.add_argument(
+        "--judge-examples",
+        type=int,
+        default=JUDGE_EXAMPLES,
+        help="test examples per component on which Optimas cells collect extra held-out pairs for the "
+        "LRF-vs-LLM-judge accuracies, outside the budget (0: the loop's held-out pairs only; "
+        f"default {JUDGE_EXAMPLES})",
+    )
     p.add_argument("--out", default="compare-out", help="output folder; an existing one resumes (default compare-out)")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress lines on stderr")
     p.set_defaults(func=_cmd_compare)

@@ -95,7 +95,8 @@ def test_every_method_runs_within_an_equal_budget_counted_independently(tmp_path
             continue
         assert cell["status"] == "ok", cell
         # scored runs = the method's (charged) + the test split (not charged) + unoptimized's reference pass
-        uncharged = N_TEST + (N_VAL if method == "unoptimized" else 0)
+        # + the judge study's pair collection on test examples (optimas only; not charged, counted apart)
+        uncharged = N_TEST + (N_VAL if method == "unoptimized" else 0) + cell.get("judge_metric_calls", 0)
         assert spent - uncharged == cell["metric_calls"] <= BUDGET, (method, spent, cell["metric_calls"])
         assert len(cell["test_scores"]) == N_TEST
         assert all(x <= BUDGET for x, _ in cell["curve"])
@@ -112,6 +113,12 @@ def test_every_method_runs_within_an_equal_budget_counted_independently(tmp_path
     judge = cells["optimas"]["lrf_vs_judge"]
     assert judge and all(r["n"] > 0 for r in judge.values())
     assert cells["optimas"]["judge_usage"]["calls"] == 2 * sum(r["n"] for r in judge.values())
+    # the judge study also collected pairs on test examples (never trained on), outside the budget; the
+    # scripted LM's calls for that are accounted apart from the judge's
+    assert cells["optimas"]["judge_examples"] == harness.JUDGE_EXAMPLES
+    assert cells["optimas"]["judge_metric_calls"] > 0 and cells["optimas"]["judge_pairs_usage"]["calls"] > 0
+    assert sum(r["sources"]["test"] for r in judge.values()) > 0
+    assert all(r["sources"]["loop_held_out"] + r["sources"]["test"] == r["n"] for r in judge.values())
     # the scripted router guesses without keywords: Optimas (and random search) find the "ticket+keywords" view
     assert cells["optimas"]["variables"]["route.context"] == "show='ticket+keywords'"
     assert sum(cells["optimas"]["test_scores"]) > sum(cells["unoptimized"]["test_scores"])
@@ -151,6 +158,18 @@ def test_outputs_resume_and_settings_mismatch(tmp_path, counted, monkeypatch):
         compare(config, methods=methods, budget=BUDGET + 1, seeds=2, out=out)
 
 
+def test_judge_examples_zero_keeps_the_judge_study_on_the_loops_held_out_pairs(tmp_path, counted):
+    config = own_config(tmp_path)
+    before = counted["calls"]
+    (cell,) = compare(config, methods=["optimas"], budget=BUDGET, seeds=1, out=tmp_path / "o", judge_examples=0)[
+        "cells"
+    ]
+    assert cell["judge_examples"] == 0 and cell["judge_metric_calls"] == 0
+    assert cell["judge_pairs_usage"]["calls"] == 0
+    assert cell["lrf_vs_judge"] and all(r["sources"]["test"] == 0 for r in cell["lrf_vs_judge"].values())
+    assert counted["calls"] - before == cell["metric_calls"] + N_TEST  # the method's and the test split's only
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -160,6 +179,8 @@ def test_outputs_resume_and_settings_mismatch(tmp_path, counted, monkeypatch):
         ({"budget": 0}, "budget must be an int >= 1"),
         ({"budget": 2.5}, "budget must be an int >= 1"),
         ({"seeds": 0}, "seeds must be an int >= 1"),
+        ({"judge_examples": -1}, "judge_examples must be an int >= 0"),
+        ({"judge_examples": "4"}, "judge_examples must be an int >= 0"),
     ],
 )
 def test_bad_arguments_name_the_argument(tmp_path, counted, kwargs, match):
@@ -212,6 +233,7 @@ def test_cli_compare_runs_and_rejects_bad_arguments(tmp_path, counted, capsys):
         (["--methods", "optimas,bogus"], "methods"),
         (["--budget", "0"], "budget"),
         (["--seeds", "-1"], "seeds"),
+        (["--judge-examples", "-2"], "judge_examples"),
     ):
         assert cli.main(["compare", str(config), "--out", str(tmp_path / "bad"), *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()

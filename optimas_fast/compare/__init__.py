@@ -9,7 +9,17 @@ See ``harness.py`` (cells, budgets, resume), ``methods.py`` (unoptimized, optima
 ``judge.py`` (LRF vs an LLM judge) and ``report.py`` (statistics, Markdown, the anytime plot).
 """
 
-from optimas_fast.compare.harness import DEFAULT_METHODS, FORMAT, METHODS, check_methods, compare
+from optimas_fast.compare.harness import DEFAULT_METHODS, FORMAT, JUDGE_EXAMPLES, METHODS, check_methods, compare
 from optimas_fast.compare.methods import Cell, MethodResult, MethodSkipped
 
-__all__ = ["compare", "METHODS", "DEFAULT_METHODS", "FORMAT", "check_methods", "Cell", "MethodResult", "MethodSkipped"]
+__all__ = [
+    "compare",
+    "METHODS",
+    "DEFAULT_METHODS",
+    "FORMAT",
+    "JUDGE_EXAMPLES",
+    "check_methods",
+    "Cell",
+    "MethodResult",
+    "MethodSkipped",
+]

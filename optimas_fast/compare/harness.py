@@ -13,9 +13,11 @@ One cell:
    every method's scored runs go through it and none can make call budget + 1;
 3. run the method with a fresh LM usage ledger as the process default (LM calls, tokens, cache hits; the
    Optimas loop keeps its own ledger, which is added) and time it;
-4. Optimas cells also measure the LRF against an LLM judge on the run's held-out pairs (``judge.py``);
-5. take the counter off and evaluate the returned system on the test split (not counted, its LM usage
+4. take the counter off and evaluate the returned system on the test split (not counted, its LM usage
    reported apart);
+5. Optimas cells also measure the LRF against an LLM judge (``judge.py``) on pairs from examples it never
+   trained on: the run's held-out pairs and pairs collected on the first ``judge_examples`` test examples
+   (after the test evaluation; their scored runs and LM calls are reported apart, outside the budget);
 6. write the cell atomically to ``cells/``. A comparison started again with the same ``out`` skips the cells
    already there (same budget and config required: anything else is an error, not a silent mix), so a killed
    comparison resumes where it stopped; a cell killed half-way runs again from its start.
@@ -43,7 +45,7 @@ from typing import Any
 from optimas_fast._io import atomic_write_text
 from optimas_fast._validate import check_int
 from optimas_fast.compare.gepa_method import run_gepa
-from optimas_fast.compare.judge import lrf_vs_judge
+from optimas_fast.compare.judge import lrf_vs_judge, unseen_pairs
 from optimas_fast.compare.methods import METHOD_FUNCTIONS, Cell, MethodResult, MethodSkipped
 from optimas_fast.compare.mipro_method import run_mipro
 from optimas_fast.compare.report import plot_curves, render_markdown, summarize
@@ -152,11 +154,70 @@ def _configs(configs: Any) -> list[tuple[str, RunConfig, str]]:
 
 
 # ------------------------------------------------------------------------------------------- one cell
+JUDGE_EXAMPLES = 16  # test examples per component the judge study collects pairs on (after the run)
+
+
+def _judge_study(loop, system, rm, judge, test, cfg: RunConfig, seed: int, n_examples: int) -> dict:
+    """The LRF against an LLM judge (judge.py) on pairs from examples the LRF never trained on: the loop's
+    held-out pairs, then pairs collected on the first ``n_examples`` test examples for every component the
+    loop collected for. The system's metric must be detached: the collection's scored runs are counted apart
+    (``judge_metric_calls``), outside the method's budget, and so are the LM calls of collecting
+    (``judge_pairs_usage``) and judging (``judge_usage``)."""
+    descriptions = {n: c.description or n for n, c in system.components.items()}
+    held = loop.store.pairs(held_out=True)
+    components = [n for n in system.order if n in set(loop.store.components())]
+    prompt = loop.optimizers.get("prompt")
+    counter = MetricCounter()
+    pairs_ledger, judge_ledger = UsageLedger(), UsageLedger()
+    t0 = time.perf_counter()
+    unseen: list = []
+    if n_examples > 0 and test:
+        metrics = attach(system, counter)
+        previous = set_default_ledger(pairs_ledger)
+        try:
+            unseen = unseen_pairs(
+                system,
+                components,
+                test[:n_examples],
+                cfg.loop.collect,
+                seed=seed,
+                prompt_pool=prompt.pool() if prompt is not None else None,
+            )
+        finally:
+            set_default_ledger(previous)
+            detach(system, metrics)
+    previous = set_default_ledger(judge_ledger)
+    try:
+        study = lrf_vs_judge(held + unseen, rm, judge, descriptions, seed=seed)
+    finally:
+        set_default_ledger(previous)
+    for comp, r in study.items():  # lrf_vs_judge keeps each component's first MAX_PAIRS: held-out ones first
+        n_held = min(sum(p.component == comp for p in held), r["n"])
+        r["sources"] = {"loop_held_out": n_held, "test": r["n"] - n_held}
+    return {
+        "lrf_vs_judge": study,
+        "judge_examples": n_examples,
+        "judge_metric_calls": counter.used,
+        "judge_pairs_usage": _usage(pairs_ledger.total),
+        "judge_usage": _usage(judge_ledger.total),
+        "judge_seconds": time.perf_counter() - t0,
+    }
+
+
 def _cell_name(label: str, method: str, seed: int) -> str:
     return f"{label}__{method}__seed{seed}"
 
 
-def run_cell(label: str, cfg: RunConfig, digest: str, method: str, seed: int, budget: int, out: Path) -> dict:
+def run_cell(
+    label: str,
+    cfg: RunConfig,
+    digest: str,
+    method: str,
+    seed: int,
+    budget: int,
+    out: Path,
+    judge_examples: int = JUDGE_EXAMPLES,
+) -> dict:
     """Runs one cell (module docstring) and returns its JSON-safe record."""
     cfg = dataclasses.replace(cfg, loop=dataclasses.replace(cfg.loop, seed=seed))
     system, split, rm, proposer = build(cfg)
@@ -219,17 +280,6 @@ def run_cell(label: str, cfg: RunConfig, digest: str, method: str, seed: int, bu
         info=result.info,
         variables={a: v.describe() for a, v in result.system.variables().items()},
     )
-    if loop is not None and hasattr(loop, "store"):
-        descriptions = {n: c.description or n for n, c in system.components.items()}
-        judge_ledger = UsageLedger()
-        previous = set_default_ledger(judge_ledger)
-        try:
-            record["lrf_vs_judge"] = lrf_vs_judge(
-                loop.store.pairs(held_out=True), rm, proposer, descriptions, seed=seed
-            )
-        finally:
-            set_default_ledger(previous)
-        record["judge_usage"] = _usage(judge_ledger.total)
     detach(result.system, metrics)  # the test evaluation is not part of the budget
     test_ledger = UsageLedger()
     previous = set_default_ledger(test_ledger)
@@ -243,6 +293,8 @@ def run_cell(label: str, cfg: RunConfig, digest: str, method: str, seed: int, bu
         test_seconds=time.perf_counter() - t1,
         test_usage=_usage(test_ledger.total),
     )
+    if loop is not None and hasattr(loop, "store"):
+        record.update(_judge_study(loop, result.system, rm, proposer, split.test, cfg, seed, judge_examples))
     shutil.rmtree(work, ignore_errors=True)  # the loop's run directory, LRF checkpoints: large, not needed after
     return record
 
@@ -255,14 +307,24 @@ def compare(
     budget: int = 200,
     seeds: int = 3,
     out: str | os.PathLike = "compare-out",
+    judge_examples: int = JUDGE_EXAMPLES,
 ) -> dict:
     """Runs (or resumes) the comparison and writes ``out``/compare.json, compare.md and compare.png; returns
     the compare.json content. ``configs``: one or more ``optimas-fast run`` YAML configs (one system each,
     labelled by file name); ``methods``: names from ``METHODS`` (or "a,b,c"); ``budget``: metric calls per
-    method and seed; ``seeds``: seeds 0..seeds-1. Bad arguments raise ``ConfigError`` naming the argument."""
+    method and seed; ``seeds``: seeds 0..seeds-1; ``judge_examples``: test examples per component for the
+    LRF-vs-judge pairs (0: the loop's held-out pairs only). Bad arguments raise ``ConfigError`` naming the
+    argument."""
     methods = check_methods(methods)
     check_int(budget, "budget", min=1, error=ConfigError, what="an int >= 1 (metric calls per method and seed)")
     check_int(seeds, "seeds", min=1, error=ConfigError, what="an int >= 1 (how many seeds per method)")
+    check_int(
+        judge_examples,
+        "judge_examples",
+        min=0,
+        error=ConfigError,
+        what="an int >= 0 (test examples per component for the LRF-vs-judge pairs)",
+    )
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
         raise ConfigError(f"out must be a directory path, got {out!r}")
     systems = _configs(configs)
@@ -289,7 +351,7 @@ def compare(
                     continue
                 log.info("cell %s %s seed %d (budget %d metric calls)", label, method, seed, budget)
                 try:
-                    cell = run_cell(label, cfg, digest, method, seed, budget, out)
+                    cell = run_cell(label, cfg, digest, method, seed, budget, out, judge_examples)
                 except ConfigError:
                     raise
                 except Exception as exc:  # noqa: BLE001 — one broken method must not lose hours of other cells
@@ -317,6 +379,7 @@ def compare(
         "methods": methods,
         "budget": budget,
         "seeds": seeds,
+        "judge_examples": judge_examples,
         "cells": len(cells),
         "cells_resumed": resumed,
         "lm_calls": sum(c["usage"]["calls"] for c in done),

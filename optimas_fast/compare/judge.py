@@ -1,8 +1,9 @@
 """How good are the local rewards? LRF pairwise accuracy against an LLM judge on held-out preference pairs.
 
-Pairs come from the Optimas cell's pair store, from examples that were **never trained on** (the loop's
-held-out share, ``holdout_fraction``). On each pair (component, inputs, chosen, rejected), where "chosen" had
-the higher measured global reward:
+Pairs come from examples the LRF **never trained on**: the loop's held-out share of its pair store
+(``holdout_fraction``), and pairs collected after the run on test examples (``unseen_pairs``: the loop's own
+collection procedure, outside the metric budget; the test split is never trained on). On each pair
+(component, inputs, chosen, rejected), where "chosen" had the higher measured global reward:
 
 - the LRF is right when its head scores chosen above rejected (a tie counts one half);
 - the judge (an LM: the config's proposer, by default the config's ``lm``) is asked which of two outputs of
@@ -16,6 +17,7 @@ Both accuracies get a 95% percentile-bootstrap interval over the pairs.
 from __future__ import annotations
 
 import logging
+import random
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,10 +25,11 @@ from typing import Any
 import torch
 
 from optimas_fast.lm.usage import usage_scope
+from optimas_fast.preference.collect import CollectConfig, collect_preferences
 from optimas_fast.report import bootstrap_ci
 from optimas_fast.reward.metrics import pair_hits
 
-__all__ = ["judge_messages", "parse_verdict", "lrf_vs_judge"]
+__all__ = ["judge_messages", "parse_verdict", "lrf_vs_judge", "unseen_pairs"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,27 @@ def parse_verdict(text: str) -> str | None:
     """ "A", "B" or None (no verdict, or both letters named first-equal)."""
     m = _VERDICT.search((text or "").strip())
     return m.group(1) if m else None
+
+
+def unseen_pairs(
+    system: Any,
+    components: Sequence[str],
+    examples: Sequence[Mapping],
+    config: CollectConfig,
+    *,
+    seed: int = 0,
+    prompt_pool: Mapping[str, Sequence[str]] | None = None,
+) -> list:
+    """Preference pairs per component on ``examples`` (examples the LRF never saw: the test split), by the
+    loop's collection procedure (``collect_preferences``: each example's current output against variants
+    drawn from the component's search space, each scored by a downstream run and the metric). The caller
+    decides whether those scored runs count against a budget (the harness runs this with its counter off)."""
+    rng = random.Random(f"{seed}:unseen-pairs")
+    pairs: list = []
+    for name in components:
+        res = collect_preferences(system, name, list(examples), rng, config, store=None, prompt_pool=prompt_pool)
+        pairs += res.pairs
+    return pairs
 
 
 def lrf_vs_judge(

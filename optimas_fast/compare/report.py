@@ -79,7 +79,8 @@ def summarize(cells: Sequence[Mapping], *, systems: Sequence[str], methods: Sequ
         per: dict[str, dict[str, list]] = {}
         for c in _cells_for(cells, system, "optimas"):
             for comp, r in (c.get("lrf_vs_judge") or {}).items():
-                acc = per.setdefault(comp, {"lrf": [], "judge": [], "no_verdict": 0})
+                acc = per.setdefault(comp, {"lrf": [], "judge": [], "no_verdict": 0, "test": 0})
+                acc["test"] += (r.get("sources") or {}).get("test", 0)  # cells before judge_examples: none
                 acc["lrf"] += r["lrf_per_pair"]
                 acc["judge"] += r["judge_per_pair"]
                 acc["no_verdict"] += r["judge_no_verdict"]
@@ -87,6 +88,7 @@ def summarize(cells: Sequence[Mapping], *, systems: Sequence[str], methods: Sequ
             judge[system] = {
                 comp: {
                     "n": len(a["lrf"]),
+                    "n_test": a["test"],
                     "lrf": bootstrap_ci(a["lrf"], seed=seed),
                     "judge": bootstrap_ci(a["judge"], seed=seed) if a["judge"] else None,
                     "judge_no_verdict": a["no_verdict"],
@@ -149,23 +151,30 @@ def render_markdown(summary: Mapping, settings: Mapping) -> str:
     lines += [
         "## Local reward functions vs an LLM judge",
         "",
-        "Pairwise accuracy on held-out preference pairs (examples the LRF never trained on; pooled across "
+        "Pairwise accuracy on preference pairs from examples the LRF never trained on (the loop's held-out "
+        "pairs, then pairs collected after the run on test examples, outside the budget; pooled across "
         "the optimas cells' seeds), 95% bootstrap intervals. The judge is the config's LM asked which of two "
         "outputs is better for the final goal, in both orders (position bias cancels: a constant answer "
         "scores 0.5).",
         "",
     ]
     if not judge:
-        lines += ["(no held-out pairs: run the `optimas` method, with a non-zero `loop.holdout_fraction`)", ""]
+        lines += [
+            "(no held-out pairs: run the `optimas` method, with a non-zero `loop.holdout_fraction` or "
+            "`judge_examples`)",
+            "",
+        ]
     else:
         lines += [
-            "| system | component | pairs | LRF accuracy | LLM judge accuracy | judge replies without a verdict |",
+            "| system | component | pairs (from test examples) | LRF accuracy | LLM judge accuracy | "
+            "judge replies without a verdict |",
             "|---|---|---|---|---|---|",
         ]
         for system, comps in judge.items():
             for comp, r in comps.items():
                 lines.append(
-                    f"| {system} | {comp} | {r['n']} | {_ci(r['lrf'])} | {_ci(r['judge'])} | {r['judge_no_verdict']} |"
+                    f"| {system} | {comp} | {r['n']} ({r.get('n_test', 0)}) | {_ci(r['lrf'])} | "
+                    f"{_ci(r['judge'])} | {r['judge_no_verdict']} |"
                 )
         lines.append("")
     return "\n".join(lines)
