@@ -123,6 +123,7 @@ REWARD_VALUES = {
     "packing": True,
     "pack_tokens": 512,
     "train_chunk_tokens": 4096,
+    "padding_bucket": 8,
     "gradient_checkpointing": True,
     "lean_activations": "all",
     "head_init_std": 0.05,

@@ -664,6 +664,74 @@ def test_token_budget_defaults_by_device(tokenizer, seed):
             make_model("decoder", tokenizer, seed, token_budget=bad)
 
 
+def test_padded_width_buckets():
+    width = encode_mod.padded_width
+    assert [width(n, 32) for n in (1, 8, 20, 33, 100, 400, 417, 1000)] == [1, 8, 20, 36, 104, 416, 448, 1024]
+    assert [width(n, None) for n in (1, 17, 400)] == [1, 17, 400]
+    assert [width(n, 4) for n in (100, 401)] == [100, 404]  # the bucket caps the multiple
+    for n in range(1, 3000):
+        w = width(n, 32)
+        assert n <= w <= n + n // 8, n  # padding adds at most 12.5%
+        assert n < 256 or w % 32 == 0, n
+    assert {width(n, 32) for n in range(257, 513)} == set(range(288, 513, 32))  # few shapes: 8 per doubling
+
+
+def _bucketed_rows(rng: random.Random, rm, layout: str, bucket: int):
+    """(requests, prepared rows, row order) long enough to be bucketed, drawn until bucketing really widens the
+    layout's batch (the longest row, or the longest prefix or suffix, is not a bucket width already)."""
+    while True:
+        reqs = []
+        for i in range(3):
+            inp = f"input {i}: " + words(rng, 60, 90)
+            reqs += [("a", inp, words(rng, 20, 40)) for _ in range(3)]
+        rows = rm.prepare(reqs)
+        idx = np.arange(len(reqs))
+        p, q = rows.prefix_of[idx], rows.suffix_of[idx]
+        lp = rows.prefix_offsets[p + 1] - rows.prefix_offsets[p]  # (R,)
+        ls = rows.suffix_offsets[q + 1] - rows.suffix_offsets[q]  # (R,)
+        widths = [int(lp.max()), int(ls.max())] if layout == "shared" else [int((lp + ls).max())]
+        if any(encode_mod.padded_width(w, bucket) != w for w in widths):
+            return reqs, rows, np.random.default_rng(rng.randrange(2**31)).permutation(idx)
+
+
+def _encode_grads(rm, fn, rows, idx):
+    """Pooled states (R, H), tokens pushed, and the backbone's gradients of a fixed random projection of them."""
+    for prm in rm.encoder.net.parameters():
+        prm.grad = None
+    h, pushed = fn(rm.encoder, rows, idx, inference=False)  # (R, H)
+    w = torch.randn(h.shape, generator=torch.Generator().manual_seed(0))  # (R, H)
+    (h * w).sum().backward()
+    grads = {k: prm.grad.clone() for k, prm in rm.encoder.net.named_parameters() if prm.grad is not None}
+    return h.detach(), pushed, grads
+
+
+@pytest.mark.parametrize("kind, layout", [("encoder", "rows"), ("decoder", "rows"), ("decoder", "shared")])
+def test_bucketed_padding_changes_no_state_or_gradient(kind, layout, tokenizer, seed):
+    """padding_bucket only adds masked padding: pooled states and backbone gradients equal the exact-width
+    batch's (forward and backward), on rows where bucketing really pads (more tokens pushed)."""
+    rng = random.Random(seed)
+    rm = make_model(kind, tokenizer, seed, components=("a",))
+    fn = encode_mod.encode_shared if layout == "shared" else encode_mod.encode_rows
+    reqs, rows, idx = _bucketed_rows(rng, rm, layout, bucket=32)
+    rm.encoder.config.padding_bucket = None
+    h_exact, n_exact, g_exact = _encode_grads(rm, fn, rows, idx)
+    rm.encoder.config.padding_bucket = 32
+    h_bucket, n_bucket, g_bucket = _encode_grads(rm, fn, rows, idx)
+    assert n_bucket > n_exact  # the bucketed batch is wider: the comparison below can fail
+    torch.testing.assert_close(h_bucket, h_exact, atol=2e-5, rtol=1e-4)
+    assert g_bucket.keys() == g_exact.keys() and len(g_exact) > 0
+    for k in g_exact:
+        scale = max(1.0, float(g_exact[k].abs().max()))
+        torch.testing.assert_close(g_bucket[k], g_exact[k], atol=2e-5 * scale, rtol=1e-4, msg=k)
+    rm.encoder.config.padding_bucket = None
+    exact_scores = rm.score(reqs)
+    rm.encoder.config.padding_bucket = 32
+    torch.testing.assert_close(rm.score(reqs), exact_scores, atol=2e-5, rtol=1e-4)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="padding_bucket"):
+            RewardModelConfig(padding_bucket=bad).validate()
+
+
 def test_new_options_reject_bad_values(tokenizer, seed):
     with pytest.raises(ValueError, match="score_amp"):
         make_model("decoder", tokenizer, seed, score_amp="fp16")

@@ -1,6 +1,7 @@
 """Encoding: planned rows -> pooled fp32 hidden states (R, H), one function per batch layout.
 
-    encode_rows     padded: each row independently, right-padded to the longest row of the batch
+    encode_rows     padded: each row independently, right-padded to the longest row of the batch (rounded up
+                    to a bucket, config.padding_bucket)
     encode_shared   shared-prefix (decoders): each distinct prefix once (KV cache), every suffix against it
     encode_packed   packed: one padding-free (1, L) pack, a block mask keeping rows (or prefix groups) apart
     encode_planned  every planned batch through the layout the configuration asks for (shared runs merged)
@@ -105,6 +106,16 @@ def _gather_padded(
     return out
 
 
+def padded_width(longest: int, bucket: int | None) -> int:
+    """A padded batch's width for its ``longest`` row: rounded up to a multiple of ``bucket`` tokens, or of the
+    largest power of two <= longest / 8 when that is smaller (padding <= 12.5%); ``bucket=None``: ``longest``.
+    See ``RewardModelConfig.padding_bucket`` for why."""
+    if bucket is None or longest <= 0:
+        return longest
+    m = max(1, min(bucket, 1 << max(0, (longest // 8).bit_length() - 1)))
+    return -(-longest // m) * m
+
+
 def _pool(enc: EncoderView, hidden: torch.Tensor, mask: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
     if enc.pooling == "last":
         return ops.last_token_hidden(hidden, lens, padding_side="right")  # (R, H)
@@ -127,7 +138,7 @@ def encode_rows(enc: EncoderView, rows: Rows, idx: np.ndarray, inference: bool) 
     po, so = rows.prefix_offsets, rows.suffix_offsets
     lp, ls = po[p + 1] - po[p], so[s + 1] - so[s]  # (R,)
     L = lp + ls  # (R,)
-    T = int(L.max())
+    T = padded_width(int(L.max()), enc.config.padding_bucket)
     ids = _gather_padded(rows.prefix_tokens, po[p], lp, T, enc.pad_id)  # (R, T) prefix part
     _gather_padded(rows.suffix_tokens, so[s], ls, T, enc.pad_id, out=ids, col0=lp)  # suffix after it
     ids_t, mask, lens = _ids_mask(enc, ids, L)
@@ -239,8 +250,12 @@ def encode_shared(enc: EncoderView, rows: Rows, idx: np.ndarray, inference: bool
     lp = po[groups + 1] - po[groups]  # (G,)
     s = rows.suffix_of[idx]  # (R,)
     ls = so[s + 1] - so[s]  # (R,)
-    p_ids = _gather_padded(rows.prefix_tokens, po[groups], lp, int(lp.max()), enc.pad_id)  # (G, Lp)
-    s_ids = _gather_padded(rows.suffix_tokens, so[s], ls, int(ls.max()), enc.pad_id)  # (R, Ls)
+    p_ids = _gather_padded(
+        rows.prefix_tokens, po[groups], lp, padded_width(int(lp.max()), enc.config.padding_bucket), enc.pad_id
+    )  # (G, Lp)
+    s_ids = _gather_padded(
+        rows.suffix_tokens, so[s], ls, padded_width(int(ls.max()), enc.config.padding_bucket), enc.pad_id
+    )  # (R, Ls)
     p_ids_t, p_mask, p_lens = _ids_mask(enc, p_ids, lp)
     s_ids_t, s_mask, s_lens = _ids_mask(enc, s_ids, ls)
     gidx = torch.from_numpy(inverse.astype(np.int64)).to(enc.device)  # (R,) cache row of each suffix row
