@@ -305,6 +305,11 @@ def speed_ab(args, train, template, bf16: bool) -> dict:
 
     if args.ab_lean:
         settings = {mode: (lambda mode=mode: set_lean(mode)) for mode in ("norm", "all", "none")}
+    elif args.ab_bucket:  # read live by each encode call
+        settings = {
+            "bucket32": lambda: setattr(rm.encoder.config, "padding_bucket", 32),
+            "exact": lambda: setattr(rm.encoder.config, "padding_bucket", None),
+        }
     elif args.ab_checkpointing:  # read live by each step
         settings = {
             "checkpointing": lambda: setattr(rm.encoder.config, "gradient_checkpointing", True),
@@ -364,6 +369,9 @@ def main():
         action="store_true",
         help="instead: a same-process speed A/B of gradient_checkpointing on / off",
     )
+    ap.add_argument(
+        "--ab-bucket", action="store_true", help="instead: a same-process speed A/B of padding_bucket 32 / None"
+    )
     ap.add_argument("--ab-reps", type=int, default=2, help="--ab-chunks / --ab-lean: passes over the batches")
     args = ap.parse_args()
     args.lr = args.lr or {"encoder": 5e-5, "decoder": 2e-5 if args.decoder == "smollm2" else 3e-4}[args.kind]
@@ -372,7 +380,7 @@ def main():
     template = TemplateConfig(max_length=args.max_length, prefix_format=train.prefix_format or "{inputs}")
     train, held = train[: args.train_pairs], held[: args.heldout_pairs]
     bf16 = {"auto": cpu_has_native_bf16(), "bf16": True, "fp32": False}[args.precision]
-    if args.ab_chunks or args.ab_lean or args.ab_checkpointing:
+    if args.ab_chunks or args.ab_lean or args.ab_checkpointing or args.ab_bucket:
         print(
             json.dumps(
                 {
