@@ -34,6 +34,7 @@ def _cmd_compare(args) -> int:
             seeds=args.seeds,
             out=args.out,
             judge_examples=args.judge_examples,
+            report_only=args.report_only,
         )
     except ConfigError as exc:
         print(f"optimas-fast compare: {exc}", file=sys.stderr)
@@ -78,6 +79,11 @@ def add_compare_parser(sub) -> argparse.ArgumentParser:
         help="test examples per component on which Optimas cells collect extra held-out pairs for the "
         "LRF-vs-LLM-judge accuracies, outside the budget (0: the loop's held-out pairs only; "
         f"default {JUDGE_EXAMPLES})",
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="run no cell: rewrite compare.json / .md / .png from the cells already finished in --out",
     )
     p.add_argument("--out", default="compare-out", help="output folder; an existing one resumes (default compare-out)")
     p.add_argument("--quiet", action="store_true", help="no per-cell progress lines on stderr")

@@ -153,6 +153,17 @@ def test_outputs_resume_and_settings_mismatch(tmp_path, counted, monkeypatch):
     strip = lambda cells: [{k: v for k, v in c.items() if "seconds" not in k} for c in cells]  # noqa: E731
     assert strip(second["cells"]) == strip(first["cells"])  # deterministic: the rerun cell is the same cell
 
+    # report only: nothing runs, a method or seed never finished is reported as such, the rest as before
+    ran.clear()
+    third = compare(config, methods=[*methods, "global"], budget=BUDGET, seeds=3, out=out, report_only=True)
+    assert ran == [] and third["settings"]["report_only"] is True
+    rows = {r["method"]: r for r in third["table"]}
+    assert rows["global"]["status"] == "missing" and rows["optimas"]["seeds"] == 2
+    assert rows["optimas"]["test"] == row["test"]
+    assert "| global | missing: missing |" in (out / "compare.md").read_text()
+    with pytest.raises(ConfigError, match="out: no finished cells"):
+        compare(config, methods=methods, budget=BUDGET, seeds=1, out=tmp_path / "empty", report_only=True)
+
     # the same folder with another budget is an error naming both, not a silent mix
     with pytest.raises(ConfigError, match="budget"):
         compare(config, methods=methods, budget=BUDGET + 1, seeds=2, out=out)
@@ -181,6 +192,7 @@ def test_judge_examples_zero_keeps_the_judge_study_on_the_loops_held_out_pairs(t
         ({"seeds": 0}, "seeds must be an int >= 1"),
         ({"judge_examples": -1}, "judge_examples must be an int >= 0"),
         ({"judge_examples": "4"}, "judge_examples must be an int >= 0"),
+        ({"report_only": "yes"}, "report_only must be a bool"),
     ],
 )
 def test_bad_arguments_name_the_argument(tmp_path, counted, kwargs, match):
@@ -229,6 +241,31 @@ def test_cli_compare_runs_and_rejects_bad_arguments(tmp_path, counted, capsys):
     assert [r["method"] for r in printed["table"]] == ["unoptimized", "random"]
     assert printed["table"][1]["metric_calls"]["max"] <= 20
     assert (out / "compare.md").is_file() and (out / "compare.png").is_file()
+    # --report-only rewrites the report from the finished cells and runs nothing
+    (out / "compare.md").unlink()
+    before = counted["calls"]
+    assert (
+        cli.main(
+            [
+                "compare",
+                str(config),
+                "--methods",
+                "unoptimized,random",
+                "--seeds",
+                "2",
+                "--budget",
+                "20",
+                "--out",
+                str(out),
+                "--report-only",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert counted["calls"] == before and (out / "compare.md").is_file()
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["seeds"] for r in printed["table"]] == [1, 1]
     for argv, word in (
         (["--methods", "optimas,bogus"], "methods"),
         (["--budget", "0"], "budget"),

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from optimas_fast._io import atomic_write_text
-from optimas_fast._validate import check_int
+from optimas_fast._validate import check_bool, check_int
 from optimas_fast.compare.gepa_method import run_gepa
 from optimas_fast.compare.judge import lrf_vs_judge, unseen_pairs
 from optimas_fast.compare.methods import METHOD_FUNCTIONS, Cell, MethodResult, MethodSkipped
@@ -308,13 +308,15 @@ def compare(
     seeds: int = 3,
     out: str | os.PathLike = "compare-out",
     judge_examples: int = JUDGE_EXAMPLES,
+    report_only: bool = False,
 ) -> dict:
     """Runs (or resumes) the comparison and writes ``out``/compare.json, compare.md and compare.png; returns
     the compare.json content. ``configs``: one or more ``optimas-fast run`` YAML configs (one system each,
     labelled by file name); ``methods``: names from ``METHODS`` (or "a,b,c"); ``budget``: metric calls per
     method and seed; ``seeds``: seeds 0..seeds-1; ``judge_examples``: test examples per component for the
-    LRF-vs-judge pairs (0: the loop's held-out pairs only). Bad arguments raise ``ConfigError`` naming the
-    argument."""
+    LRF-vs-judge pairs (0: the loop's held-out pairs only); ``report_only``: run nothing, report the cells
+    already finished in ``out`` (a method's row says how many seeds it has). Bad arguments raise
+    ``ConfigError`` naming the argument."""
     methods = check_methods(methods)
     check_int(budget, "budget", min=1, error=ConfigError, what="an int >= 1 (metric calls per method and seed)")
     check_int(seeds, "seeds", min=1, error=ConfigError, what="an int >= 1 (how many seeds per method)")
@@ -325,10 +327,13 @@ def compare(
         error=ConfigError,
         what="an int >= 0 (test examples per component for the LRF-vs-judge pairs)",
     )
+    check_bool(report_only, "report_only", error=ConfigError)
     if not isinstance(out, (str, os.PathLike)) or not os.fspath(out):
         raise ConfigError(f"out must be a directory path, got {out!r}")
     systems = _configs(configs)
     out = Path(out)
+    if report_only and not any((out / "cells").glob("*.json")):
+        raise ConfigError(f"out: no finished cells in {out / 'cells'} to report (report_only=True runs nothing)")
     (out / "cells").mkdir(parents=True, exist_ok=True)
     cells: list[dict] = []
     t0 = time.perf_counter()
@@ -348,6 +353,9 @@ def compare(
                     log.info("%s: finished earlier, skipped", path.name)
                     cells.append(cell)
                     resumed += 1
+                    continue
+                if report_only:
+                    log.info("%s: not finished, not run (report only)", path.name)
                     continue
                 log.info("cell %s %s seed %d (budget %d metric calls)", label, method, seed, budget)
                 try:
@@ -380,6 +388,7 @@ def compare(
         "budget": budget,
         "seeds": seeds,
         "judge_examples": judge_examples,
+        "report_only": report_only,
         "cells": len(cells),
         "cells_resumed": resumed,
         "lm_calls": sum(c["usage"]["calls"] for c in done),

@@ -120,8 +120,9 @@ def render_markdown(summary: Mapping, settings: Mapping) -> str:
         f" LM requests of the optimization phases were served from the cache (shared across cells).",
         "",
         "Test score: mean with a 95% bootstrap interval over the test examples pooled across seeds; Δ: paired "
-        "difference per (seed, test example), same interval. Metric calls, LM calls, tokens and seconds: mean "
-        "per seed, optimization phase only.",
+        "difference per (seed, test example) over the seeds both methods finished, same interval. Metric calls, "
+        "LM calls, tokens and seconds: mean per seed, optimization phase only (seconds are wall time: they depend "
+        "on the machine's load). Seeds: the finished cells behind the row.",
         "",
     ]
     for system in dict.fromkeys(r["system"] for r in summary["table"]):
@@ -129,22 +130,21 @@ def render_markdown(summary: Mapping, settings: Mapping) -> str:
             f"## {system}",
             "",
             "| method | test score [95% CI] | Δ vs unoptimized | Δ vs optimas | metric calls (max) | LM calls "
-            "| tokens in / out | cache hits | seconds |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| tokens in / out | cache hits | seconds | seeds |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in (r for r in summary["table"] if r["system"] == system):
             if r["status"] != "ok":
                 why = " ".join(str(r.get("reason") or r["status"]).split()).replace("|", "/")  # one table cell
-                lines.append(
-                    f"| {r['method']} | {'not run' if r['status'] == 'skipped' else r['status']}: {why} | | | | | | | |"
-                )
+                status = "not run" if r["status"] == "skipped" else r["status"]
+                lines.append(f"| {r['method']} | {status}: {why} | | | | | | | | |")
                 continue
             mc = r["metric_calls"]
             lines.append(
                 f"| {r['method']} | {_ci(r['test'])} | {_ci(r.get('vs_unoptimized'), True)} | "
                 f"{_ci(r.get('vs_optimas'), True)} | {_num(mc['mean'])} ({mc['max']}/{mc['budget']}) | "
                 f"{_num(r['lm_calls'])} | {_num(r['lm_prompt_tokens'])} / {_num(r['lm_completion_tokens'])} | "
-                f"{_num(r['lm_cache_hits'])} | {_num(r['seconds'], '{:.1f}')} |"
+                f"{_num(r['lm_cache_hits'])} | {_num(r['seconds'], '{:.1f}')} | {r['seeds']} |"
             )
         lines.append("")
     judge = summary.get("lrf_vs_judge") or {}
