@@ -285,13 +285,16 @@ def test_bad_inputs_raise_clear_errors(tokenizer, seed):
 
 # ------------------------------------------------------------------------------------------------ training
 def separable_pairs(rng: random.Random, n_inputs: int, comps=("a", "b")):
-    """Candidates carry a hidden quality = count of 'excellent' minus count of 'poor'; pairs in both roles."""
+    """Candidates carry a hidden quality = count of 'excellent' minus count of 'poor'; pairs in both roles; every
+    input gives at least one pair."""
     pairs = []
     for i in range(n_inputs):
         comp, inp = rng.choice(comps), f"question {i} " + words(rng, 4, 12)
         cands = []
-        for _ in range(3):
-            q = rng.randint(0, 3)
+        qs = [rng.randint(0, 3) for _ in range(3)]
+        while len(set(qs)) == 1:  # three equal qualities give no pair (1 input in 16): every input gives pairs
+            qs = [rng.randint(0, 3) for _ in range(3)]
+        for q in qs:
             filler = words(rng, 1, 4)
             cands.append((q, " ".join(["excellent"] * q + ["poor"] * (3 - q) + [filler])))
         for qa, ta in cands:

@@ -160,7 +160,8 @@ def _score_models(seed: int):
             vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
         )
     )
-    cfg = dict(seed=seed, token_budget=SCORE_BUDGET, max_rows=SCORE_ROWS, score_amp="none")
+    # exact padded widths (padding_bucket=None): the ranks' token counts must add up to the plan's batch_tokens
+    cfg = dict(seed=seed, token_budget=SCORE_BUDGET, max_rows=SCORE_ROWS, score_amp="none", padding_bucket=None)
     return {
         name: RewardModel(bb, {"a": "first", "b": "second"}, tokenizer=tok, config=RewardModelConfig(**cfg))
         for name, bb in (("llama", llama), ("bert", bert))
