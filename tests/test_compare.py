@@ -219,60 +219,26 @@ def test_unreadable_configs_name_the_file(tmp_path, counted):
 def test_cli_compare_runs_and_rejects_bad_arguments(tmp_path, counted, capsys):
     config = own_config(tmp_path)
     out = tmp_path / "cli"
-    assert (
-        cli.main(
-            [
-                "compare",
-                str(config),
-                "--methods",
-                "unoptimized,random",
-                "--budget",
-                "20",
-                "--seeds",
-                "1",
-                "--out",
-                str(out),
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    argv = ["compare", str(config), "--methods", "unoptimized,random", "--budget", "20", "--out", str(out), "--quiet"]
+    assert cli.main([*argv, "--seeds", "1"]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["method"] for r in printed["table"]] == ["unoptimized", "random"]
     assert printed["table"][1]["metric_calls"]["max"] <= 20
     assert (out / "compare.md").is_file() and (out / "compare.png").is_file()
-    # --report-only rewrites the report from the finished cells and runs nothing
+    # --report-only rewrites the report from the finished cells and runs nothing (seed 1 was never run)
     (out / "compare.md").unlink()
     before = counted["calls"]
-    assert (
-        cli.main(
-            [
-                "compare",
-                str(config),
-                "--methods",
-                "unoptimized,random",
-                "--seeds",
-                "2",
-                "--budget",
-                "20",
-                "--out",
-                str(out),
-                "--report-only",
-                "--quiet",
-            ]
-        )
-        == 0
-    )
+    assert cli.main([*argv, "--seeds", "2", "--report-only"]) == 0
     assert counted["calls"] == before and (out / "compare.md").is_file()
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert [r["seeds"] for r in printed["table"]] == [1, 1]
-    for argv, word in (
+    for bad, word in (
         (["--methods", "optimas,bogus"], "methods"),
         (["--budget", "0"], "budget"),
         (["--seeds", "-1"], "seeds"),
         (["--judge-examples", "-2"], "judge_examples"),
     ):
-        assert cli.main(["compare", str(config), "--out", str(tmp_path / "bad"), *argv]) == 2
+        assert cli.main(["compare", str(config), "--out", str(tmp_path / "bad"), *bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and word in err[0], err
     assert cli.main(["compare", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "bad")]) == 2
