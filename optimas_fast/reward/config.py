@@ -76,7 +76,7 @@ class RewardModelConfig:
     # 12.5%: a 20-token suffix rounds to 22, a 400-token row to 416). Why: CPU kernels (oneDNN's primitive cache)
     # keep native memory per distinct tensor shape, and exact widths make a new shape nearly every chunk; buckets
     # make at most 8 widths per doubling of length. 32 by measurement (RESULTS.md, "Bucketed padding"): MiniLM, 80
-    # unique pairs, 10 steps, bf16, 2-core Xeon: peak RSS 2101 -> 1670 MiB (TRL 1664), same held-out accuracy.
+    # unique pairs, 10 steps, bf16, 2-core Xeon: peak RSS 2099 -> 1659 MiB (TRL 1689), same held-out accuracy.
     # Padding is masked: same scores. None = the longest row exactly. Packed batches have no padding
     padding_bucket: int | None = 32
     # training memory: activation checkpointing of the backbone (transformers' own, non-reentrant): each layer keeps
