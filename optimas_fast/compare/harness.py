@@ -154,6 +154,17 @@ def _configs(configs: Any) -> list[tuple[str, RunConfig, str]]:
 
 
 # ------------------------------------------------------------------------------------------- one cell
+@contextlib.contextmanager
+def _process_ledger(ledger: UsageLedger):
+    """``ledger`` as the process-wide default for the block: LM calls from every thread (the system's workers,
+    a batching backend's) are counted in it, not only those of this context."""
+    previous = set_default_ledger(ledger)
+    try:
+        yield ledger
+    finally:
+        set_default_ledger(previous)
+
+
 JUDGE_EXAMPLES = 16  # test examples per component the judge study collects pairs on (after the run)
 
 
@@ -173,24 +184,20 @@ def _judge_study(loop, system, rm, judge, test, cfg: RunConfig, seed: int, n_exa
     unseen: list = []
     if n_examples > 0 and test:
         metrics = attach(system, counter)
-        previous = set_default_ledger(pairs_ledger)
         try:
-            unseen = unseen_pairs(
-                system,
-                components,
-                test[:n_examples],
-                cfg.loop.collect,
-                seed=seed,
-                prompt_pool=prompt.pool() if prompt is not None else None,
-            )
+            with _process_ledger(pairs_ledger):
+                unseen = unseen_pairs(
+                    system,
+                    components,
+                    test[:n_examples],
+                    cfg.loop.collect,
+                    seed=seed,
+                    prompt_pool=prompt.pool() if prompt is not None else None,
+                )
         finally:
-            set_default_ledger(previous)
             detach(system, metrics)
-    previous = set_default_ledger(judge_ledger)
-    try:
+    with _process_ledger(judge_ledger):
         study = lrf_vs_judge(held + unseen, rm, judge, descriptions, seed=seed)
-    finally:
-        set_default_ledger(previous)
     for comp, r in study.items():  # lrf_vs_judge keeps each component's first MAX_PAIRS: held-out ones first
         n_held = min(sum(p.component == comp for p in held), r["n"])
         r["sources"] = {"loop_held_out": n_held, "test": r["n"] - n_held}
@@ -243,10 +250,10 @@ def run_cell(
         "split_sizes": {"train": len(split.train), "val": len(split.val), "test": len(split.test)},
     }
     ledger = UsageLedger()
-    previous = set_default_ledger(ledger)
     t0 = time.perf_counter()
     try:
-        result = METHODS[method](cell)
+        with _process_ledger(ledger):
+            result = METHODS[method](cell)
     except MethodSkipped as exc:
         log.info("%s %s seed %d: not run: %s", label, method, seed, exc)
         shutil.rmtree(work, ignore_errors=True)
@@ -259,8 +266,6 @@ def run_cell(
             usage=_usage(ledger.total),
             seconds=time.perf_counter() - t0,
         )
-    finally:
-        set_default_ledger(previous)
     seconds = time.perf_counter() - t0
     usage = _usage(ledger.total)
     loop = result.extra
@@ -282,12 +287,9 @@ def run_cell(
     )
     detach(result.system, metrics)  # the test evaluation is not part of the budget
     test_ledger = UsageLedger()
-    previous = set_default_ledger(test_ledger)
     t1 = time.perf_counter()
-    try:
+    with _process_ledger(test_ledger):
         res = result.system.evaluate(split.test, workers=cfg.loop.val_workers, seed=seed) if split.test else None
-    finally:
-        set_default_ledger(previous)
     record.update(
         test_scores=list(res.scores) if res is not None else [],
         test_seconds=time.perf_counter() - t1,
